@@ -1,0 +1,110 @@
+//! Runtime CPU dispatch: detect features once, pick one kernel per quant type.
+//! `HEARTH_ISA=scalar|avx2|avx512` forces a level (never above what the CPU has).
+
+use crate::blocks::*;
+use crate::reference as r;
+use half::f16;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The best level this CPU supports.
+pub fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni");
+        if avx512 {
+            return Isa::Avx512;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// One function per operation, chosen for this CPU.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub isa: Isa,
+    pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
+    pub quantize_q8_1: fn(&[f32], &mut [BlockQ8_1]),
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    pub dot_f16: fn(&[f16], &[f16]) -> f32,
+    pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
+    pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
+    pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
+    pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
+    pub dot_q4_k: fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
+    pub dot_q5_k: fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
+    pub dot_q6_k: fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
+}
+
+impl Kernels {
+    pub fn scalar() -> Self {
+        Kernels {
+            isa: Isa::Scalar,
+            quantize_q8_0: r::quantize_row_q8_0,
+            quantize_q8_1: r::quantize_row_q8_1,
+            dot_f32: r::vec_dot_f32,
+            dot_f16: r::vec_dot_f16,
+            dot_q4_0: r::vec_dot_q4_0_q8_0,
+            dot_q4_1: r::vec_dot_q4_1_q8_1,
+            dot_q5_0: r::vec_dot_q5_0_q8_0,
+            dot_q8_0: r::vec_dot_q8_0_q8_0,
+            dot_q4_k: r::vec_dot_q4_k_q8_k,
+            dot_q5_k: r::vec_dot_q5_k_q8_k,
+            dot_q6_k: r::vec_dot_q6_k_q8_k,
+        }
+    }
+
+    /// Kernels for `isa`, which must not exceed what the CPU supports.
+    pub fn for_isa(isa: Isa) -> Self {
+        let isa = isa.min(detect());
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            return crate::x86::kernels(isa);
+        }
+        let _ = isa;
+        Self::scalar()
+    }
+}
+
+/// The level in force: `HEARTH_ISA` if set (capped by the CPU), else the best detected.
+pub fn selected_isa() -> Isa {
+    let best = detect();
+    match std::env::var("HEARTH_ISA").ok().as_deref() {
+        Some("scalar") => Isa::Scalar,
+        Some("avx2") => Isa::Avx2.min(best),
+        Some("avx512") => Isa::Avx512.min(best),
+        _ => best,
+    }
+}
+
+static KERNELS: OnceLock<Kernels> = OnceLock::new();
+
+/// The process-wide kernels, chosen on first use.
+pub fn kernels() -> &'static Kernels {
+    KERNELS.get_or_init(|| Kernels::for_isa(selected_isa()))
+}

@@ -1,0 +1,276 @@
+//! Quantized weights and the kernels that multiply them with activations.
+//!
+//! Layout: [`blocks`] (ggml block types), [`reference`] (scalar kernels, the definition),
+//! `x86` (SIMD kernels), [`dispatch`] (pick the best kernel for this CPU once).
+//! A matrix-vector product quantizes the activations once to the weight type's partner
+//! format (Q8_0, Q8_1 or Q8_K, as ggml does) and then runs integer dot products per row.
+
+pub mod blocks;
+pub mod dispatch;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+
+use blocks::*;
+pub use dispatch::{Isa, Kernels};
+pub use hearth_gguf::GgmlType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("tensor {name:?}: type {ty} is not supported for computation yet")]
+    Unsupported { name: String, ty: GgmlType },
+    #[error("tensor {name:?}: {len} bytes do not hold {rows}x{cols} {ty} values")]
+    BadLength {
+        name: String,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        len: usize,
+    },
+    #[error("tensor {name:?}: data is not aligned for {ty} blocks")]
+    Misaligned { name: String, ty: GgmlType },
+}
+
+/// Typed view of a weight matrix's blocks.
+#[derive(Clone, Copy)]
+pub enum Blocks<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    Q4_0(&'a [BlockQ4_0]),
+    Q4_1(&'a [BlockQ4_1]),
+    Q5_0(&'a [BlockQ5_0]),
+    Q5_1(&'a [BlockQ5_1]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q4K(&'a [BlockQ4K]),
+    Q5K(&'a [BlockQ5K]),
+    Q6K(&'a [BlockQ6K]),
+}
+
+/// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
+#[derive(Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub blocks: Blocks<'a>,
+}
+
+fn cast<'a, T: bytemuck::Pod>(name: &str, ty: GgmlType, bytes: &'a [u8]) -> Result<&'a [T], QuantError> {
+    bytemuck::try_cast_slice(bytes).map_err(|_| QuantError::Misaligned {
+        name: name.to_string(),
+        ty,
+    })
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wraps `bytes` holding `rows` rows of `cols` values of type `ty`.
+    pub fn new(name: &str, ty: GgmlType, cols: usize, rows: usize, bytes: &'a [u8]) -> Result<Self, QuantError> {
+        let bl = ty.block_len() as usize;
+        let expected = (cols / bl).checked_mul(rows).and_then(|n| n.checked_mul(ty.block_bytes() as usize));
+        if cols % bl != 0 || expected != Some(bytes.len()) {
+            return Err(QuantError::BadLength {
+                name: name.into(),
+                ty,
+                rows,
+                cols,
+                len: bytes.len(),
+            });
+        }
+        let blocks = match ty {
+            GgmlType::F32 => Blocks::F32(cast(name, ty, bytes)?),
+            GgmlType::F16 => Blocks::F16(cast(name, ty, bytes)?),
+            GgmlType::BF16 => Blocks::BF16(cast(name, ty, bytes)?),
+            GgmlType::Q4_0 => Blocks::Q4_0(cast(name, ty, bytes)?),
+            GgmlType::Q4_1 => Blocks::Q4_1(cast(name, ty, bytes)?),
+            GgmlType::Q5_0 => Blocks::Q5_0(cast(name, ty, bytes)?),
+            GgmlType::Q5_1 => Blocks::Q5_1(cast(name, ty, bytes)?),
+            GgmlType::Q8_0 => Blocks::Q8_0(cast(name, ty, bytes)?),
+            GgmlType::Q4_K => Blocks::Q4K(cast(name, ty, bytes)?),
+            GgmlType::Q5_K => Blocks::Q5K(cast(name, ty, bytes)?),
+            GgmlType::Q6_K => Blocks::Q6K(cast(name, ty, bytes)?),
+            _ => {
+                return Err(QuantError::Unsupported {
+                    name: name.into(),
+                    ty,
+                })
+            }
+        };
+        Ok(QMatrix { ty, rows, cols, blocks })
+    }
+
+    /// The activation format this weight type multiplies with.
+    pub fn act_type(&self) -> ActType {
+        match self.blocks {
+            Blocks::F32(_) => ActType::F32,
+            Blocks::F16(_) => ActType::F16,
+            Blocks::BF16(_) => ActType::BF16,
+            Blocks::Q4_0(_) | Blocks::Q5_0(_) | Blocks::Q8_0(_) => ActType::Q8_0,
+            Blocks::Q4_1(_) | Blocks::Q5_1(_) => ActType::Q8_1,
+            Blocks::Q4K(_) | Blocks::Q5K(_) | Blocks::Q6K(_) => ActType::Q8K,
+        }
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` floats).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let n = self.cols / self.ty.block_len() as usize;
+        let rng = r * n..(r + 1) * n;
+        let out = &mut out[..self.cols];
+        match self.blocks {
+            Blocks::F32(x) => out.copy_from_slice(&x[rng]),
+            Blocks::F16(x) => reference::dequantize_row_f16(&x[rng], out),
+            Blocks::BF16(x) => reference::dequantize_row_bf16(&x[rng], out),
+            Blocks::Q4_0(x) => reference::dequantize_row_q4_0(&x[rng], out),
+            Blocks::Q4_1(x) => reference::dequantize_row_q4_1(&x[rng], out),
+            Blocks::Q5_0(x) => reference::dequantize_row_q5_0(&x[rng], out),
+            Blocks::Q5_1(x) => reference::dequantize_row_q5_1(&x[rng], out),
+            Blocks::Q8_0(x) => reference::dequantize_row_q8_0(&x[rng], out),
+            Blocks::Q4K(x) => reference::dequantize_row_q4_k(&x[rng], out),
+            Blocks::Q5K(x) => reference::dequantize_row_q5_k(&x[rng], out),
+            Blocks::Q6K(x) => reference::dequantize_row_q6_k(&x[rng], out),
+        }
+    }
+
+    /// `out[t][r] = dot(row r, activation t)` for every token `t` in `acts` and row `r`.
+    /// `out` has `acts.n_tokens() * self.rows` floats; `scratch` is reused between calls.
+    pub fn matmul(&self, acts: &Activations, out: &mut [f32], scratch: &mut Vec<f32>) {
+        assert_eq!(acts.cols, self.cols, "activation width must match the matrix");
+        assert_eq!(acts.ty, self.act_type(), "activations quantized for another type");
+        let n_tok = acts.n_tokens;
+        let out = &mut out[..n_tok * self.rows];
+        let k = dispatch::kernels();
+        match self.blocks {
+            Blocks::F32(w) => rows_dot(w, &acts.f32, self.cols, n_tok, k.dot_f32, out, scratch),
+            Blocks::F16(w) => rows_dot(w, &acts.f16, self.cols, n_tok, k.dot_f16, out, scratch),
+            Blocks::BF16(w) => rows_dot(w, &acts.bf16, self.cols, n_tok, reference::vec_dot_bf16, out, scratch),
+            Blocks::Q4_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q4_0, out, scratch),
+            Blocks::Q4_1(w) => rows_dot(w, &acts.q8_1, self.cols / QK, n_tok, k.dot_q4_1, out, scratch),
+            Blocks::Q5_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q5_0, out, scratch),
+            Blocks::Q5_1(w) => rows_dot(w, &acts.q8_1, self.cols / QK, n_tok, reference::vec_dot_q5_1_q8_1, out, scratch),
+            Blocks::Q8_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q8_0, out, scratch),
+            Blocks::Q4K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q4_k, out, scratch),
+            Blocks::Q5K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q5_k, out, scratch),
+            Blocks::Q6K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q6_k, out, scratch),
+        }
+    }
+}
+
+/// Rows per parallel work item: enough to amortise scheduling, small enough to balance.
+fn rows_per_task(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (rows / (threads * 8)).clamp(8, 256)
+}
+
+/// Dot every weight row (`per_row` units of `W`) with every activation row (`per_row` units of `A`).
+fn rows_dot<W: Sync, A: Sync>(
+    w: &[W],
+    a: &[A],
+    per_row: usize,
+    n_tok: usize,
+    dot: fn(&[W], &[A]) -> f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let rows = w.len() / per_row;
+    let chunk = rows_per_task(rows);
+    if n_tok == 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            for (i, v) in o.iter_mut().enumerate() {
+                let r = c * chunk + i;
+                *v = dot(&w[r * per_row..(r + 1) * per_row], &a[..per_row]);
+            }
+        });
+        return;
+    }
+    // Several tokens: each task owns a block of rows and reuses each weight row for all tokens.
+    scratch.clear();
+    scratch.resize(rows * n_tok, 0.0);
+    scratch.par_chunks_mut(chunk * n_tok).enumerate().for_each(|(c, o)| {
+        for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
+            let r = c * chunk + i;
+            let wr = &w[r * per_row..(r + 1) * per_row];
+            for (t, v) in row_out.iter_mut().enumerate() {
+                *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
+            }
+        }
+    });
+    for t in 0..n_tok {
+        for r in 0..rows {
+            out[t * rows + r] = scratch[r * n_tok + t];
+        }
+    }
+}
+
+/// The formats activations are quantized to before a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+/// Quantized activations for `n_tokens` rows of `cols` values. Buffers are reused.
+#[derive(Default)]
+pub struct Activations {
+    pub ty: Option<ActType>,
+    pub cols: usize,
+    pub n_tokens: usize,
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+    q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+    q8k: Vec<BlockQ8K>,
+}
+
+impl PartialEq<ActType> for Option<ActType> {
+    fn eq(&self, other: &ActType) -> bool {
+        *self == Some(*other)
+    }
+}
+
+impl Activations {
+    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`.
+    pub fn quantize(&mut self, ty: ActType, x: &[f32], cols: usize) {
+        let n_tokens = x.len() / cols;
+        self.ty = Some(ty);
+        self.cols = cols;
+        self.n_tokens = n_tokens;
+        let k = dispatch::kernels();
+        match ty {
+            ActType::F32 => {
+                self.f32.clear();
+                self.f32.extend_from_slice(x);
+            }
+            ActType::F16 => {
+                self.f16.resize(x.len(), f16::ZERO);
+                reference::quantize_row_f16(x, &mut self.f16);
+            }
+            ActType::BF16 => {
+                self.bf16.resize(x.len(), bf16::ZERO);
+                reference::quantize_row_bf16(x, &mut self.bf16);
+            }
+            ActType::Q8_0 => {
+                self.q8_0.resize(x.len() / QK, BlockQ8_0::zeroed());
+                (k.quantize_q8_0)(x, &mut self.q8_0);
+            }
+            ActType::Q8_1 => {
+                self.q8_1.resize(x.len() / QK, BlockQ8_1::zeroed());
+                (k.quantize_q8_1)(x, &mut self.q8_1);
+            }
+            ActType::Q8K => {
+                self.q8k.resize(x.len() / QK_K, BlockQ8K::zeroed());
+                reference::quantize_row_q8_k(x, &mut self.q8k);
+            }
+        }
+    }
+}
+
+use bytemuck::Zeroable;

@@ -1,0 +1,391 @@
+//! Scalar reference kernels: the definition every SIMD kernel is tested against.
+//! Integer arithmetic and rounding follow ggml exactly (activations are quantized the way
+//! ggml's x86 build does it), so results match llama.cpp up to float summation order.
+
+use crate::blocks::*;
+use half::{bf16, f16};
+
+// ---------------------------------------------------------------- activation quantization
+
+/// Largest |x| of a slice.
+fn amax(xs: &[f32]) -> f32 {
+    xs.iter().fold(0.0f32, |m, &x| m.max(x.abs()))
+}
+
+pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    debug_assert_eq!(x.len(), y.len() * QK);
+    for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let amax = amax(xs);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+    }
+}
+
+pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    debug_assert_eq!(x.len(), y.len() * QK);
+    for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let amax = amax(xs);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = f16::from_f32(d);
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.s = f16::from_f32(d * sum as f32);
+    }
+}
+
+pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    debug_assert_eq!(x.len(), y.len() * QK_K);
+    for (xs, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let mut max = 0.0f32;
+        let mut amax = 0.0f32;
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            b.d = 0.0;
+            b.qs = [0; QK_K];
+            b.bsums = [0; QK_K / 16];
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (j, s) in b.bsums.iter_mut().enumerate() {
+            *s = b.qs[j * 16..j * 16 + 16].iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+pub fn quantize_row_f16(x: &[f32], y: &mut [f16]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = f16::from_f32(v);
+    }
+}
+
+pub fn quantize_row_bf16(x: &[f32], y: &mut [bf16]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = bf16::from_f32(v);
+    }
+}
+
+// ---------------------------------------------------------------- dequantization
+
+pub fn dequantize_row_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for j in 0..QK / 2 {
+            ys[j] = ((b.qs[j] & 0xF) as i32 - 8) as f32 * d;
+            ys[j + QK / 2] = ((b.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+pub fn dequantize_row_q4_1(x: &[BlockQ4_1], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        for j in 0..QK / 2 {
+            ys[j] = (b.qs[j] & 0xF) as f32 * d + m;
+            ys[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
+        }
+    }
+}
+
+/// The 5-bit values of a Q5 block, low nibbles then high nibbles (0..32).
+fn q5_values(qs: &[u8; 16], qh: [u8; 4]) -> [u8; 32] {
+    let qh = u32::from_le_bytes(qh);
+    let mut v = [0u8; 32];
+    for j in 0..16 {
+        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+        v[j] = (qs[j] & 0xF) | h0;
+        v[j + 16] = (qs[j] >> 4) | h1;
+    }
+    v
+}
+
+pub fn dequantize_row_q5_0(x: &[BlockQ5_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for (o, q) in ys.iter_mut().zip(q5_values(&b.qs, b.qh)) {
+            *o = (q as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+pub fn dequantize_row_q5_1(x: &[BlockQ5_1], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        for (o, q) in ys.iter_mut().zip(q5_values(&b.qs, b.qh)) {
+            *o = q as f32 * d + m;
+        }
+    }
+}
+
+pub fn dequantize_row_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for (o, &q) in ys.iter_mut().zip(&b.qs) {
+            *o = q as f32 * d;
+        }
+    }
+}
+
+/// Scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block: 6 bits each, packed in 12 bytes.
+#[inline]
+pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+pub fn dequantize_row_q4_k(x: &[BlockQ4K], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        for (chunk, (q, out)) in b.qs.chunks_exact(32).zip(ys.chunks_exact_mut(64)).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
+            let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+            for l in 0..32 {
+                out[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                out[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+pub fn dequantize_row_q5_k(x: &[BlockQ5K], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        for (chunk, (q, out)) in b.qs.chunks_exact(32).zip(ys.chunks_exact_mut(64)).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
+            let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+            let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
+            for l in 0..32 {
+                let h1 = if b.qh[l] & u1 != 0 { 16 } else { 0 };
+                let h2 = if b.qh[l] & u2 != 0 { 16 } else { 0 };
+                out[l] = d1 * ((q[l] & 0xF) + h1) as f32 - m1;
+                out[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+            }
+        }
+    }
+}
+
+/// The signed 6-bit values (-32..32) of a Q6_K block in element order.
+fn q6k_values(b: &BlockQ6K) -> [i8; QK_K] {
+    let mut a = [0i8; QK_K];
+    for half in 0..2 {
+        let (ql, qh) = (&b.ql[64 * half..], &b.qh[32 * half..]);
+        let a = &mut a[128 * half..];
+        for l in 0..32 {
+            a[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+            a[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            a[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            a[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+        }
+    }
+    a
+}
+
+pub fn dequantize_row_q6_k(x: &[BlockQ6K], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let a = q6k_values(b);
+        for (i, o) in ys.iter_mut().enumerate() {
+            *o = d * b.scales[i / 16] as f32 * a[i] as f32;
+        }
+    }
+}
+
+pub fn dequantize_row_f16(x: &[f16], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o = v.to_f32();
+    }
+}
+
+pub fn dequantize_row_bf16(x: &[bf16], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o = v.to_f32();
+    }
+}
+
+// ---------------------------------------------------------------- dot products
+
+pub fn vec_dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            sumi += ((a.qs[j] & 0xF) as i32 - 8) * b.qs[j] as i32;
+            sumi += ((a.qs[j] >> 4) as i32 - 8) * b.qs[j + QK / 2] as i32;
+        }
+        sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            sumi += (a.qs[j] & 0xF) as i32 * b.qs[j] as i32;
+            sumi += (a.qs[j] >> 4) as i32 * b.qs[j + QK / 2] as i32;
+        }
+        sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32 + a.m.to_f32() * b.s.to_f32();
+    }
+    sumf
+}
+
+pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let v = q5_values(&a.qs, a.qh);
+        let sumi: i32 = v
+            .iter()
+            .zip(&b.qs)
+            .map(|(&q, &p)| (q as i32 - 16) * p as i32)
+            .sum();
+        sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q5_1_q8_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let v = q5_values(&a.qs, a.qh);
+        let sumi: i32 = v.iter().zip(&b.qs).map(|(&q, &p)| q as i32 * p as i32).sum();
+        sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32 + a.m.to_f32() * b.s.to_f32();
+    }
+    sumf
+}
+
+pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let sumi: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = 0i32; // weights' scaled quants times activations
+        let mut summ = 0i32; // mins times activation sums
+        for chunk in 0..4 {
+            let q = &a.qs[32 * chunk..32 * chunk + 32];
+            for sub in 0..2 {
+                let (sc, m) = scale_min_k4(2 * chunk + sub, &a.scales);
+                let acts = &b.qs[64 * chunk + 32 * sub..][..32];
+                let dot: i32 = q
+                    .iter()
+                    .zip(acts)
+                    .map(|(&w, &p)| (if sub == 0 { w & 0xF } else { w >> 4 }) as i32 * p as i32)
+                    .sum();
+                sumi += sc as i32 * dot;
+                let bs = (2 * chunk + sub) * 2;
+                summ += m as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
+            }
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32 - a.dmin.to_f32() * b.d * summ as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        let mut summ = 0i32;
+        for chunk in 0..4 {
+            let q = &a.qs[32 * chunk..32 * chunk + 32];
+            for sub in 0..2 {
+                let (sc, m) = scale_min_k4(2 * chunk + sub, &a.scales);
+                let hbit = 1u8 << (2 * chunk + sub);
+                let acts = &b.qs[64 * chunk + 32 * sub..][..32];
+                let mut dot = 0i32;
+                for l in 0..32 {
+                    let lo = if sub == 0 { q[l] & 0xF } else { q[l] >> 4 };
+                    let w = lo + if a.qh[l] & hbit != 0 { 16 } else { 0 };
+                    dot += w as i32 * acts[l] as i32;
+                }
+                sumi += sc as i32 * dot;
+                let bs = (2 * chunk + sub) * 2;
+                summ += m as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
+            }
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32 - a.dmin.to_f32() * b.d * summ as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let v = q6k_values(a);
+        let mut sumi = 0i32;
+        for (sub, (w, p)) in v.chunks_exact(16).zip(b.qs.chunks_exact(16)).enumerate() {
+            let dot: i32 = w.iter().zip(p).map(|(&w, &p)| w as i32 * p as i32).sum();
+            sumi += a.scales[sub] as i32 * dot;
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.len() / 8 * 8;
+    for (xs, ys) in x[..chunks].chunks_exact(8).zip(y[..chunks].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += xs[l].to_f32() * ys[l].to_f32();
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (a, b) in x[chunks..].iter().zip(&y[chunks..]) {
+        sum += a.to_f32() * b.to_f32();
+    }
+    sum
+}
+
+pub fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
+    x.iter().zip(y).map(|(a, b)| a.to_f32() * b.to_f32()).sum()
+}
+
+pub fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.len() / 8 * 8;
+    for (xs, ys) in x[..chunks].chunks_exact(8).zip(y[..chunks].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += xs[l] * ys[l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (a, b) in x[chunks..].iter().zip(&y[chunks..]) {
+        sum += a * b;
+    }
+    sum
+}
