@@ -1,0 +1,166 @@
+//! Transformer models over quantized GGUF weights: one file per architecture, shared ops.
+//!
+//! [`Model::forward`] appends tokens to a [`KvCache`] and returns the logits of the last one.
+//! Prompts are processed in chunks of at most [`MAX_BATCH`] tokens, each chunk as one batch
+//! of matrix products; decoding is the same code with one token.
+
+pub mod attention;
+pub mod config;
+mod error;
+mod gemma3;
+pub mod kv;
+mod llama;
+pub mod ops;
+pub mod weights;
+
+pub use config::{Arch, Config};
+pub use error::{ModelError, Result};
+pub use kv::KvCache;
+
+use hearth_gguf::Gguf;
+use hearth_quant::Activations;
+use std::sync::Arc;
+use weights::Mat;
+
+/// Largest number of tokens processed in one forward batch.
+pub const MAX_BATCH: usize = 256;
+
+/// One transformer block's weights. Optional parts exist only in some architectures.
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Mat,
+    pub wk: Mat,
+    pub wv: Mat,
+    pub wo: Mat,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Mat,
+    pub w_up: Mat,
+    pub w_down: Mat,
+    /// gemma3: per-head RMSNorm of Q and K.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// gemma3: norms after attention and after the feed-forward block.
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub gguf: Arc<Gguf>,
+    pub config: Config,
+    pub token_embd: Mat,
+    pub output_norm: Vec<f32>,
+    /// The output projection (the token embedding when tied).
+    pub output: Mat,
+    pub layers: Vec<Layer>,
+}
+
+/// Reusable buffers for one sequence's forward passes.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    rope: Vec<f32>,
+    acts: Activations,
+    mm: Vec<f32>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, c: &Config, n: usize) {
+        let sz = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        sz(&mut self.x, n * c.n_embd);
+        sz(&mut self.xn, n * c.n_embd);
+        sz(&mut self.q, n * c.q_dim());
+        sz(&mut self.k, n * c.kv_dim());
+        sz(&mut self.v, n * c.kv_dim());
+        sz(&mut self.attn, n * c.q_dim());
+        sz(&mut self.proj, n * c.n_embd);
+        sz(&mut self.gate, n * c.n_ff);
+        sz(&mut self.up, n * c.n_ff);
+        sz(&mut self.rope, c.n_rot);
+    }
+}
+
+impl Model {
+    /// Builds the model from a validated GGUF file, checking every tensor's shape.
+    pub fn load(gguf: Arc<Gguf>) -> Result<Self> {
+        let config = Config::from_gguf(&gguf)?;
+        match config.arch {
+            Arch::Llama => llama::load(gguf, config),
+            Arch::Gemma3 => gemma3::load(gguf, config),
+        }
+    }
+
+    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
+        KvCache::new(self.config.n_layer, n_ctx, self.config.kv_dim())
+    }
+
+    /// Runs `tokens` at the end of `cache` and writes the last token's logits.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+        let needed = cache.len + tokens.len();
+        if needed > cache.n_ctx {
+            return Err(ModelError::ContextFull {
+                needed,
+                n_ctx: cache.n_ctx,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.config.n_vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                n_vocab: self.config.n_vocab,
+            });
+        }
+        let Some(last_chunk) = tokens.chunks(MAX_BATCH).last().map(<[u32]>::len) else {
+            return Err(ModelError::BadConfig("forward called with no tokens".into()));
+        };
+        for chunk in tokens.chunks(MAX_BATCH) {
+            scratch.prepare(&self.config, chunk.len());
+            self.embed(chunk, &mut scratch.x);
+            match self.config.arch {
+                Arch::Llama => llama::layers(self, chunk.len(), cache, scratch),
+                Arch::Gemma3 => gemma3::layers(self, chunk.len(), cache, scratch),
+            }
+            cache.len += chunk.len();
+        }
+        self.logits(last_chunk, scratch, logits);
+        Ok(())
+    }
+
+    /// Token embeddings (rows of `token_embd`, dequantized).
+    fn embed(&self, tokens: &[u32], x: &mut [f32]) {
+        let e = self.token_embd.view(&self.gguf);
+        let d = self.config.n_embd;
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
+            e.dequantize_row(*t as usize, row);
+        }
+    }
+
+    /// Final norm and output projection of the last token of the chunk just run.
+    fn logits(&self, n: usize, s: &mut Scratch, logits: &mut Vec<f32>) {
+        let d = self.config.n_embd;
+        let last = &s.x[(n - 1) * d..n * d];
+        ops::rms_norm(last, &self.output_norm, self.config.rms_eps, &mut s.xn[..d]);
+        let out = self.output.view(&self.gguf);
+        s.acts.quantize(out.act_type(), &s.xn[..d], d);
+        logits.resize(self.config.n_vocab, 0.0);
+        out.matmul(&s.acts, logits, &mut s.mm);
+    }
+
+    /// `out = W · x` for the `n` rows of `x`.
+    fn matmul(&self, w: &Mat, x: &[f32], out: &mut [f32], acts: &mut Activations, mm: &mut Vec<f32>) {
+        let m = w.view(&self.gguf);
+        acts.quantize(m.act_type(), x, m.cols);
+        m.matmul(acts, out, mm);
+    }
+
+    /// Bytes of weights read per generated token (for bandwidth estimates).
+    pub fn weight_bytes(&self) -> u64 {
+        self.gguf.tensors.iter().map(|t| t.n_bytes).sum()
+    }
+}

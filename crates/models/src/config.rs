@@ -1,0 +1,131 @@
+//! Hyperparameters read from GGUF metadata, each bounded before use.
+
+use crate::{ModelError, Result};
+use hearth_gguf::Gguf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Gemma3,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    /// gemma3: RoPE base of the sliding-window layers.
+    pub rope_base_swa: f32,
+    /// gemma3: window length; every `swa_pattern`-th layer is global.
+    pub sliding_window: Option<usize>,
+    pub swa_pattern: usize,
+}
+
+impl Config {
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch_name = g.require_str("general.architecture")?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "gemma3" => Arch::Gemma3,
+            other => return Err(ModelError::UnsupportedArch(other.into())),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let n_layer = g.require_usize(&key("block_count"), 1, 1024)?;
+        let n_embd = g.require_usize(&key("embedding_length"), 1, 1 << 16)?;
+        let n_ff = g.require_usize(&key("feed_forward_length"), 1, 1 << 18)?;
+        let n_head = g.require_usize(&key("attention.head_count"), 1, 1024)?;
+        let n_kv_head = g.get_usize(&key("attention.head_count_kv"), 1, 1024)?.unwrap_or(n_head);
+        if n_head % n_kv_head != 0 {
+            return Err(ModelError::BadConfig(format!(
+                "{n_head} attention heads are not a multiple of {n_kv_head} KV heads"
+            )));
+        }
+        let head_dim = match g.get_usize(&key("attention.key_length"), 1, 1 << 12)? {
+            Some(d) => d,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => return Err(ModelError::BadConfig(format!("{n_embd} is not divisible by {n_head} heads"))),
+        };
+        if let Some(dv) = g.get_usize(&key("attention.value_length"), 1, 1 << 12)? {
+            if dv != head_dim {
+                return Err(ModelError::BadConfig(format!("value length {dv} differs from key length {head_dim}")));
+            }
+        }
+        let n_rot = g.get_usize(&key("rope.dimension_count"), 2, head_dim)?.unwrap_or(head_dim);
+        if n_rot % 2 != 0 {
+            return Err(ModelError::BadConfig(format!("odd RoPE dimension count {n_rot}")));
+        }
+        let n_ctx_train = g.get_usize(&key("context_length"), 1, 1 << 24)?.unwrap_or(2048);
+        let default_eps = if arch == Arch::Gemma3 { 1e-6 } else { 1e-5 };
+        let rms_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(default_eps);
+        let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+        let sliding_window = match arch {
+            Arch::Gemma3 => g.get_usize(&key("attention.sliding_window"), 0, 1 << 24)?.filter(|&w| w > 0),
+            Arch::Llama => None,
+        };
+        let swa_pattern = g.get_usize(&key("attention.sliding_window_pattern"), 1, 1024)?.unwrap_or(6);
+        let n_vocab = match g.get_array("tokenizer.ggml.tokens")? {
+            Some(a) => a.len(),
+            None => g
+                .tensor_info("token_embd.weight")
+                .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
+                .unwrap_or(0),
+        };
+        if n_vocab == 0 {
+            return Err(ModelError::BadConfig("empty vocabulary".into()));
+        }
+        for (what, v) in [("rms epsilon", rms_eps), ("rope base", rope_base), ("rope base (swa)", rope_base_swa)] {
+            if !(v > 0.0) {
+                return Err(ModelError::BadConfig(format!("{what} is {v}")));
+            }
+        }
+        Ok(Config {
+            arch,
+            n_layer,
+            n_embd,
+            n_ff,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_rot,
+            n_vocab,
+            n_ctx_train,
+            rms_eps,
+            rope_base,
+            rope_base_swa,
+            sliding_window,
+            swa_pattern,
+        })
+    }
+
+    /// Gemma 3 layers use a sliding window except every `swa_pattern`-th.
+    pub fn is_swa_layer(&self, il: usize) -> bool {
+        self.sliding_window.is_some() && (il % self.swa_pattern < self.swa_pattern - 1)
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+}

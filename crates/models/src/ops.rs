@@ -1,0 +1,164 @@
+//! Element-wise and normalisation ops, with ggml's numerics (f64 sums where ggml uses
+//! `ggml_float`, f16 round trips where ggml stores f16) so greedy output matches llama.cpp.
+
+use half::f16;
+use std::sync::OnceLock;
+
+/// `out = x / sqrt(mean(x²) + eps) * w`, row by row (`w.len()` columns).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let sum: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mean = (sum / d as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// In-place [`rms_norm`].
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for xr in x.chunks_exact_mut(d) {
+        let sum: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mean = (sum / d as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+/// How RoPE pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeMode {
+    /// Adjacent pairs (2i, 2i+1): llama GGUFs (their Q/K rows are permuted at conversion).
+    Normal,
+    /// Halves (i, i + n/2): GPT-NeoX style, used by gemma and qwen.
+    Neox,
+}
+
+/// Cosines and sines for one position, as ggml computes them (theta multiplied up in f32).
+pub fn rope_cache(pos: usize, n_dims: usize, freq_base: f32, cache: &mut [f32]) {
+    let theta_scale = freq_base.powf(-2.0 / n_dims as f32);
+    let mut theta = pos as f32;
+    for i in 0..n_dims / 2 {
+        cache[2 * i] = theta.cos();
+        cache[2 * i + 1] = theta.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates each head of `x` (`n_heads` heads of `head_dim`) by the angles in `cache`.
+pub fn rope(x: &mut [f32], head_dim: usize, n_dims: usize, mode: RopeMode, cache: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..n_dims / 2 {
+            let (c, s) = (cache[2 * i], cache[2 * i + 1]);
+            let (a, b) = match mode {
+                RopeMode::Normal => (2 * i, 2 * i + 1),
+                RopeMode::Neox => (i, i + n_dims / 2),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// SiLU(gate) * up, in place into `gate`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn gelu_exact(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// GELU (tanh form) looked up by the f16 value of the input, as ggml does on CPU.
+fn gelu_table() -> &'static [f16] {
+    static TABLE: OnceLock<Vec<f16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| f16::from_f32(gelu_exact(f16::from_bits(bits).to_f32())))
+            .collect()
+    })
+}
+
+/// GELU(gate) * up, in place into `gate`.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            table[f16::from_f32(x).to_bits() as usize].to_f32() * u
+        };
+    }
+}
+
+/// Softmax in place; the sum in f64 as ggml does.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let mut out = [0.0; 4];
+        rms_norm(&[2.0; 4], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out);
+        assert_eq!(out, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x = [1.0, 2.0, 3.0, f32::NEG_INFINITY];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[3], 0.0);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity() {
+        let mut cache = [0.0; 8];
+        rope_cache(0, 8, 10000.0, &mut cache);
+        let mut x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        rope(&mut x, 8, 8, RopeMode::Neox, &cache);
+        assert_eq!(x, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn gelu_table_matches_formula() {
+        let mut g = [0.5f32, -1.0, 3.0, -20.0, 20.0];
+        geglu(&mut g, &[1.0; 5]);
+        assert!((g[0] - gelu_exact(0.5)).abs() < 1e-3);
+        assert!((g[2] - gelu_exact(3.0)).abs() < 1e-2);
+        assert_eq!(g[3], 0.0);
+        assert_eq!(g[4], 20.0);
+    }
+}

@@ -1,0 +1,44 @@
+//! Weights are views into the mapped GGUF file, checked once at load.
+
+use crate::Result;
+use hearth_gguf::{GgmlType, Gguf};
+use hearth_quant::QMatrix;
+
+/// A weight matrix: `rows` rows of `cols` values, stored in the file.
+#[derive(Debug, Clone)]
+pub struct Mat {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Mat {
+    /// Looks up `name`, checks its shape is `[cols, rows]` (ggml order) and that its blocks
+    /// are usable.
+    pub fn load(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Mat> {
+        let (info, bytes) = g.tensor_with_shape(name, &[cols as u64, rows as u64])?;
+        QMatrix::new(name, info.ty, cols, rows, bytes)?;
+        Ok(Mat {
+            name: name.to_string(),
+            ty: info.ty,
+            rows,
+            cols,
+        })
+    }
+
+    /// The matrix's blocks inside `g` (the file it was loaded from).
+    pub fn view<'a>(&self, g: &'a Gguf) -> QMatrix<'a> {
+        let info = g.tensor_info(&self.name).expect("checked at load");
+        QMatrix::new(&self.name, self.ty, self.cols, self.rows, g.tensor_bytes(info)).expect("checked at load")
+    }
+}
+
+/// A vector (norm weights) of `len` values, dequantized to f32.
+pub fn load_vec(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
+    let (info, bytes) = g.tensor_with_shape(name, &[len as u64])?;
+    let m = QMatrix::new(name, info.ty, len, 1, bytes)?;
+    let mut out = vec![0.0; len];
+    m.dequantize_row(0, &mut out);
+    Ok(out)
+}

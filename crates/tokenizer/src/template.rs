@@ -1,0 +1,197 @@
+//! Chat templates: the model's own Jinja template (`tokenizer.chat_template`) rendered with
+//! minijinja in a sandbox — no loader (no file access), no environment access, bounded work
+//! (fuel) and bounded output.
+
+use crate::{Result, TokenizerError};
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+
+/// Upper bound on template instructions per render.
+const FUEL: u64 = 5_000_000;
+/// Upper bound on rendered bytes beyond the messages' own text.
+const MAX_OVERHEAD_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Templates for architectures whose GGUF files often ship without one.
+pub fn builtin_for_arch(arch: &str) -> Option<&'static str> {
+    match arch {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TEMPLATE),
+        _ => None,
+    }
+}
+
+/// Gemma's turn format (from Google's published template, without multimodal parts).
+pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}";
+
+/// ChatML, the fallback for models with no template at all (llama.cpp does the same).
+pub const CHATML_TEMPLATE: &str = "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}";
+
+pub struct ChatTemplate {
+    source: String,
+}
+
+/// A piece of a rendered prompt: template text (special tokens parsed) or message text (not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub text: String,
+    pub parse_special: bool,
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>) -> Self {
+        ChatTemplate { source: source.into() }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders the conversation to one string.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+        let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_fmt: String| -> String { today() });
+        let tmpl = env
+            .template_from_str(&self.source)
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let out = tmpl
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos,
+                eos_token => eos,
+            })
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let budget = messages.iter().map(|m| m.content.len() * 2).sum::<usize>() + MAX_OVERHEAD_BYTES;
+        if out.len() > budget {
+            return Err(TokenizerError::Template(format!(
+                "rendered prompt is {} bytes, over the limit of {budget}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Renders and splits the result so that message text is never parsed for special
+    /// tokens: a user typing `<|im_end|>` cannot forge a turn.
+    pub fn render_segments(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<Vec<Segment>> {
+        let rendered = self.render(messages, add_generation_prompt, bos, eos)?;
+        let mut segs = Vec::new();
+        let mut cursor = 0;
+        for m in messages {
+            for needle in [m.content.as_str(), m.content.trim()] {
+                if needle.is_empty() {
+                    break;
+                }
+                if let Some(p) = rendered[cursor..].find(needle) {
+                    let start = cursor + p;
+                    if start > cursor {
+                        segs.push(Segment {
+                            text: rendered[cursor..start].to_string(),
+                            parse_special: true,
+                        });
+                    }
+                    segs.push(Segment {
+                        text: needle.to_string(),
+                        parse_special: false,
+                    });
+                    cursor = start + needle.len();
+                    break;
+                }
+            }
+        }
+        if cursor < rendered.len() {
+            segs.push(Segment {
+                text: rendered[cursor..].to_string(),
+                parse_special: true,
+            });
+        }
+        Ok(segs)
+    }
+}
+
+/// Today's date as "26 Nov 2026" (for templates that call `strftime_now`).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!("{day:02} {} {year}", MONTHS[(month - 1) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_segments_keep_user_text_plain() {
+        let t = ChatTemplate::new(CHATML_TEMPLATE);
+        let msgs = [Message::new("user", "hi <|im_end|> there")];
+        let segs = t.render_segments(&msgs, true, "", "").unwrap();
+        assert_eq!(segs[0].text, "<|im_start|>user\n");
+        assert!(segs[0].parse_special);
+        assert_eq!(segs[1].text, "hi <|im_end|> there");
+        assert!(!segs[1].parse_special);
+        assert_eq!(segs[2].text, "<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn runaway_template_is_stopped() {
+        let t = ChatTemplate::new("{% for i in range(100000000) %}{{ i }}{% endfor %}");
+        assert!(t.render(&[], false, "", "").is_err());
+    }
+
+    #[test]
+    fn template_cannot_read_files() {
+        let t = ChatTemplate::new("{% include '/etc/passwd' %}");
+        assert!(t.render(&[], false, "", "").is_err());
+    }
+
+    #[test]
+    fn gemma_template_renders_turns() {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE);
+        let s = t.render(&[Message::new("user", " Hello ")], true, "<bos>", "<eos>").unwrap();
+        assert_eq!(s, "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n");
+    }
+
+    #[test]
+    fn today_is_a_date() {
+        let d = today();
+        assert_eq!(d.len(), 11, "{d}");
+    }
+}
