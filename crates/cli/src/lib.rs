@@ -1,0 +1,135 @@
+//! The `hearth` command line: run, chat, tokenize, show.
+
+mod commands;
+pub mod resolve;
+
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "Local, edge-first AI inference on your own CPU")]
+struct Cli {
+    /// Log kernel choices and load details to stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (wrapped in the model's chat template unless --raw).
+    Run(RunArgs),
+    /// Interactive multi-turn chat.
+    Chat(ChatArgs),
+    /// Print the token ids of TEXT (exactly what `run --raw` feeds the model).
+    Tokenize(TokenizeArgs),
+    /// Describe a model file.
+    Show(ShowArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A model short name (smollm2, gemma3) or a path to a .gguf file.
+    pub model: String,
+    /// Context length in tokens (KV cache size).
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Worker threads (default: physical cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Tokens the repeat penalty looks back over.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed (same seed, same text).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Maximum tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    pub prompt: String,
+    /// Tokenize the prompt as plain text (BOS per the model), no chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System prompt (chat template mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    pub model: String,
+    pub text: String,
+    /// One JSON array of ids.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not add BOS/EOS even if the model asks for them.
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    pub model: String,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => commands::run(a, cli.verbose),
+        Command::Chat(a) => commands::chat(a, cli.verbose),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::Show(a) => commands::show(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

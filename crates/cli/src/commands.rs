@@ -1,0 +1,298 @@
+use crate::resolve::{physical_cores, resolve_model};
+use crate::{ChatArgs, ModelArgs, RunArgs, SamplingArgs, ShowArgs, TokenizeArgs};
+use anyhow::{Context, Result};
+use hearth_engine::{GenerateRequest, GenerationStats, SamplingParams, Session};
+use hearth_gguf::Gguf;
+use hearth_models::Model;
+use hearth_tokenizer::template::{builtin_for_arch, ChatTemplate, Message, CHATML_TEMPLATE};
+use hearth_tokenizer::{TokenId, Tokenizer};
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+}
+
+fn open_gguf(name: &str) -> Result<Arc<Gguf>> {
+    let path = resolve_model(name)?;
+    let g = Gguf::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    Ok(Arc::new(g))
+}
+
+fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(physical_cores).max(1);
+    // Ignore "already initialised" (tests may call twice).
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(n)
+}
+
+pub fn load(args: &ModelArgs, verbose: bool) -> Result<Loaded> {
+    let t = Instant::now();
+    let threads = init_threads(args.threads)?;
+    let g = open_gguf(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let arch = g.require_str("general.architecture")?.to_string();
+    let template = match g.get_str("tokenizer.chat_template")? {
+        Some(t) => ChatTemplate::new(t),
+        None => ChatTemplate::new(builtin_for_arch(&arch).unwrap_or(CHATML_TEMPLATE)),
+    };
+    let model = Model::load(g)?;
+    if args.ctx == 0 {
+        anyhow::bail!("--ctx must be at least 1");
+    }
+    if verbose {
+        let k = hearth_quant::dispatch::kernels();
+        eprintln!(
+            "hearth: {} ({} layers, {} vocab), {} threads, kernels: {}, loaded in {:.0} ms",
+            arch,
+            model.config.n_layer,
+            model.config.n_vocab,
+            threads,
+            k.isa.name(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(Loaded {
+        model,
+        tokenizer,
+        template,
+    })
+}
+
+pub fn sampling_params(s: &SamplingArgs) -> Result<SamplingParams> {
+    let p = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        }),
+    };
+    p.validate().map_err(anyhow::Error::msg)?;
+    Ok(p)
+}
+
+/// Renders `messages` with the model's template and tokenizes it: template text with
+/// special tokens parsed, message text without.
+pub fn chat_tokens(l: &Loaded, messages: &[Message]) -> Result<Vec<TokenId>> {
+    let tok = &l.tokenizer;
+    let bos = tok.bos.and_then(|b| tok.token_text(b)).unwrap_or("");
+    let eos = tok.eos.and_then(|e| tok.token_text(e)).unwrap_or("");
+    let segs = l.template.render_segments(messages, true, bos, eos)?;
+    let mut ids = Vec::new();
+    for s in &segs {
+        ids.extend(tok.encode(&s.text, false, s.parse_special));
+    }
+    if tok.add_bos && tok.bos.is_some() && ids.first() != tok.bos.as_ref() {
+        ids.insert(0, tok.bos.expect("checked"));
+    }
+    Ok(ids)
+}
+
+fn print_timings(s: &GenerationStats) {
+    eprintln!(
+        "\nhearth: prompt {} tokens ({} computed) {:.1} t/s | generated {} tokens {:.1} t/s | {}",
+        s.prompt_tokens,
+        s.prompt_evaluated,
+        s.prompt_tps(),
+        s.generated_tokens,
+        s.generation_tps(),
+        match s.finish {
+            hearth_engine::FinishReason::Stop => "stop",
+            hearth_engine::FinishReason::Length => "length",
+            hearth_engine::FinishReason::Cancelled => "cancelled",
+        }
+    );
+}
+
+pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
+    let l = load(&a.model, verbose)?;
+    let params = sampling_params(&a.sampling)?;
+    let prompt = if a.raw {
+        l.tokenizer.encode(&a.prompt, true, true)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        chat_tokens(&l, &msgs)?
+    };
+    let mut session = Session::new(&l.model, &l.tokenizer, a.model.ctx);
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || cancel.store(true, Ordering::Relaxed));
+    }
+    let req = GenerateRequest {
+        prompt: &prompt,
+        params,
+        max_tokens: a.sampling.max_tokens,
+        stop: &a.sampling.stop,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let stats = session.generate(&req, &cancel, |text| {
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    print_timings(&stats);
+    Ok(())
+}
+
+pub fn chat(a: ChatArgs, verbose: bool) -> Result<()> {
+    let l = load(&a.model, verbose)?;
+    let mut session = Session::new(&l.model, &l.tokenizer, a.model.ctx);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let generating = Arc::new(AtomicBool::new(false));
+    {
+        let (cancel, generating) = (cancel.clone(), generating.clone());
+        // Ctrl-C stops the current reply; at the prompt it quits.
+        ctrlc::set_handler(move || {
+            if generating.load(Ordering::Relaxed) {
+                cancel.store(true, Ordering::Relaxed);
+            } else {
+                eprintln!();
+                std::process::exit(130);
+            }
+        })?;
+    }
+    let mut messages = Vec::new();
+    if let Some(sys) = &a.system {
+        messages.push(Message::new("system", sys));
+    }
+    eprintln!("hearth chat: type a message, Enter to send; Ctrl-C stops a reply, Ctrl-D quits.");
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let text = line.trim_end_matches(['\n', '\r']);
+        if text.trim().is_empty() {
+            continue;
+        }
+        messages.push(Message::new("user", text));
+        let prompt = chat_tokens(&l, &messages)?;
+        let params = sampling_params(&a.sampling)?;
+        let req = GenerateRequest {
+            prompt: &prompt,
+            params,
+            max_tokens: a.sampling.max_tokens,
+            stop: &a.sampling.stop,
+        };
+        cancel.store(false, Ordering::Relaxed);
+        generating.store(true, Ordering::Relaxed);
+        let mut reply = String::new();
+        let mut stdout = std::io::stdout().lock();
+        let result = session.generate(&req, &cancel, |t| {
+            reply.push_str(t);
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        });
+        generating.store(false, Ordering::Relaxed);
+        let _ = writeln!(stdout);
+        drop(stdout);
+        match result {
+            Ok(stats) => {
+                if verbose {
+                    print_timings(&stats);
+                }
+                messages.push(Message::new("assistant", &reply));
+            }
+            Err(e) => {
+                // Keep the conversation usable: drop the turn that failed.
+                messages.pop();
+                eprintln!("error: {e}");
+            }
+        }
+    }
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let g = open_gguf(&a.model)?;
+    let tok = Tokenizer::from_gguf(&g)?;
+    let ids = tok.encode(&a.text, !a.no_special, true);
+    if a.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            let piece = String::from_utf8_lossy(&tok.token_to_piece(id, true)).into_owned();
+            println!("{id:>7} {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+pub fn show(a: ShowArgs) -> Result<()> {
+    let g = open_gguf(&a.model)?;
+    let arch = g.require_str("general.architecture")?.to_string();
+    let name = g.get_str("general.name")?.unwrap_or("").to_string();
+    let params: u64 = g.tensors.iter().map(|t| t.n_elements).sum();
+    let mut mix: Vec<(String, usize)> = Vec::new();
+    for t in &g.tensors {
+        match mix.iter_mut().find(|(n, _)| n == t.ty.name()) {
+            Some(e) => e.1 += 1,
+            None => mix.push((t.ty.name().to_string(), 1)),
+        }
+    }
+    mix.sort_by(|a, b| b.1.cmp(&a.1));
+    let ctx = g.get_usize(&format!("{arch}.context_length"), 0, usize::MAX)?.unwrap_or(0);
+    let template = if g.get_str("tokenizer.chat_template")?.is_some() {
+        "from the model file"
+    } else if builtin_for_arch(&arch).is_some() {
+        "built-in for this architecture"
+    } else {
+        "none (ChatML fallback)"
+    };
+    let config = hearth_models::Config::from_gguf(&g);
+    if a.json {
+        let v = serde_json::json!({
+            "architecture": arch,
+            "name": name,
+            "parameters": params,
+            "quantization": mix.iter().map(|(n, c)| serde_json::json!({"type": n, "tensors": c})).collect::<Vec<_>>(),
+            "context_length": ctx,
+            "chat_template": template,
+            "file_size": g.file_size(),
+            "gguf_version": g.version,
+            "supported": config.is_ok(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("  architecture    {arch}");
+    if !name.is_empty() {
+        println!("  name            {name}");
+    }
+    println!("  parameters      {:.1}M", params as f64 / 1e6);
+    let mix_s: Vec<String> = mix.iter().map(|(n, c)| format!("{n}×{c}")).collect();
+    println!("  quantization    {}", mix_s.join(", "));
+    println!("  context length  {ctx}");
+    if let Ok(c) = &config {
+        println!(
+            "  shape           {} layers, {} embd, {} heads ({} kv), {} head dim, {} vocab",
+            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.n_vocab
+        );
+    } else if let Err(e) = &config {
+        println!("  supported       no: {e}");
+    }
+    println!("  chat template   {template}");
+    println!("  file size       {:.1} MiB (GGUF v{})", g.file_size() as f64 / (1 << 20) as f64, g.version);
+    Ok(())
+}
