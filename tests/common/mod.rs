@@ -1,0 +1,36 @@
+//! Shared helpers for end-to-end tests: locating the fetched models and the goldens.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("HEARTH_MODELS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hearth/models"),
+    }
+}
+
+pub fn model_file(name: &str) -> PathBuf {
+    let file = match name {
+        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma3" => "gemma-3-270m-q4_k_m.gguf",
+        other => panic!("unknown test model {other}"),
+    };
+    let p = models_dir().join(file);
+    assert!(p.is_file(), "{} missing: run scripts/fetch-models first", p.display());
+    p
+}
+
+pub fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
+    Arc::new(hearth_gguf::Gguf::open(model_file(name)).expect("model opens"))
+}
+
+pub fn golden_lines(file: &str) -> Vec<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("golden line is JSON"))
+        .collect()
+}
