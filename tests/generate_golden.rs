@@ -83,7 +83,10 @@ fn check(model_name: &str) {
     for case in &cases {
         let prompt = case["prompt"].as_str().unwrap();
         let n = case["n"].as_u64().unwrap() as usize;
-        let wants = [case["fa_off"].as_str().unwrap(), case["fa_on"].as_str().unwrap()];
+        let wants = [
+            case["fa_off"].as_str().unwrap(),
+            case["fa_on"].as_str().unwrap(),
+        ];
         let out = greedy(&model, &tok, prompt, n);
         if wants.contains(&out.text.as_str()) {
             exact += 1;
@@ -94,7 +97,11 @@ fn check(model_name: &str) {
         let mut gap_at_divergence = f32::INFINITY;
         let mut deficit = f32::INFINITY;
         for want in wants {
-            if let Some(i) = out.steps.iter().rposition(|(before, _)| want.starts_with(before.as_str())) {
+            if let Some(i) = out
+                .steps
+                .iter()
+                .rposition(|(before, _)| want.starts_with(before.as_str()))
+            {
                 gap_at_divergence = gap_at_divergence.min(out.steps[i].1);
             }
             if let Some(d) = deficit_along(&model, &tok, prompt, want) {
@@ -113,9 +120,15 @@ fn check(model_name: &str) {
             ));
         }
     }
-    eprintln!("{model_name}: {exact} exact, {tied} near-tie divergences, {} failures", failures.len());
+    eprintln!(
+        "{model_name}: {exact} exact, {tied} near-tie divergences, {} failures",
+        failures.len()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(exact * 2 >= cases.len(), "at least half the prompts must match llama.cpp exactly");
+    assert!(
+        exact * 2 >= cases.len(),
+        "at least half the prompts must match llama.cpp exactly"
+    );
 }
 
 #[test]

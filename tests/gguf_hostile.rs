@@ -82,10 +82,16 @@ fn layout(b: &[u8]) -> Layout {
 }
 
 fn kv<'a>(l: &'a Layout, key: &str) -> &'a (String, usize, usize, usize) {
-    l.kvs.iter().find(|k| k.0 == key).unwrap_or_else(|| panic!("no key {key}"))
+    l.kvs
+        .iter()
+        .find(|k| k.0 == key)
+        .unwrap_or_else(|| panic!("no key {key}"))
 }
 fn tensor<'a>(l: &'a Layout, name: &str) -> &'a (String, usize, usize, usize, usize) {
-    l.tensors.iter().find(|t| t.0 == name).unwrap_or_else(|| panic!("no tensor {name}"))
+    l.tensors
+        .iter()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("no tensor {name}"))
 }
 fn rename(b: &mut [u8], len_pos: usize, new: &str) {
     assert_eq!(u64_at(b, len_pos) as usize, new.len());
@@ -124,49 +130,226 @@ fn corrupted_files_give_specific_errors() {
 
     use Expect::*;
     let cases: Vec<(&str, Mutation, Expect)> = vec![
-        ("empty file", Box::new(|b, _| b.clear()), Parse(|e| matches!(e, GgufError::Truncated { .. }))),
-        ("3 bytes", Box::new(|b, _| b.truncate(3)), Parse(|e| matches!(e, GgufError::Truncated { .. }))),
-        ("bad magic", Box::new(|b, _| b[0] = b'X'), Parse(|e| matches!(e, GgufError::BadMagic { .. }))),
-        ("version 1", Box::new(|b, _| put_u32(b, 4, 1)), Parse(|e| matches!(e, GgufError::UnsupportedVersion(1)))),
-        ("version 4", Box::new(|b, _| put_u32(b, 4, 4)), Parse(|e| matches!(e, GgufError::UnsupportedVersion(4)))),
-        ("big-endian version", Box::new(|b, _| put_u32(b, 4, 3u32.swap_bytes())), Parse(|e| matches!(e, GgufError::UnsupportedVersion(_)))),
-        ("truncated header", Box::new(|b, _| b.truncate(20)), Parse(|e| matches!(e, GgufError::Truncated { .. }))),
-        ("truncated metadata", Box::new(|b, _| b.truncate(4000)), Parse(|e| matches!(e, GgufError::Truncated { .. } | GgufError::TooMany { .. }))),
-        ("huge kv count", Box::new(|b, _| put_u64(b, 16, u64::MAX)), Parse(|e| matches!(e, GgufError::TooMany { .. }))),
-        ("huge tensor count", Box::new(|b, _| put_u64(b, 8, 1 << 60)), Parse(|e| matches!(e, GgufError::TooMany { .. }))),
-        ("huge key length", Box::new(|b, l| put_u64(b, l.kvs[0].1, u64::MAX - 3)), Parse(|e| matches!(e, GgufError::Truncated { .. }))),
-        ("invalid UTF-8 key", Box::new(|b, l| b[l.kvs[0].1 + 8] = 0xFF), Parse(|e| matches!(e, GgufError::InvalidUtf8 { .. }))),
-        ("unknown value type", Box::new(|b, l| put_u32(b, l.kvs[0].2, 99)), Parse(|e| matches!(e, GgufError::UnknownValueType { type_id: 99, .. }))),
-        ("huge array length", Box::new(|b, l| put_u64(b, kv(l, "tokenizer.ggml.tokens").3 + 4, u64::MAX / 2)), Parse(|e| matches!(e, GgufError::TooMany { .. }))),
-        ("unknown array element type", Box::new(|b, l| put_u32(b, kv(l, "tokenizer.ggml.tokens").3, 42)), Parse(|e| matches!(e, GgufError::UnknownValueType { type_id: 42, .. }))),
-        ("huge string in array", Box::new(|b, l| put_u64(b, kv(l, "tokenizer.ggml.tokens").3 + 12, 1 << 40)), Parse(|e| matches!(e, GgufError::Truncated { .. }))),
-        ("bool byte 2", Box::new(|b, l| b[kv(l, "tokenizer.ggml.add_bos_token").3] = 2), Parse(|e| matches!(e, GgufError::BadValue { .. }))),
-        ("duplicate key", Box::new(|b, l| rename(b, kv(l, "general.type").1, "general.name")), Parse(|e| matches!(e, GgufError::DuplicateKey(k) if k == "general.name"))),
-        ("bad alignment", Box::new(|b, l| rename(b, kv(l, "llama.block_count").1, "general.alignment")), Parse(|e| matches!(e, GgufError::BadAlignment(30)))),
-        ("duplicate tensor", Box::new(move |b, l| rename(b, tensor(l, &dup_b).1, &dup_a)), Parse(|e| matches!(e, GgufError::DuplicateTensor(_)))),
-        ("zero dims", Box::new(|b, l| put_u32(b, l.tensors[0].2, 0)), Parse(|e| matches!(e, GgufError::TooManyDims { n_dims: 0, .. }))),
-        ("five dims", Box::new(|b, l| put_u32(b, l.tensors[0].2, 5)), Parse(|e| matches!(e, GgufError::TooManyDims { n_dims: 5, .. }))),
-        ("zero dimension", Box::new(|b, l| put_u64(b, l.tensors[0].2 + 4, 0)), Parse(|e| matches!(e, GgufError::ZeroDim { .. }))),
-        ("overflowing dims", Box::new(|b, l| { put_u64(b, l.tensors[0].2 + 4, 1 << 40); put_u64(b, l.tensors[0].2 + 12, 1 << 40) }), Parse(|e| matches!(e, GgufError::DimOverflow { .. }))),
-        ("unknown tensor type", Box::new(|b, l| put_u32(b, l.tensors[0].3, 77)), Parse(|e| matches!(e, GgufError::UnknownTensorType { type_id: 77, .. }))),
-        ("row not block aligned", Box::new(|b, l| put_u64(b, tensor(l, "blk.0.attn_q.weight").2 + 4, 577)), Parse(|e| matches!(e, GgufError::RowNotBlockAligned { .. }))),
-        ("misaligned offset", Box::new(|b, l| { let p = l.tensors[1].4; let v = u64_at(b, p); put_u64(b, p, v + 1); }), Parse(|e| matches!(e, GgufError::MisalignedOffset { .. }))),
-        ("offset out of range", Box::new(|b, l| put_u64(b, l.tensors[0].4, u64::MAX & !31)), Parse(|e| matches!(e, GgufError::TensorOutOfBounds { .. }))),
-        ("truncated tensor data", Box::new(|b, _| { let n = b.len(); b.truncate(n - 1000) }), Parse(|e| matches!(e, GgufError::TensorOutOfBounds { .. }))),
-        ("data section past end", Box::new(|b, l| { let n = l.tensors.last().unwrap().4 + 8; b.truncate(n) }), Parse(|e| matches!(e, GgufError::Truncated { .. } | GgufError::TensorOutOfBounds { .. }))),
-        ("overlapping tensors", Box::new(move |b, _| { let off = u64_at(b, first.4); put_u64(b, second.4, off); }), Parse(|e| matches!(e, GgufError::OverlappingTensors { .. }))),
-        ("missing architecture", Box::new(|b, l| rename(b, kv(l, "general.architecture").1, "general.architecturX")), Load(|e| matches!(e, ModelError::Gguf(GgufError::MissingKey(k)) if k == "general.architecture"))),
-        ("unsupported architecture", Box::new(|b, l| { let p = kv(l, "general.architecture").3; b[p + 8..p + 13].copy_from_slice(b"llamb") }), Load(|e| matches!(e, ModelError::UnsupportedArch(a) if a == "llamb"))),
-        ("missing tensor", Box::new(|b, l| rename(b, tensor(l, "output_norm.weight").1, "output_norm.weighX")), Load(|e| matches!(e, ModelError::Gguf(GgufError::MissingTensor(t)) if t == "output_norm.weight"))),
-        ("wrong tensor shape", Box::new(|b, l| put_u64(b, tensor(l, "blk.0.attn_norm.weight").2 + 4, 288)), Load(|e| matches!(e, ModelError::Gguf(GgufError::ShapeMismatch { .. })))),
-        ("head count not dividing", Box::new(|b, l| put_u32(b, kv(l, "llama.attention.head_count_kv").3, 4)), Load(|e| matches!(e, ModelError::BadConfig(_)))),
-        ("zero layers", Box::new(|b, l| put_u32(b, kv(l, "llama.block_count").3, 0)), Load(|e| matches!(e, ModelError::Gguf(GgufError::BadValue { .. })))),
+        (
+            "empty file",
+            Box::new(|b, _| b.clear()),
+            Parse(|e| matches!(e, GgufError::Truncated { .. })),
+        ),
+        (
+            "3 bytes",
+            Box::new(|b, _| b.truncate(3)),
+            Parse(|e| matches!(e, GgufError::Truncated { .. })),
+        ),
+        (
+            "bad magic",
+            Box::new(|b, _| b[0] = b'X'),
+            Parse(|e| matches!(e, GgufError::BadMagic { .. })),
+        ),
+        (
+            "version 1",
+            Box::new(|b, _| put_u32(b, 4, 1)),
+            Parse(|e| matches!(e, GgufError::UnsupportedVersion(1))),
+        ),
+        (
+            "version 4",
+            Box::new(|b, _| put_u32(b, 4, 4)),
+            Parse(|e| matches!(e, GgufError::UnsupportedVersion(4))),
+        ),
+        (
+            "big-endian version",
+            Box::new(|b, _| put_u32(b, 4, 3u32.swap_bytes())),
+            Parse(|e| matches!(e, GgufError::UnsupportedVersion(_))),
+        ),
+        (
+            "truncated header",
+            Box::new(|b, _| b.truncate(20)),
+            Parse(|e| matches!(e, GgufError::Truncated { .. })),
+        ),
+        (
+            "truncated metadata",
+            Box::new(|b, _| b.truncate(4000)),
+            Parse(|e| matches!(e, GgufError::Truncated { .. } | GgufError::TooMany { .. })),
+        ),
+        (
+            "huge kv count",
+            Box::new(|b, _| put_u64(b, 16, u64::MAX)),
+            Parse(|e| matches!(e, GgufError::TooMany { .. })),
+        ),
+        (
+            "huge tensor count",
+            Box::new(|b, _| put_u64(b, 8, 1 << 60)),
+            Parse(|e| matches!(e, GgufError::TooMany { .. })),
+        ),
+        (
+            "huge key length",
+            Box::new(|b, l| put_u64(b, l.kvs[0].1, u64::MAX - 3)),
+            Parse(|e| matches!(e, GgufError::Truncated { .. })),
+        ),
+        (
+            "invalid UTF-8 key",
+            Box::new(|b, l| b[l.kvs[0].1 + 8] = 0xFF),
+            Parse(|e| matches!(e, GgufError::InvalidUtf8 { .. })),
+        ),
+        (
+            "unknown value type",
+            Box::new(|b, l| put_u32(b, l.kvs[0].2, 99)),
+            Parse(|e| matches!(e, GgufError::UnknownValueType { type_id: 99, .. })),
+        ),
+        (
+            "huge array length",
+            Box::new(|b, l| put_u64(b, kv(l, "tokenizer.ggml.tokens").3 + 4, u64::MAX / 2)),
+            Parse(|e| matches!(e, GgufError::TooMany { .. })),
+        ),
+        (
+            "unknown array element type",
+            Box::new(|b, l| put_u32(b, kv(l, "tokenizer.ggml.tokens").3, 42)),
+            Parse(|e| matches!(e, GgufError::UnknownValueType { type_id: 42, .. })),
+        ),
+        (
+            "huge string in array",
+            Box::new(|b, l| put_u64(b, kv(l, "tokenizer.ggml.tokens").3 + 12, 1 << 40)),
+            Parse(|e| matches!(e, GgufError::Truncated { .. })),
+        ),
+        (
+            "bool byte 2",
+            Box::new(|b, l| b[kv(l, "tokenizer.ggml.add_bos_token").3] = 2),
+            Parse(|e| matches!(e, GgufError::BadValue { .. })),
+        ),
+        (
+            "duplicate key",
+            Box::new(|b, l| rename(b, kv(l, "general.type").1, "general.name")),
+            Parse(|e| matches!(e, GgufError::DuplicateKey(k) if k == "general.name")),
+        ),
+        (
+            "bad alignment",
+            Box::new(|b, l| rename(b, kv(l, "llama.block_count").1, "general.alignment")),
+            Parse(|e| matches!(e, GgufError::BadAlignment(30))),
+        ),
+        (
+            "duplicate tensor",
+            Box::new(move |b, l| rename(b, tensor(l, &dup_b).1, &dup_a)),
+            Parse(|e| matches!(e, GgufError::DuplicateTensor(_))),
+        ),
+        (
+            "zero dims",
+            Box::new(|b, l| put_u32(b, l.tensors[0].2, 0)),
+            Parse(|e| matches!(e, GgufError::TooManyDims { n_dims: 0, .. })),
+        ),
+        (
+            "five dims",
+            Box::new(|b, l| put_u32(b, l.tensors[0].2, 5)),
+            Parse(|e| matches!(e, GgufError::TooManyDims { n_dims: 5, .. })),
+        ),
+        (
+            "zero dimension",
+            Box::new(|b, l| put_u64(b, l.tensors[0].2 + 4, 0)),
+            Parse(|e| matches!(e, GgufError::ZeroDim { .. })),
+        ),
+        (
+            "overflowing dims",
+            Box::new(|b, l| {
+                put_u64(b, l.tensors[0].2 + 4, 1 << 40);
+                put_u64(b, l.tensors[0].2 + 12, 1 << 40)
+            }),
+            Parse(|e| matches!(e, GgufError::DimOverflow { .. })),
+        ),
+        (
+            "unknown tensor type",
+            Box::new(|b, l| put_u32(b, l.tensors[0].3, 77)),
+            Parse(|e| matches!(e, GgufError::UnknownTensorType { type_id: 77, .. })),
+        ),
+        (
+            "row not block aligned",
+            Box::new(|b, l| put_u64(b, tensor(l, "blk.0.attn_q.weight").2 + 4, 577)),
+            Parse(|e| matches!(e, GgufError::RowNotBlockAligned { .. })),
+        ),
+        (
+            "misaligned offset",
+            Box::new(|b, l| {
+                let p = l.tensors[1].4;
+                let v = u64_at(b, p);
+                put_u64(b, p, v + 1);
+            }),
+            Parse(|e| matches!(e, GgufError::MisalignedOffset { .. })),
+        ),
+        (
+            "offset out of range",
+            Box::new(|b, l| put_u64(b, l.tensors[0].4, !31)),
+            Parse(|e| matches!(e, GgufError::TensorOutOfBounds { .. })),
+        ),
+        (
+            "truncated tensor data",
+            Box::new(|b, _| {
+                let n = b.len();
+                b.truncate(n - 1000)
+            }),
+            Parse(|e| matches!(e, GgufError::TensorOutOfBounds { .. })),
+        ),
+        (
+            "data section past end",
+            Box::new(|b, l| {
+                let n = l.tensors.last().unwrap().4 + 8;
+                b.truncate(n)
+            }),
+            Parse(|e| {
+                matches!(
+                    e,
+                    GgufError::Truncated { .. } | GgufError::TensorOutOfBounds { .. }
+                )
+            }),
+        ),
+        (
+            "overlapping tensors",
+            Box::new(move |b, _| {
+                let off = u64_at(b, first.4);
+                put_u64(b, second.4, off);
+            }),
+            Parse(|e| matches!(e, GgufError::OverlappingTensors { .. })),
+        ),
+        (
+            "missing architecture",
+            Box::new(|b, l| rename(b, kv(l, "general.architecture").1, "general.architecturX")),
+            Load(
+                |e| matches!(e, ModelError::Gguf(GgufError::MissingKey(k)) if k == "general.architecture"),
+            ),
+        ),
+        (
+            "unsupported architecture",
+            Box::new(|b, l| {
+                let p = kv(l, "general.architecture").3;
+                b[p + 8..p + 13].copy_from_slice(b"llamb")
+            }),
+            Load(|e| matches!(e, ModelError::UnsupportedArch(a) if a == "llamb")),
+        ),
+        (
+            "missing tensor",
+            Box::new(|b, l| rename(b, tensor(l, "output_norm.weight").1, "output_norm.weighX")),
+            Load(
+                |e| matches!(e, ModelError::Gguf(GgufError::MissingTensor(t)) if t == "output_norm.weight"),
+            ),
+        ),
+        (
+            "wrong tensor shape",
+            Box::new(|b, l| put_u64(b, tensor(l, "blk.0.attn_norm.weight").2 + 4, 288)),
+            Load(|e| matches!(e, ModelError::Gguf(GgufError::ShapeMismatch { .. }))),
+        ),
+        (
+            "head count not dividing",
+            Box::new(|b, l| put_u32(b, kv(l, "llama.attention.head_count_kv").3, 4)),
+            Load(|e| matches!(e, ModelError::BadConfig(_))),
+        ),
+        (
+            "zero layers",
+            Box::new(|b, l| put_u32(b, kv(l, "llama.block_count").3, 0)),
+            Load(|e| matches!(e, ModelError::Gguf(GgufError::BadValue { .. }))),
+        ),
     ];
     assert!(cases.len() >= 25);
     for (name, mutate, expect) in &cases {
         let mut bytes = original.clone();
         mutate(&mut bytes, &l);
-        let parsed = std::panic::catch_unwind(|| Gguf::from_vec(bytes)).unwrap_or_else(|_| panic!("{name}: parser panicked"));
+        let parsed = std::panic::catch_unwind(|| Gguf::from_vec(bytes))
+            .unwrap_or_else(|_| panic!("{name}: parser panicked"));
         match (expect, parsed) {
             (Parse(ok), Err(e)) => assert!(ok(&e), "{name}: unexpected error {e}"),
             (Parse(_), Ok(_)) => panic!("{name}: corrupted file was accepted"),

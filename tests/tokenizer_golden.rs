@@ -13,13 +13,24 @@ fn check(model: &str) {
     let mut failures = Vec::new();
     for case in &cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text, true, true);
         if got != want {
             failures.push(format!("{text:?}\n   want {want:?}\n    got {got:?}"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -37,7 +48,12 @@ fn decode_round_trips_plain_text() {
     for model in ["smollm2", "gemma3"] {
         let g = common::open(model);
         let tok = Tokenizer::from_gguf(&g).unwrap();
-        for text in ["Hello world", "日本語 😀 café", "  spaces\n\ttabs", "<|im_start|> as text"] {
+        for text in [
+            "Hello world",
+            "日本語 😀 café",
+            "  spaces\n\ttabs",
+            "<|im_start|> as text",
+        ] {
             let ids = tok.encode(text, false, false);
             assert_eq!(tok.decode(&ids, true), text, "{model}");
         }

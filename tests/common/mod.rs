@@ -7,7 +7,9 @@ use std::sync::Arc;
 pub fn models_dir() -> PathBuf {
     match std::env::var_os("HEARTH_MODELS") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hearth/models"),
+        None => {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hearth/models")
+        }
     }
 }
 
@@ -18,7 +20,11 @@ pub fn model_file(name: &str) -> PathBuf {
         other => panic!("unknown test model {other}"),
     };
     let p = models_dir().join(file);
-    assert!(p.is_file(), "{} missing: run scripts/fetch-models first", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-models first",
+        p.display()
+    );
     p
 }
 
@@ -27,7 +33,9 @@ pub fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
 }
 
 pub fn golden_lines(file: &str) -> Vec<serde_json::Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(file);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()

@@ -26,7 +26,9 @@ fn open_gguf(name: &str) -> Result<Arc<Gguf>> {
 fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(physical_cores).max(1);
     // Ignore "already initialised" (tests may call twice).
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     Ok(n)
 }
 
@@ -95,8 +97,10 @@ pub fn chat_tokens(l: &Loaded, messages: &[Message]) -> Result<Vec<TokenId>> {
     for s in &segs {
         ids.extend(tok.encode(&s.text, false, s.parse_special));
     }
-    if tok.add_bos && tok.bos.is_some() && ids.first() != tok.bos.as_ref() {
-        ids.insert(0, tok.bos.expect("checked"));
+    if let Some(bos) = tok.bos.filter(|_| tok.add_bos) {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
     }
     Ok(ids)
 }
@@ -251,8 +255,10 @@ pub fn show(a: ShowArgs) -> Result<()> {
             None => mix.push((t.ty.name().to_string(), 1)),
         }
     }
-    mix.sort_by(|a, b| b.1.cmp(&a.1));
-    let ctx = g.get_usize(&format!("{arch}.context_length"), 0, usize::MAX)?.unwrap_or(0);
+    mix.sort_by_key(|m| std::cmp::Reverse(m.1));
+    let ctx = g
+        .get_usize(&format!("{arch}.context_length"), 0, usize::MAX)?
+        .unwrap_or(0);
     let template = if g.get_str("tokenizer.chat_template")?.is_some() {
         "from the model file"
     } else if builtin_for_arch(&arch).is_some() {
@@ -293,6 +299,10 @@ pub fn show(a: ShowArgs) -> Result<()> {
         println!("  supported       no: {e}");
     }
     println!("  chat template   {template}");
-    println!("  file size       {:.1} MiB (GGUF v{})", g.file_size() as f64 / (1 << 20) as f64, g.version);
+    println!(
+        "  file size       {:.1} MiB (GGUF v{})",
+        g.file_size() as f64 / (1 << 20) as f64,
+        g.version
+    );
     Ok(())
 }

@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "Local, edge-first AI inference on your own CPU")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Local, edge-first AI inference on your own CPU"
+)]
 struct Cli {
     /// Log kernel choices and load details to stderr.
     #[arg(short, long, global = true)]

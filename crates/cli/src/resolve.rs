@@ -13,7 +13,9 @@ pub fn models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HEARTH_MODELS") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("hearth").join("models")
 }
 
@@ -33,12 +35,17 @@ pub fn resolve_model(name: &str) -> anyhow::Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let known: Vec<&str> = SHORT_NAMES.iter().map(|(n, _)| *n).collect();
-    anyhow::bail!("no model {name:?}: not a file and not a known name ({})", known.join(", "))
+    anyhow::bail!(
+        "no model {name:?}: not a file and not a known name ({})",
+        known.join(", ")
+    )
 }
 
 /// Physical cores (distinct core ids), falling back to logical CPUs.
 pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
         return logical;
     };

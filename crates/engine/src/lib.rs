@@ -50,7 +50,8 @@ impl GenerationStats {
     }
     pub fn generation_tps(&self) -> f64 {
         // The first generated token comes from the prompt pass; the rest are decode steps.
-        self.generated_tokens.saturating_sub(1) as f64 / self.generation_time.as_secs_f64().max(1e-9)
+        self.generated_tokens.saturating_sub(1) as f64
+            / self.generation_time.as_secs_f64().max(1e-9)
     }
 }
 
@@ -105,13 +106,19 @@ impl<'m> Session<'m> {
                 n_ctx: self.cache.n_ctx,
             });
         }
-        let common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         // At least one token must run to produce logits.
         let keep = common.min(prompt.len() - 1);
         self.cache.truncate(keep);
         self.cached.truncate(keep);
         let todo = &prompt[keep..];
-        self.model.forward(todo, &mut self.cache, &mut self.scratch, &mut self.logits)?;
+        self.model
+            .forward(todo, &mut self.cache, &mut self.scratch, &mut self.logits)?;
         self.cached.extend_from_slice(todo);
         Ok(todo.len())
     }
@@ -123,7 +130,12 @@ impl<'m> Session<'m> {
 
     /// Runs one token and updates the logits.
     pub fn step(&mut self, token: TokenId) -> Result<(), EngineError> {
-        self.model.forward(&[token], &mut self.cache, &mut self.scratch, &mut self.logits)?;
+        self.model.forward(
+            &[token],
+            &mut self.cache,
+            &mut self.scratch,
+            &mut self.logits,
+        )?;
         self.cached.push(token);
         Ok(())
     }
@@ -211,7 +223,11 @@ impl<'s> StopMatcher<'s> {
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
         let stops = self.stops.iter().filter(|s| !s.is_empty());
-        if let Some(at) = stops.clone().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = stops
+            .clone()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..at].to_string();
             self.held.clear();
             return (out, true);
@@ -257,7 +273,10 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

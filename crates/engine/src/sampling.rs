@@ -49,7 +49,13 @@ impl SamplingParams {
 
     /// Checks ranges; the message names the bad parameter.
     pub fn validate(&self) -> Result<(), String> {
-        let finite = |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
+        let finite = |name: &str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a finite number"))
+            }
+        };
         finite("temperature", self.temperature)?;
         finite("top_p", self.top_p)?;
         finite("min_p", self.min_p)?;
@@ -68,7 +74,9 @@ impl SamplingParams {
         if self.repeat_penalty <= 0.0 {
             return Err("repeat_penalty must be > 0".into());
         }
-        if !(-2.0..=2.0).contains(&self.presence_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
+        if !(-2.0..=2.0).contains(&self.presence_penalty)
+            || !(-2.0..=2.0).contains(&self.frequency_penalty)
+        {
             return Err("presence_penalty and frequency_penalty must be in [-2, 2]".into());
         }
         Ok(())
@@ -104,14 +112,21 @@ impl Sampler {
         }
         let p = self.params.clone();
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         // top-k (sorted descending afterwards in every case)
-        let k = if p.top_k == 0 { self.cand.len() } else { p.top_k.min(self.cand.len()) };
+        let k = if p.top_k == 0 {
+            self.cand.len()
+        } else {
+            p.top_k.min(self.cand.len())
+        };
         if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.cand
+                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             self.cand.truncate(k);
         }
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.cand
+            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         // top-p over the softmax of the survivors
         if p.top_p < 1.0 {
             let probs = softmax(&self.cand);
@@ -160,7 +175,9 @@ impl Sampler {
             *counts.entry(t).or_default() += 1;
         }
         for (&t, &n) in &counts {
-            let Some(l) = logits.get_mut(t as usize) else { continue };
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
             if *l > 0.0 {
                 *l /= p.repeat_penalty;
             } else {
@@ -209,8 +226,13 @@ mod tests {
         };
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params.clone() });
-            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params.clone()
+            });
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));

@@ -13,7 +13,9 @@ pub enum GgufError {
     BadMagic { found: [u8; 4] },
     #[error("unsupported GGUF version {0} (supported: 2 and 3)")]
     UnsupportedVersion(u32),
-    #[error("file truncated: {what} at offset {offset} needs {need} bytes but the file has {file_size}")]
+    #[error(
+        "file truncated: {what} at offset {offset} needs {need} bytes but the file has {file_size}"
+    )]
     Truncated {
         what: String,
         offset: u64,
@@ -21,11 +23,7 @@ pub enum GgufError {
         file_size: u64,
     },
     #[error("{field} is {count}, more than this file can hold (at most {max})")]
-    TooMany {
-        field: String,
-        count: u64,
-        max: u64,
-    },
+    TooMany { field: String, count: u64, max: u64 },
     #[error("{what} at offset {offset} is not valid UTF-8")]
     InvalidUtf8 { what: String, offset: u64 },
     #[error("metadata key {key:?} has unknown value type {type_id}")]
@@ -46,7 +44,9 @@ pub enum GgufError {
     DimOverflow { tensor: String, dims: Vec<u64> },
     #[error("tensor {tensor:?} has unknown or unsupported type id {type_id}")]
     UnknownTensorType { tensor: String, type_id: u32 },
-    #[error("tensor {tensor:?}: row length {ne0} is not a multiple of the {ty} block length {block}")]
+    #[error(
+        "tensor {tensor:?}: row length {ne0} is not a multiple of the {ty} block length {block}"
+    )]
     RowNotBlockAligned {
         tensor: String,
         ty: crate::GgmlType,

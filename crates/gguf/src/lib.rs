@@ -222,7 +222,7 @@ impl Gguf {
         }
         let data_size = file_size.saturating_sub(data_offset);
         for t in &tensors {
-            let end = t.offset.checked_add(t.n_bytes).unwrap_or(u64::MAX);
+            let end = t.offset.saturating_add(t.n_bytes);
             if end > data_size {
                 return Err(GgufError::TensorOutOfBounds {
                     tensor: t.name.clone(),

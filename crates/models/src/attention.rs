@@ -23,7 +23,14 @@ thread_local! {
 
 /// `q`: `[n_tok, n_head*head_dim]` for positions `pos0..pos0+n_tok`, whose keys and values
 /// are already in `k_cache`/`v_cache` (`[pos, n_kv_head*head_dim]`). Writes `out` like `q`.
-pub fn attention(q: &[f32], k_cache: &[f16], v_cache: &[f16], pos0: usize, s: &AttnShape, out: &mut [f32]) {
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    pos0: usize,
+    s: &AttnShape,
+    out: &mut [f32],
+) {
     let hd = s.head_dim;
     let kv_dim = s.n_kv_head * hd;
     let group = s.n_head / s.n_kv_head;
@@ -39,7 +46,11 @@ pub fn attention(q: &[f32], k_cache: &[f16], v_cache: &[f16], pos0: usize, s: &A
         SCRATCH.with(|cell| {
             let (scores, q16) = &mut *cell.borrow_mut();
             q16.clear();
-            q16.extend(q[idx * hd..(idx + 1) * hd].iter().map(|&x| f16::from_f32(x)));
+            q16.extend(
+                q[idx * hd..(idx + 1) * hd]
+                    .iter()
+                    .map(|&x| f16::from_f32(x)),
+            );
             scores.clear();
             for j in first..=pos {
                 let k = &k_cache[j * kv_dim + kvh * hd..][..hd];

@@ -52,7 +52,9 @@ impl Config {
         let n_embd = g.require_usize(&key("embedding_length"), 1, 1 << 16)?;
         let n_ff = g.require_usize(&key("feed_forward_length"), 1, 1 << 18)?;
         let n_head = g.require_usize(&key("attention.head_count"), 1, 1024)?;
-        let n_kv_head = g.get_usize(&key("attention.head_count_kv"), 1, 1024)?.unwrap_or(n_head);
+        let n_kv_head = g
+            .get_usize(&key("attention.head_count_kv"), 1, 1024)?
+            .unwrap_or(n_head);
         if n_head % n_kv_head != 0 {
             return Err(ModelError::BadConfig(format!(
                 "{n_head} attention heads are not a multiple of {n_kv_head} KV heads"
@@ -61,27 +63,45 @@ impl Config {
         let head_dim = match g.get_usize(&key("attention.key_length"), 1, 1 << 12)? {
             Some(d) => d,
             None if n_embd % n_head == 0 => n_embd / n_head,
-            None => return Err(ModelError::BadConfig(format!("{n_embd} is not divisible by {n_head} heads"))),
+            None => {
+                return Err(ModelError::BadConfig(format!(
+                    "{n_embd} is not divisible by {n_head} heads"
+                )))
+            }
         };
         if let Some(dv) = g.get_usize(&key("attention.value_length"), 1, 1 << 12)? {
             if dv != head_dim {
-                return Err(ModelError::BadConfig(format!("value length {dv} differs from key length {head_dim}")));
+                return Err(ModelError::BadConfig(format!(
+                    "value length {dv} differs from key length {head_dim}"
+                )));
             }
         }
-        let n_rot = g.get_usize(&key("rope.dimension_count"), 2, head_dim)?.unwrap_or(head_dim);
+        let n_rot = g
+            .get_usize(&key("rope.dimension_count"), 2, head_dim)?
+            .unwrap_or(head_dim);
         if n_rot % 2 != 0 {
-            return Err(ModelError::BadConfig(format!("odd RoPE dimension count {n_rot}")));
+            return Err(ModelError::BadConfig(format!(
+                "odd RoPE dimension count {n_rot}"
+            )));
         }
-        let n_ctx_train = g.get_usize(&key("context_length"), 1, 1 << 24)?.unwrap_or(2048);
+        let n_ctx_train = g
+            .get_usize(&key("context_length"), 1, 1 << 24)?
+            .unwrap_or(2048);
         let default_eps = if arch == Arch::Gemma3 { 1e-6 } else { 1e-5 };
-        let rms_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(default_eps);
+        let rms_eps = g
+            .get_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(default_eps);
         let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
         let sliding_window = match arch {
-            Arch::Gemma3 => g.get_usize(&key("attention.sliding_window"), 0, 1 << 24)?.filter(|&w| w > 0),
+            Arch::Gemma3 => g
+                .get_usize(&key("attention.sliding_window"), 0, 1 << 24)?
+                .filter(|&w| w > 0),
             Arch::Llama => None,
         };
-        let swa_pattern = g.get_usize(&key("attention.sliding_window_pattern"), 1, 1024)?.unwrap_or(6);
+        let swa_pattern = g
+            .get_usize(&key("attention.sliding_window_pattern"), 1, 1024)?
+            .unwrap_or(6);
         let n_vocab = match g.get_array("tokenizer.ggml.tokens")? {
             Some(a) => a.len(),
             None => g
@@ -92,8 +112,12 @@ impl Config {
         if n_vocab == 0 {
             return Err(ModelError::BadConfig("empty vocabulary".into()));
         }
-        for (what, v) in [("rms epsilon", rms_eps), ("rope base", rope_base), ("rope base (swa)", rope_base_swa)] {
-            if !(v > 0.0) {
+        for (what, v) in [
+            ("rms epsilon", rms_eps),
+            ("rope base", rope_base),
+            ("rope base (swa)", rope_base_swa),
+        ] {
+            if v.is_nan() || v <= 0.0 {
                 return Err(ModelError::BadConfig(format!("{what} is {v}")));
             }
         }

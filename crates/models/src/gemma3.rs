@@ -66,35 +66,109 @@ pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
             scale: 1.0,
             window: if swa { c.sliding_window } else { None },
         };
-        let (q_norm, k_norm) = (layer.q_norm.as_deref().unwrap_or(&[]), layer.k_norm.as_deref().unwrap_or(&[]));
+        let (q_norm, k_norm) = (
+            layer.q_norm.as_deref().unwrap_or(&[]),
+            layer.k_norm.as_deref().unwrap_or(&[]),
+        );
 
         // Attention block.
-        ops::rms_norm(&s.x[..n * d], &layer.attn_norm, c.rms_eps, &mut s.xn[..n * d]); // [n, d]
-        m.matmul(&layer.wq, &s.xn[..n * d], &mut s.q[..n * qd], &mut s.acts, &mut s.mm); // [n, n_head*hd]
-        m.matmul(&layer.wk, &s.xn[..n * d], &mut s.k[..n * kvd], &mut s.acts, &mut s.mm); // [n, n_kv*hd]
-        m.matmul(&layer.wv, &s.xn[..n * d], &mut s.v[..n * kvd], &mut s.acts, &mut s.mm); // [n, n_kv*hd]
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.attn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        ); // [n, d]
+        m.matmul(
+            &layer.wq,
+            &s.xn[..n * d],
+            &mut s.q[..n * qd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, n_head*hd]
+        m.matmul(
+            &layer.wk,
+            &s.xn[..n * d],
+            &mut s.k[..n * kvd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, n_kv*hd]
+        m.matmul(
+            &layer.wv,
+            &s.xn[..n * d],
+            &mut s.v[..n * kvd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, n_kv*hd]
         ops::rms_norm_inplace(&mut s.q[..n * qd], q_norm, c.rms_eps); // per head
         ops::rms_norm_inplace(&mut s.k[..n * kvd], k_norm, c.rms_eps);
         for t in 0..n {
             ops::rope_cache(pos0 + t, c.n_rot, rope_base, &mut s.rope);
-            ops::rope(&mut s.q[t * qd..(t + 1) * qd], hd, c.n_rot, RopeMode::Neox, &s.rope);
-            ops::rope(&mut s.k[t * kvd..(t + 1) * kvd], hd, c.n_rot, RopeMode::Neox, &s.rope);
+            ops::rope(
+                &mut s.q[t * qd..(t + 1) * qd],
+                hd,
+                c.n_rot,
+                RopeMode::Neox,
+                &s.rope,
+            );
+            ops::rope(
+                &mut s.k[t * kvd..(t + 1) * kvd],
+                hd,
+                c.n_rot,
+                RopeMode::Neox,
+                &s.rope,
+            );
         }
         s.q[..n * qd].iter_mut().for_each(|v| *v *= q_scale);
         cache.store(il, pos0, &s.k[..n * kvd], &s.v[..n * kvd]);
-        attention(&s.q[..n * qd], &cache.k[il], &cache.v[il], pos0, &shape, &mut s.attn[..n * qd]);
-        m.matmul(&layer.wo, &s.attn[..n * qd], &mut s.proj[..n * d], &mut s.acts, &mut s.mm); // [n, d]
+        attention(
+            &s.q[..n * qd],
+            &cache.k[il],
+            &cache.v[il],
+            pos0,
+            &shape,
+            &mut s.attn[..n * qd],
+        );
+        m.matmul(
+            &layer.wo,
+            &s.attn[..n * qd],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
         if let Some(w) = &layer.post_attn_norm {
             ops::rms_norm_inplace(&mut s.proj[..n * d], w, c.rms_eps);
         }
         ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]); // residual
 
         // Feed-forward block: down(gelu(gate(x)) * up(x)), normed after.
-        ops::rms_norm(&s.x[..n * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
-        m.matmul(&layer.w_gate, &s.xn[..n * d], &mut s.gate[..n * ff], &mut s.acts, &mut s.mm); // [n, ff]
-        m.matmul(&layer.w_up, &s.xn[..n * d], &mut s.up[..n * ff], &mut s.acts, &mut s.mm); // [n, ff]
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.ffn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        );
+        m.matmul(
+            &layer.w_gate,
+            &s.xn[..n * d],
+            &mut s.gate[..n * ff],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, ff]
+        m.matmul(
+            &layer.w_up,
+            &s.xn[..n * d],
+            &mut s.up[..n * ff],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, ff]
         ops::geglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
-        m.matmul(&layer.w_down, &s.gate[..n * ff], &mut s.proj[..n * d], &mut s.acts, &mut s.mm); // [n, d]
+        m.matmul(
+            &layer.w_down,
+            &s.gate[..n * ff],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
         if let Some(w) = &layer.post_ffn_norm {
             ops::rms_norm_inplace(&mut s.proj[..n * d], w, c.rms_eps);
         }

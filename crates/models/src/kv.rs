@@ -17,8 +17,12 @@ impl KvCache {
         KvCache {
             n_ctx,
             kv_dim,
-            k: (0..n_layers).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
-            v: (0..n_layers).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
+            k: (0..n_layers)
+                .map(|_| vec![f16::ZERO; n_ctx * kv_dim])
+                .collect(),
+            v: (0..n_layers)
+                .map(|_| vec![f16::ZERO; n_ctx * kv_dim])
+                .collect(),
             len: 0,
         }
     }

@@ -102,7 +102,13 @@ impl Model {
     }
 
     /// Runs `tokens` at the end of `cache` and writes the last token's logits.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let needed = cache.len + tokens.len();
         if needed > cache.n_ctx {
             return Err(ModelError::ContextFull {
@@ -117,7 +123,9 @@ impl Model {
             });
         }
         let Some(last_chunk) = tokens.chunks(MAX_BATCH).last().map(<[u32]>::len) else {
-            return Err(ModelError::BadConfig("forward called with no tokens".into()));
+            return Err(ModelError::BadConfig(
+                "forward called with no tokens".into(),
+            ));
         };
         for chunk in tokens.chunks(MAX_BATCH) {
             scratch.prepare(&self.config, chunk.len());
@@ -153,7 +161,14 @@ impl Model {
     }
 
     /// `out = W · x` for the `n` rows of `x`.
-    fn matmul(&self, w: &Mat, x: &[f32], out: &mut [f32], acts: &mut Activations, mm: &mut Vec<f32>) {
+    fn matmul(
+        &self,
+        w: &Mat,
+        x: &[f32],
+        out: &mut [f32],
+        acts: &mut Activations,
+        mm: &mut Vec<f32>,
+    ) {
         let m = w.view(&self.gguf);
         acts.quantize(m.act_type(), x, m.cols);
         m.matmul(acts, out, mm);

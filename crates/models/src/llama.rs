@@ -59,26 +59,97 @@ pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
     };
     for (il, layer) in m.layers.iter().enumerate() {
         // Attention block.
-        ops::rms_norm(&s.x[..n * d], &layer.attn_norm, c.rms_eps, &mut s.xn[..n * d]); // [n, d]
-        m.matmul(&layer.wq, &s.xn[..n * d], &mut s.q[..n * qd], &mut s.acts, &mut s.mm); // [n, qd]
-        m.matmul(&layer.wk, &s.xn[..n * d], &mut s.k[..n * kvd], &mut s.acts, &mut s.mm); // [n, kvd]
-        m.matmul(&layer.wv, &s.xn[..n * d], &mut s.v[..n * kvd], &mut s.acts, &mut s.mm); // [n, kvd]
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.attn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        ); // [n, d]
+        m.matmul(
+            &layer.wq,
+            &s.xn[..n * d],
+            &mut s.q[..n * qd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, qd]
+        m.matmul(
+            &layer.wk,
+            &s.xn[..n * d],
+            &mut s.k[..n * kvd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, kvd]
+        m.matmul(
+            &layer.wv,
+            &s.xn[..n * d],
+            &mut s.v[..n * kvd],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, kvd]
         for t in 0..n {
             ops::rope_cache(pos0 + t, c.n_rot, c.rope_base, &mut s.rope);
-            ops::rope(&mut s.q[t * qd..(t + 1) * qd], c.head_dim, c.n_rot, RopeMode::Normal, &s.rope);
-            ops::rope(&mut s.k[t * kvd..(t + 1) * kvd], c.head_dim, c.n_rot, RopeMode::Normal, &s.rope);
+            ops::rope(
+                &mut s.q[t * qd..(t + 1) * qd],
+                c.head_dim,
+                c.n_rot,
+                RopeMode::Normal,
+                &s.rope,
+            );
+            ops::rope(
+                &mut s.k[t * kvd..(t + 1) * kvd],
+                c.head_dim,
+                c.n_rot,
+                RopeMode::Normal,
+                &s.rope,
+            );
         }
         cache.store(il, pos0, &s.k[..n * kvd], &s.v[..n * kvd]);
-        attention(&s.q[..n * qd], &cache.k[il], &cache.v[il], pos0, &shape, &mut s.attn[..n * qd]); // [n, qd]
-        m.matmul(&layer.wo, &s.attn[..n * qd], &mut s.proj[..n * d], &mut s.acts, &mut s.mm); // [n, d]
+        attention(
+            &s.q[..n * qd],
+            &cache.k[il],
+            &cache.v[il],
+            pos0,
+            &shape,
+            &mut s.attn[..n * qd],
+        ); // [n, qd]
+        m.matmul(
+            &layer.wo,
+            &s.attn[..n * qd],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
         ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
 
         // Feed-forward block: down(silu(gate(x)) * up(x)).
-        ops::rms_norm(&s.x[..n * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
-        m.matmul(&layer.w_gate, &s.xn[..n * d], &mut s.gate[..n * ff], &mut s.acts, &mut s.mm); // [n, ff]
-        m.matmul(&layer.w_up, &s.xn[..n * d], &mut s.up[..n * ff], &mut s.acts, &mut s.mm); // [n, ff]
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.ffn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        );
+        m.matmul(
+            &layer.w_gate,
+            &s.xn[..n * d],
+            &mut s.gate[..n * ff],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, ff]
+        m.matmul(
+            &layer.w_up,
+            &s.xn[..n * d],
+            &mut s.up[..n * ff],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, ff]
         ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
-        m.matmul(&layer.w_down, &s.gate[..n * ff], &mut s.proj[..n * d], &mut s.acts, &mut s.mm); // [n, d]
+        m.matmul(
+            &layer.w_down,
+            &s.gate[..n * ff],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
         ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
     }
 }

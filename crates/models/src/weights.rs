@@ -30,7 +30,14 @@ impl Mat {
     /// The matrix's blocks inside `g` (the file it was loaded from).
     pub fn view<'a>(&self, g: &'a Gguf) -> QMatrix<'a> {
         let info = g.tensor_info(&self.name).expect("checked at load");
-        QMatrix::new(&self.name, self.ty, self.cols, self.rows, g.tensor_bytes(info)).expect("checked at load")
+        QMatrix::new(
+            &self.name,
+            self.ty,
+            self.cols,
+            self.rows,
+            g.tensor_bytes(info),
+        )
+        .expect("checked at load")
     }
 }
 

@@ -27,7 +27,8 @@ impl Isa {
 pub fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c");
         let avx512 = avx2
             && std::arch::is_x86_feature_detected!("avx512f")

@@ -5,18 +5,18 @@
 //! A matrix-vector product quantizes the activations once to the weight type's partner
 //! format (Q8_0, Q8_1 or Q8_K, as ggml does) and then runs integer dot products per row.
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 pub mod blocks;
 pub mod dispatch;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
-#[cfg(target_arch = "aarch64")]
-pub mod aarch64;
 
 use blocks::*;
 pub use dispatch::{Isa, Kernels};
-pub use hearth_gguf::GgmlType;
 use half::{bf16, f16};
+pub use hearth_gguf::GgmlType;
 use rayon::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,11 @@ pub struct QMatrix<'a> {
     pub blocks: Blocks<'a>,
 }
 
-fn cast<'a, T: bytemuck::Pod>(name: &str, ty: GgmlType, bytes: &'a [u8]) -> Result<&'a [T], QuantError> {
+fn cast<'a, T: bytemuck::Pod>(
+    name: &str,
+    ty: GgmlType,
+    bytes: &'a [u8],
+) -> Result<&'a [T], QuantError> {
     bytemuck::try_cast_slice(bytes).map_err(|_| QuantError::Misaligned {
         name: name.to_string(),
         ty,
@@ -69,10 +73,18 @@ fn cast<'a, T: bytemuck::Pod>(name: &str, ty: GgmlType, bytes: &'a [u8]) -> Resu
 
 impl<'a> QMatrix<'a> {
     /// Wraps `bytes` holding `rows` rows of `cols` values of type `ty`.
-    pub fn new(name: &str, ty: GgmlType, cols: usize, rows: usize, bytes: &'a [u8]) -> Result<Self, QuantError> {
+    pub fn new(
+        name: &str,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        bytes: &'a [u8],
+    ) -> Result<Self, QuantError> {
         let bl = ty.block_len() as usize;
-        let expected = (cols / bl).checked_mul(rows).and_then(|n| n.checked_mul(ty.block_bytes() as usize));
-        if cols % bl != 0 || expected != Some(bytes.len()) {
+        let expected = (cols / bl)
+            .checked_mul(rows)
+            .and_then(|n| n.checked_mul(ty.block_bytes() as usize));
+        if !cols.is_multiple_of(bl) || expected != Some(bytes.len()) {
             return Err(QuantError::BadLength {
                 name: name.into(),
                 ty,
@@ -100,7 +112,12 @@ impl<'a> QMatrix<'a> {
                 })
             }
         };
-        Ok(QMatrix { ty, rows, cols, blocks })
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            blocks,
+        })
     }
 
     /// The activation format this weight type multiplies with.
@@ -138,23 +155,102 @@ impl<'a> QMatrix<'a> {
     /// `out[t][r] = dot(row r, activation t)` for every token `t` in `acts` and row `r`.
     /// `out` has `acts.n_tokens() * self.rows` floats; `scratch` is reused between calls.
     pub fn matmul(&self, acts: &Activations, out: &mut [f32], scratch: &mut Vec<f32>) {
-        assert_eq!(acts.cols, self.cols, "activation width must match the matrix");
-        assert_eq!(acts.ty, self.act_type(), "activations quantized for another type");
+        assert_eq!(
+            acts.cols, self.cols,
+            "activation width must match the matrix"
+        );
+        assert_eq!(
+            acts.ty,
+            self.act_type(),
+            "activations quantized for another type"
+        );
         let n_tok = acts.n_tokens;
         let out = &mut out[..n_tok * self.rows];
         let k = dispatch::kernels();
         match self.blocks {
             Blocks::F32(w) => rows_dot(w, &acts.f32, self.cols, n_tok, k.dot_f32, out, scratch),
             Blocks::F16(w) => rows_dot(w, &acts.f16, self.cols, n_tok, k.dot_f16, out, scratch),
-            Blocks::BF16(w) => rows_dot(w, &acts.bf16, self.cols, n_tok, reference::vec_dot_bf16, out, scratch),
-            Blocks::Q4_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q4_0, out, scratch),
-            Blocks::Q4_1(w) => rows_dot(w, &acts.q8_1, self.cols / QK, n_tok, k.dot_q4_1, out, scratch),
-            Blocks::Q5_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q5_0, out, scratch),
-            Blocks::Q5_1(w) => rows_dot(w, &acts.q8_1, self.cols / QK, n_tok, reference::vec_dot_q5_1_q8_1, out, scratch),
-            Blocks::Q8_0(w) => rows_dot(w, &acts.q8_0, self.cols / QK, n_tok, k.dot_q8_0, out, scratch),
-            Blocks::Q4K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q4_k, out, scratch),
-            Blocks::Q5K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q5_k, out, scratch),
-            Blocks::Q6K(w) => rows_dot(w, &acts.q8k, self.cols / QK_K, n_tok, k.dot_q6_k, out, scratch),
+            Blocks::BF16(w) => rows_dot(
+                w,
+                &acts.bf16,
+                self.cols,
+                n_tok,
+                reference::vec_dot_bf16,
+                out,
+                scratch,
+            ),
+            Blocks::Q4_0(w) => rows_dot(
+                w,
+                &acts.q8_0,
+                self.cols / QK,
+                n_tok,
+                k.dot_q4_0,
+                out,
+                scratch,
+            ),
+            Blocks::Q4_1(w) => rows_dot(
+                w,
+                &acts.q8_1,
+                self.cols / QK,
+                n_tok,
+                k.dot_q4_1,
+                out,
+                scratch,
+            ),
+            Blocks::Q5_0(w) => rows_dot(
+                w,
+                &acts.q8_0,
+                self.cols / QK,
+                n_tok,
+                k.dot_q5_0,
+                out,
+                scratch,
+            ),
+            Blocks::Q5_1(w) => rows_dot(
+                w,
+                &acts.q8_1,
+                self.cols / QK,
+                n_tok,
+                reference::vec_dot_q5_1_q8_1,
+                out,
+                scratch,
+            ),
+            Blocks::Q8_0(w) => rows_dot(
+                w,
+                &acts.q8_0,
+                self.cols / QK,
+                n_tok,
+                k.dot_q8_0,
+                out,
+                scratch,
+            ),
+            Blocks::Q4K(w) => rows_dot(
+                w,
+                &acts.q8k,
+                self.cols / QK_K,
+                n_tok,
+                k.dot_q4_k,
+                out,
+                scratch,
+            ),
+            Blocks::Q5K(w) => rows_dot(
+                w,
+                &acts.q8k,
+                self.cols / QK_K,
+                n_tok,
+                k.dot_q5_k,
+                out,
+                scratch,
+            ),
+            Blocks::Q6K(w) => rows_dot(
+                w,
+                &acts.q8k,
+                self.cols / QK_K,
+                n_tok,
+                k.dot_q6_k,
+                out,
+                scratch,
+            ),
         }
     }
 }
@@ -189,15 +285,18 @@ fn rows_dot<W: Sync, A: Sync>(
     // Several tokens: each task owns a block of rows and reuses each weight row for all tokens.
     scratch.clear();
     scratch.resize(rows * n_tok, 0.0);
-    scratch.par_chunks_mut(chunk * n_tok).enumerate().for_each(|(c, o)| {
-        for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
-            let r = c * chunk + i;
-            let wr = &w[r * per_row..(r + 1) * per_row];
-            for (t, v) in row_out.iter_mut().enumerate() {
-                *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
+    scratch
+        .par_chunks_mut(chunk * n_tok)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
+                let r = c * chunk + i;
+                let wr = &w[r * per_row..(r + 1) * per_row];
+                for (t, v) in row_out.iter_mut().enumerate() {
+                    *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
+                }
             }
-        }
-    });
+        });
     for t in 0..n_tok {
         for r in 0..rows {
             out[t * rows + r] = scratch[r * n_tok + t];

@@ -159,7 +159,11 @@ pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
 pub fn dequantize_row_q4_k(x: &[BlockQ4K], y: &mut [f32]) {
     for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
-        for (chunk, (q, out)) in b.qs.chunks_exact(32).zip(ys.chunks_exact_mut(64)).enumerate() {
+        for (chunk, (q, out)) in
+            b.qs.chunks_exact(32)
+                .zip(ys.chunks_exact_mut(64))
+                .enumerate()
+        {
             let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
             let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
             let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
@@ -175,7 +179,11 @@ pub fn dequantize_row_q4_k(x: &[BlockQ4K], y: &mut [f32]) {
 pub fn dequantize_row_q5_k(x: &[BlockQ5K], y: &mut [f32]) {
     for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
-        for (chunk, (q, out)) in b.qs.chunks_exact(32).zip(ys.chunks_exact_mut(64)).enumerate() {
+        for (chunk, (q, out)) in
+            b.qs.chunks_exact(32)
+                .zip(ys.chunks_exact_mut(64))
+                .enumerate()
+        {
             let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
             let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
             let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
@@ -275,7 +283,11 @@ pub fn vec_dot_q5_1_q8_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     let mut sumf = 0.0f32;
     for (a, b) in x.iter().zip(y) {
         let v = q5_values(&a.qs, a.qh);
-        let sumi: i32 = v.iter().zip(&b.qs).map(|(&q, &p)| q as i32 * p as i32).sum();
+        let sumi: i32 = v
+            .iter()
+            .zip(&b.qs)
+            .map(|(&q, &p)| q as i32 * p as i32)
+            .sum();
         sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32 + a.m.to_f32() * b.s.to_f32();
     }
     sumf
@@ -284,7 +296,11 @@ pub fn vec_dot_q5_1_q8_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
 pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let mut sumf = 0.0f32;
     for (a, b) in x.iter().zip(y) {
-        let sumi: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let sumi: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sumf += a.d.to_f32() * b.d.to_f32() * sumi as f32;
     }
     sumf

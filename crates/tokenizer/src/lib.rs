@@ -52,7 +52,7 @@ enum Algorithm {
         pre: PreTokenizer,
         /// "left right" → rank.
         ranks: HashMap<String, u32>,
-        byte_to_char: [char; 256],
+        byte_to_char: Box<[char; 256]>,
         char_to_byte: HashMap<char, u8>,
     },
     Spm,
@@ -102,25 +102,42 @@ impl Tokenizer {
             .ok_or_else(|| hearth_gguf::GgufError::MissingKey("tokenizer.ggml.tokens".into()))?;
         let n = tokens.len();
         if n == 0 || n > u32::MAX as usize / 2 {
-            return Err(TokenizerError::Inconsistent(format!("vocabulary of {n} tokens")));
+            return Err(TokenizerError::Inconsistent(format!(
+                "vocabulary of {n} tokens"
+            )));
         }
         let mut texts = Vec::with_capacity(n);
         for (i, t) in tokens.iter().enumerate() {
             texts.push(
                 t.as_str()
-                    .ok_or_else(|| TokenizerError::Inconsistent(format!("token {i} is not a string")))?
+                    .ok_or_else(|| {
+                        TokenizerError::Inconsistent(format!("token {i} is not a string"))
+                    })?
                     .to_string(),
             );
         }
         let scores = match g.get_array("tokenizer.ggml.scores")? {
             None => vec![0.0; n],
             Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-            Some(a) => return Err(TokenizerError::Inconsistent(format!("{} scores for {n} tokens", a.len()))),
+            Some(a) => {
+                return Err(TokenizerError::Inconsistent(format!(
+                    "{} scores for {n} tokens",
+                    a.len()
+                )))
+            }
         };
         let kinds: Vec<TokenKind> = match g.get_array("tokenizer.ggml.token_type")? {
             None => vec![TokenKind::Normal; n],
-            Some(a) if a.len() == n => a.iter().map(|v| TokenKind::from_type(v.as_int().unwrap_or(0))).collect(),
-            Some(a) => return Err(TokenizerError::Inconsistent(format!("{} token types for {n} tokens", a.len()))),
+            Some(a) if a.len() == n => a
+                .iter()
+                .map(|v| TokenKind::from_type(v.as_int().unwrap_or(0)))
+                .collect(),
+            Some(a) => {
+                return Err(TokenizerError::Inconsistent(format!(
+                    "{} token types for {n} tokens",
+                    a.len()
+                )))
+            }
         };
         let mut token_to_id = HashMap::with_capacity(n);
         for (i, t) in texts.iter().enumerate() {
@@ -140,20 +157,27 @@ impl Tokenizer {
         let algo = match model {
             "gpt2" => {
                 let pre_name = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
-                let pre = PreTokenizer::from_name(pre_name).ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.into()))?;
+                let pre = PreTokenizer::from_name(pre_name)
+                    .ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.into()))?;
                 let merges = g.get_array("tokenizer.ggml.merges")?.unwrap_or(&[]);
                 let mut ranks = HashMap::with_capacity(merges.len());
                 for (i, m) in merges.iter().enumerate() {
-                    let m = m
-                        .as_str()
-                        .ok_or_else(|| TokenizerError::Inconsistent(format!("merge {i} is not a string")))?;
+                    let m = m.as_str().ok_or_else(|| {
+                        TokenizerError::Inconsistent(format!("merge {i} is not a string"))
+                    })?;
                     if !m.contains(' ') {
-                        return Err(TokenizerError::Inconsistent(format!("merge {i} {m:?} has no space")));
+                        return Err(TokenizerError::Inconsistent(format!(
+                            "merge {i} {m:?} has no space"
+                        )));
                     }
                     ranks.entry(m.to_string()).or_insert(i as u32);
                 }
-                let byte_to_char = unicode::byte_to_char_table();
-                let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+                let byte_to_char = Box::new(unicode::byte_to_char_table());
+                let char_to_byte = byte_to_char
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &c)| (c, b as u8))
+                    .collect();
                 Algorithm::Bpe {
                     pre,
                     ranks,
@@ -174,11 +198,17 @@ impl Tokenizer {
         let eot = id_key("tokenizer.ggml.eot_token_id")?;
         let eom = id_key("tokenizer.ggml.eom_token_id")?;
         let unk = id_key("tokenizer.ggml.unknown_token_id")?;
-        let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(is_spm);
+        let add_bos = g
+            .get_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(is_spm);
         let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-        let add_space_prefix = g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(is_spm);
+        let add_space_prefix = g
+            .get_bool("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(is_spm);
         if add_bos && bos.is_none() {
-            return Err(TokenizerError::Inconsistent("add_bos_token is set but there is no BOS token".into()));
+            return Err(TokenizerError::Inconsistent(
+                "add_bos_token is set but there is no BOS token".into(),
+            ));
         }
 
         let mut kinds = kinds;
@@ -201,7 +231,12 @@ impl Tokenizer {
                 ) && !texts[i as usize].is_empty()
             })
             .collect();
-        special.sort_by(|&a, &b| texts[b as usize].len().cmp(&texts[a as usize].len()).then(a.cmp(&b)));
+        special.sort_by(|&a, &b| {
+            texts[b as usize]
+                .len()
+                .cmp(&texts[a as usize].len())
+                .then(a.cmp(&b))
+        });
 
         Ok(Tokenizer {
             algo,
@@ -308,7 +343,10 @@ impl Tokenizer {
                 continue;
             }
             let needle = self.texts[id as usize].as_str();
-            if !frags.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(needle))) {
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(t) if t.contains(needle)))
+            {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -337,7 +375,9 @@ impl Tokenizer {
 
     fn byte_token(&self, b: u8) -> Option<TokenId> {
         self.byte_tokens[b as usize].or_else(|| {
-            std::str::from_utf8(&[b]).ok().and_then(|s| self.token_id(s))
+            std::str::from_utf8(&[b])
+                .ok()
+                .and_then(|s| self.token_id(s))
         })
     }
 
@@ -465,7 +505,11 @@ impl Tokenizer {
             }
             while let Some(b) = heap.pop() {
                 let (l, r) = (b.left, b.right);
-                if syms[l].len == 0 || syms[r].len == 0 || syms[l].len + syms[r].len != b.size || syms[l].next != r as isize {
+                if syms[l].len == 0
+                    || syms[r].len == 0
+                    || syms[l].len + syms[r].len != b.size
+                    || syms[l].next != r as isize
+                {
                     continue;
                 }
                 syms[l].len += syms[r].len;
@@ -533,7 +577,10 @@ impl Tokenizer {
 
     /// Decodes ids to text (invalid UTF-8 replaced). Control tokens are skipped unless `special`.
     pub fn decode(&self, ids: &[TokenId], special: bool) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_to_piece(id, special)).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_to_piece(id, special))
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -626,7 +673,9 @@ impl StreamDecoder {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("checked valid prefix"));
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..valid]).expect("checked valid prefix"),
+                    );
                     match e.error_len() {
                         // Incomplete character at the end: wait for more bytes.
                         None => {

@@ -16,15 +16,17 @@ pub enum PreTokenizer {
 impl PreTokenizer {
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
-            "default" | "gpt2" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de" | "mpt" | "olmo" => Self::Gpt2,
-            "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => Self::DigitsThenGpt2,
+            "default" | "gpt2" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es"
+            | "jina-v2-de" | "mpt" | "olmo" => Self::Gpt2,
+            "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
+            | "minerva-7b" => Self::DigitsThenGpt2,
             _ => return None,
         })
     }
 
     /// Splits `text` into word ranges (in chars of `cpts`).
     pub fn split(self, cpts: &[char]) -> Vec<Range<usize>> {
-        let whole = vec![0..cpts.len()];
+        let whole = std::slice::from_ref(&(0..cpts.len())).to_vec();
         match self {
             Self::Gpt2 => split_gpt2(cpts, &whole),
             Self::DigitsThenGpt2 => split_gpt2(cpts, &isolate_numbers(cpts, &whole)),
@@ -81,7 +83,10 @@ fn split_gpt2(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> {
                 }
                 if pos + 2 < end {
                     let nn = get(pos + 2);
-                    if matches!((n, nn), (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l'))) {
+                    if matches!(
+                        (n, nn),
+                        (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l'))
+                    ) {
                         pos += add(pos + 3, &mut out);
                         continue;
                     }

@@ -53,7 +53,9 @@ pub struct Segment {
 
 impl ChatTemplate {
     pub fn new(source: impl Into<String>) -> Self {
-        ChatTemplate { source: source.into() }
+        ChatTemplate {
+            source: source.into(),
+        }
     }
 
     pub fn source(&self) -> &str {
@@ -61,13 +63,22 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation to one string.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<String> {
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |_fmt: String| -> String { today() });
         let tmpl = env
             .template_from_str(&self.source)
@@ -80,7 +91,8 @@ impl ChatTemplate {
                 eos_token => eos,
             })
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let budget = messages.iter().map(|m| m.content.len() * 2).sum::<usize>() + MAX_OVERHEAD_BYTES;
+        let budget =
+            messages.iter().map(|m| m.content.len() * 2).sum::<usize>() + MAX_OVERHEAD_BYTES;
         if out.len() > budget {
             return Err(TokenizerError::Template(format!(
                 "rendered prompt is {} bytes, over the limit of {budget}",
@@ -150,7 +162,9 @@ fn today() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     format!("{day:02} {} {year}", MONTHS[(month - 1) as usize])
 }
 
@@ -185,8 +199,13 @@ mod tests {
     #[test]
     fn gemma_template_renders_turns() {
         let t = ChatTemplate::new(GEMMA_TEMPLATE);
-        let s = t.render(&[Message::new("user", " Hello ")], true, "<bos>", "<eos>").unwrap();
-        assert_eq!(s, "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n");
+        let s = t
+            .render(&[Message::new("user", " Hello ")], true, "<bos>", "<eos>")
+            .unwrap();
+        assert_eq!(
+            s,
+            "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 
     #[test]

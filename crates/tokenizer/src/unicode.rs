@@ -21,7 +21,14 @@ pub fn is_whitespace(c: char) -> bool {
 
 pub fn flags(c: char) -> Flags {
     let cat = get_general_category(c);
-    let letter = matches!(cat, G::UppercaseLetter | G::LowercaseLetter | G::TitlecaseLetter | G::ModifierLetter | G::OtherLetter);
+    let letter = matches!(
+        cat,
+        G::UppercaseLetter
+            | G::LowercaseLetter
+            | G::TitlecaseLetter
+            | G::ModifierLetter
+            | G::OtherLetter
+    );
     let number = matches!(cat, G::DecimalNumber | G::LetterNumber | G::OtherNumber);
     let whitespace = is_whitespace(c);
     Flags {
@@ -37,7 +44,8 @@ pub fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).expect("latin-1 is valid")
         } else {
