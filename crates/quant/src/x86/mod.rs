@@ -1,11 +1,60 @@
 //! x86-64 SIMD kernels. Built for baseline x86-64; each kernel enables its features with
 //! `#[target_feature]` and is only reachable through [`kernels`] after runtime detection.
+//! The AVX-512 level currently runs the AVX2 kernels (VNNI kernels are planned).
 
+pub mod avx2;
+
+use crate::blocks::*;
 use crate::dispatch::{Isa, Kernels};
+use half::f16;
 
-/// Kernels for an x86 level the CPU is known to support.
+// Safe entry points. SAFETY (all): `kernels` hands these out only when `detect()` found
+// AVX2, FMA and F16C on this CPU.
+fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q8_0(x, y) }
+}
+fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q4_0(x, y) }
+}
+fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q4_1(x, y) }
+}
+fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q5_0(x, y) }
+}
+fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q4_k(x, y) }
+}
+fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q6_k(x, y) }
+}
+fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_f16(x, y) }
+}
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_f32(x, y) }
+}
+
+/// Kernels for an x86 level the CPU is known to support (`isa >= Avx2`).
 pub fn kernels(isa: Isa) -> Kernels {
-    let mut k = Kernels::scalar();
-    k.isa = isa;
-    k
+    Kernels {
+        isa,
+        dot_f32,
+        dot_f16,
+        dot_q4_0,
+        dot_q4_1,
+        dot_q5_0,
+        dot_q8_0,
+        dot_q4_k,
+        dot_q6_k,
+        ..Kernels::scalar()
+    }
 }

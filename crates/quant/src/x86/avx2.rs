@@ -1,0 +1,275 @@
+//! AVX2 + FMA + F16C kernels. Integer dot products use `maddubs` (u8 × i8 pairs into i16)
+//! and `madd` (i16 pairs into i32), exactly the integer sums of the scalar reference; only
+//! the float accumulation order differs.
+//!
+//! Every function here is `unsafe` with `#[target_feature]`: callers must have checked that
+//! the CPU has AVX2, FMA and F16C (the dispatcher does, once).
+
+use crate::blocks::*;
+use crate::reference::scale_min_k4;
+use half::f16;
+use std::arch::x86_64::*;
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum_ps(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibbles_32(qs: &[u8; 16]) -> __m256i {
+    // SAFETY: reads exactly the 16 bytes of `qs`.
+    let tmp = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bits → 32 bytes, 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn bits_to_bytes_32(bits: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Σ x·y of 32 signed bytes each, as 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+}
+
+/// Σ x·y of 32 unsigned (x) and signed (y) bytes, as 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load32(p: &[i8; 32]) -> __m256i {
+    // SAFETY: reads exactly the 32 bytes of `p`.
+    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        // SAFETY: whole blocks.
+        let (qx, qy) = unsafe { (load32(&a.qs), load32(&b.qs)) };
+        let q = _mm256_cvtepi32_ps(dot_i8_pairs(qx, qy));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        // SAFETY: whole blocks.
+        let (qx, qy) = unsafe { (nibbles_32(&a.qs), load32(&b.qs)) };
+        let qx = _mm256_sub_epi8(qx, _mm256_set1_epi8(8));
+        let q = _mm256_cvtepi32_ps(dot_i8_pairs(qx, qy));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        summs += a.m.to_f32() * b.s.to_f32();
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        // SAFETY: whole blocks.
+        let (qx, qy) = unsafe { (nibbles_32(&a.qs), load32(&b.qs)) };
+        let q = _mm256_cvtepi32_ps(dot_u8_i8(qx, qy));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc) + summs
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        // SAFETY: whole blocks.
+        let (lo, qy) = unsafe { (nibbles_32(&a.qs), load32(&b.qs)) };
+        // Where the fifth bit is clear, q - 16 is the nibble with 0xF0 set (negative).
+        let hi = _mm256_andnot_si256(
+            bits_to_bytes_32(u32::from_le_bytes(a.qh)),
+            _mm256_set1_epi8(0xF0u8 as i8),
+        );
+        let qx = _mm256_or_si256(lo, hi);
+        let q = _mm256_cvtepi32_ps(dot_i8_pairs(qx, qy));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let low = _mm256_set1_epi8(0x0F);
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        let mut summ = 0i32;
+        for chunk in 0..4 {
+            // SAFETY: 32 bytes inside the 128-byte qs.
+            let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i) };
+            let (sc1, m1) = scale_min_k4(2 * chunk, &a.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &a.scales);
+            // SAFETY: 32 bytes at 64*chunk and 64*chunk+32 inside the 256-byte qs.
+            let (y1, y2) = unsafe {
+                (
+                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i),
+                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i),
+                )
+            };
+            let p1 = _mm256_maddubs_epi16(_mm256_and_si256(q, low), y1);
+            let p2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), low), y2);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
+            let bs = 4 * chunk;
+            summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
+            summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
+        }
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        acc_m += a.dmin.to_f32() * b.d * summ as f32;
+    }
+    hsum_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        let mut offset = 0i32; // Σ scale · 32 · Σy, subtracted once per block
+        for half in 0..2 {
+            // SAFETY: 32-byte loads inside ql (128), qh (64) and the activations (256).
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(a.ql.as_ptr().add(64 * half) as *const __m256i),
+                    _mm256_loadu_si256(a.ql.as_ptr().add(64 * half + 32) as *const __m256i),
+                    _mm256_loadu_si256(a.qh.as_ptr().add(32 * half) as *const __m256i),
+                )
+            };
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
+                ),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let is = half * 8 + 2 * k;
+                // SAFETY: 32 activations at 128*half + 32*k.
+                let yk = unsafe {
+                    _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i)
+                };
+                let p = _mm256_maddubs_epi16(*qk, yk);
+                let (s0, s1) = (a.scales[is] as i16, a.scales[is + 1] as i16);
+                let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
+                offset +=
+                    32 * (s0 as i32 * b.bsums[is] as i32 + s1 as i32 * b.bsums[is + 1] as i32);
+            }
+        }
+        let total = hsum_epi32(sumi) - offset;
+        sumf += a.d.to_f32() * b.d * total as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 8 halves (16 bytes) at i, inside both slices.
+        let (a, b) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(y.as_ptr().add(i) as *const __m128i)),
+            )
+        };
+        acc = _mm256_fmadd_ps(a, b, acc);
+        i += 8;
+    }
+    let mut sum = hsum_ps(acc);
+    for j in i..n {
+        sum += x[j].to_f32() * y[j].to_f32();
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 8 floats at i, inside both slices.
+        let (a, b) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                _mm256_loadu_ps(y.as_ptr().add(i)),
+            )
+        };
+        acc = _mm256_fmadd_ps(a, b, acc);
+        i += 8;
+    }
+    let mut sum = hsum_ps(acc);
+    for j in i..n {
+        sum += x[j] * y[j];
+    }
+    sum
+}

@@ -1,0 +1,211 @@
+//! Every SIMD kernel against the scalar reference on random blocks, at every dispatch
+//! level this CPU has. Integer sums are exact in both; only float accumulation order
+//! differs, so the tolerance is relative to Σ|xᵢ·yᵢ|: 1e-5 of it, plus 1e-6.
+
+use bytemuck::Zeroable;
+use half::f16;
+use hearth_quant::blocks::*;
+use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::reference as r;
+use proptest::prelude::*;
+
+fn levels() -> Vec<Kernels> {
+    [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= detect())
+        .map(Kernels::for_isa)
+        .collect()
+}
+
+/// Random weight blocks of type `T` from raw bytes, with every f16 scale made finite.
+fn blocks<T: bytemuck::Pod>(bytes: &[u8], fix: impl Fn(&mut T, f32)) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    bytes
+        .chunks_exact(size)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut b = T::zeroed();
+            bytemuck::bytes_of_mut(&mut b).copy_from_slice(c);
+            fix(
+                &mut b,
+                ((i as f32 * 0.37).sin() + c[0] as f32 / 255.0) * 0.5,
+            );
+            b
+        })
+        .collect()
+}
+
+fn h(v: f32) -> f16 {
+    f16::from_f32(v)
+}
+
+fn close(got: f32, want: f32, magnitude: f64, what: &str) {
+    let tol = 1e-5 * magnitude + 1e-6;
+    assert!(
+        ((got - want) as f64).abs() <= tol,
+        "{what}: {got} vs reference {want} (tol {tol})"
+    );
+}
+
+fn magnitude(x: &[f32], y: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+        .sum()
+}
+
+fn acts(n: usize, seed: &[f32]) -> Vec<f32> {
+    (0..n)
+        .map(|i| seed[i % seed.len()] * (1.0 + (i as f32 * 0.11).cos()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn q32_kernels_match_reference(
+        nb in 1usize..9,
+        raw in prop::collection::vec(any::<u8>(), 34 * 8),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let n = nb * QK;
+        let x = acts(n, &seed);
+        let mut y0 = vec![BlockQ8_0::zeroed(); nb];
+        let mut y1 = vec![BlockQ8_1::zeroed(); nb];
+        r::quantize_row_q8_0(&x, &mut y0);
+        r::quantize_row_q8_1(&x, &mut y1);
+        let mut yf = vec![0.0; n];
+        r::dequantize_row_q8_0(&y0, &mut yf);
+        let mut w = vec![0.0; n];
+
+        let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * nb], |b: &mut BlockQ4_0, d| b.d = h(d));
+        let q41: Vec<BlockQ4_1> = blocks(&raw[..20 * nb], |b: &mut BlockQ4_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        let q50: Vec<BlockQ5_0> = blocks(&raw[..22 * nb], |b: &mut BlockQ5_0, d| b.d = h(d));
+        let mut q80: Vec<BlockQ8_0> = blocks(&raw[..34 * nb], |b: &mut BlockQ8_0, d| b.d = h(d));
+        for b in q80.iter_mut() { for q in b.qs.iter_mut() { *q = (*q).max(-127); } }
+
+        for k in levels() {
+            r::dequantize_row_q4_0(&q40, &mut w);
+            close((k.dot_q4_0)(&q40, &y0), r::vec_dot_q4_0_q8_0(&q40, &y0), magnitude(&w, &yf), "q4_0");
+            r::dequantize_row_q4_1(&q41, &mut w);
+            close((k.dot_q4_1)(&q41, &y1), r::vec_dot_q4_1_q8_1(&q41, &y1), magnitude(&w, &yf), "q4_1");
+            r::dequantize_row_q5_0(&q50, &mut w);
+            close((k.dot_q5_0)(&q50, &y0), r::vec_dot_q5_0_q8_0(&q50, &y0), magnitude(&w, &yf), "q5_0");
+            r::dequantize_row_q8_0(&q80, &mut w);
+            close((k.dot_q8_0)(&q80, &y0), r::vec_dot_q8_0_q8_0(&q80, &y0), magnitude(&w, &yf), "q8_0");
+        }
+    }
+
+    #[test]
+    fn k_quant_kernels_match_reference(
+        nb in 1usize..4,
+        raw in prop::collection::vec(any::<u8>(), 210 * 3),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let n = nb * QK_K;
+        let x = acts(n, &seed);
+        let mut yk = vec![BlockQ8K::zeroed(); nb];
+        r::quantize_row_q8_k(&x, &mut yk);
+        let yf: Vec<f32> = yk.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
+        let mut w = vec![0.0; n];
+        let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * nb], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let q6k: Vec<BlockQ6K> = blocks(&raw[..210 * nb], |b: &mut BlockQ6K, d| b.d = h(d / 16.0));
+        for k in levels() {
+            r::dequantize_row_q4_k(&q4k, &mut w);
+            close((k.dot_q4_k)(&q4k, &yk), r::vec_dot_q4_k_q8_k(&q4k, &yk), magnitude(&w, &yf), "q4_K");
+            r::dequantize_row_q6_k(&q6k, &mut w);
+            close((k.dot_q6_k)(&q6k, &yk), r::vec_dot_q6_k_q8_k(&q6k, &yk), magnitude(&w, &yf), "q6_K");
+        }
+    }
+
+    #[test]
+    fn float_kernels_match_reference(x in prop::collection::vec(-8.0f32..8.0, 1..300)) {
+        let y: Vec<f32> = x.iter().rev().copied().collect();
+        let xh: Vec<f16> = x.iter().map(|&v| h(v)).collect();
+        let yh: Vec<f16> = y.iter().map(|&v| h(v)).collect();
+        let xs: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+        let ys: Vec<f32> = yh.iter().map(|v| v.to_f32()).collect();
+        for k in levels() {
+            close((k.dot_f32)(&x, &y), r::vec_dot_f32(&x, &y), magnitude(&x, &y), "f32");
+            close((k.dot_f16)(&xh, &yh), r::vec_dot_f16(&xh, &yh), magnitude(&xs, &ys), "f16");
+        }
+    }
+}
+
+#[test]
+fn reference_dequantize_matches_hand_computed_blocks() {
+    // Q4_0: d = 0.5, nibbles 0x21 → low 1, high 2 → (1-8)*0.5, (2-8)*0.5.
+    let b = BlockQ4_0 {
+        d: h(0.5),
+        qs: [0x21; 16],
+    };
+    let mut out = [0.0; 32];
+    r::dequantize_row_q4_0(&[b], &mut out);
+    assert_eq!(out[0], -3.5);
+    assert_eq!(out[16], -3.0);
+    // Q4_1: d = 2, m = 1 → 1*2+1, 2*2+1.
+    let b = BlockQ4_1 {
+        d: h(2.0),
+        m: h(1.0),
+        qs: [0x21; 16],
+    };
+    r::dequantize_row_q4_1(&[b], &mut out);
+    assert_eq!((out[0], out[16]), (3.0, 5.0));
+    // Q5_0: fifth bit of element 0 set: (1 | 16) - 16 = 1; element 1 without: 1 - 16.
+    let b = BlockQ5_0 {
+        d: h(1.0),
+        qh: [1, 0, 0, 0],
+        qs: [0x11; 16],
+    };
+    r::dequantize_row_q5_0(&[b], &mut out);
+    assert_eq!((out[0], out[1]), (1.0, -15.0));
+    // Q8_0.
+    let mut b = BlockQ8_0 {
+        d: h(0.25),
+        qs: [0; 32],
+    };
+    b.qs[3] = -8;
+    r::dequantize_row_q8_0(&[b], &mut out);
+    assert_eq!(out[3], -2.0);
+    // Q6_K: all ql/qh zero → q = -32; scale 2, d = 0.5 → -32.
+    let b = BlockQ6K {
+        ql: [0; 128],
+        qh: [0; 64],
+        scales: [2; 16],
+        d: h(0.5),
+    };
+    let mut out = [0.0; 256];
+    r::dequantize_row_q6_k(&[b], &mut out);
+    assert!(out.iter().all(|&v| v == -32.0));
+    // Q4_K: scales 1 (6-bit) and mins 1 for sub-blocks 0..4; d = 1, dmin = 0.5, nibble 3 → 3 - 0.5.
+    let mut s = [0u8; 12];
+    s[..4].copy_from_slice(&[1; 4]);
+    s[4..8].copy_from_slice(&[1; 4]);
+    let b = BlockQ4K {
+        d: h(1.0),
+        dmin: h(0.5),
+        scales: s,
+        qs: [0x33; 128],
+    };
+    r::dequantize_row_q4_k(&[b], &mut out);
+    assert_eq!(out[0], 2.5);
+}
+
+#[test]
+fn quantize_q8_rounds_like_ggml() {
+    let mut x = [0.0f32; 32];
+    x[0] = 127.0;
+    x[1] = 2.5; // ties to even
+    x[2] = -3.5;
+    let mut b = [BlockQ8_0::zeroed()];
+    r::quantize_row_q8_0(&x, &mut b);
+    assert_eq!(b[0].d.to_f32(), 1.0);
+    assert_eq!(&b[0].qs[..3], &[127, 2, -4]);
+    let mut k = vec![0.0f32; 256];
+    k[5] = -2.0;
+    let mut kb = [BlockQ8K::zeroed()];
+    r::quantize_row_q8_k(&k, &mut kb);
+    assert_eq!(kb[0].qs[5], -127);
+    assert_eq!(kb[0].bsums[0], -127);
+}
