@@ -4,6 +4,7 @@
 //!
 //! Every function here is `unsafe` with `#[target_feature]`: callers must have checked that
 //! the CPU has AVX2, FMA and F16C (the dispatcher does, once).
+#![allow(clippy::missing_safety_doc)] // the module doc above states the one safety condition
 
 use crate::blocks::*;
 use crate::reference::scale_min_k4;
