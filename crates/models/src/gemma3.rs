@@ -5,36 +5,23 @@
 
 use crate::attention::{attention, AttnShape};
 use crate::ops::{self, RopeMode};
-use crate::weights::{load_vec, Mat};
+use crate::weights::load_vec;
 use crate::{Config, KvCache, Layer, Model, Result, Scratch};
 use hearth_gguf::Gguf;
 use std::sync::Arc;
 
 pub fn load(g: Arc<Gguf>, c: Config) -> Result<Model> {
-    let (d, ff, hd) = (c.n_embd, c.n_ff, c.head_dim);
-    let token_embd = Mat::load(&g, "token_embd.weight", d, c.n_vocab)?;
-    let output = if g.tensor_info("output.weight").is_some() {
-        Mat::load(&g, "output.weight", d, c.n_vocab)?
-    } else {
-        token_embd.clone()
-    };
+    let (d, hd) = (c.n_embd, c.head_dim);
+    let (token_embd, output) = Model::load_embeddings(&g, &c)?;
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
         let name = |n: &str| format!("blk.{i}.{n}.weight");
         layers.push(Layer {
-            attn_norm: load_vec(&g, &name("attn_norm"), d)?,
-            wq: Mat::load(&g, &name("attn_q"), d, c.q_dim())?,
-            wk: Mat::load(&g, &name("attn_k"), d, c.kv_dim())?,
-            wv: Mat::load(&g, &name("attn_v"), d, c.kv_dim())?,
-            wo: Mat::load(&g, &name("attn_output"), c.q_dim(), d)?,
-            ffn_norm: load_vec(&g, &name("ffn_norm"), d)?,
-            w_gate: Mat::load(&g, &name("ffn_gate"), d, ff)?,
-            w_up: Mat::load(&g, &name("ffn_up"), d, ff)?,
-            w_down: Mat::load(&g, &name("ffn_down"), ff, d)?,
             q_norm: Some(load_vec(&g, &name("attn_q_norm"), hd)?),
             k_norm: Some(load_vec(&g, &name("attn_k_norm"), hd)?),
             post_attn_norm: Some(load_vec(&g, &name("post_attention_norm"), d)?),
             post_ffn_norm: Some(load_vec(&g, &name("post_ffw_norm"), d)?),
+            ..Model::load_base_layer(&g, &c, i)?
         });
     }
     Ok(Model {

@@ -174,6 +174,38 @@ impl Model {
         m.matmul(acts, out, mm);
     }
 
+    /// The token embedding and output projection (tied to the embedding when absent).
+    fn load_embeddings(g: &Gguf, c: &Config) -> Result<(Mat, Mat)> {
+        let token_embd = Mat::load(g, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let output = if g.tensor_info("output.weight").is_some() {
+            Mat::load(g, "output.weight", c.n_embd, c.n_vocab)?
+        } else {
+            token_embd.clone()
+        };
+        Ok((token_embd, output))
+    }
+
+    /// The weights every architecture's block `i` has; optional parts left empty.
+    fn load_base_layer(g: &Gguf, c: &Config, i: usize) -> Result<Layer> {
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let name = |n: &str| format!("blk.{i}.{n}.weight");
+        Ok(Layer {
+            attn_norm: weights::load_vec(g, &name("attn_norm"), d)?,
+            wq: Mat::load(g, &name("attn_q"), d, c.q_dim())?,
+            wk: Mat::load(g, &name("attn_k"), d, c.kv_dim())?,
+            wv: Mat::load(g, &name("attn_v"), d, c.kv_dim())?,
+            wo: Mat::load(g, &name("attn_output"), c.q_dim(), d)?,
+            ffn_norm: weights::load_vec(g, &name("ffn_norm"), d)?,
+            w_gate: Mat::load(g, &name("ffn_gate"), d, ff)?,
+            w_up: Mat::load(g, &name("ffn_up"), d, ff)?,
+            w_down: Mat::load(g, &name("ffn_down"), ff, d)?,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            post_ffn_norm: None,
+        })
+    }
+
     /// Bytes of weights read per generated token (for bandwidth estimates).
     pub fn weight_bytes(&self) -> u64 {
         self.gguf.tensors.iter().map(|t| t.n_bytes).sum()
