@@ -3,7 +3,7 @@
 //! five of every six layers with their own RoPE base. Norm weights in GGUF already include
 //! Gemma's `1 + w`.
 
-use crate::attention::{attention, AttnShape};
+use crate::attention::AttnShape;
 use crate::ops::{self, RopeMode};
 use crate::weights::load_vec;
 use crate::{Config, KvCache, Layer, Model, Result, Scratch};
@@ -37,15 +37,13 @@ pub fn load(g: Arc<Gguf>, c: Config) -> Result<Model> {
 /// Runs all blocks on the `n` embeddings in `s.x` (positions `cache.len..`).
 pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
     let c = &m.config;
-    let (d, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
-    let pos0 = cache.len;
+    let (d, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
     let embd_scale = (d as f32).sqrt();
     s.x[..n * d].iter_mut().for_each(|v| *v *= embd_scale);
     // Q is scaled by 1/√head_dim before attention (query_pre_attn_scalar = head_dim here).
     let q_scale = 1.0 / (hd as f32).sqrt();
     for (il, layer) in m.layers.iter().enumerate() {
         let swa = c.is_swa_layer(il);
-        let rope_base = if swa { c.rope_base_swa } else { c.rope_base };
         let shape = AttnShape {
             n_head: c.n_head,
             n_kv_head: c.n_kv_head,
@@ -58,104 +56,20 @@ pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
             layer.k_norm.as_deref().unwrap_or(&[]),
         );
 
-        // Attention block.
-        ops::rms_norm(
-            &s.x[..n * d],
-            &layer.attn_norm,
-            c.rms_eps,
-            &mut s.xn[..n * d],
-        ); // [n, d]
-        m.matmul(
-            &layer.wq,
-            &s.xn[..n * d],
-            &mut s.q[..n * qd],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, n_head*hd]
-        m.matmul(
-            &layer.wk,
-            &s.xn[..n * d],
-            &mut s.k[..n * kvd],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, n_kv*hd]
-        m.matmul(
-            &layer.wv,
-            &s.xn[..n * d],
-            &mut s.v[..n * kvd],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, n_kv*hd]
+        // Attention block: x += post_norm(Wo · attn(rope(norm(Wq xn)), rope(norm(Wk xn)), Wv xn)).
+        m.attn_projections(layer, n, s);
         ops::rms_norm_inplace(&mut s.q[..n * qd], q_norm, c.rms_eps); // per head
         ops::rms_norm_inplace(&mut s.k[..n * kvd], k_norm, c.rms_eps);
-        for t in 0..n {
-            ops::rope_cache(pos0 + t, c.n_rot, rope_base, &mut s.rope);
-            ops::rope(
-                &mut s.q[t * qd..(t + 1) * qd],
-                hd,
-                c.n_rot,
-                RopeMode::Neox,
-                &s.rope,
-            );
-            ops::rope(
-                &mut s.k[t * kvd..(t + 1) * kvd],
-                hd,
-                c.n_rot,
-                RopeMode::Neox,
-                &s.rope,
-            );
-        }
+        m.rope_qk(n, RopeMode::Neox, swa, s);
         s.q[..n * qd].iter_mut().for_each(|v| *v *= q_scale);
-        cache.store(il, pos0, &s.k[..n * kvd], &s.v[..n * kvd]);
-        attention(
-            &s.q[..n * qd],
-            &cache.k[il],
-            &cache.v[il],
-            pos0,
-            &shape,
-            &mut s.attn[..n * qd],
-        );
-        m.matmul(
-            &layer.wo,
-            &s.attn[..n * qd],
-            &mut s.proj[..n * d],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, d]
+        m.attend(il, layer, n, &shape, cache, s);
         if let Some(w) = &layer.post_attn_norm {
             ops::rms_norm_inplace(&mut s.proj[..n * d], w, c.rms_eps);
         }
-        ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]); // residual
+        ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
 
-        // Feed-forward block: down(gelu(gate(x)) * up(x)), normed after.
-        ops::rms_norm(
-            &s.x[..n * d],
-            &layer.ffn_norm,
-            c.rms_eps,
-            &mut s.xn[..n * d],
-        );
-        m.matmul(
-            &layer.w_gate,
-            &s.xn[..n * d],
-            &mut s.gate[..n * ff],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, ff]
-        m.matmul(
-            &layer.w_up,
-            &s.xn[..n * d],
-            &mut s.up[..n * ff],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, ff]
-        ops::geglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
-        m.matmul(
-            &layer.w_down,
-            &s.gate[..n * ff],
-            &mut s.proj[..n * d],
-            &mut s.acts,
-            &mut s.mm,
-        ); // [n, d]
+        // Feed-forward block: x += post_norm(down(gelu(gate(xn)) * up(xn))).
+        m.feed_forward(layer, n, ops::geglu, s);
         if let Some(w) = &layer.post_ffn_norm {
             ops::rms_norm_inplace(&mut s.proj[..n * d], w, c.rms_eps);
         }

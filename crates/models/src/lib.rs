@@ -66,7 +66,9 @@ pub struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// RoPE cos/sin per position of the chunk (`n * n_rot`), and for sliding-window layers.
     rope: Vec<f32>,
+    rope_swa: Vec<f32>,
     acts: Activations,
     mm: Vec<f32>,
 }
@@ -83,7 +85,21 @@ impl Scratch {
         sz(&mut self.proj, n * c.n_embd);
         sz(&mut self.gate, n * c.n_ff);
         sz(&mut self.up, n * c.n_ff);
-        sz(&mut self.rope, c.n_rot);
+    }
+
+    /// Fills the RoPE tables for positions `pos0..pos0+n`, once for all layers.
+    fn fill_rope(&mut self, c: &Config, pos0: usize, n: usize) {
+        fill_rope_table(&mut self.rope, pos0, n, c.n_rot, c.rope_base);
+        if c.sliding_window.is_some() {
+            fill_rope_table(&mut self.rope_swa, pos0, n, c.n_rot, c.rope_base_swa);
+        }
+    }
+}
+
+fn fill_rope_table(table: &mut Vec<f32>, pos0: usize, n: usize, n_rot: usize, base: f32) {
+    table.resize(n * n_rot, 0.0);
+    for (t, row) in table.chunks_exact_mut(n_rot).enumerate() {
+        ops::rope_cache(pos0 + t, n_rot, base, row);
     }
 }
 
@@ -129,6 +145,7 @@ impl Model {
         };
         for chunk in tokens.chunks(MAX_BATCH) {
             scratch.prepare(&self.config, chunk.len());
+            scratch.fill_rope(&self.config, cache.len, chunk.len());
             self.embed(chunk, &mut scratch.x);
             match self.config.arch {
                 Arch::Llama => llama::layers(self, chunk.len(), cache, scratch),
@@ -172,6 +189,132 @@ impl Model {
         let m = w.view(&self.gguf);
         acts.quantize(m.act_type(), x, m.cols);
         m.matmul(acts, out, mm);
+    }
+
+    /// Several products of one input: `x` is quantized once per activation format, not
+    /// once per matrix.
+    fn matmul_shared<const N: usize>(
+        &self,
+        x: &[f32],
+        outs: [(&Mat, &mut [f32]); N],
+        acts: &mut Activations,
+        mm: &mut Vec<f32>,
+    ) {
+        let mut current = None;
+        for (w, out) in outs {
+            let m = w.view(&self.gguf);
+            if current != Some(m.act_type()) {
+                acts.quantize(m.act_type(), x, m.cols);
+                current = Some(m.act_type());
+            }
+            m.matmul(acts, out, mm);
+        }
+    }
+
+    /// `xn = rms_norm(x) * attn_norm`, then Q, K, V projections of `xn` (`n` tokens).
+    fn attn_projections(&self, layer: &Layer, n: usize, s: &mut Scratch) {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.attn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        ); // [n, d]
+        self.matmul_shared(
+            &s.xn[..n * d],
+            [
+                (&layer.wq, &mut s.q[..n * qd]),  // [n, n_head*hd]
+                (&layer.wk, &mut s.k[..n * kvd]), // [n, n_kv*hd]
+                (&layer.wv, &mut s.v[..n * kvd]), // [n, n_kv*hd]
+            ],
+            &mut s.acts,
+            &mut s.mm,
+        );
+    }
+
+    /// RoPE on Q and K of the `n` tokens, with the chunk's table (`swa`: the sliding-window one).
+    fn rope_qk(&self, n: usize, mode: ops::RopeMode, swa: bool, s: &mut Scratch) {
+        let c = &self.config;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let table = if swa { &s.rope_swa } else { &s.rope };
+        for (t, cs) in table.chunks_exact(c.n_rot).take(n).enumerate() {
+            ops::rope(
+                &mut s.q[t * qd..(t + 1) * qd],
+                c.head_dim,
+                c.n_rot,
+                mode,
+                cs,
+            );
+            ops::rope(
+                &mut s.k[t * kvd..(t + 1) * kvd],
+                c.head_dim,
+                c.n_rot,
+                mode,
+                cs,
+            );
+        }
+    }
+
+    /// Stores K and V of layer `il` in the cache and runs attention; `proj = Wo · attn`.
+    fn attend(
+        &self,
+        il: usize,
+        layer: &Layer,
+        n: usize,
+        shape: &attention::AttnShape,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        let pos0 = cache.len;
+        cache.store(il, pos0, &s.k[..n * kvd], &s.v[..n * kvd]);
+        attention::attention(
+            &s.q[..n * qd],
+            &cache.k[il],
+            &cache.v[il],
+            pos0,
+            shape,
+            &mut s.attn[..n * qd],
+        ); // [n, qd]
+        self.matmul(
+            &layer.wo,
+            &s.attn[..n * qd],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
+    }
+
+    /// `proj = down(act(gate(xn)) * up(xn))` with `xn = rms_norm(x) * ffn_norm`;
+    /// `act` combines gate and up in place (SwiGLU, GeGLU).
+    fn feed_forward(&self, layer: &Layer, n: usize, act: fn(&mut [f32], &[f32]), s: &mut Scratch) {
+        let c = &self.config;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        ops::rms_norm(
+            &s.x[..n * d],
+            &layer.ffn_norm,
+            c.rms_eps,
+            &mut s.xn[..n * d],
+        ); // [n, d]
+        self.matmul_shared(
+            &s.xn[..n * d],
+            [
+                (&layer.w_gate, &mut s.gate[..n * ff]),
+                (&layer.w_up, &mut s.up[..n * ff]),
+            ], // [n, ff]
+            &mut s.acts,
+            &mut s.mm,
+        );
+        act(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        self.matmul(
+            &layer.w_down,
+            &s.gate[..n * ff],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+        ); // [n, d]
     }
 
     /// The token embedding and output projection (tied to the embedding when absent).
