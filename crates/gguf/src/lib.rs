@@ -363,7 +363,12 @@ impl Gguf {
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+        self.tensor_position(name).map(|i| &self.tensors[i])
+    }
+
+    /// Index of a tensor in [`Gguf::tensors`].
+    pub fn tensor_position(&self, name: &str) -> Option<usize> {
+        self.tensor_index.get(name).copied()
     }
 
     /// The bytes of a tensor (validated to lie inside the file when the header was parsed).

@@ -8,6 +8,8 @@ use hearth_quant::QMatrix;
 #[derive(Debug, Clone)]
 pub struct Mat {
     pub name: String,
+    /// Position in the file's tensor list, so a forward pass needs no name lookups.
+    index: usize,
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
@@ -21,6 +23,7 @@ impl Mat {
         QMatrix::new(name, info.ty, cols, rows, bytes)?;
         Ok(Mat {
             name: name.to_string(),
+            index: g.tensor_position(name).expect("found above"),
             ty: info.ty,
             rows,
             cols,
@@ -29,7 +32,7 @@ impl Mat {
 
     /// The matrix's blocks inside `g` (the file it was loaded from).
     pub fn view<'a>(&self, g: &'a Gguf) -> QMatrix<'a> {
-        let info = g.tensor_info(&self.name).expect("checked at load");
+        let info = &g.tensors[self.index];
         QMatrix::new(
             &self.name,
             self.ty,
