@@ -4,13 +4,18 @@
 use half::f16;
 use std::sync::OnceLock;
 
+/// `1 / sqrt(mean(x²) + eps)` of one row, the sum in f64 as ggml does.
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let mean = (sum / row.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
 /// `out = x / sqrt(mean(x²) + eps) * w`, row by row (`w.len()` columns).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let sum: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let mean = (sum / d as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
+        let scale = rms_scale(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
         }
@@ -21,9 +26,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
     for xr in x.chunks_exact_mut(d) {
-        let sum: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let mean = (sum / d as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
+        let scale = rms_scale(xr, eps);
         for (v, &g) in xr.iter_mut().zip(w) {
             *v = *v * scale * g;
         }

@@ -383,18 +383,7 @@ impl Tokenizer {
 
     fn spm_encode(&self, text: &str, out: &mut Vec<TokenId>) {
         // Symbols start as single characters, linked in a list.
-        let mut syms: Vec<Sym> = Vec::new();
-        for (i, (start, ch)) in text.char_indices().enumerate() {
-            syms.push(Sym {
-                start,
-                len: ch.len_utf8(),
-                prev: i as isize - 1,
-                next: i as isize + 1,
-            });
-        }
-        if let Some(last) = syms.last_mut() {
-            last.next = -1;
-        }
+        let mut syms = Sym::chars_of(text);
         // Merge the best-scoring adjacent pair whose concatenation is a token, until none is.
         let mut heap = BinaryHeap::new();
         let try_add = |l: isize, r: isize, syms: &[Sym], heap: &mut BinaryHeap<SpmBigram>| {
@@ -420,14 +409,7 @@ impl Tokenizer {
             if syms[l].len == 0 || syms[r].len == 0 || syms[l].len + syms[r].len != b.size {
                 continue;
             }
-            syms[l].len += syms[r].len;
-            syms[r].len = 0;
-            syms[l].next = syms[r].next;
-            if syms[r].next >= 0 {
-                let nx = syms[r].next as usize;
-                syms[nx].prev = l as isize;
-            }
-            let (prev, next) = (syms[l].prev, syms[l].next);
+            let (prev, next) = Sym::merge(&mut syms, l, r);
             try_add(prev, l as isize, &syms, &mut heap);
             try_add(l as isize, next, &syms, &mut heap);
         }
@@ -469,18 +451,7 @@ impl Tokenizer {
                     word.push(byte_to_char[b as usize]);
                 }
             }
-            let mut syms: Vec<Sym> = Vec::new();
-            for (i, (start, ch)) in word.char_indices().enumerate() {
-                syms.push(Sym {
-                    start,
-                    len: ch.len_utf8(),
-                    prev: i as isize - 1,
-                    next: i as isize + 1,
-                });
-            }
-            if let Some(last) = syms.last_mut() {
-                last.next = -1;
-            }
+            let mut syms = Sym::chars_of(&word);
             let mut heap = BinaryHeap::new();
             let mut add = |l: isize, r: isize, syms: &[Sym], heap: &mut BinaryHeap<BpeBigram>| {
                 if l < 0 || r < 0 {
@@ -512,14 +483,7 @@ impl Tokenizer {
                 {
                     continue;
                 }
-                syms[l].len += syms[r].len;
-                syms[r].len = 0;
-                syms[l].next = syms[r].next;
-                if syms[r].next >= 0 {
-                    let nx = syms[r].next as usize;
-                    syms[nx].prev = l as isize;
-                }
-                let (prev, next) = (syms[l].prev, syms[l].next);
+                let (prev, next) = Sym::merge(&mut syms, l, r);
                 add(prev, l as isize, &syms, &mut heap);
                 add(l as isize, next, &syms, &mut heap);
             }
@@ -590,12 +554,45 @@ enum Fragment<'t> {
     Token(TokenId),
 }
 
+/// A symbol of a word being merged: a byte range, linked to its neighbours.
 #[derive(Clone, Copy)]
 struct Sym {
     start: usize,
     len: usize,
     prev: isize,
     next: isize,
+}
+
+impl Sym {
+    /// One symbol per character of `text`.
+    fn chars_of(text: &str) -> Vec<Sym> {
+        let mut syms: Vec<Sym> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, ch))| Sym {
+                start,
+                len: ch.len_utf8(),
+                prev: i as isize - 1,
+                next: i as isize + 1,
+            })
+            .collect();
+        if let Some(last) = syms.last_mut() {
+            last.next = -1;
+        }
+        syms
+    }
+
+    /// Merges symbol `r` into its left neighbour `l`; returns `l`'s new neighbours.
+    fn merge(syms: &mut [Sym], l: usize, r: usize) -> (isize, isize) {
+        syms[l].len += syms[r].len;
+        syms[r].len = 0;
+        syms[l].next = syms[r].next;
+        if syms[r].next >= 0 {
+            let nx = syms[r].next as usize;
+            syms[nx].prev = l as isize;
+        }
+        (syms[l].prev, syms[l].next)
+    }
 }
 
 struct SpmBigram {
