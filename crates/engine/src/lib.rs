@@ -159,15 +159,12 @@ impl<'m> Session<'m> {
         let mut stops = StopMatcher::new(req.stop);
         let mut generated = Vec::new();
         let mut finish = FinishReason::Length;
-        let mut logits = Vec::new();
         while generated.len() < req.max_tokens {
             if cancel.load(Ordering::Relaxed) {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            logits.clear();
-            logits.extend_from_slice(&self.logits);
-            let token = sampler.sample(&mut logits, &self.cached);
+            let token = sampler.sample(&self.logits, &self.cached);
             if self.tokenizer.is_eog(token) {
                 finish = FinishReason::Stop;
                 break;

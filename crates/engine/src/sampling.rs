@@ -88,6 +88,8 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// Candidate (id, logit) pairs, reused between draws.
     cand: Vec<(u32, f32)>,
+    /// Logits with penalties applied (only filled when a penalty is on).
+    penalized: Vec<f32>,
 }
 
 impl Sampler {
@@ -96,6 +98,7 @@ impl Sampler {
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             params,
             cand: Vec::new(),
+            penalized: Vec::new(),
         }
     }
 
@@ -104,13 +107,20 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` given the `history` of tokens so far.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        self.apply_penalties(logits, history);
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = self.params.clone();
+        let logits =
+            if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
+                logits
+            } else {
+                self.penalized.clear();
+                self.penalized.extend_from_slice(logits);
+                apply_penalties(&p, &mut self.penalized, history);
+                &self.penalized
+            };
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
-        let p = self.params.clone();
         self.cand.clear();
         self.cand
             .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
@@ -163,28 +173,25 @@ impl Sampler {
         }
         self.cand.last().map(|c| c.0).unwrap_or(0)
     }
+}
 
-    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
-        let p = &self.params;
-        if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
-            return;
+/// Repeat (llama.cpp style), presence and frequency penalties over the last `repeat_last_n` tokens.
+fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32]) {
+    let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    for &t in window {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &n) in &counts {
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if *l > 0.0 {
+            *l /= p.repeat_penalty;
+        } else {
+            *l *= p.repeat_penalty;
         }
-        let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &t in window {
-            *counts.entry(t).or_default() += 1;
-        }
-        for (&t, &n) in &counts {
-            let Some(l) = logits.get_mut(t as usize) else {
-                continue;
-            };
-            if *l > 0.0 {
-                *l /= p.repeat_penalty;
-            } else {
-                *l *= p.repeat_penalty;
-            }
-            *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
-        }
+        *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
     }
 }
 
@@ -212,7 +219,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_max() {
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[]), 1);
     }
 
     #[test]
@@ -230,9 +237,7 @@ mod tests {
                 seed,
                 ..params.clone()
             });
-            (0..20)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
-                .collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
@@ -246,7 +251,7 @@ mod tests {
             ..SamplingParams::default()
         });
         for _ in 0..10 {
-            assert_eq!(s.sample(&mut [0.0, 1.0, 0.5], &[]), 1);
+            assert_eq!(s.sample(&[0.0, 1.0, 0.5], &[]), 1);
         }
     }
 
@@ -257,7 +262,7 @@ mod tests {
             repeat_penalty: 2.0,
             ..SamplingParams::default()
         });
-        assert_eq!(s.sample(&mut [1.0, 1.5, 0.0], &[1]), 0);
+        assert_eq!(s.sample(&[1.0, 1.5, 0.0], &[1]), 0);
     }
 
     #[test]
