@@ -161,7 +161,7 @@ impl<'a> QMatrix<'a> {
         );
         assert_eq!(
             acts.ty,
-            self.act_type(),
+            Some(self.act_type()),
             "activations quantized for another type"
         );
         let n_tok = acts.n_tokens;
@@ -327,12 +327,6 @@ pub struct Activations {
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     q8k: Vec<BlockQ8K>,
-}
-
-impl PartialEq<ActType> for Option<ActType> {
-    fn eq(&self, other: &ActType) -> bool {
-        *self == Some(*other)
-    }
 }
 
 impl Activations {
