@@ -175,3 +175,57 @@ fn next_turn_reuses_the_cached_prefix() {
     assert_eq!(s.prefill(&turn1).unwrap(), 1);
     assert_eq!(s.logits(), &logits_turn1[..]);
 }
+
+#[test]
+fn pull_list_run_rm_in_a_fresh_cache() {
+    let cache = std::env::temp_dir().join(format!("hearth-cli-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    let in_cache = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(args)
+            .env("HEARTH_MODELS", &cache)
+            .env("HEARTH_OFFLINE", "1")
+            .output()
+            .expect("hearth runs")
+    };
+    let file = common::model_file("smollm2");
+    let out = in_cache(&["pull", file.to_str().unwrap(), "--name", "local/smol:q4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8(in_cache(&["list"]).stdout).unwrap();
+    assert!(
+        listed.contains("local/smol:q4") && listed.contains("Q4_1"),
+        "{listed}"
+    );
+    let out = in_cache(&[
+        "run",
+        "local/smol:q4",
+        "Hi",
+        "-n",
+        "4",
+        "--temperature",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Offline: no network, a clear refusal.
+    let out = in_cache(&["pull", "hf.co/org/repo:Q4_K_M"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HEARTH_OFFLINE"));
+    // Names are never paths.
+    for bad in ["../../x", "/etc/passwd"] {
+        let out = in_cache(&["rm", bad]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("invalid model name"));
+    }
+    assert!(in_cache(&["rm", "local/smol:q4"]).status.success());
+    let listed = String::from_utf8(in_cache(&["list", "--json"]).stdout).unwrap();
+    assert_eq!(listed.trim(), "[]");
+    std::fs::remove_dir_all(&cache).unwrap();
+}

@@ -1,5 +1,7 @@
 use crate::resolve::{physical_cores, resolve_model};
-use crate::{ChatArgs, ModelArgs, RunArgs, SamplingArgs, ShowArgs, TokenizeArgs};
+use crate::{
+    ChatArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ShowArgs, TokenizeArgs,
+};
 use anyhow::{Context, Result};
 use hearth_engine::{GenerateRequest, GenerationStats, SamplingParams, Session};
 use hearth_gguf::Gguf;
@@ -247,6 +249,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
     let g = open_gguf(&a.model)?;
     let arch = g.require_str("general.architecture")?.to_string();
     let name = g.get_str("general.name")?.unwrap_or("").to_string();
+    let license = g.get_str("general.license")?.unwrap_or("").to_string();
     let params: u64 = g.tensors.iter().map(|t| t.n_elements).sum();
     let mut mix: Vec<(String, usize)> = Vec::new();
     for t in &g.tensors {
@@ -278,6 +281,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
             "file_size": g.file_size(),
             "gguf_version": g.version,
             "supported": config.is_ok(),
+            "license": license,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -299,10 +303,115 @@ pub fn show(a: ShowArgs) -> Result<()> {
         println!("  supported       no: {e}");
     }
     println!("  chat template   {template}");
+    if !license.is_empty() {
+        println!("  license         {license}");
+    }
     println!(
         "  file size       {:.1} MiB (GGUF v{})",
         g.file_size() as f64 / (1 << 20) as f64,
         g.version
     );
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GB", b as f64 / 1e9),
+        b if b >= 1 << 20 => format!("{:.0} MB", b as f64 / 1e6),
+        b => format!("{:.0} KB", b as f64 / 1e3),
+    }
+}
+
+pub fn pull(a: PullArgs) -> Result<()> {
+    let store = hearth_store::Store::open_default();
+    let mut opts = hearth_store::PullOptions::from_env();
+    opts.name = a.name;
+    opts.sha256 = a.sha256;
+    let m = store.pull(&a.source, &opts)?;
+    println!("pulled {} ({}, {})", m.name, human_size(m.size), m.digest);
+    Ok(())
+}
+
+/// The quantization label of a GGUF: llama.cpp's file type, else its commonest tensor type.
+fn quant_label(path: &std::path::Path) -> String {
+    let Ok(g) = Gguf::open(path) else {
+        return "?".into();
+    };
+    if let Some(name) = g
+        .get_int("general.file_type", 0, 1 << 16)
+        .ok()
+        .flatten()
+        .and_then(|ft| u64::try_from(ft).ok())
+        .and_then(hearth_store::file_type_name)
+    {
+        return name.to_string();
+    }
+    let mut by_type: Vec<(&str, u64)> = Vec::new();
+    for t in &g.tensors {
+        match by_type.iter_mut().find(|(n, _)| *n == t.ty.name()) {
+            Some(e) => e.1 += t.n_elements,
+            None => by_type.push((t.ty.name(), t.n_elements)),
+        }
+    }
+    by_type
+        .into_iter()
+        .max_by_key(|e| e.1)
+        .map_or("?".into(), |e| e.0.to_string())
+}
+
+pub fn list(a: ListArgs) -> Result<()> {
+    let store = hearth_store::Store::open_default();
+    let entries = store.list()?;
+    if a.json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "path": e.path,
+                    "size": e.size,
+                    "digest": e.digest,
+                    "quantization": quant_label(&e.path),
+                    "modified": e.modified,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let width = entries
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:width$}  {:12}  {:>8}  {:8}  MODIFIED",
+        "NAME", "ID", "SIZE", "QUANT"
+    );
+    for e in &entries {
+        let id = e
+            .digest
+            .as_deref()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .map_or("-".to_string(), |h| h[..12.min(h.len())].to_string());
+        println!(
+            "{:width$}  {:12}  {:>8}  {:8}  {}",
+            e.name,
+            id,
+            human_size(e.size),
+            quant_label(&e.path),
+            hearth_store::ago(e.modified)
+        );
+    }
+    Ok(())
+}
+
+pub fn rm(a: RmArgs) -> Result<()> {
+    let store = hearth_store::Store::open_default();
+    for name in &a.names {
+        store.remove(name)?;
+        println!("deleted {name}");
+    }
     Ok(())
 }

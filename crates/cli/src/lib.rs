@@ -1,4 +1,4 @@
-//! The `hearth` command line: run, chat, tokenize, show.
+//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm.
 
 mod commands;
 pub mod resolve;
@@ -30,11 +30,43 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Describe a model file.
     Show(ShowArgs),
+    /// Download a model into the cache: hf.co/ORG/REPO[:QUANT], ORG/REPO/FILE.gguf, an
+    /// http(s) URL, or a local .gguf to import.
+    Pull(PullArgs),
+    /// List cached models.
+    #[command(alias = "ls")]
+    List(ListArgs),
+    /// Remove cached models.
+    Rm(RmArgs),
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    pub source: String,
+    /// Name to store it under (default: hf.co/ORG/REPO:QUANT, or the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Expected sha256 of the file (the hub's published hash is checked anyway).
+    #[arg(long)]
+    pub sha256: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
 }
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// A model short name (smollm2, gemma3) or a path to a .gguf file.
+    /// A cached model name (smollm2, gemma3, or one pulled) or a path to a .gguf file.
     pub model: String,
     /// Context length in tokens (KV cache size).
     #[arg(long, default_value_t = 4096)]
@@ -128,6 +160,9 @@ pub fn main() -> ExitCode {
         Command::Chat(a) => commands::chat(a, cli.verbose),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Show(a) => commands::show(a),
+        Command::Pull(a) => commands::pull(a),
+        Command::List(a) => commands::list(a),
+        Command::Rm(a) => commands::rm(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,44 +1,24 @@
-//! Model names: short names resolve to files the fetch script caches; anything else is a path.
+//! Model arguments: a cached name (short names from the fetch script, pulled models) or a
+//! path to a .gguf file.
 
 use std::path::{Path, PathBuf};
 
-/// Short names known to `scripts/fetch-models`.
-pub const SHORT_NAMES: &[(&str, &str)] = &[
-    ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ("gemma3", "gemma-3-270m-q4_k_m.gguf"),
-];
-
-/// `$HEARTH_MODELS`, else `~/.cache/hearth/models`.
-pub fn models_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("HEARTH_MODELS") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("hearth").join("models")
-}
+use hearth_store::Store;
 
 pub fn resolve_model(name: &str) -> anyhow::Result<PathBuf> {
-    if let Some((_, file)) = SHORT_NAMES.iter().find(|(n, _)| *n == name) {
-        let path = models_dir().join(file);
-        if !path.is_file() {
-            anyhow::bail!(
-                "model {name:?} is not downloaded yet ({} is missing): run scripts/fetch-models {name}",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
+    let store = Store::open_default();
+    let looks_like_path = name.starts_with('.')
+        || name.starts_with('/')
+        || name.to_ascii_lowercase().ends_with(".gguf");
     let path = Path::new(name);
-    if path.is_file() {
+    if hearth_store::SHORT_NAMES.iter().all(|(n, _)| *n != name) && path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let known: Vec<&str> = SHORT_NAMES.iter().map(|(n, _)| *n).collect();
-    anyhow::bail!(
-        "no model {name:?}: not a file and not a known name ({})",
-        known.join(", ")
-    )
+    match store.resolve(name) {
+        Ok(p) => Ok(p),
+        Err(_) if looks_like_path => anyhow::bail!("no such model file: {name}"),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Physical cores (distinct core ids), falling back to logical CPUs.
