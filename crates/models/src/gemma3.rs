@@ -6,7 +6,7 @@
 use crate::attention::AttnShape;
 use crate::ops::{self, RopeMode};
 use crate::weights::load_vec;
-use crate::{Config, KvCache, Layer, Model, Result, Scratch};
+use crate::{BatchSeq, Config, Layer, Model, Result, Scratch};
 use hearth_gguf::Gguf;
 use std::sync::Arc;
 
@@ -34,8 +34,9 @@ pub fn load(g: Arc<Gguf>, c: Config) -> Result<Model> {
     })
 }
 
-/// Runs all blocks on the `n` embeddings in `s.x` (positions `cache.len..`).
-pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
+/// Runs all blocks on the `n` embeddings in `s.x`: the rows of `seqs`, each at the end of its
+/// own cache.
+pub fn layers(m: &Model, n: usize, seqs: &mut [BatchSeq], s: &mut Scratch) {
     let c = &m.config;
     let (d, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
     let embd_scale = (d as f32).sqrt();
@@ -62,7 +63,7 @@ pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
         ops::rms_norm_inplace(&mut s.k[..n * kvd], k_norm, c.rms_eps);
         m.rope_qk(n, RopeMode::Neox, swa, s);
         s.q[..n * qd].iter_mut().for_each(|v| *v *= q_scale);
-        m.attend(il, layer, n, &shape, cache, s);
+        m.attend(il, layer, n, &shape, seqs, s);
         if let Some(w) = &layer.post_attn_norm {
             ops::rms_norm_inplace(&mut s.proj[..n * d], w, c.rms_eps);
         }

@@ -2,7 +2,9 @@
 //!
 //! [`Model::forward`] appends tokens to a [`KvCache`] and returns the logits of the last one.
 //! Prompts are processed in chunks of at most [`MAX_BATCH`] tokens, each chunk as one batch
-//! of matrix products; decoding is the same code with one token.
+//! of matrix products; decoding is the same code with one token. [`Model::forward_batch`]
+//! runs several sequences, each with its own cache, through the same matrix products
+//! (continuous batching): only attention is per sequence.
 
 pub mod attention;
 pub mod config;
@@ -71,6 +73,17 @@ pub struct Scratch {
     rope_swa: Vec<f32>,
     acts: Activations,
     mm: Vec<f32>,
+    /// Rows of the batch per sequence: (first row, rows, position of the first row).
+    segs: Vec<(usize, usize, usize)>,
+}
+
+/// One sequence of a [`Model::forward_batch`] call.
+pub struct BatchSeq<'a> {
+    /// Tokens to append (a prompt chunk, or the one token being decoded).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether this sequence's last token needs logits.
+    pub want_logits: bool,
 }
 
 impl Scratch {
@@ -87,19 +100,23 @@ impl Scratch {
         sz(&mut self.up, n * c.n_ff);
     }
 
-    /// Fills the RoPE tables for positions `pos0..pos0+n`, once for all layers.
-    fn fill_rope(&mut self, c: &Config, pos0: usize, n: usize) {
-        fill_rope_table(&mut self.rope, pos0, n, c.n_rot, c.rope_base);
+    /// Fills the RoPE tables for every row's position, once for all layers.
+    fn fill_rope(&mut self, c: &Config) {
+        fill_rope_table(&mut self.rope, &self.segs, c.n_rot, c.rope_base);
         if c.sliding_window.is_some() {
-            fill_rope_table(&mut self.rope_swa, pos0, n, c.n_rot, c.rope_base_swa);
+            fill_rope_table(&mut self.rope_swa, &self.segs, c.n_rot, c.rope_base_swa);
         }
     }
 }
 
-fn fill_rope_table(table: &mut Vec<f32>, pos0: usize, n: usize, n_rot: usize, base: f32) {
+fn fill_rope_table(table: &mut Vec<f32>, segs: &[(usize, usize, usize)], n_rot: usize, base: f32) {
+    let n: usize = segs.iter().map(|s| s.1).sum();
     table.resize(n * n_rot, 0.0);
-    for (t, row) in table.chunks_exact_mut(n_rot).enumerate() {
-        ops::rope_cache(pos0 + t, n_rot, base, row);
+    for &(row0, len, pos0) in segs {
+        for t in 0..len {
+            let row = &mut table[(row0 + t) * n_rot..(row0 + t + 1) * n_rot];
+            ops::rope_cache(pos0 + t, n_rot, base, row);
+        }
     }
 }
 
@@ -125,6 +142,47 @@ impl Model {
         scratch: &mut Scratch,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        self.check_seq(tokens, cache)?;
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            let mut seq = [BatchSeq {
+                tokens: chunk,
+                cache: &mut *cache,
+                want_logits: i + 1 == n_chunks,
+            }];
+            self.run_batch(&mut seq, scratch, logits);
+        }
+        Ok(())
+    }
+
+    /// Appends each sequence's tokens to its own cache in one pass over the weights, and
+    /// writes the logits of the last token of every sequence that wants them, in order, as
+    /// rows of `logits` (`[n_wanting, n_vocab]`). At most [`MAX_BATCH`] tokens in all.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [BatchSeq],
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
+        if n > MAX_BATCH {
+            return Err(ModelError::BadConfig(format!(
+                "a batch holds at most {MAX_BATCH} tokens, not {n}"
+            )));
+        }
+        for q in seqs.iter() {
+            self.check_seq(q.tokens, q.cache)?;
+        }
+        self.run_batch(seqs, scratch, logits);
+        Ok(())
+    }
+
+    fn check_seq(&self, tokens: &[u32], cache: &KvCache) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::BadConfig(
+                "forward called with no tokens".into(),
+            ));
+        }
         let needed = cache.len + tokens.len();
         if needed > cache.n_ctx {
             return Err(ModelError::ContextFull {
@@ -138,23 +196,31 @@ impl Model {
                 n_vocab: self.config.n_vocab,
             });
         }
-        let Some(last_chunk) = tokens.chunks(MAX_BATCH).last().map(<[u32]>::len) else {
-            return Err(ModelError::BadConfig(
-                "forward called with no tokens".into(),
-            ));
-        };
-        for chunk in tokens.chunks(MAX_BATCH) {
-            scratch.prepare(&self.config, chunk.len());
-            scratch.fill_rope(&self.config, cache.len, chunk.len());
-            self.embed(chunk, &mut scratch.x);
-            match self.config.arch {
-                Arch::Llama => llama::layers(self, chunk.len(), cache, scratch),
-                Arch::Gemma3 => gemma3::layers(self, chunk.len(), cache, scratch),
-            }
-            cache.len += chunk.len();
-        }
-        self.logits(last_chunk, scratch, logits);
         Ok(())
+    }
+
+    /// One batch of checked sequences, at most [`MAX_BATCH`] tokens.
+    fn run_batch(&self, seqs: &mut [BatchSeq], s: &mut Scratch, logits: &mut Vec<f32>) {
+        s.segs.clear();
+        let mut n = 0;
+        for q in seqs.iter() {
+            s.segs.push((n, q.tokens.len(), q.cache.len));
+            n += q.tokens.len();
+        }
+        s.prepare(&self.config, n);
+        s.fill_rope(&self.config);
+        let d = self.config.n_embd;
+        for (q, &(row0, len, _)) in seqs.iter().zip(&s.segs) {
+            self.embed(q.tokens, &mut s.x[row0 * d..(row0 + len) * d]);
+        }
+        match self.config.arch {
+            Arch::Llama => llama::layers(self, n, seqs, s),
+            Arch::Gemma3 => gemma3::layers(self, n, seqs, s),
+        }
+        for q in seqs.iter_mut() {
+            q.cache.len += q.tokens.len();
+        }
+        self.logits(seqs, s, logits);
     }
 
     /// Token embeddings (rows of `token_embd`, dequantized).
@@ -166,14 +232,27 @@ impl Model {
         }
     }
 
-    /// Final norm and output projection of the last token of the chunk just run.
-    fn logits(&self, n: usize, s: &mut Scratch, logits: &mut Vec<f32>) {
+    /// Final norm and output projection of the last token of each sequence that wants it.
+    fn logits(&self, seqs: &[BatchSeq], s: &mut Scratch, logits: &mut Vec<f32>) {
         let d = self.config.n_embd;
-        let last = &s.x[(n - 1) * d..n * d];
-        ops::rms_norm(last, &self.output_norm, self.config.rms_eps, &mut s.xn[..d]);
+        let mut m = 0;
+        for (q, &(row0, len, _)) in seqs.iter().zip(&s.segs) {
+            if q.want_logits {
+                let last = row0 + len - 1;
+                let (x, xn) = (
+                    &s.x[last * d..(last + 1) * d],
+                    &mut s.xn[m * d..(m + 1) * d],
+                );
+                ops::rms_norm(x, &self.output_norm, self.config.rms_eps, xn);
+                m += 1;
+            }
+        }
+        if m == 0 {
+            return;
+        }
         let out = self.output.view(&self.gguf);
-        s.acts.quantize(out.act_type(), &s.xn[..d], d);
-        logits.resize(self.config.n_vocab, 0.0);
+        s.acts.quantize(out.act_type(), &s.xn[..m * d], d);
+        logits.resize(m * self.config.n_vocab, 0.0);
         out.matmul(&s.acts, logits, &mut s.mm);
     }
 
@@ -256,28 +335,36 @@ impl Model {
         }
     }
 
-    /// Stores K and V of layer `il` in the cache and runs attention; `proj = Wo · attn`.
+    /// Stores K and V of layer `il` in each sequence's cache and runs attention there;
+    /// `proj = Wo · attn` for the whole batch.
     fn attend(
         &self,
         il: usize,
         layer: &Layer,
         n: usize,
         shape: &attention::AttnShape,
-        cache: &mut KvCache,
+        seqs: &mut [BatchSeq],
         s: &mut Scratch,
     ) {
         let c = &self.config;
         let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
-        let pos0 = cache.len;
-        cache.store(il, pos0, &s.k[..n * kvd], &s.v[..n * kvd]);
-        attention::attention(
-            &s.q[..n * qd],
-            &cache.k[il],
-            &cache.v[il],
-            pos0,
-            shape,
-            &mut s.attn[..n * qd],
-        ); // [n, qd]
+        for (q, &(row0, len, pos0)) in seqs.iter_mut().zip(&s.segs) {
+            let rows = row0..row0 + len;
+            q.cache.store(
+                il,
+                pos0,
+                &s.k[rows.start * kvd..rows.end * kvd],
+                &s.v[rows.start * kvd..rows.end * kvd],
+            );
+            attention::attention(
+                &s.q[rows.start * qd..rows.end * qd],
+                &q.cache.k[il],
+                &q.cache.v[il],
+                pos0,
+                shape,
+                &mut s.attn[rows.start * qd..rows.end * qd],
+            ); // [len, qd]
+        }
         self.matmul(
             &layer.wo,
             &s.attn[..n * qd],

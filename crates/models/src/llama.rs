@@ -4,7 +4,7 @@
 use crate::attention::AttnShape;
 use crate::ops::{self, RopeMode};
 use crate::weights::load_vec;
-use crate::{Config, KvCache, Layer, Model, Result, Scratch};
+use crate::{BatchSeq, Config, Layer, Model, Result, Scratch};
 use hearth_gguf::Gguf;
 use std::sync::Arc;
 
@@ -23,8 +23,9 @@ pub fn load(g: Arc<Gguf>, c: Config) -> Result<Model> {
     })
 }
 
-/// Runs all blocks on the `n` embeddings in `s.x` (positions `cache.len..`).
-pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
+/// Runs all blocks on the `n` embeddings in `s.x`: the rows of `seqs`, each at the end of its
+/// own cache.
+pub fn layers(m: &Model, n: usize, seqs: &mut [BatchSeq], s: &mut Scratch) {
     let c = &m.config;
     let d = c.n_embd;
     let shape = AttnShape {
@@ -38,7 +39,7 @@ pub fn layers(m: &Model, n: usize, cache: &mut KvCache, s: &mut Scratch) {
         // Attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn).
         m.attn_projections(layer, n, s);
         m.rope_qk(n, RopeMode::Normal, false, s);
-        m.attend(il, layer, n, &shape, cache, s);
+        m.attend(il, layer, n, &shape, seqs, s);
         ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
 
         // Feed-forward block: x += down(silu(gate(xn)) * up(xn)).
