@@ -3,21 +3,14 @@ use crate::{
     ChatArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ShowArgs, TokenizeArgs,
 };
 use anyhow::{Context, Result};
-use hearth_engine::{GenerateRequest, GenerationStats, SamplingParams, Session};
+use hearth_engine::{GenerateRequest, GenerationStats, LoadedModel, SamplingParams, Session};
 use hearth_gguf::Gguf;
-use hearth_models::Model;
-use hearth_tokenizer::template::{builtin_for_arch, ChatTemplate, Message, CHATML_TEMPLATE};
-use hearth_tokenizer::{TokenId, Tokenizer};
+use hearth_tokenizer::template::{builtin_for_arch, Message};
+use hearth_tokenizer::Tokenizer;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-pub struct Loaded {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-}
 
 fn open_gguf(name: &str) -> Result<Arc<Gguf>> {
     let path = resolve_model(name)?;
@@ -34,37 +27,26 @@ fn init_threads(threads: Option<usize>) -> Result<usize> {
     Ok(n)
 }
 
-pub fn load(args: &ModelArgs, verbose: bool) -> Result<Loaded> {
+pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
     let t = Instant::now();
     let threads = init_threads(args.threads)?;
-    let g = open_gguf(&args.model)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
-    let arch = g.require_str("general.architecture")?.to_string();
-    let template = match g.get_str("tokenizer.chat_template")? {
-        Some(t) => ChatTemplate::new(t),
-        None => ChatTemplate::new(builtin_for_arch(&arch).unwrap_or(CHATML_TEMPLATE)),
-    };
-    let model = Model::load(g)?;
     if args.ctx == 0 {
         anyhow::bail!("--ctx must be at least 1");
     }
+    let loaded = LoadedModel::from_gguf(open_gguf(&args.model)?)?;
     if verbose {
         let k = hearth_quant::dispatch::kernels();
         eprintln!(
             "hearth: {} ({} layers, {} vocab), {} threads, kernels: {}, loaded in {:.0} ms",
-            arch,
-            model.config.n_layer,
-            model.config.n_vocab,
+            loaded.arch,
+            loaded.model.config.n_layer,
+            loaded.model.config.n_vocab,
             threads,
             k.isa.name(),
             t.elapsed().as_secs_f64() * 1e3
         );
     }
-    Ok(Loaded {
-        model,
-        tokenizer,
-        template,
-    })
+    Ok(loaded)
 }
 
 pub fn sampling_params(s: &SamplingArgs) -> Result<SamplingParams> {
@@ -90,23 +72,6 @@ pub fn sampling_params(s: &SamplingArgs) -> Result<SamplingParams> {
 
 /// Renders `messages` with the model's template and tokenizes it: template text with
 /// special tokens parsed, message text without.
-pub fn chat_tokens(l: &Loaded, messages: &[Message]) -> Result<Vec<TokenId>> {
-    let tok = &l.tokenizer;
-    let bos = tok.bos.and_then(|b| tok.token_text(b)).unwrap_or("");
-    let eos = tok.eos.and_then(|e| tok.token_text(e)).unwrap_or("");
-    let segs = l.template.render_segments(messages, true, bos, eos)?;
-    let mut ids = Vec::new();
-    for s in &segs {
-        ids.extend(tok.encode(&s.text, false, s.parse_special));
-    }
-    if let Some(bos) = tok.bos.filter(|_| tok.add_bos) {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
-    }
-    Ok(ids)
-}
-
 fn print_timings(s: &GenerationStats) {
     eprintln!(
         "\nhearth: prompt {} tokens ({} computed) {:.1} t/s | generated {} tokens {:.1} t/s | {}",
@@ -134,7 +99,7 @@ pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
             msgs.push(Message::new("system", sys));
         }
         msgs.push(Message::new("user", &a.prompt));
-        chat_tokens(&l, &msgs)?
+        l.chat_tokens(&msgs)?
     };
     let mut session = Session::new(&l.model, &l.tokenizer, a.model.ctx);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -194,7 +159,7 @@ pub fn chat(a: ChatArgs, verbose: bool) -> Result<()> {
             continue;
         }
         messages.push(Message::new("user", text));
-        let prompt = chat_tokens(&l, &messages)?;
+        let prompt = l.chat_tokens(&messages)?;
         let params = sampling_params(&a.sampling)?;
         let req = GenerateRequest {
             prompt: &prompt,

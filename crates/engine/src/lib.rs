@@ -1,9 +1,13 @@
 //! The generation loop: prompt prefill with KV-cache prefix reuse, sampling, streaming
 //! UTF-8-safe text, stop strings, end-of-generation tokens and cancellation.
 
+pub mod loaded;
 pub mod sampling;
+pub mod scheduler;
 
+pub use loaded::LoadedModel;
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{Event, Job, Scheduler, SchedulerConfig, Summary};
 
 use hearth_models::{KvCache, Model, ModelError, Scratch};
 use hearth_tokenizer::{StreamDecoder, TokenId, Tokenizer};
@@ -20,6 +24,10 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("prompt of {prompt} tokens does not fit the context of {n_ctx} tokens")]
     PromptTooLong { prompt: usize, n_ctx: usize },
+    #[error(transparent)]
+    Gguf(#[from] hearth_gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] hearth_tokenizer::TokenizerError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +167,8 @@ impl<'m> Session<'m> {
         let mut stops = StopMatcher::new(req.stop);
         let mut generated = Vec::new();
         let mut finish = FinishReason::Length;
+        // Text held back for stop strings is released unless a stop string cut it.
+        let mut cut = false;
         while generated.len() < req.max_tokens {
             if cancel.load(Ordering::Relaxed) {
                 finish = FinishReason::Cancelled;
@@ -175,6 +185,7 @@ impl<'m> Session<'m> {
             on_text(&emit);
             if hit {
                 finish = FinishReason::Stop;
+                cut = true;
                 break;
             }
             if generated.len() >= req.max_tokens {
@@ -185,7 +196,7 @@ impl<'m> Session<'m> {
             }
             self.step(token)?;
         }
-        if finish != FinishReason::Stop {
+        if !cut {
             let (emit, _) = stops.push(&decoder.finish());
             on_text(&emit);
             on_text(&stops.flush());
@@ -203,15 +214,15 @@ impl<'m> Session<'m> {
 }
 
 /// Holds back text that could be the start of a stop string, and cuts at the first match.
-pub struct StopMatcher<'s> {
-    stops: &'s [String],
+pub struct StopMatcher {
+    stops: Vec<String>,
     held: String,
 }
 
-impl<'s> StopMatcher<'s> {
-    pub fn new(stops: &'s [String]) -> Self {
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
         StopMatcher {
-            stops,
+            stops: stops.to_vec(),
             held: String::new(),
         }
     }
