@@ -1,6 +1,7 @@
 use crate::resolve::{physical_cores, resolve_model};
 use crate::{
-    ChatArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ShowArgs, TokenizeArgs,
+    ChatArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ServeArgs, ShowArgs,
+    TokenizeArgs,
 };
 use anyhow::{Context, Result};
 use hearth_engine::{GenerateRequest, GenerationStats, LoadedModel, SamplingParams, Session};
@@ -379,4 +380,68 @@ pub fn rm(a: RmArgs) -> Result<()> {
         println!("deleted {name}");
     }
     Ok(())
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let config = hearth_server::ServerConfig {
+        models_dir: a.models.unwrap_or_else(hearth_store::default_root),
+        parallel: a.parallel.max(1),
+        n_ctx: a.ctx.max(2),
+        max_queue: a.max_queue,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        body_limit: a.body_limit,
+        header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "hearth: serving {} on http://{addr} (OpenAI /v1, Ollama /api){}",
+            config.models_dir.display(),
+            if config.api_key.is_some() {
+                ", API key required"
+            } else {
+                ""
+            }
+        );
+        let state = hearth_server::AppState::new(config);
+        hearth_server::serve(
+            listener,
+            state,
+            shutdown_signal(),
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+        eprintln!("hearth: stopped");
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

@@ -1,4 +1,4 @@
-//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm.
+//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve.
 
 mod commands;
 pub mod resolve;
@@ -38,6 +38,41 @@ enum Command {
     List(ListArgs),
     /// Remove cached models.
     Rm(RmArgs),
+    /// OpenAI- and Ollama-compatible HTTP server for the cached models.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback unless you say otherwise).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Directory of models to offer (default: the model cache).
+    #[arg(long)]
+    pub models: Option<std::path::PathBuf>,
+    /// Sequences decoded together per model.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Context length of every sequence.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Requests waiting per model before the server answers 503.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 2 << 20)]
+    pub body_limit: usize,
+    /// Seconds a client has to send its request headers (and idle keep-alive limit).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Worker threads for the model (default: physical cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -163,6 +198,7 @@ pub fn main() -> ExitCode {
         Command::Pull(a) => commands::pull(a),
         Command::List(a) => commands::list(a),
         Command::Rm(a) => commands::rm(a),
+        Command::Serve(a) => commands::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

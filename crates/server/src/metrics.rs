@@ -1,0 +1,124 @@
+//! Prometheus metrics for `/metrics`.
+
+use std::sync::atomic::Ordering;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::registry::Served;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounter,
+    pub prompt_tokens_cached: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub inter_token: Histogram,
+    queue_depth: IntGauge,
+    active: IntGauge,
+    kv_used: IntGauge,
+    kv_capacity: IntGauge,
+    cancelled: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "hearth_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
+            &["endpoint", "status"],
+        )
+        .expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let m = Self {
+            requests,
+            prompt_tokens: counter("hearth_prompt_tokens_total", "Prompt tokens received"),
+            prompt_tokens_cached: counter(
+                "hearth_prompt_tokens_cached_total",
+                "Prompt tokens reused from the KV cache",
+            ),
+            generated_tokens: counter("hearth_generated_tokens_total", "Tokens generated"),
+            time_to_first_token: Histogram::with_opts(
+                HistogramOpts::new(
+                    "hearth_time_to_first_token_seconds",
+                    "From request to first generated text",
+                )
+                .buckets(vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )
+            .expect("valid metric"),
+            inter_token: Histogram::with_opts(
+                HistogramOpts::new(
+                    "hearth_inter_token_seconds",
+                    "Between consecutive pieces of generated text",
+                )
+                .buckets(vec![0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]),
+            )
+            .expect("valid metric"),
+            queue_depth: gauge("hearth_queue_depth", "Requests waiting for a slot"),
+            active: gauge("hearth_active_sequences", "Sequences being processed"),
+            kv_used: gauge(
+                "hearth_kv_cache_used_tokens",
+                "KV cache positions held by active sequences",
+            ),
+            kv_capacity: gauge(
+                "hearth_kv_cache_capacity_tokens",
+                "KV cache positions of all slots of loaded models",
+            ),
+            cancelled: gauge(
+                "hearth_cancelled_requests",
+                "Requests dropped because the client went away",
+            ),
+            registry,
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.prompt_tokens.clone()),
+            Box::new(m.prompt_tokens_cached.clone()),
+            Box::new(m.generated_tokens.clone()),
+            Box::new(m.time_to_first_token.clone()),
+            Box::new(m.inter_token.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.active.clone()),
+            Box::new(m.kv_used.clone()),
+            Box::new(m.kv_capacity.clone()),
+            Box::new(m.cancelled.clone()),
+        ] {
+            m.registry.register(c).expect("metric registered once");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition, with the schedulers' live figures.
+    pub fn render(&self, served: &[std::sync::Arc<Served>]) -> String {
+        let sum = |f: &dyn Fn(&Served) -> usize| served.iter().map(|s| f(s)).sum::<usize>() as i64;
+        let stat = |s: &Served| s.scheduler.stats.clone();
+        self.queue_depth
+            .set(sum(&|s| stat(s).queued.load(Ordering::Relaxed)));
+        self.active
+            .set(sum(&|s| stat(s).active.load(Ordering::Relaxed)));
+        self.kv_used
+            .set(sum(&|s| stat(s).kv_used.load(Ordering::Relaxed)));
+        self.kv_capacity
+            .set(sum(&|s| stat(s).kv_capacity.load(Ordering::Relaxed)));
+        self.cancelled
+            .set(sum(&|s| stat(s).cancelled.load(Ordering::Relaxed) as usize));
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

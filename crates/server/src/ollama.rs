@@ -1,0 +1,473 @@
+//! Ollama-compatible endpoints: `/api/generate`, `/api/chat` (NDJSON streams by default),
+//! `/api/tags`, `/api/show`, `/api/ps`, `/api/version`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hearth_engine::{Event, FinishReason, Summary};
+use hearth_tokenizer::template::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Api, ApiError, Kind};
+use crate::generate::{self, body_stream, parse_body, Knobs, Render};
+use crate::registry::Served;
+use crate::AppState;
+
+const API: Api = Api::Ollama;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `options`; unknown ones (num_gpu, mirostat…) are ignored as Ollama ignores what a
+/// runner does not use.
+#[derive(Deserialize, Default)]
+struct Options {
+    temperature: Option<f64>,
+    top_k: Option<i64>,
+    top_p: Option<f64>,
+    min_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    seed: Option<i64>,
+    num_predict: Option<i64>,
+    num_ctx: Option<i64>,
+    stop: Option<Stop>,
+}
+
+impl Options {
+    fn knobs(&self) -> Result<Knobs, ApiError> {
+        if let Some(n) = self.num_ctx.filter(|&n| n <= 0) {
+            return Err(ApiError::bad(
+                API,
+                format!("num_ctx must be positive, not {n}"),
+            ));
+        }
+        Ok(Knobs {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            // -1 (and -2, "fill the context"): no limit but the context.
+            max_tokens: self.num_predict,
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+            num_ctx: self.num_ctx,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<Options>,
+    format: Option<Value>,
+    images: Option<Vec<Value>>,
+    suffix: Option<String>,
+    template: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+    images: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<Options>,
+    format: Option<Value>,
+    tools: Option<Value>,
+}
+
+fn not_supported(what: &str) -> ApiError {
+    ApiError::bad(API, format!("{what} is not supported yet"))
+}
+
+fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(not_supported("format (constrained output)")),
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+fn done_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+/// The closing object's timing and count fields.
+fn final_fields(s: &Summary, received: Instant, load: Duration) -> Value {
+    json!({
+        "done": true,
+        "done_reason": done_reason(s.finish),
+        "total_duration": nanos(received.elapsed()),
+        "load_duration": nanos(load),
+        "prompt_eval_count": s.prompt_tokens - s.prompt_cached,
+        "prompt_eval_duration": nanos(s.prompt_time),
+        "eval_count": s.completion_tokens,
+        "eval_duration": nanos(s.generation_time),
+    })
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+struct NdjsonRender {
+    chat: bool,
+    model: String,
+    received: Instant,
+    load: Duration,
+}
+
+impl NdjsonRender {
+    fn piece(&self, text: &str) -> Value {
+        if self.chat {
+            json!({
+                "model": self.model,
+                "created_at": now_rfc3339(),
+                "message": { "role": "assistant", "content": text },
+                "done": false,
+            })
+        } else {
+            json!({
+                "model": self.model,
+                "created_at": now_rfc3339(),
+                "response": text,
+                "done": false,
+            })
+        }
+    }
+}
+
+impl Render for NdjsonRender {
+    fn event(&mut self, event: Event) -> (Vec<String>, bool) {
+        match event {
+            Event::Text(t) => (vec![format!("{}\n", self.piece(&t))], false),
+            Event::Done(s) => {
+                let last = merge(self.piece(""), final_fields(&s, self.received, self.load));
+                (vec![format!("{last}\n")], true)
+            }
+            Event::Error(e) => (vec![format!("{}\n", json!({ "error": e }))], true),
+        }
+    }
+}
+
+async fn respond(
+    state: &AppState,
+    served: Arc<Served>,
+    prompt: Vec<u32>,
+    knobs: Knobs,
+    stream: bool,
+    render: NdjsonRender,
+) -> Result<Response, ApiError> {
+    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
+    let generation = generate::submit(API, state, served.clone(), prepared)?;
+    if stream {
+        let body = Body::from_stream(body_stream(generation, render));
+        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
+    }
+    let (text, summary) = generation.collect(API).await?;
+    let whole = merge(
+        render.piece(&text),
+        final_fields(&summary, render.received, render.load),
+    );
+    Ok(Json(whole).into_response())
+}
+
+/// Ollama answers a request without a prompt by loading the model.
+fn loaded_reply(served: &Served, chat: bool, load: Duration, received: Instant) -> Response {
+    let mut v = json!({
+        "model": served.name,
+        "created_at": now_rfc3339(),
+        "done": true,
+        "done_reason": "load",
+        "total_duration": nanos(received.elapsed()),
+        "load_duration": nanos(load),
+    });
+    if chat {
+        v["message"] = json!({ "role": "assistant", "content": "" });
+    } else {
+        v["response"] = json!("");
+    }
+    Json(v).into_response()
+}
+
+pub async fn generate(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let req: GenerateRequest = parse_body(API, body)?;
+    check_format(&req.format)?;
+    if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err(not_supported("images"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(not_supported("suffix (fill-in-the-middle)"));
+    }
+    if req.template.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(not_supported("a custom template"));
+    }
+    let knobs = req.options.unwrap_or_default().knobs()?;
+    let served = state.registry.get(API, &req.model).await?;
+    let load = received.elapsed();
+    if req.prompt.is_empty() {
+        return Ok(loaded_reply(&served, false, load, received));
+    }
+    let prompt = if req.raw {
+        served.loaded.text_tokens(&req.prompt)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(system) = &req.system {
+            msgs.push(Message::new("system", system));
+        }
+        msgs.push(Message::new("user", &req.prompt));
+        served
+            .loaded
+            .chat_tokens(&msgs)
+            .map_err(|e| ApiError::bad(API, e.to_string()))?
+    };
+    let stream = req.stream.unwrap_or(true);
+    let render = NdjsonRender {
+        chat: false,
+        model: served.name.clone(),
+        received,
+        load,
+    };
+    respond(&state, served, prompt, knobs, stream, render).await
+}
+
+pub async fn chat(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let req: ChatRequest = parse_body(API, body)?;
+    check_format(&req.format)?;
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(not_supported("tools"));
+    }
+    let knobs = req.options.unwrap_or_default().knobs()?;
+    let served = state.registry.get(API, &req.model).await?;
+    let load = received.elapsed();
+    if req.messages.is_empty() {
+        return Ok(loaded_reply(&served, true, load, received));
+    }
+    let mut msgs = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if m.images.as_ref().is_some_and(|i| !i.is_empty()) {
+            return Err(not_supported("images"));
+        }
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(ApiError::bad(API, format!("unknown role {:?}", m.role)));
+        }
+        msgs.push(Message::new(&m.role, &m.content));
+    }
+    let prompt = served
+        .loaded
+        .chat_tokens(&msgs)
+        .map_err(|e| ApiError::bad(API, e.to_string()))?;
+    let stream = req.stream.unwrap_or(true);
+    let render = NdjsonRender {
+        chat: true,
+        model: served.name.clone(),
+        received,
+        load,
+    };
+    respond(&state, served, prompt, knobs, stream, render).await
+}
+
+/// Ollama's `details` of a model file.
+fn details(path: &Path) -> Value {
+    let Ok(g) = hearth_gguf::Gguf::open(path) else {
+        return json!({ "format": "gguf" });
+    };
+    let arch = g
+        .get_str("general.architecture")
+        .ok()
+        .flatten()
+        .unwrap_or("")
+        .to_string();
+    let params: u64 = g.tensors.iter().map(|t| t.n_elements).sum();
+    let size = if params >= 1_000_000_000 {
+        format!("{:.1}B", params as f64 / 1e9)
+    } else {
+        format!("{:.0}M", params as f64 / 1e6)
+    };
+    let quant = g
+        .get_int("general.file_type", 0, 1 << 16)
+        .ok()
+        .flatten()
+        .and_then(|ft| hearth_store::file_type_name(ft as u64))
+        .unwrap_or("unknown");
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch],
+        "parameter_size": size,
+        "quantization_level": quant,
+    })
+}
+
+fn modified_at(unix: u64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let entries = state.registry.list();
+    let models = tokio::task::spawn_blocking(move || {
+        entries
+            .into_iter()
+            .map(|e| {
+                json!({
+                    "name": e.name,
+                    "model": e.name,
+                    "modified_at": modified_at(e.modified),
+                    "size": e.size,
+                    "digest": e.digest.as_deref().and_then(|d| d.strip_prefix("sha256:")).unwrap_or(""),
+                    "details": details(&e.path),
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::new(API, Kind::Internal, e.to_string()))?;
+    Ok(Json(json!({ "models": models })))
+}
+
+#[derive(Deserialize)]
+struct ShowRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    name: String,
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: ShowRequest = parse_body(API, body)?;
+    let name = if req.model.is_empty() {
+        req.name
+    } else {
+        req.model
+    };
+    let served = state.registry.get(API, &name).await?;
+    let c = &served.loaded.model.config;
+    let arch = served.loaded.arch.clone();
+    let path = served.path.clone();
+    let license = hearth_gguf::Gguf::open(&path)
+        .ok()
+        .and_then(|g| {
+            g.get_str("general.license")
+                .ok()
+                .flatten()
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let params: u64 = served
+        .loaded
+        .model
+        .gguf
+        .tensors
+        .iter()
+        .map(|t| t.n_elements)
+        .sum();
+    Ok(Json(json!({
+        "license": license,
+        "modelfile": "",
+        "parameters": "",
+        "template": served.loaded.template.source(),
+        "details": details(&path),
+        "model_info": {
+            "general.architecture": arch,
+            "general.parameter_count": params,
+            format!("{arch}.context_length"): served.scheduler.config.n_ctx,
+            format!("{arch}.embedding_length"): c.n_embd,
+            format!("{arch}.block_count"): c.n_layer,
+            format!("{arch}.attention.head_count"): c.n_head,
+            format!("{arch}.attention.head_count_kv"): c.n_kv_head,
+        },
+        "capabilities": ["completion"],
+    })))
+}
+
+pub async fn ps(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .registry
+        .running()
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "model": s.name,
+                "size": s.size,
+                "digest": "",
+                "details": details(&s.path),
+                "expires_at": "9999-12-31T23:59:59Z",
+                "size_vram": 0,
+            })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}

@@ -1,0 +1,453 @@
+//! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hearth_engine::{Event, FinishReason, Summary};
+use hearth_tokenizer::template::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Api, ApiError};
+use crate::generate::{self, body_stream, parse_body, Knobs, Render};
+use crate::AppState;
+
+const API: Api = Api::OpenAi;
+const FINGERPRINT: &str = concat!("hearth-", env!("CARGO_PKG_VERSION"));
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields of both completion requests; unknown fields are ignored.
+#[derive(Deserialize, Default)]
+struct Common {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<i64>,
+    logprobs: Option<Value>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    echo: Option<bool>,
+}
+
+impl Common {
+    /// Refuses what hearth does not do yet, rather than silently ignoring it.
+    fn check(&self) -> Result<Knobs, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::param(API, "n", "only n=1 is supported"));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
+        {
+            return Err(ApiError::param(
+                API,
+                "logprobs",
+                "logprobs are not supported yet",
+            ));
+        }
+        if let Some(f) = &self.response_format {
+            if f.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
+                return Err(ApiError::param(
+                    API,
+                    "response_format",
+                    "constrained (JSON) output is not supported yet",
+                ));
+            }
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::param(
+                API,
+                "tools",
+                "tool calls are not supported yet",
+            ));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::param(API, "echo", "echo is not supported"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(n) = max_tokens.filter(|&n| n < 0) {
+            return Err(ApiError::param(
+                API,
+                "max_tokens",
+                format!("max_tokens must be ≥ 0, not {n}"),
+            ));
+        }
+        Ok(Knobs {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: None,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            max_tokens,
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+            num_ctx: None,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<InMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn new_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{n:06x}", generate::unix_now())
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+fn usage(s: &Summary) -> Value {
+    json!({
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": s.prompt_cached },
+    })
+}
+
+fn messages(api_messages: &[InMessage]) -> Result<Vec<Message>, ApiError> {
+    if api_messages.is_empty() {
+        return Err(ApiError::param(
+            API,
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    api_messages
+        .iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "developer" => "system",
+                r @ ("system" | "user" | "assistant" | "tool") => r,
+                other => {
+                    return Err(ApiError::param(
+                        API,
+                        "messages",
+                        format!("unknown role {other:?}"),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::param(
+                                    API,
+                                    "messages",
+                                    format!("content parts of type {kind:?} are not supported"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(Message::new(role, &content))
+        })
+        .collect()
+}
+
+fn sse_data(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+/// `chat.completion.chunk` / `text_completion` streams.
+struct SseRender {
+    chat: bool,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl SseRender {
+    fn chunk(&self, choice: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [choice],
+        })
+    }
+
+    fn choice(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+        if self.chat {
+            let delta = match text {
+                Some(t) => json!({ "content": t }),
+                None => json!({}),
+            };
+            json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+        } else {
+            json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish })
+        }
+    }
+}
+
+impl Render for SseRender {
+    fn start(&mut self) -> Vec<String> {
+        if !self.chat {
+            return Vec::new();
+        }
+        let first = json!({
+            "index": 0,
+            "delta": { "role": "assistant", "content": "" },
+            "logprobs": null,
+            "finish_reason": null,
+        });
+        vec![sse_data(&self.chunk(first))]
+    }
+
+    fn event(&mut self, event: Event) -> (Vec<String>, bool) {
+        match event {
+            Event::Text(t) => (
+                vec![sse_data(&self.chunk(self.choice(Some(&t), None)))],
+                false,
+            ),
+            Event::Done(s) => {
+                let mut out = vec![sse_data(
+                    &self.chunk(self.choice(None, Some(finish_reason(s.finish)))),
+                )];
+                if self.include_usage {
+                    let mut u = self.chunk(json!(null));
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    out.push(sse_data(&u));
+                }
+                out.push("data: [DONE]\n\n".to_string());
+                (out, true)
+            }
+            Event::Error(e) => (
+                vec![
+                    sse_data(&ApiError::bad(API, e).body()),
+                    "data: [DONE]\n\n".to_string(),
+                ],
+                true,
+            ),
+        }
+    }
+}
+
+fn sse_response(generation: generate::Generation, render: SseRender) -> Response {
+    let body = Body::from_stream(body_stream(generation, render));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(API, body)?;
+    let knobs = req.common.check()?;
+    let msgs = messages(&req.messages)?;
+    let served = state.registry.get(API, &req.common.model).await?;
+    let prompt = served
+        .loaded
+        .chat_tokens(&msgs)
+        .map_err(|e| ApiError::param(API, "messages", e.to_string()))?;
+    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
+    let generation = generate::submit(API, &state, served.clone(), prepared)?;
+    let (id, created) = (new_id("chatcmpl"), generate::unix_now());
+    if req.common.stream {
+        let render = SseRender {
+            chat: true,
+            id,
+            model: served.name.clone(),
+            created,
+            include_usage: req.common.stream_options.is_some_and(|o| o.include_usage),
+        };
+        return Ok(sse_response(generation, render));
+    }
+    let (text, summary) = generation.collect(API).await?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": null,
+            "finish_reason": finish_reason(summary.finish),
+        }],
+        "usage": usage(&summary),
+    }))
+    .into_response())
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(API, body)?;
+    let knobs = req.common.check()?;
+    let served = state.registry.get(API, &req.common.model).await?;
+    let prompt = match req.prompt {
+        Prompt::Text(t) => served.loaded.text_tokens(&t),
+        Prompt::Texts(v) if v.len() == 1 => served.loaded.text_tokens(&v[0]),
+        Prompt::Texts(_) => {
+            return Err(ApiError::param(
+                API,
+                "prompt",
+                "exactly one prompt per request is supported",
+            ))
+        }
+        Prompt::Tokens(ids) => {
+            let n_vocab = served.loaded.model.config.n_vocab;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(ApiError::param(
+                    API,
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+                ));
+            }
+            ids
+        }
+    };
+    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
+    let generation = generate::submit(API, &state, served.clone(), prepared)?;
+    let (id, created) = (new_id("cmpl"), generate::unix_now());
+    if req.common.stream {
+        let render = SseRender {
+            chat: false,
+            id,
+            model: served.name.clone(),
+            created,
+            include_usage: req.common.stream_options.is_some_and(|o| o.include_usage),
+        };
+        return Ok(sse_response(generation, render));
+    }
+    let (text, summary) = generation.collect(API).await?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": finish_reason(summary.finish),
+        }],
+        "usage": usage(&summary),
+    }))
+    .into_response())
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .registry
+        .list()
+        .into_iter()
+        .map(|e| {
+            json!({
+                "id": e.name,
+                "object": "model",
+                "created": e.modified,
+                "owned_by": "local",
+            })
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}

@@ -1,0 +1,115 @@
+//! The models the server offers: everything in the model cache, loaded on first use, each
+//! with its own continuous-batching scheduler.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_engine::scheduler::SchedulerConfig;
+use hearth_engine::{LoadedModel, Scheduler};
+use hearth_store::{Entry, ModelName, Store, StoreError, SHORT_NAMES};
+use tokio::sync::OnceCell;
+
+use crate::error::{Api, ApiError, Kind};
+
+pub struct Served {
+    pub name: String,
+    pub path: PathBuf,
+    pub loaded: Arc<LoadedModel>,
+    pub scheduler: Scheduler,
+    pub load_time: Duration,
+    pub size: u64,
+}
+
+pub struct Registry {
+    store: Store,
+    scheduler: SchedulerConfig,
+    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<Served>>>>>,
+}
+
+/// `smollm2:latest` is `smollm2` (Ollama clients add the tag).
+fn canonical(name: &str) -> &str {
+    match name.strip_suffix(":latest") {
+        Some(short) if SHORT_NAMES.iter().any(|(n, _)| *n == short) => short,
+        _ => name,
+    }
+}
+
+impl Registry {
+    pub fn new(models_dir: PathBuf, scheduler: SchedulerConfig) -> Self {
+        Self {
+            store: Store::new(models_dir),
+            scheduler,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Cached GGUF models.
+    pub fn list(&self) -> Vec<Entry> {
+        self.store.list().unwrap_or_default()
+    }
+
+    /// Models loaded so far.
+    pub fn running(&self) -> Vec<Arc<Served>> {
+        let map = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().filter_map(|c| c.get().cloned()).collect()
+    }
+
+    /// The model called `name`, loading it on first use (concurrent first requests wait for
+    /// one load). A name that is not a valid model name is refused before any file access.
+    pub async fn get(&self, api: Api, name: &str) -> Result<Arc<Served>, ApiError> {
+        let name = canonical(name);
+        if name.is_empty() {
+            return Err(ApiError::param(api, "model", "model is required"));
+        }
+        ModelName::parse(name).map_err(|e| ApiError::param(api, "model", e.to_string()))?;
+        let path = self.store.resolve(name).map_err(|e| match e {
+            StoreError::InvalidName { .. } => ApiError::param(api, "model", e.to_string()),
+            _ => ApiError::new(
+                api,
+                Kind::NotFound,
+                format!("model {name:?} not found; pull it first (hearth pull)"),
+            ),
+        })?;
+        let cell = {
+            let mut map = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(name.to_string()).or_default().clone()
+        };
+        let config = self.scheduler.clone();
+        let served = cell
+            .get_or_try_init(|| async {
+                let (name2, path2) = (name.to_string(), path.clone());
+                tokio::task::spawn_blocking(move || {
+                    let t = Instant::now();
+                    let loaded = Arc::new(LoadedModel::open(&path2)?);
+                    let scheduler = Scheduler::start(loaded.clone(), config);
+                    let size = std::fs::metadata(&path2).map_or(0, |m| m.len());
+                    tracing::info!(model = %name2, "loaded in {:?}", t.elapsed());
+                    Ok::<_, hearth_engine::EngineError>(Arc::new(Served {
+                        name: name2,
+                        path: path2,
+                        loaded,
+                        scheduler,
+                        load_time: t.elapsed(),
+                        size,
+                    }))
+                })
+                .await
+                .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+                .map_err(|e| {
+                    ApiError::new(
+                        api,
+                        Kind::Unavailable,
+                        format!("model {name:?} could not be loaded: {e}"),
+                    )
+                })
+            })
+            .await?;
+        Ok(served.clone())
+    }
+}

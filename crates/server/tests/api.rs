@@ -1,0 +1,692 @@
+//! The server end to end on 127.0.0.1 (port 0) with the real SmolLM2: both APIs' shapes,
+//! streaming, errors, queue limits, cancellation, prefix reuse, batching and slowloris.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use hearth_server::{AppState, ServerConfig};
+use serde_json::{json, Value};
+
+const MODEL: &str = "smollm2";
+
+struct Server {
+    base: String,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn start(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
+    let mut config = ServerConfig {
+        n_ctx: 512,
+        header_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = AppState::new(config);
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        hearth_server::serve(listener, state, shutdown, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+    Server {
+        base: format!("http://{addr}"),
+        addr,
+        stop: Some(tx),
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(s: &Server, path: &str) -> (u16, String) {
+    let r = client()
+        .get(format!("{}{path}", s.base))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut v = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 12,
+    });
+    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+/// The metric's value in the Prometheus text (0 when absent).
+async fn metric(s: &Server, name: &str) -> f64 {
+    let (_, text) = get(s, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_and_completion_shapes() {
+    let s = start(|_| {}).await;
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Why is the sky blue?", json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.len() > 10, "{text:?}");
+    // Greedy is deterministic, and the second run reuses the cached prompt.
+    let (_, again) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Why is the sky blue?", json!({})),
+    )
+    .await;
+    assert_eq!(again["choices"][0]["message"]["content"], text.as_str());
+    assert!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let (status, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+
+    let (status, models) = get(&s, "/v1/models").await;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == MODEL));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_stream_ends_with_done_and_usage() {
+    let s = start(|_| {}).await;
+    let body = chat(
+        "Count: one, two,",
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let text = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    // The streamed text is the non-streamed text.
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let (_, whole) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Count: one, two,", json!({})),
+    )
+    .await;
+    assert_eq!(whole["choices"][0]["message"]["content"], streamed.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_and_seeds() {
+    let s = start(|_| {}).await;
+    let (_, free) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("List three colors.", json!({"max_tokens": 30})),
+    )
+    .await;
+    let free = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Stop at a word from the middle of the greedy text: the reply ends just before it.
+    let word = free.split_whitespace().nth(3).unwrap().to_string();
+    let (_, cut) = post(
+        &s,
+        "/v1/chat/completions",
+        chat(
+            "List three colors.",
+            json!({"max_tokens": 30, "stop": [word.clone()]}),
+        ),
+    )
+    .await;
+    let cut_text = cut["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    assert!(
+        free.starts_with(cut_text) && !cut_text.contains(&word),
+        "{free:?} / {cut_text:?}"
+    );
+
+    let sampled = |seed: i64| {
+        chat(
+            "Tell me a story.",
+            json!({"temperature": 1.0, "seed": seed, "max_tokens": 16}),
+        )
+    };
+    let (_, a) = post(&s, "/v1/chat/completions", sampled(7)).await;
+    let (_, b) = post(&s, "/v1/chat/completions", sampled(7)).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_generate_chat_tags_show() {
+    let s = start(|_| {}).await;
+    // Streams NDJSON by default, ending with the counts and durations.
+    let text = client()
+        .post(format!("{}/api/generate", s.base))
+        .json(&json!({"model": MODEL, "prompt": "Hello", "options": {"num_predict": 5, "temperature": 0}}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    for field in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ] {
+        assert!(last[field].is_u64(), "{field} in {last}");
+    }
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| l["done"] == false && l["response"].is_string()));
+
+    // Multi-turn chat: the second turn reuses the first one's cache.
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are a helpful assistant who answers briefly and politely."}),
+        json!({"role": "user", "content": "What is the capital of France?"}),
+    ];
+    let (status, first) = post(
+        &s,
+        "/api/chat",
+        json!({"model": "smollm2:latest", "messages": messages, "stream": false, "options": {"num_predict": 10, "temperature": 0}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["message"]["role"], "assistant");
+    let full_prompt = first["prompt_eval_count"].as_u64().unwrap();
+    messages.push(first["message"].clone());
+    messages.push(json!({"role": "user", "content": "And of Spain?"}));
+    let (_, second) = post(
+        &s,
+        "/api/chat",
+        json!({"model": MODEL, "messages": messages, "stream": false, "options": {"num_predict": 10, "temperature": 0}}),
+    )
+    .await;
+    let evaluated = second["prompt_eval_count"].as_u64().unwrap();
+    assert!(
+        evaluated < full_prompt,
+        "second turn evaluated {evaluated} of its prompt, first {full_prompt}"
+    );
+
+    let (status, tags) = get(&s, "/api/tags").await;
+    assert_eq!(status, 200);
+    let tags: Value = serde_json::from_str(&tags).unwrap();
+    let entry = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == MODEL)
+        .unwrap()
+        .clone();
+    assert_eq!(entry["details"]["quantization_level"], "Q4_1");
+    let (status, show) = post(&s, "/api/show", json!({"model": MODEL})).await;
+    assert_eq!(status, 200);
+    assert_eq!(show["model_info"]["general.architecture"], "llama");
+    let (status, ps) = get(&s, "/api/ps").await;
+    assert_eq!(status, 200);
+    assert!(ps.contains(MODEL));
+    let (status, _) = get(&s, "/api/version").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_in_each_apis_shape() {
+    let s = start(|c| c.body_limit = 64 << 10).await;
+    let openai = |v: &Value| v["error"]["message"].is_string() && v["error"]["type"].is_string();
+    let ollama = |v: &Value| v["error"].is_string();
+    let cases: Vec<(&str, Value, u16)> = vec![
+        (
+            "/v1/chat/completions",
+            json!({"model": "missing", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "../x", "messages": [{"role": "user", "content": "x"}]}),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "/etc/passwd", "messages": [{"role": "user", "content": "x"}]}),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": []}),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            chat("x", json!({"temperature": -1})),
+            400,
+        ),
+        ("/v1/chat/completions", chat("x", json!({"top_p": 2})), 400),
+        (
+            "/v1/chat/completions",
+            chat("x", json!({"max_tokens": -5})),
+            400,
+        ),
+        ("/v1/chat/completions", chat("x", json!({"n": 2})), 400),
+        (
+            "/v1/chat/completions",
+            chat("x", json!({"logprobs": true})),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            chat("x", json!({"temperature": "hot"})),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            chat("x", json!({"seed": 1e300})),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            chat(&"word ".repeat(600), json!({})),
+            400,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": [1, 2, 999999999]}),
+            400,
+        ),
+        (
+            "/api/chat",
+            json!({"model": "missing", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+        ),
+        (
+            "/api/chat",
+            json!({"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}),
+            400,
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "prompt": "x", "options": {"top_k": -3}}),
+            400,
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "prompt": "x", "format": "json"}),
+            400,
+        ),
+    ];
+    for (path, body, want) in cases {
+        let (status, v) = post(&s, path, body.clone()).await;
+        assert_eq!(status, want, "{path} {body}: {v}");
+        let shaped = if path.starts_with("/api/") {
+            ollama(&v)
+        } else {
+            openai(&v)
+        };
+        assert!(shaped, "{path}: {v}");
+    }
+    // Not JSON, not UTF-8, too big, unknown route.
+    let raw = |path: &str, body: Vec<u8>| {
+        let url = format!("{}{path}", s.base);
+        async move {
+            let r = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (st, v) = raw("/v1/chat/completions", b"{not json".to_vec()).await;
+    assert!(st == 400 && openai(&v), "{st} {v}");
+    let (st, v) = raw("/api/chat", vec![b'{', 0xff, 0xfe, b'}']).await;
+    assert!(st == 400 && ollama(&v), "{st} {v}");
+    let (st, v) = raw("/v1/chat/completions", vec![b' '; 100 << 10]).await;
+    assert!(st == 413 && openai(&v), "{st} {v}");
+    let (st, v) = raw("/api/nothing", b"{}".to_vec()).await;
+    assert!(st == 404 && ollama(&v), "{st} {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_when_set() {
+    let s = start(|c| c.api_key = Some("sekret".into())).await;
+    let url = format!("{}/v1/models", s.base);
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth("sekret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = client()
+        .get(format!("{}/api/tags", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    assert_eq!(get(&s, "/health").await.0, 200);
+}
+
+/// Opens a stream and reads until the first content arrives.
+async fn open_stream(s: &Server, max_tokens: u32) -> reqwest::Response {
+    let mut r = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&chat(
+            "Write a long essay about the sea.",
+            json!({"stream": true, "max_tokens": max_tokens}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 2 {
+        let chunk = r.chunk().await.unwrap().expect("stream continues");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_503_and_loses_nothing() {
+    let s = start(|c| {
+        c.parallel = 1;
+        c.max_queue = 1;
+    })
+    .await;
+    let busy = open_stream(&s, 400).await; // holds the only slot
+                                           // One request may wait; the next is refused at once.
+    let waiting = tokio::spawn({
+        let base = s.base.clone();
+        async move {
+            client()
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&chat("Hi", json!({"max_tokens": 3})))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&s, "hearth_queue_depth").await < 1.0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&chat("Hi", json!({"max_tokens": 3})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = client()
+        .post(format!("{}/api/generate", s.base))
+        .json(&json!({"model": MODEL, "prompt": "Hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    // The client holding the slot leaves: the queued request is served, not lost.
+    drop(busy);
+    let served = waiting.await.unwrap();
+    assert_eq!(served.status(), 200);
+    let v: Value = served.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_frees_its_slot() {
+    let s = start(|_| {}).await;
+    let streams = [open_stream(&s, 400).await, open_stream(&s, 400).await];
+    assert_eq!(metric(&s, "hearth_active_sequences").await, 2.0);
+    let generated_before = metric(&s, "hearth_generated_tokens_total").await;
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, "hearth_active_sequences").await > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "slots still busy after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&s, "hearth_cancelled_requests").await, 2.0);
+    // Cancelled requests never finish, so they never count generated tokens.
+    assert_eq!(
+        metric(&s, "hearth_generated_tokens_total").await,
+        generated_before
+    );
+
+    // The same for a non-streaming request whose client times out.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .timeout(Duration::from_millis(500))
+        .json(&chat(
+            "Write a long essay about the sea.",
+            json!({"max_tokens": 400}),
+        ))
+        .send()
+        .await;
+    assert!(r.is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, "hearth_cancelled_requests").await < 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the non-streaming request kept generating"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_batch_and_match_sequential_results() {
+    let s = start(|c| c.parallel = 4).await;
+    let prompts = [
+        "Why is the sky blue?",
+        "Name a fruit.",
+        "What is 2+2?",
+        "Say hello.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (_, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat(p, json!({"max_tokens": 16})),
+        )
+        .await;
+        alone.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let steps_before = metric(&s, "hearth_generated_tokens_total").await;
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 16})));
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(&alone) {
+        let v = h.await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    }
+    assert!(metric(&s, "hearth_generated_tokens_total").await > steps_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_off_and_others_are_served() {
+    let s = start(|c| c.header_timeout = Duration::from_secs(1)).await;
+    let addr = s.addr;
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Instant::now();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        // Dribble a header byte every 300 ms, never finishing.
+        let mut closed = false;
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(300));
+            if c.write_all(b"X").is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 512];
+            c.set_nonblocking(true).unwrap();
+            match c.read(&mut buf) {
+                Ok(_) => {
+                    closed = true;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+            c.set_nonblocking(false).unwrap();
+        }
+        (closed, t.elapsed())
+    });
+    // Meanwhile a normal client is served.
+    assert_eq!(get(&s, "/health").await.0, 200);
+    let (closed, after) = slow.await.unwrap();
+    assert!(closed, "the slow client was never cut off");
+    assert!(
+        after < Duration::from_secs(5),
+        "cut off only after {after:?}"
+    );
+}
