@@ -327,3 +327,12 @@ pub fn body_stream<R: Render>(
         }
     })
 }
+
+/// A `tools` field that asks for something (clients send `[]` or `null` for none).
+pub fn asks_for_tools(tools: &Option<serde_json::Value>) -> bool {
+    match tools {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}

@@ -297,7 +297,7 @@ pub async fn chat(
     let received = Instant::now();
     let req: ChatRequest = parse_body(API, body)?;
     check_format(&req.format)?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+    if generate::asks_for_tools(&req.tools) {
         return Err(not_supported("tools"));
     }
     let knobs = req.options.unwrap_or_default().knobs()?;

@@ -108,7 +108,7 @@ impl Common {
                 ));
             }
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        if generate::asks_for_tools(&self.tools) {
             return Err(ApiError::param(
                 API,
                 "tools",
