@@ -229,3 +229,22 @@ fn pull_list_run_rm_in_a_fresh_cache() {
     assert_eq!(listed.trim(), "[]");
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+#[test]
+fn show_prints_metadata_and_template() {
+    let out = hearth(&["show", "smollm2", "--metadata"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("general.license = \"apache-2.0\""), "{text}");
+    assert!(
+        text.contains("tokenizer.ggml.tokens = [49152 × string]"),
+        "{text}"
+    );
+    let out = hearth(&["show", "smollm2", "--template"]);
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("<|im_start|>"));
+    let out = hearth(&["show", "gemma3", "--template"]);
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("<start_of_turn>"));
+}

@@ -9,6 +9,12 @@ use hearth_gguf::Gguf;
 use hearth_tokenizer::template::{builtin_for_arch, Message};
 use hearth_tokenizer::Tokenizer;
 use std::io::{BufRead, Write};
+
+/// `println!` that returns an error instead of panicking when stdout is closed
+/// (`hearth list | head`).
+macro_rules! outln {
+    ($($t:tt)*) => { writeln!(std::io::stdout(), $($t)*)? };
+}
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -201,18 +207,76 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = Tokenizer::from_gguf(&g)?;
     let ids = tok.encode(&a.text, !a.no_special, true);
     if a.json {
-        println!("{}", serde_json::to_string(&ids)?);
+        outln!("{}", serde_json::to_string(&ids)?);
     } else {
         for id in ids {
             let piece = String::from_utf8_lossy(&tok.token_to_piece(id, true)).into_owned();
-            println!("{id:>7} {piece:?}");
+            outln!("{id:>7} {piece:?}");
         }
     }
     Ok(())
 }
 
+/// A metadata value for display: scalars as they are, arrays by type and length (the first
+/// few items of short ones).
+fn describe(v: &hearth_gguf::Value) -> String {
+    use hearth_gguf::Value;
+    match v {
+        Value::String(s) if s.len() > 120 => format!(
+            "{:?}… ({} bytes)",
+            &s[..s.floor_char_boundary_compat(100)],
+            s.len()
+        ),
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(items) if items.len() <= 8 => {
+            let inner: Vec<String> = items.iter().map(describe).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        Value::Array(items) => format!(
+            "[{} × {}]",
+            items.len(),
+            items.first().map_or("?", |i| i.type_name())
+        ),
+        other => other
+            .as_int()
+            .map(|i| i.to_string())
+            .or_else(|| other.as_f64().map(|f| f.to_string()))
+            .unwrap_or_default(),
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, at: usize) -> usize;
+}
+
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, at: usize) -> usize {
+        (0..=at.min(self.len()))
+            .rev()
+            .find(|&i| self.is_char_boundary(i))
+            .unwrap_or(0)
+    }
+}
+
 pub fn show(a: ShowArgs) -> Result<()> {
     let g = open_gguf(&a.model)?;
+    if a.metadata {
+        for (key, value) in g.metadata() {
+            outln!("{key} = {}", describe(value));
+        }
+        return Ok(());
+    }
+    if a.template {
+        let arch = g.require_str("general.architecture")?;
+        let source = match g.get_str("tokenizer.chat_template")? {
+            Some(t) => t.to_string(),
+            None => builtin_for_arch(arch)
+                .unwrap_or(hearth_tokenizer::template::CHATML_TEMPLATE)
+                .to_string(),
+        };
+        outln!("{source}");
+        return Ok(());
+    }
     let arch = g.require_str("general.architecture")?.to_string();
     let name = g.get_str("general.name")?.unwrap_or("").to_string();
     let license = g.get_str("general.license")?.unwrap_or("").to_string();
@@ -248,31 +312,37 @@ pub fn show(a: ShowArgs) -> Result<()> {
             "gguf_version": g.version,
             "supported": config.is_ok(),
             "license": license,
+            "template_source": g.get_str("tokenizer.chat_template")?.map(str::to_string).or_else(|| builtin_for_arch(&arch).map(str::to_string)),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("  architecture    {arch}");
+    outln!("  architecture    {arch}");
     if !name.is_empty() {
-        println!("  name            {name}");
+        outln!("  name            {name}");
     }
-    println!("  parameters      {:.1}M", params as f64 / 1e6);
+    outln!("  parameters      {:.1}M", params as f64 / 1e6);
     let mix_s: Vec<String> = mix.iter().map(|(n, c)| format!("{n}×{c}")).collect();
-    println!("  quantization    {}", mix_s.join(", "));
-    println!("  context length  {ctx}");
+    outln!("  quantization    {}", mix_s.join(", "));
+    outln!("  context length  {ctx}");
     if let Ok(c) = &config {
-        println!(
+        outln!(
             "  shape           {} layers, {} embd, {} heads ({} kv), {} head dim, {} vocab",
-            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.n_vocab
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.n_kv_head,
+            c.head_dim,
+            c.n_vocab
         );
     } else if let Err(e) = &config {
-        println!("  supported       no: {e}");
+        outln!("  supported       no: {e}");
     }
-    println!("  chat template   {template}");
+    outln!("  chat template   {template}");
     if !license.is_empty() {
-        println!("  license         {license}");
+        outln!("  license         {license}");
     }
-    println!(
+    outln!(
         "  file size       {:.1} MiB (GGUF v{})",
         g.file_size() as f64 / (1 << 20) as f64,
         g.version
@@ -294,7 +364,7 @@ pub fn pull(a: PullArgs) -> Result<()> {
     opts.name = a.name;
     opts.sha256 = a.sha256;
     let m = store.pull(&a.source, &opts)?;
-    println!("pulled {} ({}, {})", m.name, human_size(m.size), m.digest);
+    outln!("pulled {} ({}, {})", m.name, human_size(m.size), m.digest);
     Ok(())
 }
 
@@ -342,7 +412,7 @@ pub fn list(a: ListArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let width = entries
@@ -351,9 +421,12 @@ pub fn list(a: ListArgs) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!(
+    outln!(
         "{:width$}  {:12}  {:>8}  {:8}  MODIFIED",
-        "NAME", "ID", "SIZE", "QUANT"
+        "NAME",
+        "ID",
+        "SIZE",
+        "QUANT"
     );
     for e in &entries {
         let id = e
@@ -361,7 +434,7 @@ pub fn list(a: ListArgs) -> Result<()> {
             .as_deref()
             .and_then(|d| d.strip_prefix("sha256:"))
             .map_or("-".to_string(), |h| h[..12.min(h.len())].to_string());
-        println!(
+        outln!(
             "{:width$}  {:12}  {:>8}  {:8}  {}",
             e.name,
             id,
@@ -377,7 +450,7 @@ pub fn rm(a: RmArgs) -> Result<()> {
     let store = hearth_store::Store::open_default();
     for name in &a.names {
         store.remove(name)?;
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
     Ok(())
 }

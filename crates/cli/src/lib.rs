@@ -186,6 +186,12 @@ pub struct ShowArgs {
     /// Print as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print the chat template's source.
+    #[arg(long)]
+    pub template: bool,
+    /// Print every metadata key (long arrays summarized).
+    #[arg(long)]
+    pub metadata: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -202,6 +208,15 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed stdout (`hearth list | head`) is the reader's choice, not a failure.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
