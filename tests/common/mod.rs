@@ -28,6 +28,17 @@ pub fn model_file(name: &str) -> PathBuf {
     p
 }
 
+/// The sentence-transformers directory of `scripts/fetch-models minilm`.
+pub fn minilm_dir() -> PathBuf {
+    let p = models_dir().join("all-MiniLM-L6-v2");
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "{} missing: run scripts/fetch-models minilm",
+        p.display()
+    );
+    p
+}
+
 pub fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
     Arc::new(hearth_gguf::Gguf::open(model_file(name)).expect("model opens"))
 }
