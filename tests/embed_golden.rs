@@ -55,12 +55,11 @@ fn minilm_matches_sentence_transformers() {
     };
     let ours: Vec<&[f32]> = got.iter().map(|e| e.vector.as_slice()).collect();
     let theirs: Vec<&[f32]> = want.iter().map(Vec::as_slice).collect();
-    for i in 0..texts.len() {
+    for (i, text) in texts.iter().enumerate() {
         assert_eq!(
             nearest(&ours, i),
             nearest(&theirs, i),
-            "neighbour of {:?}",
-            texts[i]
+            "neighbour of {text:?}"
         );
     }
 }

@@ -93,6 +93,22 @@ def openai_errors():
     expect(openai.BadRequestError, messages=[{"role": "user", "content": "word " * 5000}])
 
 
+def openai_embeddings():
+    r = oa.embeddings.create(model="minilm", input=["hello world", "the sea"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 384, r
+    assert r.usage.prompt_tokens > 0
+    # The client asks for base64 by default and decodes it; "float" must give the same numbers.
+    f = oa.embeddings.create(model="minilm", input="hello world", encoding_format="float")
+    assert all(abs(x - y) < 1e-5 for x, y in zip(f.data[0].embedding, r.data[0].embedding))
+
+
+def ollama_embed():
+    r = ol.embed(model="minilm", input=["hello world", "the sea"])
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 384, r
+    one = ol.embed(model="minilm", input="hello world")
+    assert all(abs(x - y) < 1e-5 for x, y in zip(one.embeddings[0], r.embeddings[0]))
+
+
 def ollama_list_show_ps():
     names = [m.model for m in ol.list().models]
     assert MODEL in names, names

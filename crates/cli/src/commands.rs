@@ -1,7 +1,7 @@
 use crate::resolve::{physical_cores, resolve_model};
 use crate::{
-    ChatArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ServeArgs, ShowArgs,
-    TokenizeArgs,
+    ChatArgs, EmbedArgs, ListArgs, ModelArgs, PullArgs, RmArgs, RunArgs, SamplingArgs, ServeArgs,
+    ShowArgs, TokenizeArgs,
 };
 use anyhow::{Context, Result};
 use hearth_engine::{GenerateRequest, GenerationStats, LoadedModel, SamplingParams, Session};
@@ -517,4 +517,69 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+pub fn embed(a: EmbedArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let dir = if std::path::Path::new(&a.model).is_dir() {
+        std::path::PathBuf::from(&a.model)
+    } else {
+        hearth_store::Store::open_default().resolve_encoder(&a.model)?
+    };
+    let model =
+        hearth_embed::Embedder::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let texts: Vec<String> = match (&a.file, a.texts.is_empty()) {
+        (Some(f), _) if f.as_os_str() == "-" => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()?,
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        (None, false) => a.texts.clone(),
+        (None, true) => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()?,
+    };
+    let bar = if texts.len() > a.batch.max(1) {
+        let bar = indicatif::ProgressBar::new(texts.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "embedding {bar:30} {pos}/{len} {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut vectors = Vec::with_capacity(texts.len());
+    let mut truncated = 0;
+    for chunk in texts.chunks(a.batch.max(1)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for e in model.embed(&refs, a.batch)? {
+            truncated += usize::from(e.truncated);
+            vectors.push(e.vector);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    if truncated > 0 {
+        eprintln!(
+            "hearth: {truncated} text(s) longer than {} tokens were truncated",
+            model.max_tokens
+        );
+    }
+    if a.json {
+        outln!("{}", serde_json::to_string(&vectors)?);
+    } else {
+        for v in &vectors {
+            let line: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
+            outln!("{}", line.join(" "));
+        }
+    }
+    Ok(())
 }

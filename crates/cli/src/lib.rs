@@ -1,4 +1,4 @@
-//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve.
+//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve, embed.
 
 mod commands;
 pub mod resolve;
@@ -40,6 +40,26 @@ enum Command {
     Rm(RmArgs),
     /// OpenAI- and Ollama-compatible HTTP server for the cached models.
     Serve(ServeArgs),
+    /// Sentence embeddings: one vector per text (arguments, else lines of --file or stdin).
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// An embedding model name (minilm) or a sentence-transformers directory.
+    pub model: String,
+    pub texts: Vec<String>,
+    /// Read texts from this file, one per line ("-" for stdin).
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Print one JSON array of vectors.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -205,6 +225,7 @@ pub fn main() -> ExitCode {
         Command::List(a) => commands::list(a),
         Command::Rm(a) => commands::rm(a),
         Command::Serve(a) => commands::serve(a),
+        Command::Embed(a) => commands::embed(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,11 +14,8 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("bad model config: {0}")]
     Config(String),
     #[error("model.safetensors: {0}")]
@@ -32,9 +29,9 @@ pub enum EmbedError {
 pub type Result<T> = std::result::Result<T, EmbedError>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbedError + '_ {
-    move |source| EmbedError::Io {
+    move |cause| EmbedError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 

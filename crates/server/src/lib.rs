@@ -2,6 +2,7 @@
 //! scheduler. [`app`] builds the router (what tests drive); [`serve`] runs it with header
 //! read and idle timeouts, an optional API key and graceful shutdown.
 
+mod embed;
 pub mod error;
 mod generate;
 pub mod metrics;
@@ -176,6 +177,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/embeddings", post(embed::openai))
+        .route("/api/embed", post(embed::ollama_embed))
+        .route("/api/embeddings", post(embed::ollama_embeddings))
         .route("/api/generate", post(ollama::generate))
         .route("/api/chat", post(ollama::chat))
         .route("/api/tags", get(ollama::tags))

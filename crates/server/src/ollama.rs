@@ -370,7 +370,20 @@ fn modified_at(unix: u64) -> String {
 
 pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let entries = state.registry.list();
+    let encoders = state.registry.encoders();
     let models = tokio::task::spawn_blocking(move || {
+        let encoders = encoders.into_iter().map(|(name, dir)| {
+            let size = std::fs::metadata(dir.join("model.safetensors")).map_or(0, |m| m.len());
+            json!({
+                "name": name,
+                "model": name,
+                "modified_at": modified_at(0),
+                "size": size,
+                "digest": "",
+                "details": { "parent_model": "", "format": "safetensors", "family": "bert",
+                             "families": ["bert"], "parameter_size": "", "quantization_level": "F32" },
+            })
+        });
         entries
             .into_iter()
             .map(|e| {
@@ -383,6 +396,7 @@ pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                     "details": details(&e.path),
                 })
             })
+            .chain(encoders)
             .collect::<Vec<_>>()
     })
     .await

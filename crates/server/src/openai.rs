@@ -436,7 +436,7 @@ pub async fn completions(
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state
+    let mut data: Vec<Value> = state
         .registry
         .list()
         .into_iter()
@@ -449,5 +449,8 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
             })
         })
         .collect();
+    data.extend(state.registry.encoders().into_iter().map(
+        |(name, _)| json!({ "id": name, "object": "model", "created": 0, "owned_by": "local" }),
+    ));
     Json(json!({ "object": "list", "data": data }))
 }

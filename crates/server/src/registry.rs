@@ -26,6 +26,15 @@ pub struct Registry {
     store: Store,
     scheduler: SchedulerConfig,
     loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<Served>>>>>,
+    encoders: Mutex<HashMap<String, Arc<OnceCell<Arc<ServedEncoder>>>>>,
+}
+
+/// An embedding model and the thread that batches requests for it.
+pub struct ServedEncoder {
+    pub name: String,
+    pub embedder: Arc<hearth_embed::Embedder>,
+    pub batcher: crate::embed::Batcher,
+    pub load_time: Duration,
 }
 
 /// `smollm2:latest` is `smollm2` (Ollama clients add the tag).
@@ -42,7 +51,57 @@ impl Registry {
             store: Store::new(models_dir),
             scheduler,
             loaded: Mutex::new(HashMap::new()),
+            encoders: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Embedding models in the cache: (name, directory).
+    pub fn encoders(&self) -> Vec<(String, PathBuf)> {
+        self.store.encoders()
+    }
+
+    /// The embedding model called `name`, loaded on first use.
+    pub async fn encoder(&self, api: Api, name: &str) -> Result<Arc<ServedEncoder>, ApiError> {
+        if name.is_empty() {
+            return Err(ApiError::param(api, "model", "model is required"));
+        }
+        let dir = self.store.resolve_encoder(name).map_err(|e| match e {
+            StoreError::InvalidName { .. } => ApiError::param(api, "model", e.to_string()),
+            _ => ApiError::new(
+                api,
+                Kind::NotFound,
+                format!("embedding model {name:?} not found"),
+            ),
+        })?;
+        let key = name.strip_suffix(":latest").unwrap_or(name).to_string();
+        let cell = {
+            let mut map = self.encoders.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let served = cell
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(move || {
+                    let t = Instant::now();
+                    let embedder = Arc::new(hearth_embed::Embedder::open(&dir)?);
+                    Ok::<_, hearth_embed::EmbedError>(Arc::new(ServedEncoder {
+                        name: key,
+                        batcher: crate::embed::Batcher::start(embedder.clone()),
+                        embedder,
+                        load_time: t.elapsed(),
+                    }))
+                })
+                .await
+                .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+                .map_err(|e| {
+                    ApiError::new(
+                        api,
+                        Kind::Unavailable,
+                        format!("model {name:?} could not be loaded: {e}"),
+                    )
+                })
+            })
+            .await?;
+        Ok(served.clone())
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {

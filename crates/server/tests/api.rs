@@ -690,3 +690,138 @@ async fn slowloris_is_cut_off_and_others_are_served() {
         "cut off only after {after:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_in_both_apis() {
+    let s = start(|_| {}).await;
+    let (status, v) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": ["hello world", "the sea"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let first: Vec<f64> = v["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(first.len(), 384);
+    let norm: f64 = first.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "normalized: {norm}");
+    assert_eq!(v["data"][1]["index"], 1);
+    let second: Vec<f64> = v["data"][1]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
+
+    // base64: little-endian f32 of the same vector.
+    let (_, b) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": "hello world", "encoding_format": "base64"}),
+    )
+    .await;
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert!(decoded
+        .iter()
+        .zip(&first)
+        .all(|(a, b)| (*a as f64 - b).abs() < 1e-6));
+
+    let (status, o) = post(
+        &s,
+        "/api/embed",
+        json!({"model": "minilm", "input": ["hello world", "the sea"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{o}");
+    assert_eq!(o["embeddings"].as_array().unwrap().len(), 2);
+    let o0: Vec<f64> = o["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(o0.iter().zip(&first).all(|(a, b)| (a - b).abs() < 1e-6));
+    let (status, legacy) = post(
+        &s,
+        "/api/embeddings",
+        json!({"model": "minilm", "prompt": "hello world"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(legacy["embedding"].as_array().unwrap().len(), 384);
+
+    // Too long: truncated by default (and said so), refused with truncate: false.
+    let long = "word ".repeat(400);
+    let (status, t) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": long}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(t["usage"]["truncated_inputs"], 1);
+    let (status, e) = post(
+        &s,
+        "/api/embed",
+        json!({"model": "minilm", "input": long, "truncate": false}),
+    )
+    .await;
+    assert_eq!(status, 400, "{e}");
+    let (status, _) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": []}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = post(&s, "/v1/embeddings", json!({"model": "nope", "input": "x"})).await;
+    assert_eq!(status, 404);
+    let (status, _) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "../minilm", "input": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // Concurrent clients share batches and get their own vectors back.
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let base = s.base.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/embeddings"))
+                    .json(&json!({"model": "minilm", "input": if i % 2 == 0 { "hello world" } else { "the sea" }}))
+                    .send()
+                    .await
+                    .unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let v = h.await.unwrap();
+        let want = if i % 2 == 0 { &first } else { &second };
+        let got: Vec<f64> = v["data"][0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+}

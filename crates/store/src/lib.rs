@@ -68,19 +68,16 @@ pub enum StoreError {
     Resolve(String),
     #[error("the downloaded file is not a usable GGUF: {0}")]
     NotGguf(#[from] hearth_gguf::GgufError),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
+    move |cause| StoreError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 
@@ -89,6 +86,9 @@ pub const SHORT_NAMES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("gemma3", "gemma-3-270m-q4_k_m.gguf"),
 ];
+
+/// Short names of sentence-transformers directories fetched by `scripts/fetch-models`.
+pub const ENCODER_SHORT_NAMES: &[(&str, &str)] = &[("minilm", "all-MiniLM-L6-v2")];
 
 /// `$HEARTH_MODELS`, else `~/.cache/hearth/models`.
 pub fn default_root() -> PathBuf {
@@ -364,7 +364,7 @@ impl Store {
         let tmp = dir.join(format!(".{}.tmp", name.tag));
         let json = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Io {
             path: tmp.display().to_string(),
-            source: std::io::Error::other(e),
+            cause: std::io::Error::other(e),
         })?;
         std::fs::write(&tmp, json).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -417,6 +417,43 @@ impl Store {
             }
         };
         self.commit(&tmp, &sha, name, source, "")
+    }
+}
+
+impl Store {
+    /// Embedding models: directories holding `config.json` and `model.safetensors`, by name
+    /// (the short name for fetched ones, else the directory name).
+    pub fn encoders(&self) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = e.path();
+            if !(p.join("config.json").is_file() && p.join("model.safetensors").is_file()) {
+                continue;
+            }
+            let dir = e.file_name().to_string_lossy().into_owned();
+            let name = ENCODER_SHORT_NAMES
+                .iter()
+                .find(|(_, d)| *d == dir)
+                .map_or(dir.clone(), |(n, _)| n.to_string());
+            out.push((name, p));
+        }
+        out.sort();
+        out
+    }
+
+    /// The directory of the embedding model called `name` (validated first).
+    pub fn resolve_encoder(&self, name: &str) -> Result<PathBuf> {
+        let bare = name.strip_suffix(":latest").unwrap_or(name);
+        ModelName::parse(bare)?;
+        self.encoders()
+            .into_iter()
+            .find(|(n, p)| n == bare || p.file_name().is_some_and(|f| f == bare))
+            .map(|(_, p)| p)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))
     }
 }
 
