@@ -261,6 +261,7 @@ fn attention(
     for &(row0, len) in spans {
         seq_of.extend(std::iter::repeat_n((row0, len), len));
     }
+    let dot = hearth_quant::dispatch::kernels().dot_f32;
     out.par_chunks_mut(h)
         .zip(seq_of.par_iter())
         .enumerate()
@@ -270,7 +271,7 @@ fn attention(
                 let qh = &q[row * h + hd * head_dim..][..head_dim];
                 for (j, s) in scores.iter_mut().enumerate() {
                     let kh = &k[(row0 + j) * h + hd * head_dim..][..head_dim];
-                    *s = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *s = dot(qh, kh) * scale;
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0f32;
@@ -278,12 +279,13 @@ fn attention(
                     *s = (*s - max).exp();
                     sum += *s;
                 }
+                let inv = 1.0 / sum;
                 let o = &mut out_row[hd * head_dim..(hd + 1) * head_dim];
                 o.fill(0.0);
                 for (j, &p) in scores.iter().enumerate() {
-                    let vh = &v[(row0 + j) * h + hd * head_dim..][..head_dim];
+                    let (p, vh) = (p * inv, &v[(row0 + j) * h + hd * head_dim..][..head_dim]);
                     for (a, b) in o.iter_mut().zip(vh) {
-                        *a += p / sum * b;
+                        *a += p * b;
                     }
                 }
             }

@@ -52,6 +52,8 @@ pub struct Kernels {
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub quantize_q8_1: fn(&[f32], &mut [BlockQ8_1]),
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// 4 weight rows × 3 activation rows of an F32 product (see `reference::tile_f32_4x3`).
+    pub tile_f32_4x3: fn(&[f32], &[f32], usize, &mut [f32; 12]),
     pub dot_f16: fn(&[f16], &[f16]) -> f32,
     pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
     pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
@@ -69,6 +71,7 @@ impl Kernels {
             quantize_q8_0: r::quantize_row_q8_0,
             quantize_q8_1: r::quantize_row_q8_1,
             dot_f32: r::vec_dot_f32,
+            tile_f32_4x3: r::tile_f32_4x3,
             dot_f16: r::vec_dot_f16,
             dot_q4_0: r::vec_dot_q4_0_q8_0,
             dot_q4_1: r::vec_dot_q4_1_q8_1,

@@ -168,6 +168,9 @@ impl<'a> QMatrix<'a> {
         let out = &mut out[..n_tok * self.rows];
         let k = dispatch::kernels();
         match self.blocks {
+            Blocks::F32(w) if n_tok >= 3 => {
+                rows_f32_tiled(w, &acts.f32, self.cols, n_tok, k, out, scratch)
+            }
             Blocks::F32(w) => rows_dot(w, &acts.f32, self.cols, n_tok, k.dot_f32, out, scratch),
             Blocks::F16(w) => rows_dot(w, &acts.f16, self.cols, n_tok, k.dot_f16, out, scratch),
             Blocks::BF16(w) => rows_dot(
@@ -294,6 +297,61 @@ fn rows_dot<W: Sync, A: Sync>(
                 let wr = &w[r * per_row..(r + 1) * per_row];
                 for (t, v) in row_out.iter_mut().enumerate() {
                     *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
+                }
+            }
+        });
+    for t in 0..n_tok {
+        for r in 0..rows {
+            out[t * rows + r] = scratch[r * n_tok + t];
+        }
+    }
+}
+
+/// F32 product for several tokens in 4-row × 3-token tiles (embedding models, prefill of F32
+/// weights); leftover rows and tokens go through the plain dot product.
+fn rows_f32_tiled(
+    w: &[f32],
+    a: &[f32],
+    cols: usize,
+    n_tok: usize,
+    k: &Kernels,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let rows = w.len() / cols;
+    let chunk = rows_per_task(rows).next_multiple_of(4);
+    scratch.clear();
+    scratch.resize(rows * n_tok, 0.0);
+    scratch
+        .par_chunks_mut(chunk * n_tok)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let r0 = c * chunk;
+            let n_rows = o.len() / n_tok;
+            let mut tile = [0f32; 12];
+            let full_rows = n_rows / 4 * 4;
+            let full_toks = n_tok / 3 * 3;
+            for r in (0..full_rows).step_by(4) {
+                let wr = &w[(r0 + r) * cols..(r0 + r + 4) * cols];
+                for t in (0..full_toks).step_by(3) {
+                    (k.tile_f32_4x3)(wr, &a[t * cols..(t + 3) * cols], cols, &mut tile);
+                    for i in 0..4 {
+                        for j in 0..3 {
+                            o[(r + i) * n_tok + t + j] = tile[i * 3 + j];
+                        }
+                    }
+                }
+                for t in full_toks..n_tok {
+                    for i in 0..4 {
+                        let wi = &wr[i * cols..(i + 1) * cols];
+                        o[(r + i) * n_tok + t] = (k.dot_f32)(wi, &a[t * cols..(t + 1) * cols]);
+                    }
+                }
+            }
+            for r in full_rows..n_rows {
+                let wr = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+                for t in 0..n_tok {
+                    o[r * n_tok + t] = (k.dot_f32)(wr, &a[t * cols..(t + 1) * cols]);
                 }
             }
         });

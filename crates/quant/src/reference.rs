@@ -391,6 +391,17 @@ pub fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
     x.iter().zip(y).map(|(a, b)| a.to_f32() * b.to_f32()).sum()
 }
 
+/// A 4 × 3 tile of an F32 product: `out[r * 3 + t] = w[r] · a[t]` for the 4 rows of `w` and
+/// the 3 rows of `a` (each `cols` long), summed as [`vec_dot_f32`] does.
+pub fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
+    for r in 0..4 {
+        for t in 0..3 {
+            out[r * 3 + t] =
+                vec_dot_f32(&w[r * cols..(r + 1) * cols], &a[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
 pub fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = x.len() / 8 * 8;

@@ -131,6 +131,54 @@ proptest! {
             close((k.dot_f16)(&xh, &yh), r::vec_dot_f16(&xh, &yh), magnitude(&xs, &ys), "f16");
         }
     }
+
+    #[test]
+    fn f32_tile_matches_reference(cols in 1usize..100, seed in prop::collection::vec(-4.0f32..4.0, 1..50)) {
+        let w = acts(4 * cols, &seed);
+        let a: Vec<f32> = acts(3 * cols + 7, &seed).into_iter().skip(7).collect();
+        let mut want = [0f32; 12];
+        r::tile_f32_4x3(&w, &a, cols, &mut want);
+        for k in levels() {
+            let mut got = [0f32; 12];
+            (k.tile_f32_4x3)(&w, &a, cols, &mut got);
+            for i in 0..12 {
+                let (rw, ta) = (&w[i / 3 * cols..][..cols], &a[i % 3 * cols..][..cols]);
+                close(got[i], want[i], magnitude(rw, ta), "f32 tile");
+            }
+        }
+    }
+}
+
+/// The tiled F32 product (several tokens) equals one dot product per row and token, for
+/// shapes that leave partial tiles.
+#[test]
+fn tiled_f32_matmul_matches_row_dots() {
+    use hearth_quant::{ActType, Activations, Blocks, GgmlType, QMatrix};
+    for (rows, cols, n_tok) in [(4, 8, 3), (13, 37, 7), (64, 384, 5), (9, 16, 3)] {
+        let w = acts(rows * cols, &[0.5, -1.25, 2.0, 0.75]);
+        let x = acts(n_tok * cols, &[1.5, -0.5, 0.25]);
+        let m = QMatrix {
+            ty: GgmlType::F32,
+            rows,
+            cols,
+            blocks: Blocks::F32(&w),
+        };
+        let mut a = Activations::default();
+        a.quantize(ActType::F32, &x, cols);
+        let (mut out, mut scratch) = (vec![0f32; rows * n_tok], Vec::new());
+        m.matmul(&a, &mut out, &mut scratch);
+        for t in 0..n_tok {
+            for r in 0..rows {
+                let (wr, xt) = (&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                close(
+                    out[t * rows + r],
+                    r::vec_dot_f32(wr, xt),
+                    magnitude(wr, xt),
+                    "tiled matmul",
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -38,6 +38,11 @@ fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f16(x, y) }
 }
+fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
+    // SAFETY: only installed by `kernels` for CPUs with AVX2, FMA and F16C.
+    unsafe { avx2::tile_f32_4x3(w, a, cols, out) }
+}
+
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f32(x, y) }
@@ -48,6 +53,7 @@ pub fn kernels(isa: Isa) -> Kernels {
     Kernels {
         isa,
         dot_f32,
+        tile_f32_4x3,
         dot_f16,
         dot_q4_0,
         dot_q4_1,
