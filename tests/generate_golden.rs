@@ -19,6 +19,16 @@ use hearth_models::Model;
 use hearth_tokenizer::{StreamDecoder, Tokenizer};
 use serde_json::Value;
 
+/// The prompt's token ids (llama-tokenize's).
+fn prompt_ids(case: &Value) -> Vec<u32> {
+    case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
 /// (id, logit) pairs of one golden step.
 fn top(step: &Value) -> Vec<(usize, f32)> {
     step["top"]
@@ -48,12 +58,7 @@ pub struct Drift {
 }
 
 pub fn drift_along(model: &Model, tok: &Tokenizer, case: &Value) -> Drift {
-    let ids: Vec<u32> = case["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = prompt_ids(case);
     let off = case["off"].as_array().unwrap();
     let on = case["on"].as_array().unwrap();
     assert_eq!(off.len(), on.len());
@@ -120,12 +125,7 @@ fn decode(tok: &Tokenizer, ids: &[u32]) -> String {
 /// hearth's own greedy generation from the case's prompt: up to `n` tokens, ending after an
 /// end-of-generation token as llama.cpp does.
 fn greedy(model: &Model, tok: &Tokenizer, case: &Value, n: usize) -> Vec<u32> {
-    let ids: Vec<u32> = case["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = prompt_ids(case);
     let mut session = Session::new(model, tok, 512);
     session.prefill(&ids).unwrap();
     let mut out = Vec::new();

@@ -300,11 +300,7 @@ fn rows_dot<W: Sync, A: Sync>(
                 }
             }
         });
-    for t in 0..n_tok {
-        for r in 0..rows {
-            out[t * rows + r] = scratch[r * n_tok + t];
-        }
-    }
+    transpose_into(scratch, rows, n_tok, out);
 }
 
 /// F32 product for several tokens in 4-row × 3-token tiles (embedding models, prefill of F32
@@ -355,6 +351,12 @@ fn rows_f32_tiled(
                 }
             }
         });
+    transpose_into(scratch, rows, n_tok, out);
+}
+
+/// `out[t][r] = scratch[r][t]`: products are computed row-major by weight row (each task owns
+/// rows), the callers want them token-major.
+fn transpose_into(scratch: &[f32], rows: usize, n_tok: usize, out: &mut [f32]) {
     for t in 0..n_tok {
         for r in 0..rows {
             out[t * rows + r] = scratch[r * n_tok + t];

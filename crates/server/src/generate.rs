@@ -33,6 +33,24 @@ pub fn parse_body<T: DeserializeOwned>(
         .map_err(|e| ApiError::bad(api, format!("invalid JSON body: {e}")))
 }
 
+/// `stop`: one string or a list, in both APIs.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn strings(stop: &Option<Stop>) -> Vec<String> {
+        match stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+}
+
 /// Sampling and length settings as both APIs name them; `None` = the server default.
 #[derive(Debug, Default, Clone)]
 pub struct Knobs {

@@ -17,18 +17,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Api, ApiError, Kind};
-use crate::generate::{self, body_stream, parse_body, Knobs, Render};
+use crate::generate::{self, body_stream, parse_body, Knobs, Render, Stop};
 use crate::registry::Served;
 use crate::AppState;
 
 const API: Api = Api::Ollama;
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
 
 /// `options`; unknown ones (num_gpu, mirostat…) are ignored as Ollama ignores what a
 /// runner does not use.
@@ -68,11 +61,7 @@ impl Options {
             seed: self.seed,
             // -1 (and -2, "fill the context"): no limit but the context.
             max_tokens: self.num_predict,
-            stop: match &self.stop {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s.clone()],
-                Some(Stop::Many(v)) => v.clone(),
-            },
+            stop: Stop::strings(&self.stop),
             num_ctx: self.num_ctx,
         })
     }

@@ -14,18 +14,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Api, ApiError};
-use crate::generate::{self, body_stream, parse_body, Knobs, Render};
+use crate::generate::{self, body_stream, parse_body, Knobs, Render, Stop};
 use crate::AppState;
 
 const API: Api = Api::OpenAi;
 const FINGERPRINT: &str = concat!("hearth-", env!("CARGO_PKG_VERSION"));
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -137,11 +130,7 @@ impl Common {
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             max_tokens,
-            stop: match &self.stop {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s.clone()],
-                Some(Stop::Many(v)) => v.clone(),
-            },
+            stop: Stop::strings(&self.stop),
             num_ctx: None,
         })
     }
@@ -344,32 +333,53 @@ pub async fn chat_completions(
         .loaded
         .chat_tokens(&msgs)
         .map_err(|e| ApiError::param(API, "messages", e.to_string()))?;
-    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
-    let generation = generate::submit(API, &state, served.clone(), prepared)?;
-    let (id, created) = (new_id("chatcmpl"), generate::unix_now());
-    if req.common.stream {
+    reply(&state, served, prompt, &knobs, &req.common, true).await
+}
+
+/// Runs the generation and answers with a stream or one object, chat or text completion.
+async fn reply(
+    state: &AppState,
+    served: std::sync::Arc<crate::registry::Served>,
+    prompt: Vec<u32>,
+    knobs: &Knobs,
+    common: &Common,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let prepared = generate::prepare(API, &served, prompt, knobs)?;
+    let generation = generate::submit(API, state, served.clone(), prepared)?;
+    let id = new_id(if chat { "chatcmpl" } else { "cmpl" });
+    let created = generate::unix_now();
+    if common.stream {
         let render = SseRender {
-            chat: true,
+            chat,
             id,
             model: served.name.clone(),
             created,
-            include_usage: req.common.stream_options.is_some_and(|o| o.include_usage),
+            include_usage: common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
         };
         return Ok(sse_response(generation, render));
     }
     let (text, summary) = generation.collect(API).await?;
+    let finish = finish_reason(summary.finish);
+    let (object, choice) = if chat {
+        let message = json!({ "role": "assistant", "content": text });
+        let choice =
+            json!({ "index": 0, "message": message, "logprobs": null, "finish_reason": finish });
+        ("chat.completion", choice)
+    } else {
+        let choice = json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish });
+        ("text_completion", choice)
+    };
     Ok(Json(json!({
         "id": id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": served.name,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": null,
-            "finish_reason": finish_reason(summary.finish),
-        }],
+        "choices": [choice],
         "usage": usage(&summary),
     }))
     .into_response())
@@ -404,35 +414,7 @@ pub async fn completions(
             ids
         }
     };
-    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
-    let generation = generate::submit(API, &state, served.clone(), prepared)?;
-    let (id, created) = (new_id("cmpl"), generate::unix_now());
-    if req.common.stream {
-        let render = SseRender {
-            chat: false,
-            id,
-            model: served.name.clone(),
-            created,
-            include_usage: req.common.stream_options.is_some_and(|o| o.include_usage),
-        };
-        return Ok(sse_response(generation, render));
-    }
-    let (text, summary) = generation.collect(API).await?;
-    Ok(Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": served.name,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [{
-            "index": 0,
-            "text": text,
-            "logprobs": null,
-            "finish_reason": finish_reason(summary.finish),
-        }],
-        "usage": usage(&summary),
-    }))
-    .into_response())
+    reply(&state, served, prompt, &knobs, &req.common, false).await
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {

@@ -25,8 +25,8 @@ pub struct Served {
 pub struct Registry {
     store: Store,
     scheduler: SchedulerConfig,
-    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<Served>>>>>,
-    encoders: Mutex<HashMap<String, Arc<OnceCell<Arc<ServedEncoder>>>>>,
+    loaded: Cells<Served>,
+    encoders: Cells<ServedEncoder>,
 }
 
 /// An embedding model and the thread that batches requests for it.
@@ -74,34 +74,17 @@ impl Registry {
             ),
         })?;
         let key = name.strip_suffix(":latest").unwrap_or(name).to_string();
-        let cell = {
-            let mut map = self.encoders.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(key.clone()).or_default().clone()
-        };
-        let served = cell
-            .get_or_try_init(|| async {
-                tokio::task::spawn_blocking(move || {
-                    let t = Instant::now();
-                    let embedder = Arc::new(hearth_embed::Embedder::open(&dir)?);
-                    Ok::<_, hearth_embed::EmbedError>(Arc::new(ServedEncoder {
-                        name: key,
-                        batcher: crate::embed::Batcher::start(embedder.clone()),
-                        embedder,
-                        load_time: t.elapsed(),
-                    }))
-                })
-                .await
-                .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
-                .map_err(|e| {
-                    ApiError::new(
-                        api,
-                        Kind::Unavailable,
-                        format!("model {name:?} could not be loaded: {e}"),
-                    )
-                })
+        load_once(&self.encoders, api, key.clone(), move || {
+            let t = Instant::now();
+            let embedder = Arc::new(hearth_embed::Embedder::open(&dir).map_err(|e| e.to_string())?);
+            Ok(ServedEncoder {
+                name: key,
+                batcher: crate::embed::Batcher::start(embedder.clone()),
+                embedder,
+                load_time: t.elapsed(),
             })
-            .await?;
-        Ok(served.clone())
+        })
+        .await
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -135,40 +118,55 @@ impl Registry {
                 format!("model {name:?} not found; pull it first (hearth pull)"),
             ),
         })?;
-        let cell = {
-            let mut map = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(name.to_string()).or_default().clone()
-        };
         let config = self.scheduler.clone();
-        let served = cell
-            .get_or_try_init(|| async {
-                let (name2, path2) = (name.to_string(), path.clone());
-                tokio::task::spawn_blocking(move || {
-                    let t = Instant::now();
-                    let loaded = Arc::new(LoadedModel::open(&path2)?);
-                    let scheduler = Scheduler::start(loaded.clone(), config);
-                    let size = std::fs::metadata(&path2).map_or(0, |m| m.len());
-                    tracing::info!(model = %name2, "loaded in {:?}", t.elapsed());
-                    Ok::<_, hearth_engine::EngineError>(Arc::new(Served {
-                        name: name2,
-                        path: path2,
-                        loaded,
-                        scheduler,
-                        load_time: t.elapsed(),
-                        size,
-                    }))
-                })
+        let key = name.to_string();
+        load_once(&self.loaded, api, key.clone(), move || {
+            let t = Instant::now();
+            let loaded = Arc::new(LoadedModel::open(&path).map_err(|e| e.to_string())?);
+            let scheduler = Scheduler::start(loaded.clone(), config);
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            tracing::info!(model = %key, "loaded in {:?}", t.elapsed());
+            Ok(Served {
+                name: key,
+                path,
+                loaded,
+                scheduler,
+                load_time: t.elapsed(),
+                size,
+            })
+        })
+        .await
+    }
+}
+
+type Cells<T> = Mutex<HashMap<String, Arc<OnceCell<Arc<T>>>>>;
+
+/// The value under `key`, built by `load` on a blocking thread the first time; concurrent
+/// first requests wait for that one load, and a failed load is tried again next time.
+async fn load_once<T: Send + Sync + 'static>(
+    cells: &Cells<T>,
+    api: Api,
+    key: String,
+    load: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<Arc<T>, ApiError> {
+    let cell = {
+        let mut map = cells.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.clone()).or_default().clone()
+    };
+    let value = cell
+        .get_or_try_init(|| async {
+            tokio::task::spawn_blocking(load)
                 .await
                 .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+                .map(Arc::new)
                 .map_err(|e| {
                     ApiError::new(
                         api,
                         Kind::Unavailable,
-                        format!("model {name:?} could not be loaded: {e}"),
+                        format!("model {key:?} could not be loaded: {e}"),
                     )
                 })
-            })
-            .await?;
-        Ok(served.clone())
-    }
+        })
+        .await?;
+    Ok(value.clone())
 }
