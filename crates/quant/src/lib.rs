@@ -286,21 +286,14 @@ fn rows_dot<W: Sync, A: Sync>(
         return;
     }
     // Several tokens: each task owns a block of rows and reuses each weight row for all tokens.
-    scratch.clear();
-    scratch.resize(rows * n_tok, 0.0);
-    scratch
-        .par_chunks_mut(chunk * n_tok)
-        .enumerate()
-        .for_each(|(c, o)| {
-            for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
-                let r = c * chunk + i;
-                let wr = &w[r * per_row..(r + 1) * per_row];
-                for (t, v) in row_out.iter_mut().enumerate() {
-                    *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
-                }
+    by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
+        for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
+            let wr = &w[(r0 + i) * per_row..(r0 + i + 1) * per_row];
+            for (t, v) in row_out.iter_mut().enumerate() {
+                *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
             }
-        });
-    transpose_into(scratch, rows, n_tok, out);
+        }
+    });
 }
 
 /// F32 product for several tokens in 4-row × 3-token tiles (embedding models, prefill of F32
@@ -316,46 +309,58 @@ fn rows_f32_tiled(
 ) {
     let rows = w.len() / cols;
     let chunk = rows_per_task(rows).next_multiple_of(4);
+    by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
+        let n_rows = o.len() / n_tok;
+        let mut tile = [0f32; 12];
+        let full_rows = n_rows / 4 * 4;
+        let full_toks = n_tok / 3 * 3;
+        for r in (0..full_rows).step_by(4) {
+            let wr = &w[(r0 + r) * cols..(r0 + r + 4) * cols];
+            for t in (0..full_toks).step_by(3) {
+                (k.tile_f32_4x3)(wr, &a[t * cols..(t + 3) * cols], cols, &mut tile);
+                for i in 0..4 {
+                    for j in 0..3 {
+                        o[(r + i) * n_tok + t + j] = tile[i * 3 + j];
+                    }
+                }
+            }
+            for t in full_toks..n_tok {
+                for i in 0..4 {
+                    let wi = &wr[i * cols..(i + 1) * cols];
+                    o[(r + i) * n_tok + t] = (k.dot_f32)(wi, &a[t * cols..(t + 1) * cols]);
+                }
+            }
+        }
+        for r in full_rows..n_rows {
+            let wr = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+            for t in 0..n_tok {
+                o[r * n_tok + t] = (k.dot_f32)(wr, &a[t * cols..(t + 1) * cols]);
+            }
+        }
+    });
+}
+
+/// The multi-token product skeleton: `block(first_row, results)` fills the results of
+/// `chunk` weight rows (row-major, `n_tok` per row) in parallel tasks; `out` gets them
+/// token-major.
+fn by_row_blocks(
+    rows: usize,
+    n_tok: usize,
+    chunk: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    block: impl Fn(usize, &mut [f32]) + Sync,
+) {
     scratch.clear();
     scratch.resize(rows * n_tok, 0.0);
     scratch
         .par_chunks_mut(chunk * n_tok)
         .enumerate()
-        .for_each(|(c, o)| {
-            let r0 = c * chunk;
-            let n_rows = o.len() / n_tok;
-            let mut tile = [0f32; 12];
-            let full_rows = n_rows / 4 * 4;
-            let full_toks = n_tok / 3 * 3;
-            for r in (0..full_rows).step_by(4) {
-                let wr = &w[(r0 + r) * cols..(r0 + r + 4) * cols];
-                for t in (0..full_toks).step_by(3) {
-                    (k.tile_f32_4x3)(wr, &a[t * cols..(t + 3) * cols], cols, &mut tile);
-                    for i in 0..4 {
-                        for j in 0..3 {
-                            o[(r + i) * n_tok + t + j] = tile[i * 3 + j];
-                        }
-                    }
-                }
-                for t in full_toks..n_tok {
-                    for i in 0..4 {
-                        let wi = &wr[i * cols..(i + 1) * cols];
-                        o[(r + i) * n_tok + t] = (k.dot_f32)(wi, &a[t * cols..(t + 1) * cols]);
-                    }
-                }
-            }
-            for r in full_rows..n_rows {
-                let wr = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
-                for t in 0..n_tok {
-                    o[r * n_tok + t] = (k.dot_f32)(wr, &a[t * cols..(t + 1) * cols]);
-                }
-            }
-        });
+        .for_each(|(c, o)| block(c * chunk, o));
     transpose_into(scratch, rows, n_tok, out);
 }
 
-/// `out[t][r] = scratch[r][t]`: products are computed row-major by weight row (each task owns
-/// rows), the callers want them token-major.
+/// `out[t][r] = scratch[r][t]`.
 fn transpose_into(scratch: &[f32], rows: usize, n_tok: usize, out: &mut [f32]) {
     for t in 0..n_tok {
         for r in 0..rows {
