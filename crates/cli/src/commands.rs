@@ -27,10 +27,7 @@ fn open_gguf(name: &str) -> Result<Arc<Gguf>> {
 
 fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(physical_cores).max(1);
-    // Ignore "already initialised" (tests may call twice).
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    hearth_quant::pool::set_threads(n);
     Ok(n)
 }
 
@@ -370,9 +367,14 @@ pub fn pull(a: PullArgs) -> Result<()> {
 
 /// The quantization label of a GGUF: llama.cpp's file type, else its commonest tensor type.
 fn quant_label(path: &std::path::Path) -> String {
-    let Ok(g) = Gguf::open(path) else {
-        return "?".into();
-    };
+    match Gguf::open(path) {
+        Ok(g) => file_type_label(&g),
+        Err(_) => "?".into(),
+    }
+}
+
+/// The file's quantization name (`general.file_type`, else its most common tensor type).
+pub(crate) fn file_type_label(g: &Gguf) -> String {
     if let Some(name) = g
         .get_int("general.file_type", 0, 1 << 16)
         .ok()

@@ -1,5 +1,6 @@
 //! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve, embed.
 
+mod bench;
 mod commands;
 pub mod resolve;
 
@@ -42,6 +43,29 @@ enum Command {
     Serve(ServeArgs),
     /// Sentence embeddings: one vector per text (arguments, else lines of --file or stdin).
     Embed(EmbedArgs),
+    /// Prompt-processing and generation speed, defined as llama-bench defines them.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A cached model name or a path to a .gguf file.
+    pub model: String,
+    /// Prompt lengths to test (comma-separated; 0 skips).
+    #[arg(short = 'p', long = "n-prompt", default_value = "512")]
+    pub n_prompt: String,
+    /// Generation lengths to test (comma-separated; 0 skips).
+    #[arg(short = 'n', long = "n-gen", default_value = "128")]
+    pub n_gen: String,
+    /// Thread counts to test (comma-separated; default: physical cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<String>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print llama-bench's JSON records instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -226,6 +250,7 @@ pub fn main() -> ExitCode {
         Command::Rm(a) => commands::rm(a),
         Command::Serve(a) => commands::serve(a),
         Command::Embed(a) => commands::embed(a),
+        Command::Bench(a) => bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

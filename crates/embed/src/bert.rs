@@ -5,7 +5,6 @@
 //! matrix products and attention stays within each sequence, so no work goes to pad tokens.
 
 use hearth_quant::{Activations, Blocks, GgmlType, QMatrix};
-use rayon::prelude::*;
 
 use crate::{EmbedError, Result};
 
@@ -234,7 +233,9 @@ impl Bert {
             layer.attn_norm.forward(&mut x, c.eps);
             // x = LayerNorm(x + gelu(x W1ᵀ) W2ᵀ)
             layer.ffn_up.forward(&x, &mut up, &mut acts, &mut mm);
-            up.par_iter_mut().for_each(|u| *u = gelu(*u));
+            hearth_quant::pool::for_each_chunk(&mut up, 4096, |_, part| {
+                part.iter_mut().for_each(|u| *u = gelu(*u))
+            });
             layer.ffn_down.forward(&up, &mut proj, &mut acts, &mut mm);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             layer.ffn_norm.forward(&mut x, c.eps);
@@ -262,32 +263,30 @@ fn attention(
         seq_of.extend(std::iter::repeat_n((row0, len), len));
     }
     let dot = hearth_quant::dispatch::kernels().dot_f32;
-    out.par_chunks_mut(h)
-        .zip(seq_of.par_iter())
-        .enumerate()
-        .for_each(|(row, (out_row, &(row0, len)))| {
-            let mut scores = vec![0f32; len];
-            for hd in 0..heads {
-                let qh = &q[row * h + hd * head_dim..][..head_dim];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kh = &k[(row0 + j) * h + hd * head_dim..][..head_dim];
-                    *s = dot(qh, kh) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let o = &mut out_row[hd * head_dim..(hd + 1) * head_dim];
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let (p, vh) = (p * inv, &v[(row0 + j) * h + hd * head_dim..][..head_dim]);
-                    for (a, b) in o.iter_mut().zip(vh) {
-                        *a += p * b;
-                    }
+    hearth_quant::pool::for_each_chunk(out, h, |row, out_row| {
+        let (row0, len) = seq_of[row];
+        let mut scores = vec![0f32; len];
+        for hd in 0..heads {
+            let qh = &q[row * h + hd * head_dim..][..head_dim];
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kh = &k[(row0 + j) * h + hd * head_dim..][..head_dim];
+                *s = dot(qh, kh) * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            let o = &mut out_row[hd * head_dim..(hd + 1) * head_dim];
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let (p, vh) = (p * inv, &v[(row0 + j) * h + hd * head_dim..][..head_dim]);
+                for (a, b) in o.iter_mut().zip(vh) {
+                    *a += p * b;
                 }
             }
-        });
+        }
+    });
 }

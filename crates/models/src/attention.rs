@@ -4,7 +4,6 @@
 
 use crate::ops::softmax;
 use half::f16;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 pub struct AttnShape {
@@ -34,8 +33,9 @@ pub fn attention(
     let hd = s.head_dim;
     let kv_dim = s.n_kv_head * hd;
     let group = s.n_head / s.n_kv_head;
-    let dot_f16 = hearth_quant::dispatch::kernels().dot_f16;
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, out_h)| {
+    let k = hearth_quant::dispatch::kernels();
+    let (dot_f16, axpy_f16) = (k.dot_f16, k.axpy_f16);
+    hearth_quant::pool::for_each_chunk(out, hd, |idx, out_h| {
         let (t, h) = (idx / s.n_head, idx % s.n_head);
         let pos = pos0 + t;
         let kvh = h / group;
@@ -61,9 +61,7 @@ pub fn attention(
             for (j, &w) in (first..=pos).zip(scores.iter()) {
                 let w = f16::from_f32(w).to_f32();
                 let v = &v_cache[j * kv_dim + kvh * hd..][..hd];
-                for (o, &vv) in out_h.iter_mut().zip(v) {
-                    *o += w * vv.to_f32();
-                }
+                axpy_f16(out_h, w, v);
             }
         });
     });

@@ -3,6 +3,7 @@
 
 use crate::blocks::*;
 use crate::reference as r;
+use crate::ActBlocks;
 use half::f16;
 use std::sync::OnceLock;
 
@@ -55,6 +56,8 @@ pub struct Kernels {
     /// 4 weight rows × 3 activation rows of an F32 product (see `reference::tile_f32_4x3`).
     pub tile_f32_4x3: fn(&[f32], &[f32], usize, &mut [f32; 12]),
     pub dot_f16: fn(&[f16], &[f16]) -> f32,
+    /// `out += w · v` (attention's weighted sum of f16 values).
+    pub axpy_f16: fn(&mut [f32], f32, &[f16]),
     pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
     pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
     pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
@@ -62,7 +65,30 @@ pub struct Kernels {
     pub dot_q4_k: fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
     pub dot_q5_k: fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
     pub dot_q6_k: fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
+    /// Rows × tokens products (`out[row * n_tok + t]`, see `reference::gemm_by_dot`).
+    pub gemm_q4_0: Gemm<BlockQ4_0, BlockQ8_0>,
+    pub gemm_q4_1: Gemm<BlockQ4_1, BlockQ8_1>,
+    pub gemm_q5_0: Gemm<BlockQ5_0, BlockQ8_0>,
+    pub gemm_q8_0: Gemm<BlockQ8_0, BlockQ8_0>,
 }
+
+/// `gemm(weight rows, activations, blocks per row, tokens, out)`.
+pub type Gemm<W, A> = fn(&[W], &ActBlocks<A>, usize, usize, &mut [f32]);
+
+/// A [`Gemm`] made of one dot product per (row, token).
+macro_rules! gemm_from_dot {
+    ($name:ident, $w:ty, $a:ty, $dot:expr) => {
+        fn $name(w: &[$w], a: &$crate::ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            $crate::reference::gemm_by_dot(w, a.blocks, nb, n_tok, $dot, out)
+        }
+    };
+}
+pub(crate) use gemm_from_dot;
+
+gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, r::vec_dot_q4_0_q8_0);
+gemm_from_dot!(gemm_q4_1, BlockQ4_1, BlockQ8_1, r::vec_dot_q4_1_q8_1);
+gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, r::vec_dot_q5_0_q8_0);
+gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, r::vec_dot_q8_0_q8_0);
 
 impl Kernels {
     pub fn scalar() -> Self {
@@ -73,6 +99,7 @@ impl Kernels {
             dot_f32: r::vec_dot_f32,
             tile_f32_4x3: r::tile_f32_4x3,
             dot_f16: r::vec_dot_f16,
+            axpy_f16: r::axpy_f16,
             dot_q4_0: r::vec_dot_q4_0_q8_0,
             dot_q4_1: r::vec_dot_q4_1_q8_1,
             dot_q5_0: r::vec_dot_q5_0_q8_0,
@@ -80,6 +107,10 @@ impl Kernels {
             dot_q4_k: r::vec_dot_q4_k_q8_k,
             dot_q5_k: r::vec_dot_q5_k_q8_k,
             dot_q6_k: r::vec_dot_q6_k_q8_k,
+            gemm_q4_0,
+            gemm_q4_1,
+            gemm_q5_0,
+            gemm_q8_0,
         }
     }
 

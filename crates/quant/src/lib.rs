@@ -9,6 +9,7 @@
 pub mod aarch64;
 pub mod blocks;
 pub mod dispatch;
+pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -17,7 +18,6 @@ use blocks::*;
 pub use dispatch::{Isa, Kernels};
 use half::{bf16, f16};
 pub use hearth_gguf::GgmlType;
-use rayon::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
@@ -33,6 +33,14 @@ pub enum QuantError {
     },
     #[error("tensor {name:?}: data is not aligned for {ty} blocks")]
     Misaligned { name: String, ty: GgmlType },
+}
+
+/// 8-bit activation blocks with each block's scale `d` and `s = d · Σq` as f32 (the tiled
+/// kernels read these instead of converting f16 scales per weight row).
+pub struct ActBlocks<'a, A> {
+    pub blocks: &'a [A],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
 }
 
 /// Typed view of a weight matrix's blocks.
@@ -182,33 +190,24 @@ impl<'a> QMatrix<'a> {
                 out,
                 scratch,
             ),
-            Blocks::Q4_0(w) => rows_dot(
-                w,
-                &acts.q8_0,
-                self.cols / QK,
-                n_tok,
-                k.dot_q4_0,
-                out,
-                scratch,
-            ),
-            Blocks::Q4_1(w) => rows_dot(
-                w,
-                &acts.q8_1,
-                self.cols / QK,
-                n_tok,
-                k.dot_q4_1,
-                out,
-                scratch,
-            ),
-            Blocks::Q5_0(w) => rows_dot(
-                w,
-                &acts.q8_0,
-                self.cols / QK,
-                n_tok,
-                k.dot_q5_0,
-                out,
-                scratch,
-            ),
+            Blocks::Q4_0(w) => {
+                let a = acts.q8_0_blocks();
+                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
+                    (k.gemm_q4_0)(w, &a, self.cols / QK, n_tok, o)
+                })
+            }
+            Blocks::Q4_1(w) => {
+                let a = acts.q8_1_blocks();
+                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
+                    (k.gemm_q4_1)(w, &a, self.cols / QK, n_tok, o)
+                })
+            }
+            Blocks::Q5_0(w) => {
+                let a = acts.q8_0_blocks();
+                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
+                    (k.gemm_q5_0)(w, &a, self.cols / QK, n_tok, o)
+                })
+            }
             Blocks::Q5_1(w) => rows_dot(
                 w,
                 &acts.q8_1,
@@ -218,15 +217,12 @@ impl<'a> QMatrix<'a> {
                 out,
                 scratch,
             ),
-            Blocks::Q8_0(w) => rows_dot(
-                w,
-                &acts.q8_0,
-                self.cols / QK,
-                n_tok,
-                k.dot_q8_0,
-                out,
-                scratch,
-            ),
+            Blocks::Q8_0(w) => {
+                let a = acts.q8_0_blocks();
+                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
+                    (k.gemm_q8_0)(w, &a, self.cols / QK, n_tok, o)
+                })
+            }
             Blocks::Q4K(w) => rows_dot(
                 w,
                 &acts.q8k,
@@ -260,8 +256,8 @@ impl<'a> QMatrix<'a> {
 
 /// Rows per parallel work item: enough to amortise scheduling, small enough to balance.
 fn rows_per_task(rows: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    (rows / (threads * 8)).clamp(8, 256)
+    let threads = pool::threads();
+    (rows / (threads * 8)).clamp(8, 256).next_multiple_of(4)
 }
 
 /// Dot every weight row (`per_row` units of `W`) with every activation row (`per_row` units of `A`).
@@ -274,26 +270,33 @@ fn rows_dot<W: Sync, A: Sync>(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
+    rows_gemm(w, per_row, n_tok, out, scratch, |w, o| {
+        reference::gemm_by_dot(w, a, per_row, n_tok, dot, o)
+    });
+}
+
+/// The product in parallel blocks of rows: `gemm(rows of w, results)` fills the results of
+/// its rows row-major (`n_tok` per row); `out` gets them token-major.
+fn rows_gemm<W: Sync>(
+    w: &[W],
+    per_row: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    gemm: impl Fn(&[W], &mut [f32]) + Sync,
+) {
     let rows = w.len() / per_row;
     let chunk = rows_per_task(rows);
+    let block = |r0: usize, o: &mut [f32]| {
+        let n_rows = o.len() / n_tok;
+        gemm(&w[r0 * per_row..(r0 + n_rows) * per_row], o)
+    };
     if n_tok == 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            for (i, v) in o.iter_mut().enumerate() {
-                let r = c * chunk + i;
-                *v = dot(&w[r * per_row..(r + 1) * per_row], &a[..per_row]);
-            }
-        });
+        // One token: row-major is token-major.
+        pool::for_each_chunk(out, chunk, |c, o| block(c * chunk, o));
         return;
     }
-    // Several tokens: each task owns a block of rows and reuses each weight row for all tokens.
-    by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
-        for (i, row_out) in o.chunks_exact_mut(n_tok).enumerate() {
-            let wr = &w[(r0 + i) * per_row..(r0 + i + 1) * per_row];
-            for (t, v) in row_out.iter_mut().enumerate() {
-                *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
-            }
-        }
-    });
+    by_row_blocks(rows, n_tok, chunk, out, scratch, block);
 }
 
 /// F32 product for several tokens in 4-row × 3-token tiles (embedding models, prefill of F32
@@ -353,10 +356,7 @@ fn by_row_blocks(
 ) {
     scratch.clear();
     scratch.resize(rows * n_tok, 0.0);
-    scratch
-        .par_chunks_mut(chunk * n_tok)
-        .enumerate()
-        .for_each(|(c, o)| block(c * chunk, o));
+    pool::for_each_chunk(scratch, chunk * n_tok, |c, o| block(c * chunk, o));
     transpose_into(scratch, rows, n_tok, out);
 }
 
@@ -392,6 +392,9 @@ pub struct Activations {
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     q8k: Vec<BlockQ8K>,
+    /// Per Q8_0/Q8_1 block: the scale and `d · Σq`, as f32.
+    d: Vec<f32>,
+    s: Vec<f32>,
 }
 
 impl Activations {
@@ -418,15 +421,47 @@ impl Activations {
             ActType::Q8_0 => {
                 self.q8_0.resize(x.len() / QK, BlockQ8_0::zeroed());
                 (k.quantize_q8_0)(x, &mut self.q8_0);
+                self.d.clear();
+                self.s.clear();
+                for b in &self.q8_0 {
+                    let d = b.d.to_f32();
+                    let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+                    self.d.push(d);
+                    self.s.push(d * sum as f32);
+                }
             }
             ActType::Q8_1 => {
                 self.q8_1.resize(x.len() / QK, BlockQ8_1::zeroed());
                 (k.quantize_q8_1)(x, &mut self.q8_1);
+                self.d.clear();
+                self.s.clear();
+                for b in &self.q8_1 {
+                    self.d.push(b.d.to_f32());
+                    self.s.push(b.s.to_f32());
+                }
             }
             ActType::Q8K => {
                 self.q8k.resize(x.len() / QK_K, BlockQ8K::zeroed());
                 reference::quantize_row_q8_k(x, &mut self.q8k);
             }
+        }
+    }
+}
+
+impl Activations {
+    fn q8_0_blocks(&self) -> ActBlocks<'_, BlockQ8_0> {
+        ActBlocks {
+            blocks: &self.q8_0,
+            d: &self.d,
+            s: &self.s,
+        }
+    }
+
+    fn q8_1_blocks(&self) -> ActBlocks<'_, BlockQ8_1> {
+        ActBlocks {
+            blocks: &self.q8_1,
+            d: &self.d,
+            s: &self.s,
         }
     }
 }

@@ -416,3 +416,27 @@ pub fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
     }
     sum
 }
+
+/// `out[r * n_tok + t] = dot(row r, token t)` for the `out.len() / n_tok` rows of `w`
+/// (`per_row` units each) and the `n_tok` rows of `a`.
+pub fn gemm_by_dot<W, A>(
+    w: &[W],
+    a: &[A],
+    per_row: usize,
+    n_tok: usize,
+    dot: impl Fn(&[W], &[A]) -> f32,
+    out: &mut [f32],
+) {
+    for (wr, o) in w.chunks_exact(per_row).zip(out.chunks_exact_mut(n_tok)) {
+        for (t, v) in o.iter_mut().enumerate() {
+            *v = dot(wr, &a[t * per_row..(t + 1) * per_row]);
+        }
+    }
+}
+
+/// `out += w · v` with `v` in f16.
+pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x.to_f32();
+    }
+}

@@ -7,6 +7,7 @@ use half::f16;
 use hearth_quant::blocks::*;
 use hearth_quant::dispatch::{detect, Isa, Kernels};
 use hearth_quant::reference as r;
+use hearth_quant::ActBlocks;
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
@@ -98,6 +99,62 @@ proptest! {
     }
 
     #[test]
+    fn q32_tiles_match_reference(
+        nb in 1usize..5,
+        rows in 1usize..10,
+        n_tok in 1usize..10,
+        raw in prop::collection::vec(any::<u8>(), 34 * 4 * 9),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let x = acts(n_tok * nb * QK, &seed);
+        let mut y0 = vec![BlockQ8_0::zeroed(); n_tok * nb];
+        let mut y1 = vec![BlockQ8_1::zeroed(); n_tok * nb];
+        r::quantize_row_q8_0(&x, &mut y0);
+        r::quantize_row_q8_1(&x, &mut y1);
+        let d0: Vec<f32> = y0.iter().map(|b| b.d.to_f32()).collect();
+        let s0: Vec<f32> = y0.iter().map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32).collect();
+        let d1: Vec<f32> = y1.iter().map(|b| b.d.to_f32()).collect();
+        let s1: Vec<f32> = y1.iter().map(|b| b.s.to_f32()).collect();
+        let a0 = ActBlocks { blocks: &y0, d: &d0, s: &s0 };
+        let a1 = ActBlocks { blocks: &y1, d: &d1, s: &s1 };
+        let nw = rows * nb;
+        let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * nw], |b: &mut BlockQ4_0, d| b.d = h(d));
+        let q41: Vec<BlockQ4_1> = blocks(&raw[..20 * nw], |b: &mut BlockQ4_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        let q50: Vec<BlockQ5_0> = blocks(&raw[..22 * nw], |b: &mut BlockQ5_0, d| b.d = h(d));
+        let mut q80: Vec<BlockQ8_0> = blocks(&raw[..34 * nw], |b: &mut BlockQ8_0, d| b.d = h(d));
+        for b in q80.iter_mut() { for q in b.qs.iter_mut() { *q = (*q).max(-127); } }
+        let mut yf = vec![0.0; n_tok * nb * QK];
+        r::dequantize_row_q8_0(&y0, &mut yf);
+        let mut wf = vec![0.0; rows * nb * QK];
+        let mut got = vec![0.0; rows * n_tok];
+        fn check<W>(
+            what: &str, w: &[W], wf: &[f32], yf: &[f32], nb: usize, n_tok: usize,
+            got: &[f32], dot: impl Fn(&[W], usize) -> f32,
+        ) {
+            let n = nb * QK;
+            for (i, &g) in got.iter().enumerate() {
+                let (row, t) = (i / n_tok, i % n_tok);
+                let want = dot(&w[row * nb..(row + 1) * nb], t);
+                close(g, want, magnitude(&wf[row * n..(row + 1) * n], &yf[t * n..(t + 1) * n]), what);
+            }
+        }
+        for k in levels() {
+            r::dequantize_row_q4_0(&q40, &mut wf);
+            (k.gemm_q4_0)(&q40, &a0, nb, n_tok, &mut got);
+            check("q4_0 tile", &q40, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            r::dequantize_row_q4_1(&q41, &mut wf);
+            (k.gemm_q4_1)(&q41, &a1, nb, n_tok, &mut got);
+            check("q4_1 tile", &q41, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_1_q8_1(w, &y1[t * nb..(t + 1) * nb]));
+            r::dequantize_row_q5_0(&q50, &mut wf);
+            (k.gemm_q5_0)(&q50, &a0, nb, n_tok, &mut got);
+            check("q5_0 tile", &q50, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q5_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            r::dequantize_row_q8_0(&q80, &mut wf);
+            (k.gemm_q8_0)(&q80, &a0, nb, n_tok, &mut got);
+            check("q8_0 tile", &q80, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q8_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+        }
+    }
+
+    #[test]
     fn k_quant_kernels_match_reference(
         nb in 1usize..4,
         raw in prop::collection::vec(any::<u8>(), 210 * 3),
@@ -129,6 +186,12 @@ proptest! {
         for k in levels() {
             close((k.dot_f32)(&x, &y), r::vec_dot_f32(&x, &y), magnitude(&x, &y), "f32");
             close((k.dot_f16)(&xh, &yh), r::vec_dot_f16(&xh, &yh), magnitude(&xs, &ys), "f16");
+            let (mut got, mut want) = (x.clone(), x.clone());
+            (k.axpy_f16)(&mut got, -0.75, &yh);
+            r::axpy_f16(&mut want, -0.75, &yh);
+            for (g, w) in got.iter().zip(&want) {
+                close(*g, *w, 1e-2, "axpy f16");
+            }
         }
     }
 

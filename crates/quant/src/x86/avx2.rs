@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 /// the CPU each time: four of them per block cost more than the block's arithmetic).
 #[inline]
 #[target_feature(enable = "f16c")]
-fn h2f(h: f16) -> f32 {
+pub(crate) fn h2f(h: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
@@ -52,7 +52,7 @@ unsafe fn nibbles_32(qs: &[u8; 16]) -> __m256i {
 /// 32 bits → 32 bytes, 0xFF where the bit is set.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn bits_to_bytes_32(bits: u32) -> __m256i {
+pub(crate) fn bits_to_bytes_32(bits: u32) -> __m256i {
     let shuf = _mm256_set_epi64x(
         0x0303030303030303,
         0x0202020202020202,
@@ -356,4 +356,24 @@ pub unsafe fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
         sum += x[j] * y[j];
     }
     sum
+}
+
+/// `out += w · v` with `v` in f16.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    let n = out.len().min(v.len());
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 8 values at i, inside both slices.
+        unsafe {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let o = out.as_mut_ptr().add(i);
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(o)));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] += w * h2f(v[j]);
+    }
 }

@@ -1,11 +1,14 @@
 //! x86-64 SIMD kernels. Built for baseline x86-64; each kernel enables its features with
 //! `#[target_feature]` and is only reachable through [`kernels`] after runtime detection.
-//! The AVX-512 level currently runs the AVX2 kernels (VNNI kernels are planned).
+//! The AVX-512 level adds the VNNI tiles for the 32-value block types and otherwise runs
+//! the AVX2 kernels.
 
 pub mod avx2;
+pub mod vnni;
 
 use crate::blocks::*;
-use crate::dispatch::{Isa, Kernels};
+use crate::dispatch::{gemm_from_dot, Isa, Kernels};
+use crate::ActBlocks;
 use half::f16;
 
 // Safe entry points. SAFETY (all): `kernels` hands these out only when `detect()` found
@@ -43,14 +46,54 @@ fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     unsafe { avx2::tile_f32_4x3(w, a, cols, out) }
 }
 
+fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    // SAFETY: see above.
+    unsafe { avx2::axpy_f16(out, w, v) }
+}
+
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f32(x, y) }
 }
 
+gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, dot_q4_0);
+gemm_from_dot!(gemm_q4_1, BlockQ4_1, BlockQ8_1, dot_q4_1);
+gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, dot_q5_0);
+gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, dot_q8_0);
+
+/// VNNI tiles. SAFETY (all): installed by `kernels` only when `detect()` found AVX-512
+/// F/BW/VL/VNNI (with AVX2, FMA, F16C) on this CPU.
+macro_rules! vnni_gemm {
+    ($name:ident, $w:ty, $a:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { vnni::gemm(w, a, nb, n_tok, out) }
+        }
+    };
+}
+vnni_gemm!(vnni_q4_0, BlockQ4_0, BlockQ8_0);
+vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
+vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
+vnni_gemm!(vnni_q8_0, BlockQ8_0, BlockQ8_0);
+
 /// Kernels for an x86 level the CPU is known to support (`isa >= Avx2`).
 pub fn kernels(isa: Isa) -> Kernels {
+    if isa >= Isa::Avx512 {
+        return Kernels {
+            isa,
+            gemm_q4_0: vnni_q4_0,
+            gemm_q4_1: vnni_q4_1,
+            gemm_q5_0: vnni_q5_0,
+            gemm_q8_0: vnni_q8_0,
+            ..kernels(Isa::Avx2)
+        };
+    }
     Kernels {
+        axpy_f16,
+        gemm_q4_0,
+        gemm_q4_1,
+        gemm_q5_0,
+        gemm_q8_0,
         isa,
         dot_f32,
         tile_f32_4x3,

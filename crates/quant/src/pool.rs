@@ -1,0 +1,370 @@
+//! A persistent worker pool for the kernels: one job at a time, split into tasks that the
+//! caller and the workers take from a shared counter.
+//!
+//! Why not rayon: a decode step runs ~250 small products; waking sleeping rayon workers and
+//! splitting work recursively cost more than the products on a small model. Here workers
+//! spin for a short while after each job (so the next one starts in well under a
+//! microsecond) and then park until there is work again.
+//!
+//! `threads` counts the caller: `set_threads(2)` keeps one worker thread.
+
+use std::cell::{Cell, UnsafeCell};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it parks.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// A job's closure with its lifetime erased; only dereferenced while the job runs.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n_tasks: usize,
+}
+
+struct Shared {
+    /// Bumped once per job; publishes `job`, `next` and `active`.
+    epoch: AtomicU64,
+    job: UnsafeCell<Job>,
+    next: AtomicUsize,
+    /// Workers that have not finished the current job.
+    active: AtomicUsize,
+    panicked: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    sleepers: AtomicUsize,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+// SAFETY: `job` is written only by the caller holding `Pool::caller`, before the epoch bump
+// (Release) that workers observe (Acquire) before reading it, and never while a worker of
+// that epoch is active; the closure it points to is `Sync`.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw pointer is only dereferenced under that protocol.
+unsafe impl Send for Shared {}
+
+struct Workers {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    fn spawn(n: usize) -> Workers {
+        fn noop(_: usize) {}
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(Job {
+                f: &noop as &(dyn Fn(usize) + Sync) as *const _,
+                n_tasks: 0,
+            }),
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: Mutex::new(None),
+            sleepers: AtomicUsize::new(0),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let handles = (0..n)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("hearth-worker-{i}"))
+                    .spawn(move || worker(&s))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        Workers { shared, handles }
+    }
+
+    fn stop(self) {
+        self.shared.shutdown.store(true, SeqCst);
+        {
+            let _g = self
+                .shared
+                .sleep_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs pool tasks: nested calls run inline.
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+fn run_tasks(s: &Shared, job: Job) {
+    loop {
+        let i = s.next.fetch_add(1, Relaxed);
+        if i >= job.n_tasks {
+            return;
+        }
+        // SAFETY: the caller of `Pool::run` keeps the closure alive until every worker of this
+        // epoch has decremented `active`, which happens after this call returns.
+        let f = unsafe { &*job.f };
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+            *s.panicked.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        }
+    }
+}
+
+fn worker(s: &Shared) {
+    IN_POOL.with(|c| c.set(true));
+    // Workers are spawned before the first job: epoch 0 is the one already seen (reading
+    // the epoch here could miss a job published before this thread got to run).
+    let mut seen = 0;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = s.epoch.load(Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            if s.shutdown.load(Relaxed) {
+                return;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 256 != 0 || start.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut g = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleepers.fetch_add(1, SeqCst);
+            while s.epoch.load(SeqCst) == seen && !s.shutdown.load(SeqCst) {
+                g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, SeqCst);
+        }
+        // SAFETY: written before the epoch bump we just observed with Acquire; not written
+        // again until this worker decrements `active`.
+        let job = unsafe { *s.job.get() };
+        run_tasks(s, job);
+        s.active.fetch_sub(1, Release);
+    }
+}
+
+pub struct Pool {
+    /// Held for the whole of a job (one job at a time) and while resizing.
+    caller: Mutex<Option<Workers>>,
+    threads: AtomicUsize,
+}
+
+impl Pool {
+    fn new(threads: usize) -> Pool {
+        let threads = threads.max(1);
+        Pool {
+            caller: Mutex::new(Some(Workers::spawn(threads - 1))),
+            threads: AtomicUsize::new(threads),
+        }
+    }
+
+    fn resize(&self, threads: usize) {
+        let threads = threads.max(1);
+        let mut g = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        if self.threads.load(Relaxed) == threads {
+            return;
+        }
+        if let Some(w) = g.take() {
+            w.stop();
+        }
+        *g = Some(Workers::spawn(threads - 1));
+        self.threads.store(threads, Relaxed);
+    }
+
+    /// Calls `f(i)` for every `i` in `0..n_tasks`, spread over the pool; returns when all
+    /// are done. Nested calls (from inside a task) run inline.
+    pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n_tasks <= 1 || self.threads.load(Relaxed) == 1 || IN_POOL.with(|c| c.get()) {
+            (0..n_tasks).for_each(f);
+            return;
+        }
+        let g = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = g.as_ref() else {
+            (0..n_tasks).for_each(f);
+            return;
+        };
+        let s = &*w.shared;
+        // SAFETY: no worker reads `job` now: all finished the previous epoch (`active` was 0
+        // when the previous call returned) and the new epoch is not yet published. The
+        // pointer's lifetime is erased; it is dereferenced only until `active` reaches 0
+        // below, while `f` is still borrowed by this call.
+        unsafe {
+            let f: *const (dyn Fn(usize) + Sync + '_) = f;
+            *s.job.get() = Job {
+                f: std::mem::transmute::<
+                    *const (dyn Fn(usize) + Sync + '_),
+                    *const (dyn Fn(usize) + Sync + 'static),
+                >(f),
+                n_tasks,
+            };
+        }
+        s.next.store(0, Relaxed);
+        s.active.store(w.handles.len(), Relaxed);
+        s.epoch.fetch_add(1, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
+            let _l = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        IN_POOL.with(|c| c.set(true));
+        // SAFETY: as for the workers: `f` outlives this call.
+        run_tasks(s, unsafe { *s.job.get() });
+        IN_POOL.with(|c| c.set(false));
+        let mut spins = 0u32;
+        while s.active.load(Acquire) != 0 {
+            spins = spins.wrapping_add(1);
+            if spins < 1 << 16 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let panic = s.panicked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(g);
+        if let Some(p) = panic {
+            resume_unwind(p);
+        }
+    }
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The process-wide pool (created with every available CPU unless [`set_threads`] ran first).
+pub fn pool() -> &'static Pool {
+    POOL.get_or_init(|| Pool::new(default_threads()))
+}
+
+/// Sets the number of threads the kernels use, counting the calling thread.
+pub fn set_threads(n: usize) {
+    let p = POOL.get_or_init(|| Pool::new(n));
+    p.resize(n);
+}
+
+/// Threads the kernels use, counting the calling thread.
+pub fn threads() -> usize {
+    pool().threads.load(Relaxed)
+}
+
+/// Calls `f(i)` for `i` in `0..n_tasks` on the pool.
+pub fn run(n_tasks: usize, f: impl Fn(usize) + Sync) {
+    pool().run(n_tasks, &f);
+}
+
+/// Splits `data` into chunks of `chunk` elements and calls `f(chunk_index, chunk)` for each,
+/// in parallel.
+pub fn for_each_chunk<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    let n_chunks = len.div_ceil(chunk);
+    let base = SendPtr(data.as_mut_ptr());
+    run(n_chunks, |i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        let p = &base;
+        // SAFETY: chunk `i` covers `start..end` inside `data`; chunks are disjoint and each
+        // index runs exactly once, and `data` stays mutably borrowed for the whole call.
+        let part = unsafe { std::slice::from_raw_parts_mut(p.0.add(start), end - start) };
+        f(i, part);
+    });
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint chunks of a `&mut [T]` (T: Send) to pool tasks.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_published_before_the_worker_starts_is_not_missed() {
+        for _ in 0..50 {
+            let p = Pool::new(2);
+            let n = AtomicUsize::new(0);
+            p.run(2, &|_| {
+                n.fetch_add(1, Relaxed);
+            });
+            assert_eq!(n.load(Relaxed), 2);
+        }
+    }
+
+    #[test]
+    fn every_task_runs_once() {
+        let p = Pool::new(3);
+        for n in [0, 1, 2, 7, 100, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            p.run(n, &|i| {
+                hits[i].fetch_add(1, Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice() {
+        let mut v = vec![0usize; 1003];
+        for_each_chunk(&mut v, 10, |c, part| {
+            for (j, x) in part.iter_mut().enumerate() {
+                *x = c * 10 + j;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(i, &x)| i == x));
+    }
+
+    #[test]
+    fn survives_idle_parking_and_resizing() {
+        let p = Pool::new(2);
+        let sum = AtomicUsize::new(0);
+        p.run(4, &|i| {
+            sum.fetch_add(i, Relaxed);
+        });
+        std::thread::sleep(SPIN * 3); // workers park
+        p.run(4, &|i| {
+            sum.fetch_add(i, Relaxed);
+        });
+        p.resize(3);
+        p.run(4, &|i| {
+            sum.fetch_add(i, Relaxed);
+        });
+        assert_eq!(sum.load(Relaxed), 18);
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
+        let p = Pool::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            p.run(8, &|i| assert!(i != 5, "task 5 fails"));
+        }));
+        assert!(r.is_err());
+        let n = AtomicUsize::new(0);
+        p.run(8, &|_| {
+            n.fetch_add(1, Relaxed);
+        });
+        assert_eq!(n.load(Relaxed), 8);
+    }
+
+    #[test]
+    fn nested_calls_run_inline() {
+        let p = Pool::new(2);
+        let n = AtomicUsize::new(0);
+        p.run(4, &|_| {
+            pool().run(3, &|_| {
+                n.fetch_add(1, Relaxed);
+            });
+        });
+        assert_eq!(n.load(Relaxed), 12);
+    }
+}
