@@ -179,6 +179,27 @@ fn to_f32(name: &str, view: &safetensors::tensor::TensorView) -> Result<Vec<f32>
     Ok(out)
 }
 
+/// The encoder's weights from the bytes of a `model.safetensors` file (header checked by the
+/// `safetensors` crate, every tensor's dtype and shape checked here).
+pub fn bert_from_safetensors(config: BertConfig, bytes: &[u8]) -> Result<Bert> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| EmbedError::Weights(e.to_string()))?;
+    Bert::load(config, |name, shape| {
+        // Some exports prefix every name with the model type.
+        let view = tensors
+            .tensor(name)
+            .or_else(|_| tensors.tensor(&format!("bert.{name}")))
+            .map_err(|_| EmbedError::Weights(format!("missing tensor {name}")))?;
+        if view.shape() != shape {
+            return Err(EmbedError::Weights(format!(
+                "{name} has shape {:?}, expected {shape:?}",
+                view.shape()
+            )));
+        }
+        to_f32(name, &view)
+    })
+}
+
 impl Embedder {
     /// Opens a sentence-transformers directory.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -187,22 +208,7 @@ impl Embedder {
         let weights_path = dir.join("model.safetensors");
         let file = std::fs::File::open(&weights_path).map_err(io_err(&weights_path))?;
         let bytes = hearth_gguf::Bytes::map(&file).map_err(io_err(&weights_path))?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| EmbedError::Weights(e.to_string()))?;
-        let bert = Bert::load(config.clone(), |name, shape| {
-            // Some exports prefix every name with the model type.
-            let view = tensors
-                .tensor(name)
-                .or_else(|_| tensors.tensor(&format!("bert.{name}")))
-                .map_err(|_| EmbedError::Weights(format!("missing tensor {name}")))?;
-            if view.shape() != shape {
-                return Err(EmbedError::Weights(format!(
-                    "{name} has shape {:?}, expected {shape:?}",
-                    view.shape()
-                )));
-            }
-            to_f32(name, &view)
-        })?;
+        let bert = bert_from_safetensors(config.clone(), &bytes)?;
 
         let pooling = match std::fs::metadata(dir.join("1_Pooling/config.json")) {
             Ok(_) => {

@@ -3,7 +3,6 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -90,15 +89,22 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
     /// Logits with penalties applied (only filled when a penalty is on).
     penalized: Vec<f32>,
+    /// Probabilities of the candidates and the recent-token window, reused (no allocation
+    /// per token).
+    probs: Vec<f32>,
+    window: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Sampler {
             rng: ChaCha8Rng::seed_from_u64(params.seed),
-            params,
             cand: Vec::new(),
             penalized: Vec::new(),
+            probs: Vec::new(),
+            // Full size up front: the window fills up over the first tokens.
+            window: Vec::with_capacity(params.repeat_last_n.min(1 << 16)),
+            params,
         }
     }
 
@@ -115,7 +121,7 @@ impl Sampler {
             } else {
                 self.penalized.clear();
                 self.penalized.extend_from_slice(logits);
-                apply_penalties(&p, &mut self.penalized, history);
+                apply_penalties(&p, &mut self.penalized, history, &mut self.window);
                 &self.penalized
             };
         if p.temperature <= 0.0 {
@@ -139,10 +145,10 @@ impl Sampler {
             .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         // top-p over the softmax of the survivors
         if p.top_p < 1.0 {
-            let probs = softmax(&self.cand);
+            softmax(&self.cand, &mut self.probs);
             let mut cum = 0.0;
             let mut keep = self.cand.len();
-            for (i, pr) in probs.iter().enumerate() {
+            for (i, pr) in self.probs.iter().enumerate() {
                 cum += pr;
                 if cum >= p.top_p {
                     keep = i + 1;
@@ -162,10 +168,10 @@ impl Sampler {
         for c in self.cand.iter_mut() {
             c.1 /= p.temperature;
         }
-        let probs = softmax(&self.cand);
+        softmax(&self.cand, &mut self.probs);
         let r: f32 = self.rng.random();
         let mut cum = 0.0;
-        for (c, pr) in self.cand.iter().zip(&probs) {
+        for (c, pr) in self.cand.iter().zip(&self.probs) {
             cum += pr;
             if r < cum {
                 return c.0;
@@ -176,13 +182,13 @@ impl Sampler {
 }
 
 /// Repeat (llama.cpp style), presence and frequency penalties over the last `repeat_last_n` tokens.
-fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32]) {
-    let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    for &t in window {
-        *counts.entry(t).or_default() += 1;
-    }
-    for (&t, &n) in &counts {
+/// `window` is scratch space.
+fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32], window: &mut Vec<u32>) {
+    window.clear();
+    window.extend_from_slice(&history[history.len().saturating_sub(p.repeat_last_n)..]);
+    window.sort_unstable();
+    for run in window.chunk_by(|a, b| a == b) {
+        let (t, n) = (run[0], run.len());
         let Some(l) = logits.get_mut(t as usize) else {
             continue;
         };
@@ -205,11 +211,13 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn softmax(c: &[(u32, f32)]) -> Vec<f32> {
+/// Probabilities of the candidates' logits, into `out`.
+fn softmax(c: &[(u32, f32)], out: &mut Vec<f32>) {
     let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = c.iter().map(|x| (x.1 - max).exp()).collect();
-    let sum: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
+    out.clear();
+    out.extend(c.iter().map(|x| (x.1 - max).exp()));
+    let sum: f32 = out.iter().sum();
+    out.iter_mut().for_each(|v| *v /= sum);
 }
 
 #[cfg(test)]

@@ -52,6 +52,8 @@ pub fn attention(
                     .map(|&x| f16::from_f32(x)),
             );
             scores.clear();
+            // The whole cache's length once, so decoding never grows this buffer.
+            scores.reserve(k_cache.len() / kv_dim);
             for j in first..=pos {
                 let k = &k_cache[j * kv_dim + kvh * hd..][..hd];
                 scores.push(dot_f16(k, q16) * s.scale);

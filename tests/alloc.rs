@@ -1,0 +1,84 @@
+//! Zero heap allocations per generated token: after a warm-up, decoding (forward pass on the
+//! KV cache plus sampling) allocates nothing, counted by a global allocator.
+
+mod common;
+
+use hearth_engine::sampling::{Sampler, SamplingParams};
+use hearth_models::{Model, Scratch};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn decode_allocations(name: &str) -> usize {
+    let model = Model::load(common::open(name)).expect("model");
+    let mut cache = model.new_cache(256);
+    let (mut scratch, mut logits) = (Scratch::default(), Vec::new());
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        repeat_penalty: 1.1,
+        seed: 3,
+        ..SamplingParams::default()
+    });
+    let mut history: Vec<u32> = Vec::with_capacity(256);
+    history.extend([1, 2, 3, 4, 5, 6, 7, 8]);
+    model
+        .forward(&history, &mut cache, &mut scratch, &mut logits)
+        .expect("prefill");
+    let mut step = |count: bool, history: &mut Vec<u32>| {
+        COUNTING.store(count, Ordering::SeqCst);
+        let next = sampler.sample(&logits[..model.config.n_vocab], history);
+        history.push(next);
+        model
+            .forward(&[next], &mut cache, &mut scratch, &mut logits)
+            .expect("decode");
+        COUNTING.store(false, Ordering::SeqCst);
+    };
+    for _ in 0..4 {
+        step(false, &mut history); // warm-up: buffers reach their size
+    }
+    ALLOCS.store(0, Ordering::SeqCst);
+    for _ in 0..64 {
+        step(true, &mut history);
+    }
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+#[test]
+fn decoding_allocates_nothing_per_token() {
+    for name in ["smollm2", "gemma3"] {
+        let n = decode_allocations(name);
+        assert_eq!(n, 0, "{name}: {n} heap allocations in 64 decode steps");
+    }
+}
