@@ -127,6 +127,7 @@ proptest! {
         r::dequantize_row_q8_0(&y0, &mut yf);
         let mut wf = vec![0.0; rows * nb * QK];
         let mut got = vec![0.0; rows * n_tok];
+        #[allow(clippy::too_many_arguments)]
         fn check<W>(
             what: &str, w: &[W], wf: &[f32], yf: &[f32], nb: usize, n_tok: usize,
             got: &[f32], dot: impl Fn(&[W], usize) -> f32,
