@@ -145,6 +145,14 @@ fn errors_are_clear_and_not_panics() {
     assert!(err.contains("does not fit the context"), "{err}");
     let out = hearth(&["run", "smollm2", "hi", "--top-p", "2"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+    // A context whose KV cache cannot fit: refused before allocating, not an OOM kill.
+    for ctx in ["100000000", "18446744073709551615"] {
+        let out = hearth(&["run", "smollm2", "hi", "--ctx", ctx]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("MiB of memory"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]

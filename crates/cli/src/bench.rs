@@ -114,6 +114,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(&too_long) = prompts.iter().chain(&gens).find(|&&n| n > ctx_limit) {
         bail!("{too_long} tokens exceed the model's context of {ctx_limit}");
     }
+    let longest = prompts.iter().chain(&gens).copied().max().unwrap_or(0);
+    model.check_memory(longest, 1)?;
     let isa = hearth_quant::dispatch::kernels().isa.name();
     let size = std::fs::metadata(&path)?.len();
     let params: u64 = model.gguf.tensors.iter().map(|t| t.n_elements).sum();

@@ -38,6 +38,7 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
         anyhow::bail!("--ctx must be at least 1");
     }
     let loaded = LoadedModel::from_gguf(open_gguf(&args.model)?)?;
+    loaded.model.check_memory(args.ctx, 1)?;
     if verbose {
         let k = hearth_quant::dispatch::kernels();
         eprintln!(

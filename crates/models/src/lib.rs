@@ -436,8 +436,62 @@ impl Model {
         })
     }
 
+    /// Bytes of one KV cache of `n_ctx` positions (f16 keys and values, every layer).
+    pub fn kv_cache_bytes(&self, n_ctx: usize) -> u64 {
+        let c = &self.config;
+        (2 * 2 * c.n_layer as u128 * c.kv_dim() as u128 * n_ctx as u128).min(u64::MAX as u128)
+            as u64
+    }
+
+    /// Working buffers of one forward pass of up to [`MAX_BATCH`] tokens, roughly.
+    fn scratch_bytes(&self) -> u64 {
+        let c = &self.config;
+        let per_token = 6 * c.n_embd + 3 * c.q_dim() + 2 * c.kv_dim() + 3 * c.n_ff;
+        (4 * (MAX_BATCH * per_token + c.n_vocab)) as u64
+    }
+
+    /// Refuses, before anything is allocated, to run `n_caches` sequences of `n_ctx` tokens
+    /// when their KV caches and working buffers would not fit in the memory available now,
+    /// or when they and the weights exceed the machine's memory. (Linux: /proc/meminfo;
+    /// elsewhere no check.)
+    pub fn check_memory(&self, n_ctx: usize, n_caches: usize) -> Result<()> {
+        let Some((total, available)) = system_memory() else {
+            return Ok(());
+        };
+        let buffers = self
+            .kv_cache_bytes(n_ctx)
+            .saturating_mul(n_caches as u64)
+            .saturating_add(self.scratch_bytes());
+        let with_weights = buffers.saturating_add(self.gguf.file_size());
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        if buffers > available {
+            return Err(ModelError::OutOfMemory {
+                need_mib: mib(buffers),
+                have_mib: mib(available),
+            });
+        }
+        if with_weights > total {
+            return Err(ModelError::OutOfMemory {
+                need_mib: mib(with_weights),
+                have_mib: mib(total),
+            });
+        }
+        Ok(())
+    }
+
     /// Bytes of weights read per generated token (for bandwidth estimates).
     pub fn weight_bytes(&self) -> u64 {
         self.gguf.tensors.iter().map(|t| t.n_bytes).sum()
     }
+}
+
+/// (MemTotal, MemAvailable) in bytes.
+fn system_memory() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
 }

@@ -123,6 +123,10 @@ impl Registry {
         load_once(&self.loaded, api, key.clone(), move || {
             let t = Instant::now();
             let loaded = Arc::new(LoadedModel::open(&path).map_err(|e| e.to_string())?);
+            loaded
+                .model
+                .check_memory(config.n_ctx, config.parallel.max(1))
+                .map_err(|e| e.to_string())?;
             let scheduler = Scheduler::start(loaded.clone(), config);
             let size = std::fs::metadata(&path).map_or(0, |m| m.len());
             tracing::info!(model = %key, "loaded in {:?}", t.elapsed());
