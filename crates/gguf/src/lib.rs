@@ -69,8 +69,27 @@ impl std::fmt::Debug for Gguf {
     }
 }
 
+/// Files up to this size are read into memory rather than mapped.
+pub const READ_LIMIT: u64 = 2 << 30;
+
+/// Whether `open` copies a file of `size` bytes into memory (`HEARTH_MMAP=1` always maps,
+/// `HEARTH_MMAP=0` never does).
+///
+/// Why copy: a mapped file that another process truncates or rewrites in place (a model
+/// re-downloaded over itself while `hearth serve` runs) makes the next read of a vanished
+/// page kill the process with SIGBUS. A private copy cannot change under us. It costs a
+/// read at load (~0.1 s per GB from the page cache) and the copy's RSS, which a mapping's
+/// touched pages cost too. Files bigger than [`READ_LIMIT`] are mapped: see SECURITY.md.
+pub fn read_into_memory(size: u64) -> bool {
+    match std::env::var("HEARTH_MMAP").ok().as_deref() {
+        Some("1") => false,
+        Some("0") => true,
+        _ => size <= READ_LIMIT,
+    }
+}
+
 impl Gguf {
-    /// Maps and validates a GGUF file.
+    /// Opens and validates a GGUF file (read into memory or mapped: [`read_into_memory`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {
@@ -90,7 +109,15 @@ impl Gguf {
                 file_size: 0,
             });
         }
-        Self::parse(Bytes::map(&file).map_err(io)?)
+        let bytes = if read_into_memory(meta.len()) {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len()), &mut buf)
+                .map_err(io)?;
+            Bytes::Owned(buf)
+        } else {
+            Bytes::map(&file).map_err(io)?
+        };
+        Self::parse(bytes)
     }
 
     /// Parses a GGUF image held in memory.

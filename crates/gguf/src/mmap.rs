@@ -12,8 +12,9 @@ impl Bytes {
     pub fn map(file: &File) -> std::io::Result<Self> {
         // SAFETY: the mapping is read-only and private to this process. If another process
         // truncates the file while it is mapped, reads past the new end fault (SIGBUS); hearth
-        // validates all offsets against the size seen at open, and replacing a model file in
-        // place while it is served is documented as unsupported until the SIGBUS guard lands.
+        // validates all offsets against the size seen at open, maps only files too big to
+        // copy (`read_into_memory`), and SECURITY.md documents that such files must be
+        // replaced by rename, not rewritten in place, while they are served.
         let map = unsafe { memmap2::MmapOptions::new().map(file)? };
         Ok(Bytes::Mapped(map))
     }

@@ -825,3 +825,37 @@ async fn embeddings_in_both_apis() {
         assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 }
+
+/// A model file truncated and rewritten in place while it is served (an interrupted
+/// re-download over the same path) must not kill the server with SIGBUS: files of this size
+/// are read into memory at load, so the served model keeps its weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_truncated_while_served_does_not_kill_the_server() {
+    let src = ServerConfig::default()
+        .models_dir
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = std::env::temp_dir().join(format!("hearth-truncated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(&src, &file).unwrap();
+    let s = start(|c| c.models_dir = dir.clone()).await;
+    let ask =
+        |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let (status, before) = post(&s, "/v1/completions", ask("The capital of France is")).await;
+    assert_eq!(status, 200, "{before}");
+
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(4096).unwrap();
+    (&f).write_all(&[0u8; 4096]).unwrap();
+    f.sync_all().unwrap();
+
+    let (status, other) = post(&s, "/v1/completions", ask("Water boils at")).await;
+    assert_eq!(status, 200, "{other}");
+    let (status, after) = post(&s, "/v1/completions", ask("The capital of France is")).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["choices"][0]["text"], before["choices"][0]["text"]);
+    let (status, _) = get(&s, "/health").await;
+    assert_eq!(status, 200);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
