@@ -178,6 +178,23 @@ proptest! {
     }
 
     #[test]
+    fn activation_quantization_is_bit_exact(x in prop::collection::vec(-50.0f32..50.0, 32..320), zero_block in any::<bool>()) {
+        let n = x.len() / QK * QK;
+        let mut x = x[..n].to_vec();
+        if zero_block { x[..QK].fill(0.0); }
+        let (mut w0, mut w1) = (vec![BlockQ8_0::zeroed(); n / QK], vec![BlockQ8_1::zeroed(); n / QK]);
+        r::quantize_row_q8_0(&x, &mut w0);
+        r::quantize_row_q8_1(&x, &mut w1);
+        for k in levels() {
+            let (mut g0, mut g1) = (vec![BlockQ8_0::zeroed(); n / QK], vec![BlockQ8_1::zeroed(); n / QK]);
+            (k.quantize_q8_0)(&x, &mut g0);
+            (k.quantize_q8_1)(&x, &mut g1);
+            prop_assert_eq!(bytemuck::cast_slice::<_, u8>(&g0), bytemuck::cast_slice::<_, u8>(&w0));
+            prop_assert_eq!(bytemuck::cast_slice::<_, u8>(&g1), bytemuck::cast_slice::<_, u8>(&w1));
+        }
+    }
+
+    #[test]
     fn float_kernels_match_reference(x in prop::collection::vec(-8.0f32..8.0, 1..300)) {
         let y: Vec<f32> = x.iter().rev().copied().collect();
         let xh: Vec<f16> = x.iter().map(|&v| h(v)).collect();

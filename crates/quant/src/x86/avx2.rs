@@ -377,3 +377,66 @@ pub unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
         out[j] += w * h2f(v[j]);
     }
 }
+
+/// One block of 32 floats → (d, 32 rounded int8, Σq), exactly as the reference: the same
+/// f32 multiply and round-half-to-even, only vectorised.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_block(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, i32) {
+    // SAFETY (loads/store): exactly the 32 floats of `xs` and the 32 bytes of `qs`.
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(xs.as_ptr()),
+            _mm256_loadu_ps(xs.as_ptr().add(8)),
+            _mm256_loadu_ps(xs.as_ptr().add(16)),
+            _mm256_loadu_ps(xs.as_ptr().add(24)),
+        ]
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |x| _mm256_andnot_ps(sign, x);
+    let m = _mm256_max_ps(
+        _mm256_max_ps(abs(v[0]), abs(v[1])),
+        _mm256_max_ps(abs(v[2]), abs(v[3])),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        _mm256_cvtps_epi32(_mm256_round_ps(
+            _mm256_mul_ps(v[i], id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        ))
+    });
+    let sum = hsum_epi32(_mm256_add_epi32(
+        _mm256_add_epi32(q[0], q[1]),
+        _mm256_add_epi32(q[2], q[3]),
+    ));
+    // i32 → i16 → i8 packs interleave 128-bit lanes; the permute puts them back in order.
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: see above.
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, p) };
+    (d, sum)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (d, _) = quantize_block(xs.try_into().expect("32 floats"), &mut b.qs);
+        b.d = f16::from_f32(d);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (d, sum) = quantize_block(xs.try_into().expect("32 floats"), &mut b.qs);
+        b.d = f16::from_f32(d);
+        b.s = f16::from_f32(d * sum as f32);
+    }
+}

@@ -46,6 +46,15 @@ fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     unsafe { avx2::tile_f32_4x3(w, a, cols, out) }
 }
 
+fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    // SAFETY: see above.
+    unsafe { avx2::quantize_q8_0(x, y) }
+}
+fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    // SAFETY: see above.
+    unsafe { avx2::quantize_q8_1(x, y) }
+}
+
 fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     // SAFETY: see above.
     unsafe { avx2::axpy_f16(out, w, v) }
@@ -89,6 +98,8 @@ pub fn kernels(isa: Isa) -> Kernels {
         };
     }
     Kernels {
+        quantize_q8_0,
+        quantize_q8_1,
         axpy_f16,
         gemm_q4_0,
         gemm_q4_1,

@@ -219,16 +219,8 @@ unsafe fn tile_4x4<W: Unsigned32, A: Signed32>(
                 a.blocks[i(t)].qs().as_ptr() as *const __m256i
             ))
         };
-        let y01 = _mm512_inserti64x4(
-            y(0),
-            _mm512_castsi512_si256(y(1)),
-            1,
-        );
-        let y23 = _mm512_inserti64x4(
-            y(2),
-            _mm512_castsi512_si256(y(3)),
-            1,
-        );
+        let y01 = _mm512_inserti64x4(y(0), _mm512_castsi512_si256(y(1)), 1);
+        let y23 = _mm512_inserti64x4(y(2), _mm512_castsi512_si256(y(3)), 1);
         let da01 = join_ps(_mm256_set1_ps(a.d[i(0)]), _mm256_set1_ps(a.d[i(1)]));
         let da23 = join_ps(_mm256_set1_ps(a.d[i(2)]), _mm256_set1_ps(a.d[i(3)]));
         let sa = _mm_setr_ps(a.s[i(0)], a.s[i(1)], a.s[i(2)], a.s[i(3)]);
@@ -241,11 +233,15 @@ unsafe fn tile_4x4<W: Unsigned32, A: Signed32>(
             let u = _mm512_broadcast_i64x4(unsafe { blk.bytes() });
             let (dw, mw) = blk.scale_offset();
             let dwv = _mm512_set1_ps(dw);
-            offs[r] = _mm_fmadd_ps(_mm_set1_ps(mw), sa, offs[r]);
+            // mul then add, as the scalar tiles do: a token's result must not depend on
+            // its place in the batch (batched decoding equals decoding alone, bit for bit).
+            offs[r] = _mm_add_ps(offs[r], _mm_mul_ps(_mm_set1_ps(mw), sa));
             let p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y01);
             let p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y23);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(dwv, da01), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(dwv, da23), acc[r][1]);
+            acc[r][0] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(dwv, da01), acc[r][0]);
+            acc[r][1] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(dwv, da23), acc[r][1]);
         }
     }
     for r in 0..4 {
