@@ -51,6 +51,27 @@ pub struct Segment {
     pub parse_special: bool,
 }
 
+/// Collects output and fails once it holds more than `cap` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.cap {
+            self.buf
+                .extend_from_slice(&data[..self.cap + 1 - self.buf.len().min(self.cap + 1)]);
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     pub fn new(source: impl Into<String>) -> Self {
         ChatTemplate {
@@ -83,22 +104,31 @@ impl ChatTemplate {
         let tmpl = env
             .template_from_str(&self.source)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let out = tmpl
-            .render(context! {
+        // Rendered into a writer that refuses to grow past the budget, so a template that
+        // loops over big strings stops at the limit instead of exhausting memory.
+        let budget =
+            messages.iter().map(|m| m.content.len() * 2).sum::<usize>() + MAX_OVERHEAD_BYTES;
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            cap: budget,
+        };
+        let rendered = tmpl.render_captured_to(
+            context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos,
                 eos_token => eos,
-            })
-            .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let budget =
-            messages.iter().map(|m| m.content.len() * 2).sum::<usize>() + MAX_OVERHEAD_BYTES;
-        if out.len() > budget {
+            },
+            &mut out,
+        );
+        if out.buf.len() > budget {
             return Err(TokenizerError::Template(format!(
-                "rendered prompt is {} bytes, over the limit of {budget}",
-                out.len()
+                "rendered prompt is over the limit of {budget} bytes"
             )));
         }
+        rendered.map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let out = String::from_utf8(out.buf)
+            .map_err(|e| TokenizerError::Template(format!("rendered prompt: {e}")))?;
         Ok(out)
     }
 
@@ -212,5 +242,17 @@ mod tests {
     fn today_is_a_date() {
         let d = today();
         assert_eq!(d.len(), 11, "{d}");
+    }
+
+    /// Found by the `template` fuzz target: a loop that prints a big string many times
+    /// used to build the whole output (gigabytes) before the size check.
+    #[test]
+    fn a_template_that_prints_without_end_stops_at_the_output_limit() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{{ messages[0].content * 1000 }}{% endfor %}",
+        );
+        let msgs = [Message::new("user", &"\u{FFFD}".repeat(46))];
+        let err = t.render(&msgs, true, "", "").unwrap_err().to_string();
+        assert!(err.contains("limit"), "{err}");
     }
 }
