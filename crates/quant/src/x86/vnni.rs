@@ -50,6 +50,14 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     }
 }
 
+/// `(d, -off · d)`: the form of the types whose values are `d · (u - off)`.
+#[inline(always)]
+fn offset_by(d: half::f16, off: f32) -> (f32, f32) {
+    // SAFETY: F16C is enabled in every kernel that inlines this.
+    let d = unsafe { h2f(d) };
+    (d, -off * d)
+}
+
 impl Unsigned32 for BlockQ4_0 {
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
@@ -58,9 +66,7 @@ impl Unsigned32 for BlockQ4_0 {
     }
     #[inline(always)]
     fn scale_offset(&self) -> (f32, f32) {
-        // SAFETY: F16C is enabled in every kernel that inlines this.
-        let d = unsafe { h2f(self.d) };
-        (d, -8.0 * d)
+        offset_by(self.d, 8.0)
     }
 }
 
@@ -91,9 +97,7 @@ impl Unsigned32 for BlockQ5_0 {
     }
     #[inline(always)]
     fn scale_offset(&self) -> (f32, f32) {
-        // SAFETY: F16C is enabled in every kernel that inlines this.
-        let d = unsafe { h2f(self.d) };
-        (d, -16.0 * d)
+        offset_by(self.d, 16.0)
     }
 }
 
@@ -108,9 +112,7 @@ impl Unsigned32 for BlockQ8_0 {
     }
     #[inline(always)]
     fn scale_offset(&self) -> (f32, f32) {
-        // SAFETY: F16C is enabled in every kernel that inlines this.
-        let d = unsafe { h2f(self.d) };
-        (d, -128.0 * d)
+        offset_by(self.d, 128.0)
     }
 }
 
