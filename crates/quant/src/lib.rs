@@ -190,24 +190,9 @@ impl<'a> QMatrix<'a> {
                 out,
                 scratch,
             ),
-            Blocks::Q4_0(w) => {
-                let a = acts.q8_0_blocks();
-                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
-                    (k.gemm_q4_0)(w, &a, self.cols / QK, n_tok, o)
-                })
-            }
-            Blocks::Q4_1(w) => {
-                let a = acts.q8_1_blocks();
-                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
-                    (k.gemm_q4_1)(w, &a, self.cols / QK, n_tok, o)
-                })
-            }
-            Blocks::Q5_0(w) => {
-                let a = acts.q8_0_blocks();
-                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
-                    (k.gemm_q5_0)(w, &a, self.cols / QK, n_tok, o)
-                })
-            }
+            Blocks::Q4_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q4_0, out, scratch),
+            Blocks::Q4_1(w) => rows_tiled(w, acts.q8_1_blocks(), n_tok, k.gemm_q4_1, out, scratch),
+            Blocks::Q5_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q5_0, out, scratch),
             Blocks::Q5_1(w) => rows_dot(
                 w,
                 &acts.q8_1,
@@ -217,12 +202,7 @@ impl<'a> QMatrix<'a> {
                 out,
                 scratch,
             ),
-            Blocks::Q8_0(w) => {
-                let a = acts.q8_0_blocks();
-                rows_gemm(w, self.cols / QK, n_tok, out, scratch, |w, o| {
-                    (k.gemm_q8_0)(w, &a, self.cols / QK, n_tok, o)
-                })
-            }
+            Blocks::Q8_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q8_0, out, scratch),
             Blocks::Q4K(w) => rows_dot(
                 w,
                 &acts.q8k,
@@ -273,6 +253,19 @@ fn rows_dot<W: Sync, A: Sync>(
     rows_gemm(w, per_row, n_tok, out, scratch, |w, o| {
         reference::gemm_by_dot(w, a, per_row, n_tok, dot, o)
     });
+}
+
+/// A product through a [`dispatch::Gemm`] kernel (whole rows × all tokens per task).
+fn rows_tiled<W: Sync, A: Sync>(
+    w: &[W],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    gemm: dispatch::Gemm<W, A>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let nb = a.blocks.len() / n_tok;
+    rows_gemm(w, nb, n_tok, out, scratch, |w, o| gemm(w, &a, nb, n_tok, o));
 }
 
 /// The product in parallel blocks of rows: `gemm(rows of w, results)` fills the results of
