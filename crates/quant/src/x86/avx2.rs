@@ -21,7 +21,7 @@ pub(crate) fn h2f(h: f16) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum_ps(v: __m256) -> f32 {
+pub(crate) fn hsum_ps(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);
@@ -42,7 +42,7 @@ fn hsum_epi32(v: __m256i) -> i32 {
 /// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn nibbles_32(qs: &[u8; 16]) -> __m256i {
+pub(crate) unsafe fn nibbles_32(qs: &[u8; 16]) -> __m256i {
     // SAFETY: reads exactly the 16 bytes of `qs`.
     let tmp = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
     let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);

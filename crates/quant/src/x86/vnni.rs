@@ -12,7 +12,7 @@
 //! block once for all its rows; the 16 accumulators stay in registers (AVX-512VL has 32).
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
-use super::avx2::h2f;
+use super::avx2::{h2f, hsum_ps, nibbles_32};
 use crate::blocks::*;
 use crate::ActBlocks;
 use std::arch::x86_64::*;
@@ -40,16 +40,6 @@ impl Signed32 for BlockQ8_1 {
     }
 }
 
-#[inline(always)]
-unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
-    // SAFETY: reads exactly the 16 bytes of `qs`; AVX2 is enabled by every caller.
-    unsafe {
-        let tmp = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-    }
-}
-
 /// `(d, -off · d)`: the form of the types whose values are `d · (u - off)`.
 #[inline(always)]
 fn offset_by(d: half::f16, off: f32) -> (f32, f32) {
@@ -61,8 +51,8 @@ fn offset_by(d: half::f16, off: f32) -> (f32, f32) {
 impl Unsigned32 for BlockQ4_0 {
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: as `nibbles`.
-        unsafe { nibbles(&self.qs) }
+        // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
+        unsafe { nibbles_32(&self.qs) }
     }
     #[inline(always)]
     fn scale_offset(&self) -> (f32, f32) {
@@ -73,8 +63,8 @@ impl Unsigned32 for BlockQ4_0 {
 impl Unsigned32 for BlockQ4_1 {
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: as `nibbles`.
-        unsafe { nibbles(&self.qs) }
+        // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
+        unsafe { nibbles_32(&self.qs) }
     }
     #[inline(always)]
     fn scale_offset(&self) -> (f32, f32) {
@@ -86,11 +76,11 @@ impl Unsigned32 for BlockQ4_1 {
 impl Unsigned32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: AVX2 is enabled by every caller; `nibbles` reads the 16 bytes of qs.
+        // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
         unsafe {
             let fifth = super::avx2::bits_to_bytes_32(u32::from_le_bytes(self.qh));
             _mm256_or_si256(
-                nibbles(&self.qs),
+                nibbles_32(&self.qs),
                 _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)),
             )
         }
@@ -120,16 +110,6 @@ impl Unsigned32 for BlockQ8_0 {
 /// reads weights once, straight from memory, and the hardware prefetcher alone leaves the
 /// loop waiting on loads (measured: +30–40% tokens/s on both models).
 const PREFETCH_BYTES: usize = 4096;
-
-#[inline(always)]
-fn hsum(v: __m256) -> f32 {
-    // SAFETY: AVX is enabled by every caller.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-}
 
 /// `R` rows (starting at `w`, `nb` blocks each) × `T` tokens (starting at token `t0` of
 /// `a`); results go to `out[r * n_tok + t0 + t]`.
@@ -177,7 +157,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n_tok + t0 + t] = hsum(acc[r][t]) + offs[r][t];
+            out[r * n_tok + t0 + t] = hsum_ps(acc[r][t]) + offs[r][t];
         }
     }
 }
@@ -252,8 +232,8 @@ unsafe fn tile_4x4<W: Unsigned32, A: Signed32>(
         for (pair, v) in acc[r].iter().enumerate() {
             let lo = _mm512_castps512_ps256(*v);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(*v), 1));
-            out[r * n_tok + t0 + 2 * pair] = hsum(lo) + o[2 * pair];
-            out[r * n_tok + t0 + 2 * pair + 1] = hsum(hi) + o[2 * pair + 1];
+            out[r * n_tok + t0 + 2 * pair] = hsum_ps(lo) + o[2 * pair];
+            out[r * n_tok + t0 + 2 * pair + 1] = hsum_ps(hi) + o[2 * pair + 1];
         }
     }
 }
