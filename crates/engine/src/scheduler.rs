@@ -190,10 +190,13 @@ impl Worker {
                 self.admit(next.0, next.1);
             }
             self.drop_cancelled();
+            // Published before the step too: a client that has seen its first token must
+            // find its sequence counted.
+            self.publish();
             if self.slots.iter().any(|s| s.active.is_some()) {
                 self.step();
+                self.publish();
             }
-            self.publish();
         }
     }
 
