@@ -488,11 +488,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }
         );
         let state = hearth_server::AppState::new(config);
+        let grace = a.shutdown_grace;
+        let shutdown = async move {
+            shutdown_signal().await;
+            eprintln!("hearth: shutting down; requests in flight get up to {grace} s to finish");
+        };
         hearth_server::serve(
             listener,
             state,
-            shutdown_signal(),
-            std::time::Duration::from_secs(30),
+            shutdown,
+            std::time::Duration::from_secs(a.shutdown_grace),
         )
         .await?;
         eprintln!("hearth: stopped");

@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send its request headers (and idle keep-alive limit).
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+    /// Seconds requests in flight get to finish after SIGTERM or Ctrl-C (new connections
+    /// are refused at once).
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
     /// Worker threads for the model (default: physical cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,

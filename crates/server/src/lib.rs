@@ -258,7 +258,9 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown grace of {grace:?} over: closing the connections left");
+        }
     }
     Ok(())
 }

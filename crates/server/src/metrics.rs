@@ -22,6 +22,7 @@ pub struct Metrics {
     kv_used: IntGauge,
     kv_capacity: IntGauge,
     cancelled: IntGauge,
+    steps: IntGauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +84,10 @@ impl Metrics {
                 "hearth_cancelled_requests",
                 "Requests dropped because the client went away",
             ),
+            steps: gauge(
+                "hearth_forward_steps_total",
+                "Batched forward passes run by the schedulers",
+            ),
             registry,
         };
         for c in [
@@ -97,6 +102,7 @@ impl Metrics {
             Box::new(m.kv_used.clone()),
             Box::new(m.kv_capacity.clone()),
             Box::new(m.cancelled.clone()),
+            Box::new(m.steps.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -117,6 +123,8 @@ impl Metrics {
             .set(sum(&|s| stat(s).kv_capacity.load(Ordering::Relaxed)));
         self.cancelled
             .set(sum(&|s| stat(s).cancelled.load(Ordering::Relaxed) as usize));
+        self.steps
+            .set(sum(&|s| stat(s).steps.load(Ordering::Relaxed) as usize));
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -859,3 +859,180 @@ async fn a_model_file_truncated_while_served_does_not_kill_the_server() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// 200 streaming clients (4 decoding, 196 queued) all leave at once: every slot and queue
+/// place is freed, each left request counted as cancelled, and no forward pass runs for
+/// anyone after that. The server then answers the next request normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_leaving_mid_stream_free_everything() {
+    const CLIENTS: usize = 200;
+    let s = start(|c| {
+        c.parallel = 4;
+        c.max_queue = 256;
+    })
+    .await;
+    // Load the model first so every request below is accepted at once.
+    let (status, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut opening = Vec::new();
+    for i in 0..CLIENTS {
+        let (http, base) = (http.clone(), s.base.clone());
+        opening.push(tokio::spawn(async move {
+            http.post(format!("{base}/v1/chat/completions"))
+                .json(&chat(
+                    &format!("Write a long essay about the sea, part {i}."),
+                    json!({"stream": true, "max_tokens": 400}),
+                ))
+                .send()
+                .await
+                .unwrap()
+        }));
+    }
+    let mut streams = Vec::new();
+    for o in opening {
+        let r = o.await.unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&s, "hearth_active_sequences").await < 4.0
+        || metric(&s, "hearth_queue_depth").await < (CLIENTS - 4) as f64
+    {
+        assert!(Instant::now() < deadline, "not every request was accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled_before = metric(&s, "hearth_cancelled_requests").await;
+    drop(streams);
+    let left = Instant::now();
+    let deadline = left + Duration::from_secs(10);
+    while metric(&s, "hearth_active_sequences").await > 0.0
+        || metric(&s, "hearth_queue_depth").await > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "slots or queue still busy 10 s after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let freed_after = left.elapsed();
+    assert_eq!(
+        metric(&s, "hearth_cancelled_requests").await - cancelled_before,
+        CLIENTS as f64
+    );
+    let steps = metric(&s, "hearth_forward_steps_total").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&s, "hearth_forward_steps_total").await,
+        steps,
+        "generation went on for clients that left"
+    );
+    eprintln!("{CLIENTS} clients left; everything freed after {freed_after:?}");
+    let (status, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+}
+
+/// Requests that arrive while their model is loading wait for that one load (and /health
+/// answers meanwhile); a model file that fails to load gives every waiting request a 503 in
+/// its API's shape, the server stays up, and the load is tried again once the file is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_a_model_load() {
+    let dir = std::env::temp_dir().join(format!("hearth-loading-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    // A file that starts like a GGUF and then is garbage.
+    let mut junk = b"GGUF\x03\x00\x00\x00".to_vec();
+    junk.extend((0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    std::fs::write(&file, &junk).unwrap();
+    let s = start(|c| c.models_dir = dir.clone()).await;
+    let ask = || json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+
+    let mut broken = Vec::new();
+    for _ in 0..3 {
+        let base = s.base.clone();
+        broken.push(tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/completions"))
+                .json(&ask())
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let r = client()
+        .post(format!("{}/api/generate", s.base))
+        .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("could not be loaded"));
+    for b in broken {
+        let (status, v) = b.await.unwrap();
+        assert_eq!(status, 503, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be loaded"));
+    }
+    assert_eq!(get(&s, "/health").await.0, 200);
+
+    // Fixed on disk (by rename, as `hearth pull` does): the next requests load it once.
+    let tmp = dir.join("incoming.part");
+    std::fs::copy(
+        ServerConfig::default()
+            .models_dir
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &tmp,
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let base = s.base.clone();
+        waiting.push(tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/completions"))
+                .json(&ask())
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    // Health does not wait for the load.
+    let t = Instant::now();
+    assert_eq!(get(&s, "/health").await.0, 200);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let mut texts = Vec::new();
+    for w in waiting {
+        let (status, v) = w.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    let (_, ps) = get(&s, "/api/ps").await;
+    let ps: Value = serde_json::from_str(&ps).unwrap();
+    assert_eq!(ps["models"].as_array().unwrap().len(), 1);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
