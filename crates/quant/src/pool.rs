@@ -25,13 +25,24 @@ struct Job {
     n_tasks: usize,
 }
 
+/// `Shared::ticket` is `epoch << 32 | CLOSED? | joined workers`.
+const CLOSED: u64 = 1 << 31;
+const JOINED: u64 = CLOSED - 1;
+
+fn epoch_of(ticket: u64) -> u64 {
+    ticket >> 32
+}
+
 struct Shared {
-    /// Bumped once per job; publishes `job`, `next` and `active`.
-    epoch: AtomicU64,
+    /// The job's epoch (bumped once per job; publishes `job` and `next`), whether it is
+    /// closed to late workers, and how many workers joined it and have not finished.
+    ///
+    /// Workers join a job only while it is open, and the caller waits only for those that
+    /// joined: a worker the OS has not scheduled (another process busy on its core) does not
+    /// hold up every product for a whole time slice — the caller does its share instead.
+    ticket: AtomicU64,
     job: UnsafeCell<Job>,
     next: AtomicUsize,
-    /// Workers that have not finished the current job.
-    active: AtomicUsize,
     panicked: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     sleepers: AtomicUsize,
     sleep_lock: Mutex<()>,
@@ -40,8 +51,8 @@ struct Shared {
 }
 
 // SAFETY: `job` is written only by the caller holding `Pool::caller`, before the epoch bump
-// (Release) that workers observe (Acquire) before reading it, and never while a worker of
-// that epoch is active; the closure it points to is `Sync`.
+// (Release) that workers observe (Acquire) before reading it, and never while a worker that
+// joined the previous epoch has not left it; the closure it points to is `Sync`.
 unsafe impl Sync for Shared {}
 // SAFETY: as above; the raw pointer is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
@@ -55,13 +66,12 @@ impl Workers {
     fn spawn(n: usize) -> Workers {
         fn noop(_: usize) {}
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
+            ticket: AtomicU64::new(0),
             job: UnsafeCell::new(Job {
                 f: &noop as &(dyn Fn(usize) + Sync) as *const _,
                 n_tasks: 0,
             }),
             next: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
             panicked: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             sleep_lock: Mutex::new(()),
@@ -108,7 +118,7 @@ fn run_tasks(s: &Shared, job: Job) {
             return;
         }
         // SAFETY: the caller of `Pool::run` keeps the closure alive until every worker of this
-        // epoch has decremented `active`, which happens after this call returns.
+        // epoch has left it, which happens after this call returns.
         let f = unsafe { &*job.f };
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
             *s.panicked.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
@@ -125,7 +135,7 @@ fn worker(s: &Shared) {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            let e = s.epoch.load(Acquire);
+            let e = epoch_of(s.ticket.load(Acquire));
             if e != seen {
                 seen = e;
                 break;
@@ -140,16 +150,36 @@ fn worker(s: &Shared) {
             }
             let mut g = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, SeqCst);
-            while s.epoch.load(SeqCst) == seen && !s.shutdown.load(SeqCst) {
+            while epoch_of(s.ticket.load(SeqCst)) == seen && !s.shutdown.load(SeqCst) {
                 g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             s.sleepers.fetch_sub(1, SeqCst);
         }
-        // SAFETY: written before the epoch bump we just observed with Acquire; not written
-        // again until this worker decrements `active`.
+        if !join(s, seen) {
+            continue; // the caller already finished this job alone
+        }
+        // SAFETY: written before the epoch bump we observed with Acquire; not written again
+        // until every worker that joined this epoch has left it.
         let job = unsafe { *s.job.get() };
         run_tasks(s, job);
-        s.active.fetch_sub(1, Release);
+        s.ticket.fetch_sub(1, Release);
+    }
+}
+
+/// Joins job `epoch` if it is still open.
+fn join(s: &Shared, epoch: u64) -> bool {
+    let mut cur = s.ticket.load(Acquire);
+    loop {
+        if epoch_of(cur) != epoch || cur & CLOSED != 0 {
+            return false;
+        }
+        match s
+            .ticket
+            .compare_exchange_weak(cur, cur + 1, AcqRel, Acquire)
+        {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -194,10 +224,11 @@ impl Pool {
             return;
         };
         let s = &*w.shared;
-        // SAFETY: no worker reads `job` now: all finished the previous epoch (`active` was 0
-        // when the previous call returned) and the new epoch is not yet published. The
-        // pointer's lifetime is erased; it is dereferenced only until `active` reaches 0
-        // below, while `f` is still borrowed by this call.
+        // SAFETY: no worker reads `job` now: the previous epoch was closed and every worker
+        // that joined it had left when the previous call returned, and the new epoch is not
+        // yet published. The pointer's lifetime is erased; it is dereferenced only by the
+        // workers that join this epoch, and only until the last of them leaves it (awaited
+        // below, while `f` is still borrowed by this call).
         unsafe {
             let f: *const (dyn Fn(usize) + Sync + '_) = f;
             *s.job.get() = Job {
@@ -209,8 +240,9 @@ impl Pool {
             };
         }
         s.next.store(0, Relaxed);
-        s.active.store(w.handles.len(), Relaxed);
-        s.epoch.fetch_add(1, SeqCst);
+        // Open the next epoch with nobody joined (0 is the workers' initial "seen").
+        let epoch = (epoch_of(s.ticket.load(Relaxed)) + 1) & 0xffff_ffff;
+        s.ticket.store(epoch.max(1) << 32, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _l = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
@@ -219,8 +251,10 @@ impl Pool {
         // SAFETY: as for the workers: `f` outlives this call.
         run_tasks(s, unsafe { *s.job.get() });
         IN_POOL.with(|c| c.set(false));
+        // Every task is taken: close the job to late workers, then wait for the joined ones.
+        s.ticket.fetch_or(CLOSED, AcqRel);
         let mut spins = 0u32;
-        while s.active.load(Acquire) != 0 {
+        while s.ticket.load(Acquire) & JOINED != 0 {
             spins = spins.wrapping_add(1);
             if spins < 1 << 16 {
                 std::hint::spin_loop();
@@ -311,6 +345,24 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
         }
+    }
+
+    /// Many tiny jobs back to back, with more workers than cores: late workers that find a
+    /// job closed must neither run its tasks twice nor miss the next one.
+    #[test]
+    fn tiny_jobs_with_late_workers_run_every_task_once() {
+        let p = Pool::new(4);
+        let total = AtomicUsize::new(0);
+        for job in 0..20_000usize {
+            let n = 2 + job % 5;
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            p.run(n, &|i| {
+                hits[i].fetch_add(1, Relaxed);
+                total.fetch_add(1, Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "job {job}");
+        }
+        assert_eq!(total.load(Relaxed), (0..20_000).map(|j| 2 + j % 5).sum());
     }
 
     #[test]
