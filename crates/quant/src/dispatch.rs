@@ -52,6 +52,7 @@ pub struct Kernels {
     pub isa: Isa,
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub quantize_q8_1: fn(&[f32], &mut [BlockQ8_1]),
+    pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// 4 weight rows × 3 activation rows of an F32 product (see `reference::tile_f32_4x3`).
     pub tile_f32_4x3: fn(&[f32], &[f32], usize, &mut [f32; 12]),
@@ -96,6 +97,7 @@ impl Kernels {
             isa: Isa::Scalar,
             quantize_q8_0: r::quantize_row_q8_0,
             quantize_q8_1: r::quantize_row_q8_1,
+            quantize_q8_k: r::quantize_row_q8_k,
             dot_f32: r::vec_dot_f32,
             tile_f32_4x3: r::tile_f32_4x3,
             dot_f16: r::vec_dot_f16,

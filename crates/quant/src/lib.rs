@@ -435,7 +435,7 @@ impl Activations {
             }
             ActType::Q8K => {
                 self.q8k.resize(x.len() / QK_K, BlockQ8K::zeroed());
-                reference::quantize_row_q8_k(x, &mut self.q8k);
+                (k.quantize_q8_k)(x, &mut self.q8k);
             }
         }
     }

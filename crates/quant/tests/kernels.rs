@@ -195,6 +195,29 @@ proptest! {
     }
 
     #[test]
+    fn q8_k_quantization_is_bit_exact(
+        x in prop::collection::vec(-50.0f32..50.0, 256..1024),
+        zero_block in any::<bool>(),
+        tie in any::<bool>(),
+    ) {
+        let n = x.len() / QK_K * QK_K;
+        let mut x = x[..n].to_vec();
+        if zero_block { x[..QK_K].fill(0.0); }
+        if tie {
+            // Two values of the largest magnitude with opposite signs: the first one wins.
+            x[n - 7] = 99.0;
+            x[n - 3] = -99.0;
+        }
+        let mut want = vec![BlockQ8K::zeroed(); n / QK_K];
+        r::quantize_row_q8_k(&x, &mut want);
+        for k in levels() {
+            let mut got = vec![BlockQ8K::zeroed(); n / QK_K];
+            (k.quantize_q8_k)(&x, &mut got);
+            prop_assert_eq!(bytemuck::cast_slice::<_, u8>(&got), bytemuck::cast_slice::<_, u8>(&want));
+        }
+    }
+
+    #[test]
     fn float_kernels_match_reference(x in prop::collection::vec(-8.0f32..8.0, 1..300)) {
         let y: Vec<f32> = x.iter().rev().copied().collect();
         let xh: Vec<f16> = x.iter().map(|&v| h(v)).collect();

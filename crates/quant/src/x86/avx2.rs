@@ -432,6 +432,60 @@ pub unsafe fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
     }
 }
 
+/// Q8_K activation blocks, bit-identical to `reference::quantize_row_q8_k`: the scale comes
+/// from the first value of largest magnitude (its sign included), values round half to even.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    for (xs, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        // SAFETY: `xs` holds QK_K floats: every load below reads 8 of them at i < QK_K.
+        let load = |i: usize| unsafe { _mm256_loadu_ps(xs.as_ptr().add(i)) };
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for i in (0..QK_K).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load(i)));
+        }
+        let m2 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m2, _mm_movehl_ps(m2, m2));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        // The first value whose magnitude is `amax` (NaNs or all zeros: the reference decides).
+        let first = (0..QK_K).step_by(8).find_map(|i| {
+            let eq = _mm256_cmp_ps(
+                _mm256_andnot_ps(sign, load(i)),
+                _mm256_set1_ps(amax),
+                _CMP_EQ_OQ,
+            );
+            let mask = _mm256_movemask_ps(eq);
+            (mask != 0).then(|| i + mask.trailing_zeros() as usize)
+        });
+        let (Some(at), true) = (first, amax > 0.0 && amax.is_finite()) else {
+            crate::reference::quantize_row_q8_k(xs, std::slice::from_mut(b));
+            continue;
+        };
+        let iscale = -127.0 / xs[at];
+        let vscale = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_epi32(127);
+        for (j, chunk) in (0..QK_K).step_by(32).enumerate() {
+            let q: [__m256i; 4] = std::array::from_fn(|k| {
+                let r = _mm256_round_ps(
+                    _mm256_mul_ps(load(chunk + 8 * k), vscale),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                );
+                _mm256_min_epi32(_mm256_cvtps_epi32(r), top)
+            });
+            let p16a = _mm256_packs_epi32(q[0], q[1]);
+            let p16b = _mm256_packs_epi32(q[2], q[3]);
+            let p = _mm256_packs_epi16(p16a, p16b);
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            // SAFETY: bytes chunk..chunk+32 of the QK_K-byte `qs`.
+            unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr().add(chunk) as *mut __m256i, p) };
+            // Sums of 16 in order: q[0..2] hold values 0..16 of this chunk, q[2..4] 16..32.
+            b.bsums[2 * j] = hsum_epi32(_mm256_add_epi32(q[0], q[1])) as i16;
+            b.bsums[2 * j + 1] = hsum_epi32(_mm256_add_epi32(q[2], q[3])) as i16;
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {

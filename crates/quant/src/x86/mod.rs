@@ -54,6 +54,10 @@ fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     // SAFETY: see above.
     unsafe { avx2::quantize_q8_1(x, y) }
 }
+fn quantize_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    // SAFETY: see above.
+    unsafe { avx2::quantize_q8_k(x, y) }
+}
 
 fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     // SAFETY: see above.
@@ -100,6 +104,7 @@ pub fn kernels(isa: Isa) -> Kernels {
     Kernels {
         quantize_q8_0,
         quantize_q8_1,
+        quantize_q8_k,
         axpy_f16,
         gemm_q4_0,
         gemm_q4_1,
