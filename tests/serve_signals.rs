@@ -74,8 +74,9 @@ fn wait_exit(server: &mut std::process::Child, limit: Duration) -> std::process:
 }
 
 fn sigterm(server: &std::process::Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+    // The shell's built-in `kill`: no procps needed on a minimal machine.
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", server.id())])
         .status()
         .unwrap()
         .success();
