@@ -468,6 +468,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.filter(|k| !k.is_empty()),
         body_limit: a.body_limit,
         header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
+        cors_origins: a.cors_origins.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

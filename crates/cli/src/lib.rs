@@ -91,7 +91,7 @@ pub struct ServeArgs {
     /// Address to listen on (loopback unless you say otherwise).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 11435)]
     pub port: u16,
     /// Directory of models to offer (default: the model cache).
     #[arg(long)]
@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send its request headers (and idle keep-alive limit).
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+    /// Allow browser pages from ORIGIN (e.g. http://localhost:3000, or `*`) to call the API;
+    /// repeatable. Without it no CORS headers are sent.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
     /// Seconds requests in flight get to finish after SIGTERM or Ctrl-C (new connections
     /// are refused at once).
     #[arg(long, default_value_t = 30)]

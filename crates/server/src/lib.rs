@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Time allowed for a request's headers to arrive (also the keep-alive idle limit).
     pub header_timeout: Duration,
+    /// Browser origins allowed to call the API (`*` for any); none: no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             api_key: None,
             body_limit: 2 << 20,
             header_timeout: Duration::from_secs(10),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -191,7 +194,8 @@ pub fn check_request(
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let cors = cors_layer(&state.config.cors_origins);
+    let router = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -211,7 +215,36 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(method_not_allowed))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), count))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a browser's preflight is answered before the API key check.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins (invalid ones skipped), or none.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish

@@ -1036,3 +1036,58 @@ async fn requests_during_a_model_load() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// No CORS headers unless origins are configured; then those origins (and only those) get
+/// them, and a browser's preflight is answered even when an API key is required.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_only_for_configured_origins() {
+    let origin = "http://localhost:3000";
+    let s = start(|_| {}).await;
+    let r = client()
+        .get(format!("{}/v1/models", s.base))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+
+    let s = start(|c| {
+        c.cors_origins = vec![origin.to_string()];
+        c.api_key = Some("k".into());
+    })
+    .await;
+    let preflight = client()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/chat/completions", s.base),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], origin);
+    let r = client()
+        .get(format!("{}/v1/models", s.base))
+        .header("origin", origin)
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], origin);
+    let other = client()
+        .get(format!("{}/v1/models", s.base))
+        .header("origin", "http://evil.example")
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
