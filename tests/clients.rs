@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn official_python_clients_work_against_hearth_serve() {
@@ -16,21 +15,8 @@ fn official_python_clients_work_against_hearth_serve() {
         have,
         "the Python clients are missing: pip install openai ollama"
     );
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", "0", "--ctx", "1024", "--parallel", "2"])
-        .env("HEARTH_MODELS", common::models_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hearth serve starts");
-    // "hearth: serving DIR on http://127.0.0.1:PORT (...)"
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let (mut server, addr, _stderr) = common::spawn_server(&["--ctx", "1024", "--parallel", "2"]);
+    let base = format!("http://{addr}");
     let out = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

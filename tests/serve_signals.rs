@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn start_server(
@@ -16,22 +16,9 @@ fn start_server(
     String,
     BufReader<std::process::ChildStderr>,
 ) {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", "0", "--ctx", "512", "--parallel", "2"])
-        .args(extra)
-        .env("HEARTH_MODELS", common::models_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hearth serve starts");
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    (server, addr, stderr)
+    let mut args = vec!["--ctx", "512", "--parallel", "2"];
+    args.extend_from_slice(extra);
+    common::spawn_server(&args)
 }
 
 fn open_stream(addr: &str, max_tokens: u32) -> TcpStream {

@@ -53,3 +53,32 @@ pub fn golden_lines(file: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("golden line is JSON"))
         .collect()
 }
+
+/// `hearth serve --port 0 ARGS` on the fetched models; returns the process, its
+/// `127.0.0.1:PORT` (from the first stderr line) and the rest of its stderr.
+pub fn spawn_server(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
+    use std::io::BufRead;
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .env("HEARTH_MODELS", models_dir())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hearth serve starts");
+    // "hearth: serving DIR on http://127.0.0.1:PORT (...)"
+    let mut stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (server, addr, stderr)
+}

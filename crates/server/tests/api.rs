@@ -960,20 +960,20 @@ async fn requests_during_a_model_load() {
     junk.extend((0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
     std::fs::write(&file, &junk).unwrap();
     let s = start(|c| c.models_dir = dir.clone()).await;
-    let ask = || json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+    async fn complete(base: String) -> (u16, Value) {
+        let ask = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+        let r = client()
+            .post(format!("{base}/v1/completions"))
+            .json(&ask)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    }
 
     let mut broken = Vec::new();
     for _ in 0..3 {
-        let base = s.base.clone();
-        broken.push(tokio::spawn(async move {
-            let r = client()
-                .post(format!("{base}/v1/completions"))
-                .json(&ask())
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }));
+        broken.push(tokio::spawn(complete(s.base.clone())));
     }
     let r = client()
         .post(format!("{}/api/generate", s.base))
@@ -1008,16 +1008,7 @@ async fn requests_during_a_model_load() {
     std::fs::rename(&tmp, &file).unwrap();
     let mut waiting = Vec::new();
     for _ in 0..4 {
-        let base = s.base.clone();
-        waiting.push(tokio::spawn(async move {
-            let r = client()
-                .post(format!("{base}/v1/completions"))
-                .json(&ask())
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }));
+        waiting.push(tokio::spawn(complete(s.base.clone())));
     }
     // Health does not wait for the load.
     let t = Instant::now();
