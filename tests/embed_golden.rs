@@ -46,7 +46,10 @@ fn minilm_matches_sentence_transformers() {
         "some golden texts exceed 256 tokens"
     );
 
-    // Retrieval: every sentence's nearest other sentence is the same under both.
+    // Retrieval: every sentence's nearest other sentence is the same under both, except
+    // where sentence-transformers' own top two are a tie closer than `TIE` (there the
+    // bf16 tiles may pick either; any other choice fails).
+    const TIE: f64 = 1e-3;
     let nearest = |vs: &[&[f32]], i: usize| {
         (0..vs.len())
             .filter(|&j| j != i)
@@ -55,13 +58,23 @@ fn minilm_matches_sentence_transformers() {
     };
     let ours: Vec<&[f32]> = got.iter().map(|e| e.vector.as_slice()).collect();
     let theirs: Vec<&[f32]> = want.iter().map(Vec::as_slice).collect();
+    let mut ties = 0;
     for (i, text) in texts.iter().enumerate() {
-        assert_eq!(
-            nearest(&ours, i),
-            nearest(&theirs, i),
-            "neighbour of {text:?}"
-        );
+        let (o, t) = (nearest(&ours, i), nearest(&theirs, i));
+        if o != t {
+            let gap = cosine(theirs[i], theirs[t]) - cosine(theirs[i], theirs[o]);
+            assert!(
+                gap < TIE,
+                "neighbour of {text:?}: {o} instead of {t} (gap {gap})"
+            );
+            ties += 1;
+        }
     }
+    eprintln!(
+        "nearest neighbours: {} same, {ties} other in a tie",
+        texts.len() - ties
+    );
+    assert!(ties <= 2, "{ties} neighbours differ");
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! Several sequences run together without padding: their rows are concatenated for the
 //! matrix products and attention stays within each sequence, so no work goes to pad tokens.
 
-use hearth_quant::{Activations, Blocks, GgmlType, QMatrix};
+use hearth_quant::bf16mat::{Bf16Matrix, Bf16Scratch};
+use hearth_quant::pool::OutRows;
+use hearth_quant::{Activations, AttendRows, Blocks, GgmlType, QMatrix};
 
 use crate::{EmbedError, Result};
 
@@ -22,25 +24,51 @@ pub struct BertConfig {
 
 /// `y = x Wᵀ + b` with `W` as `[out, in]` (PyTorch's `Linear`).
 pub struct Linear {
-    w: Vec<f32>,
+    w: Weights,
     b: Vec<f32>,
     rows: usize,
     cols: usize,
 }
 
+/// Buffers reused by every product of one `encode`.
+#[derive(Default)]
+struct Scratch {
+    acts: Activations,
+    mm: Vec<f32>,
+    bf16: Bf16Scratch,
+}
+
+/// AMX tiles in bf16 where the CPU has them, else f32 with the SIMD tiles of `QMatrix`.
+enum Weights {
+    Bf16(Bf16Matrix),
+    F32(Vec<f32>),
+}
+
 impl Linear {
-    fn forward(&self, x: &[f32], y: &mut [f32], acts: &mut Activations, mm: &mut Vec<f32>) {
-        let m = QMatrix {
-            ty: GgmlType::F32,
-            rows: self.rows,
-            cols: self.cols,
-            blocks: Blocks::F32(&self.w),
+    fn new(w: Vec<f32>, b: Vec<f32>, rows: usize, cols: usize) -> Self {
+        let w = match Bf16Matrix::pack(&w, rows, cols) {
+            Some(packed) => Weights::Bf16(packed),
+            None => Weights::F32(w),
         };
-        acts.quantize(m.act_type(), x, self.cols);
-        m.matmul(acts, y, mm);
-        for row in y.chunks_exact_mut(self.rows) {
-            for (v, b) in row.iter_mut().zip(&self.b) {
-                *v += b;
+        Self { w, b, rows, cols }
+    }
+
+    fn forward(&self, x: &[f32], y: &mut [f32], s: &mut Scratch) {
+        let Scratch { acts, mm, bf16 } = s;
+        match &self.w {
+            Weights::Bf16(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y, bf16),
+            Weights::F32(w) => {
+                let m = QMatrix {
+                    ty: GgmlType::F32,
+                    rows: self.rows,
+                    cols: self.cols,
+                    blocks: Blocks::F32(w),
+                };
+                acts.quantize(m.act_type(), x, self.cols);
+                m.matmul(acts, y, mm);
+                for row in y.chunks_exact_mut(self.rows) {
+                    row.iter_mut().zip(&self.b).for_each(|(v, b)| *v += b);
+                }
             }
         }
     }
@@ -52,28 +80,21 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// In place, row by row (`dim` values each).
-    fn forward(&self, x: &mut [f32], eps: f32) {
+    /// `x = LayerNorm(x + add)` in place, row by row (`dim` values each), rows in parallel.
+    fn forward(&self, x: &mut [f32], add: Option<&[f32]>, eps: f32) {
+        const ROWS: usize = 64;
         let dim = self.w.len();
-        for row in x.chunks_exact_mut(dim) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
-            let var = row
-                .iter()
-                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                .sum::<f64>()
-                / dim as f64;
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            for ((v, w), b) in row.iter_mut().zip(&self.w).zip(&self.b) {
-                *v = ((*v as f64 - mean) * inv) as f32 * w + b;
-            }
-        }
+        let norm = hearth_quant::dispatch::kernels().add_layer_norm;
+        hearth_quant::pool::for_each_chunk(x, ROWS * dim, |i, part| {
+            let add = add.map(|a| &a[i * ROWS * dim..][..part.len()]);
+            norm(part, add, &self.w, &self.b, eps)
+        });
     }
 }
 
 pub struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// Query, key and value projections as one `[3h, h]` product.
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     ffn_up: Linear,
@@ -90,11 +111,6 @@ pub struct Bert {
     layers: Vec<Layer>,
 }
 
-/// The exact (erf) GELU of BERT's `hidden_act: "gelu"`.
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 impl Bert {
     /// Builds the model; `tensor(name, shape)` returns the named tensor as f32, checked
     /// against the shape the config implies.
@@ -109,24 +125,29 @@ impl Bert {
                 config.heads
             )));
         }
-        let mut linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
-            Ok(Linear {
-                w: tensor(&format!("{name}.weight"), &[rows, cols])?,
-                b: tensor(&format!("{name}.bias"), &[rows])?,
-                rows,
-                cols,
-            })
-        };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("encoder.layer.{i}");
-            let query = linear(&format!("{p}.attention.self.query"), h, h)?;
-            let key = linear(&format!("{p}.attention.self.key"), h, h)?;
-            let value = linear(&format!("{p}.attention.self.value"), h, h)?;
+            let mut qkv_w = Vec::with_capacity(3 * h * h);
+            let mut qkv_b = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                let name = format!("{p}.attention.self.{part}");
+                qkv_w.extend(tensor(&format!("{name}.weight"), &[h, h])?);
+                qkv_b.extend(tensor(&format!("{name}.bias"), &[h])?);
+            }
+            let qkv = Linear::new(qkv_w, qkv_b, 3 * h, h);
+            let mut linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
+                Ok(Linear::new(
+                    tensor(&format!("{name}.weight"), &[rows, cols])?,
+                    tensor(&format!("{name}.bias"), &[rows])?,
+                    rows,
+                    cols,
+                ))
+            };
             let attn_out = linear(&format!("{p}.attention.output.dense"), h, h)?;
             let ffn_up = linear(&format!("{p}.intermediate.dense"), ff, h)?;
             let ffn_down = linear(&format!("{p}.output.dense"), h, ff)?;
-            layers.push((p, query, key, value, attn_out, ffn_up, ffn_down));
+            layers.push((p, qkv, attn_out, ffn_up, ffn_down));
         }
         let mut norm = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
@@ -135,11 +156,9 @@ impl Bert {
             })
         };
         let mut built = Vec::with_capacity(layers.len());
-        for (p, query, key, value, attn_out, ffn_up, ffn_down) in layers {
+        for (p, qkv, attn_out, ffn_up, ffn_down) in layers {
             built.push(Layer {
-                query,
-                key,
-                value,
+                qkv,
                 attn_out,
                 attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
                 ffn_up,
@@ -208,85 +227,91 @@ impl Bert {
                 }
             }
         }
-        self.embed_norm.forward(&mut x, c.eps);
+        self.embed_norm.forward(&mut x, None, c.eps);
 
-        let (mut q, mut k, mut v, mut attn, mut proj) = (
-            vec![0f32; n * h],
-            vec![0f32; n * h],
-            vec![0f32; n * h],
-            vec![0f32; n * h],
-            vec![0f32; n * h],
-        );
+        let (mut qkv, mut attn, mut proj) =
+            (vec![0f32; n * 3 * h], vec![0f32; n * h], vec![0f32; n * h]);
         let mut up = vec![0f32; n * c.intermediate];
-        let (mut acts, mut mm) = (Activations::default(), Vec::new());
+        let mut kt = Vec::new();
+        let kernels = hearth_quant::dispatch::kernels();
+        let mut scratch = Scratch::default();
         let head_dim = h / c.heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         for layer in &self.layers {
             // Self-attention within each sequence: attn = softmax(q kᵀ / √d) v per head.
-            layer.query.forward(&x, &mut q, &mut acts, &mut mm);
-            layer.key.forward(&x, &mut k, &mut acts, &mut mm);
-            layer.value.forward(&x, &mut v, &mut acts, &mut mm);
-            attention(&q, &k, &v, &spans, c.heads, head_dim, scale, &mut attn);
+            // [q | k | v] = x [Wq | Wk | Wv]ᵀ + b                    [n, 3h]
+            layer.qkv.forward(&x, &mut qkv, &mut scratch);
+            attention(&qkv, &mut kt, &spans, c.heads, head_dim, scale, &mut attn);
             // x = LayerNorm(x + attn Woᵀ)
-            layer.attn_out.forward(&attn, &mut proj, &mut acts, &mut mm);
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
-            layer.attn_norm.forward(&mut x, c.eps);
+            layer.attn_out.forward(&attn, &mut proj, &mut scratch);
+            layer.attn_norm.forward(&mut x, Some(&proj), c.eps);
             // x = LayerNorm(x + gelu(x W1ᵀ) W2ᵀ)
-            layer.ffn_up.forward(&x, &mut up, &mut acts, &mut mm);
-            hearth_quant::pool::for_each_chunk(&mut up, 4096, |_, part| {
-                part.iter_mut().for_each(|u| *u = gelu(*u))
-            });
-            layer.ffn_down.forward(&up, &mut proj, &mut acts, &mut mm);
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
-            layer.ffn_norm.forward(&mut x, c.eps);
+            layer.ffn_up.forward(&x, &mut up, &mut scratch);
+            hearth_quant::pool::for_each_chunk(&mut up, 16 * 1024, |_, part| (kernels.gelu)(part));
+            layer.ffn_down.forward(&up, &mut proj, &mut scratch);
+            layer.ffn_norm.forward(&mut x, Some(&proj), c.eps);
         }
         Ok(x)
     }
 }
 
-/// Bidirectional attention for every (sequence, token, head), in parallel over rows.
-#[allow(clippy::too_many_arguments)]
+/// Bidirectional attention for every (sequence, token, head), in parallel over blocks of
+/// up to 32 query rows of one sequence. `qkv` holds rows of `[q | k | v]` (`3h` each); `kt`
+/// gets each sequence's keys transposed, so a query row's scores are runs of contiguous
+/// products per key column.
 fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: &[f32],
+    kt: &mut Vec<f32>,
     spans: &[(usize, usize)],
     heads: usize,
     head_dim: usize,
     scale: f32,
     out: &mut [f32],
 ) {
+    const BLOCK: usize = 32;
     let h = heads * head_dim;
-    // Which sequence each row belongs to.
-    let mut seq_of = Vec::with_capacity(out.len() / h);
-    for &(row0, len) in spans {
-        seq_of.extend(std::iter::repeat_n((row0, len), len));
-    }
-    let dot = hearth_quant::dispatch::kernels().dot_f32;
-    hearth_quant::pool::for_each_chunk(out, h, |row, out_row| {
-        let (row0, len) = seq_of[row];
-        let mut scores = vec![0f32; len];
-        for hd in 0..heads {
-            let qh = &q[row * h + hd * head_dim..][..head_dim];
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kh = &k[(row0 + j) * h + hd * head_dim..][..head_dim];
-                *s = dot(qh, kh) * scale;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            let o = &mut out_row[hd * head_dim..(hd + 1) * head_dim];
-            o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let (p, vh) = (p * inv, &v[(row0 + j) * h + hd * head_dim..][..head_dim]);
-                for (a, b) in o.iter_mut().zip(vh) {
-                    *a += p * b;
+    let n = qkv.len() / (3 * h);
+    // Each sequence's keys transposed in place of its rows: `[h, len]` at `row0 * h`.
+    kt.clear();
+    kt.resize(h * n, 0.0);
+    let kt_rows = OutRows::new(kt, h);
+    hearth_quant::pool::run(spans.len(), |i| {
+        let (row0, len) = spans[i];
+        kt_rows.with(row0, len, |seq_kt| {
+            for (j, row) in qkv[row0 * 3 * h..(row0 + len) * 3 * h]
+                .chunks_exact(3 * h)
+                .enumerate()
+            {
+                for (c, &value) in row[h..2 * h].iter().enumerate() {
+                    seq_kt[c * len + j] = value;
                 }
             }
+        })
+    });
+    // (first row, rows) of each block; blocks never straddle two sequences.
+    let mut blocks = Vec::new();
+    for &(row0, len) in spans {
+        for b0 in (0..len).step_by(BLOCK) {
+            blocks.push((row0, len, b0, (len - b0).min(BLOCK)));
         }
+    }
+    let kt = &kt[..];
+    let attend = hearth_quant::dispatch::kernels().attend_rows;
+    let out_rows = OutRows::new(out, h);
+    hearth_quant::pool::run(blocks.len(), |b| {
+        let (row0, len, b0, rows) = blocks[b];
+        let first = row0 + b0;
+        let args = AttendRows {
+            q: &qkv[first * 3 * h..(first + rows) * 3 * h],
+            stride: 3 * h,
+            kt: &kt[row0 * h..(row0 + len) * h],
+            kt_stride: len,
+            v: &qkv[row0 * 3 * h + 2 * h..(row0 + len) * 3 * h],
+            len,
+            heads,
+            head_dim,
+            scale,
+        };
+        out_rows.with(first, rows, |o| attend(&args, o));
     });
 }

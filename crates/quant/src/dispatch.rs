@@ -1,5 +1,5 @@
 //! Runtime CPU dispatch: detect features once, pick one kernel per quant type.
-//! `HEARTH_ISA=scalar|avx2|avx512` forces a level (never above what the CPU has).
+//! `HEARTH_ISA=scalar|avx2|avx512|amx` forces a level (never above what the CPU has).
 
 use crate::blocks::*;
 use crate::reference as r;
@@ -12,6 +12,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 plus AMX-BF16 tiles (granted by the kernel): encoder products in bf16.
+    Amx,
 }
 
 impl Isa {
@@ -20,6 +22,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -36,6 +39,9 @@ pub fn detect() -> Isa {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni");
+        if avx512 && crate::x86::amx::enable() {
+            return Isa::Amx;
+        }
         if avx512 {
             return Isa::Avx512;
         }
@@ -71,7 +77,16 @@ pub struct Kernels {
     pub gemm_q4_1: Gemm<BlockQ4_1, BlockQ8_1>,
     pub gemm_q5_0: Gemm<BlockQ5_0, BlockQ8_0>,
     pub gemm_q8_0: Gemm<BlockQ8_0, BlockQ8_0>,
+    /// Exact-form GELU in place (encoders).
+    pub gelu: fn(&mut [f32]),
+    /// Encoder attention over a block of query rows (see [`crate::AttendRows`]).
+    pub attend_rows: fn(&crate::AttendRows, &mut [f32]),
+    /// Row-wise `x = LayerNorm(x + add) · w + b` (see `reference::add_layer_norm`).
+    pub add_layer_norm: AddLayerNorm,
 }
+
+/// `add_layer_norm(x, add, weight, bias, eps)`.
+pub type AddLayerNorm = fn(&mut [f32], Option<&[f32]>, &[f32], &[f32], f32);
 
 /// `gemm(weight rows, activations, blocks per row, tokens, out)`.
 pub type Gemm<W, A> = fn(&[W], &ActBlocks<A>, usize, usize, &mut [f32]);
@@ -113,6 +128,9 @@ impl Kernels {
             gemm_q4_1,
             gemm_q5_0,
             gemm_q8_0,
+            gelu: r::gelu_erf,
+            attend_rows: r::attend_rows,
+            add_layer_norm: r::add_layer_norm,
         }
     }
 
@@ -135,6 +153,7 @@ pub fn selected_isa() -> Isa {
         Some("scalar") => Isa::Scalar,
         Some("avx2") => Isa::Avx2.min(best),
         Some("avx512") => Isa::Avx512.min(best),
+        Some("amx") => Isa::Amx.min(best),
         _ => best,
     }
 }

@@ -7,6 +7,7 @@
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
+pub mod bf16mat;
 pub mod blocks;
 pub mod dispatch;
 pub mod pool;
@@ -41,6 +42,25 @@ pub struct ActBlocks<'a, A> {
     pub blocks: &'a [A],
     pub d: &'a [f32],
     pub s: &'a [f32],
+}
+
+/// Bidirectional attention (encoders) for a block of query rows of one sequence, every head.
+/// Row `i` of the output (`[m, heads * head_dim]`), head `hd`: `Σ_j softmax_j(scale ·
+/// q_i·k_j) v_j` over that head's `head_dim` columns, `j < len`.
+pub struct AttendRows<'a> {
+    /// Query rows: row `i` at `q[i * stride..][..heads * head_dim]`, `i < m`.
+    pub q: &'a [f32],
+    /// Distance between consecutive rows of `q` and of `v` (≥ `heads * head_dim`).
+    pub stride: usize,
+    /// The sequence's keys transposed: column `c` of key `j` at `kt[c * kt_stride + j]`.
+    pub kt: &'a [f32],
+    pub kt_stride: usize,
+    /// The sequence's value rows, `len` rows `stride` apart.
+    pub v: &'a [f32],
+    pub len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
 }
 
 /// Typed view of a weight matrix's blocks.

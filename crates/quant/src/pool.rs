@@ -315,6 +315,48 @@ pub fn for_each_chunk<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &
     });
 }
 
+/// Rows of an output matrix handed to pool tasks by row range, for tasks whose row ranges
+/// are disjoint but not known to `for_each_chunk` (blocks of uneven size).
+pub struct OutRows<'a, T> {
+    ptr: SendPtr<T>,
+    rows: usize,
+    width: usize,
+    taken: Vec<std::sync::atomic::AtomicBool>,
+    _data: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T: Send> OutRows<'a, T> {
+    /// `data` as rows of `width` values.
+    pub fn new(data: &'a mut [T], width: usize) -> Self {
+        let rows = data.len() / width.max(1);
+        Self {
+            ptr: SendPtr(data.as_mut_ptr()),
+            rows,
+            width,
+            taken: (0..rows)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// Calls `f` with rows `first..first + count`. Panics if any of them was handed out
+    /// before (each row goes to one task, once).
+    pub fn with<R>(&self, first: usize, count: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+        assert!(first + count <= self.rows, "rows out of range");
+        for t in &self.taken[first..first + count] {
+            assert!(!t.swap(true, AcqRel), "row handed out twice");
+        }
+        // SAFETY: the rows are inside `data` (checked above) and were never handed out
+        // before (the flags above), so this is the only reference to them; `data` stays
+        // mutably borrowed for `'a`.
+        let part = unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.0.add(first * self.width), count * self.width)
+        };
+        f(part)
+    }
+}
+
 struct SendPtr<T>(*mut T);
 // SAFETY: used only to hand disjoint chunks of a `&mut [T]` (T: Send) to pool tasks.
 unsafe impl<T: Send> Sync for SendPtr<T> {}

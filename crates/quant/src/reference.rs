@@ -440,3 +440,63 @@ pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
         *o += w * x.to_f32();
     }
 }
+
+/// The exact (erf) GELU, in place: `x = 0.5·x·(1 + erf(x/√2))` (BERT's `"gelu"`).
+pub fn gelu_erf(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// Attention for the query rows of `a`, one row and head at a time (see [`crate::AttendRows`]).
+pub fn attend_rows(a: &crate::AttendRows, out: &mut [f32]) {
+    let h = a.heads * a.head_dim;
+    let m = out.len() / h;
+    let st = a.stride;
+    let mut scores = vec![0f32; a.len];
+    for i in 0..m {
+        for head in 0..a.heads {
+            let c0 = head * a.head_dim;
+            let q = &a.q[i * st + c0..][..a.head_dim];
+            for (j, s) in scores.iter_mut().enumerate() {
+                let dot: f32 = (0..a.head_dim)
+                    .map(|d| q[d] * a.kt[(c0 + d) * a.kt_stride + j])
+                    .sum();
+                *s = dot * a.scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[i * h + c0..][..a.head_dim];
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                for (d, o) in o.iter_mut().enumerate() {
+                    *o += p * a.v[j * st + c0 + d];
+                }
+            }
+            o.iter_mut().for_each(|o| *o /= sum);
+        }
+    }
+}
+
+/// Row-wise `x = LayerNorm(x + add) · w + b` (`add` optional), rows of `w.len()` values;
+/// mean and variance in f64.
+pub fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+    let dim = w.len();
+    for (i, row) in x.chunks_exact_mut(dim).enumerate() {
+        if let Some(add) = add {
+            row.iter_mut()
+                .zip(&add[i * dim..][..dim])
+                .for_each(|(v, a)| *v += a);
+        }
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for ((v, w), b) in row.iter_mut().zip(w).zip(b) {
+            *v = ((*v as f64 - mean) * inv) as f32 * w + b;
+        }
+    }
+}

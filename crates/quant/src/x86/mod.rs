@@ -3,7 +3,9 @@
 //! The AVX-512 level adds the VNNI tiles for the 32-value block types and otherwise runs
 //! the AVX2 kernels.
 
+pub mod amx;
 pub mod avx2;
+pub mod avx512;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -84,6 +86,24 @@ macro_rules! vnni_gemm {
         }
     };
 }
+fn gelu_avx512(x: &mut [f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
+    unsafe { avx512::gelu(x) }
+}
+
+fn add_layer_norm_avx512(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
+    unsafe { avx512::add_layer_norm(x, add, w, b, eps) }
+}
+
+fn attend_rows_avx512(a: &crate::AttendRows, out: &mut [f32]) {
+    if !a.head_dim.is_multiple_of(32) {
+        return crate::reference::attend_rows(a, out);
+    }
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
+    unsafe { avx512::attend_rows(a, out) }
+}
+
 vnni_gemm!(vnni_q4_0, BlockQ4_0, BlockQ8_0);
 vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
 vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
@@ -98,6 +118,9 @@ pub fn kernels(isa: Isa) -> Kernels {
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
             gemm_q8_0: vnni_q8_0,
+            gelu: gelu_avx512,
+            attend_rows: attend_rows_avx512,
+            add_layer_norm: add_layer_norm_avx512,
             ..kernels(Isa::Avx2)
         };
     }

@@ -1,0 +1,247 @@
+//! F32 matrix products computed in bf16 on AMX tiles, with f32 accumulation (encoder
+//! models: BERT's `Linear` layers over a whole batch of tokens).
+//!
+//! A [`Bf16Matrix`] exists only where the tiles can run: [`Bf16Matrix::pack`] returns `None`
+//! unless the dispatch level in force is [`Isa::Amx`], and callers keep their f32 path
+//! then. Weights are rounded to bf16 once at packing; activations are rounded per product.
+//! [`reference_matmul`] is the scalar definition the tile kernel is tested against.
+
+use crate::dispatch::Isa;
+
+/// A `[rows, cols]` weight matrix (row = output feature, as PyTorch's `Linear`) packed for
+/// `tdpbf16ps`: groups of 16 rows × blocks of 32 columns, each one 512-value tile laid out
+/// `[pair of columns kk][row n][column within pair p]` (the "VNNI" order AMX reads B in).
+pub struct Bf16Matrix {
+    rows: usize,
+    cols: usize,
+    /// Groups of 16 rows, padded to an even count (the kernel takes 32 rows at a time).
+    groups: usize,
+    /// Blocks of 32 columns (the last one zero-padded).
+    k_blocks: usize,
+    data: Vec<Tile>,
+}
+
+const TILE: usize = 512;
+
+/// One tile's values (16 rows × 32 bf16), on its own cache lines: a tile load then reads
+/// 16 whole lines instead of 32 halves.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Tile([u16; TILE]);
+const _: () = assert!(std::mem::size_of::<Tile>() == 2 * TILE);
+
+/// The activations of a product in bf16 tiles, kept between products so they are
+/// allocated once.
+#[derive(Default)]
+pub struct Bf16Scratch(Vec<Tile>);
+
+/// `f32 → bf16`, rounding to nearest even.
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+impl Bf16Matrix {
+    /// Packs `w` (`rows * cols` values, row-major) if AMX tiles are in force, else `None`.
+    pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if crate::dispatch::kernels().isa < Isa::Amx || rows == 0 || cols == 0 {
+            return None;
+        }
+        assert_eq!(w.len(), rows * cols, "weights are not {rows}x{cols}");
+        let groups = rows.div_ceil(32) * 2;
+        let k_blocks = cols.div_ceil(32);
+        let mut data = vec![Tile([0; TILE]); groups * k_blocks];
+        for g in 0..groups {
+            for kb in 0..k_blocks {
+                let tile = &mut data[g * k_blocks + kb].0;
+                for n in 0..16 {
+                    let row = g * 16 + n;
+                    if row >= rows {
+                        break;
+                    }
+                    for k in kb * 32..(kb * 32 + 32).min(cols) {
+                        let (kk, p) = ((k % 32) / 2, k % 2);
+                        tile[kk * 32 + n * 2 + p] = to_bf16(w[row * cols + k]);
+                    }
+                }
+            }
+        }
+        Some(Self {
+            rows,
+            cols,
+            groups,
+            k_blocks,
+            data,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `y[t][r] = Σ_c x[t][c] · w[r][c]` for `n_tok` tokens (`x`: `[n_tok, cols]`, `y`:
+    /// `[n_tok, rows]`), plus `bias[r]` if given, spread over the thread pool. `scratch`
+    /// holds the activations in bf16 between calls (reused, so no allocation per product
+    /// once it has grown).
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        n_tok: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut Bf16Scratch,
+    ) {
+        assert!(x.len() >= n_tok * self.cols && y.len() >= n_tok * self.rows);
+        assert!(bias.is_none_or(|b| b.len() == self.rows));
+        if n_tok == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        self.matmul_amx(x, n_tok, bias, y, scratch);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "a Bf16Matrix is only packed where AMX runs ({} {bias:?})",
+            scratch.0.len()
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_amx(
+        &self,
+        x: &[f32],
+        n_tok: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut Bf16Scratch,
+    ) {
+        use crate::x86::amx;
+        let (rows, cols, k_blocks) = (self.rows, self.cols, self.k_blocks);
+        // Activations as tiles too: groups of 16 tokens × blocks of 32 columns, 512 values
+        // each, so every tile load reads one contiguous KiB.
+        let m_pairs = n_tok.div_ceil(32);
+        let group_len = k_blocks * TILE;
+        let scratch = &mut scratch.0;
+        scratch.clear();
+        scratch.resize(2 * m_pairs * k_blocks, Tile([0; TILE]));
+        crate::pool::for_each_chunk(scratch, k_blocks, |g, tiles| {
+            for i in 0..16.min(n_tok.saturating_sub(g * 16)) {
+                let src = &x[(g * 16 + i) * cols..][..cols];
+                for (kb, chunk) in src.chunks(32).enumerate() {
+                    let dst = &mut tiles[kb].0[i * 32..][..chunk.len()];
+                    // SAFETY: AMX level implies AVX-512F/BW (see `dispatch::detect`).
+                    unsafe { amx::to_bf16_avx512(chunk, dst) };
+                }
+            }
+        });
+        let a_tiles = &scratch[..];
+        // Tasks: `M_CHUNK` token pairs × a range of weight pairs. Within a task the loop runs
+        // weight pair by weight pair, so one pair's tiles (K × 32 values) are reused by every
+        // token block of the chunk while they are in L1/L2.
+        const M_CHUNK: usize = 4;
+        let n_pairs = self.groups / 2;
+        let m_chunks = m_pairs.div_ceil(M_CHUNK);
+        let want = 2 * crate::pool::threads();
+        let splits = want.div_ceil(m_chunks).clamp(1, n_pairs);
+        let per_split = n_pairs.div_ceil(splits);
+        // The bias padded to whole pairs of weight groups (zeros past `rows`, or no bias).
+        let mut init = vec![0f32; n_pairs * 32];
+        if let Some(bias) = bias {
+            init[..rows].copy_from_slice(bias);
+        }
+        let init = &init[..];
+        let out = OutPtr(y.as_mut_ptr());
+        crate::pool::run(m_chunks * splits, |task| {
+            let (mc, split) = (task / splits, task % splits);
+            let out = &out;
+            let mut c = [0f32; 32 * 32];
+            // SAFETY: a `Bf16Matrix` exists only when `amx::enable()` granted the tiles
+            // (dispatch level Amx), and `configure` runs on this thread before any tile
+            // instruction. Each token pair has 2 groups of `k_blocks` tiles in `a_tiles`,
+            // each weight pair 2 groups of `k_blocks` tiles in `data`, `init` 32 values per
+            // weight pair; `c` is 32 × 32, and a
+            // direct store into `y` happens only when all 32 rows and 32 columns of the block
+            // exist (`m0 + 32 ≤ n_tok`, `r0 + 32 ≤ rows`, `y` holds `n_tok * rows`). Tasks
+            // write disjoint blocks of `y`.
+            unsafe {
+                amx::configure();
+                for np in split * per_split..((split + 1) * per_split).min(n_pairs) {
+                    let r0 = np * 32;
+                    let b0 = (self.data.as_ptr() as *const u16).add(2 * np * group_len);
+                    let b1 = b0.add(group_len);
+                    for mp in mc * M_CHUNK..((mc + 1) * M_CHUNK).min(m_pairs) {
+                        let m0 = mp * 32;
+                        let a0 = (a_tiles.as_ptr() as *const u16).add(2 * mp * group_len);
+                        let a1 = a0.add(group_len);
+                        let m_valid = (n_tok - m0).min(32);
+                        let r_valid = (rows - r0).min(32);
+                        if m_valid == 32 && r_valid == 32 {
+                            let dst = out.0.add(m0 * rows + r0);
+                            amx::block_32x32(
+                                init.as_ptr().add(r0),
+                                a0,
+                                a1,
+                                b0,
+                                b1,
+                                k_blocks,
+                                dst,
+                                rows,
+                            );
+                        } else {
+                            let c = c.as_mut_ptr();
+                            amx::block_32x32(
+                                init.as_ptr().add(r0),
+                                a0,
+                                a1,
+                                b0,
+                                b1,
+                                k_blocks,
+                                c,
+                                32,
+                            );
+                            for i in 0..m_valid {
+                                let dst = out.0.add((m0 + i) * rows + r0);
+                                std::ptr::copy_nonoverlapping(c.add(i * 32), dst, r_valid);
+                            }
+                        }
+                    }
+                }
+                amx::release();
+            }
+        });
+    }
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: pool tasks write disjoint blocks of the output through it (see `matmul_amx`).
+unsafe impl Sync for OutPtr {}
+
+/// The definition: both operands rounded to bf16, products summed in f32.
+pub fn reference_matmul(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+) {
+    for t in 0..n_tok {
+        for r in 0..rows {
+            let mut s = 0f32;
+            for c in 0..cols {
+                s += from_bf16(to_bf16(x[t * cols + c])) * from_bf16(to_bf16(w[r * cols + c]));
+            }
+            y[t * rows + r] = s;
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! AVX-512F kernels for encoder models: exact-form GELU and bidirectional attention over a
+//! block of query rows (see `reference::gelu_erf` and `reference::attend_rows`).
+//!
+//! `exp` is ggml's `ggml_v_expf` range reduction + polynomial (≈1.5 ulp) with its input
+//! clamped at -87 (both callers only need `exp(x ≤ 0)`, and below -87 the result is
+//! < 2⁻¹²⁵, which adds nothing to any sum here). `erf` is Abramowitz & Stegun 7.1.26
+//! (|error| ≤ 1.5e-7).
+#![allow(clippy::missing_safety_doc)] // callers must have detected AVX-512F
+
+use crate::AttendRows;
+use std::arch::x86_64::*;
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_ps(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000)); // 0x1.8p23
+    let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r); // log2(e)
+    let n = _mm512_sub_ps(z, r);
+    // b = x - n·ln2, with ln2 split in two.
+    let b = _mm512_fnmadd_ps(
+        n,
+        _mm512_set1_ps(f32::from_bits(0x35bf_be8e)), // 0x1.7f7d1cp-20
+        _mm512_fnmadd_ps(n, _mm512_set1_ps(f32::from_bits(0x3f31_7200)), x), // 0x1.62e4p-1
+    );
+    let u = _mm512_mul_ps(b, b);
+    let j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_set1_ps(f32::from_bits(0x3c07_2010)), // 0x1.0e4020p-7
+                b,
+                _mm512_set1_ps(f32::from_bits(0x3d2b_9f17)), // 0x1.573e2ep-5
+            ),
+            u,
+            _mm512_fmadd_ps(
+                _mm512_set1_ps(f32::from_bits(0x3e2a_af33)), // 0x1.555e66p-3
+                b,
+                _mm512_set1_ps(f32::from_bits(0x3eff_fedb)), // 0x1.fffdb6p-2
+            ),
+        ),
+        u,
+        _mm512_fmadd_ps(
+            _mm512_set1_ps(f32::from_bits(0x3f7f_fff6)), // 0x1.ffffecp-1
+            b,
+            _mm512_set1_ps(1.0),
+        ),
+    );
+    _mm512_scalef_ps(j, n)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn gelu_ps(x: __m512) -> __m512 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_72,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let xi = _mm512_castps_si512(x);
+    let a = _mm512_mul_ps(
+        _mm512_castsi512_ps(_mm512_andnot_si512(sign, xi)),
+        _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+    );
+    let t = _mm512_div_ps(
+        _mm512_set1_ps(1.0),
+        _mm512_fmadd_ps(_mm512_set1_ps(P), a, _mm512_set1_ps(1.0)),
+    );
+    let mut poly = _mm512_set1_ps(A[4]);
+    for &c in A[..4].iter().rev() {
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+    }
+    poly = _mm512_mul_ps(poly, t);
+    let e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    // erf(|x|/√2) = 1 - poly·e; erf is odd, so 1 + erf(x/√2) = 1 ± (1 - poly·e).
+    let erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0));
+    let erf = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(erf_abs),
+        _mm512_and_si512(xi, sign),
+    ));
+    _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_set1_ps(0.5), x),
+        _mm512_add_ps(_mm512_set1_ps(1.0), erf),
+    )
+}
+
+/// `x = 0.5·x·(1 + erf(x/√2))` in place.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn gelu(x: &mut [f32]) {
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        // SAFETY: `c` has 16 values.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), gelu_ps(_mm512_loadu_ps(c.as_ptr()))) };
+    }
+    let rest = chunks.into_remainder();
+    let m: __mmask16 = (1u32 << rest.len()) as u16 - 1;
+    // SAFETY: the mask covers only the `rest.len() < 16` values that exist.
+    unsafe {
+        let v = _mm512_maskz_loadu_ps(m, rest.as_ptr());
+        _mm512_mask_storeu_ps(rest.as_mut_ptr(), m, gelu_ps(v));
+    }
+}
+
+/// Attention for the query rows of `a` (see [`AttendRows`]), 4 rows at a time: the scores
+/// of 4 rows share each load of the transposed keys, and the weighted sum of values keeps
+/// 4 rows × 32 outputs in registers. `head_dim` must be a multiple of 32.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attend_rows(a: &AttendRows, out: &mut [f32]) {
+    let h = a.heads * a.head_dim;
+    let m = out.len() / h;
+    let st = a.stride;
+    assert!(a.head_dim.is_multiple_of(32) && st >= h && m >= 1);
+    assert!(a.q.len() >= (m - 1) * st + h && a.v.len() >= (a.len - 1) * st + h);
+    assert!(a.len >= 1 && a.kt.len() >= (h - 1) * a.kt_stride + a.len);
+    let len16 = a.len.div_ceil(16) * 16;
+    // Probabilities of up to 4 rows (unnormalised), `len16` each.
+    let mut p = vec![0f32; 4 * len16];
+    for head in 0..a.heads {
+        let mut r0 = 0;
+        while r0 + 4 <= m {
+            // SAFETY: rows r0..r0+4 exist; see `rows_block`.
+            unsafe { rows_block::<4>(a, head, r0, &mut p, out) };
+            r0 += 4;
+        }
+        while r0 < m {
+            // SAFETY: row r0 exists; see `rows_block`.
+            unsafe { rows_block::<1>(a, head, r0, &mut p, out) };
+            r0 += 1;
+        }
+    }
+}
+
+/// Rows `r0..r0 + R` of one head.
+///
+/// # Safety
+/// AVX-512F; the checks at the top of `attend_rows` hold, `r0 + R ≤ m`, and `p` holds
+/// `R * len16` values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_block<const R: usize>(
+    a: &AttendRows,
+    head: usize,
+    r0: usize,
+    p: &mut [f32],
+    out: &mut [f32],
+) {
+    let (len, hd, st) = (a.len, a.head_dim, a.stride);
+    let h = a.heads * hd;
+    let c0 = head * hd;
+    let len16 = len.div_ceil(16) * 16;
+    let tail: __mmask16 = if len % 16 == 0 {
+        0xffff
+    } else {
+        ((1u32 << (len % 16)) - 1) as u16
+    };
+    let mut inv = [0f32; R];
+    // SAFETY (whole block): every load/store below stays inside the slices, as the caller's
+    // checks establish: key columns `c0 + d < h` read `len` values from
+    // `kt[(c0 + d) * kt_stride..]` (the last chunk masked), value rows `j < len` read `hd`
+    // values at `j * h + c0 + c`, `p` rows hold `len16` values, and query and output rows
+    // `r0 + r < m` hold `h` values.
+    unsafe {
+        // scores[r][j] = scale · q_r · k_j
+        let q = a.q.as_ptr().add(r0 * st + c0);
+        for j0 in (0..len16).step_by(16) {
+            let mask = if j0 + 16 > len { tail } else { 0xffff };
+            let mut acc = [_mm512_setzero_ps(); R];
+            let kt = a.kt.as_ptr().add(c0 * a.kt_stride + j0);
+            for d in 0..hd {
+                let kv = _mm512_maskz_loadu_ps(mask, kt.add(d * a.kt_stride));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * st + d)), kv, *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let s = _mm512_mul_ps(*acc, _mm512_set1_ps(a.scale));
+                let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), s);
+                _mm512_storeu_ps(p.as_mut_ptr().add(r * len16 + j0), s);
+            }
+        }
+        // p = exp(s - max), inv = 1 / Σp
+        for (r, inv) in inv.iter_mut().enumerate() {
+            let row = p.as_mut_ptr().add(r * len16);
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            for j0 in (0..len16).step_by(16) {
+                mx = _mm512_max_ps(mx, _mm512_loadu_ps(row.add(j0)));
+            }
+            let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            let mut sum = _mm512_setzero_ps();
+            for j0 in (0..len16).step_by(16) {
+                let e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row.add(j0)), mx));
+                let mask = if j0 + 16 > len { tail } else { 0xffff };
+                let e = _mm512_maskz_mov_ps(mask, e);
+                _mm512_storeu_ps(row.add(j0), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            *inv = 1.0 / _mm512_reduce_add_ps(sum);
+        }
+        // out[r] = inv_r · Σ_j p[r][j] · v_j, 32 outputs at a time
+        for c in (0..hd).step_by(32) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            let mut vp = a.v.as_ptr().add(c0 + c);
+            for j in 0..len {
+                let (v0, v1) = (_mm512_loadu_ps(vp), _mm512_loadu_ps(vp.add(16)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pj = _mm512_set1_ps(*p.get_unchecked(r * len16 + j));
+                    acc[0] = _mm512_fmadd_ps(pj, v0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(pj, v1, acc[1]);
+                }
+                vp = vp.wrapping_add(st);
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let o = out.as_mut_ptr().add((r0 + r) * h + c0 + c);
+                let s = _mm512_set1_ps(inv[r]);
+                _mm512_storeu_ps(o, _mm512_mul_ps(acc[0], s));
+                _mm512_storeu_ps(o.add(16), _mm512_mul_ps(acc[1], s));
+            }
+        }
+    }
+}
+
+/// Row-wise `x = LayerNorm(x + add) · w + b`, rows of `w.len()` values; mean and variance in
+/// f32 (two passes, so no cancellation).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+    let dim = w.len();
+    if !dim.is_multiple_of(16) || b.len() != dim {
+        return crate::reference::add_layer_norm(x, add, w, b, eps);
+    }
+    if let Some(add) = add {
+        assert!(add.len() >= x.len());
+    }
+    for (i, row) in x.chunks_exact_mut(dim).enumerate() {
+        let p = row.as_mut_ptr();
+        // SAFETY: `row` holds `dim` values, `add` at least as many as `x`, `w` and `b` `dim`
+        // (checked above); every access is one of 16 consecutive values at `c < dim`.
+        unsafe {
+            let mut sum = _mm512_setzero_ps();
+            for c in (0..dim).step_by(16) {
+                let mut v = _mm512_loadu_ps(p.add(c));
+                if let Some(add) = add {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(add.as_ptr().add(i * dim + c)));
+                    _mm512_storeu_ps(p.add(c), v);
+                }
+                sum = _mm512_add_ps(sum, v);
+            }
+            let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / dim as f32);
+            let mut sq = _mm512_setzero_ps();
+            for c in (0..dim).step_by(16) {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mean);
+                sq = _mm512_fmadd_ps(d, d, sq);
+            }
+            let var = _mm512_reduce_add_ps(sq) / dim as f32;
+            let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+            for c in (0..dim).step_by(16) {
+                let d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mean), inv);
+                let y = _mm512_fmadd_ps(
+                    d,
+                    _mm512_loadu_ps(w.as_ptr().add(c)),
+                    _mm512_loadu_ps(b.as_ptr().add(c)),
+                );
+                _mm512_storeu_ps(p.add(c), y);
+            }
+        }
+    }
+}
+
+/// `f32 → bf16` rounding to nearest even, 16 at a time (as `bf16mat::to_bf16`).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        let b = s.to_bits();
+        let rounded = ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        *d = if s.is_nan() {
+            ((b >> 16) | 0x40) as u16
+        } else {
+            rounded
+        };
+    }
+}

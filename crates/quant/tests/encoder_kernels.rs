@@ -1,0 +1,142 @@
+//! The encoder kernels (AMX bf16 products, GELU, attention, LayerNorm) against their scalar
+//! references on random inputs, at every dispatch level this CPU has. Tolerances:
+//! - bf16 products: both operands are rounded to bf16 in kernel and reference alike, so
+//!   only the f32 summation order differs: 1e-5 of Σ|xᵢ·wᵢ| plus 1e-6.
+//! - GELU: the kernel's erf is a polynomial with |error| ≤ 1.5e-7 and its exp ≈ 1.5 ulp:
+//!   1e-6 · max(1, |x|).
+//! - attention and LayerNorm: float order and exp approximation: 1e-5 relative to the
+//!   values' scale, plus 1e-6.
+
+use hearth_quant::bf16mat::{reference_matmul, Bf16Matrix, Bf16Scratch};
+use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::reference as r;
+use hearth_quant::AttendRows;
+use proptest::prelude::*;
+
+fn levels() -> Vec<Kernels> {
+    [Isa::Avx2, Isa::Avx512, Isa::Amx]
+        .into_iter()
+        .filter(|&i| i <= detect())
+        .map(Kernels::for_isa)
+        .collect()
+}
+
+fn values(n: usize, seed: &[f32]) -> Vec<f32> {
+    (0..n)
+        .map(|i| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin()) + (i % 7) as f32 * 0.01)
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn bf16_tiles_match_reference(
+        rows in 1usize..80,
+        cols in 1usize..100,
+        n_tok in 1usize..70,
+        seed in prop::collection::vec(-3.0f32..3.0, 1..40),
+        with_bias in any::<bool>(),
+    ) {
+        // Only where the tiles are in force (dispatch level Amx); elsewhere `pack` says no.
+        let w = values(rows * cols, &seed);
+        let x = values(n_tok * cols, &seed[seed.len() / 2..]);
+        let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let Some(m) = Bf16Matrix::pack(&w, rows, cols) else {
+            prop_assert!(hearth_quant::dispatch::kernels().isa < Isa::Amx);
+            return Ok(());
+        };
+        let mut got = vec![f32::NAN; n_tok * rows];
+        let mut scratch = Bf16Scratch::default();
+        m.matmul(&x, n_tok, with_bias.then_some(&bias[..]), &mut got, &mut scratch);
+        let mut want = vec![0f32; n_tok * rows];
+        reference_matmul(&w, rows, cols, &x, n_tok, &mut want);
+        for t in 0..n_tok {
+            for rr in 0..rows {
+                let mag: f64 = (0..cols).map(|c| (x[t * cols + c] as f64 * w[rr * cols + c] as f64).abs()).sum();
+                let want = want[t * rows + rr] + if with_bias { bias[rr] } else { 0.0 };
+                let got = got[t * rows + rr];
+                prop_assert!(((got - want) as f64).abs() <= 1e-5 * mag + 1e-6 + 1e-6 * want.abs() as f64,
+                    "token {t} row {rr}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_matches_reference(x in prop::collection::vec(-12.0f32..12.0, 1..200)) {
+        let mut want = x.clone();
+        r::gelu_erf(&mut want);
+        for k in levels() {
+            let mut got = x.clone();
+            (k.gelu)(&mut got);
+            for ((g, w), v) in got.iter().zip(&want).zip(&x) {
+                prop_assert!((g - w).abs() <= 1e-6 * v.abs().max(1.0), "{:?} gelu({v}) = {g}, reference {w}", k.isa);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_reference(
+        len in 1usize..70,
+        m in 1usize..10,
+        heads in 1usize..4,
+        wide in any::<bool>(),
+        seed in prop::collection::vec(-2.0f32..2.0, 1..30),
+    ) {
+        let head_dim = if wide { 64 } else { 32 };
+        let h = heads * head_dim;
+        let stride = 3 * h;
+        let m = m.min(len);
+        let qkv = values(len * stride, &seed);
+        let mut kt = vec![0f32; h * len];
+        for j in 0..len {
+            for c in 0..h {
+                kt[c * len + j] = qkv[j * stride + h + c];
+            }
+        }
+        let args = AttendRows {
+            q: &qkv[..],
+            stride,
+            kt: &kt,
+            kt_stride: len,
+            v: &qkv[2 * h..],
+            len,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let mut want = vec![0f32; m * h];
+        r::attend_rows(&args, &mut want);
+        for k in levels() {
+            let mut got = vec![f32::NAN; m * h];
+            (k.attend_rows)(&args, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert!((g - w).abs() <= 1e-5 * 4.0 + 1e-6, "{:?}: {g} vs {w}", k.isa);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_reference(
+        rows in 1usize..6,
+        dim16 in 1usize..30,
+        seed in prop::collection::vec(-5.0f32..5.0, 1..40),
+        with_add in any::<bool>(),
+    ) {
+        let dim = dim16 * 16;
+        let x = values(rows * dim, &seed);
+        let add = values(rows * dim, &seed[seed.len() / 2..]);
+        let w = values(dim, &[0.5, 1.5, -1.0]);
+        let b = values(dim, &[0.1, -0.2]);
+        let add = with_add.then_some(&add[..]);
+        let mut want = x.clone();
+        r::add_layer_norm(&mut want, add, &w, &b, 1e-12);
+        for k in levels() {
+            let mut got = x.clone();
+            (k.add_layer_norm)(&mut got, add, &w, &b, 1e-12);
+            for (g, wv) in got.iter().zip(&want) {
+                prop_assert!((g - wv).abs() <= 1e-5 * wv.abs().max(1.0) * 4.0, "{:?}: {g} vs {wv}", k.isa);
+            }
+        }
+    }
+}
