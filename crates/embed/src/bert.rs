@@ -109,6 +109,29 @@ pub struct Bert {
     token_type: Vec<f32>,
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// Intermediates kept between `encode` calls (one caller at a time uses them; a
+    /// concurrent caller makes its own).
+    buffers: std::sync::Mutex<Buffers>,
+}
+
+/// The intermediates of one forward pass; they only grow, and every value is written
+/// before it is read.
+#[derive(Default)]
+struct Buffers {
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    up: Vec<f32>,
+    kt: Vec<f32>,
+    scratch: Scratch,
+}
+
+/// `v` with at least `len` values, as a slice of exactly `len`.
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 impl Bert {
@@ -180,6 +203,7 @@ impl Bert {
             embed_norm,
             layers: built,
             config,
+            buffers: Default::default(),
         })
     }
 
@@ -229,27 +253,33 @@ impl Bert {
         }
         self.embed_norm.forward(&mut x, None, c.eps);
 
-        let (mut qkv, mut attn, mut proj) =
-            (vec![0f32; n * 3 * h], vec![0f32; n * h], vec![0f32; n * h]);
-        let mut up = vec![0f32; n * c.intermediate];
-        let mut kt = Vec::new();
+        let mut own = Buffers::default();
+        let mut shared = self.buffers.try_lock();
+        let b = match shared.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => &mut own,
+        };
+        let qkv = sized(&mut b.qkv, n * 3 * h);
+        let attn = sized(&mut b.attn, n * h);
+        let proj = sized(&mut b.proj, n * h);
+        let up = sized(&mut b.up, n * c.intermediate);
+        let (kt, scratch) = (&mut b.kt, &mut b.scratch);
         let kernels = hearth_quant::dispatch::kernels();
-        let mut scratch = Scratch::default();
         let head_dim = h / c.heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         for layer in &self.layers {
             // Self-attention within each sequence: attn = softmax(q kᵀ / √d) v per head.
             // [q | k | v] = x [Wq | Wk | Wv]ᵀ + b                    [n, 3h]
-            layer.qkv.forward(&x, &mut qkv, &mut scratch);
-            attention(&qkv, &mut kt, &spans, c.heads, head_dim, scale, &mut attn);
+            layer.qkv.forward(&x, qkv, scratch);
+            attention(qkv, kt, &spans, c.heads, head_dim, scale, attn);
             // x = LayerNorm(x + attn Woᵀ)
-            layer.attn_out.forward(&attn, &mut proj, &mut scratch);
-            layer.attn_norm.forward(&mut x, Some(&proj), c.eps);
+            layer.attn_out.forward(attn, proj, scratch);
+            layer.attn_norm.forward(&mut x, Some(proj), c.eps);
             // x = LayerNorm(x + gelu(x W1ᵀ) W2ᵀ)
-            layer.ffn_up.forward(&x, &mut up, &mut scratch);
-            hearth_quant::pool::for_each_chunk(&mut up, 16 * 1024, |_, part| (kernels.gelu)(part));
-            layer.ffn_down.forward(&up, &mut proj, &mut scratch);
-            layer.ffn_norm.forward(&mut x, Some(&proj), c.eps);
+            layer.ffn_up.forward(&x, up, scratch);
+            hearth_quant::pool::for_each_chunk(up, 16 * 1024, |_, part| (kernels.gelu)(part));
+            layer.ffn_down.forward(up, proj, scratch);
+            layer.ffn_norm.forward(&mut x, Some(proj), c.eps);
         }
         Ok(x)
     }
@@ -272,18 +302,20 @@ fn attention(
     let h = heads * head_dim;
     let n = qkv.len() / (3 * h);
     // Each sequence's keys transposed in place of its rows: `[h, len]` at `row0 * h`.
-    kt.clear();
-    kt.resize(h * n, 0.0);
+    let kt = sized(kt, h * n);
     let kt_rows = OutRows::new(kt, h);
     hearth_quant::pool::run(spans.len(), |i| {
         let (row0, len) = spans[i];
+        let rows = &qkv[row0 * 3 * h..(row0 + len) * 3 * h];
         kt_rows.with(row0, len, |seq_kt| {
-            for (j, row) in qkv[row0 * 3 * h..(row0 + len) * 3 * h]
-                .chunks_exact(3 * h)
-                .enumerate()
-            {
-                for (c, &value) in row[h..2 * h].iter().enumerate() {
-                    seq_kt[c * len + j] = value;
+            // 16 keys at a time, so each write is a run of 16 values.
+            for j0 in (0..len).step_by(16) {
+                let keys = (len - j0).min(16);
+                for c in 0..h {
+                    let dst = &mut seq_kt[c * len + j0..][..keys];
+                    for (jj, d) in dst.iter_mut().enumerate() {
+                        *d = rows[(j0 + jj) * 3 * h + h + c];
+                    }
                 }
             }
         })

@@ -132,15 +132,25 @@ impl Bf16Matrix {
         let m_pairs = n_tok.div_ceil(32);
         let group_len = k_blocks * TILE;
         let scratch = &mut scratch.0;
-        scratch.clear();
-        scratch.resize(2 * m_pairs * k_blocks, Tile([0; TILE]));
+        // Every value is written below (padding as zeros), so the buffer is only grown.
+        scratch.resize(scratch.len().max(2 * m_pairs * k_blocks), Tile([0; TILE]));
+        let scratch = &mut scratch[..2 * m_pairs * k_blocks];
         crate::pool::for_each_chunk(scratch, k_blocks, |g, tiles| {
-            for i in 0..16.min(n_tok.saturating_sub(g * 16)) {
-                let src = &x[(g * 16 + i) * cols..][..cols];
-                for (kb, chunk) in src.chunks(32).enumerate() {
-                    let dst = &mut tiles[kb].0[i * 32..][..chunk.len()];
-                    // SAFETY: AMX level implies AVX-512F/BW (see `dispatch::detect`).
+            for i in 0..16 {
+                let t = g * 16 + i;
+                if t >= n_tok {
+                    tiles
+                        .iter_mut()
+                        .for_each(|tile| tile.0[i * 32..][..32].fill(0));
+                    continue;
+                }
+                let src = &x[t * cols..][..cols];
+                for (kb, tile) in tiles.iter_mut().enumerate() {
+                    let dst = &mut tile.0[i * 32..][..32];
+                    let chunk = &src[(kb * 32).min(cols)..(kb * 32 + 32).min(cols)];
+                    // SAFETY: the Amx level implies AVX-512F/BW/VL/BF16 (`dispatch::detect`).
                     unsafe { amx::to_bf16_avx512(chunk, dst) };
+                    dst[chunk.len()..].fill(0);
                 }
             }
         });

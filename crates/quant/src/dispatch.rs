@@ -39,7 +39,8 @@ pub fn detect() -> Isa {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni");
-        if avx512 && crate::x86::amx::enable() {
+        if avx512 && std::arch::is_x86_feature_detected!("avx512bf16") && crate::x86::amx::enable()
+        {
             return Isa::Amx;
         }
         if avx512 {

@@ -162,8 +162,8 @@ pub unsafe fn release() {
 /// `f32 → bf16` over a slice (`bf16mat::to_bf16`'s rounding).
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX-512BW (always so where [`enable`] granted the tiles and
-/// the dispatch level is Amx).
+/// The CPU has AVX-512F/BW/VL/BF16 (checked by `dispatch::detect` before it picks the
+/// Amx level).
 pub unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
     // SAFETY: as the caller vouched.
     unsafe { super::avx512::to_bf16(src, dst) }

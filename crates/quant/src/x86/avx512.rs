@@ -104,9 +104,9 @@ pub unsafe fn gelu(x: &mut [f32]) {
     }
 }
 
-/// Attention for the query rows of `a` (see [`AttendRows`]), 4 rows at a time: the scores
-/// of 4 rows share each load of the transposed keys, and the weighted sum of values keeps
-/// 4 rows × 32 outputs in registers. `head_dim` must be a multiple of 32.
+/// Attention for the query rows of `a` (see [`AttendRows`]), 8 rows at a time: the scores
+/// of 8 rows × 32 keys stay in registers while the transposed keys stream past, and the
+/// weighted sum of values keeps 8 rows × 32 outputs in registers. `head_dim` must be a multiple of 32.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn attend_rows(a: &AttendRows, out: &mut [f32]) {
     let h = a.heads * a.head_dim;
@@ -115,12 +115,17 @@ pub unsafe fn attend_rows(a: &AttendRows, out: &mut [f32]) {
     assert!(a.head_dim.is_multiple_of(32) && st >= h && m >= 1);
     assert!(a.q.len() >= (m - 1) * st + h && a.v.len() >= (a.len - 1) * st + h);
     assert!(a.len >= 1 && a.kt.len() >= (h - 1) * a.kt_stride + a.len);
-    let len16 = a.len.div_ceil(16) * 16;
-    // Probabilities of up to 4 rows (unnormalised), `len16` each.
-    let mut p = vec![0f32; 4 * len16];
+    let len32 = a.len.div_ceil(32) * 32;
+    // Probabilities of up to 8 rows (unnormalised), `len32` each.
+    let mut p = vec![0f32; 8 * len32];
     for head in 0..a.heads {
         let mut r0 = 0;
-        while r0 + 4 <= m {
+        while r0 + 8 <= m {
+            // SAFETY: rows r0..r0+8 exist; see `rows_block`.
+            unsafe { rows_block::<8>(a, head, r0, &mut p, out) };
+            r0 += 8;
+        }
+        if r0 + 4 <= m {
             // SAFETY: rows r0..r0+4 exist; see `rows_block`.
             unsafe { rows_block::<4>(a, head, r0, &mut p, out) };
             r0 += 4;
@@ -137,7 +142,7 @@ pub unsafe fn attend_rows(a: &AttendRows, out: &mut [f32]) {
 ///
 /// # Safety
 /// AVX-512F; the checks at the top of `attend_rows` hold, `r0 + R ≤ m`, and `p` holds
-/// `R * len16` values.
+/// `R * len32` values.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_block<const R: usize>(
@@ -150,50 +155,63 @@ unsafe fn rows_block<const R: usize>(
     let (len, hd, st) = (a.len, a.head_dim, a.stride);
     let h = a.heads * hd;
     let c0 = head * hd;
-    let len16 = len.div_ceil(16) * 16;
-    let tail: __mmask16 = if len % 16 == 0 {
-        0xffff
-    } else {
-        ((1u32 << (len % 16)) - 1) as u16
+    let len32 = len.div_ceil(32) * 32;
+    // Lanes of the 16 keys from `j` that exist.
+    let mask_at = |j: usize| -> __mmask16 {
+        if j >= len {
+            0
+        } else if j + 16 > len {
+            ((1u32 << (len - j)) - 1) as u16
+        } else {
+            0xffff
+        }
     };
     let mut inv = [0f32; R];
     // SAFETY (whole block): every load/store below stays inside the slices, as the caller's
-    // checks establish: key columns `c0 + d < h` read `len` values from
-    // `kt[(c0 + d) * kt_stride..]` (the last chunk masked), value rows `j < len` read `hd`
-    // values at `j * h + c0 + c`, `p` rows hold `len16` values, and query and output rows
-    // `r0 + r < m` hold `h` values.
+    // checks establish: key columns `c0 + d < h` read the `len` values of
+    // `kt[(c0 + d) * kt_stride..]` (lanes past `len` masked), value rows `j < len` read `hd`
+    // values at `j * stride + c0 + c`, `p` rows hold `len32` values, query rows `r0 + r < m`
+    // hold `h` values at `(r0 + r) * stride` and output rows `h` values at `(r0 + r) * h`.
     unsafe {
-        // scores[r][j] = scale · q_r · k_j
+        // scores[r][j] = scale · q_r · k_j, 32 keys at a time
         let q = a.q.as_ptr().add(r0 * st + c0);
-        for j0 in (0..len16).step_by(16) {
-            let mask = if j0 + 16 > len { tail } else { 0xffff };
-            let mut acc = [_mm512_setzero_ps(); R];
+        for j0 in (0..len32).step_by(32) {
+            let (m0, m1) = (mask_at(j0), mask_at(j0 + 16));
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
             let kt = a.kt.as_ptr().add(c0 * a.kt_stride + j0);
             for d in 0..hd {
-                let kv = _mm512_maskz_loadu_ps(mask, kt.add(d * a.kt_stride));
+                let row = kt.add(d * a.kt_stride);
+                let k0 = _mm512_maskz_loadu_ps(m0, row);
+                // With m1 = 0 nothing is read; the address is only formed in bounds.
+                let k1 = _mm512_maskz_loadu_ps(m1, row.wrapping_add(16));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * st + d)), kv, *acc);
+                    let qb = _mm512_set1_ps(*q.add(r * st + d));
+                    acc[0] = _mm512_fmadd_ps(qb, k0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(qb, k1, acc[1]);
                 }
             }
+            let scale = _mm512_set1_ps(a.scale);
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
             for (r, acc) in acc.iter().enumerate() {
-                let s = _mm512_mul_ps(*acc, _mm512_set1_ps(a.scale));
-                let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), s);
-                _mm512_storeu_ps(p.as_mut_ptr().add(r * len16 + j0), s);
+                let dst = p.as_mut_ptr().add(r * len32 + j0);
+                let s0 = _mm512_mask_blend_ps(m0, ninf, _mm512_mul_ps(acc[0], scale));
+                let s1 = _mm512_mask_blend_ps(m1, ninf, _mm512_mul_ps(acc[1], scale));
+                _mm512_storeu_ps(dst, s0);
+                _mm512_storeu_ps(dst.add(16), s1);
             }
         }
         // p = exp(s - max), inv = 1 / Σp
         for (r, inv) in inv.iter_mut().enumerate() {
-            let row = p.as_mut_ptr().add(r * len16);
+            let row = p.as_mut_ptr().add(r * len32);
             let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            for j0 in (0..len16).step_by(16) {
+            for j0 in (0..len32).step_by(16) {
                 mx = _mm512_max_ps(mx, _mm512_loadu_ps(row.add(j0)));
             }
             let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
             let mut sum = _mm512_setzero_ps();
-            for j0 in (0..len16).step_by(16) {
+            for j0 in (0..len32).step_by(16) {
                 let e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row.add(j0)), mx));
-                let mask = if j0 + 16 > len { tail } else { 0xffff };
-                let e = _mm512_maskz_mov_ps(mask, e);
+                let e = _mm512_maskz_mov_ps(mask_at(j0), e);
                 _mm512_storeu_ps(row.add(j0), e);
                 sum = _mm512_add_ps(sum, e);
             }
@@ -206,7 +224,7 @@ unsafe fn rows_block<const R: usize>(
             for j in 0..len {
                 let (v0, v1) = (_mm512_loadu_ps(vp), _mm512_loadu_ps(vp.add(16)));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let pj = _mm512_set1_ps(*p.get_unchecked(r * len16 + j));
+                    let pj = _mm512_set1_ps(*p.get_unchecked(r * len32 + j));
                     acc[0] = _mm512_fmadd_ps(pj, v0, acc[0]);
                     acc[1] = _mm512_fmadd_ps(pj, v1, acc[1]);
                 }
@@ -268,16 +286,31 @@ pub unsafe fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &
     }
 }
 
-/// `f32 → bf16` rounding to nearest even, 16 at a time (as `bf16mat::to_bf16`).
-#[target_feature(enable = "avx512f,avx512bw")]
+/// `f32 → bf16` rounding to nearest even, 16 at a time (`vcvtneps2bf16`; as
+/// `bf16mat::to_bf16` except that denormal inputs become zero).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        let b = s.to_bits();
-        let rounded = ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-        *d = if s.is_nan() {
-            ((b >> 16) | 0x40) as u16
-        } else {
-            rounded
-        };
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    // SAFETY: every access covers values `i..i + 16` with `i + 16 ≤ n`, or only the masked
+    // lanes `i..n` of the last chunk.
+    unsafe {
+        while i + 16 <= n {
+            let b = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(b),
+            );
+            i += 16;
+        }
+        if i < n {
+            let m = ((1u32 << (n - i)) - 1) as u16;
+            let b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src.as_ptr().add(i)));
+            _mm256_mask_storeu_epi16(
+                dst.as_mut_ptr().add(i) as *mut i16,
+                m,
+                std::mem::transmute::<__m256bh, __m256i>(b),
+            );
+        }
     }
 }
