@@ -191,36 +191,20 @@ impl Bf16Matrix {
                     let r0 = np * 32;
                     let b0 = (self.data.as_ptr() as *const u16).add(2 * np * group_len);
                     let b1 = b0.add(group_len);
-                    {
-                        let r_valid = (rows - r0).min(32);
-                        if m_valid == 32 && r_valid == 32 {
-                            let dst = out.0.add(m0 * rows + r0);
-                            amx::block_32x32(
-                                init.as_ptr().add(r0),
-                                a0,
-                                a1,
-                                b0,
-                                b1,
-                                k_blocks,
-                                dst,
-                                rows,
-                            );
-                        } else {
-                            let c = c.as_mut_ptr();
-                            amx::block_32x32(
-                                init.as_ptr().add(r0),
-                                a0,
-                                a1,
-                                b0,
-                                b1,
-                                k_blocks,
-                                c,
-                                32,
-                            );
-                            for i in 0..m_valid {
-                                let dst = out.0.add((m0 + i) * rows + r0);
-                                std::ptr::copy_nonoverlapping(c.add(i * 32), dst, r_valid);
-                            }
+                    let r_valid = (rows - r0).min(32);
+                    // Whole blocks go straight into `y`; edge blocks through `c`.
+                    let whole = m_valid == 32 && r_valid == 32;
+                    let (dst, stride) = if whole {
+                        (out.0.add(m0 * rows + r0), rows)
+                    } else {
+                        (c.as_mut_ptr(), 32)
+                    };
+                    let init = init.as_ptr().add(r0);
+                    amx::block_32x32(init, a0, a1, b0, b1, k_blocks, dst, stride);
+                    if !whole {
+                        for i in 0..m_valid {
+                            let row = out.0.add((m0 + i) * rows + r0);
+                            std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), row, r_valid);
                         }
                     }
                 }
