@@ -5,6 +5,7 @@
 //! matrix products and attention stays within each sequence, so no work goes to pad tokens.
 
 use hearth_quant::bf16mat::{Bf16Matrix, Bf16Scratch};
+use hearth_quant::f32mat::F32Panels;
 use hearth_quant::pool::OutRows;
 use hearth_quant::{Activations, AttendRows, Blocks, GgmlType, QMatrix};
 
@@ -38,17 +39,22 @@ struct Scratch {
     bf16: Bf16Scratch,
 }
 
-/// AMX tiles in bf16 where the CPU has them, else f32 with the SIMD tiles of `QMatrix`.
+/// AMX tiles in bf16 where the CPU has them, else f32 panels where it has AVX-512, else
+/// f32 with the SIMD tiles of `QMatrix`.
 enum Weights {
     Bf16(Bf16Matrix),
+    Panels(F32Panels),
     F32(Vec<f32>),
 }
 
 impl Linear {
     fn new(w: Vec<f32>, b: Vec<f32>, rows: usize, cols: usize) -> Self {
-        let w = match Bf16Matrix::pack(&w, rows, cols) {
-            Some(packed) => Weights::Bf16(packed),
-            None => Weights::F32(w),
+        let w = if let Some(packed) = Bf16Matrix::pack(&w, rows, cols) {
+            Weights::Bf16(packed)
+        } else if let Some(panels) = F32Panels::pack(&w, rows, cols) {
+            Weights::Panels(panels)
+        } else {
+            Weights::F32(w)
         };
         Self { w, b, rows, cols }
     }
@@ -57,6 +63,7 @@ impl Linear {
         let Scratch { acts, mm, bf16 } = s;
         match &self.w {
             Weights::Bf16(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y, bf16),
+            Weights::Panels(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y),
             Weights::F32(w) => {
                 let m = QMatrix {
                     ty: GgmlType::F32,

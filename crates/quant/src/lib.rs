@@ -10,6 +10,7 @@ pub mod aarch64;
 pub mod bf16mat;
 pub mod blocks;
 pub mod dispatch;
+pub mod f32mat;
 pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]

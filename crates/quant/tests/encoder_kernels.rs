@@ -1,7 +1,8 @@
-//! The encoder kernels (AMX bf16 products, GELU, attention, LayerNorm) against their scalar
+//! The encoder kernels (AMX bf16 products, AVX-512 f32 panels, GELU, attention, LayerNorm) against their scalar
 //! references on random inputs, at every dispatch level this CPU has. Tolerances:
 //! - bf16 products: both operands are rounded to bf16 in kernel and reference alike, so
-//!   only the f32 summation order differs: 1e-5 of Σ|xᵢ·wᵢ| plus 1e-6.
+//!   only the f32 summation order differs: 1e-5 of Σ|xᵢ·wᵢ| plus 1e-6. The f32 panels
+//!   against an f64 sum, the same tolerance.
 //! - GELU: the kernel's erf is a polynomial with |error| ≤ 1.5e-7 and its exp ≈ 1.5 ulp:
 //!   1e-6 · max(1, |x|).
 //! - attention and LayerNorm: float order and exp approximation: 1e-5 relative to the
@@ -9,6 +10,7 @@
 
 use hearth_quant::bf16mat::{reference_matmul, Bf16Matrix, Bf16Scratch};
 use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::f32mat::F32Panels;
 use hearth_quant::reference as r;
 use hearth_quant::AttendRows;
 use proptest::prelude::*;
@@ -57,6 +59,35 @@ proptest! {
                 let want = want[t * rows + rr] + if with_bias { bias[rr] } else { 0.0 };
                 let got = got[t * rows + rr];
                 prop_assert!(((got - want) as f64).abs() <= 1e-5 * mag + 1e-6 + 1e-6 * want.abs() as f64,
+                    "token {t} row {rr}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_panels_match_reference(
+        rows in 1usize..80,
+        cols in 1usize..100,
+        n_tok in 1usize..30,
+        seed in prop::collection::vec(-3.0f32..3.0, 1..40),
+        with_bias in any::<bool>(),
+    ) {
+        let w = values(rows * cols, &seed);
+        let x = values(n_tok * cols, &seed[seed.len() / 2..]);
+        let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let Some(m) = F32Panels::pack(&w, rows, cols) else {
+            prop_assert!(hearth_quant::dispatch::kernels().isa < Isa::Avx512);
+            return Ok(());
+        };
+        let mut got = vec![f32::NAN; n_tok * rows];
+        m.matmul(&x, n_tok, with_bias.then_some(&bias[..]), &mut got);
+        for t in 0..n_tok {
+            for rr in 0..rows {
+                let terms = (0..cols).map(|c| x[t * cols + c] as f64 * w[rr * cols + c] as f64);
+                let mag: f64 = terms.clone().map(f64::abs).sum();
+                let want = terms.sum::<f64>() + if with_bias { bias[rr] as f64 } else { 0.0 };
+                let got = got[t * rows + rr] as f64;
+                prop_assert!((got - want).abs() <= 1e-5 * mag + 1e-6 + 1e-6 * want.abs(),
                     "token {t} row {rr}: {got} vs {want}");
             }
         }

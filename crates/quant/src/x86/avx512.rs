@@ -314,3 +314,100 @@ pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
         }
     }
 }
+
+/// One block of tokens against every panel of an `F32Panels` (see `f32mat`).
+pub struct PanelArgs<'a> {
+    /// Up to 8 token rows of `cols` values.
+    pub x: &'a [f32],
+    pub cols: usize,
+    /// Panels of 32 rows: `2 * cols` lines each.
+    pub(crate) panels: &'a [crate::f32mat::Line],
+    /// 32 starting values per panel (the bias, zero-padded).
+    pub init: &'a [f32],
+    pub rows: usize,
+}
+
+/// `out[t][r] = init[r] + Σ_k x[t][k] · w[r][k]` for the tokens of `a` (`out`: their rows of
+/// `rows` values).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn panel_matmul(a: &PanelArgs, out: &mut [f32]) {
+    let tokens = a.x.len() / a.cols;
+    assert!(tokens >= 1 && tokens <= 8 && out.len() >= tokens * a.rows);
+    let panels = a.rows.div_ceil(32);
+    assert!(a.panels.len() >= panels * a.cols * 2 && a.init.len() >= panels * 32);
+    for p in 0..panels {
+        // SAFETY: see `panel_block`; the panel index and token count were checked above.
+        unsafe {
+            match tokens {
+                8 => panel_block::<8>(a, p, out),
+                4..=7 => {
+                    panel_block::<4>(a, p, out);
+                    for t in 4..tokens {
+                        panel_block_at::<1>(a, p, t, out);
+                    }
+                }
+                _ => {
+                    for t in 0..tokens {
+                        panel_block_at::<1>(a, p, t, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn panel_block<const T: usize>(a: &PanelArgs, p: usize, out: &mut [f32]) {
+    // SAFETY: as the caller's.
+    unsafe { panel_block_at::<T>(a, p, 0, out) }
+}
+
+/// Tokens `t0..t0 + T` × rows `32p..32p + 32` (stores masked past `rows`).
+///
+/// # Safety
+/// AVX-512F; `t0 + T` tokens exist in `a.x` and `out`, and panel `p` exists.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn panel_block_at<const T: usize>(a: &PanelArgs, p: usize, t0: usize, out: &mut [f32]) {
+    let cols = a.cols;
+    let r0 = p * 32;
+    let valid = (a.rows - r0).min(32);
+    let m0: __mmask16 = if valid >= 16 {
+        0xffff
+    } else {
+        ((1u32 << valid) - 1) as u16
+    };
+    let m1: __mmask16 = if valid >= 32 {
+        0xffff
+    } else if valid > 16 {
+        ((1u32 << (valid - 16)) - 1) as u16
+    } else {
+        0
+    };
+    // SAFETY: panel `p` has `2 * cols` lines from `p * cols * 2`; token rows `t0 + t` have
+    // `cols` values in `x` and `rows` values in `out`, of which lanes past `rows` are masked.
+    unsafe {
+        let w = a.panels.as_ptr().add(p * cols * 2) as *const f32;
+        let (i0, i1) = (
+            _mm512_loadu_ps(a.init.as_ptr().add(r0)),
+            _mm512_loadu_ps(a.init.as_ptr().add(r0 + 16)),
+        );
+        let mut acc = [[i0, i1]; T];
+        let x = a.x.as_ptr().add(t0 * cols);
+        for k in 0..cols {
+            let w0 = _mm512_load_ps(w.add(k * 32));
+            let w1 = _mm512_load_ps(w.add(k * 32 + 16));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*x.add(t * cols + k));
+                acc[0] = _mm512_fmadd_ps(xb, w0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(xb, w1, acc[1]);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let o = out.as_mut_ptr().add((t0 + t) * a.rows + r0);
+            _mm512_mask_storeu_ps(o, m0, acc[0]);
+            _mm512_mask_storeu_ps(o.wrapping_add(16), m1, acc[1]);
+        }
+    }
+}
