@@ -332,7 +332,7 @@ pub struct PanelArgs<'a> {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn panel_matmul(a: &PanelArgs, out: &mut [f32]) {
     let tokens = a.x.len() / a.cols;
-    assert!(tokens >= 1 && tokens <= 8 && out.len() >= tokens * a.rows);
+    assert!((1..=8).contains(&tokens) && out.len() >= tokens * a.rows);
     let panels = a.rows.div_ceil(32);
     assert!(a.panels.len() >= panels * a.cols * 2 && a.init.len() >= panels * 32);
     for p in 0..panels {
