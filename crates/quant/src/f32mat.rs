@@ -75,7 +75,10 @@ impl F32Panels {
                 });
             }
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("F32Panels are only packed on x86-64 ({t0} {tokens} {y_rows:p})");
+            {
+                let _ = (&y_rows, &init, x, cols, t0, tokens);
+                unreachable!("F32Panels are only packed on x86-64");
+            }
         });
     }
 }
