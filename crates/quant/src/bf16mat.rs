@@ -82,14 +82,6 @@ impl Bf16Matrix {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `y[t][r] = Σ_c x[t][c] · w[r][c]` for `n_tok` tokens (`x`: `[n_tok, cols]`, `y`:
     /// `[n_tok, rows]`), plus `bias[r]` if given, spread over the thread pool. `scratch`
     /// holds the activations in bf16 between calls (reused, so no allocation per product
@@ -149,7 +141,7 @@ impl Bf16Matrix {
                     let dst = &mut tile.0[i * 32..][..32];
                     let chunk = &src[(kb * 32).min(cols)..(kb * 32 + 32).min(cols)];
                     // SAFETY: the Amx level implies AVX-512F/BW/VL/BF16 (`dispatch::detect`).
-                    unsafe { amx::to_bf16_avx512(chunk, dst) };
+                    unsafe { crate::x86::avx512::to_bf16(chunk, dst) };
                     dst[chunk.len()..].fill(0);
                 }
             }
@@ -163,13 +155,8 @@ impl Bf16Matrix {
         let want = 2 * crate::pool::threads();
         let splits = want.div_ceil(m_pairs).clamp(1, n_pairs);
         let per_split = n_pairs.div_ceil(splits);
-        // The bias padded to whole pairs of weight groups (zeros past `rows`, or no bias).
-        let mut init = vec![0f32; n_pairs * 32];
-        if let Some(bias) = bias {
-            init[..rows].copy_from_slice(bias);
-        }
-        let init = &init[..];
-        let out = OutPtr(y.as_mut_ptr());
+        let init = &crate::padded_bias(bias, n_pairs * 32)[..];
+        let out = crate::pool::SendPtr(y.as_mut_ptr());
         crate::pool::run(m_pairs * splits, |task| {
             let (mp, split) = (task / splits, task % splits);
             let out = &out;
@@ -179,8 +166,8 @@ impl Bf16Matrix {
             // instruction. Each token pair has 2 groups of `k_blocks` tiles in `a_tiles`,
             // each weight pair 2 groups of `k_blocks` tiles in `data`, `init` 32 values per
             // weight pair; `c` is 32 × 32, and a direct store into `y` happens only when all
-            // 32 rows and 32 columns of the block exist (`m0 + 32 ≤ n_tok`, `r0 + 32 ≤ rows`, `y` holds `n_tok * rows`). Tasks
-            // write disjoint blocks of `y`.
+            // 32 rows and 32 columns of the block exist (`m0 + 32 ≤ n_tok`, `r0 + 32 ≤ rows`,
+            // `y` holds `n_tok * rows`). Tasks write disjoint blocks of `y`.
             unsafe {
                 amx::configure();
                 let m0 = mp * 32;
@@ -213,10 +200,6 @@ impl Bf16Matrix {
         });
     }
 }
-
-struct OutPtr(*mut f32);
-// SAFETY: pool tasks write disjoint blocks of the output through it (see `matmul_amx`).
-unsafe impl Sync for OutPtr {}
 
 /// The definition: both operands rounded to bf16, products summed in f32.
 pub fn reference_matmul(

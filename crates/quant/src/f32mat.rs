@@ -49,10 +49,7 @@ impl F32Panels {
         let (rows, cols) = (self.rows, self.cols);
         assert!(x.len() >= n_tok * cols && y.len() >= n_tok * rows);
         assert!(bias.is_none_or(|b| b.len() == rows));
-        let mut init = vec![0f32; self.panels * 32];
-        if let Some(bias) = bias {
-            init[..rows].copy_from_slice(bias);
-        }
+        let init = crate::padded_bias(bias, self.panels * 32);
         // One task per block of 8 tokens, over every panel (whole output rows, so tasks
         // never share a row of `y`).
         const TOKENS: usize = 8;

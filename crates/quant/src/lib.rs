@@ -64,6 +64,16 @@ pub struct AttendRows<'a> {
     pub scale: f32,
 }
 
+/// The starting values of a product's output rows: `bias` (if any) followed by zeros up to
+/// `len` (the padded row count of a packed weight matrix).
+pub(crate) fn padded_bias(bias: Option<&[f32]>, len: usize) -> Vec<f32> {
+    let mut init = vec![0f32; len];
+    if let Some(bias) = bias {
+        init[..bias.len()].copy_from_slice(bias);
+    }
+    init
+}
+
 /// Typed view of a weight matrix's blocks.
 #[derive(Clone, Copy)]
 pub enum Blocks<'a> {

@@ -357,8 +357,9 @@ impl<'a, T: Send> OutRows<'a, T> {
     }
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint chunks of a `&mut [T]` (T: Send) to pool tasks.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: used only to hand disjoint parts of a `&mut [T]` (T: Send) to pool tasks
+// (`for_each_chunk`, `OutRows`, and the AMX product's disjoint output blocks).
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 #[cfg(test)]

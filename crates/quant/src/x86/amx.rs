@@ -69,8 +69,9 @@ pub fn enable() -> bool {
 /// One block of 32 activation rows × 32 weight rows: `c[i][j] = Σ_k a[i][k] · w[j][k]` over
 /// `k_blocks` blocks of 32 columns, plus `init[j]`.
 ///
-/// `init`: 32 values that start every row of the block (the bias, or zeros). `a0`, `a1`: activation rows 0..16 and 16..32, `b0`, `b1`: weight rows 0..16 and 16..32,
-/// each `k_blocks` packed tiles of 512 bf16 (1 KiB, 64-byte rows; weights in pair order,
+/// `init`: 32 values that start every row of the block (the bias, or zeros). `a0`, `a1`:
+/// activation rows 0..16 and 16..32, `b0`, `b1`: weight rows 0..16 and 16..32, each
+/// `k_blocks` packed tiles of 512 bf16 (1 KiB, 64-byte rows; weights in pair order,
 /// see `Bf16Matrix`). The four 16×16 results are stored to `c` (row stride `c_stride` f32).
 ///
 /// # Safety
@@ -157,14 +158,4 @@ pub unsafe fn configure() {
 pub unsafe fn release() {
     // SAFETY: `tilerelease` only resets the tile state of this thread.
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
-}
-
-/// `f32 → bf16` over a slice (`bf16mat::to_bf16`'s rounding).
-///
-/// # Safety
-/// The CPU has AVX-512F/BW/VL/BF16 (checked by `dispatch::detect` before it picks the
-/// Amx level).
-pub unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
-    // SAFETY: as the caller vouched.
-    unsafe { super::avx512::to_bf16(src, dst) }
 }

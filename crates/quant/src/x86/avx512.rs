@@ -336,12 +336,12 @@ pub unsafe fn panel_matmul(a: &PanelArgs, out: &mut [f32]) {
     let panels = a.rows.div_ceil(32);
     assert!(a.panels.len() >= panels * a.cols * 2 && a.init.len() >= panels * 32);
     for p in 0..panels {
-        // SAFETY: see `panel_block`; the panel index and token count were checked above.
+        // SAFETY: see `panel_block_at`; the panel index and token count were checked above.
         unsafe {
             match tokens {
-                8 => panel_block::<8>(a, p, out),
+                8 => panel_block_at::<8>(a, p, 0, out),
                 4..=7 => {
-                    panel_block::<4>(a, p, out);
+                    panel_block_at::<4>(a, p, 0, out);
                     for t in 4..tokens {
                         panel_block_at::<1>(a, p, t, out);
                     }
@@ -354,13 +354,6 @@ pub unsafe fn panel_matmul(a: &PanelArgs, out: &mut [f32]) {
             }
         }
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn panel_block<const T: usize>(a: &PanelArgs, p: usize, out: &mut [f32]) {
-    // SAFETY: as the caller's.
-    unsafe { panel_block_at::<T>(a, p, 0, out) }
 }
 
 /// Tokens `t0..t0 + T` × rows `32p..32p + 32` (stores masked past `rows`).
