@@ -1,5 +1,12 @@
 //! Continuous batching: several sequences in one `forward_batch` give the same logits as
 //! each run alone (the matrix products see more rows; attention stays per sequence).
+//!
+//! A token's result does not depend on its place in a batch, but it does depend on which
+//! kernels the batch takes: batches of at least `i8mat::MIN_TOKENS` tokens run on AMX-INT8
+//! tiles where the CPU has them, smaller ones on the dot-product kernels, and the two round
+//! differently (the 8-bit activations of later layers then differ by a step here and
+//! there). So every prompt chunk below is long enough for the tiles, alone and batched, and
+//! each "alone" run splits its prompt where the batched run does.
 
 mod common;
 
@@ -21,18 +28,35 @@ fn check(name: &str) {
     let model = Model::load(g).unwrap();
     let vocab = model.config.n_vocab;
     let prompts = [
-        "The capital of France is",
-        "def fibonacci(n):\n    if n < 2:",
-        "Hi",
+        "The capital of France is a city on the Seine, and its most famous tower was built for",
+        "def fibonacci(n):\n    \"\"\"Returns the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return",
+        "Hi! Could you tell me, in a few short words, what the weather is usually like in",
     ];
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true, true)).collect();
-
-    // Alone: prompt, then 4 greedy steps, logits after each.
-    let mut alone = Vec::new();
     for p in &ids {
+        assert!(
+            p.len() > hearth_quant::i8mat::MIN_TOKENS,
+            "{name}: prompt too short"
+        );
+    }
+
+    // Alone: prompt, then 4 greedy steps, logits after each. The middle prompt goes in as
+    // the batched run feeds it: all but its last token, then the last one.
+    let mut alone = Vec::new();
+    for (i, p) in ids.iter().enumerate() {
         let mut cache = model.new_cache(128);
         let (mut s, mut logits) = (Scratch::default(), Vec::new());
-        model.forward(p, &mut cache, &mut s, &mut logits).unwrap();
+        if i == 1 {
+            let (head, last) = p.split_at(p.len() - 1);
+            model
+                .forward(head, &mut cache, &mut s, &mut logits)
+                .unwrap();
+            model
+                .forward(last, &mut cache, &mut s, &mut logits)
+                .unwrap();
+        } else {
+            model.forward(p, &mut cache, &mut s, &mut logits).unwrap();
+        }
         let mut steps = vec![logits.clone()];
         for _ in 0..4 {
             let t = argmax(&logits);

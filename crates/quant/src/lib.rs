@@ -11,6 +11,7 @@ pub mod bf16mat;
 pub mod blocks;
 pub mod dispatch;
 pub mod f32mat;
+pub mod i8mat;
 pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -205,6 +206,9 @@ impl<'a> QMatrix<'a> {
         );
         let n_tok = acts.n_tokens;
         let out = &mut out[..n_tok * self.rows];
+        if acts.staged.n_tok() > 0 && self.tiles_i8(acts, out) {
+            return;
+        }
         let k = dispatch::kernels();
         match self.blocks {
             Blocks::F32(w) if n_tok >= 3 => {
@@ -262,6 +266,25 @@ impl<'a> QMatrix<'a> {
                 scratch,
             ),
         }
+    }
+}
+
+impl QMatrix<'_> {
+    /// The product on AMX-INT8 tiles from staged activations; false for float weights.
+    fn tiles_i8(&self, acts: &Activations, out: &mut [f32]) -> bool {
+        let (a, rows) = (&acts.staged, self.rows);
+        match self.blocks {
+            Blocks::Q4_0(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q4_1(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q5_0(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q5_1(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q8_0(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q4K(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q5K(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q6K(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::F32(_) | Blocks::F16(_) | Blocks::BF16(_) => return false,
+        }
+        true
     }
 }
 
@@ -419,6 +442,9 @@ pub struct Activations {
     /// Per Q8_0/Q8_1 block: the scale and `d · Σq`, as f32.
     d: Vec<f32>,
     s: Vec<f32>,
+    /// The quantized values again, laid out for the AMX-INT8 tiles (batches of at least
+    /// [`i8mat::MIN_TOKENS`] tokens where the tiles run; else empty).
+    staged: i8mat::Staged,
 }
 
 impl Activations {
@@ -469,6 +495,26 @@ impl Activations {
                 (k.quantize_q8_k)(x, &mut self.q8k);
             }
         }
+        self.staged.clear();
+        if n_tokens >= i8mat::MIN_TOKENS && i8mat::Staged::available() {
+            match ty {
+                ActType::Q8_0 => {
+                    let q = &self.q8_0;
+                    self.staged.stage_32(|i| &q[i].qs, &self.d, &self.s, cols)
+                }
+                ActType::Q8_1 => {
+                    let q = &self.q8_1;
+                    self.staged.stage_32(|i| &q[i].qs, &self.d, &self.s, cols)
+                }
+                ActType::Q8K => self.staged.stage_q8k(&self.q8k, cols),
+                ActType::F32 | ActType::F16 | ActType::BF16 => {}
+            }
+        }
+    }
+
+    /// Tokens staged for the AMX-INT8 tiles by the last [`Activations::quantize`] (0: none).
+    pub fn staged_tokens(&self) -> usize {
+        self.staged.n_tok()
     }
 }
 

@@ -359,7 +359,7 @@ impl<'a, T: Send> OutRows<'a, T> {
 
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint parts of a `&mut [T]` (T: Send) to pool tasks
-// (`for_each_chunk`, `OutRows`, and the AMX product's disjoint output blocks).
+// (`for_each_chunk`, `OutRows`, and the AMX products' disjoint output blocks).
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ static CONFIG: TileConfig = {
     }
 };
 
-/// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them.
+/// Whether the CPU has AMX-TILE, AMX-BF16 and AMX-INT8 and the kernel lets this process use them.
 /// Asks the kernel on the first call (process-wide); later calls return the same answer.
 pub fn enable() -> bool {
     static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -48,7 +48,8 @@ pub fn enable() -> bool {
         let leaf7 = __cpuid_count(7, 0);
         let amx_bf16 = leaf7.edx & (1 << 22) != 0;
         let amx_tile = leaf7.edx & (1 << 24) != 0;
-        if !(amx_bf16 && amx_tile) {
+        let amx_int8 = leaf7.edx & (1 << 25) != 0;
+        if !(amx_bf16 && amx_tile && amx_int8) {
             return false;
         }
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -137,6 +138,86 @@ pub unsafe fn block_32x32(
             options(nostack),
         );
     }
+}
+
+/// Tile configuration for the int8 products, palette 1: tmm0 (A) 16 rows × 32 bytes (16
+/// tokens × 32 signed activation bytes), tmm1 (B) 8 rows × 64 bytes (32 weight bytes of 16
+/// rows, in groups of four), tmm2 (C) 16 × 16 i32; tmm3..tmm5 the same again.
+static CONFIG_I8: TileConfig = {
+    let mut colsb = [0u16; 16];
+    let mut rows = [0u8; 16];
+    let mut i = 0;
+    while i < 6 {
+        (colsb[i], rows[i]) = match i % 3 {
+            0 => (32, 16),
+            1 => (64, 8),
+            _ => (64, 16),
+        };
+        i += 1;
+    }
+    TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb,
+        rows,
+    }
+};
+
+/// Two 16 tokens × 16 weight rows int8 products over a 32-column window each:
+/// `c0[m][n] = Σ_k a0[m][k] · b0[k/4][4n + k%4]`, likewise `c1` from `a1`, `b1`.
+///
+/// `a0`, `a1`: 16 rows of 32 signed bytes, `a_stride` bytes apart; `b0`, `b1`: 512 signed
+/// bytes each (8 rows of 64, the layout `tdpbssd` reads B in); `c0`, `c1`: 256 i32 each.
+///
+/// # Safety
+/// [`enable`] returned true and [`configure_i8`] ran on this thread; the pointers hold
+/// what is described above.
+pub unsafe fn dot_i8_pair(
+    a0: *const i8,
+    a1: *const i8,
+    a_stride: usize,
+    b0: *const i8,
+    b1: *const i8,
+    c0: *mut i32,
+    c1: *mut i32,
+) {
+    // SAFETY: the int8 configuration is in force (A 16 × 32 bytes, B 8 × 64, C 16 × 64);
+    // each load reads and each store writes exactly the bytes the caller vouched for.
+    unsafe {
+        asm!(
+            "tileloadd tmm0, [{a0} + {sa}*1]",
+            "tileloadd tmm1, [{b0} + {sb}*1]",
+            "tilezero tmm2",
+            "tdpbssd tmm2, tmm0, tmm1",
+            "tileloadd tmm3, [{a1} + {sa}*1]",
+            "tileloadd tmm4, [{b1} + {sb}*1]",
+            "tilezero tmm5",
+            "tdpbssd tmm5, tmm3, tmm4",
+            "tilestored [{c0} + {sb}*1], tmm2",
+            "tilestored [{c1} + {sb}*1], tmm5",
+            a0 = in(reg) a0,
+            a1 = in(reg) a1,
+            sa = in(reg) a_stride,
+            b0 = in(reg) b0,
+            b1 = in(reg) b1,
+            sb = in(reg) ROW_BYTES,
+            c0 = in(reg) c0,
+            c1 = in(reg) c1,
+            options(nostack),
+        );
+    }
+}
+
+/// Loads the int8 tile configuration on this thread.
+///
+/// # Safety
+/// [`enable`] returned true.
+pub unsafe fn configure_i8() {
+    // SAFETY: as for `configure`, with the int8 shapes (valid for palette 1).
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) &CONFIG_I8 as *const TileConfig, options(nostack, readonly))
+    };
 }
 
 /// Loads the tile configuration on this thread.

@@ -1,0 +1,465 @@
+//! Quantized products for many tokens at once (prompt prefill) on AMX-INT8 tiles.
+//!
+//! Every weight type is read as groups of `LEN` values (32, or 16 for Q6_K) of signed bytes
+//! `q` with a scale `dw` and an offset `mw` per group and row: `w = dw·q + mw`. The
+//! activations, already quantized for the type (Q8_0, Q8_1 or Q8_K, as the dot-product
+//! kernels use them), are staged once per product as a token-major matrix of signed bytes
+//! with, per 32-column window and token, the scale `da` and `sa = da·Σq`. Then
+//!
+//! `Σ_k w·a = Σ_groups dw·da·(Σ q·qa) + mw·sa`
+//!
+//! where `tdpbssd` gives the integer sums of 16 tokens × 16 rows per group exactly, and the
+//! float part runs in AVX-512 registers (16 tokens × 16 rows of f32 accumulators). Weights
+//! are decoded per 16-row panel once for all the tokens of the product (≤ 256), so decoding
+//! costs little next to the products; nothing is repacked at load and no memory is added.
+//! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
+
+use crate::blocks::*;
+use crate::reference::scale_min_k4;
+
+/// Fewest tokens for which the tiles run (below, the dot-product tiles do): a tile holds
+/// 16 tokens, and batched decoding of a few sequences keeps the exact decode kernels.
+pub const MIN_TOKENS: usize = 16;
+
+/// A weight block type as groups of signed bytes with a scale and offset per group.
+pub trait Groups: Copy + Sync {
+    /// Values per block.
+    const BLOCK: usize;
+    /// Values per group (32 or 16).
+    const LEN: usize;
+    /// Whether any group has an offset (`mw ≠ 0`).
+    const HAS_MIN: bool;
+    /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
+    /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
+}
+
+fn nibbles(qs: &[u8; 16], off: i8, q: &mut [i8]) {
+    for j in 0..16 {
+        q[j] = (qs[j] & 0xF) as i8 - off;
+        q[j + 16] = (qs[j] >> 4) as i8 - off;
+    }
+}
+
+fn fifth_bits(qs: &[u8; 16], qh: [u8; 4], off: i8, q: &mut [i8]) {
+    let qh = u32::from_le_bytes(qh);
+    for j in 0..16 {
+        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+        q[j] = ((qs[j] & 0xF) | h0) as i8 - off;
+        q[j + 16] = ((qs[j] >> 4) | h1) as i8 - off;
+    }
+}
+
+impl Groups for BlockQ4_0 {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        nibbles(&self.qs, 8, q);
+        scales[0] = (self.d.to_f32(), 0.0);
+    }
+}
+
+impl Groups for BlockQ4_1 {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        nibbles(&self.qs, 0, q);
+        scales[0] = (self.d.to_f32(), self.m.to_f32());
+    }
+}
+
+impl Groups for BlockQ5_0 {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        fifth_bits(&self.qs, self.qh, 16, q);
+        scales[0] = (self.d.to_f32(), 0.0);
+    }
+}
+
+impl Groups for BlockQ5_1 {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        fifth_bits(&self.qs, self.qh, 0, q);
+        scales[0] = (self.d.to_f32(), self.m.to_f32());
+    }
+}
+
+impl Groups for BlockQ8_0 {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        q[..QK].copy_from_slice(&self.qs);
+        scales[0] = (self.d.to_f32(), 0.0);
+    }
+}
+
+impl Groups for BlockQ4K {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for chunk in 0..4 {
+            let src = &self.qs[32 * chunk..][..32];
+            for l in 0..32 {
+                q[64 * chunk + l] = (src[l] & 0xF) as i8;
+                q[64 * chunk + 32 + l] = (src[l] >> 4) as i8;
+            }
+        }
+        for (g, s) in scales.iter_mut().take(8).enumerate() {
+            let (sc, m) = scale_min_k4(g, &self.scales);
+            *s = (d * sc as f32, -dmin * m as f32);
+        }
+    }
+}
+
+impl Groups for BlockQ5K {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for chunk in 0..4 {
+            let src = &self.qs[32 * chunk..][..32];
+            let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
+            for l in 0..32 {
+                let h1 = if self.qh[l] & u1 != 0 { 16 } else { 0 };
+                let h2 = if self.qh[l] & u2 != 0 { 16 } else { 0 };
+                q[64 * chunk + l] = ((src[l] & 0xF) + h1) as i8;
+                q[64 * chunk + 32 + l] = ((src[l] >> 4) + h2) as i8;
+            }
+        }
+        for (g, s) in scales.iter_mut().take(8).enumerate() {
+            let (sc, m) = scale_min_k4(g, &self.scales);
+            *s = (d * sc as f32, -dmin * m as f32);
+        }
+    }
+}
+
+impl Groups for BlockQ6K {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 16;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        for half in 0..2 {
+            let (ql, qh) = (&self.ql[64 * half..], &self.qh[32 * half..]);
+            let q = &mut q[128 * half..];
+            for l in 0..32 {
+                q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let d = self.d.to_f32();
+        for (s, &sc) in scales.iter_mut().zip(&self.scales) {
+            *s = (d * sc as f32, 0.0);
+        }
+    }
+}
+
+/// Activations staged for the tiles: `n_pad` tokens (a multiple of 16, padding zeros) of
+/// `cols` signed bytes, and per 32-column window `w` and token `t` the scale
+/// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window.
+#[derive(Default)]
+pub struct Staged {
+    n_tok: usize,
+    n_pad: usize,
+    cols: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Staged {
+    /// Whether the tiles run for products of this process (AMX level in force).
+    pub fn available() -> bool {
+        crate::dispatch::kernels().isa >= crate::Isa::Amx
+    }
+
+    /// Tokens staged (0: nothing is).
+    pub fn n_tok(&self) -> usize {
+        self.n_tok
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.n_tok = 0;
+    }
+
+    /// Stages `n_tok` tokens of `cols` values; `window(t, w)` gives token `t`'s bytes of
+    /// window `w` with their `(d, d·Σq)`.
+    fn stage<'a>(
+        &mut self,
+        n_tok: usize,
+        cols: usize,
+        window: impl Fn(usize, usize) -> (&'a [i8], f32, f32),
+    ) {
+        let n_pad = n_tok.next_multiple_of(16);
+        let windows = cols / 32;
+        self.n_tok = n_tok;
+        self.n_pad = n_pad;
+        self.cols = cols;
+        self.q.resize(n_pad * cols, 0);
+        self.q[n_tok * cols..].fill(0);
+        self.d.resize(windows * n_pad, 0.0);
+        self.s.resize(windows * n_pad, 0.0);
+        for t in 0..n_pad {
+            for w in 0..windows {
+                let (d, s) = if t < n_tok {
+                    let (q, d, s) = window(t, w);
+                    self.q[t * cols + 32 * w..][..32].copy_from_slice(q);
+                    (d, s)
+                } else {
+                    (0.0, 0.0)
+                };
+                self.d[w * n_pad + t] = d;
+                self.s[w * n_pad + t] = s;
+            }
+        }
+    }
+
+    /// Q8_0 or Q8_1 blocks (`qs(i)`: block `i`'s values; `d`, `s`: each block's scale and
+    /// `d·Σq`).
+    pub(crate) fn stage_32<'a>(
+        &mut self,
+        qs: impl Fn(usize) -> &'a [i8; 32],
+        d: &[f32],
+        s: &[f32],
+        cols: usize,
+    ) {
+        let nb = cols / 32;
+        self.stage(d.len() / nb, cols, |t, w| {
+            let i = t * nb + w;
+            (&qs(i)[..], d[i], s[i])
+        });
+    }
+
+    /// Q8_K blocks.
+    pub(crate) fn stage_q8k(&mut self, blocks: &[BlockQ8K], cols: usize) {
+        let nb = cols / QK_K;
+        self.stage(blocks.len() / nb, cols, |t, w| {
+            let b = &blocks[t * nb + w / 8];
+            let j = w % 8;
+            let sum = b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32;
+            (&b.qs[32 * j..][..32], b.d, b.d * sum as f32)
+        });
+    }
+}
+
+/// `out[t * rows + r] = Σ_c w[r][c] · a[t][c]` for the staged tokens: `w` holds `rows`
+/// rows of `cols / W::BLOCK` blocks, `a` was staged for `cols` columns, `out` is
+/// token-major. Only call when [`Staged::available`].
+pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
+    assert!(a.n_tok > 0 && a.cols.is_multiple_of(W::BLOCK) && a.cols.is_multiple_of(32));
+    assert_eq!(
+        w.len(),
+        rows * (a.cols / W::BLOCK),
+        "weights are not {rows} rows"
+    );
+    assert!(out.len() >= a.n_tok * rows);
+    assert!(Staged::available(), "AMX tiles are not in force");
+    #[cfg(target_arch = "x86_64")]
+    amx::matmul(w, rows, a, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{Groups, Staged};
+    use crate::pool::SendPtr;
+    use crate::x86::amx as tiles;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    /// One tile of weight bytes (16 rows × 32 columns in `tdpbssd`'s B order) on whole
+    /// cache lines.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct BTile([u32; 128]);
+    const _: () = assert!(std::mem::size_of::<BTile>() == 512);
+
+    /// A result tile: 16 tokens × 16 rows of i32.
+    #[repr(C, align(64))]
+    struct CTile([i32; 256]);
+
+    /// 16 weight rows decoded for the tiles: per group, its B tile and the 16 rows'
+    /// `dw`, `mw`.
+    #[derive(Default)]
+    struct Panel {
+        tiles: Vec<BTile>,
+        dw: Vec<[f32; 16]>,
+        mw: Vec<[f32; 16]>,
+        q: Vec<i8>,
+        scales: Vec<(f32, f32)>,
+    }
+
+    thread_local! {
+        static PANEL: RefCell<Panel> = RefCell::new(Panel::default());
+    }
+
+    impl Panel {
+        /// Decodes rows `r0..r0 + 16` of `w` (rows past `rows` get zero scales).
+        fn fill<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
+            let per_block = W::BLOCK / W::LEN;
+            let parts = nb * per_block;
+            self.tiles.resize(parts, BTile([0; 128]));
+            self.dw.resize(parts, [0.0; 16]);
+            self.mw.resize(parts, [0.0; 16]);
+            self.q.resize(W::BLOCK, 0);
+            self.scales.resize(per_block, (0.0, 0.0));
+            if W::LEN < 32 {
+                // Each group fills half a window; the other half must multiply to zero.
+                self.tiles.iter_mut().for_each(|t| t.0.fill(0));
+            }
+            let words = W::LEN / 4;
+            for n in 0..16 {
+                let row = r0 + n;
+                if row >= rows {
+                    for p in 0..parts {
+                        self.dw[p][n] = 0.0;
+                        self.mw[p][n] = 0.0;
+                    }
+                    continue;
+                }
+                for b in 0..nb {
+                    w[row * nb + b].decode(&mut self.q, &mut self.scales);
+                    for g in 0..per_block {
+                        let p = b * per_block + g;
+                        (self.dw[p][n], self.mw[p][n]) = self.scales[g];
+                        // Word j of the group's values: columns 4j..4j+4 of its window
+                        // (shifted by 16 for the second half of a window).
+                        let first_word = (g * W::LEN % 32) / 4;
+                        let vals = &self.q[g * W::LEN..][..W::LEN];
+                        for j in 0..words {
+                            let word = u32::from_le_bytes([
+                                vals[4 * j] as u8,
+                                vals[4 * j + 1] as u8,
+                                vals[4 * j + 2] as u8,
+                                vals[4 * j + 3] as u8,
+                            ]);
+                            self.tiles[p].0[(first_word + j) * 16 + n] = word;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
+        let nb = a.cols / W::BLOCK;
+        let panels = rows.div_ceil(16);
+        let out = SendPtr(out.as_mut_ptr());
+        crate::pool::run(panels, |p| {
+            let out = &out;
+            PANEL.with(|cell| {
+                let panel = &mut *cell.borrow_mut();
+                let r0 = p * 16;
+                panel.fill(w, rows, nb, r0);
+                // SAFETY: `matmul` runs only where `Staged::available` (dispatch level Amx:
+                // tiles granted by `tiles::enable`, AVX-512F present); the int8 configuration
+                // is loaded on this thread first. Each task writes only the columns
+                // `r0..r0 + 16` (clipped to `rows`) of the `n_tok` rows of `out`, which holds
+                // `n_tok * rows` values (asserted by the caller); tasks' columns are
+                // disjoint.
+                unsafe {
+                    tiles::configure_i8();
+                    for m0 in (0..a.n_pad).step_by(16) {
+                        if W::HAS_MIN {
+                            token_group::<W, true>(panel, a, m0, r0, rows, out.0);
+                        } else {
+                            token_group::<W, false>(panel, a, m0, r0, rows, out.0);
+                        }
+                    }
+                    tiles::release();
+                }
+            });
+        });
+    }
+
+    /// Tokens `m0..m0 + 16` × the panel's 16 rows, accumulated over every group.
+    ///
+    /// # Safety
+    /// As in `matmul`: tiles configured for int8 on this thread, AVX-512F present, `out`
+    /// holds `a.n_tok * rows` values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn token_group<W: Groups, const MIN: bool>(
+        panel: &Panel,
+        a: &Staged,
+        m0: usize,
+        r0: usize,
+        rows: usize,
+        out: *mut f32,
+    ) {
+        let parts = panel.tiles.len();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut c = [CTile([0; 256]), CTile([0; 256])];
+        let window = |p: usize| p * W::LEN / 32;
+        let a_at = |p: usize| a.q[(m0 * a.cols + 32 * window(p))..].as_ptr();
+        let mut p = 0;
+        while p < parts {
+            // Two groups per tile call (the last one twice when the count is odd).
+            let p1 = (p + 1).min(parts - 1);
+            let [c0, c1] = &mut c;
+            // SAFETY: A: 16 rows of 32 bytes `cols` apart from token `m0`, window of
+            // group p (inside `q`, which holds `n_pad * cols` bytes); B: the groups' tiles;
+            // C: 256 i32 each.
+            unsafe {
+                tiles::dot_i8_pair(
+                    a_at(p),
+                    a_at(p1),
+                    a.cols,
+                    panel.tiles[p].0.as_ptr() as *const i8,
+                    panel.tiles[p1].0.as_ptr() as *const i8,
+                    c0.0.as_mut_ptr(),
+                    c1.0.as_mut_ptr(),
+                );
+            }
+            for (ci, part) in [(&c[0], p), (&c[1], p1)]
+                .into_iter()
+                .take(1 + (p1 > p) as usize)
+            {
+                let win = window(part) * a.n_pad + m0;
+                let da = &a.d[win..win + 16];
+                let sa = &a.s[win..win + 16];
+                // SAFETY: 16 floats each.
+                let (dw, mw) = unsafe {
+                    (
+                        _mm512_loadu_ps(panel.dw[part].as_ptr()),
+                        _mm512_loadu_ps(panel.mw[part].as_ptr()),
+                    )
+                };
+                for m in 0..16 {
+                    // SAFETY: row m of the result tile, 16 i32.
+                    let sum = unsafe { _mm512_loadu_si512(ci.0.as_ptr().add(16 * m) as *const _) };
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(da[m]));
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[m]);
+                    if MIN {
+                        acc[m] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[m]), acc[m]);
+                    }
+                }
+            }
+            p += 2;
+        }
+        let valid_rows = (rows - r0).min(16);
+        let mask: __mmask16 = if valid_rows == 16 {
+            0xffff
+        } else {
+            (1u16 << valid_rows) - 1
+        };
+        for (m, v) in acc
+            .iter()
+            .enumerate()
+            .take(a.n_tok.saturating_sub(m0).min(16))
+        {
+            // SAFETY: token m0 + m < n_tok; columns r0..r0 + valid_rows of its row.
+            unsafe { _mm512_mask_storeu_ps(out.add((m0 + m) * rows + r0), mask, *v) };
+        }
+    }
+}
