@@ -1,9 +1,10 @@
 //! Causal self-attention over the KV cache (grouped-query, optional sliding window).
 //! Numerics follow llama.cpp's non-flash path: Q rounded to f16 and dotted with f16 keys,
-//! softmax in f32, weights rounded to f16 and multiplied with f16 values.
+//! softmax in f32, weights rounded to f16 and multiplied with f16 values (the kernel is
+//! `Kernels::attend_f16`, up to 8 query rows of one KV head per call).
 
-use crate::ops::softmax;
 use half::f16;
+use hearth_quant::AttendF16;
 use std::cell::RefCell;
 
 pub struct AttnShape {
@@ -17,11 +18,17 @@ pub struct AttnShape {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Query rows per kernel call.
+const ROWS: usize = 8;
 
 /// `q`: `[n_tok, n_head*head_dim]` for positions `pos0..pos0+n_tok`, whose keys and values
 /// are already in `k_cache`/`v_cache` (`[pos, n_kv_head*head_dim]`). Writes `out` like `q`.
+///
+/// Work is split by tokens (a block of tokens per task, so the heads sharing a KV head go
+/// through the kernel together), or for a single token by KV head.
 pub fn attention(
     q: &[f32],
     k_cache: &[f16],
@@ -31,39 +38,72 @@ pub fn attention(
     out: &mut [f32],
 ) {
     let hd = s.head_dim;
-    let kv_dim = s.n_kv_head * hd;
+    let (qd, kv_dim) = (s.n_head * hd, s.n_kv_head * hd);
     let group = s.n_head / s.n_kv_head;
-    let k = hearth_quant::dispatch::kernels();
-    let (dot_f16, axpy_f16) = (k.dot_f16, k.axpy_f16);
-    hearth_quant::pool::for_each_chunk(out, hd, |idx, out_h| {
-        let (t, h) = (idx / s.n_head, idx % s.n_head);
-        let pos = pos0 + t;
-        let kvh = h / group;
+    let n_tok = q.len() / qd;
+    let kernel = hearth_quant::dispatch::kernels().attend_f16;
+    // Keys position `pos` sees.
+    let keys = |pos: usize| -> (usize, usize) {
         let first = match s.window {
             Some(w) if pos + 1 > w => pos + 1 - w,
             _ => 0,
         };
-        SCRATCH.with(|cell| {
-            let (scores, q16) = &mut *cell.borrow_mut();
-            q16.clear();
-            q16.extend(
-                q[idx * hd..(idx + 1) * hd]
-                    .iter()
-                    .map(|&x| f16::from_f32(x)),
-            );
-            scores.clear();
-            // The whole cache's length once, so decoding never grows this buffer.
-            scores.reserve(k_cache.len() / kv_dim);
-            for j in first..=pos {
-                let k = &k_cache[j * kv_dim + kvh * hd..][..hd];
-                scores.push(dot_f16(k, q16) * s.scale);
+        (first, pos + 1)
+    };
+    // Runs the rows `(offset in q_c/out_c, position)` of KV head `kvh`, ROWS at a time.
+    let run = |q_c: &[f32],
+               out_c: &mut [f32],
+               kvh: usize,
+               rows: &mut dyn Iterator<Item = (usize, usize)>,
+               scratch: &mut Vec<f32>| {
+        let mut a = AttendF16 {
+            q: q_c,
+            at: [0; ROWS],
+            rows: 0,
+            keys: [(0, 0); ROWS],
+            k: &k_cache[kvh * hd..],
+            v: &v_cache[kvh * hd..],
+            kv_stride: kv_dim,
+            head_dim: hd,
+            scale: s.scale,
+        };
+        for (at, pos) in rows {
+            a.at[a.rows] = at;
+            a.keys[a.rows] = keys(pos);
+            a.rows += 1;
+            if a.rows == ROWS {
+                kernel(&a, out_c, scratch);
+                a.rows = 0;
             }
-            softmax(scores);
-            out_h.fill(0.0);
-            for (j, &w) in (first..=pos).zip(scores.iter()) {
-                let w = f16::from_f32(w).to_f32();
-                let v = &v_cache[j * kv_dim + kvh * hd..][..hd];
-                axpy_f16(out_h, w, v);
+        }
+        if a.rows > 0 {
+            kernel(&a, out_c, scratch);
+        }
+    };
+    if n_tok == 1 {
+        // One task per KV head: its `group` heads are contiguous in q and out.
+        hearth_quant::pool::for_each_chunk(out, group * hd, |kvh, out_c| {
+            let q_c = &q[kvh * group * hd..][..group * hd];
+            SCRATCH.with(|cell| {
+                let scratch = &mut *cell.borrow_mut();
+                let mut rows = (0..group).map(|i| (i * hd, pos0));
+                run(q_c, out_c, kvh, &mut rows, scratch);
+            });
+        });
+        return;
+    }
+    let tokens_per_task = (ROWS / group).max(1);
+    hearth_quant::pool::for_each_chunk(out, tokens_per_task * qd, |ci, out_c| {
+        let t0 = ci * tokens_per_task;
+        let nt = out_c.len() / qd;
+        let q_c = &q[t0 * qd..(t0 + nt) * qd];
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            for kvh in 0..s.n_kv_head {
+                let mut rows = (0..nt).flat_map(|t| {
+                    (kvh * group..(kvh + 1) * group).map(move |h| (t * qd + h * hd, pos0 + t0 + t))
+                });
+                run(q_c, out_c, kvh, &mut rows, scratch);
             }
         });
     });

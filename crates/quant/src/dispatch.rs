@@ -78,6 +78,9 @@ pub struct Kernels {
     pub gemm_q4_1: Gemm<BlockQ4_1, BlockQ8_1>,
     pub gemm_q5_0: Gemm<BlockQ5_0, BlockQ8_0>,
     pub gemm_q8_0: Gemm<BlockQ8_0, BlockQ8_0>,
+    /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
+    /// is scratch space.
+    pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
     /// Exact-form GELU in place (encoders).
     pub gelu: fn(&mut [f32]),
     /// Encoder attention over a block of query rows (see [`crate::AttendRows`]).
@@ -129,6 +132,7 @@ impl Kernels {
             gemm_q4_1,
             gemm_q5_0,
             gemm_q8_0,
+            attend_f16: r::attend_f16,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,
             add_layer_norm: r::add_layer_norm,

@@ -65,6 +65,26 @@ pub struct AttendRows<'a> {
     pub scale: f32,
 }
 
+/// Causal attention (decoders) of up to 8 query rows of one KV head against the f16 KV
+/// cache, with llama.cpp's non-flash numerics: the query rounded to f16 and dotted with the
+/// keys in f32, `scale` applied, softmax in f32 (sum in f64), the weights rounded to f16 and
+/// multiplied with the values in f32.
+pub struct AttendF16<'a> {
+    /// Query rows: row `r` at `q[at[r]..][..head_dim]`; its output goes to the same place
+    /// of `out`.
+    pub q: &'a [f32],
+    pub at: [usize; 8],
+    pub rows: usize,
+    /// Row `r` sees the keys `keys[r].0..keys[r].1` (non-empty).
+    pub keys: [(usize, usize); 8],
+    /// Key and value of position `j`: `k[j * kv_stride..][..head_dim]`, likewise `v`.
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub kv_stride: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
 /// The starting values of a product's output rows: `bias` (if any) followed by zeros up to
 /// `len` (the padded row count of a packed weight matrix).
 pub(crate) fn padded_bias(bias: Option<&[f32]>, len: usize) -> Vec<f32> {

@@ -434,6 +434,65 @@ pub fn gemm_by_dot<W, A>(
     }
 }
 
+/// Decoder attention (see [`crate::AttendF16`]) one row at a time with the given f16 dot
+/// product and `out += w · v`; `scratch` holds the query in f16 and the scores.
+pub fn attend_f16_by_rows(
+    a: &crate::AttendF16,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    dot: fn(&[f16], &[f16]) -> f32,
+    axpy: fn(&mut [f32], f32, &[f16]),
+) {
+    let hd = a.head_dim;
+    let mut q16 = [f16::ZERO; 256];
+    for r in 0..a.rows {
+        let (first, end) = a.keys[r];
+        let q = &a.q[a.at[r]..][..hd];
+        let scores = &mut *scratch;
+        scores.clear();
+        scores.reserve(a.k.len() / a.kv_stride + 1);
+        // The query in f16, 256 values at a time (no allocation); past 256, the dot
+        // product of a key with the query is the sum of its pieces' dot products.
+        scores.resize(end - first, 0.0);
+        for c0 in (0..hd).step_by(256) {
+            let n = (hd - c0).min(256);
+            for (h, &x) in q16.iter_mut().zip(&q[c0..c0 + n]) {
+                *h = f16::from_f32(x);
+            }
+            for (s, j) in scores.iter_mut().zip(first..end) {
+                *s += dot(&a.k[j * a.kv_stride + c0..][..n], &q16[..n]);
+            }
+        }
+        scores.iter_mut().for_each(|s| *s *= a.scale);
+        softmax(scores);
+        let o = &mut out[a.at[r]..][..hd];
+        o.fill(0.0);
+        for (j, &w) in (first..end).zip(scores.iter()) {
+            let w = f16::from_f32(w).to_f32();
+            axpy(o, w, &a.v[j * a.kv_stride..][..hd]);
+        }
+    }
+}
+
+/// The definition of [`crate::AttendF16`].
+pub fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
+    attend_f16_by_rows(a, out, scratch, vec_dot_f16, axpy_f16)
+}
+
+/// `x = softmax(x)`: exponentials in f32 after subtracting the maximum, summed in f64.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// `out += w · v` with `v` in f16.
 pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     for (o, x) in out.iter_mut().zip(v) {

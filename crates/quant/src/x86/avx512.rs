@@ -404,3 +404,117 @@ unsafe fn panel_block_at<const T: usize>(a: &PanelArgs, p: usize, t0: usize, out
         }
     }
 }
+
+/// Decoder attention (see [`crate::AttendF16`]) for all the block's rows at once: each key
+/// and value is converted from f16 once for every row, scores of all rows come from one
+/// pass over the keys and outputs from one pass over the values per 16 columns. The
+/// softmax is the reference's (scalar, f64 sum). `head_dim` must be a multiple of 16.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let hd = a.head_dim;
+    assert!(hd.is_multiple_of(16) && (1..=8).contains(&a.rows));
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for r in 0..a.rows {
+        let (first, end) = a.keys[r];
+        assert!(first < end && a.at[r] + hd <= a.q.len() && a.at[r] + hd <= out.len());
+        assert!((end - 1) * a.kv_stride + hd <= a.k.len().min(a.v.len()));
+        (lo, hi) = (lo.min(first), hi.max(end));
+    }
+    let n = hi - lo;
+    scratch.clear();
+    // Room for the whole cache's length at once, so decoding never grows this buffer.
+    scratch.reserve(8 * (hd + a.k.len() / a.kv_stride.max(1) + 1));
+    scratch.resize(a.rows * (hd + n), 0.0);
+    let (qs, ps) = scratch.split_at_mut(a.rows * hd);
+    // The queries rounded to f16 (then exact in f32).
+    for r in 0..a.rows {
+        for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {
+            *d = half::f16::from_f32(*x).to_f32();
+        }
+    }
+    // SAFETY: AVX-512F, AVX2, FMA and F16C are enabled here; the asserts above keep every
+    // access of `block` inside `a.k`, `a.v`, `qs`, `ps` and `out`.
+    unsafe {
+        match a.rows {
+            1 => block::<1>(a, lo, n, qs, ps, out),
+            2 => block::<2>(a, lo, n, qs, ps, out),
+            3 => block::<3>(a, lo, n, qs, ps, out),
+            4 => block::<4>(a, lo, n, qs, ps, out),
+            5 => block::<5>(a, lo, n, qs, ps, out),
+            6 => block::<6>(a, lo, n, qs, ps, out),
+            7 => block::<7>(a, lo, n, qs, ps, out),
+            _ => block::<8>(a, lo, n, qs, ps, out),
+        }
+    }
+}
+
+/// `R` rows over keys `lo..lo + n`: `qs` holds the rows' f16-rounded queries (`R × hd`),
+/// `ps` room for their scores (`R × n`).
+///
+/// # Safety
+/// As `attend_f16` checks: keys and values `lo..lo + n` exist, `R == a.rows`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn block<const R: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    qs: &[f32],
+    ps: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = a.head_dim;
+    // SAFETY (whole block): `attend_f16`'s asserts bound every pointer: key/value rows
+    // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
+    // `n`, output rows `hd` values at `at[r]`.
+    unsafe {
+        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j. The
+        // sum runs in ggml's order (`ggml_vec_dot_f16`): four 16-lane accumulators over
+        // steps of 64 columns, added as (0 + 2) + (1 + 3), then across lanes; a leftover
+        // of 16..48 columns adds to the first accumulators in turn.
+        for j in 0..n {
+            let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            for c in (0..hd).step_by(16) {
+                let kv = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c) as *const __m256i));
+                let i = (c / 16) % 4;
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_loadu_ps(qs.as_ptr().add(r * hd + c));
+                    acc[i] = _mm512_fmadd_ps(kv, qv, acc[i]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let (first, end) = a.keys[r];
+                let key = lo + j;
+                ps[r * n + j] = if key >= first && key < end {
+                    let sum =
+                        _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                    _mm512_reduce_add_ps(sum) * a.scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        for r in 0..R {
+            let p = &mut ps[r * n..][..n];
+            crate::reference::softmax(p);
+            p.iter_mut()
+                .for_each(|w| *w = half::f16::from_f32(*w).to_f32());
+        }
+        // out_r = Σ_j w[r][j] · v_j, 16 columns at a time
+        for c in (0..hd).step_by(16) {
+            let mut acc = [_mm512_setzero_ps(); R];
+            let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
+            for j in 0..n {
+                let v =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(j * a.kv_stride) as *const __m256i));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ps.get_unchecked(r * n + j)), v, *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(a.at[r] + c), *acc);
+            }
+        }
+    }
+}

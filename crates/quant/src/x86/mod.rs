@@ -66,6 +66,19 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     unsafe { avx2::axpy_f16(out, w, v) }
 }
 
+fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
+    crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
+}
+
+fn attend_f16_avx512(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
+    if !a.head_dim.is_multiple_of(16) {
+        return attend_f16(a, out, scratch);
+    }
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F (with AVX2, FMA
+    // and F16C).
+    unsafe { avx512::attend_f16(a, out, scratch) }
+}
+
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f32(x, y) }
@@ -118,6 +131,7 @@ pub fn kernels(isa: Isa) -> Kernels {
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
             gemm_q8_0: vnni_q8_0,
+            attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
             add_layer_norm: add_layer_norm_avx512,
@@ -129,6 +143,7 @@ pub fn kernels(isa: Isa) -> Kernels {
         quantize_q8_1,
         quantize_q8_k,
         axpy_f16,
+        attend_f16,
         gemm_q4_0,
         gemm_q4_1,
         gemm_q5_0,
