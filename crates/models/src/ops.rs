@@ -107,19 +107,8 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Softmax in place; the sum in f64 as ggml does.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
+/// Softmax in place (the attention kernels' definition: f32 exponentials, f64 sum).
+pub use hearth_quant::reference::softmax;
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {

@@ -421,11 +421,14 @@ pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Ve
         (lo, hi) = (lo.min(first), hi.max(end));
     }
     let n = hi - lo;
-    scratch.clear();
-    // Room for the whole cache's length at once, so decoding never grows this buffer.
-    scratch.reserve(8 * (hd + a.k.len() / a.kv_stride.max(1) + 1));
-    scratch.resize(a.rows * (hd + n), 0.0);
-    let (qs, ps) = scratch.split_at_mut(a.rows * hd);
+    // Room for the whole cache's length at once, so decoding never grows this buffer; every
+    // value used below is written first, so the buffer is only ever grown, never cleared.
+    let need = a.rows * (hd + n);
+    if scratch.len() < need {
+        let whole = 8 * (hd + a.k.len() / a.kv_stride.max(1) + 1);
+        scratch.resize(need.max(whole), 0.0);
+    }
+    let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
     // The queries rounded to f16 (then exact in f32).
     for r in 0..a.rows {
         for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {

@@ -1,5 +1,6 @@
-//! AVX-512 VNNI kernels (256-bit `vpdpbusd`, needs AVX512F/BW/VL/VNNI) for the 32-value
-//! block types against 8-bit activations, as tiles of up to 4 weight rows × 4 tokens.
+//! AVX-512 VNNI kernels (`vpdpbusd`, needs AVX512F/BW/VL/VNNI) for the 32-value block
+//! types against 8-bit activations, as tiles of up to 4 weight rows × 4 tokens: decoding
+//! (one token) and small batches; large batches take the AMX tiles where they exist.
 //!
 //! Every block type is put in one form: unsigned bytes `u` (0..=255), a scale `dw` and a
 //! per-block offset `mw`, so that `w = dw · u + mw` (Q4_1: `mw = m`; Q4_0/Q5_0/Q8_0:
@@ -8,19 +9,27 @@
 //! `vpdpbusd` multiplies u8 × i8 and sums groups of four into i32 lanes with no
 //! saturation, so the integer part is exact; only float rounding differs from the reference.
 //!
-//! A tile decodes each weight block once for all its tokens, and loads each activation
-//! block once for all its rows; the 16 accumulators stay in registers (AVX-512VL has 32).
+//! Blocks go in pairs, one per 256-bit half of a 512-bit vector, and in groups of 16 whose
+//! scales are gathered into one vector: per pair and (row, token), one `vpdpbusd`, one
+//! conversion, one permute-and-multiply for the pair's two scales and one FMA; per group,
+//! one FMA adds the 16 blocks' `mw·sa`. Everything lands in one 16-lane accumulator per
+//! (row, token), summed at the end. Each (row, token) goes through the same operations
+//! whatever the tile's shape, so a token's result does not depend on the batch it is in
+//! (batched decoding equals decoding alone, bit for bit).
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
-use super::avx2::{h2f, hsum_ps, nibbles_32};
+use super::avx2::nibbles_32;
 use crate::blocks::*;
 use crate::ActBlocks;
 use std::arch::x86_64::*;
 
 /// A weight block type in the `dw · u + mw` form.
 pub trait Unsigned32: Copy {
+    /// `off` of the `d · (u - off)` types (0 for Q4_1, whose offset is its `m`).
+    const OFFSET: f32;
+    /// Whether the block starts with `d` then `m` (both f16): Q4_1.
+    const HAS_M: bool = false;
     unsafe fn bytes(&self) -> __m256i;
-    fn scale_offset(&self) -> (f32, f32);
 }
 
 /// An activation block type: 32 signed bytes.
@@ -40,40 +49,27 @@ impl Signed32 for BlockQ8_1 {
     }
 }
 
-/// `(d, -off · d)`: the form of the types whose values are `d · (u - off)`.
-#[inline(always)]
-fn offset_by(d: half::f16, off: f32) -> (f32, f32) {
-    // SAFETY: F16C is enabled in every kernel that inlines this.
-    let d = unsafe { h2f(d) };
-    (d, -off * d)
-}
-
 impl Unsigned32 for BlockQ4_0 {
+    const OFFSET: f32 = 8.0;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
         unsafe { nibbles_32(&self.qs) }
-    }
-    #[inline(always)]
-    fn scale_offset(&self) -> (f32, f32) {
-        offset_by(self.d, 8.0)
     }
 }
 
 impl Unsigned32 for BlockQ4_1 {
+    const OFFSET: f32 = 0.0;
+    const HAS_M: bool = true;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
         unsafe { nibbles_32(&self.qs) }
     }
-    #[inline(always)]
-    fn scale_offset(&self) -> (f32, f32) {
-        // SAFETY: F16C is enabled in every kernel that inlines this.
-        unsafe { (h2f(self.d), h2f(self.m)) }
-    }
 }
 
 impl Unsigned32 for BlockQ5_0 {
+    const OFFSET: f32 = 16.0;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
@@ -85,13 +81,10 @@ impl Unsigned32 for BlockQ5_0 {
             )
         }
     }
-    #[inline(always)]
-    fn scale_offset(&self) -> (f32, f32) {
-        offset_by(self.d, 16.0)
-    }
 }
 
 impl Unsigned32 for BlockQ8_0 {
+    const OFFSET: f32 = 128.0;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads exactly the 32 bytes of qs; AVX2 is enabled by every caller.
@@ -100,16 +93,62 @@ impl Unsigned32 for BlockQ8_0 {
             _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8)) // q + 128 as u8
         }
     }
-    #[inline(always)]
-    fn scale_offset(&self) -> (f32, f32) {
-        offset_by(self.d, 128.0)
-    }
 }
 
 /// How far ahead of the current block each row prefetches (at least one tile): decode
 /// reads weights once, straight from memory, and the hardware prefetcher alone leaves the
 /// loop waiting on loads (measured: +30–40% tokens/s on both models).
 const PREFETCH_BYTES: usize = 4096;
+
+/// Blocks `b` and `b + 1` (`both`), or `b` alone (upper half zero), as one vector.
+#[inline(always)]
+unsafe fn weight_pair<W: Unsigned32>(w: *const W, both: bool) -> __m512i {
+    // SAFETY: the caller vouches for block `w` (and `w + 1` when `both`); the features are
+    // enabled in every kernel that inlines this.
+    unsafe {
+        let lo = _mm512_castsi256_si512((*w).bytes());
+        if both {
+            _mm512_inserti64x4(lo, (*w.add(1)).bytes(), 1)
+        } else {
+            lo
+        }
+    }
+}
+
+/// The signed bytes of activation blocks `b` and `b + 1` (`both`), or `b` alone.
+#[inline(always)]
+unsafe fn act_pair<A: Signed32>(a: *const A, both: bool) -> __m512i {
+    // SAFETY: as for `weight_pair`: 32 bytes of each block's qs.
+    unsafe {
+        let lo = _mm512_castsi256_si512(_mm256_loadu_si256((*a).qs().as_ptr() as *const __m256i));
+        if both {
+            let hi = _mm256_loadu_si256((*a.add(1)).qs().as_ptr() as *const __m256i);
+            _mm512_inserti64x4(lo, hi, 1)
+        } else {
+            lo
+        }
+    }
+}
+
+/// `dw` and `mw` of the `mask`ed blocks of 16 from `w` (lanes past the mask are 0).
+#[inline(always)]
+unsafe fn scales16<W: Unsigned32>(w: *const W, mask: __mmask16) -> (__m512, __m512) {
+    // SAFETY: the gather reads 4 bytes at the start of each masked block (every block
+    // type here starts with its f16 `d`, and is at least 18 bytes long).
+    unsafe {
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(size_of::<W>() as i32));
+        let words =
+            _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, w as *const _);
+        let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+        let mw = if W::HAS_M {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)))
+        } else {
+            _mm512_mul_ps(dw, _mm512_set1_ps(-W::OFFSET))
+        };
+        (dw, mw)
+    }
+}
 
 /// `R` rows (starting at `w`, `nb` blocks each) × `T` tokens (starting at token `t0` of
 /// `a`); results go to `out[r * n_tok + t0 + t]`.
@@ -126,114 +165,60 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     assert!(w.len() >= R * nb && a.blocks.len() >= (t0 + T) * nb);
     assert!(a.d.len() >= (t0 + T) * nb && a.s.len() >= (t0 + T) * nb);
     assert!(out.len() >= (R - 1) * n_tok + t0 + T);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut offs = [[0f32; T]; R];
-    for b in 0..nb {
-        let mut y = [_mm256_setzero_si256(); T];
-        let mut da = [0f32; T];
-        let mut sa = [0f32; T];
-        for t in 0..T {
-            let i = (t0 + t) * nb + b;
-            // SAFETY: `i` is in bounds (asserted above); 32 bytes of the block's qs.
-            y[t] = unsafe { _mm256_loadu_si256(a.blocks[i].qs().as_ptr() as *const __m256i) };
-            da[t] = a.d[i];
-            sa[t] = a.s[i];
-        }
-        for r in 0..R {
-            let blk = &w[r * nb + b];
-            let ahead = (blk as *const W as *const i8)
-                .wrapping_add(PREFETCH_BYTES.max(R * nb * size_of::<W>()));
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            // SAFETY: the block's bytes; the features are enabled here.
-            let u = unsafe { blk.bytes() };
-            let (dw, mw) = blk.scale_offset();
-            for t in 0..T {
-                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y[t]);
-                let scale = _mm256_set1_ps(dw * da[t]);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
-                offs[r][t] += mw * sa[t];
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // Lanes 0..8 take the first block of a pair, 8..16 the second.
+    let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let ahead = PREFETCH_BYTES.max(R * nb * size_of::<W>());
+    // SAFETY (whole loop): every block index below is `< nb` within its row (rows `< R`,
+    // tokens `t0 + t < t0 + T`), which the asserts above keep inside `w`, `a.blocks`,
+    // `a.d`, `a.s`; prefetches only hint and may point anywhere.
+    unsafe {
+        for g0 in (0..nb).step_by(16) {
+            let n = (nb - g0).min(16);
+            let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            let mut da = [_mm512_setzero_ps(); T];
+            for (t, da) in da.iter_mut().enumerate() {
+                let i = (t0 + t) * nb + g0;
+                *da = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(i));
+            }
+            let mut dw = [_mm512_setzero_ps(); R];
+            for (r, dw) in dw.iter_mut().enumerate() {
+                let (d, mw) = scales16(w.as_ptr().add(r * nb + g0), mask);
+                *dw = d;
+                for t in 0..T {
+                    let sa = _mm512_maskz_loadu_ps(mask, a.s.as_ptr().add((t0 + t) * nb + g0));
+                    acc[r][t] = _mm512_fmadd_ps(mw, sa, acc[r][t]);
+                }
+            }
+            let mut p = 0;
+            while p < n {
+                let both = p + 1 < n;
+                let b = g0 + p;
+                let pick = _mm512_add_epi32(halves, _mm512_set1_epi32(p as i32));
+                let mut y = [_mm512_setzero_si512(); T];
+                let mut pda = [_mm512_setzero_ps(); T];
+                for t in 0..T {
+                    y[t] = act_pair(a.blocks.as_ptr().add((t0 + t) * nb + b), both);
+                    pda[t] = _mm512_permutexvar_ps(pick, da[t]);
+                }
+                for r in 0..R {
+                    let blk = w.as_ptr().add(r * nb + b);
+                    _mm_prefetch::<_MM_HINT_T0>((blk as *const i8).wrapping_add(ahead));
+                    let u = weight_pair(blk, both);
+                    let pdw = _mm512_permutexvar_ps(pick, dw[r]);
+                    for t in 0..T {
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y[t]);
+                        let scale = _mm512_mul_ps(pdw, pda[t]);
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][t]);
+                    }
+                }
+                p += 2;
             }
         }
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n_tok + t0 + t] = hsum_ps(acc[r][t]) + offs[r][t];
-        }
-    }
-}
-
-/// Two 256-bit halves as one 512-bit vector.
-#[inline(always)]
-fn join_ps(lo: __m256, hi: __m256) -> __m512 {
-    // SAFETY: AVX-512F is enabled by every caller.
-    unsafe {
-        _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-            _mm256_castps_pd(hi),
-            1,
-        ))
-    }
-}
-
-/// The 4 rows × 4 tokens tile with 512-bit vectors: tokens go in pairs, one per half, so
-/// each weight block (broadcast to both halves) costs one `vpdpbusd`, one conversion and
-/// two float ops per pair of tokens instead of per token.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn tile_4x4<W: Unsigned32, A: Signed32>(
-    w: &[W],
-    a: &ActBlocks<A>,
-    nb: usize,
-    t0: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    assert!(w.len() >= 4 * nb && a.blocks.len() >= (t0 + 4) * nb);
-    assert!(a.d.len() >= (t0 + 4) * nb && a.s.len() >= (t0 + 4) * nb);
-    assert!(out.len() >= 3 * n_tok + t0 + 4);
-    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-    let mut offs = [_mm_setzero_ps(); 4];
-    for b in 0..nb {
-        let i = |t: usize| (t0 + t) * nb + b;
-        // SAFETY: indices in bounds (asserted above); 32 bytes of each block's qs.
-        let y = |t: usize| unsafe {
-            _mm512_castsi256_si512(_mm256_loadu_si256(
-                a.blocks[i(t)].qs().as_ptr() as *const __m256i
-            ))
-        };
-        let y01 = _mm512_inserti64x4(y(0), _mm512_castsi512_si256(y(1)), 1);
-        let y23 = _mm512_inserti64x4(y(2), _mm512_castsi512_si256(y(3)), 1);
-        let da01 = join_ps(_mm256_set1_ps(a.d[i(0)]), _mm256_set1_ps(a.d[i(1)]));
-        let da23 = join_ps(_mm256_set1_ps(a.d[i(2)]), _mm256_set1_ps(a.d[i(3)]));
-        let sa = _mm_setr_ps(a.s[i(0)], a.s[i(1)], a.s[i(2)], a.s[i(3)]);
-        for r in 0..4 {
-            let blk = &w[r * nb + b];
-            let ahead = (blk as *const W as *const i8)
-                .wrapping_add(PREFETCH_BYTES.max(4 * nb * size_of::<W>()));
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            // SAFETY: the block's bytes; the features are enabled here.
-            let u = _mm512_broadcast_i64x4(unsafe { blk.bytes() });
-            let (dw, mw) = blk.scale_offset();
-            let dwv = _mm512_set1_ps(dw);
-            // mul then add, as the scalar tiles do: a token's result must not depend on
-            // its place in the batch (batched decoding equals decoding alone, bit for bit).
-            offs[r] = _mm_add_ps(offs[r], _mm_mul_ps(_mm_set1_ps(mw), sa));
-            let p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y01);
-            let p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y23);
-            acc[r][0] =
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(dwv, da01), acc[r][0]);
-            acc[r][1] =
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(dwv, da23), acc[r][1]);
-        }
-    }
-    for r in 0..4 {
-        let mut o = [0f32; 4];
-        _mm_storeu_ps(o.as_mut_ptr(), offs[r]);
-        for (pair, v) in acc[r].iter().enumerate() {
-            let lo = _mm512_castps512_ps256(*v);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(*v), 1));
-            out[r * n_tok + t0 + 2 * pair] = hsum_ps(lo) + o[2 * pair];
-            out[r * n_tok + t0 + 2 * pair + 1] = hsum_ps(hi) + o[2 * pair + 1];
+            out[r * n_tok + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
 }
@@ -258,7 +243,7 @@ pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
         unsafe {
             if r < full_rows {
                 for t in (0..full_toks).step_by(4) {
-                    tile_4x4::<W, A>(wr, a, nb, t, n_tok, o);
+                    tile::<W, A, 4, 4>(wr, a, nb, t, n_tok, o);
                 }
                 for t in full_toks..n_tok {
                     tile::<W, A, 4, 1>(wr, a, nb, t, n_tok, o);
