@@ -182,12 +182,12 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                 *da = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(i));
             }
             let mut dw = [_mm512_setzero_ps(); R];
-            for (r, dw) in dw.iter_mut().enumerate() {
+            for (r, (dw, acc)) in dw.iter_mut().zip(acc.iter_mut()).enumerate() {
                 let (d, mw) = scales16(w.as_ptr().add(r * nb + g0), mask);
                 *dw = d;
-                for t in 0..T {
+                for (t, acc) in acc.iter_mut().enumerate() {
                     let sa = _mm512_maskz_loadu_ps(mask, a.s.as_ptr().add((t0 + t) * nb + g0));
-                    acc[r][t] = _mm512_fmadd_ps(mw, sa, acc[r][t]);
+                    *acc = _mm512_fmadd_ps(mw, sa, *acc);
                 }
             }
             let mut p = 0;
