@@ -32,6 +32,37 @@ pub trait Groups: Copy + Sync {
     /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
     /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
+    /// Whether [`Groups::simd`] is implemented (32-value groups only).
+    const SIMD: bool = false;
+    /// Decodes with AVX2: group `g`'s 32 signed bytes to `q[g]`, its `(dw, mw)` to
+    /// `scales[g]`.
+    ///
+    /// # Safety
+    /// AVX2 is present.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd(&self, _q: &mut [std::arch::x86_64::__m256i], _scales: &mut [(f32, f32)]) {
+        unreachable!("no SIMD decoding for this type")
+    }
+}
+
+/// `simd` for the types the VNNI kernels decode: their unsigned bytes minus the offset;
+/// `$scales` gives the block's `(dw, mw)`.
+macro_rules! simd_32 {
+    ($scales:expr) => {
+        const SIMD: bool = true;
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+            use crate::x86::vnni::Unsigned32;
+            use std::arch::x86_64::*;
+            // SAFETY: the caller vouches for AVX2.
+            unsafe {
+                let off = _mm256_set1_epi8(<Self as Unsigned32>::OFFSET as i32 as i8);
+                q[0] = _mm256_sub_epi8(self.bytes(), off);
+            }
+            scales[0] = $scales(self);
+        }
+    };
 }
 
 fn nibbles(qs: &[u8; 16], off: i8, q: &mut [i8]) {
@@ -59,6 +90,8 @@ impl Groups for BlockQ4_0 {
         nibbles(&self.qs, 8, q);
         scales[0] = (self.d.to_f32(), 0.0);
     }
+    #[cfg(target_arch = "x86_64")]
+    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
 }
 
 impl Groups for BlockQ4_1 {
@@ -69,6 +102,8 @@ impl Groups for BlockQ4_1 {
         nibbles(&self.qs, 0, q);
         scales[0] = (self.d.to_f32(), self.m.to_f32());
     }
+    #[cfg(target_arch = "x86_64")]
+    simd_32!(|b: &Self| (b.d.to_f32(), b.m.to_f32()));
 }
 
 impl Groups for BlockQ5_0 {
@@ -79,6 +114,8 @@ impl Groups for BlockQ5_0 {
         fifth_bits(&self.qs, self.qh, 16, q);
         scales[0] = (self.d.to_f32(), 0.0);
     }
+    #[cfg(target_arch = "x86_64")]
+    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
 }
 
 impl Groups for BlockQ5_1 {
@@ -99,6 +136,8 @@ impl Groups for BlockQ8_0 {
         q[..QK].copy_from_slice(&self.qs);
         scales[0] = (self.d.to_f32(), 0.0);
     }
+    #[cfg(target_arch = "x86_64")]
+    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
 }
 
 impl Groups for BlockQ4K {
@@ -114,6 +153,26 @@ impl Groups for BlockQ4K {
                 q[64 * chunk + 32 + l] = (src[l] >> 4) as i8;
             }
         }
+        for (g, s) in scales.iter_mut().take(8).enumerate() {
+            let (sc, m) = scale_min_k4(g, &self.scales);
+            *s = (d * sc as f32, -dmin * m as f32);
+        }
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2; each load reads 32 of the 128 bytes of qs.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            for chunk in 0..4 {
+                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
+                q[2 * chunk] = _mm256_and_si256(v, low);
+                q[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            }
+        }
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         for (g, s) in scales.iter_mut().take(8).enumerate() {
             let (sc, m) = scale_min_k4(g, &self.scales);
             *s = (d * sc as f32, -dmin * m as f32);
@@ -307,6 +366,11 @@ mod amx {
     impl Panel {
         /// Decodes rows `r0..r0 + 16` of `w` (rows past `rows` get zero scales).
         fn fill<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
+            if W::SIMD {
+                // SAFETY: tiles run only at the Amx level, which implies AVX2 and
+                // AVX-512F (`dispatch::detect`).
+                return unsafe { self.fill_simd(w, rows, nb, r0) };
+            }
             let per_block = W::BLOCK / W::LEN;
             let parts = nb * per_block;
             self.tiles.resize(parts, BTile([0; 128]));
@@ -350,6 +414,90 @@ mod amx {
                 }
             }
         }
+    }
+
+    impl Panel {
+        /// `fill` for the types that decode with SIMD (`Groups::SIMD`): a block column of
+        /// all 16 rows at a time, each group's 16 rows of 32 bytes transposed in registers
+        /// into its B tile.
+        ///
+        /// # Safety
+        /// AVX2 and AVX-512F are present.
+        #[target_feature(enable = "avx2,avx512f")]
+        #[allow(clippy::needless_range_loop)] // `n` indexes q's rows and every scale array
+        unsafe fn fill_simd<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
+            let per_block = W::BLOCK / 32;
+            assert!(per_block <= 8);
+            let parts = nb * per_block;
+            self.tiles.resize(parts, BTile([0; 128]));
+            self.dw.resize(parts, [0.0; 16]);
+            self.mw.resize(parts, [0.0; 16]);
+            self.scales.resize(per_block, (0.0, 0.0));
+            // Row n's bytes of group g: q[g][n].
+            let mut q = [[_mm256_setzero_si256(); 16]; 8];
+            let mut one = [_mm256_setzero_si256(); 8];
+            for b in 0..nb {
+                let p0 = b * per_block;
+                for n in 0..16 {
+                    let row = r0 + n;
+                    if row < rows {
+                        // SAFETY: AVX2 is enabled here.
+                        unsafe { w[row * nb + b].simd(&mut one, &mut self.scales) };
+                    } else {
+                        one = [_mm256_setzero_si256(); 8];
+                        self.scales.fill((0.0, 0.0));
+                    }
+                    for g in 0..per_block {
+                        q[g][n] = one[g];
+                        (self.dw[p0 + g][n], self.mw[p0 + g][n]) = self.scales[g];
+                    }
+                }
+                for (g, rows16) in q.iter().enumerate().take(per_block) {
+                    self.tiles[p0 + g].0 = transpose_16x8(rows16);
+                }
+            }
+        }
+    }
+
+    /// 16 rows of 8 words → the B tile: word `j` of row `n` at `j * 16 + n`.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f")]
+    fn transpose_16x8(r: &[__m256i; 16]) -> [u32; 128] {
+        // Rows i and i + 8 share a vector; the unpacks transpose 4 × 4 blocks inside each
+        // 128-bit lane, and the permutes gather each output row's four lanes.
+        let z: [__m512i; 8] =
+            std::array::from_fn(|i| _mm512_inserti64x4(_mm512_castsi256_si512(r[i]), r[i + 8], 1));
+        let t: [__m512i; 8] = std::array::from_fn(|i| {
+            let (a, b) = (z[(i / 2) * 2], z[(i / 2) * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4h + c]: rows 4h..4h + 4 (and 8 + 4h..) of the lane's column c.
+        let u: [__m512i; 8] = std::array::from_fn(|i| {
+            let (h, c) = (i / 4, i % 4);
+            let (a, b) = (t[4 * h + c / 2], t[4 * h + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+        let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+        let mut out = [0u32; 128];
+        for c in 0..4 {
+            let word_c = _mm512_permutex2var_epi64(u[c], lo, u[4 + c]);
+            let word_c4 = _mm512_permutex2var_epi64(u[c], hi, u[4 + c]);
+            // SAFETY: words c and c + 4 are 16 u32 each inside `out`.
+            unsafe {
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, word_c);
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * (c + 4)) as *mut _, word_c4);
+            }
+        }
+        out
     }
 
     pub(super) fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
