@@ -32,9 +32,10 @@ pub trait Groups: Copy + Sync {
     /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
     /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
-    /// Whether [`Groups::simd`] is implemented (32-value groups only).
+    /// Whether [`Groups::simd`] is implemented.
     const SIMD: bool = false;
-    /// Decodes with AVX2: group `g`'s 32 signed bytes to `q[g]`, its `(dw, mw)` to
+    /// Decodes with AVX2: group `g`'s 32-column window of signed bytes to `q[g]` (a
+    /// 16-value group in its half of the window, the other half zero), its `(dw, mw)` to
     /// `scales[g]`.
     ///
     /// # Safety
@@ -216,6 +217,55 @@ impl Groups for BlockQ6K {
                 q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
                 q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
                 q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let d = self.d.to_f32();
+        for (s, &sc) in scales.iter_mut().zip(&self.scales) {
+            *s = (d * sc as f32, 0.0);
+        }
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2; the loads read 32 bytes inside ql (128) and
+        // qh (64).
+        unsafe {
+            let (low, two, off) = (
+                _mm256_set1_epi8(0x0F),
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(32),
+            );
+            // Bytes 0..16 of a window, and 16..32.
+            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(self.ql.as_ptr().add(64 * half) as *const __m256i);
+                let ql1 =
+                    _mm256_loadu_si256(self.ql.as_ptr().add(64 * half + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(self.qh.as_ptr().add(32 * half) as *const __m256i);
+                let high = |shift: i32| {
+                    let bits = match shift {
+                        0 => qh,
+                        2 => _mm256_srli_epi16::<2>(qh),
+                        4 => _mm256_srli_epi16::<4>(qh),
+                        _ => _mm256_srli_epi16::<6>(qh),
+                    };
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(bits, two))
+                };
+                // Values 0..32, 32..64, 64..96, 96..128 of this half, as in `decode`.
+                let vals = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), high(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), high(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), high(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), high(6)),
+                ];
+                for (i, v) in vals.into_iter().enumerate() {
+                    let v = _mm256_sub_epi8(v, off);
+                    let g = 8 * half + 2 * i;
+                    q[g] = _mm256_and_si256(v, first);
+                    q[g + 1] = _mm256_andnot_si256(first, v);
+                }
             }
         }
         let d = self.d.to_f32();
@@ -426,16 +476,16 @@ mod amx {
         #[target_feature(enable = "avx2,avx512f")]
         #[allow(clippy::needless_range_loop)] // `n` indexes q's rows and every scale array
         unsafe fn fill_simd<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
-            let per_block = W::BLOCK / 32;
-            assert!(per_block <= 8);
+            let per_block = W::BLOCK / W::LEN;
+            assert!(per_block <= 16);
             let parts = nb * per_block;
             self.tiles.resize(parts, BTile([0; 128]));
             self.dw.resize(parts, [0.0; 16]);
             self.mw.resize(parts, [0.0; 16]);
             self.scales.resize(per_block, (0.0, 0.0));
             // Row n's bytes of group g: q[g][n].
-            let mut q = [[_mm256_setzero_si256(); 16]; 8];
-            let mut one = [_mm256_setzero_si256(); 8];
+            let mut q = [[_mm256_setzero_si256(); 16]; 16];
+            let mut one = [_mm256_setzero_si256(); 16];
             for b in 0..nb {
                 let p0 = b * per_block;
                 for n in 0..16 {
@@ -444,7 +494,7 @@ mod amx {
                         // SAFETY: AVX2 is enabled here.
                         unsafe { w[row * nb + b].simd(&mut one, &mut self.scales) };
                     } else {
-                        one = [_mm256_setzero_si256(); 8];
+                        one = [_mm256_setzero_si256(); 16];
                         self.scales.fill((0.0, 0.0));
                     }
                     for g in 0..per_block {

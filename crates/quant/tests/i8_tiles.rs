@@ -81,7 +81,7 @@ proptest! {
         n_tok in 16usize..40,
         rows in 1usize..40,
         blocks_per_row in 1usize..4,
-        extra_32 in 0usize..8,
+        extra_32 in prop_oneof![Just(0usize), 0usize..8],
         raw in prop::collection::vec(any::<u8>(), 64..512),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
