@@ -141,12 +141,20 @@ impl Groups for BlockQ8_0 {
     simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
 }
 
+/// The 8 sub-blocks' `(dw, mw)` of a Q4_K/Q5_K block: `d·scale`, `-dmin·min`.
+fn k_scales(d: half::f16, dmin: half::f16, packed: &[u8; K_SCALE_SIZE], out: &mut [(f32, f32)]) {
+    let (d, dmin) = (d.to_f32(), dmin.to_f32());
+    for (g, s) in out.iter_mut().take(8).enumerate() {
+        let (sc, m) = scale_min_k4(g, packed);
+        *s = (d * sc as f32, -dmin * m as f32);
+    }
+}
+
 impl Groups for BlockQ4K {
     const BLOCK: usize = QK_K;
     const LEN: usize = 32;
     const HAS_MIN: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         for chunk in 0..4 {
             let src = &self.qs[32 * chunk..][..32];
             for l in 0..32 {
@@ -154,10 +162,7 @@ impl Groups for BlockQ4K {
                 q[64 * chunk + 32 + l] = (src[l] >> 4) as i8;
             }
         }
-        for (g, s) in scales.iter_mut().take(8).enumerate() {
-            let (sc, m) = scale_min_k4(g, &self.scales);
-            *s = (d * sc as f32, -dmin * m as f32);
-        }
+        k_scales(self.d, self.dmin, &self.scales, scales);
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
@@ -173,11 +178,7 @@ impl Groups for BlockQ4K {
                 q[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             }
         }
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        for (g, s) in scales.iter_mut().take(8).enumerate() {
-            let (sc, m) = scale_min_k4(g, &self.scales);
-            *s = (d * sc as f32, -dmin * m as f32);
-        }
+        k_scales(self.d, self.dmin, &self.scales, scales);
     }
 }
 
@@ -186,7 +187,6 @@ impl Groups for BlockQ5K {
     const LEN: usize = 32;
     const HAS_MIN: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         for chunk in 0..4 {
             let src = &self.qs[32 * chunk..][..32];
             let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
@@ -197,10 +197,7 @@ impl Groups for BlockQ5K {
                 q[64 * chunk + 32 + l] = ((src[l] >> 4) + h2) as i8;
             }
         }
-        for (g, s) in scales.iter_mut().take(8).enumerate() {
-            let (sc, m) = scale_min_k4(g, &self.scales);
-            *s = (d * sc as f32, -dmin * m as f32);
-        }
+        k_scales(self.d, self.dmin, &self.scales, scales);
     }
 }
 

@@ -11,7 +11,7 @@ use std::arch::x86_64::__cpuid_count;
 /// Bytes in one tile row (16 f32 or 32 bf16).
 const ROW_BYTES: usize = 64;
 
-/// Tile configuration, palette 1: every tile 16 rows × 64 bytes.
+/// A tile configuration (the 64-byte operand of `ldtilecfg`).
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -22,13 +22,13 @@ struct TileConfig {
 }
 const _: () = assert!(std::mem::size_of::<TileConfig>() == 64);
 
-static CONFIG: TileConfig = {
+/// Palette 1 with the first tiles' shapes given as (bytes per row, rows), the rest unused.
+const fn config(shapes: &[(u16, u8)]) -> TileConfig {
     let mut colsb = [0u16; 16];
     let mut rows = [0u8; 16];
     let mut i = 0;
-    while i < 8 {
-        colsb[i] = ROW_BYTES as u16;
-        rows[i] = 16;
+    while i < shapes.len() {
+        (colsb[i], rows[i]) = shapes[i];
         i += 1;
     }
     TileConfig {
@@ -38,7 +38,10 @@ static CONFIG: TileConfig = {
         colsb,
         rows,
     }
-};
+}
+
+/// The bf16 products' configuration: every tile 16 rows × 64 bytes.
+static CONFIG: TileConfig = config(&[(ROW_BYTES as u16, 16); 8]);
 
 /// Whether the CPU has AMX-TILE, AMX-BF16 and AMX-INT8 and the kernel lets this process use them.
 /// Asks the kernel on the first call (process-wide); later calls return the same answer.
@@ -144,24 +147,10 @@ pub unsafe fn block_32x32(
 /// tokens × 32 signed activation bytes), tmm1 (B) 8 rows × 64 bytes (32 weight bytes of 16
 /// rows, in groups of four), tmm2 (C) 16 × 16 i32; tmm3..tmm5 the same again.
 static CONFIG_I8: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut i = 0;
-    while i < 6 {
-        (colsb[i], rows[i]) = match i % 3 {
-            0 => (32, 16),
-            1 => (64, 8),
-            _ => (64, 16),
-        };
-        i += 1;
-    }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
+    const A: (u16, u8) = (32, 16);
+    const B: (u16, u8) = (64, 8);
+    const C: (u16, u8) = (64, 16);
+    config(&[A, B, C, A, B, C])
 };
 
 /// Two 16 tokens × 16 weight rows int8 products over a 32-column window each:
