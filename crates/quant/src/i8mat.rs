@@ -10,8 +10,9 @@
 //!
 //! where `tdpbssd` gives the integer sums of 16 tokens × 16 rows per group exactly, and the
 //! float part runs in AVX-512 registers (16 tokens × 16 rows of f32 accumulators). Weights
-//! are decoded per 16-row panel once for all the tokens of the product (≤ 256), so decoding
-//! costs little next to the products; nothing is repacked at load and no memory is added.
+//! are decoded (SIMD where written) per 16-row panel once for all the tokens of the product
+//! (up to 256), so the decoding is shared; nothing is repacked at load and no memory is
+//! added.
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
 
 use crate::blocks::*;

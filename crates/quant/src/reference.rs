@@ -435,7 +435,7 @@ pub fn gemm_by_dot<W, A>(
 }
 
 /// Decoder attention (see [`crate::AttendF16`]) one row at a time with the given f16 dot
-/// product and `out += w · v`; `scratch` holds the query in f16 and the scores.
+/// product and `out += w · v`; `scratch` holds the scores.
 pub fn attend_f16_by_rows(
     a: &crate::AttendF16,
     out: &mut [f32],
@@ -450,7 +450,8 @@ pub fn attend_f16_by_rows(
         let q = &a.q[a.at[r]..][..hd];
         let scores = &mut *scratch;
         scores.clear();
-        scores.reserve(a.k.len() / a.kv_stride + 1);
+        // The whole cache's length once, so decoding never grows this buffer.
+        scores.reserve(a.k.len() / a.kv_stride.max(1) + 1);
         // The query in f16, 256 values at a time (no allocation); past 256, the dot
         // product of a key with the query is the sum of its pieces' dot products.
         scores.resize(end - first, 0.0);
