@@ -975,7 +975,15 @@ async fn two_hundred_clients_leaving_mid_stream_free_everything() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 4);
+    // Served in full: 4 tokens, or fewer only if the model ended its text (the prompt's
+    // remainder after prefix reuse may take other kernels, and so another greedy path, on
+    // CPUs with AMX tiles; see `concurrent_requests_batch_and_match_sequential_results`).
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        (n == 4 && finish == "length") || (1..4).contains(&n) && finish == "stop",
+        "{v}"
+    );
 }
 
 /// Requests that arrive while their model is loading wait for that one load (and /health
