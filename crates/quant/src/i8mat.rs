@@ -16,7 +16,7 @@
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
 
 use crate::blocks::*;
-use crate::reference::scale_min_k4;
+use crate::reference::{q5_values, q6k_values, scale_min_k4};
 
 /// Fewest tokens for which the tiles run (below, the dot-product tiles do): a tile holds
 /// 16 tokens, and batched decoding of a few sequences keeps the exact decode kernels.
@@ -74,13 +74,10 @@ fn nibbles(qs: &[u8; 16], off: i8, q: &mut [i8]) {
     }
 }
 
+/// The 5-bit values of a Q5 block minus `off`, as signed bytes.
 fn fifth_bits(qs: &[u8; 16], qh: [u8; 4], off: i8, q: &mut [i8]) {
-    let qh = u32::from_le_bytes(qh);
-    for j in 0..16 {
-        let h0 = (((qh >> j) << 4) & 0x10) as u8;
-        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-        q[j] = ((qs[j] & 0xF) | h0) as i8 - off;
-        q[j + 16] = ((qs[j] >> 4) | h1) as i8 - off;
+    for (q, v) in q.iter_mut().zip(q5_values(qs, qh)) {
+        *q = v as i8 - off;
     }
 }
 
@@ -207,16 +204,7 @@ impl Groups for BlockQ6K {
     const LEN: usize = 16;
     const HAS_MIN: bool = false;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        for half in 0..2 {
-            let (ql, qh) = (&self.ql[64 * half..], &self.qh[32 * half..]);
-            let q = &mut q[128 * half..];
-            for l in 0..32 {
-                q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
-                q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-            }
-        }
+        q[..QK_K].copy_from_slice(&q6k_values(self));
         let d = self.d.to_f32();
         for (s, &sc) in scales.iter_mut().zip(&self.scales) {
             *s = (d * sc as f32, 0.0);

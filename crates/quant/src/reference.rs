@@ -104,7 +104,7 @@ pub fn dequantize_row_q4_1(x: &[BlockQ4_1], y: &mut [f32]) {
 }
 
 /// The 5-bit values of a Q5 block, low nibbles then high nibbles (0..32).
-fn q5_values(qs: &[u8; 16], qh: [u8; 4]) -> [u8; 32] {
+pub(crate) fn q5_values(qs: &[u8; 16], qh: [u8; 4]) -> [u8; 32] {
     let qh = u32::from_le_bytes(qh);
     let mut v = [0u8; 32];
     for j in 0..16 {
@@ -200,7 +200,7 @@ pub fn dequantize_row_q5_k(x: &[BlockQ5K], y: &mut [f32]) {
 }
 
 /// The signed 6-bit values (-32..32) of a Q6_K block in element order.
-fn q6k_values(b: &BlockQ6K) -> [i8; QK_K] {
+pub(crate) fn q6k_values(b: &BlockQ6K) -> [i8; QK_K] {
     let mut a = [0i8; QK_K];
     for half in 0..2 {
         let (ql, qh) = (&b.ql[64 * half..], &b.qh[32 * half..]);
