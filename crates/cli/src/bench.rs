@@ -82,7 +82,7 @@ fn time_gen(m: &Model, n: usize, s: &mut Scratch, logits: &mut Vec<f32>) -> Resu
     let mut cache = m.new_cache(n);
     let t = Instant::now();
     for tok in toks {
-        m.forward(&[tok], &mut cache, s, logits)?;
+        m.decode(tok, &mut cache, s, logits)?;
     }
     Ok(t.elapsed().as_nanos() as u64)
 }

@@ -138,12 +138,8 @@ impl<'m> Session<'m> {
 
     /// Runs one token and updates the logits.
     pub fn step(&mut self, token: TokenId) -> Result<(), EngineError> {
-        self.model.forward(
-            &[token],
-            &mut self.cache,
-            &mut self.scratch,
-            &mut self.logits,
-        )?;
+        self.model
+            .decode(token, &mut self.cache, &mut self.scratch, &mut self.logits)?;
         self.cached.push(token);
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_models::{BatchSeq, KvCache, Scratch, MAX_BATCH};
+use hearth_models::{BatchSeq, KvCache, Part, Scratch, MAX_BATCH};
 use hearth_tokenizer::{StreamDecoder, TokenId};
 
 use crate::{FinishReason, LoadedModel, Sampler, SamplingParams, StopMatcher};
@@ -331,18 +331,25 @@ impl Worker {
                 let (Some(cache), Some(a)) = (cache.as_mut(), active.as_ref()) else {
                     continue;
                 };
-                let (tokens, want_logits) = match *work {
-                    Work::Prefill { from, to, .. } => {
-                        (&a.job.prompt[from..to], to == a.job.prompt.len())
-                    }
-                    Work::Decode { .. } => {
-                        (std::slice::from_ref(a.next.as_ref().unwrap_or(&0)), true)
-                    }
+                let (tokens, want_logits, part) = match *work {
+                    Work::Prefill { from, to, .. } => (
+                        &a.job.prompt[from..to],
+                        to == a.job.prompt.len(),
+                        Part::Prompt {
+                            len: a.job.prompt.len(),
+                        },
+                    ),
+                    Work::Decode { .. } => (
+                        std::slice::from_ref(a.next.as_ref().unwrap_or(&0)),
+                        true,
+                        Part::Generated,
+                    ),
                 };
                 seqs.push(BatchSeq {
                     tokens,
                     cache,
                     want_logits,
+                    part,
                 });
             }
             self.model

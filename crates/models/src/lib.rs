@@ -2,7 +2,8 @@
 //!
 //! [`Model::forward`] appends tokens to a [`KvCache`] and returns the logits of the last one.
 //! Prompts are processed in chunks of at most [`MAX_BATCH`] tokens, each chunk as one batch
-//! of matrix products; decoding is the same code with one token. [`Model::forward_batch`]
+//! of matrix products; [`Model::decode`] is the same code with one generated token (which
+//! may take other kernels, see [`Part`]). [`Model::forward_batch`]
 //! runs several sequences, each with its own cache, through the same matrix products
 //! (continuous batching): only attention is per sequence.
 
@@ -75,6 +76,8 @@ pub struct Scratch {
     mm: Vec<f32>,
     /// Rows of the batch per sequence: (first row, rows, position of the first row).
     segs: Vec<(usize, usize, usize)>,
+    /// The batch's first rows, from sequences whose products run on the AMX-INT8 tiles.
+    tile_rows: usize,
 }
 
 /// One sequence of a [`Model::forward_batch`] call.
@@ -84,6 +87,29 @@ pub struct BatchSeq<'a> {
     pub cache: &'a mut KvCache,
     /// Whether this sequence's last token needs logits.
     pub want_logits: bool,
+    /// What the tokens are, which picks their kernels.
+    pub part: Part,
+}
+
+/// What a [`BatchSeq`]'s tokens are. On CPUs with AMX-INT8, the tokens of prompts of at
+/// least [`hearth_quant::i8mat::MIN_TOKENS`] tokens run their products on the tiles, and
+/// every other token on the dot-product kernels, which round differently. Choosing by what
+/// a token is, not by how many tokens share a batch, gives a prompt the same numbers
+/// however it is chunked and batched with other requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// A chunk of a prompt of `len` tokens in all (counting those already in the cache).
+    Prompt { len: usize },
+    /// A token the model generated, fed back to decode the next one.
+    Generated,
+}
+
+impl Part {
+    /// Whether these tokens' products run on the AMX-INT8 tiles on this CPU.
+    pub fn on_tiles(self) -> bool {
+        matches!(self, Part::Prompt { len } if len >= hearth_quant::i8mat::MIN_TOKENS)
+            && hearth_quant::i8mat::Staged::available()
+    }
 }
 
 impl Scratch {
@@ -134,7 +160,8 @@ impl Model {
         KvCache::new(self.config.n_layer, n_ctx, self.config.kv_dim())
     }
 
-    /// Runs `tokens` at the end of `cache` and writes the last token's logits.
+    /// Runs prompt `tokens` at the end of `cache` and writes the last token's logits. The
+    /// prompt is what the cache holds followed by `tokens` (see [`Part::Prompt`]).
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -143,15 +170,39 @@ impl Model {
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         self.check_seq(tokens, cache)?;
+        let part = Part::Prompt {
+            len: cache.len + tokens.len(),
+        };
         let n_chunks = tokens.len().div_ceil(MAX_BATCH);
         for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
             let mut seq = [BatchSeq {
                 tokens: chunk,
                 cache: &mut *cache,
                 want_logits: i + 1 == n_chunks,
+                part,
             }];
             self.run_batch(&mut seq, scratch, logits);
         }
+        Ok(())
+    }
+
+    /// Runs one generated `token` at the end of `cache` and writes its logits.
+    pub fn decode(
+        &self,
+        token: u32,
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let tokens = [token];
+        self.check_seq(&tokens, cache)?;
+        let mut seq = [BatchSeq {
+            tokens: &tokens,
+            cache,
+            want_logits: true,
+            part: Part::Generated,
+        }];
+        self.run_batch(&mut seq, scratch, logits);
         Ok(())
     }
 
@@ -201,11 +252,24 @@ impl Model {
 
     /// One batch of checked sequences, at most [`MAX_BATCH`] tokens.
     fn run_batch(&self, seqs: &mut [BatchSeq], s: &mut Scratch, logits: &mut Vec<f32>) {
+        // Rows of sequences on the tiles first, so that every product splits in two.
         s.segs.clear();
-        let mut n = 0;
+        let on_tiles = |q: &BatchSeq| q.part.on_tiles();
+        let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
+        s.tile_rows = seqs
+            .iter()
+            .filter(|q| on_tiles(q))
+            .map(|q| q.tokens.len())
+            .sum();
+        let (mut tile_row, mut other_row) = (0, s.tile_rows);
         for q in seqs.iter() {
-            s.segs.push((n, q.tokens.len(), q.cache.len));
-            n += q.tokens.len();
+            let next = if on_tiles(q) {
+                &mut tile_row
+            } else {
+                &mut other_row
+            };
+            s.segs.push((*next, q.tokens.len(), q.cache.len));
+            *next += q.tokens.len();
         }
         s.prepare(&self.config, n);
         s.fill_rope(&self.config);
@@ -251,12 +315,13 @@ impl Model {
             return;
         }
         let out = self.output.view(&self.gguf);
-        s.acts.quantize(out.act_type(), &s.xn[..m * d], d);
+        // Logits are never from the tiles: how many sequences want them varies.
+        s.acts.quantize_split(out.act_type(), &s.xn[..m * d], d, 0);
         logits.resize(m * self.config.n_vocab, 0.0);
         out.matmul(&s.acts, logits, &mut s.mm);
     }
 
-    /// `out = W · x` for the `n` rows of `x`.
+    /// `out = W · x` for the `n` rows of `x`, the first `tile_rows` on the AMX-INT8 tiles.
     fn matmul(
         &self,
         w: &Mat,
@@ -264,9 +329,10 @@ impl Model {
         out: &mut [f32],
         acts: &mut Activations,
         mm: &mut Vec<f32>,
+        tile_rows: usize,
     ) {
         let m = w.view(&self.gguf);
-        acts.quantize(m.act_type(), x, m.cols);
+        acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
         m.matmul(acts, out, mm);
     }
 
@@ -278,12 +344,13 @@ impl Model {
         outs: [(&Mat, &mut [f32]); N],
         acts: &mut Activations,
         mm: &mut Vec<f32>,
+        tile_rows: usize,
     ) {
         let mut current = None;
         for (w, out) in outs {
             let m = w.view(&self.gguf);
             if current != Some(m.act_type()) {
-                acts.quantize(m.act_type(), x, m.cols);
+                acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
                 current = Some(m.act_type());
             }
             m.matmul(acts, out, mm);
@@ -309,6 +376,7 @@ impl Model {
             ],
             &mut s.acts,
             &mut s.mm,
+            s.tile_rows,
         );
     }
 
@@ -371,6 +439,7 @@ impl Model {
             &mut s.proj[..n * d],
             &mut s.acts,
             &mut s.mm,
+            s.tile_rows,
         ); // [n, d]
     }
 
@@ -393,6 +462,7 @@ impl Model {
             ], // [n, ff]
             &mut s.acts,
             &mut s.mm,
+            s.tile_rows,
         );
         act(&mut s.gate[..n * ff], &s.up[..n * ff]);
         self.matmul(
@@ -401,6 +471,7 @@ impl Model {
             &mut s.proj[..n * d],
             &mut s.acts,
             &mut s.mm,
+            s.tile_rows,
         ); // [n, d]
     }
 

@@ -18,8 +18,10 @@
 use crate::blocks::*;
 use crate::reference::{q5_values, q6k_values, scale_min_k4};
 
-/// Fewest tokens for which the tiles run (below, the dot-product tiles do): a tile holds
-/// 16 tokens, and batched decoding of a few sequences keeps the exact decode kernels.
+/// Shortest prompt whose tokens run on the tiles (a tile holds 16 tokens); shorter prompts
+/// and generated tokens take the dot-product kernels. [`crate::Activations::quantize`] uses
+/// it as a product size; the models apply it per prompt (`hearth_models::Part`), so that a
+/// prompt's numbers do not depend on how it is chunked.
 pub const MIN_TOKENS: usize = 16;
 
 /// A weight block type as groups of signed bytes with a scale and offset per group.
@@ -321,26 +323,29 @@ impl Staged {
         }
     }
 
-    /// Q8_0 or Q8_1 blocks (`qs(i)`: block `i`'s values; `d`, `s`: each block's scale and
-    /// `d·Σq`).
+    /// The first `n_tok` tokens of Q8_0 or Q8_1 blocks (`qs(i)`: block `i`'s values; `d`,
+    /// `s`: each block's scale and `d·Σq`).
     pub(crate) fn stage_32<'a>(
         &mut self,
+        n_tok: usize,
         qs: impl Fn(usize) -> &'a [i8; 32],
         d: &[f32],
         s: &[f32],
         cols: usize,
     ) {
         let nb = cols / 32;
-        self.stage(d.len() / nb, cols, |t, w| {
+        assert!(n_tok * nb <= d.len() && n_tok * nb <= s.len());
+        self.stage(n_tok, cols, |t, w| {
             let i = t * nb + w;
             (&qs(i)[..], d[i], s[i])
         });
     }
 
-    /// Q8_K blocks.
-    pub(crate) fn stage_q8k(&mut self, blocks: &[BlockQ8K], cols: usize) {
+    /// The first `n_tok` tokens of Q8_K blocks.
+    pub(crate) fn stage_q8k(&mut self, n_tok: usize, blocks: &[BlockQ8K], cols: usize) {
         let nb = cols / QK_K;
-        self.stage(blocks.len() / nb, cols, |t, w| {
+        assert!(n_tok * nb <= blocks.len());
+        self.stage(n_tok, cols, |t, w| {
             let b = &blocks[t * nb + w / 8];
             let j = w % 8;
             let sum = b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32;

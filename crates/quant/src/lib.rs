@@ -226,42 +226,77 @@ impl<'a> QMatrix<'a> {
         );
         let n_tok = acts.n_tokens;
         let out = &mut out[..n_tok * self.rows];
-        if acts.staged.n_tok() > 0 && self.tiles_i8(acts, out) {
-            return;
+        let mut t0 = acts.staged.n_tok();
+        if t0 > 0 && !self.tiles_i8(acts, &mut out[..t0 * self.rows]) {
+            t0 = 0;
         }
+        if t0 < n_tok {
+            self.products(acts, t0, &mut out[t0 * self.rows..], scratch);
+        }
+    }
+
+    /// The product of tokens `t0..` of `acts` on the dot-product kernels (`out` holds their
+    /// results only).
+    fn products(&self, acts: &Activations, t0: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
         let k = dispatch::kernels();
+        let n_tok = acts.n_tokens - t0;
+        let cols = self.cols;
         match self.blocks {
             Blocks::F32(w) if n_tok >= 3 => {
-                rows_f32_tiled(w, &acts.f32, self.cols, n_tok, k, out, scratch)
+                rows_f32_tiled(w, &acts.f32[t0 * cols..], cols, n_tok, k, out, scratch)
             }
-            Blocks::F32(w) => rows_dot(w, &acts.f32, self.cols, n_tok, k.dot_f32, out, scratch),
-            Blocks::F16(w) => rows_dot(w, &acts.f16, self.cols, n_tok, k.dot_f16, out, scratch),
+            Blocks::F32(w) => rows_dot(
+                w,
+                &acts.f32[t0 * cols..],
+                cols,
+                n_tok,
+                k.dot_f32,
+                out,
+                scratch,
+            ),
+            Blocks::F16(w) => rows_dot(
+                w,
+                &acts.f16[t0 * cols..],
+                cols,
+                n_tok,
+                k.dot_f16,
+                out,
+                scratch,
+            ),
             Blocks::BF16(w) => rows_dot(
                 w,
-                &acts.bf16,
-                self.cols,
+                &acts.bf16[t0 * cols..],
+                cols,
                 n_tok,
                 reference::vec_dot_bf16,
                 out,
                 scratch,
             ),
-            Blocks::Q4_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q4_0, out, scratch),
-            Blocks::Q4_1(w) => rows_tiled(w, acts.q8_1_blocks(), n_tok, k.gemm_q4_1, out, scratch),
-            Blocks::Q5_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q5_0, out, scratch),
+            Blocks::Q4_0(w) => {
+                rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q4_0, out, scratch)
+            }
+            Blocks::Q4_1(w) => {
+                rows_tiled(w, acts.q8_1_blocks(t0), n_tok, k.gemm_q4_1, out, scratch)
+            }
+            Blocks::Q5_0(w) => {
+                rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q5_0, out, scratch)
+            }
             Blocks::Q5_1(w) => rows_dot(
                 w,
-                &acts.q8_1,
-                self.cols / QK,
+                &acts.q8_1[t0 * cols / QK..],
+                cols / QK,
                 n_tok,
                 reference::vec_dot_q5_1_q8_1,
                 out,
                 scratch,
             ),
-            Blocks::Q8_0(w) => rows_tiled(w, acts.q8_0_blocks(), n_tok, k.gemm_q8_0, out, scratch),
+            Blocks::Q8_0(w) => {
+                rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q8_0, out, scratch)
+            }
             Blocks::Q4K(w) => rows_dot(
                 w,
-                &acts.q8k,
-                self.cols / QK_K,
+                &acts.q8k[t0 * cols / QK_K..],
+                cols / QK_K,
                 n_tok,
                 k.dot_q4_k,
                 out,
@@ -269,8 +304,8 @@ impl<'a> QMatrix<'a> {
             ),
             Blocks::Q5K(w) => rows_dot(
                 w,
-                &acts.q8k,
-                self.cols / QK_K,
+                &acts.q8k[t0 * cols / QK_K..],
+                cols / QK_K,
                 n_tok,
                 k.dot_q5_k,
                 out,
@@ -278,8 +313,8 @@ impl<'a> QMatrix<'a> {
             ),
             Blocks::Q6K(w) => rows_dot(
                 w,
-                &acts.q8k,
-                self.cols / QK_K,
+                &acts.q8k[t0 * cols / QK_K..],
+                cols / QK_K,
                 n_tok,
                 k.dot_q6_k,
                 out,
@@ -468,9 +503,27 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`.
+    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`; products of at least
+    /// [`i8mat::MIN_TOKENS`] tokens run on the AMX-INT8 tiles where the CPU has them.
     pub fn quantize(&mut self, ty: ActType, x: &[f32], cols: usize) {
         let n_tokens = x.len() / cols;
+        let tile_tokens = if n_tokens >= i8mat::MIN_TOKENS {
+            n_tokens
+        } else {
+            0
+        };
+        self.quantize_split(ty, x, cols, tile_tokens);
+    }
+
+    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`, and stages its first `tile_tokens`
+    /// tokens for the AMX-INT8 tiles where the CPU has them: [`QMatrix::matmul`] then runs
+    /// those tokens on the tiles and the others on the dot-product kernels. The two round
+    /// differently, but a token's result depends only on which of them it took, never on
+    /// the other tokens of the product, so callers that pick by what a token is (rather
+    /// than by how many share the product) get the same numbers however tokens are batched.
+    pub fn quantize_split(&mut self, ty: ActType, x: &[f32], cols: usize, tile_tokens: usize) {
+        let n_tokens = x.len() / cols;
+        let tile_tokens = tile_tokens.min(n_tokens);
         self.ty = Some(ty);
         self.cols = cols;
         self.n_tokens = n_tokens;
@@ -516,17 +569,20 @@ impl Activations {
             }
         }
         self.staged.clear();
-        if n_tokens >= i8mat::MIN_TOKENS && i8mat::Staged::available() {
+        if tile_tokens > 0 && i8mat::Staged::available() {
+            let n = tile_tokens;
             match ty {
                 ActType::Q8_0 => {
                     let q = &self.q8_0;
-                    self.staged.stage_32(|i| &q[i].qs, &self.d, &self.s, cols)
+                    self.staged
+                        .stage_32(n, |i| &q[i].qs, &self.d, &self.s, cols)
                 }
                 ActType::Q8_1 => {
                     let q = &self.q8_1;
-                    self.staged.stage_32(|i| &q[i].qs, &self.d, &self.s, cols)
+                    self.staged
+                        .stage_32(n, |i| &q[i].qs, &self.d, &self.s, cols)
                 }
-                ActType::Q8K => self.staged.stage_q8k(&self.q8k, cols),
+                ActType::Q8K => self.staged.stage_q8k(n, &self.q8k, cols),
                 ActType::F32 | ActType::F16 | ActType::BF16 => {}
             }
         }
@@ -539,19 +595,23 @@ impl Activations {
 }
 
 impl Activations {
-    fn q8_0_blocks(&self) -> ActBlocks<'_, BlockQ8_0> {
+    /// The Q8_0 blocks of tokens `t0..`.
+    fn q8_0_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8_0> {
+        let b0 = t0 * self.cols / QK;
         ActBlocks {
-            blocks: &self.q8_0,
-            d: &self.d,
-            s: &self.s,
+            blocks: &self.q8_0[b0..],
+            d: &self.d[b0..],
+            s: &self.s[b0..],
         }
     }
 
-    fn q8_1_blocks(&self) -> ActBlocks<'_, BlockQ8_1> {
+    /// The Q8_1 blocks of tokens `t0..`.
+    fn q8_1_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8_1> {
+        let b0 = t0 * self.cols / QK;
         ActBlocks {
-            blocks: &self.q8_1,
-            d: &self.d,
-            s: &self.s,
+            blocks: &self.q8_1[b0..],
+            d: &self.d[b0..],
+            s: &self.s[b0..],
         }
     }
 }
