@@ -61,7 +61,7 @@ fn decode_allocations(name: &str) -> usize {
         let next = sampler.sample(&logits[..model.config.n_vocab], history);
         history.push(next);
         model
-            .forward(&[next], &mut cache, &mut scratch, &mut logits)
+            .decode(next, &mut cache, &mut scratch, &mut logits)
             .expect("decode");
         COUNTING.store(false, Ordering::SeqCst);
     };
