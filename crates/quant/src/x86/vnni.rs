@@ -150,28 +150,32 @@ unsafe fn scales16<W: Unsigned32>(w: *const W, mask: __mmask16) -> (__m512, __m5
     }
 }
 
-/// `R` rows (starting at `w`, `nb` blocks each) × `T` tokens (starting at token `t0` of
-/// `a`); results go to `out[r * n_tok + t0 + t]`.
+/// `R` rows (rows `0, stride, 2·stride, …` of `w`, `nb` blocks each) × `T` tokens
+/// (starting at token `t0` of `a`); row `r`'s results go to
+/// `out[r * stride * n_tok + t0 + t]`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     w: &[W],
+    stride: usize,
     a: &ActBlocks<A>,
     nb: usize,
     t0: usize,
     n_tok: usize,
     out: &mut [f32],
 ) {
-    assert!(w.len() >= R * nb && a.blocks.len() >= (t0 + T) * nb);
+    assert!(R == 1 || stride > 0);
+    assert!(w.len() >= ((R - 1) * stride + 1) * nb && a.blocks.len() >= (t0 + T) * nb);
     assert!(a.d.len() >= (t0 + T) * nb && a.s.len() >= (t0 + T) * nb);
-    assert!(out.len() >= (R - 1) * n_tok + t0 + T);
+    assert!(out.len() >= (R - 1) * stride * n_tok + t0 + T);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     // Lanes 0..8 take the first block of a pair, 8..16 the second.
     let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    let ahead = PREFETCH_BYTES.max(R * nb * size_of::<W>());
-    // SAFETY (whole loop): every block index below is `< nb` within its row (rows `< R`,
-    // tokens `t0 + t < t0 + T`), which the asserts above keep inside `w`, `a.blocks`,
-    // `a.d`, `a.s`; prefetches only hint and may point anywhere.
+    // Each row prefetches ahead in its own stream (the rows after it, up to the next tile's).
+    let ahead = PREFETCH_BYTES.max(nb * size_of::<W>());
+    // SAFETY (whole loop): every block index below is `< nb` within its row (rows
+    // `r * stride` for `r < R`, tokens `t0 + t < t0 + T`), which the asserts above keep
+    // inside `w`, `a.blocks`, `a.d`, `a.s`; prefetches only hint and may point anywhere.
     unsafe {
         for g0 in (0..nb).step_by(16) {
             let n = (nb - g0).min(16);
@@ -183,7 +187,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
             }
             let mut dw = [_mm512_setzero_ps(); R];
             for (r, (dw, acc)) in dw.iter_mut().zip(acc.iter_mut()).enumerate() {
-                let (d, mw) = scales16(w.as_ptr().add(r * nb + g0), mask);
+                let (d, mw) = scales16(w.as_ptr().add(r * stride * nb + g0), mask);
                 *dw = d;
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let sa = _mm512_maskz_loadu_ps(mask, a.s.as_ptr().add((t0 + t) * nb + g0));
@@ -202,7 +206,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                     pda[t] = _mm512_permutexvar_ps(pick, da[t]);
                 }
                 for r in 0..R {
-                    let blk = w.as_ptr().add(r * nb + b);
+                    let blk = w.as_ptr().add(r * stride * nb + b);
                     _mm_prefetch::<_MM_HINT_T0>((blk as *const i8).wrapping_add(ahead));
                     let u = weight_pair(blk, both);
                     let pdw = _mm512_permutexvar_ps(pick, dw[r]);
@@ -218,13 +222,18 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n_tok + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+            out[r * stride * n_tok + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
 }
 
 /// All rows of `w` (`out.len() / n_tok` of them, `nb` blocks each) against `n_tok` tokens:
 /// `out[r * n_tok + t]`.
+///
+/// A tile's 4 rows come from the 4 quarters of the rows, so that the weights stream from
+/// memory as 4 sequential reads at once: one core's hardware prefetcher keeps more loads in
+/// flight over several streams than over one (measured on one core here: ~9 GB/s for one
+/// stream, ~12 GB/s for 4, each with the software prefetch).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
     w: &[W],
@@ -234,31 +243,26 @@ pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
     out: &mut [f32],
 ) {
     let rows = out.len() / n_tok;
-    let full_rows = rows / 4 * 4;
+    let quarter = rows / 4;
     let full_toks = n_tok / 4 * 4;
-    for r in (0..rows).step_by(4) {
-        let wr = &w[r * nb..];
-        let o = &mut out[r * n_tok..];
-        // SAFETY (all calls): the features are enabled here; the tiles' bounds are asserted.
-        unsafe {
-            if r < full_rows {
-                for t in (0..full_toks).step_by(4) {
-                    tile::<W, A, 4, 4>(wr, a, nb, t, n_tok, o);
-                }
-                for t in full_toks..n_tok {
-                    tile::<W, A, 4, 1>(wr, a, nb, t, n_tok, o);
-                }
-            } else {
-                for i in 0..rows - r {
-                    let wi = &wr[i * nb..];
-                    let oi = &mut o[i * n_tok..];
-                    for t in (0..full_toks).step_by(4) {
-                        tile::<W, A, 1, 4>(wi, a, nb, t, n_tok, oi);
-                    }
-                    for t in full_toks..n_tok {
-                        tile::<W, A, 1, 1>(wi, a, nb, t, n_tok, oi);
-                    }
-                }
+    // SAFETY (all calls): the features are enabled here; the tiles' bounds are asserted.
+    unsafe {
+        for i in 0..quarter {
+            let (wr, o) = (&w[i * nb..], &mut out[i * n_tok..]);
+            for t in (0..full_toks).step_by(4) {
+                tile::<W, A, 4, 4>(wr, quarter, a, nb, t, n_tok, o);
+            }
+            for t in full_toks..n_tok {
+                tile::<W, A, 4, 1>(wr, quarter, a, nb, t, n_tok, o);
+            }
+        }
+        for r in 4 * quarter..rows {
+            let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
+            for t in (0..full_toks).step_by(4) {
+                tile::<W, A, 1, 4>(wr, 0, a, nb, t, n_tok, o);
+            }
+            for t in full_toks..n_tok {
+                tile::<W, A, 1, 1>(wr, 0, a, nb, t, n_tok, o);
             }
         }
     }
