@@ -78,6 +78,9 @@ pub struct Kernels {
     pub gemm_q4_1: Gemm<BlockQ4_1, BlockQ8_1>,
     pub gemm_q5_0: Gemm<BlockQ5_0, BlockQ8_0>,
     pub gemm_q8_0: Gemm<BlockQ8_0, BlockQ8_0>,
+    /// K-quant products (the activations' `d`/`s` are unused: Q8_K carries its own).
+    pub gemm_q4_k: Gemm<BlockQ4K, BlockQ8K>,
+    pub gemm_q6_k: Gemm<BlockQ6K, BlockQ8K>,
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
@@ -109,6 +112,8 @@ gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, r::vec_dot_q4_0_q8_0);
 gemm_from_dot!(gemm_q4_1, BlockQ4_1, BlockQ8_1, r::vec_dot_q4_1_q8_1);
 gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, r::vec_dot_q5_0_q8_0);
 gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, r::vec_dot_q8_0_q8_0);
+gemm_from_dot!(gemm_q4_k, BlockQ4K, BlockQ8K, r::vec_dot_q4_k_q8_k);
+gemm_from_dot!(gemm_q6_k, BlockQ6K, BlockQ8K, r::vec_dot_q6_k_q8_k);
 
 impl Kernels {
     pub fn scalar() -> Self {
@@ -132,6 +137,8 @@ impl Kernels {
             gemm_q4_1,
             gemm_q5_0,
             gemm_q8_0,
+            gemm_q4_k,
+            gemm_q6_k,
             attend_f16: r::attend_f16,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,

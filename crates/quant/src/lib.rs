@@ -293,15 +293,7 @@ impl<'a> QMatrix<'a> {
             Blocks::Q8_0(w) => {
                 rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q8_0, out, scratch)
             }
-            Blocks::Q4K(w) => rows_dot(
-                w,
-                &acts.q8k[t0 * cols / QK_K..],
-                cols / QK_K,
-                n_tok,
-                k.dot_q4_k,
-                out,
-                scratch,
-            ),
+            Blocks::Q4K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q4_k, out, scratch),
             Blocks::Q5K(w) => rows_dot(
                 w,
                 &acts.q8k[t0 * cols / QK_K..],
@@ -311,15 +303,7 @@ impl<'a> QMatrix<'a> {
                 out,
                 scratch,
             ),
-            Blocks::Q6K(w) => rows_dot(
-                w,
-                &acts.q8k[t0 * cols / QK_K..],
-                cols / QK_K,
-                n_tok,
-                k.dot_q6_k,
-                out,
-                scratch,
-            ),
+            Blocks::Q6K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q6_k, out, scratch),
         }
     }
 }
@@ -602,6 +586,15 @@ impl Activations {
             blocks: &self.q8_0[b0..],
             d: &self.d[b0..],
             s: &self.s[b0..],
+        }
+    }
+
+    /// The Q8_K blocks of tokens `t0..` (no `d`/`s`: each block holds its scale and sums).
+    fn q8k_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8K> {
+        ActBlocks {
+            blocks: &self.q8k[t0 * self.cols / QK_K..],
+            d: &[],
+            s: &[],
         }
     }
 

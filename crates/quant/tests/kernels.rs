@@ -156,6 +156,46 @@ proptest! {
     }
 
     #[test]
+    fn k_quant_tiles_match_reference(
+        nb in 1usize..4,
+        rows in 1usize..10,
+        n_tok in 1usize..4,
+        raw in prop::collection::vec(any::<u8>(), 210 * 3 * 9),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let n = nb * QK_K;
+        let x = acts(n_tok * n, &seed);
+        let mut yk = vec![BlockQ8K::zeroed(); n_tok * nb];
+        r::quantize_row_q8_k(&x, &mut yk);
+        let yf: Vec<f32> = yk.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
+        let a = ActBlocks { blocks: &yk, d: &[], s: &[] };
+        let nw = rows * nb;
+        let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * nw], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let q6k: Vec<BlockQ6K> = blocks(&raw[..210 * nw], |b: &mut BlockQ6K, d| b.d = h(d / 16.0));
+        let mut wf = vec![0.0; rows * n];
+        let mut got = vec![0.0; rows * n_tok];
+        let check = |what: &str, got: &[f32], wf: &[f32], dot: &dyn Fn(usize, usize) -> f32| {
+            for (i, &g) in got.iter().enumerate() {
+                let (row, t) = (i / n_tok, i % n_tok);
+                let m = magnitude(&wf[row * n..(row + 1) * n], &yf[t * n..(t + 1) * n]);
+                close(g, dot(row, t), m, what);
+            }
+        };
+        for k in levels() {
+            r::dequantize_row_q4_k(&q4k, &mut wf);
+            (k.gemm_q4_k)(&q4k, &a, nb, n_tok, &mut got);
+            check("q4_K tile", &got, &wf, &|row, t| {
+                r::vec_dot_q4_k_q8_k(&q4k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
+            });
+            r::dequantize_row_q6_k(&q6k, &mut wf);
+            (k.gemm_q6_k)(&q6k, &a, nb, n_tok, &mut got);
+            check("q6_K tile", &got, &wf, &|row, t| {
+                r::vec_dot_q6_k_q8_k(&q6k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
+            });
+        }
+    }
+
+    #[test]
     fn k_quant_kernels_match_reference(
         nb in 1usize..4,
         raw in prop::collection::vec(any::<u8>(), 210 * 3),

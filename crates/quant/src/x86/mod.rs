@@ -6,6 +6,7 @@
 pub mod amx;
 pub mod avx2;
 pub mod avx512;
+pub mod kquant;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -88,6 +89,8 @@ gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, dot_q4_0);
 gemm_from_dot!(gemm_q4_1, BlockQ4_1, BlockQ8_1, dot_q4_1);
 gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, dot_q5_0);
 gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, dot_q8_0);
+gemm_from_dot!(gemm_q4_k, BlockQ4K, BlockQ8K, dot_q4_k);
+gemm_from_dot!(gemm_q6_k, BlockQ6K, BlockQ8K, dot_q6_k);
 
 /// VNNI tiles. SAFETY (all): installed by `kernels` only when `detect()` found AVX-512
 /// F/BW/VL/VNNI (with AVX2, FMA, F16C) on this CPU.
@@ -122,6 +125,15 @@ vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
 vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
 vnni_gemm!(vnni_q8_0, BlockQ8_0, BlockQ8_0);
 
+fn kquant_q4_k(w: &[BlockQ4K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+    // SAFETY: installed by `kernels` only at the Avx512 level (AVX-512 F/BW/VL detected).
+    unsafe { kquant::gemm_q4k(w, a.blocks, nb, n_tok, out) }
+}
+fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { kquant::gemm_q6k(w, a.blocks, nb, n_tok, out) }
+}
+
 /// Kernels for an x86 level the CPU is known to support (`isa >= Avx2`).
 pub fn kernels(isa: Isa) -> Kernels {
     if isa >= Isa::Avx512 {
@@ -131,6 +143,8 @@ pub fn kernels(isa: Isa) -> Kernels {
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
             gemm_q8_0: vnni_q8_0,
+            gemm_q4_k: kquant_q4_k,
+            gemm_q6_k: kquant_q6_k,
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
@@ -148,6 +162,8 @@ pub fn kernels(isa: Isa) -> Kernels {
         gemm_q4_1,
         gemm_q5_0,
         gemm_q8_0,
+        gemm_q4_k,
+        gemm_q6_k,
         isa,
         dot_f32,
         tile_f32_4x3,

@@ -1,0 +1,317 @@
+//! AVX-512 (F/BW/VL) products of Q4_K and Q6_K weights with Q8_K activations, for decoding
+//! and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
+//! of the product's rows so that one core streams the weights as 4 sequential reads (as
+//! `vnni::gemm` does).
+//!
+//! A super-block (256 values) is four 64-byte vectors of weights against four of
+//! activations. `vpmaddubsw` multiplies the unsigned weight values (Q4_K 0..=15, Q6_K
+//! 0..=63) by the signed activations into pairs of i16 (at most 2·63·128, no saturation),
+//! `vpmaddwd` multiplies the pairs by each lane's sub-block scale into i32, and the
+//! per-sub-block offsets (Q4_K's mins, Q6_K's −32) come from the activations' 16-value sums
+//! (`bsums`) in one more `vpmaddwd`. Integer sums are exact; each super-block's sum is
+//! scaled once into a 16-lane f32 accumulator, reduced at the end. Every (row, token) goes
+//! through the same operations whatever tile it is in, so batched decoding equals decoding
+//! alone bit for bit.
+#![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
+
+use crate::blocks::*;
+use std::arch::x86_64::*;
+
+/// How far ahead each row prefetches (see `vnni::PREFETCH_BYTES`).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches every cache line of the `size` bytes at `p` (hints only; any address).
+#[inline(always)]
+fn prefetch(p: *const u8, size: usize) {
+    let mut off = 0;
+    while off < size {
+        // SAFETY: a prefetch only hints; it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+    // SAFETY: as above.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(size - 1) as *const i8) };
+}
+
+/// Q4_K's 8 six-bit scales and 8 six-bit mins, unpacked from its 12 bytes (as
+/// `reference::scale_min_k4` for every sub-block at once).
+#[inline(always)]
+fn q4k_scales_mins(s: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const HIGH2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    let scales_lo = w0 & LOW6;
+    let scales_hi = (w2 & LOW4) | (((w0 >> 6) & HIGH2) << 4);
+    let mins_lo = w1 & LOW6;
+    let mins_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & HIGH2) << 4);
+    (
+        scales_lo as u64 | (scales_hi as u64) << 32,
+        mins_lo as u64 | (mins_hi as u64) << 32,
+    )
+}
+
+/// Byte shuffle making i16 lanes of scale byte `x` (first 256 bits) and `y` (last 256).
+const fn pick_pair(x: u8, y: u8) -> [u8; 64] {
+    let mut c = [0x80u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        c[i] = if i < 32 { x } else { y };
+        i += 2;
+    }
+    c
+}
+
+/// Per 64-byte weight vector of a Q4_K super-block: the sub-blocks its low and high
+/// nibbles hold (first half, second half).
+const Q4K_PAIRS: [[u8; 64]; 4] = [
+    pick_pair(0, 2),
+    pick_pair(1, 3),
+    pick_pair(4, 6),
+    pick_pair(5, 7),
+];
+
+/// Rows `0, stride, 2·stride, 3·stride` (`R` of them) of `w` (`nb` super-blocks each)
+/// against token `t` of `a`; row `r`'s result goes to `out[r * stride * n_tok + t]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_q4k<const R: usize>(
+    w: &[BlockQ4K],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(R == 1 || stride > 0);
+    assert!(w.len() >= ((R - 1) * stride + 1) * nb && a.len() >= (t + 1) * nb);
+    assert!(out.len() > (R - 1) * stride * n_tok + t);
+    let ahead = PREFETCH_BYTES.max(nb * size_of::<BlockQ4K>());
+    let low4 = _mm512_set1_epi8(0x0F);
+    // SAFETY: the four shuffle patterns are 64 bytes each.
+    let pairs = Q4K_PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_min = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+        let (y0, y1, y2, y3, bsums) = unsafe {
+            let p = y.qs.as_ptr();
+            (
+                _mm512_loadu_si512(p as *const _),
+                _mm512_loadu_si512(p.add(64) as *const _),
+                _mm512_loadu_si512(p.add(128) as *const _),
+                _mm512_loadu_si512(p.add(192) as *const _),
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // Activations in the weights' order: low nibbles of qs[0..64] are sub-blocks 0 and
+        // 2, high nibbles 1 and 3; of qs[64..128], 4 and 6, then 5 and 7.
+        let ya = [
+            _mm512_shuffle_i64x2::<0x44>(y0, y1),
+            _mm512_shuffle_i64x2::<0xEE>(y0, y1),
+            _mm512_shuffle_i64x2::<0x44>(y2, y3),
+            _mm512_shuffle_i64x2::<0xEE>(y2, y3),
+        ];
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch((x as *const BlockQ4K as *const u8).wrapping_add(ahead), 144);
+            let (scales, mins) = q4k_scales_mins(&x.scales);
+            let sc = _mm512_set1_epi64(scales as i64);
+            // SAFETY: two 64-byte loads covering the 128-byte qs.
+            let (q0, q1) = unsafe {
+                (
+                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                    _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
+                )
+            };
+            let u = [
+                _mm512_and_si512(q0, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
+                _mm512_and_si512(q1, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
+            ];
+            let mut sum = _mm512_setzero_si512();
+            for k in 0..4 {
+                let pairs16 = _mm512_maddubs_epi16(u[k], ya[k]);
+                let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+            }
+            let d = x.d.to_f32() * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+            // Σ min_j · (bsums[2j] + bsums[2j + 1]), each min twice to meet both sums.
+            let m8 = _mm_cvtsi64_si128(mins as i64);
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+            let msum = _mm256_madd_epi16(m16, bsums);
+            let dmin = x.dmin.to_f32() * y.d;
+            acc_min[r] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
+        }
+    }
+    for r in 0..R {
+        let min = acc_min[r];
+        let min4 = _mm_add_ps(_mm256_castps256_ps128(min), _mm256_extractf128_ps::<1>(min));
+        let min2 = _mm_add_ps(min4, _mm_movehl_ps(min4, min4));
+        let min1 = _mm_add_ss(min2, _mm_movehdup_ps(min2));
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(min1);
+    }
+}
+
+/// Q6_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_q6k<const R: usize>(
+    w: &[BlockQ6K],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(R == 1 || stride > 0);
+    assert!(w.len() >= ((R - 1) * stride + 1) * nb && a.len() >= (t + 1) * nb);
+    assert!(out.len() > (R - 1) * stride * n_tok + t);
+    let ahead = PREFETCH_BYTES.max(nb * size_of::<BlockQ6K>());
+    let low4 = _mm512_set1_epi8(0x0F);
+    let bits45 = _mm512_set1_epi8(0x30);
+    // The high bits of values 0..32 and 32..64 of a half are qh's bits 0-1 and 2-3 (shift
+    // left 4 and 2 into bits 4-5); of values 64..96 and 96..128, bits 4-5 and 6-7 (shift
+    // right 0 and 2). Shifts are per i16 lane; the mask drops what crosses bytes.
+    let shl = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
+    let shr = _mm512_inserti64x4::<1>(_mm512_set1_epi16(0), _mm256_set1_epi16(2));
+    // i16 lanes of scales 4k..4k+4, each over 8 lanes (16 values).
+    let spread = |k: i16| {
+        let q = |j: i16| 4 * k + j;
+        _mm512_set_epi16(
+            q(3),
+            q(3),
+            q(3),
+            q(3),
+            q(3),
+            q(3),
+            q(3),
+            q(3),
+            q(2),
+            q(2),
+            q(2),
+            q(2),
+            q(2),
+            q(2),
+            q(2),
+            q(2),
+            q(1),
+            q(1),
+            q(1),
+            q(1),
+            q(1),
+            q(1),
+            q(1),
+            q(1),
+            q(0),
+            q(0),
+            q(0),
+            q(0),
+            q(0),
+            q(0),
+            q(0),
+            q(0),
+        )
+    };
+    let spreads = [spread(0), spread(1), spread(2), spread(3)];
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+        let (ys, bsums) = unsafe {
+            let p = y.qs.as_ptr();
+            (
+                [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch((x as *const BlockQ6K as *const u8).wrapping_add(ahead), 210);
+            // SAFETY: 16 scale bytes, two 64-byte loads of the 128-byte ql, two 32-byte
+            // loads of the 64-byte qh.
+            let (scales, ql, qh) = unsafe {
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i)),
+                    [0, 64].map(|o| _mm512_loadu_si512(x.ql.as_ptr().add(o) as *const _)),
+                    [0, 32].map(|o| {
+                        let h = _mm256_loadu_si256(x.qh.as_ptr().add(o) as *const __m256i);
+                        _mm512_broadcast_i64x4(h)
+                    }),
+                )
+            };
+            let scales = _mm512_castsi256_si512(scales);
+            let mut sum = _mm512_setzero_si512();
+            for half in 0..2 {
+                let (l, h) = (ql[half], qh[half]);
+                let u = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(l, low4),
+                        _mm512_and_si512(_mm512_sllv_epi16(h, shl), bits45),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(l), low4),
+                        _mm512_and_si512(_mm512_srlv_epi16(h, shr), bits45),
+                    ),
+                ];
+                for (k, u) in u.iter().enumerate() {
+                    let pairs16 = _mm512_maddubs_epi16(*u, ys[2 * half + k]);
+                    let scale16 = _mm512_permutexvar_epi16(spreads[2 * half + k], scales);
+                    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                }
+            }
+            // The stored values are q + 32: take 32 · Σ scale · bsum away.
+            let offset =
+                _mm256_slli_epi32::<5>(_mm256_madd_epi16(_mm512_castsi512_si256(scales), bsums));
+            let sum = _mm512_sub_epi32(sum, _mm512_zextsi256_si512(offset));
+            let d = x.d.to_f32() * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+macro_rules! kquant_gemm {
+    ($name:ident, $block:ty, $tile:ident) => {
+        /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok`
+        /// tokens of `a`: `out[r * n_tok + t]`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        pub unsafe fn $name(
+            w: &[$block],
+            a: &[BlockQ8K],
+            nb: usize,
+            n_tok: usize,
+            out: &mut [f32],
+        ) {
+            let rows = out.len() / n_tok;
+            let quarter = rows / 4;
+            // SAFETY (all calls): the features are enabled here; the tiles assert bounds.
+            unsafe {
+                for i in 0..quarter {
+                    let (wr, o) = (&w[i * nb..], &mut out[i * n_tok..]);
+                    for t in 0..n_tok {
+                        $tile::<4>(wr, quarter, a, nb, t, n_tok, o);
+                    }
+                }
+                for r in 4 * quarter..rows {
+                    let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
+                    for t in 0..n_tok {
+                        $tile::<1>(wr, 0, a, nb, t, n_tok, o);
+                    }
+                }
+            }
+        }
+    };
+}
+
+kquant_gemm!(gemm_q4k, BlockQ4K, tile_q4k);
+kquant_gemm!(gemm_q6k, BlockQ6K, tile_q6k);
