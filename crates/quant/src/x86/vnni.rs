@@ -37,6 +37,32 @@ pub trait Unsigned32: Copy {
         // SAFETY: as `bytes`.
         unsafe { self.bytes() }
     }
+    /// Blocks `w` and `w + 1` as one vector (AVX-512 BW/VL enabled).
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe {
+            let lo = _mm512_castsi256_si512((*w).bytes_bw());
+            _mm512_inserti64x4(lo, (*w.add(1)).bytes_bw(), 1)
+        }
+    }
+}
+
+/// The nibbles of two blocks' 16 bytes `a`, `b` as 64 bytes: `a`'s low nibbles, `a`'s high
+/// nibbles, then `b`'s (the order of `nibbles_32`, per block).
+#[inline(always)]
+unsafe fn nibble_pair(a: &[u8; 16], b: &[u8; 16]) -> __m512i {
+    // SAFETY: reads the 16 bytes of each; AVX-512 F/BW are enabled by every caller.
+    unsafe {
+        let ab = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a.as_ptr() as *const __m128i)),
+            _mm_loadu_si128(b.as_ptr() as *const __m128i),
+        );
+        let z = _mm512_castsi256_si512(ab);
+        let aabb = _mm512_shuffle_i64x2::<0x50>(z, z);
+        let shifted = _mm512_srlv_epi64(aabb, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
+    }
 }
 
 /// An activation block type: 32 signed bytes.
@@ -63,6 +89,11 @@ impl Unsigned32 for BlockQ4_0 {
         // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
         unsafe { nibbles_32(&self.qs) }
     }
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
+    }
 }
 
 impl Unsigned32 for BlockQ4_1 {
@@ -72,6 +103,11 @@ impl Unsigned32 for BlockQ4_1 {
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
         unsafe { nibbles_32(&self.qs) }
+    }
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
     }
 }
 
@@ -96,6 +132,16 @@ impl Unsigned32 for BlockQ5_0 {
             let low = nibbles_32(&self.qs);
             let qh = u32::from_le_bytes(self.qh);
             _mm256_mask_add_epi8(low, qh, low, _mm256_set1_epi8(0x10))
+        }
+    }
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe {
+            let (a, b) = (&*w, &*w.add(1));
+            let low = nibble_pair(&a.qs, &b.qs);
+            let qh = u32::from_le_bytes(a.qh) as u64 | (u32::from_le_bytes(b.qh) as u64) << 32;
+            _mm512_mask_add_epi8(low, qh, low, _mm512_set1_epi8(0x10))
         }
     }
 }
@@ -123,11 +169,10 @@ unsafe fn weight_pair<W: Unsigned32>(w: *const W, both: bool) -> __m512i {
     // SAFETY: the caller vouches for block `w` (and `w + 1` when `both`); the features are
     // enabled in every kernel that inlines this.
     unsafe {
-        let lo = _mm512_castsi256_si512((*w).bytes_bw());
         if both {
-            _mm512_inserti64x4(lo, (*w.add(1)).bytes_bw(), 1)
+            W::pair_bw(w)
         } else {
-            lo
+            _mm512_castsi256_si512((*w).bytes_bw())
         }
     }
 }
@@ -205,7 +250,9 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
             let mut dw = [_mm512_setzero_ps(); R];
             for (r, (dw, acc)) in dw.iter_mut().zip(acc.iter_mut()).enumerate() {
                 let (d, mw) = scales16(w.as_ptr().add(r * stride * nb + g0), mask);
-                *dw = d;
+                // One token: `dw·da` once per group rather than per pair (the same products
+                // in the same lanes, so the same bits as the general path below).
+                *dw = if T == 1 { _mm512_mul_ps(d, da[0]) } else { d };
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let sa = _mm512_maskz_loadu_ps(mask, a.s.as_ptr().add((t0 + t) * nb + g0));
                     *acc = _mm512_fmadd_ps(mw, sa, *acc);
@@ -229,7 +276,11 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                     let pdw = _mm512_permutexvar_ps(pick, dw[r]);
                     for t in 0..T {
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y[t]);
-                        let scale = _mm512_mul_ps(pdw, pda[t]);
+                        let scale = if T == 1 {
+                            pdw
+                        } else {
+                            _mm512_mul_ps(pdw, pda[t])
+                        };
                         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][t]);
                     }
                 }
