@@ -52,6 +52,25 @@ fn q4k_scales_mins(s: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
     )
 }
 
+/// Asserts what a tile of `rows` rows relies on (its rows of `w`, token `t` of `a`, its
+/// outputs; see [`tile_q4k`]) and returns how far ahead its rows prefetch.
+#[allow(clippy::too_many_arguments)]
+fn check_tile<W>(
+    rows: usize,
+    w: &[W],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &[f32],
+) -> usize {
+    assert!(rows == 1 || stride > 0);
+    assert!(w.len() >= ((rows - 1) * stride + 1) * nb && a.len() >= (t + 1) * nb);
+    assert!(out.len() > (rows - 1) * stride * n_tok + t);
+    PREFETCH_BYTES.max(nb * size_of::<W>())
+}
+
 /// Byte shuffle making i16 lanes of scale byte `x` (first 256 bits) and `y` (last 256).
 const fn pick_pair(x: u8, y: u8) -> [u8; 64] {
     let mut c = [0x80u8; 64];
@@ -85,10 +104,7 @@ unsafe fn tile_q4k<const R: usize>(
     n_tok: usize,
     out: &mut [f32],
 ) {
-    assert!(R == 1 || stride > 0);
-    assert!(w.len() >= ((R - 1) * stride + 1) * nb && a.len() >= (t + 1) * nb);
-    assert!(out.len() > (R - 1) * stride * n_tok + t);
-    let ahead = PREFETCH_BYTES.max(nb * size_of::<BlockQ4K>());
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
     let low4 = _mm512_set1_epi8(0x0F);
     // SAFETY: the four shuffle patterns are 64 bytes each.
     let pairs = Q4K_PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
@@ -171,10 +187,7 @@ unsafe fn tile_q6k<const R: usize>(
     n_tok: usize,
     out: &mut [f32],
 ) {
-    assert!(R == 1 || stride > 0);
-    assert!(w.len() >= ((R - 1) * stride + 1) * nb && a.len() >= (t + 1) * nb);
-    assert!(out.len() > (R - 1) * stride * n_tok + t);
-    let ahead = PREFETCH_BYTES.max(nb * size_of::<BlockQ6K>());
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
     let low4 = _mm512_set1_epi8(0x0F);
     let bits45 = _mm512_set1_epi8(0x30);
     // The high bits of values 0..32 and 32..64 of a half are qh's bits 0-1 and 2-3 (shift
