@@ -37,12 +37,12 @@ pub trait Groups: Copy + Sync {
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
     /// Whether [`Groups::simd`] is implemented.
     const SIMD: bool = false;
-    /// Decodes with AVX2: group `g`'s 32-column window of signed bytes to `q[g]` (a
+    /// Decodes with SIMD: group `g`'s 32-column window of signed bytes to `q[g]` (a
     /// 16-value group in its half of the window, the other half zero), its `(dw, mw)` to
     /// `scales[g]`.
     ///
     /// # Safety
-    /// AVX2 is present.
+    /// AVX2 and AVX-512 F/BW/VL are present.
     #[cfg(target_arch = "x86_64")]
     unsafe fn simd(&self, _q: &mut [std::arch::x86_64::__m256i], _scales: &mut [(f32, f32)]) {
         unreachable!("no SIMD decoding for this type")
@@ -59,10 +59,10 @@ macro_rules! simd_32 {
         unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
             use crate::x86::vnni::Unsigned32;
             use std::arch::x86_64::*;
-            // SAFETY: the caller vouches for AVX2.
+            // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
             unsafe {
                 let off = _mm256_set1_epi8(<Self as Unsigned32>::OFFSET as i32 as i8);
-                q[0] = _mm256_sub_epi8(self.bytes(), off);
+                q[0] = _mm256_sub_epi8(self.bytes_bw(), off);
             }
             scales[0] = $scales(self);
         }
@@ -409,7 +409,7 @@ mod amx {
         fn fill<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
             if W::SIMD {
                 // SAFETY: tiles run only at the Amx level, which implies AVX2 and
-                // AVX-512F (`dispatch::detect`).
+                // AVX-512 F/BW/VL (`dispatch::detect`).
                 return unsafe { self.fill_simd(w, rows, nb, r0) };
             }
             let per_block = W::BLOCK / W::LEN;
@@ -463,8 +463,8 @@ mod amx {
         /// into its B tile.
         ///
         /// # Safety
-        /// AVX2 and AVX-512F are present.
-        #[target_feature(enable = "avx2,avx512f")]
+        /// AVX2 and AVX-512 F/BW/VL are present.
+        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
         #[allow(clippy::needless_range_loop)] // `n` indexes q's rows and every scale array
         unsafe fn fill_simd<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
             let per_block = W::BLOCK / W::LEN;
@@ -482,7 +482,7 @@ mod amx {
                 for n in 0..16 {
                     let row = r0 + n;
                     if row < rows {
-                        // SAFETY: AVX2 is enabled here.
+                        // SAFETY: AVX2 and AVX-512 BW/VL are enabled here.
                         unsafe { w[row * nb + b].simd(&mut one, &mut self.scales) };
                     } else {
                         one = [_mm256_setzero_si256(); 16];
