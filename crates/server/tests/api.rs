@@ -644,8 +644,7 @@ async fn concurrent_requests_batch_and_match_sequential_results() {
     // are batched or chunked, so the texts are equal (also where AMX tiles run prompts).
     for (h, want) in handles.into_iter().zip(&alone) {
         let v = h.await.unwrap();
-        let got = v["choices"][0]["message"]["content"].as_str().unwrap();
-        assert_eq!(got, want.as_str());
+        assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
     }
     assert!(metric(&s, "hearth_generated_tokens_total").await > steps_before);
 }

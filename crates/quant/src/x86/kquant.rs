@@ -1,7 +1,7 @@
 //! AVX-512 (F/BW/VL) products of Q4_K and Q6_K weights with Q8_K activations, for decoding
 //! and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
-//! of the product's rows so that one core streams the weights as 4 sequential reads (as
-//! `vnni::gemm` does).
+//! of the product's rows so that one core streams the weights as 4 sequential reads
+//! (`quarter_tiles`, as `vnni::gemm`).
 //!
 //! A super-block (256 values) is four 64-byte vectors of weights against four of
 //! activations. `vpmaddubsw` multiplies the unsigned weight values (Q4_K 0..=15, Q6_K
@@ -14,6 +14,7 @@
 //! alone bit for bit.
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
+use super::avx2::hsum_ps;
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
@@ -167,11 +168,7 @@ unsafe fn tile_q4k<const R: usize>(
         }
     }
     for r in 0..R {
-        let min = acc_min[r];
-        let min4 = _mm_add_ps(_mm256_castps256_ps128(min), _mm256_extractf128_ps::<1>(min));
-        let min2 = _mm_add_ps(min4, _mm_movehl_ps(min4, min4));
-        let min1 = _mm_add_ss(min2, _mm_movehdup_ps(min2));
-        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(min1);
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_min[r]);
     }
 }
 
@@ -296,7 +293,7 @@ unsafe fn tile_q6k<const R: usize>(
 macro_rules! kquant_gemm {
     ($name:ident, $block:ty, $tile:ident) => {
         /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok`
-        /// tokens of `a`: `out[r * n_tok + t]`.
+        /// tokens of `a`: `out[r * n_tok + t]`, in `quarter_tiles` order.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
         pub unsafe fn $name(
             w: &[$block],
@@ -305,23 +302,19 @@ macro_rules! kquant_gemm {
             n_tok: usize,
             out: &mut [f32],
         ) {
-            let rows = out.len() / n_tok;
-            let quarter = rows / 4;
-            // SAFETY (all calls): the features are enabled here; the tiles assert bounds.
-            unsafe {
-                for i in 0..quarter {
-                    let (wr, o) = (&w[i * nb..], &mut out[i * n_tok..]);
-                    for t in 0..n_tok {
-                        $tile::<4>(wr, quarter, a, nb, t, n_tok, o);
+            super::quarter_tiles(out.len() / n_tok, |r, stride, four| {
+                let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
+                for t in 0..n_tok {
+                    // SAFETY: the features are enabled here; the tiles assert bounds.
+                    unsafe {
+                        if four {
+                            $tile::<4>(wr, stride, a, nb, t, n_tok, o);
+                        } else {
+                            $tile::<1>(wr, 0, a, nb, t, n_tok, o);
+                        }
                     }
                 }
-                for r in 4 * quarter..rows {
-                    let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
-                    for t in 0..n_tok {
-                        $tile::<1>(wr, 0, a, nb, t, n_tok, o);
-                    }
-                }
-            }
+            });
         }
     };
 }

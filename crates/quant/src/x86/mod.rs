@@ -11,6 +11,24 @@ pub mod vnni;
 
 use crate::blocks::*;
 use crate::dispatch::{gemm_from_dot, Isa, Kernels};
+
+/// The order in which the decode kernels (`vnni`, `kquant`) visit a product's `rows`:
+/// `tile(r, stride, true)` for rows `r, r + stride, r + 2·stride, r + 3·stride` with `r` in
+/// the first quarter and `stride` a quarter of the rows, then `tile(r, 0, false)` for each
+/// row left over. Taking a tile's 4 rows from the 4 quarters, not 4 neighbours, makes the
+/// weights stream from memory as 4 sequential reads at once: one core's hardware prefetcher
+/// keeps more loads in flight over several streams than over one (measured on one core
+/// here: ~9 GB/s for one stream, ~12 GB/s for 4, each with the software prefetch).
+#[inline(always)]
+fn quarter_tiles(rows: usize, mut tile: impl FnMut(usize, usize, bool)) {
+    let quarter = rows / 4;
+    for r in 0..quarter {
+        tile(r, quarter, true);
+    }
+    for r in 4 * quarter..rows {
+        tile(r, 0, false);
+    }
+}
 use crate::ActBlocks;
 use half::f16;
 

@@ -296,12 +296,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
 }
 
 /// All rows of `w` (`out.len() / n_tok` of them, `nb` blocks each) against `n_tok` tokens:
-/// `out[r * n_tok + t]`.
-///
-/// A tile's 4 rows come from the 4 quarters of the rows, so that the weights stream from
-/// memory as 4 sequential reads at once: one core's hardware prefetcher keeps more loads in
-/// flight over several streams than over one (measured on one core here: ~9 GB/s for one
-/// stream, ~12 GB/s for 4, each with the software prefetch).
+/// `out[r * n_tok + t]`, 4 rows at a time from the 4 quarters (see `quarter_tiles`).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
     w: &[W],
@@ -310,28 +305,26 @@ pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
     n_tok: usize,
     out: &mut [f32],
 ) {
-    let rows = out.len() / n_tok;
-    let quarter = rows / 4;
     let full_toks = n_tok / 4 * 4;
-    // SAFETY (all calls): the features are enabled here; the tiles' bounds are asserted.
-    unsafe {
-        for i in 0..quarter {
-            let (wr, o) = (&w[i * nb..], &mut out[i * n_tok..]);
-            for t in (0..full_toks).step_by(4) {
-                tile::<W, A, 4, 4>(wr, quarter, a, nb, t, n_tok, o);
-            }
-            for t in full_toks..n_tok {
-                tile::<W, A, 4, 1>(wr, quarter, a, nb, t, n_tok, o);
+    super::quarter_tiles(out.len() / n_tok, |r, stride, four| {
+        let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
+        // SAFETY (all calls): the features are enabled here; the tiles' bounds are asserted.
+        unsafe {
+            if four {
+                for t in (0..full_toks).step_by(4) {
+                    tile::<W, A, 4, 4>(wr, stride, a, nb, t, n_tok, o);
+                }
+                for t in full_toks..n_tok {
+                    tile::<W, A, 4, 1>(wr, stride, a, nb, t, n_tok, o);
+                }
+            } else {
+                for t in (0..full_toks).step_by(4) {
+                    tile::<W, A, 1, 4>(wr, 0, a, nb, t, n_tok, o);
+                }
+                for t in full_toks..n_tok {
+                    tile::<W, A, 1, 1>(wr, 0, a, nb, t, n_tok, o);
+                }
             }
         }
-        for r in 4 * quarter..rows {
-            let (wr, o) = (&w[r * nb..], &mut out[r * n_tok..]);
-            for t in (0..full_toks).step_by(4) {
-                tile::<W, A, 1, 4>(wr, 0, a, nb, t, n_tok, o);
-            }
-            for t in full_toks..n_tok {
-                tile::<W, A, 1, 1>(wr, 0, a, nb, t, n_tok, o);
-            }
-        }
-    }
+    });
 }
