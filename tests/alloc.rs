@@ -1,5 +1,10 @@
 //! Zero heap allocations per generated token: after a warm-up, decoding (forward pass on the
 //! KV cache plus sampling) allocates nothing, counted by a global allocator.
+//!
+//! The warm-up runs on the calling thread alone and the counted steps on two threads: what
+//! a busy machine does by chance (a worker the OS kept off the CPU during the first steps
+//! joins later), done on purpose, so a buffer that belongs to a thread rather than to the
+//! caller shows up as an allocation every time, not one run in four under load.
 
 mod common;
 
@@ -38,6 +43,21 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Returns once the pool's worker thread has run a task: a new thread's own start-up
+/// allocations (its name, its handle) are over before counting begins.
+fn worker_has_started() {
+    let joined = AtomicUsize::new(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    hearth_quant::pool::run(2, |_| {
+        joined.fetch_add(1, Ordering::SeqCst);
+        // Each task waits for the other, so the caller cannot run both.
+        while joined.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+    });
+    assert_eq!(joined.load(Ordering::SeqCst), 2, "the worker never ran");
+}
+
 fn decode_allocations(name: &str) -> usize {
     let model = Model::load(common::open(name)).expect("model");
     let mut cache = model.new_cache(256);
@@ -65,9 +85,12 @@ fn decode_allocations(name: &str) -> usize {
             .expect("decode");
         COUNTING.store(false, Ordering::SeqCst);
     };
+    hearth_quant::pool::set_threads(1);
     for _ in 0..4 {
         step(false, &mut history); // warm-up: buffers reach their size
     }
+    hearth_quant::pool::set_threads(2);
+    worker_has_started();
     ALLOCS.store(0, Ordering::SeqCst);
     for _ in 0..64 {
         step(true, &mut history);

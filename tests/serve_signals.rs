@@ -1,10 +1,10 @@
-//! `hearth serve` as a process: SIGTERM while a client is streaming ends cleanly — the
-//! stream runs to its last chunk and `data: [DONE]`, new connections are refused, and the
-//! process exits 0.
+//! `hearth serve` as a process: SIGTERM while a client is streaming ends cleanly — new
+//! connections are refused at once (while the stream is still running), the stream runs to
+//! its last chunk and `data: [DONE]`, and the process exits 0.
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -73,26 +73,41 @@ fn sigterm(server: &std::process::Child) {
 #[test]
 fn sigterm_while_streaming_finishes_the_stream_and_exits_0() {
     let (mut server, addr, mut stderr) = start_server(&[]);
-    let mut stream = open_stream(&addr, 96);
+    let mut stream = open_stream(&addr, 200);
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, "\"content\":\"");
     sigterm(&server);
+    // The server says it is shutting down ...
+    let mut log = String::new();
+    while !log.contains("shutting down") {
+        let n = stderr.read_line(&mut log).unwrap();
+        assert!(n > 0, "stderr closed before 'shutting down': {log}");
+    }
+    // ... and refuses new connections (within moments: the listener is closed right after
+    // that line) while the stream is still being generated: the process has not exited.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect(&addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting 2 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the server exited before the stream finished"
+    );
     // The rest of the stream arrives whole, ends with [DONE] and the chunked terminator.
     read_until(&mut stream, &mut seen, "data: [DONE]");
     read_until(&mut stream, &mut seen, "0\r\n\r\n");
     assert!(seen.contains("\"finish_reason\":\"length\""), "{seen}");
     let chunks = seen.matches("\"content\":").count();
-    assert!(chunks >= 90, "only {chunks} chunks: {seen}");
-    // No new work is taken while shutting down.
+    assert!(chunks >= 190, "only {chunks} chunks: {seen}");
     let status = wait_exit(&mut server, Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     assert!(TcpStream::connect(&addr).is_err(), "still accepting");
-    let mut log = String::new();
     stderr.read_to_string(&mut log).unwrap();
-    assert!(
-        log.contains("shutting down") && log.contains("stopped"),
-        "{log}"
-    );
+    assert!(log.contains("stopped"), "{log}");
 }
 
 #[test]

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The official `openai` and `ollama` Python clients against a running `hearth serve`.
 
-    python3 tests/clients/test_clients.py http://127.0.0.1:PORT
+    python3 tests/clients/test_clients.py http://127.0.0.1:PORT [MODEL [OTHER_MODEL...]]
 
-Run by tests/clients.rs, which starts the server on a free loopback port.
+MODEL (default smollm2) gets every check; each OTHER_MODEL is listed and chats through
+both clients. Run by tests/clients.rs, which starts the server on a free loopback port over
+a folder of the user's own GGUF files.
 """
 import sys
 
@@ -11,7 +13,8 @@ import ollama
 import openai
 
 BASE = sys.argv[1].rstrip("/")
-MODEL = "smollm2"
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "smollm2"
+OTHER_MODELS = sys.argv[3:]
 FAILURES = []
 
 
@@ -135,6 +138,28 @@ def ollama_chat():
     assert "".join(p.message.content for p in parts) == r.message.content
     stopped = ol.chat(model=MODEL, messages=MSG, options={"num_predict": 40, "temperature": 0, "stop": ["."]})
     assert stopped.done_reason == "stop" and "." not in stopped.message.content, stopped
+
+
+def other_models_by_file_stem():
+    ids = [m.id for m in oa.models.list()]
+    names = [m.model for m in ol.list().models]
+    for model in OTHER_MODELS:
+        assert model in ids and model in names, (model, ids, names)
+        r = oa.chat.completions.create(model=model, messages=MSG, max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.model == model, r
+        o = ol.chat(model=model + ":latest", messages=MSG, options={"num_predict": 4, "temperature": 0})
+        assert o.done_reason == "length" and o.message.content == r.choices[0].message.content, (o, r)
+
+
+def every_listed_model_answers():
+    # Both clients list the same names, and every one of them can be used.
+    listed = ol.list().models
+    assert sorted(m.model for m in listed) == sorted(m.id for m in oa.models.list())
+    for m in listed:
+        if m.details.format == "safetensors":
+            ol.embed(model=m.model, input="Hi")
+        else:
+            ol.generate(model=m.model, prompt="Hi", options={"num_predict": 1})
 
 
 def ollama_errors():

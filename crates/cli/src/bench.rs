@@ -186,8 +186,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let (avg_ts, stddev_ts) = mean_std(&rates);
                 let ns: Vec<f64> = r.samples_ns.iter().map(|&n| n as f64).collect();
                 let (avg_ns, stddev_ns) = mean_std(&ns);
-                serde_json::json!({
-                    "build_commit": env!("CARGO_PKG_VERSION"),
+                let mut record = serde_json::json!({
                     "backends": "CPU",
                     "isa": isa,
                     "model_filename": file_name,
@@ -206,7 +205,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "stddev_ts": stddev_ts,
                     "samples_ns": r.samples_ns,
                     "samples_ts": rates,
-                })
+                });
+                // The commit this binary was built from; left out when unknown.
+                if let Some(commit) = option_env!("HEARTH_BUILD_COMMIT") {
+                    record["build_commit"] = commit.into();
+                }
+                record
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;

@@ -400,13 +400,18 @@ pub(crate) fn file_type_label(g: &Gguf) -> String {
 
 pub fn list(a: ListArgs) -> Result<()> {
     let store = hearth_store::Store::open_default();
-    let entries = store.list()?;
+    let scan = store.scan();
+    for w in &scan.warnings {
+        eprintln!("warning: {w}");
+    }
+    let entries = scan.entries;
     if a.json {
         let rows: Vec<serde_json::Value> = entries
             .iter()
             .map(|e| {
                 serde_json::json!({
                     "name": e.name,
+                    "aliases": e.aliases,
                     "path": e.path,
                     "size": e.size,
                     "digest": e.digest,
@@ -488,6 +493,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 ""
             }
         );
+        for w in hearth_store::Store::new(&config.models_dir).scan().warnings {
+            eprintln!("hearth: warning: {w}");
+        }
         let state = hearth_server::AppState::new(config);
         let grace = a.shutdown_grace;
         let shutdown = async move {

@@ -350,3 +350,44 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb).max(1e-30)
 }
+
+/// The weights' dtype as Ollama reports a quantization (`F32`, `F16`, `BF16`): the dtype
+/// holding most parameters in `dir/model.safetensors`, read from the header alone.
+pub fn weights_dtype(dir: &Path) -> Result<String> {
+    use std::io::Read;
+    let path = dir.join("model.safetensors");
+    let mut file = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io_err(&path))?;
+    let len = u64::from_le_bytes(len);
+    // The same bound the safetensors crate puts on a header.
+    if len > 100_000_000 {
+        return Err(EmbedError::Weights(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io_err(&path))?;
+    let header: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| EmbedError::Weights(e.to_string()))?;
+    let mut by_dtype: std::collections::BTreeMap<String, u64> = Default::default();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let n: u64 = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map_or(0, |dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().unwrap_or(0))
+                    .fold(1u64, u64::saturating_mul)
+            });
+        let count = by_dtype.entry(dtype.to_string()).or_default();
+        *count = count.saturating_add(n);
+    }
+    by_dtype
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(dtype, _)| dtype)
+        .ok_or_else(|| EmbedError::Weights("no tensors".into()))
+}

@@ -5,7 +5,7 @@
 
 use half::f16;
 use hearth_quant::AttendF16;
-use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard};
 
 pub struct AttnShape {
     pub n_head: usize,
@@ -17,8 +17,43 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-thread_local! {
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// The kernels' score buffers, owned by the caller and sized for the whole cache before any
+/// task starts. A decode step's task `i` (KV head `i`) always takes buffer `i`, so whether
+/// memory is allocated never depends on which thread runs which task: thread-local buffers
+/// did, and a worker that a busy machine kept out of the first steps grew its own buffer
+/// later, in the middle of decoding. Prompt chunks take any free buffer (one per thread).
+#[derive(Default)]
+pub struct AttnScratch {
+    bufs: Vec<Mutex<Vec<f32>>>,
+}
+
+impl AttnScratch {
+    /// At least `count` buffers, each `len` floats long.
+    fn prepare(&mut self, count: usize, len: usize) {
+        if self.bufs.len() < count {
+            self.bufs.resize_with(count, Default::default);
+        }
+        for b in &mut self.bufs {
+            let b = b.get_mut().unwrap_or_else(|e| e.into_inner());
+            if b.len() < len {
+                b.resize(len, 0.0);
+            }
+        }
+    }
+
+    fn get(&self, i: usize) -> MutexGuard<'_, Vec<f32>> {
+        self.bufs[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free buffer (no more prompt tasks run at once than there are threads).
+    fn take(&self) -> MutexGuard<'_, Vec<f32>> {
+        for b in &self.bufs {
+            if let Ok(g) = b.try_lock() {
+                return g;
+            }
+        }
+        self.get(0)
+    }
 }
 
 /// Query rows per kernel call.
@@ -36,11 +71,21 @@ pub fn attention(
     pos0: usize,
     s: &AttnShape,
     out: &mut [f32],
+    scratch: &mut AttnScratch,
 ) {
     let hd = s.head_dim;
     let (qd, kv_dim) = (s.n_head * hd, s.n_kv_head * hd);
-    let group = s.n_head / s.n_kv_head;
     let n_tok = q.len() / qd;
+    // What a kernel call can need: queries and scores of `ROWS` rows over the whole cache.
+    let len = ROWS * (hd + k_cache.len() / kv_dim.max(1) + 1);
+    let count = if n_tok == 1 {
+        s.n_kv_head
+    } else {
+        hearth_quant::pool::threads()
+    };
+    scratch.prepare(count.max(1), len);
+    let scratch = &*scratch;
+    let group = s.n_head / s.n_kv_head;
     let kernel = hearth_quant::dispatch::kernels().attend_f16;
     // Keys position `pos` sees.
     let keys = |pos: usize| -> (usize, usize) {
@@ -84,11 +129,8 @@ pub fn attention(
         // One task per KV head: its `group` heads are contiguous in q and out.
         hearth_quant::pool::for_each_chunk(out, group * hd, |kvh, out_c| {
             let q_c = &q[kvh * group * hd..][..group * hd];
-            SCRATCH.with(|cell| {
-                let scratch = &mut *cell.borrow_mut();
-                let mut rows = (0..group).map(|i| (i * hd, pos0));
-                run(q_c, out_c, kvh, &mut rows, scratch);
-            });
+            let mut rows = (0..group).map(|i| (i * hd, pos0));
+            run(q_c, out_c, kvh, &mut rows, &mut scratch.get(kvh));
         });
         return;
     }
@@ -97,14 +139,12 @@ pub fn attention(
         let t0 = ci * tokens_per_task;
         let nt = out_c.len() / qd;
         let q_c = &q[t0 * qd..(t0 + nt) * qd];
-        SCRATCH.with(|cell| {
-            let scratch = &mut *cell.borrow_mut();
-            for kvh in 0..s.n_kv_head {
-                let mut rows = (0..nt).flat_map(|t| {
-                    (kvh * group..(kvh + 1) * group).map(move |h| (t * qd + h * hd, pos0 + t0 + t))
-                });
-                run(q_c, out_c, kvh, &mut rows, scratch);
-            }
-        });
+        let mut buf = scratch.take();
+        for kvh in 0..s.n_kv_head {
+            let mut rows = (0..nt).flat_map(|t| {
+                (kvh * group..(kvh + 1) * group).map(move |h| (t * qd + h * hd, pos0 + t0 + t))
+            });
+            run(q_c, out_c, kvh, &mut rows, &mut buf);
+        }
     });
 }

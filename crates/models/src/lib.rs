@@ -66,6 +66,7 @@ pub struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
+    attn_scratch: attention::AttnScratch,
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -431,6 +432,7 @@ impl Model {
                 pos0,
                 shape,
                 &mut s.attn[rows.start * qd..rows.end * qd],
+                &mut s.attn_scratch,
             ); // [len, qd]
         }
         self.matmul(

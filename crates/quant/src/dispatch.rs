@@ -151,7 +151,8 @@ impl Kernels {
         let isa = isa.min(detect());
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 {
-            return crate::x86::kernels(isa);
+            // SAFETY: `isa` was capped by `detect()` above, so the CPU supports it.
+            return unsafe { crate::x86::kernels(isa) };
         }
         let _ = isa;
         Self::scalar()

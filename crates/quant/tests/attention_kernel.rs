@@ -6,17 +6,15 @@
 //! 2e-3 · Σ|v| over the row's keys / n + 1e-5 — far below what a wrong key range, row or
 //! scale gives.
 
+mod common;
+
 use half::f16;
-use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::dispatch::{Isa, Kernels};
 use hearth_quant::{reference, AttendF16};
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    [Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i <= detect())
-        .map(Kernels::for_isa)
-        .collect()
+    common::levels("attention_kernel", &[Isa::Avx2, Isa::Avx512])
 }
 
 proptest! {

@@ -8,19 +8,17 @@
 //! - attention and LayerNorm: float order and exp approximation: 1e-5 relative to the
 //!   values' scale, plus 1e-6.
 
+mod common;
+
 use hearth_quant::bf16mat::{reference_matmul, Bf16Matrix, Bf16Scratch};
-use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::dispatch::{Isa, Kernels};
 use hearth_quant::f32mat::F32Panels;
 use hearth_quant::reference as r;
 use hearth_quant::AttendRows;
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    [Isa::Avx2, Isa::Avx512, Isa::Amx]
-        .into_iter()
-        .filter(|&i| i <= detect())
-        .map(Kernels::for_isa)
-        .collect()
+    common::levels("encoder_kernels", &[Isa::Avx2, Isa::Avx512, Isa::Amx])
 }
 
 fn values(n: usize, seed: &[f32]) -> Vec<f32> {

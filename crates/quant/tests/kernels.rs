@@ -2,20 +2,18 @@
 //! level this CPU has. Integer sums are exact in both; only float accumulation order
 //! differs, so the tolerance is relative to Σ|xᵢ·yᵢ|: 1e-5 of it, plus 1e-6.
 
+mod common;
+
 use bytemuck::Zeroable;
 use half::f16;
 use hearth_quant::blocks::*;
-use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::dispatch::{Isa, Kernels};
 use hearth_quant::reference as r;
 use hearth_quant::ActBlocks;
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    [Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i <= detect())
-        .map(Kernels::for_isa)
-        .collect()
+    common::levels("kernels", &[Isa::Avx2, Isa::Avx512])
 }
 
 /// Random weight blocks of type `T` from raw bytes, with every f16 scale made finite.

@@ -362,15 +362,21 @@ pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     let encoders = state.registry.encoders();
     let models = tokio::task::spawn_blocking(move || {
         let encoders = encoders.into_iter().map(|(name, dir)| {
-            let size = std::fs::metadata(dir.join("model.safetensors")).map_or(0, |m| m.len());
+            let weights = std::fs::metadata(dir.join("model.safetensors")).ok();
+            let size = weights.as_ref().map_or(0, |m| m.len());
+            let modified = weights
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            let dtype = hearth_embed::weights_dtype(&dir).unwrap_or_else(|_| "unknown".into());
             json!({
                 "name": name,
                 "model": name,
-                "modified_at": modified_at(0),
+                "modified_at": modified_at(modified),
                 "size": size,
                 "digest": "",
                 "details": { "parent_model": "", "format": "safetensors", "family": "bert",
-                             "families": ["bert"], "parameter_size": "", "quantization_level": "F32" },
+                             "families": ["bert"], "parameter_size": "", "quantization_level": dtype },
             })
         });
         entries

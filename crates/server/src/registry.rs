@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hearth_engine::scheduler::SchedulerConfig;
 use hearth_engine::{LoadedModel, Scheduler};
-use hearth_store::{Entry, ModelName, Store, StoreError, SHORT_NAMES};
+use hearth_store::{Entry, ModelName, Store, StoreError};
 use tokio::sync::OnceCell;
 
 use crate::error::{Api, ApiError, Kind};
@@ -35,14 +35,6 @@ pub struct ServedEncoder {
     pub embedder: Arc<hearth_embed::Embedder>,
     pub batcher: crate::embed::Batcher,
     pub load_time: Duration,
-}
-
-/// `smollm2:latest` is `smollm2` (Ollama clients add the tag).
-fn canonical(name: &str) -> &str {
-    match name.strip_suffix(":latest") {
-        Some(short) if SHORT_NAMES.iter().any(|(n, _)| *n == short) => short,
-        _ => name,
-    }
 }
 
 impl Registry {
@@ -105,12 +97,13 @@ impl Registry {
     /// The model called `name`, loading it on first use (concurrent first requests wait for
     /// one load). A name that is not a valid model name is refused before any file access.
     pub async fn get(&self, api: Api, name: &str) -> Result<Arc<Served>, ApiError> {
-        let name = canonical(name);
         if name.is_empty() {
             return Err(ApiError::param(api, "model", "model is required"));
         }
         ModelName::parse(name).map_err(|e| ApiError::param(api, "model", e.to_string()))?;
-        let path = self.store.resolve(name).map_err(|e| match e {
+        // Every alias of a model (file name, `:latest`, …) shares one loaded copy, under the
+        // name the model is listed as.
+        let entry = self.store.lookup(name).map_err(|e| match e {
             StoreError::InvalidName { .. } => ApiError::param(api, "model", e.to_string()),
             _ => ApiError::new(
                 api,
@@ -118,8 +111,9 @@ impl Registry {
                 format!("model {name:?} not found; pull it first (hearth pull)"),
             ),
         })?;
+        let path = entry.path;
         let config = self.scheduler.clone();
-        let key = name.to_string();
+        let key = entry.name;
         load_once(&self.loaded, api, key.clone(), move || {
             let t = Instant::now();
             let loaded = Arc::new(LoadedModel::open(&path).map_err(|e| e.to_string())?);

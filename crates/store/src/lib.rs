@@ -14,6 +14,7 @@
 
 pub mod name;
 pub mod pull;
+pub mod scan;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 pub use name::ModelName;
 pub use pull::{PullOptions, Source};
+pub use scan::Scan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -124,6 +126,8 @@ pub struct Entry {
     /// Unix seconds of the last change.
     pub modified: u64,
     pub digest: Option<String>,
+    /// Other names that resolve to this entry (its file name, its bare stem); see [`scan`].
+    pub aliases: Vec<String>,
 }
 
 pub struct Store {
@@ -136,7 +140,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn mtime(meta: &std::fs::Metadata) -> u64 {
+pub(crate) fn mtime(meta: &std::fs::Metadata) -> u64 {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -209,29 +213,36 @@ impl Store {
         }
     }
 
-    /// The GGUF file behind a name: a short name from the fetch script, or a pulled model.
-    /// `name` is validated first, so it is never used as a path.
+    /// The GGUF file behind a name: anything [`Store::list`] prints, or one of its aliases
+    /// (see [`scan`]). `name` is validated first, so it is never used as a path.
     pub fn resolve(&self, name: &str) -> Result<PathBuf> {
-        if let Some((short, file)) = SHORT_NAMES.iter().find(|(n, _)| *n == name) {
-            let path = self.root.join(file);
-            if path.is_file() {
-                return Ok(path);
+        self.lookup(name).map(|e| e.path)
+    }
+
+    /// The listed entry behind a name, as [`Store::resolve`] finds it.
+    pub fn lookup(&self, name: &str) -> Result<Entry> {
+        let parsed = ModelName::parse(name)?;
+        if let Some(entry) = self.find(name) {
+            if entry.digest.is_some() {
+                // A pulled model: its blob must be there.
+                if let Some(m) = self.manifest(&ModelName::parse(&entry.name)?)? {
+                    self.blob_of(&m)?;
+                }
             }
-            // Fall through: a pulled model may carry the same name.
-            let parsed = ModelName::parse(name)?;
-            if let Some(m) = self.manifest(&parsed)? {
-                return self.blob_of(&m);
-            }
+            return Ok(entry);
+        }
+        let bare = name.strip_suffix(":latest").unwrap_or(name);
+        if let Some((short, file)) = SHORT_NAMES.iter().find(|(n, _)| *n == bare) {
             return Err(StoreError::Resolve(format!(
                 "model {short:?} is not downloaded yet ({} is missing): run scripts/fetch-models {short}",
-                path.display()
+                self.root.join(file).display()
             )));
         }
-        let parsed = ModelName::parse(name)?;
-        match self.manifest(&parsed)? {
-            Some(m) => self.blob_of(&m),
-            None => Err(StoreError::NotFound(name.to_string())),
+        // A manifest the scan skipped (say, its name is shadowed): report why it is unusable.
+        if let Some(m) = self.manifest(&parsed)? {
+            self.blob_of(&m)?;
         }
+        Err(StoreError::NotFound(name.to_string()))
     }
 
     fn blob_of(&self, m: &Manifest) -> Result<PathBuf> {
@@ -274,52 +285,15 @@ impl Store {
         out
     }
 
-    /// Pulled models and fetch-script files, sorted by name.
+    /// Every model the folder offers, sorted by name (see [`scan`]; [`Store::scan`] also
+    /// says what was skipped and why).
     pub fn list(&self) -> Result<Vec<Entry>> {
-        let mut entries = Vec::new();
-        for (path, m) in self.manifests() {
-            let Some(blob) = self.blob_path(&m.digest) else {
-                continue;
-            };
-            let modified = std::fs::metadata(&path).map_or(m.pulled_at, |md| mtime(&md));
-            entries.push(Entry {
-                name: m.name.clone(),
-                path: blob,
-                size: m.size,
-                modified,
-                digest: Some(m.digest.clone()),
-            });
-        }
-        if let Ok(rd) = std::fs::read_dir(&self.root) {
-            for e in rd.flatten() {
-                let p = e.path();
-                let is_gguf = p
-                    .extension()
-                    .is_some_and(|x| x.eq_ignore_ascii_case("gguf"));
-                let Ok(md) = e.metadata() else { continue };
-                if !is_gguf || !md.is_file() {
-                    continue;
-                }
-                let file = e.file_name().to_string_lossy().into_owned();
-                let name = SHORT_NAMES
-                    .iter()
-                    .find(|(_, f)| *f == file)
-                    .map_or(file.clone(), |(n, _)| n.to_string());
-                entries.push(Entry {
-                    name,
-                    path: p,
-                    size: md.len(),
-                    modified: mtime(&md),
-                    digest: None,
-                });
-            }
-        }
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(entries)
+        Ok(self.scan().entries)
     }
 
-    /// Removes a pulled model (and its blob when no other name uses it) or a fetch-script
-    /// file by its short name. Returns the files deleted.
+    /// Removes a pulled model (and its blob when no other name uses it), or a GGUF file in
+    /// the folder by any name that resolves to it (a symlink is removed, not its target).
+    /// Returns the files deleted.
     pub fn remove(&self, name: &str) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let parsed = ModelName::parse(name)?;
@@ -345,13 +319,11 @@ impl Store {
             }
             return Ok(removed);
         }
-        if let Some((_, file)) = SHORT_NAMES.iter().find(|(n, _)| *n == name) {
-            let path = self.root.join(file);
-            if path.is_file() {
-                std::fs::remove_file(&path).map_err(io_err(&path))?;
-                removed.push(path);
-                return Ok(removed);
-            }
+        if let Some(entry) = self.find(name).filter(|e| e.digest.is_none()) {
+            // The entry's path is inside the folder as found: a link, not its target.
+            std::fs::remove_file(&entry.path).map_err(io_err(&entry.path))?;
+            removed.push(entry.path);
+            return Ok(removed);
         }
         Err(StoreError::NotFound(name.to_string()))
     }
@@ -435,10 +407,11 @@ impl Store {
                 continue;
             }
             let dir = e.file_name().to_string_lossy().into_owned();
+            // A folder name that is not a valid model name is listed (and resolved) made valid.
             let name = ENCODER_SHORT_NAMES
                 .iter()
                 .find(|(_, d)| *d == dir)
-                .map_or(dir.clone(), |(n, _)| n.to_string());
+                .map_or_else(|| name::sanitize_segment(&dir), |(n, _)| n.to_string());
             out.push((name, p));
         }
         out.sort();

@@ -53,6 +53,59 @@ impl PullOptions {
     }
 }
 
+/// Most redirects one request may take (the hub's resolve → CDN is one).
+const MAX_REDIRECTS: usize = 10;
+
+/// Whether `url` is the Hugging Face endpoint's own origin: same scheme, host and port,
+/// compared parsed and exactly (`huggingface.co.evil.example` and `:8001` vs `:800` are not).
+pub fn same_origin(url: &reqwest::Url, endpoint: &str) -> bool {
+    reqwest::Url::parse(endpoint).is_ok_and(|e| {
+        url.scheme() == e.scheme()
+            && url.host_str() == e.host_str()
+            && url.port_or_known_default() == e.port_or_known_default()
+    })
+}
+
+/// GET `url` (from byte `from` on), following redirects one hop at a time so that
+/// `HF_TOKEN` is attached to exactly the hops whose origin is the hub's.
+fn send_get(
+    client: &reqwest::blocking::Client,
+    opts: &PullOptions,
+    url: &str,
+    from: Option<u64>,
+) -> std::result::Result<reqwest::blocking::Response, String> {
+    let mut url = reqwest::Url::parse(url).map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    for _ in 0..=MAX_REDIRECTS {
+        let mut req = client.get(url.clone());
+        if let Some(from) = from {
+            req = req.header(RANGE, format!("bytes={from}-"));
+        }
+        if let Some(token) = &opts.hf_token {
+            if same_origin(&url, &opts.hf_endpoint) {
+                req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+            }
+        }
+        let resp = req.send().map_err(|e| e.to_string())?;
+        if !resp.status().is_redirection() {
+            return Ok(resp);
+        }
+        let Some(location) = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Ok(resp); // a 3xx without a place to go: the caller reports its status
+        };
+        url = url
+            .join(location)
+            .map_err(|e| format!("{url}: bad redirect to {location:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("redirect to a non-HTTP URL {url}"));
+        }
+    }
+    Err(format!("{url}: more than {MAX_REDIRECTS} redirects"))
+}
+
 /// What `hearth pull` was asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
@@ -282,7 +335,8 @@ impl Store {
             .connect_timeout(Duration::from_secs(30))
             // Per read, not for the whole body: big files take as long as they take.
             .timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::limited(10))
+            // Redirects are followed by `send_get`, which decides per hop whether the token goes.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| StoreError::Network {
                 url: source.to_string(),
@@ -345,15 +399,11 @@ impl Store {
             "{}/api/models/{org}/{repo}/tree/main?recursive=true",
             opts.hf_endpoint.trim_end_matches('/')
         );
-        let net = |e: reqwest::Error| StoreError::Network {
+        let net = |message: String| StoreError::Network {
             url: url.clone(),
-            message: e.to_string(),
+            message,
         };
-        let mut req = client.get(&url);
-        if let Some(token) = &opts.hf_token {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let resp = req.send().map_err(net)?;
+        let resp = send_get(client, opts, &url, None).map_err(net)?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(StoreError::Http { url, status });
@@ -472,17 +522,8 @@ impl Store {
         if remote.size.is_some_and(|s| have > s) {
             have = 0;
         }
-        let mut req = client.get(url);
-        if have > 0 {
-            req = req.header(RANGE, format!("bytes={have}-"));
-        }
-        if let Some(token) = &opts.hf_token {
-            // Only the hub sees the token (reqwest drops it on redirects to other hosts).
-            if url.starts_with(opts.hf_endpoint.trim_end_matches('/')) {
-                req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-            }
-        }
-        let mut resp = req.send().map_err(|e| Attempt::Retry(e.to_string()))?;
+        let mut resp =
+            send_get(client, opts, url, (have > 0).then_some(have)).map_err(Attempt::Retry)?;
         let status = resp.status().as_u16();
         let header = |name| {
             resp.headers()

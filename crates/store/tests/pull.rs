@@ -33,10 +33,12 @@ enum Mode {
     WrongHash,
     /// The file comes with `Content-Length: 2^60`.
     HugeLength,
+    /// `resolve/main` redirects to a CDN on another port of 127.0.0.1.
+    CdnAt(u16),
 }
 
-/// (path, Range header) of every request.
-type Log = Mutex<Vec<(String, Option<String>)>>;
+/// (path, Range header, Authorization header) of every request.
+type Log = Mutex<Vec<(String, Option<String>, Option<String>)>>;
 
 struct Hub {
     addr: String,
@@ -61,7 +63,7 @@ fn serve(mut stream: TcpStream, mode: Mode, requests: &Log, full_gets: &AtomicUs
         return;
     }
     let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut range = None;
+    let (mut range, mut auth) = (None, None);
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -70,10 +72,15 @@ fn serve(mut stream: TcpStream, mode: Mode, requests: &Log, full_gets: &AtomicUs
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
+            } else if k.eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
             }
         }
     }
-    requests.lock().unwrap().push((path.clone(), range.clone()));
+    requests
+        .lock()
+        .unwrap()
+        .push((path.clone(), range.clone(), auth));
     let len = bytes.len();
     match path.as_str() {
         "/api/models/org/repo/tree/main?recursive=true" => {
@@ -101,7 +108,13 @@ fn serve(mut stream: TcpStream, mode: Mode, requests: &Log, full_gets: &AtomicUs
             &mut stream,
             "302 Found",
             &[
-                ("Location", "/cdn/blob?sig=x".to_string()),
+                (
+                    "Location",
+                    match mode {
+                        Mode::CdnAt(port) => format!("http://127.0.0.1:{port}/cdn/blob?sig=x"),
+                        _ => "/cdn/blob?sig=x".to_string(),
+                    },
+                ),
                 ("X-Linked-Etag", format!("\"{sha}\"")),
                 ("Content-Length", "0".to_string()),
             ],
@@ -160,8 +173,11 @@ fn serve(mut stream: TcpStream, mode: Mode, requests: &Log, full_gets: &AtomicUs
 }
 
 fn hub(mode: Mode) -> Hub {
+    hub_on(TcpListener::bind("127.0.0.1:0").unwrap(), mode)
+}
+
+fn hub_on(listener: TcpListener, mode: Mode) -> Hub {
     model();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(Mutex::new(Vec::new()));
     let full_gets = Arc::new(AtomicUsize::new(0));
@@ -412,4 +428,96 @@ fn imports_a_local_file() {
         Err(StoreError::NotGguf(_))
     ));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Two listeners on 127.0.0.1 whose ports share a prefix: `:P` and `:P<digit>`, so the
+/// second's URL starts with the first's (`http://127.0.0.1:800` / `http://127.0.0.1:8001`).
+fn prefix_sharing_ports() -> (TcpListener, TcpListener) {
+    for p in (1500..6553u32).step_by(97) {
+        let Ok(short) = TcpListener::bind(("127.0.0.1", p as u16)) else {
+            continue;
+        };
+        for d in 0..10 {
+            if let Ok(long) = TcpListener::bind(("127.0.0.1", (p * 10 + d) as u16)) {
+                return (short, long);
+            }
+        }
+    }
+    panic!("no free pair of ports with a shared prefix on 127.0.0.1");
+}
+
+fn authorizations(hub: &Hub) -> Vec<(String, Option<String>)> {
+    let log = hub.requests.lock().unwrap();
+    log.iter().map(|r| (r.0.clone(), r.2.clone())).collect()
+}
+
+#[test]
+fn the_token_goes_to_the_hub_only_never_to_a_look_alike_or_a_redirect_target() {
+    let (short, long) = prefix_sharing_ports();
+    let other_port = long.local_addr().unwrap().port();
+    let other = hub_on(long, Mode::Normal);
+    let hub = hub_on(short, Mode::CdnAt(other_port));
+    assert!(
+        other.addr.starts_with(&hub.addr),
+        "{} {}",
+        other.addr,
+        hub.addr
+    );
+    let mut o = opts(&hub);
+    o.hf_token = Some("hf_secret".into());
+
+    // A plain URL whose text starts with the hub's: the token must not go.
+    let (store, dir) = temp_store();
+    store
+        .pull(&format!("{}/plain/model.gguf", other.addr), &o)
+        .unwrap();
+    // From the hub, whose resolve redirects to the other server: the hub gets the token on
+    // both its requests, the redirect target never.
+    store.pull("hf.co/org/repo:Q4_1", &o).unwrap();
+    let bearer = Some("Bearer hf_secret".to_string());
+    assert_eq!(
+        authorizations(&hub),
+        [
+            (
+                "/api/models/org/repo/tree/main?recursive=true".to_string(),
+                bearer.clone()
+            ),
+            ("/org/repo/resolve/main/model-Q4_1.gguf".to_string(), bearer)
+        ]
+    );
+    let seen = authorizations(&other);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|(_, a)| a.is_none()), "{seen:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn same_origin_compares_scheme_host_and_port_exactly() {
+    let hf = "https://huggingface.co";
+    let yes = [
+        "https://huggingface.co/x.gguf",
+        "https://HuggingFace.co/x.gguf",
+        "https://huggingface.co:443/a/b",
+    ];
+    let no = [
+        "https://huggingface.co.evil.example/x.gguf",
+        "https://evil.example/huggingface.co/x.gguf",
+        "http://huggingface.co/x.gguf",
+        "https://huggingface.co:8443/x.gguf",
+        "https://huggingface.co@evil.example/x.gguf",
+        "https://cdn-lfs.huggingface.co/x",
+    ];
+    for u in yes {
+        let url = reqwest::Url::parse(u).unwrap();
+        assert!(hearth_store::pull::same_origin(&url, hf), "{u}");
+    }
+    for u in no {
+        let url = reqwest::Url::parse(u).unwrap();
+        assert!(!hearth_store::pull::same_origin(&url, hf), "{u}");
+    }
+    let url = reqwest::Url::parse("http://127.0.0.1:8001/x").unwrap();
+    assert!(!hearth_store::pull::same_origin(
+        &url,
+        "http://127.0.0.1:800"
+    ));
 }

@@ -152,8 +152,13 @@ fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize,
     unsafe { kquant::gemm_q6k(w, a.blocks, nb, n_tok, out) }
 }
 
-/// Kernels for an x86 level the CPU is known to support (`isa >= Avx2`).
-pub fn kernels(isa: Isa) -> Kernels {
+/// Kernels for an x86 level (`isa >= Avx2`).
+///
+/// # Safety
+/// The CPU must support `isa` (`dispatch::detect() >= isa`): the table's safe function
+/// pointers run that level's instructions unchecked. Only `Kernels::for_isa` calls this,
+/// after capping the level by detection.
+pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
     if isa >= Isa::Avx512 {
         return Kernels {
             isa,
@@ -167,7 +172,9 @@ pub fn kernels(isa: Isa) -> Kernels {
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
             add_layer_norm: add_layer_norm_avx512,
-            ..kernels(Isa::Avx2)
+            // SAFETY: a CPU with the Avx512 level has the Avx2 level (`detect`); our caller
+            // guarantees the former.
+            ..unsafe { kernels(Isa::Avx2) }
         };
     }
     Kernels {
