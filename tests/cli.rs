@@ -256,3 +256,136 @@ fn show_prints_metadata_and_template() {
         .unwrap()
         .contains("<start_of_turn>"));
 }
+
+#[test]
+fn no_special_leaves_out_bos() {
+    // Gemma3 adds BOS (2) before every text; --no-special leaves it (and only it) out.
+    let ids = |extra: &[&str]| -> Vec<u64> {
+        let mut args = vec!["tokenize", "gemma3", "Hello world", "--json"];
+        args.extend_from_slice(extra);
+        let out = hearth(&args);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let with = ids(&[]);
+    let without = ids(&["--no-special"]);
+    assert_eq!(with[0], 2, "{with:?}");
+    assert_eq!(&with[1..], &without[..]);
+}
+
+#[test]
+fn chat_takes_turns_from_stdin_and_reuses_the_cache() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["chat", "smollm2", "-v", "-n", "6", "--temperature", "0"])
+        .env("HEARTH_MODELS", common::models_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is the capital of France?\nAnd of Spain?\n")
+        .unwrap();
+    drop(stdin); // end of input: chat quits after the second reply
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    // "hearth: prompt P tokens (C computed) ..." once per turn.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let turns: Vec<(u64, u64)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("hearth: prompt ")?;
+            let mut w = rest.split_whitespace();
+            let prompt = w.next()?.parse().ok()?;
+            let computed = w.nth(1)?.trim_start_matches('(').parse().ok()?;
+            Some((prompt, computed))
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{stderr}");
+    assert_eq!(
+        turns[0].0, turns[0].1,
+        "the first turn computes its whole prompt"
+    );
+    assert!(
+        turns[1].0 > turns[0].0 && turns[1].1 < turns[1].0 - turns[0].0 + 8,
+        "the second turn recomputed its history: {turns:?}"
+    );
+}
+
+#[test]
+fn embed_prints_one_vector_per_text() {
+    let out = hearth(&["embed", "minilm", "hello world", "the sea", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.len(), 2);
+    for e in &v {
+        assert_eq!(e.len(), 384);
+        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    }
+    // Without --json: one line of numbers per text.
+    let out = hearth(&["embed", "minilm", "hello world", "the sea"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let out = hearth(&["embed", "no-such-model", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+}
+
+#[test]
+fn bench_prints_llama_bench_records() {
+    let out = hearth(&[
+        "bench", "smollm2", "-p", "16", "-n", "4", "-t", "1", "-r", "1", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let tests: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["n_prompt"].as_u64().unwrap(),
+                r["n_gen"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tests, [(16, 0), (0, 4)]);
+    for r in &records {
+        assert_eq!(r["n_threads"], 1);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["samples_ns"].as_array().unwrap().len(), 1);
+        // The commit it was built from (this is a git checkout), not the crate version.
+        let commit = r["build_commit"].as_str().unwrap();
+        assert!(
+            commit.len() == 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{commit}"
+        );
+    }
+    let out = hearth(&["bench", "smollm2", "-p", "abc"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("abc"),
+        "{stderr}"
+    );
+}

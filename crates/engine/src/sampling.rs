@@ -114,6 +114,38 @@ impl Sampler {
 
     /// Picks the next token from `logits` given the `history` of tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if let Some(token) = self.candidates(logits, history) {
+            return token;
+        }
+        let r: f32 = self.rng.random();
+        let mut cum = 0.0;
+        for (c, pr) in self.cand.iter().zip(&self.probs) {
+            cum += pr;
+            if r < cum {
+                return c.0;
+            }
+        }
+        self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+
+    /// The distribution the next draw is taken from: (token, probability) of every token
+    /// left after the penalties, top-k, top-p, min-p and temperature, most likely first.
+    /// Greedy sampling (temperature ≤ 0) gives the one token it picks, with probability 1.
+    pub fn distribution(&mut self, logits: &[f32], history: &[u32]) -> Vec<(u32, f32)> {
+        match self.candidates(logits, history) {
+            Some(token) => vec![(token, 1.0)],
+            None => self
+                .cand
+                .iter()
+                .zip(&self.probs)
+                .map(|(c, &p)| (c.0, p))
+                .collect(),
+        }
+    }
+
+    /// Filters `logits` into `cand` / `probs` (the draw's distribution), or returns the
+    /// greedy pick.
+    fn candidates(&mut self, logits: &[f32], history: &[u32]) -> Option<u32> {
         let p = self.params.clone();
         let logits =
             if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
@@ -125,7 +157,7 @@ impl Sampler {
                 &self.penalized
             };
         if p.temperature <= 0.0 {
-            return argmax(logits);
+            return Some(argmax(logits));
         }
         self.cand.clear();
         self.cand
@@ -169,15 +201,7 @@ impl Sampler {
             c.1 /= p.temperature;
         }
         softmax(&self.cand, &mut self.probs);
-        let r: f32 = self.rng.random();
-        let mut cum = 0.0;
-        for (c, pr) in self.cand.iter().zip(&self.probs) {
-            cum += pr;
-            if r < cum {
-                return c.0;
-            }
-        }
-        self.cand.last().map(|c| c.0).unwrap_or(0)
+        None
     }
 }
 
@@ -271,6 +295,178 @@ mod tests {
             ..SamplingParams::default()
         });
         assert_eq!(s.sample(&[1.0, 1.5, 0.0], &[1]), 0);
+    }
+
+    /// Softmax of `logits` over `ids` (f64), the hand computation the tests compare with.
+    fn expected(ids: &[u32], logits: &[f64]) -> Vec<(u32, f32)> {
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        ids.iter()
+            .zip(&e)
+            .map(|(&i, &x)| (i, (x / sum) as f32))
+            .collect()
+    }
+
+    fn assert_same(got: &[(u32, f32)], want: &[(u32, f32)]) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                g.0 == w.0 && (g.1 - w.1).abs() < 1e-6,
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+
+    /// Everything off: temperature 1, no top-k/top-p/min-p, no penalties.
+    fn plain() -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    const LOGITS: [f32; 5] = [2.0, 1.0, 0.5, 0.0, -1.0];
+
+    fn dist(p: SamplingParams, history: &[u32]) -> Vec<(u32, f32)> {
+        Sampler::new(p).distribution(&LOGITS, history)
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy_on_any_logits() {
+        for seed in 0..50u64 {
+            let logits: Vec<f32> = (0..64)
+                .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 37.0)
+                .collect();
+            let greedy = Sampler::new(SamplingParams::greedy()).sample(&logits, &[]);
+            let mut k1 = Sampler::new(SamplingParams {
+                top_k: 1,
+                temperature: 3.0,
+                seed,
+                ..plain()
+            });
+            assert_eq!(k1.sample(&logits, &[]), greedy);
+            assert_eq!(k1.distribution(&logits, &[]), vec![(greedy, 1.0)]);
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest() {
+        let got = dist(
+            SamplingParams {
+                top_k: 3,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(&got, &expected(&[0, 1, 2], &[2.0, 1.0, 0.5]));
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // softmax(LOGITS) = 0.563, 0.207, 0.126, 0.076, 0.028: 0.563 + 0.207 ≥ 0.7.
+        let got = dist(
+            SamplingParams {
+                top_p: 0.7,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(&got, &expected(&[0, 1], &[2.0, 1.0]));
+        // 0.770 < 0.8 ≤ 0.896: three tokens.
+        let got = dist(
+            SamplingParams {
+                top_p: 0.8,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(&got, &expected(&[0, 1, 2], &[2.0, 1.0, 0.5]));
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_min_p_times_the_best() {
+        // p / p_max = e^(l - 2): 1, 0.368, 0.223, 0.135, 0.050.
+        let got = dist(
+            SamplingParams {
+                min_p: 0.2,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(&got, &expected(&[0, 1, 2], &[2.0, 1.0, 0.5]));
+        let got = dist(
+            SamplingParams {
+                min_p: 0.1,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(&got, &expected(&[0, 1, 2, 3], &[2.0, 1.0, 0.5, 0.0]));
+    }
+
+    #[test]
+    fn temperature_divides_the_logits() {
+        let got = dist(
+            SamplingParams {
+                temperature: 0.5,
+                ..plain()
+            },
+            &[],
+        );
+        assert_same(
+            &got,
+            &expected(&[0, 1, 2, 3, 4], &[4.0, 2.0, 1.0, 0.0, -2.0]),
+        );
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits() {
+        // Tokens 0 (2.0 → 1.0) and 4 (-1.0 → -2.0) were seen; token 3 (0.0) stays 0.
+        let got = dist(
+            SamplingParams {
+                repeat_penalty: 2.0,
+                ..plain()
+            },
+            &[0, 4, 3, 0],
+        );
+        assert_same(
+            &got,
+            &expected(&[0, 1, 2, 3, 4], &[1.0, 1.0, 0.5, 0.0, -2.0]),
+        );
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract_per_token_and_per_occurrence() {
+        // Token 1 seen twice: 1.0 - (2 · 0.25 + 0.5) = 0.0; token 4 once: -1.0 - 0.75.
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..plain()
+        };
+        let got = dist(p, &[1, 4, 1]);
+        assert_same(
+            &got,
+            &expected(&[0, 2, 1, 3, 4], &[2.0, 0.5, 0.0, 0.0, -1.75]),
+        );
+    }
+
+    #[test]
+    fn repeat_last_n_limits_the_penalty_window() {
+        // Only the last token (1) is in the window: token 0 keeps its logit.
+        let p = SamplingParams {
+            repeat_penalty: 4.0,
+            repeat_last_n: 1,
+            ..plain()
+        };
+        let got = dist(p, &[0, 1]);
+        assert_same(
+            &got,
+            &expected(&[0, 2, 1, 3, 4], &[2.0, 0.5, 0.25, 0.0, -1.0]),
+        );
     }
 
     #[test]

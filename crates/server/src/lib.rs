@@ -173,26 +173,6 @@ async fn method_not_allowed(req: Request, next: Next) -> Response {
 }
 
 /// The whole HTTP API.
-/// Parses and checks a request body for `endpoint` (`/v1/chat/completions`,
-/// `/v1/completions`, `/api/chat`, `/api/generate`) as the handler does before it touches a
-/// model, and returns the sampling parameters it would use. For the fuzz targets.
-pub fn check_request(
-    endpoint: &str,
-    body: &[u8],
-) -> Result<hearth_engine::SamplingParams, error::ApiError> {
-    match endpoint {
-        "/v1/chat/completions" => openai::check_request(true, body),
-        "/v1/completions" => openai::check_request(false, body),
-        "/api/chat" => ollama::check_request(true, body),
-        "/api/generate" => ollama::check_request(false, body),
-        _ => Err(error::ApiError::new(
-            error::Api::OpenAi,
-            error::Kind::NotFound,
-            format!("no endpoint {endpoint}"),
-        )),
-    }
-}
-
 pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
     let router = Router::new()

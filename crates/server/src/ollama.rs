@@ -480,20 +480,3 @@ pub async fn ps(State(state): State<AppState>) -> Json<Value> {
 pub async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
-
-/// Parses and checks a request body as the handlers do before touching a model.
-pub(crate) fn check_request(
-    chat: bool,
-    body: &[u8],
-) -> Result<hearth_engine::SamplingParams, ApiError> {
-    let options = if chat {
-        let req: ChatRequest = parse_body(API, Ok(Bytes::copy_from_slice(body)))?;
-        check_format(&req.format)?;
-        req.options
-    } else {
-        let req: GenerateRequest = parse_body(API, Ok(Bytes::copy_from_slice(body)))?;
-        check_format(&req.format)?;
-        req.options
-    };
-    generate::sampling(API, &options.unwrap_or_default().knobs()?)
-}

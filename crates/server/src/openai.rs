@@ -436,19 +436,3 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
     ));
     Json(json!({ "object": "list", "data": data }))
 }
-
-/// Parses and checks a request body as the handlers do before touching a model.
-pub(crate) fn check_request(
-    chat: bool,
-    body: &[u8],
-) -> Result<hearth_engine::SamplingParams, ApiError> {
-    let common = if chat {
-        let req: ChatRequest = parse_body(API, Ok(Bytes::copy_from_slice(body)))?;
-        messages(&req.messages)?;
-        req.common
-    } else {
-        let req: CompletionRequest = parse_body(API, Ok(Bytes::copy_from_slice(body)))?;
-        req.common
-    };
-    generate::sampling(API, &common.check()?)
-}

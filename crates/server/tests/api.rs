@@ -1086,3 +1086,71 @@ async fn cors_only_for_configured_origins() {
         .unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_raw_system_and_num_ctx_do_what_they_say() {
+    let s = start(|_| {}).await;
+    let generate = |body: Value| {
+        let s = &s;
+        async move {
+            let mut body = body;
+            body["model"] = json!(MODEL);
+            body["stream"] = json!(false);
+            post(s, "/api/generate", body).await
+        }
+    };
+    let greedy = |n: u32| json!({"num_predict": n, "temperature": 0});
+
+    // raw: the prompt is fed as is. The chat template applied by hand, raw, gives what the
+    // templated prompt gives.
+    let (status, templated) =
+        generate(json!({"prompt": "Name a colour.", "options": greedy(8)})).await;
+    assert_eq!(status, 200, "{templated}");
+    // (SmolLM2's template adds its default system turn when there is none.)
+    let by_hand = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+        Hugging Face<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n";
+    let (status, raw) =
+        generate(json!({"prompt": by_hand, "raw": true, "options": greedy(8)})).await;
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(raw["response"], templated["response"]);
+    // Raw text without the template is a different, shorter prompt.
+    let (_, bare) =
+        generate(json!({"prompt": "Name a colour.", "raw": true, "options": greedy(8)})).await;
+    assert!(
+        bare["prompt_eval_count"].as_u64().unwrap() < 8,
+        "raw text was templated: {bare}"
+    );
+
+    // system: a system turn before the prompt, as /api/chat with the same two messages.
+    let system = "Answer in French.";
+    let (status, gen) =
+        generate(json!({"prompt": "Name a colour.", "system": system, "options": greedy(8)})).await;
+    assert_eq!(status, 200, "{gen}");
+    let (_, chat) = post(
+        &s,
+        "/api/chat",
+        json!({"model": MODEL, "stream": false, "options": greedy(8), "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Name a colour."}]}),
+    )
+    .await;
+    assert_eq!(gen["response"], chat["message"]["content"]);
+    assert_ne!(
+        gen["response"], templated["response"],
+        "the system turn was ignored"
+    );
+
+    // num_ctx: the context holds prompt + reply; a prompt that does not fit is a 400.
+    let prompt_len = templated["prompt_eval_count"].as_u64().unwrap();
+    let (status, short) = generate(json!({"prompt": "Name a colour.", "options":
+        {"num_predict": 50, "temperature": 0, "num_ctx": prompt_len + 3}}))
+    .await;
+    assert_eq!(status, 200, "{short}");
+    assert_eq!(short["eval_count"], 3, "{short}");
+    assert_eq!(short["done_reason"], "length");
+    let (status, err) = generate(json!({"prompt": "Name a colour.", "options":
+        {"num_ctx": prompt_len - 1}}))
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("context"), "{err}");
+}
