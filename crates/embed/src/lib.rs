@@ -391,3 +391,41 @@ pub fn weights_dtype(dir: &Path) -> Result<String> {
         .map(|(dtype, _)| dtype)
         .ok_or_else(|| EmbedError::Weights("no tensors".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of just a header (the data is never read).
+    fn header_only(dir: &Path, header: &str) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    }
+
+    #[test]
+    fn weights_dtype_is_the_dtype_of_most_parameters() {
+        let dir = std::env::temp_dir().join(format!("hearth-dtype-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        header_only(
+            &dir,
+            r#"{"__metadata__":{"format":"pt"},
+                "a":{"dtype":"F32","shape":[10],"data_offsets":[0,40]},
+                "b":{"dtype":"F16","shape":[4,8],"data_offsets":[40,104]}}"#,
+        );
+        assert_eq!(weights_dtype(&dir).unwrap(), "F16");
+        header_only(
+            &dir,
+            r#"{"a":{"dtype":"BF16","shape":[3],"data_offsets":[0,6]}}"#,
+        );
+        assert_eq!(weights_dtype(&dir).unwrap(), "BF16");
+        header_only(&dir, "{not json");
+        assert!(weights_dtype(&dir).is_err());
+        std::fs::write(dir.join("model.safetensors"), u64::MAX.to_le_bytes()).unwrap();
+        assert!(
+            weights_dtype(&dir).is_err(),
+            "an absurd header length is refused"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -322,6 +322,19 @@ async fn ollama_generate_chat_tags_show() {
         .unwrap()
         .clone();
     assert_eq!(entry["details"]["quantization_level"], "Q4_1");
+    // Every entry, embedding models included, carries its file's real modification time.
+    for m in tags["models"].as_array().unwrap() {
+        let when = m["modified_at"].as_str().unwrap();
+        assert!(!when.starts_with("1970"), "{m}");
+    }
+    let minilm = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "minilm")
+        .unwrap();
+    assert_eq!(minilm["details"]["format"], "safetensors");
+    assert_eq!(minilm["details"]["quantization_level"], "F32");
     let (status, show) = post(&s, "/api/show", json!({"model": MODEL})).await;
     assert_eq!(status, 200);
     assert_eq!(show["model_info"]["general.architecture"], "llama");
