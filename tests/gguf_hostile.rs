@@ -319,7 +319,7 @@ fn corrupted_files_give_specific_errors() {
                 let p = kv(l, "general.architecture").3;
                 b[p + 8..p + 13].copy_from_slice(b"llamb")
             }),
-            Load(|e| matches!(e, ModelError::UnsupportedArch(a) if a == "llamb")),
+            Load(|e| matches!(e, ModelError::UnsupportedArch(a, _) if a == "llamb")),
         ),
         (
             "missing tensor",

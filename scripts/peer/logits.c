@@ -1,15 +1,19 @@
 // llama.cpp's logits step by step, for the golden files of tests/logits_golden.rs.
 // scripts/make-goldens compiles it against the peer build; no llama.cpp code is committed.
 //
-// usage: logits MODEL FA(0|1) THREADS N_PROMPT N_GEN TOPK < ids
+// usage: logits MODEL FA(0|1) THREADS N_PROMPT N_GEN TOPK [lse] < ids
 //   ids: whitespace-separated token ids. The first N_PROMPT are the prompt, decoded in one
 //   batch. Then N_GEN steps, one decode call each, as generation runs: the step's token is
 //   the next given id if any are left (teacher forcing), else the argmax (greedy; stops
 //   after an end-of-generation token). Each step prints one line:
-//   "TOKEN id:logit id:logit ..." with the TOPK largest logits before taking TOKEN.
+//   "TOKEN id:logit id:logit ..." with the TOPK largest logits before taking TOKEN; with
+//   `lse`, "TOKEN LSE id:logit ..." where LSE is log Σ exp(logit) over the whole vocabulary
+//   (so the top logits give exact probabilities: p = exp(logit - LSE)).
 #include "llama.h"
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static const float *g_logits;
 static int cmp_desc(const void *a, const void *b) {
@@ -19,10 +23,11 @@ static int cmp_desc(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: logits MODEL FA THREADS N_PROMPT N_GEN TOPK < ids\n");
+    if (argc != 7 && !(argc == 8 && strcmp(argv[7], "lse") == 0)) {
+        fprintf(stderr, "usage: logits MODEL FA THREADS N_PROMPT N_GEN TOPK [lse] < ids\n");
         return 2;
     }
+    int with_lse = argc == 8;
     int fa = atoi(argv[2]), threads = atoi(argv[3]), n_prompt = atoi(argv[4]);
     int n_gen = atoi(argv[5]), topk = atoi(argv[6]);
     static int ids[4096];
@@ -68,6 +73,11 @@ int main(int argc, char **argv) {
         int pos = n_prompt + step;
         int token = pos < n ? ids[pos] : order[0];
         printf("%d", token);
+        if (with_lse) {
+            double max = g_logits[order[0]], sum = 0.0;
+            for (int i = 0; i < n_vocab; i++) sum += exp((double)g_logits[i] - max);
+            printf(" %.9f", max + log(sum));
+        }
         for (int k = 0; k < topk; k++) printf(" %d:%.6f", order[k], g_logits[order[k]]);
         printf("\n");
         if (pos >= n && llama_vocab_is_eog(vocab, token)) break;

@@ -121,7 +121,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let params: u64 = model.gguf.tensors.iter().map(|t| t.n_elements).sum();
     let model_type = format!(
         "{} {:.0}M {}",
-        model.config.arch.name(),
+        model.config.arch,
         params as f64 / 1e6,
         crate::commands::file_type_label(&model.gguf)
     );

@@ -1,7 +1,9 @@
-//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve, embed.
+//! The `hearth` command line: run, chat, tokenize, show, pull, list, rm, serve, embed,
+//! bench, perplexity.
 
 mod bench;
 mod commands;
+mod perplexity;
 pub mod resolve;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +47,36 @@ enum Command {
     Embed(EmbedArgs),
     /// Prompt-processing and generation speed, defined as llama-bench defines them.
     Bench(BenchArgs),
+    /// Perplexity of a text, and KL divergence against a base model's logits, defined as
+    /// llama-perplexity defines them (its base-logits files work with both tools).
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// A cached model name or a path to a .gguf file.
+    pub model: String,
+    /// The text to evaluate (not needed with --kl-divergence: the base file holds its tokens).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<std::path::PathBuf>,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
+    pub ctx: usize,
+    /// Accepted for llama-perplexity command lines; hearth batches up to 256 tokens itself.
+    #[arg(short = 'b', long = "batch-size")]
+    pub batch: Option<usize>,
+    /// Evaluate at most this many chunks.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// The base-logits file: written (every scored position's log-probabilities), or read
+    /// with --kl-divergence.
+    #[arg(long = "kl-divergence-base", visible_alias = "save-all-logits")]
+    pub logits_file: Option<std::path::PathBuf>,
+    /// Compare with the base-logits file: KL divergence, top-token agreement, Δp.
+    #[arg(long)]
+    pub kl_divergence: bool,
 }
 
 #[derive(Args)]
@@ -259,6 +291,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => commands::serve(a),
         Command::Embed(a) => commands::embed(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Perplexity(a) => perplexity::perplexity(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

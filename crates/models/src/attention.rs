@@ -15,6 +15,8 @@ pub struct AttnShape {
     pub scale: f32,
     /// Keys at least this far behind the query are masked (sliding-window layers).
     pub window: Option<usize>,
+    /// Attention logit soft-capping (gemma2), `None` for off.
+    pub softcap: Option<f32>,
 }
 
 /// The kernels' score buffers, owned by the caller and sized for the whole cache before any
@@ -111,6 +113,7 @@ pub fn attention(
             kv_stride: kv_dim,
             head_dim: hd,
             scale: s.scale,
+            softcap: s.softcap.unwrap_or(0.0),
         };
         for (at, pos) in rows {
             a.at[a.rows] = at;

@@ -3,24 +3,10 @@
 use crate::{ModelError, Result};
 use hearth_gguf::Gguf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Gemma3,
-}
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Gemma3 => "gemma3",
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub arch: Arch,
+    /// `general.architecture`; its family (see [`crate::arch`]) reads its own settings.
+    pub arch: String,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_ff: usize,
@@ -32,21 +18,22 @@ pub struct Config {
     pub n_ctx_train: usize,
     pub rms_eps: f32,
     pub rope_base: f32,
+    /// Linear RoPE scaling: positions are multiplied by this (`1 / rope.scaling.factor`).
+    pub rope_freq_scale: f32,
     /// gemma3: RoPE base of the sliding-window layers.
     pub rope_base_swa: f32,
-    /// gemma3: window length; every `swa_pattern`-th layer is global.
+    /// Window length, set by the families that use it (gemma3: every `swa_pattern`-th
+    /// layer is global).
     pub sliding_window: Option<usize>,
     pub swa_pattern: usize,
+    /// Final logit soft-capping (gemma2): logits become `cap · tanh(logit / cap)`.
+    pub final_logit_softcap: Option<f32>,
 }
 
 impl Config {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let arch_name = g.require_str("general.architecture")?;
-        let arch = match arch_name {
-            "llama" => Arch::Llama,
-            "gemma3" => Arch::Gemma3,
-            other => return Err(ModelError::UnsupportedArch(other.into())),
-        };
+        let arch = arch_name.to_string();
         let key = |k: &str| format!("{arch_name}.{k}");
         let n_layer = g.require_usize(&key("block_count"), 1, 1024)?;
         let n_embd = g.require_usize(&key("embedding_length"), 1, 1 << 16)?;
@@ -87,17 +74,29 @@ impl Config {
         let n_ctx_train = g
             .get_usize(&key("context_length"), 1, 1 << 24)?
             .unwrap_or(2048);
-        let default_eps = if arch == Arch::Gemma3 { 1e-6 } else { 1e-5 };
         let rms_eps = g
             .get_f32(&key("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(default_eps);
+            .unwrap_or(1e-5);
         let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
-        let sliding_window = match arch {
-            Arch::Gemma3 => g
-                .get_usize(&key("attention.sliding_window"), 0, 1 << 24)?
-                .filter(|&w| w > 0),
-            Arch::Llama => None,
+        // Scaling other than linear changes more than the angles: refuse it rather than
+        // run it wrong.
+        let rope_freq_scale = match g.get_str(&key("rope.scaling.type"))? {
+            None | Some("none") => 1.0,
+            Some("linear") => {
+                let factor = g.get_f32(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(ModelError::BadConfig(format!(
+                        "rope scaling factor {factor}"
+                    )));
+                }
+                1.0 / factor
+            }
+            Some(other) => {
+                return Err(ModelError::BadConfig(format!(
+                    "RoPE scaling {other:?} is not supported (none and linear are)"
+                )))
+            }
         };
         let swa_pattern = g
             .get_usize(&key("attention.sliding_window_pattern"), 1, 1024)?
@@ -134,8 +133,10 @@ impl Config {
             n_ctx_train,
             rms_eps,
             rope_base,
+            rope_freq_scale,
             rope_base_swa,
-            sliding_window,
+            sliding_window: None,
+            final_logit_softcap: None,
             swa_pattern,
         })
     }

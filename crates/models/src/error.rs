@@ -4,8 +4,8 @@ pub enum ModelError {
     Gguf(#[from] hearth_gguf::GgufError),
     #[error(transparent)]
     Quant(#[from] hearth_quant::QuantError),
-    #[error("architecture {0:?} is not supported (supported: llama, gemma3)")]
-    UnsupportedArch(String),
+    #[error("architecture {0:?} is not supported (supported: {1})")]
+    UnsupportedArch(String, String),
     #[error("model configuration is invalid: {0}")]
     BadConfig(String),
     #[error("context is full: {needed} tokens needed but the context holds {n_ctx} (raise --ctx)")]

@@ -7,16 +7,21 @@
 //! runs several sequences, each with its own cache, through the same matrix products
 //! (continuous batching): only attention is per sequence.
 
+pub mod arch;
 pub mod attention;
+mod blocks;
 pub mod config;
 mod error;
+mod gemma2;
 mod gemma3;
 pub mod kv;
 mod llama;
 pub mod ops;
+mod qwen2;
+mod qwen3;
 pub mod weights;
 
-pub use config::{Arch, Config};
+pub use config::Config;
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
 
@@ -28,25 +33,6 @@ use weights::Mat;
 /// Largest number of tokens processed in one forward batch.
 pub const MAX_BATCH: usize = 256;
 
-/// One transformer block's weights. Optional parts exist only in some architectures.
-pub struct Layer {
-    pub attn_norm: Vec<f32>,
-    pub wq: Mat,
-    pub wk: Mat,
-    pub wv: Mat,
-    pub wo: Mat,
-    pub ffn_norm: Vec<f32>,
-    pub w_gate: Mat,
-    pub w_up: Mat,
-    pub w_down: Mat,
-    /// gemma3: per-head RMSNorm of Q and K.
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
-    /// gemma3: norms after attention and after the feed-forward block.
-    pub post_attn_norm: Option<Vec<f32>>,
-    pub post_ffn_norm: Option<Vec<f32>>,
-}
-
 pub struct Model {
     pub gguf: Arc<Gguf>,
     pub config: Config,
@@ -54,7 +40,10 @@ pub struct Model {
     pub output_norm: Vec<f32>,
     /// The output projection (the token embedding when tied).
     pub output: Mat,
-    pub layers: Vec<Layer>,
+    /// Per-frequency RoPE divisors (`rope_freqs.weight`, Llama 3.1+), `n_rot / 2` of them.
+    pub rope_factors: Option<Vec<f32>>,
+    /// The architecture's blocks (see [`arch`]).
+    pub layers: Box<dyn arch::Layers>,
 }
 
 /// Reusable buffers for one sequence's forward passes.
@@ -128,21 +117,32 @@ impl Scratch {
     }
 
     /// Fills the RoPE tables for every row's position, once for all layers.
-    fn fill_rope(&mut self, c: &Config) {
-        fill_rope_table(&mut self.rope, &self.segs, c.n_rot, c.rope_base);
+    fn fill_rope(&mut self, c: &Config, factors: Option<&[f32]>) {
+        let rope = ops::Rope {
+            n_dims: c.n_rot,
+            base: c.rope_base,
+            freq_scale: c.rope_freq_scale,
+            factors,
+        };
+        fill_rope_table(&mut self.rope, &self.segs, &rope);
         if c.sliding_window.is_some() {
-            fill_rope_table(&mut self.rope_swa, &self.segs, c.n_rot, c.rope_base_swa);
+            let swa = ops::Rope {
+                base: c.rope_base_swa,
+                ..rope
+            };
+            fill_rope_table(&mut self.rope_swa, &self.segs, &swa);
         }
     }
 }
 
-fn fill_rope_table(table: &mut Vec<f32>, segs: &[(usize, usize, usize)], n_rot: usize, base: f32) {
+fn fill_rope_table(table: &mut Vec<f32>, segs: &[(usize, usize, usize)], rope: &ops::Rope) {
     let n: usize = segs.iter().map(|s| s.1).sum();
+    let n_rot = rope.n_dims;
     table.resize(n * n_rot, 0.0);
     for &(row0, len, pos0) in segs {
         for t in 0..len {
             let row = &mut table[(row0 + t) * n_rot..(row0 + t + 1) * n_rot];
-            ops::rope_cache(pos0 + t, n_rot, base, row);
+            rope.cache(pos0 + t, row);
         }
     }
 }
@@ -150,11 +150,39 @@ fn fill_rope_table(table: &mut Vec<f32>, segs: &[(usize, usize, usize)], n_rot: 
 impl Model {
     /// Builds the model from a validated GGUF file, checking every tensor's shape.
     pub fn load(gguf: Arc<Gguf>) -> Result<Self> {
-        let config = Config::from_gguf(&gguf)?;
-        match config.arch {
-            Arch::Llama => llama::load(gguf, config),
-            Arch::Gemma3 => gemma3::load(gguf, config),
-        }
+        let arch_name = gguf.require_str("general.architecture")?;
+        let family = arch::family(arch_name)
+            .ok_or_else(|| ModelError::UnsupportedArch(arch_name.to_string(), arch::names()))?;
+        let mut config = Config::from_gguf(&gguf)?;
+        let layers = (family.load)(&gguf, &mut config)?;
+        let c = &config;
+        let token_embd = Mat::load(&gguf, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let output = if gguf.tensor_info("output.weight").is_some() {
+            Mat::load(&gguf, "output.weight", c.n_embd, c.n_vocab)?
+        } else {
+            token_embd.clone()
+        };
+        let rope_factors = match gguf.tensor_info("rope_freqs.weight") {
+            Some(_) => {
+                let f = weights::load_vec(&gguf, "rope_freqs.weight", c.n_rot / 2)?;
+                if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                    return Err(ModelError::BadConfig(format!(
+                        "rope_freqs.weight holds {bad}"
+                    )));
+                }
+                Some(f)
+            }
+            None => None,
+        };
+        Ok(Model {
+            output_norm: weights::load_vec(&gguf, "output_norm.weight", c.n_embd)?,
+            token_embd,
+            output,
+            rope_factors,
+            layers,
+            config,
+            gguf,
+        })
     }
 
     pub fn new_cache(&self, n_ctx: usize) -> KvCache {
@@ -183,6 +211,42 @@ impl Model {
                 part,
             }];
             self.run_batch(&mut seq, scratch, logits);
+        }
+        Ok(())
+    }
+
+    /// Runs prompt `tokens` at the end of `cache` and writes the logits of every token from
+    /// index `from` on (`[tokens.len() - from, n_vocab]`), as `llama-perplexity` needs them.
+    pub fn forward_all(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        from: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.check_seq(tokens, cache)?;
+        let part = Part::Prompt {
+            len: cache.len + tokens.len(),
+        };
+        let v = self.config.n_vocab;
+        logits.clear();
+        let mut rows = Vec::new();
+        let mut done = 0;
+        for chunk in tokens.chunks(MAX_BATCH) {
+            let mut seq = [BatchSeq {
+                tokens: chunk,
+                cache: &mut *cache,
+                want_logits: false,
+                part,
+            }];
+            self.run_layers(&mut seq, scratch);
+            let first = from.saturating_sub(done).min(chunk.len());
+            if first < chunk.len() {
+                self.logits_of_rows(first..chunk.len(), scratch, &mut rows);
+                logits.extend_from_slice(&rows[..(chunk.len() - first) * v]);
+            }
+            done += chunk.len();
         }
         Ok(())
     }
@@ -253,6 +317,13 @@ impl Model {
 
     /// One batch of checked sequences, at most [`MAX_BATCH`] tokens.
     fn run_batch(&self, seqs: &mut [BatchSeq], s: &mut Scratch, logits: &mut Vec<f32>) {
+        self.run_layers(seqs, s);
+        self.logits(seqs, s, logits);
+    }
+
+    /// Every block on one batch (at most [`MAX_BATCH`] tokens); the final hidden states stay
+    /// in `s.x`, each sequence's rows at its offset in `s.segs`.
+    fn run_layers(&self, seqs: &mut [BatchSeq], s: &mut Scratch) {
         // Rows of sequences on the tiles first, so that every product splits in two.
         s.segs.clear();
         let on_tiles = |q: &BatchSeq| q.part.on_tiles();
@@ -273,19 +344,36 @@ impl Model {
             *next += q.tokens.len();
         }
         s.prepare(&self.config, n);
-        s.fill_rope(&self.config);
+        s.fill_rope(&self.config, self.rope_factors.as_deref());
         let d = self.config.n_embd;
         for (q, &(row0, len, _)) in seqs.iter().zip(&s.segs) {
             self.embed(q.tokens, &mut s.x[row0 * d..(row0 + len) * d]);
         }
-        match self.config.arch {
-            Arch::Llama => llama::layers(self, n, seqs, s),
-            Arch::Gemma3 => gemma3::layers(self, n, seqs, s),
-        }
+        self.layers.run(self, n, seqs, s);
         for q in seqs.iter_mut() {
             q.cache.len += q.tokens.len();
         }
-        self.logits(seqs, s, logits);
+    }
+
+    /// Final norm and output projection of batch rows `rows` (`[rows.len(), n_vocab]`).
+    fn logits_of_rows(&self, rows: std::ops::Range<usize>, s: &mut Scratch, logits: &mut Vec<f32>) {
+        let d = self.config.n_embd;
+        let m = rows.len();
+        ops::rms_norm(
+            &s.x[rows.start * d..rows.end * d],
+            &self.output_norm,
+            self.config.rms_eps,
+            &mut s.xn[..m * d],
+        );
+        let out = self.output.view(&self.gguf);
+        s.acts.quantize_split(out.act_type(), &s.xn[..m * d], d, 0);
+        logits.resize(m * self.config.n_vocab, 0.0);
+        out.matmul(&s.acts, logits, &mut s.mm);
+        if let Some(cap) = self.config.final_logit_softcap {
+            logits
+                .iter_mut()
+                .for_each(|l| *l = hearth_quant::soft_cap(*l, cap));
+        }
     }
 
     /// Token embeddings (rows of `token_embd`, dequantized).
@@ -320,193 +408,11 @@ impl Model {
         s.acts.quantize_split(out.act_type(), &s.xn[..m * d], d, 0);
         logits.resize(m * self.config.n_vocab, 0.0);
         out.matmul(&s.acts, logits, &mut s.mm);
-    }
-
-    /// `out = W · x` for the `n` rows of `x`, the first `tile_rows` on the AMX-INT8 tiles.
-    fn matmul(
-        &self,
-        w: &Mat,
-        x: &[f32],
-        out: &mut [f32],
-        acts: &mut Activations,
-        mm: &mut Vec<f32>,
-        tile_rows: usize,
-    ) {
-        let m = w.view(&self.gguf);
-        acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
-        m.matmul(acts, out, mm);
-    }
-
-    /// Several products of one input: `x` is quantized once per activation format, not
-    /// once per matrix.
-    fn matmul_shared<const N: usize>(
-        &self,
-        x: &[f32],
-        outs: [(&Mat, &mut [f32]); N],
-        acts: &mut Activations,
-        mm: &mut Vec<f32>,
-        tile_rows: usize,
-    ) {
-        let mut current = None;
-        for (w, out) in outs {
-            let m = w.view(&self.gguf);
-            if current != Some(m.act_type()) {
-                acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
-                current = Some(m.act_type());
-            }
-            m.matmul(acts, out, mm);
+        if let Some(cap) = self.config.final_logit_softcap {
+            logits
+                .iter_mut()
+                .for_each(|l| *l = hearth_quant::soft_cap(*l, cap));
         }
-    }
-
-    /// `xn = rms_norm(x) * attn_norm`, then Q, K, V projections of `xn` (`n` tokens).
-    fn attn_projections(&self, layer: &Layer, n: usize, s: &mut Scratch) {
-        let c = &self.config;
-        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
-        ops::rms_norm(
-            &s.x[..n * d],
-            &layer.attn_norm,
-            c.rms_eps,
-            &mut s.xn[..n * d],
-        ); // [n, d]
-        self.matmul_shared(
-            &s.xn[..n * d],
-            [
-                (&layer.wq, &mut s.q[..n * qd]),  // [n, n_head*hd]
-                (&layer.wk, &mut s.k[..n * kvd]), // [n, n_kv*hd]
-                (&layer.wv, &mut s.v[..n * kvd]), // [n, n_kv*hd]
-            ],
-            &mut s.acts,
-            &mut s.mm,
-            s.tile_rows,
-        );
-    }
-
-    /// RoPE on Q and K of the `n` tokens, with the chunk's table (`swa`: the sliding-window one).
-    fn rope_qk(&self, n: usize, mode: ops::RopeMode, swa: bool, s: &mut Scratch) {
-        let c = &self.config;
-        let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let table = if swa { &s.rope_swa } else { &s.rope };
-        for (t, cs) in table.chunks_exact(c.n_rot).take(n).enumerate() {
-            ops::rope(
-                &mut s.q[t * qd..(t + 1) * qd],
-                c.head_dim,
-                c.n_rot,
-                mode,
-                cs,
-            );
-            ops::rope(
-                &mut s.k[t * kvd..(t + 1) * kvd],
-                c.head_dim,
-                c.n_rot,
-                mode,
-                cs,
-            );
-        }
-    }
-
-    /// Stores K and V of layer `il` in each sequence's cache and runs attention there;
-    /// `proj = Wo · attn` for the whole batch.
-    fn attend(
-        &self,
-        il: usize,
-        layer: &Layer,
-        n: usize,
-        shape: &attention::AttnShape,
-        seqs: &mut [BatchSeq],
-        s: &mut Scratch,
-    ) {
-        let c = &self.config;
-        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
-        for (q, &(row0, len, pos0)) in seqs.iter_mut().zip(&s.segs) {
-            let rows = row0..row0 + len;
-            q.cache.store(
-                il,
-                pos0,
-                &s.k[rows.start * kvd..rows.end * kvd],
-                &s.v[rows.start * kvd..rows.end * kvd],
-            );
-            attention::attention(
-                &s.q[rows.start * qd..rows.end * qd],
-                &q.cache.k[il],
-                &q.cache.v[il],
-                pos0,
-                shape,
-                &mut s.attn[rows.start * qd..rows.end * qd],
-                &mut s.attn_scratch,
-            ); // [len, qd]
-        }
-        self.matmul(
-            &layer.wo,
-            &s.attn[..n * qd],
-            &mut s.proj[..n * d],
-            &mut s.acts,
-            &mut s.mm,
-            s.tile_rows,
-        ); // [n, d]
-    }
-
-    /// `proj = down(act(gate(xn)) * up(xn))` with `xn = rms_norm(x) * ffn_norm`;
-    /// `act` combines gate and up in place (SwiGLU, GeGLU).
-    fn feed_forward(&self, layer: &Layer, n: usize, act: fn(&mut [f32], &[f32]), s: &mut Scratch) {
-        let c = &self.config;
-        let (d, ff) = (c.n_embd, c.n_ff);
-        ops::rms_norm(
-            &s.x[..n * d],
-            &layer.ffn_norm,
-            c.rms_eps,
-            &mut s.xn[..n * d],
-        ); // [n, d]
-        self.matmul_shared(
-            &s.xn[..n * d],
-            [
-                (&layer.w_gate, &mut s.gate[..n * ff]),
-                (&layer.w_up, &mut s.up[..n * ff]),
-            ], // [n, ff]
-            &mut s.acts,
-            &mut s.mm,
-            s.tile_rows,
-        );
-        act(&mut s.gate[..n * ff], &s.up[..n * ff]);
-        self.matmul(
-            &layer.w_down,
-            &s.gate[..n * ff],
-            &mut s.proj[..n * d],
-            &mut s.acts,
-            &mut s.mm,
-            s.tile_rows,
-        ); // [n, d]
-    }
-
-    /// The token embedding and output projection (tied to the embedding when absent).
-    fn load_embeddings(g: &Gguf, c: &Config) -> Result<(Mat, Mat)> {
-        let token_embd = Mat::load(g, "token_embd.weight", c.n_embd, c.n_vocab)?;
-        let output = if g.tensor_info("output.weight").is_some() {
-            Mat::load(g, "output.weight", c.n_embd, c.n_vocab)?
-        } else {
-            token_embd.clone()
-        };
-        Ok((token_embd, output))
-    }
-
-    /// The weights every architecture's block `i` has; optional parts left empty.
-    fn load_base_layer(g: &Gguf, c: &Config, i: usize) -> Result<Layer> {
-        let (d, ff) = (c.n_embd, c.n_ff);
-        let name = |n: &str| format!("blk.{i}.{n}.weight");
-        Ok(Layer {
-            attn_norm: weights::load_vec(g, &name("attn_norm"), d)?,
-            wq: Mat::load(g, &name("attn_q"), d, c.q_dim())?,
-            wk: Mat::load(g, &name("attn_k"), d, c.kv_dim())?,
-            wv: Mat::load(g, &name("attn_v"), d, c.kv_dim())?,
-            wo: Mat::load(g, &name("attn_output"), c.q_dim(), d)?,
-            ffn_norm: weights::load_vec(g, &name("ffn_norm"), d)?,
-            w_gate: Mat::load(g, &name("ffn_gate"), d, ff)?,
-            w_up: Mat::load(g, &name("ffn_up"), d, ff)?,
-            w_down: Mat::load(g, &name("ffn_down"), ff, d)?,
-            q_norm: None,
-            k_norm: None,
-            post_attn_norm: None,
-            post_ffn_norm: None,
-        })
     }
 
     /// Bytes of one KV cache of `n_ctx` positions (f16 keys and values, every layer).

@@ -42,15 +42,41 @@ pub enum RopeMode {
     Neox,
 }
 
-/// Cosines and sines for one position, as ggml computes them (theta multiplied up in f32).
-pub fn rope_cache(pos: usize, n_dims: usize, freq_base: f32, cache: &mut [f32]) {
-    let theta_scale = freq_base.powf(-2.0 / n_dims as f32);
-    let mut theta = pos as f32;
-    for i in 0..n_dims / 2 {
-        cache[2 * i] = theta.cos();
-        cache[2 * i + 1] = theta.sin();
-        theta *= theta_scale;
+/// A RoPE table's settings: rotated dimensions, frequency base, linear position scale, and
+/// per-frequency divisors (`rope_freqs.weight`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub n_dims: usize,
+    pub base: f32,
+    pub freq_scale: f32,
+    pub factors: Option<&'a [f32]>,
+}
+
+impl Rope<'_> {
+    /// Cosines and sines for one position, as ggml computes them (theta multiplied up in
+    /// f32, then scaled, then divided by the frequency's factor).
+    pub fn cache(&self, pos: usize, cache: &mut [f32]) {
+        let theta_scale = self.base.powf(-2.0 / self.n_dims as f32);
+        let mut theta = pos as f32;
+        for i in 0..self.n_dims / 2 {
+            let factor = self.factors.map_or(1.0, |f| f[i]);
+            let t = self.freq_scale * (theta / factor);
+            cache[2 * i] = t.cos();
+            cache[2 * i + 1] = t.sin();
+            theta *= theta_scale;
+        }
     }
+}
+
+/// [`Rope::cache`] without scaling or factors.
+pub fn rope_cache(pos: usize, n_dims: usize, freq_base: f32, cache: &mut [f32]) {
+    Rope {
+        n_dims,
+        base: freq_base,
+        freq_scale: 1.0,
+        factors: None,
+    }
+    .cache(pos, cache)
 }
 
 /// Rotates each head of `x` (`n_heads` heads of `head_dim`) by the angles in `cache`.
@@ -109,6 +135,13 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
 
 /// Softmax in place (the attention kernels' definition: f32 exponentials, f64 sum).
 pub use hearth_quant::reference::softmax;
+
+/// `x[r] += b` for every row `r` of `x` (`b.len()` columns): a bias.
+pub fn add_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        add_inplace(row, b);
+    }
+}
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {

@@ -83,6 +83,15 @@ pub struct AttendF16<'a> {
     pub kv_stride: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Attention logit soft-capping (gemma2): scores become `cap · tanh(score / cap)`
+    /// after `scale`, before the softmax. 0 turns it off.
+    pub softcap: f32,
+}
+
+/// `cap · tanh(x / cap)` as ggml computes it (a scale by `1/cap`, tanh, a scale by `cap`).
+#[inline]
+pub fn soft_cap(x: f32, cap: f32) -> f32 {
+    (x * (1.0 / cap)).tanh() * cap
 }
 
 /// The starting values of a product's output rows: `bias` (if any) followed by zeros up to

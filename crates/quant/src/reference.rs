@@ -465,6 +465,11 @@ pub fn attend_f16_by_rows(
             }
         }
         scores.iter_mut().for_each(|s| *s *= a.scale);
+        if a.softcap > 0.0 {
+            scores
+                .iter_mut()
+                .for_each(|s| *s = crate::soft_cap(*s, a.softcap));
+        }
         softmax(scores);
         let o = &mut out[a.at[r]..][..hd];
         o.fill(0.0);

@@ -1,6 +1,6 @@
 //! The decoder attention kernel (`Kernels::attend_f16`) at every dispatch level this CPU
 //! has against the scalar reference, on random queries, keys and values with per-row key
-//! ranges (causal and sliding-window shapes). The SIMD levels sum the dot products in
+//! ranges (causal and sliding-window shapes) and with or without logit soft-capping. The SIMD levels sum the dot products in
 //! another order, so scores differ by float rounding, and the f16 rounding of the softmax
 //! weights can then move by one f16 step (2⁻¹¹ relative): outputs must agree within
 //! 2e-3 · Σ|v| over the row's keys / n + 1e-5 — far below what a wrong key range, row or
@@ -27,6 +27,7 @@ proptest! {
         rows in 1usize..9,
         n_pos in 1usize..80,
         window in prop::option::of(1usize..40),
+        softcap in prop::sample::select(vec![0.0f32, 0.0, 0.5, 50.0]),
         seed in prop::collection::vec(-3.0f32..3.0, 7..97),
     ) {
         let kv_stride = kv_heads * head_dim;
@@ -45,6 +46,7 @@ proptest! {
             kv_stride,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap,
         };
         for r in 0..rows {
             // Rows two head_dims apart, each at its own position near the end.

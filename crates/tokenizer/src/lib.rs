@@ -451,6 +451,12 @@ impl Tokenizer {
                     word.push(byte_to_char[b as usize]);
                 }
             }
+            if pre.ignores_merges() {
+                if let Some(&id) = self.token_to_id.get(word.as_str()) {
+                    out.push(id);
+                    continue;
+                }
+            }
             let mut syms = Sym::chars_of(&word);
             let mut heap = BinaryHeap::new();
             let mut add = |l: isize, r: isize, syms: &[Sym], heap: &mut BinaryHeap<BpeBigram>| {

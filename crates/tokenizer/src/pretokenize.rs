@@ -11,6 +11,13 @@ pub enum PreTokenizer {
     Gpt2,
     /// Every `\p{N}` isolated first, then GPT-2's regex (starcoder, smollm, refact, ...).
     DigitsThenGpt2,
+    /// Llama 3's regex: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+    /// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+` (llama-bpe, falcon3, ...).
+    /// Whole words found in the vocabulary skip the merges, as llama.cpp does for this type.
+    Llama3,
+    /// Qwen2's regex: Llama 3's with `\p{N}` (one digit per word) instead of `\p{N}{1,3}`
+    /// (qwen2, deepseek-r1-qwen).
+    Qwen2,
 }
 
 impl PreTokenizer {
@@ -20,8 +27,16 @@ impl PreTokenizer {
             | "jina-v2-de" | "mpt" | "olmo" => Self::Gpt2,
             "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
             | "minerva-7b" => Self::DigitsThenGpt2,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => Self::Llama3,
+            "qwen2" | "deepseek-r1-qwen" => Self::Qwen2,
             _ => return None,
         })
+    }
+
+    /// Whether a word that is itself a token is taken whole, without BPE merges (llama.cpp's
+    /// `ignore_merges`, set for Llama 3's tokenizer).
+    pub fn ignores_merges(self) -> bool {
+        self == Self::Llama3
     }
 
     /// Splits `text` into word ranges (in chars of `cpts`).
@@ -30,6 +45,8 @@ impl PreTokenizer {
         match self {
             Self::Gpt2 => split_gpt2(cpts, &whole),
             Self::DigitsThenGpt2 => split_gpt2(cpts, &isolate_numbers(cpts, &whole)),
+            Self::Llama3 => split_llama3(cpts, 3),
+            Self::Qwen2 => split_llama3(cpts, 1),
         }
     }
 }
@@ -143,6 +160,114 @@ fn split_gpt2(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> {
             pos += 1;
             add(pos, &mut out);
         }
+    }
+    out
+}
+
+/// Llama 3's regex (see [`PreTokenizer::Llama3`]) with runs of at most `max_digits` digits,
+/// alternative by alternative as llama.cpp's hand-written splitter takes them.
+fn split_llama3(cpts: &[char], max_digits: usize) -> Vec<Range<usize>> {
+    let end = cpts.len();
+    let get = |pos: usize| -> Option<char> { cpts.get(pos).copied() };
+    let fl = |pos: usize| -> Flags { get(pos).map(flags).unwrap_or_default() };
+    let is_rn = |c: Option<char>| matches!(c, Some('\r' | '\n'));
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    let mut add = |to: usize, out: &mut Vec<Range<usize>>| -> usize {
+        let len = to - prev_end;
+        if len > 0 {
+            out.push(prev_end..to);
+        }
+        prev_end = to;
+        len
+    };
+    let mut pos = 0;
+    while pos < end {
+        let c = cpts[pos];
+        let f = fl(pos);
+        // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+        if c == '\'' && pos + 1 < end {
+            let n = get(pos + 1).map(|c| c.to_ascii_lowercase());
+            if matches!(n, Some('s' | 't' | 'm' | 'd')) {
+                pos += add(pos + 2, &mut out);
+                continue;
+            }
+            if pos + 2 < end {
+                let nn = get(pos + 2).map(|c| c.to_ascii_lowercase());
+                if matches!(
+                    (n, nn),
+                    (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l'))
+                ) {
+                    pos += add(pos + 3, &mut out);
+                    continue;
+                }
+            }
+        }
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if !(c == '\r' || c == '\n' || f.number) && (f.letter || fl(pos + 1).letter) {
+            pos += 1;
+            while fl(pos).letter {
+                pos += 1;
+            }
+            add(pos, &mut out);
+            continue;
+        }
+        // \p{N}{1,max_digits}
+        if f.number {
+            let mut ini = pos;
+            while fl(pos).number {
+                pos += 1;
+                if pos - ini >= max_digits {
+                    add(pos, &mut out);
+                    ini = pos;
+                }
+            }
+            add(pos, &mut out);
+            continue;
+        }
+        // <space>?[^\s\p{L}\p{N}]+[\r\n]*
+        let mut f2 = if c == ' ' { fl(pos + 1) } else { f };
+        if !(f2.whitespace || f2.letter || f2.number) && f.defined {
+            pos += (c == ' ') as usize;
+            while !(f2.whitespace || f2.letter || f2.number) && f2.defined {
+                pos += 1;
+                f2 = fl(pos);
+            }
+            while is_rn(get(pos)) {
+                pos += 1;
+            }
+            add(pos, &mut out);
+            continue;
+        }
+        let mut n_ws = 0;
+        let mut last_rn_end = 0;
+        while fl(pos + n_ws).whitespace {
+            if is_rn(get(pos + n_ws)) {
+                last_rn_end = pos + n_ws + 1;
+            }
+            n_ws += 1;
+        }
+        // \s*[\r\n]+
+        if last_rn_end > 0 {
+            pos = last_rn_end;
+            add(pos, &mut out);
+            continue;
+        }
+        // \s+(?!\S)
+        if n_ws > 1 && get(pos + n_ws).is_some() {
+            pos += n_ws - 1;
+            add(pos, &mut out);
+            continue;
+        }
+        // \s+
+        if n_ws > 0 {
+            pos += n_ws;
+            add(pos, &mut out);
+            continue;
+        }
+        // no match
+        pos += 1;
+        add(pos, &mut out);
     }
     out
 }

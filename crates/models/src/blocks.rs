@@ -1,0 +1,283 @@
+//! The blocks architectures are made of: attention (projections with optional biases and
+//! per-head Q/K norms, RoPE, attention over the cache, output projection) and the gated
+//! feed-forward. Each architecture file wires them in its own order.
+
+use crate::attention::AttnShape;
+use crate::ops::{self, RopeMode};
+use crate::weights::{load_vec, Mat};
+use crate::{attention, BatchSeq, Config, Model, Result, Scratch};
+use hearth_gguf::Gguf;
+use hearth_quant::Activations;
+
+/// Which optional parts an architecture's attention has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnParts {
+    /// qwen2: biases on the Q, K and V projections.
+    pub qkv_bias: bool,
+    /// qwen3, gemma3: per-head RMSNorm of Q and K before RoPE.
+    pub qk_norm: bool,
+}
+
+/// One block's attention weights.
+pub struct Attention {
+    pub norm: Vec<f32>,
+    pub wq: Mat,
+    pub wk: Mat,
+    pub wv: Mat,
+    pub wo: Mat,
+    pub bias: Option<[Vec<f32>; 3]>,
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+}
+
+impl Attention {
+    pub fn load(g: &Gguf, c: &Config, i: usize, parts: AttnParts) -> Result<Self> {
+        let d = c.n_embd;
+        let name = |n: &str| format!("blk.{i}.{n}");
+        let bias = if parts.qkv_bias {
+            Some([
+                load_vec(g, &name("attn_q.bias"), c.q_dim())?,
+                load_vec(g, &name("attn_k.bias"), c.kv_dim())?,
+                load_vec(g, &name("attn_v.bias"), c.kv_dim())?,
+            ])
+        } else {
+            None
+        };
+        let qk_norm = if parts.qk_norm {
+            Some([
+                load_vec(g, &name("attn_q_norm.weight"), c.head_dim)?,
+                load_vec(g, &name("attn_k_norm.weight"), c.head_dim)?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            norm: load_vec(g, &name("attn_norm.weight"), d)?,
+            wq: Mat::load(g, &name("attn_q.weight"), d, c.q_dim())?,
+            wk: Mat::load(g, &name("attn_k.weight"), d, c.kv_dim())?,
+            wv: Mat::load(g, &name("attn_v.weight"), d, c.kv_dim())?,
+            wo: Mat::load(g, &name("attn_output.weight"), c.q_dim(), d)?,
+            bias,
+            qk_norm,
+        })
+    }
+}
+
+/// One block's gated feed-forward: `down(act(gate(xn)) * up(xn))`.
+pub struct Mlp {
+    pub norm: Vec<f32>,
+    pub gate: Mat,
+    pub up: Mat,
+    pub down: Mat,
+}
+
+impl Mlp {
+    pub fn load(g: &Gguf, c: &Config, i: usize) -> Result<Self> {
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let name = |n: &str| format!("blk.{i}.{n}.weight");
+        Ok(Self {
+            norm: load_vec(g, &name("ffn_norm"), d)?,
+            gate: Mat::load(g, &name("ffn_gate"), d, ff)?,
+            up: Mat::load(g, &name("ffn_up"), d, ff)?,
+            down: Mat::load(g, &name("ffn_down"), ff, d)?,
+        })
+    }
+}
+
+/// The plain pre-norm block (llama, qwen2, qwen3):
+/// `x += Wo · attn(rope(Q), rope(K), V)` over `xn = norm(x)`, then `x += mlp(norm(x))`.
+#[allow(clippy::too_many_arguments)]
+pub fn pre_norm_block(
+    m: &Model,
+    il: usize,
+    attn: &Attention,
+    mlp: &Mlp,
+    mode: RopeMode,
+    shape: &AttnShape,
+    n: usize,
+    seqs: &mut [BatchSeq],
+    s: &mut Scratch,
+) {
+    let d = m.config.n_embd;
+    m.attn_projections(attn, n, s);
+    m.rope_qk(n, mode, false, s);
+    m.attend(il, &attn.wo, n, shape, seqs, s);
+    ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+    m.feed_forward(mlp, n, ops::swiglu, s);
+    ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+}
+
+impl Model {
+    /// The attention shape of a model whose scores are scaled by `1/√head_dim`.
+    pub(crate) fn attn_shape(&self, window: Option<usize>) -> AttnShape {
+        let c = &self.config;
+        AttnShape {
+            n_head: c.n_head,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window,
+            softcap: None,
+        }
+    }
+
+    /// `out = W · x` for the `n` rows of `x`, the first `tile_rows` on the AMX-INT8 tiles.
+    pub(crate) fn matmul(
+        &self,
+        w: &Mat,
+        x: &[f32],
+        out: &mut [f32],
+        acts: &mut Activations,
+        mm: &mut Vec<f32>,
+        tile_rows: usize,
+    ) {
+        let m = w.view(&self.gguf);
+        acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
+        m.matmul(acts, out, mm);
+    }
+
+    /// Several products of one input: `x` is quantized once per activation format, not
+    /// once per matrix.
+    fn matmul_shared<const N: usize>(
+        &self,
+        x: &[f32],
+        outs: [(&Mat, &mut [f32]); N],
+        acts: &mut Activations,
+        mm: &mut Vec<f32>,
+        tile_rows: usize,
+    ) {
+        let mut current = None;
+        for (w, out) in outs {
+            let m = w.view(&self.gguf);
+            if current != Some(m.act_type()) {
+                acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
+                current = Some(m.act_type());
+            }
+            m.matmul(acts, out, mm);
+        }
+    }
+
+    /// `xn = rms_norm(x) * attn.norm`, then Q, K, V of `xn` (`n` tokens), plus their biases
+    /// and per-head norms where the architecture has them.
+    pub(crate) fn attn_projections(&self, a: &Attention, n: usize, s: &mut Scratch) {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        ops::rms_norm(&s.x[..n * d], &a.norm, c.rms_eps, &mut s.xn[..n * d]); // [n, d]
+        self.matmul_shared(
+            &s.xn[..n * d],
+            [
+                (&a.wq, &mut s.q[..n * qd]),  // [n, n_head*hd]
+                (&a.wk, &mut s.k[..n * kvd]), // [n, n_kv*hd]
+                (&a.wv, &mut s.v[..n * kvd]), // [n, n_kv*hd]
+            ],
+            &mut s.acts,
+            &mut s.mm,
+            s.tile_rows,
+        );
+        if let Some([bq, bk, bv]) = &a.bias {
+            ops::add_rows(&mut s.q[..n * qd], bq);
+            ops::add_rows(&mut s.k[..n * kvd], bk);
+            ops::add_rows(&mut s.v[..n * kvd], bv);
+        }
+        if let Some([qn, kn]) = &a.qk_norm {
+            ops::rms_norm_inplace(&mut s.q[..n * qd], qn, c.rms_eps); // per head
+            ops::rms_norm_inplace(&mut s.k[..n * kvd], kn, c.rms_eps);
+        }
+    }
+
+    /// RoPE on Q and K of the `n` tokens, with the chunk's table (`swa`: the sliding-window one).
+    pub(crate) fn rope_qk(&self, n: usize, mode: RopeMode, swa: bool, s: &mut Scratch) {
+        let c = &self.config;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let table = if swa { &s.rope_swa } else { &s.rope };
+        for (t, cs) in table.chunks_exact(c.n_rot).take(n).enumerate() {
+            ops::rope(
+                &mut s.q[t * qd..(t + 1) * qd],
+                c.head_dim,
+                c.n_rot,
+                mode,
+                cs,
+            );
+            ops::rope(
+                &mut s.k[t * kvd..(t + 1) * kvd],
+                c.head_dim,
+                c.n_rot,
+                mode,
+                cs,
+            );
+        }
+    }
+
+    /// Stores K and V of layer `il` in each sequence's cache and runs attention there;
+    /// `proj = wo · attn` for the whole batch.
+    pub(crate) fn attend(
+        &self,
+        il: usize,
+        wo: &Mat,
+        n: usize,
+        shape: &AttnShape,
+        seqs: &mut [BatchSeq],
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        for (q, &(row0, len, pos0)) in seqs.iter_mut().zip(&s.segs) {
+            let rows = row0..row0 + len;
+            q.cache.store(
+                il,
+                pos0,
+                &s.k[rows.start * kvd..rows.end * kvd],
+                &s.v[rows.start * kvd..rows.end * kvd],
+            );
+            attention::attention(
+                &s.q[rows.start * qd..rows.end * qd],
+                &q.cache.k[il],
+                &q.cache.v[il],
+                pos0,
+                shape,
+                &mut s.attn[rows.start * qd..rows.end * qd],
+                &mut s.attn_scratch,
+            ); // [len, qd]
+        }
+        self.matmul(
+            wo,
+            &s.attn[..n * qd],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+            s.tile_rows,
+        ); // [n, d]
+    }
+
+    /// `proj = down(act(gate(xn)) * up(xn))` with `xn = rms_norm(x) * mlp.norm`;
+    /// `act` combines gate and up in place (SwiGLU, GeGLU).
+    pub(crate) fn feed_forward(
+        &self,
+        mlp: &Mlp,
+        n: usize,
+        act: fn(&mut [f32], &[f32]),
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        ops::rms_norm(&s.x[..n * d], &mlp.norm, c.rms_eps, &mut s.xn[..n * d]); // [n, d]
+        self.matmul_shared(
+            &s.xn[..n * d],
+            [
+                (&mlp.gate, &mut s.gate[..n * ff]),
+                (&mlp.up, &mut s.up[..n * ff]),
+            ], // [n, ff]
+            &mut s.acts,
+            &mut s.mm,
+            s.tile_rows,
+        );
+        act(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        self.matmul(
+            &mlp.down,
+            &s.gate[..n * ff],
+            &mut s.proj[..n * d],
+            &mut s.acts,
+            &mut s.mm,
+            s.tile_rows,
+        ); // [n, d]
+    }
+}
