@@ -143,7 +143,7 @@ fn kld_at_this_level() {
         hearth_quant::dispatch::kernels().isa.name()
     );
     eprintln!("model   positions  KLD hearth  KLD llama.cpp fa on/off  same top hearth  same top llama.cpp");
-    for name in ["qwen2", "qwen3", "llama3", "gemma2"] {
+    for name in ["qwen2", "qwen3", "llama3", "gemma2", "phi3"] {
         let model = Model::load(open(name)).expect("model loads");
         let (mut hearth, mut own) = (Score::default(), Score::default());
         for l in common::golden_lines(&format!("families/{name}.logits.jsonl")) {

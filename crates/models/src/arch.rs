@@ -1,7 +1,7 @@
 //! The architectures hearth runs, by GGUF `general.architecture`. Adding one is a file that
 //! defines its blocks and a `FAMILY`, and one line here.
 
-use crate::{gemma2, gemma3, llama, qwen2, qwen3};
+use crate::{gemma2, gemma3, llama, phi3, qwen2, qwen3};
 use crate::{BatchSeq, Config, Model, Result, Scratch};
 use hearth_gguf::Gguf;
 
@@ -22,6 +22,7 @@ pub const FAMILIES: &[Family] = &[
     llama::FAMILY,
     qwen2::FAMILY,
     qwen3::FAMILY,
+    phi3::FAMILY,
     gemma2::FAMILY,
     gemma3::FAMILY,
 ];

@@ -20,6 +20,12 @@ pub struct Config {
     pub rope_base: f32,
     /// Linear RoPE scaling: positions are multiplied by this (`1 / rope.scaling.factor`).
     pub rope_freq_scale: f32,
+    /// `rope.scaling.attn_factor`: RoPE's cosines and sines are multiplied by it (Phi-3.5's
+    /// long-context scaling), 1 when absent.
+    pub rope_attn_factor: f32,
+    /// `rope.scaling.original_context_length` (else the training context): contexts longer
+    /// than this take the long RoPE factors where a model has two sets.
+    pub rope_ctx_orig: usize,
     /// gemma3: RoPE base of the sliding-window layers.
     pub rope_base_swa: f32,
     /// Window length, set by the families that use it (gemma3: every `swa_pattern`-th
@@ -78,13 +84,25 @@ impl Config {
             .get_f32(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
         let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rope_attn_factor = g.get_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+        if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
+            return Err(ModelError::BadConfig(format!(
+                "rope attention factor {rope_attn_factor}"
+            )));
+        }
+        let rope_ctx_orig = g
+            .get_usize(&key("rope.scaling.original_context_length"), 1, 1 << 24)?
+            .unwrap_or(n_ctx_train);
         let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
         // Scaling other than linear changes more than the angles: refuse it rather than
         // run it wrong.
+        // As llama.cpp: an absent type is linear, and the factor scales positions for linear
+        // and for longrope (whose per-frequency factors are tensors).
         let rope_freq_scale = match g.get_str(&key("rope.scaling.type"))? {
-            None | Some("none") => 1.0,
-            Some("linear") => {
-                let factor = g.get_f32(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+            Some("none") => 1.0,
+            None | Some("linear") | Some("longrope") | Some("su") => {
+                let factor = g.get_f32(&key("rope.scaling.factor"))?.unwrap_or(0.0);
+                let factor = if factor == 0.0 { 1.0 } else { factor };
                 if !(factor.is_finite() && factor > 0.0) {
                     return Err(ModelError::BadConfig(format!(
                         "rope scaling factor {factor}"
@@ -94,7 +112,7 @@ impl Config {
             }
             Some(other) => {
                 return Err(ModelError::BadConfig(format!(
-                    "RoPE scaling {other:?} is not supported (none and linear are)"
+                    "RoPE scaling {other:?} is not supported (none, linear and longrope are)"
                 )))
             }
         };
@@ -134,6 +152,8 @@ impl Config {
             rms_eps,
             rope_base,
             rope_freq_scale,
+            rope_attn_factor,
+            rope_ctx_orig,
             rope_base_swa,
             sliding_window: None,
             final_logit_softcap: None,

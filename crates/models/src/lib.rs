@@ -17,6 +17,7 @@ mod gemma3;
 pub mod kv;
 mod llama;
 pub mod ops;
+mod phi3;
 mod qwen2;
 mod qwen3;
 pub mod weights;
@@ -40,8 +41,12 @@ pub struct Model {
     pub output_norm: Vec<f32>,
     /// The output projection (the token embedding when tied).
     pub output: Mat,
-    /// Per-frequency RoPE divisors (`rope_freqs.weight`, Llama 3.1+), `n_rot / 2` of them.
+    /// Per-frequency RoPE divisors (`rope_freqs.weight`, Llama 3.1+; Phi-3's
+    /// `rope_factors_short.weight`), `n_rot / 2` of them.
     pub rope_factors: Option<Vec<f32>>,
+    /// Phi-3's `rope_factors_long.weight`: used instead when a cache holds more than
+    /// `config.rope_ctx_orig` positions.
+    pub rope_factors_long: Option<Vec<f32>>,
     /// The architecture's blocks (see [`arch`]).
     pub layers: Box<dyn arch::Layers>,
 }
@@ -64,6 +69,8 @@ pub struct Scratch {
     rope_swa: Vec<f32>,
     acts: Activations,
     mm: Vec<f32>,
+    /// Outputs of fused products (phi3's QKV and gate+up) before they are split.
+    fused: Vec<f32>,
     /// Rows of the batch per sequence: (first row, rows, position of the first row).
     segs: Vec<(usize, usize, usize)>,
     /// The batch's first rows, from sequences whose products run on the AMX-INT8 tiles.
@@ -123,6 +130,7 @@ impl Scratch {
             base: c.rope_base,
             freq_scale: c.rope_freq_scale,
             factors,
+            mscale: c.rope_attn_factor,
         };
         fill_rope_table(&mut self.rope, &self.segs, &rope);
         if c.sliding_window.is_some() {
@@ -162,23 +170,27 @@ impl Model {
         } else {
             token_embd.clone()
         };
-        let rope_factors = match gguf.tensor_info("rope_freqs.weight") {
-            Some(_) => {
-                let f = weights::load_vec(&gguf, "rope_freqs.weight", c.n_rot / 2)?;
-                if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
-                    return Err(ModelError::BadConfig(format!(
-                        "rope_freqs.weight holds {bad}"
-                    )));
-                }
-                Some(f)
+        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            if gguf.tensor_info(name).is_none() {
+                return Ok(None);
             }
-            None => None,
+            let f = weights::load_vec(&gguf, name, c.n_rot / 2)?;
+            if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return Err(ModelError::BadConfig(format!("{name} holds {bad}")));
+            }
+            Ok(Some(f))
         };
+        let rope_factors = match factors("rope_freqs.weight")? {
+            Some(f) => Some(f),
+            None => factors("rope_factors_short.weight")?,
+        };
+        let rope_factors_long = factors("rope_factors_long.weight")?;
         Ok(Model {
             output_norm: weights::load_vec(&gguf, "output_norm.weight", c.n_embd)?,
             token_embd,
             output,
             rope_factors,
+            rope_factors_long,
             layers,
             config,
             gguf,
@@ -344,7 +356,14 @@ impl Model {
             *next += q.tokens.len();
         }
         s.prepare(&self.config, n);
-        s.fill_rope(&self.config, self.rope_factors.as_deref());
+        let long = seqs
+            .first()
+            .is_some_and(|q| q.cache.n_ctx > self.config.rope_ctx_orig);
+        let factors = match (&self.rope_factors_long, long) {
+            (Some(f), true) => Some(f.as_slice()),
+            _ => self.rope_factors.as_deref(),
+        };
+        s.fill_rope(&self.config, factors);
         let d = self.config.n_embd;
         for (q, &(row0, len, _)) in seqs.iter().zip(&s.segs) {
             self.embed(q.tokens, &mut s.x[row0 * d..(row0 + len) * d]);

@@ -50,6 +50,8 @@ pub struct Rope<'a> {
     pub base: f32,
     pub freq_scale: f32,
     pub factors: Option<&'a [f32]>,
+    /// Multiplies the cosines and sines (`rope.scaling.attn_factor`).
+    pub mscale: f32,
 }
 
 impl Rope<'_> {
@@ -61,8 +63,8 @@ impl Rope<'_> {
         for i in 0..self.n_dims / 2 {
             let factor = self.factors.map_or(1.0, |f| f[i]);
             let t = self.freq_scale * (theta / factor);
-            cache[2 * i] = t.cos();
-            cache[2 * i + 1] = t.sin();
+            cache[2 * i] = t.cos() * self.mscale;
+            cache[2 * i + 1] = t.sin() * self.mscale;
             theta *= theta_scale;
         }
     }
@@ -75,6 +77,7 @@ pub fn rope_cache(pos: usize, n_dims: usize, freq_base: f32, cache: &mut [f32]) 
         base: freq_base,
         freq_scale: 1.0,
         factors: None,
+        mscale: 1.0,
     }
     .cache(pos, cache)
 }
