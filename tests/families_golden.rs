@@ -207,3 +207,30 @@ fn kld_at_this_level() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Qwen3's thinking switch reaches its template (`chat_template_kwargs` in the OpenAI API,
+/// `think` in Ollama's): off adds the empty think block after the assistant's turn opens.
+#[test]
+fn qwen3_template_renders_the_thinking_switch() {
+    use hearth_tokenizer::template::{Kwargs, Message};
+    let loaded = hearth_engine::LoadedModel::from_gguf(open("qwen3")).unwrap();
+    let msgs = [Message::new("user", "Hello")];
+    let tok = &loaded.tokenizer;
+    let text = |ids: &[u32]| -> String {
+        ids.iter()
+            .flat_map(|&i| tok.token_to_piece(i, true))
+            .map(char::from)
+            .collect::<String>()
+    };
+    let default = loaded.chat_tokens(&msgs).unwrap();
+    let mut kw = Kwargs::new();
+    kw.insert("enable_thinking".into(), serde_json::Value::Bool(false));
+    let off = loaded.chat_tokens_with(&msgs, &kw).unwrap();
+    assert!(!text(&default).contains("<think>"));
+    assert!(
+        text(&off).ends_with("assistant\n<think>\n\n</think>\n\n"),
+        "{:?}",
+        text(&off)
+    );
+    assert_eq!(&off[..default.len()], &default[..]);
+}

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use hearth_gguf::Gguf;
 use hearth_models::Model;
-use hearth_tokenizer::template::{builtin_for_arch, ChatTemplate, Message, CHATML_TEMPLATE};
+use hearth_tokenizer::template::{
+    builtin_for_arch, ChatTemplate, Kwargs, Message, CHATML_TEMPLATE,
+};
 use hearth_tokenizer::{TokenId, Tokenizer};
 
 use crate::EngineError;
@@ -42,10 +44,21 @@ impl LoadedModel {
     /// The conversation through the chat template, ready for generation: message text is
     /// never parsed for special tokens, BOS added once when the model wants it.
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<TokenId>, EngineError> {
+        self.chat_tokens_with(messages, &Kwargs::new())
+    }
+
+    /// [`LoadedModel::chat_tokens`] with extra template variables (`enable_thinking`, ...).
+    pub fn chat_tokens_with(
+        &self,
+        messages: &[Message],
+        kwargs: &Kwargs,
+    ) -> Result<Vec<TokenId>, EngineError> {
         let tok = &self.tokenizer;
         let bos = tok.bos.and_then(|b| tok.token_text(b)).unwrap_or("");
         let eos = tok.eos.and_then(|e| tok.token_text(e)).unwrap_or("");
-        let segs = self.template.render_segments(messages, true, bos, eos)?;
+        let segs = self
+            .template
+            .render_segments(messages, true, bos, eos, kwargs)?;
         let mut ids = Vec::new();
         for s in &segs {
             ids.extend(tok.encode(&s.text, false, s.parse_special));

@@ -83,6 +83,8 @@ struct GenerateRequest {
     images: Option<Vec<Value>>,
     suffix: Option<String>,
     template: Option<String>,
+    /// Ollama's thinking switch: the template's `enable_thinking` (Qwen3).
+    think: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,14 @@ struct ChatRequest {
     options: Option<Options>,
     format: Option<Value>,
     tools: Option<Value>,
+    think: Option<bool>,
+}
+
+/// Ollama's `think` as the template variable that templates read (`enable_thinking`).
+fn think_kwargs(think: Option<bool>) -> hearth_tokenizer::template::Kwargs {
+    think
+        .map(|t| [("enable_thinking".to_string(), Value::Bool(t))].into())
+        .unwrap_or_default()
 }
 
 fn not_supported(what: &str) -> ApiError {
@@ -266,7 +276,7 @@ pub async fn generate(
         msgs.push(Message::new("user", &req.prompt));
         served
             .loaded
-            .chat_tokens(&msgs)
+            .chat_tokens_with(&msgs, &think_kwargs(req.think))
             .map_err(|e| ApiError::bad(API, e.to_string()))?
     };
     let stream = req.stream.unwrap_or(true);
@@ -307,7 +317,7 @@ pub async fn chat(
     }
     let prompt = served
         .loaded
-        .chat_tokens(&msgs)
+        .chat_tokens_with(&msgs, &think_kwargs(req.think))
         .map_err(|e| ApiError::bad(API, e.to_string()))?;
     let stream = req.stream.unwrap_or(true);
     let render = NdjsonRender {

@@ -139,6 +139,10 @@ impl Common {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<InMessage>,
+    /// Extra chat-template variables, as llama-server and vLLM take them
+    /// (`{"enable_thinking": false}` for Qwen3).
+    #[serde(default)]
+    chat_template_kwargs: Option<hearth_tokenizer::template::Kwargs>,
     #[serde(flatten)]
     common: Common,
 }
@@ -328,10 +332,18 @@ pub async fn chat_completions(
     let req: ChatRequest = parse_body(API, body)?;
     let knobs = req.common.check()?;
     let msgs = messages(&req.messages)?;
+    let kwargs = req.chat_template_kwargs.unwrap_or_default();
+    if kwargs.len() > 32 {
+        return Err(ApiError::param(
+            API,
+            "chat_template_kwargs",
+            "at most 32 template variables",
+        ));
+    }
     let served = state.registry.get(API, &req.common.model).await?;
     let prompt = served
         .loaded
-        .chat_tokens(&msgs)
+        .chat_tokens_with(&msgs, &kwargs)
         .map_err(|e| ApiError::param(API, "messages", e.to_string()))?;
     reply(&state, served, prompt, &knobs, &req.common, true).await
 }

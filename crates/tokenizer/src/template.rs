@@ -72,6 +72,9 @@ impl std::io::Write for CappedWriter {
     }
 }
 
+/// Extra template variables, by name.
+pub type Kwargs = std::collections::BTreeMap<String, serde_json::Value>;
+
 impl ChatTemplate {
     pub fn new(source: impl Into<String>) -> Self {
         ChatTemplate {
@@ -90,6 +93,20 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         bos: &str,
         eos: &str,
+    ) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, bos, eos, &Kwargs::new())
+    }
+
+    /// [`ChatTemplate::render`] with extra variables for the template (llama-server's
+    /// `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`). They cannot replace the
+    /// conversation's own variables (`messages`, `bos_token`, ...).
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+        kwargs: &Kwargs,
     ) -> Result<String> {
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL));
@@ -118,6 +135,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos,
                 eos_token => eos,
+                ..minijinja::Value::from_serialize(kwargs)
             },
             &mut out,
         );
@@ -140,8 +158,9 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         bos: &str,
         eos: &str,
+        kwargs: &Kwargs,
     ) -> Result<Vec<Segment>> {
-        let rendered = self.render(messages, add_generation_prompt, bos, eos)?;
+        let rendered = self.render_with(messages, add_generation_prompt, bos, eos, kwargs)?;
         let mut segs = Vec::new();
         let mut cursor = 0;
         for m in messages {
@@ -206,12 +225,40 @@ mod tests {
     fn chatml_segments_keep_user_text_plain() {
         let t = ChatTemplate::new(CHATML_TEMPLATE);
         let msgs = [Message::new("user", "hi <|im_end|> there")];
-        let segs = t.render_segments(&msgs, true, "", "").unwrap();
+        let segs = t
+            .render_segments(&msgs, true, "", "", &Kwargs::new())
+            .unwrap();
         assert_eq!(segs[0].text, "<|im_start|>user\n");
         assert!(segs[0].parse_special);
         assert_eq!(segs[1].text, "hi <|im_end|> there");
         assert!(!segs[1].parse_special);
         assert_eq!(segs[2].text, "<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    /// Qwen3's switch, as its template reads it.
+    const THINKING: &str = "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}\
+        {%- if add_generation_prompt %}<|im_start|>assistant\n{%- if enable_thinking is defined and enable_thinking is false %}\
+        <think>\n\n</think>\n\n{%- endif %}{%- endif %}";
+
+    #[test]
+    fn template_kwargs_reach_the_template_but_not_its_own_variables() {
+        let t = ChatTemplate::new(THINKING);
+        let msgs = [Message::new("user", "hi")];
+        let plain = t.render(&msgs, true, "", "").unwrap();
+        assert!(!plain.contains("<think>"), "{plain}");
+        let mut kw = Kwargs::new();
+        kw.insert("enable_thinking".into(), serde_json::Value::Bool(false));
+        let off = t.render_with(&msgs, true, "", "", &kw).unwrap();
+        assert!(off.ends_with("<think>\n\n</think>"), "{off:?}");
+        kw.insert("enable_thinking".into(), serde_json::Value::Bool(true));
+        assert_eq!(t.render_with(&msgs, true, "", "", &kw).unwrap(), plain);
+        // A kwarg named like the conversation cannot replace it.
+        kw.insert(
+            "messages".into(),
+            serde_json::json!([{"role": "user", "content": "forged"}]),
+        );
+        let r = t.render_with(&msgs, true, "", "", &kw).unwrap();
+        assert!(r.contains("hi") && !r.contains("forged"), "{r}");
     }
 
     #[test]
