@@ -2,6 +2,7 @@
 //! per-head Q/K norms, RoPE, attention over the cache, output projection) and the gated
 //! feed-forward. Each architecture file wires them in its own order.
 
+use crate::arch::Layers;
 use crate::attention::AttnShape;
 use crate::ops::{self, RopeMode};
 use crate::weights::{load_vec, Mat};
@@ -83,10 +84,84 @@ impl Mlp {
     }
 }
 
+/// The layers of a plain pre-norm architecture (llama, qwen2, qwen3): what differs between
+/// them is the attention's optional parts and how RoPE pairs dimensions.
+pub struct PreNorm {
+    blocks: Vec<(Attention, Mlp)>,
+    mode: RopeMode,
+}
+
+impl PreNorm {
+    pub fn load(g: &Gguf, c: &Config, parts: AttnParts, mode: RopeMode) -> Result<Box<dyn Layers>> {
+        let blocks = (0..c.n_layer)
+            .map(|i| Ok((Attention::load(g, c, i, parts)?, Mlp::load(g, c, i)?)))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(PreNorm { blocks, mode }))
+    }
+}
+
+impl Layers for PreNorm {
+    fn run(&self, m: &Model, n: usize, seqs: &mut [BatchSeq], s: &mut Scratch) {
+        let shape = m.attn_shape(None);
+        for (il, (attn, mlp)) in self.blocks.iter().enumerate() {
+            pre_norm_block(m, il, attn, mlp, self.mode, &shape, n, seqs, s);
+        }
+    }
+}
+
+/// Gemma's block: RMSNorm before and after each sub-block (the post-norm on its output),
+/// a GELU(tanh)-gated feed-forward, Q multiplied by `q_scale` after RoPE (NeoX).
+pub struct Sandwich {
+    attn: Attention,
+    post_attn_norm: Vec<f32>,
+    mlp: Mlp,
+    post_ffn_norm: Vec<f32>,
+}
+
+impl Sandwich {
+    pub fn load(g: &Gguf, c: &Config, i: usize, parts: AttnParts) -> Result<Self> {
+        let name = |n: &str| format!("blk.{i}.{n}.weight");
+        Ok(Sandwich {
+            attn: Attention::load(g, c, i, parts)?,
+            post_attn_norm: load_vec(g, &name("post_attention_norm"), c.n_embd)?,
+            mlp: Mlp::load(g, c, i)?,
+            post_ffn_norm: load_vec(g, &name("post_ffw_norm"), c.n_embd)?,
+        })
+    }
+
+    /// `x += post_norm(Wo · attn(rope(Q) · q_scale, rope(K), V))`, then
+    /// `x += post_norm(down(gelu(gate(xn)) * up(xn)))`; `swa_rope` picks the sliding-window
+    /// layers' RoPE table.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        m: &Model,
+        il: usize,
+        shape: &AttnShape,
+        swa_rope: bool,
+        q_scale: f32,
+        n: usize,
+        seqs: &mut [BatchSeq],
+        s: &mut Scratch,
+    ) {
+        let c = &m.config;
+        let (d, qd) = (c.n_embd, c.q_dim());
+        m.attn_projections(&self.attn, n, s);
+        m.rope_qk(n, RopeMode::Neox, swa_rope, s);
+        s.q[..n * qd].iter_mut().for_each(|v| *v *= q_scale);
+        m.attend(il, &self.attn.wo, n, shape, seqs, s);
+        ops::rms_norm_inplace(&mut s.proj[..n * d], &self.post_attn_norm, c.rms_eps);
+        ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+        m.feed_forward(&self.mlp, n, ops::geglu, s);
+        ops::rms_norm_inplace(&mut s.proj[..n * d], &self.post_ffn_norm, c.rms_eps);
+        ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+    }
+}
+
 /// The plain pre-norm block (llama, qwen2, qwen3):
 /// `x += Wo · attn(rope(Q), rope(K), V)` over `xn = norm(x)`, then `x += mlp(norm(x))`.
 #[allow(clippy::too_many_arguments)]
-pub fn pre_norm_block(
+fn pre_norm_block(
     m: &Model,
     il: usize,
     attn: &Attention,

@@ -6,9 +6,7 @@
 
 use crate::arch::{Family, Layers};
 use crate::attention::AttnShape;
-use crate::blocks::{Attention, AttnParts, Mlp};
-use crate::ops::{self, RopeMode};
-use crate::weights::load_vec;
+use crate::blocks::{AttnParts, Sandwich};
 use crate::{BatchSeq, Config, Model, ModelError, Result, Scratch};
 use hearth_gguf::Gguf;
 
@@ -17,15 +15,8 @@ pub const FAMILY: Family = Family {
     load,
 };
 
-struct Block {
-    attn: Attention,
-    post_attn_norm: Vec<f32>,
-    mlp: Mlp,
-    post_ffn_norm: Vec<f32>,
-}
-
 struct Gemma2 {
-    blocks: Vec<Block>,
+    blocks: Vec<Sandwich>,
     attn_softcap: f32,
     /// Q is multiplied by this before attention (1/√head_dim; 27B: 1/√(d/n_head)).
     q_scale: f32,
@@ -69,17 +60,9 @@ fn load(g: &Gguf, c: &mut Config) -> Result<Box<dyn Layers>> {
     } else {
         1.0 / (c.head_dim as f32).sqrt()
     };
-    let d = c.n_embd;
-    let mut blocks = Vec::with_capacity(c.n_layer);
-    for i in 0..c.n_layer {
-        let name = |n: &str| format!("blk.{i}.{n}.weight");
-        blocks.push(Block {
-            attn: Attention::load(g, c, i, AttnParts::default())?,
-            post_attn_norm: load_vec(g, &name("post_attention_norm"), d)?,
-            mlp: Mlp::load(g, c, i)?,
-            post_ffn_norm: load_vec(g, &name("post_ffw_norm"), d)?,
-        });
-    }
+    let blocks = (0..c.n_layer)
+        .map(|i| Sandwich::load(g, c, i, AttnParts::default()))
+        .collect::<Result<_>>()?;
     Ok(Box::new(Gemma2 {
         blocks,
         attn_softcap,
@@ -90,7 +73,7 @@ fn load(g: &Gguf, c: &mut Config) -> Result<Box<dyn Layers>> {
 impl Layers for Gemma2 {
     fn run(&self, m: &Model, n: usize, seqs: &mut [BatchSeq], s: &mut Scratch) {
         let c = &m.config;
-        let (d, qd) = (c.n_embd, c.q_dim());
+        let d = c.n_embd;
         let embd_scale = (d as f32).sqrt();
         s.x[..n * d].iter_mut().for_each(|v| *v *= embd_scale);
         for (il, b) in self.blocks.iter().enumerate() {
@@ -100,19 +83,8 @@ impl Layers for Gemma2 {
                 softcap: Some(self.attn_softcap),
                 ..m.attn_shape(if swa { c.sliding_window } else { None })
             };
-
-            // Attention: x += post_norm(Wo · attn(rope(Wq xn) · q_scale, rope(Wk xn), Wv xn)).
-            m.attn_projections(&b.attn, n, s);
-            m.rope_qk(n, RopeMode::Neox, false, s);
-            s.q[..n * qd].iter_mut().for_each(|v| *v *= self.q_scale);
-            m.attend(il, &b.attn.wo, n, &shape, seqs, s);
-            ops::rms_norm_inplace(&mut s.proj[..n * d], &b.post_attn_norm, c.rms_eps);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
-
-            // Feed-forward: x += post_norm(down(gelu(gate(xn)) * up(xn))).
-            m.feed_forward(&b.mlp, n, ops::geglu, s);
-            ops::rms_norm_inplace(&mut s.proj[..n * d], &b.post_ffn_norm, c.rms_eps);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            // One RoPE base for all layers: the sliding-window ones use the same table.
+            b.run(m, il, &shape, false, self.q_scale, n, seqs, s);
         }
     }
 }

@@ -384,6 +384,14 @@ impl Model {
             self.config.rms_eps,
             &mut s.xn[..m * d],
         );
+        self.output_projection(m, s, logits);
+    }
+
+    /// `logits = output · xn` for the first `m` rows of `s.xn` (already normed), then the
+    /// final soft-cap where the architecture has one. Never on the tiles: how many rows want
+    /// logits varies from batch to batch.
+    fn output_projection(&self, m: usize, s: &mut Scratch, logits: &mut Vec<f32>) {
+        let d = self.config.n_embd;
         let out = self.output.view(&self.gguf);
         s.acts.quantize_split(out.act_type(), &s.xn[..m * d], d, 0);
         logits.resize(m * self.config.n_vocab, 0.0);
@@ -419,18 +427,8 @@ impl Model {
                 m += 1;
             }
         }
-        if m == 0 {
-            return;
-        }
-        let out = self.output.view(&self.gguf);
-        // Logits are never from the tiles: how many sequences want them varies.
-        s.acts.quantize_split(out.act_type(), &s.xn[..m * d], d, 0);
-        logits.resize(m * self.config.n_vocab, 0.0);
-        out.matmul(&s.acts, logits, &mut s.mm);
-        if let Some(cap) = self.config.final_logit_softcap {
-            logits
-                .iter_mut()
-                .for_each(|l| *l = hearth_quant::soft_cap(*l, cap));
+        if m > 0 {
+            self.output_projection(m, s, logits);
         }
     }
 
