@@ -5,13 +5,7 @@ mod common;
 
 use std::process::Command;
 
-fn hearth(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(args)
-        .env("HEARTH_MODELS", common::models_dir())
-        .output()
-        .expect("hearth runs")
-}
+use common::hearth;
 
 #[test]
 fn run_answers_through_the_chat_template() {

@@ -5,15 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn hearth(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(args)
-        .env("HEARTH_MODELS", common::models_dir())
-        .output()
-        .expect("hearth runs")
-}
+use common::hearth;
 
 fn text() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/perplexity.txt").to_string()
@@ -63,12 +55,10 @@ fn ppl_at_level(level: &str) {
             _ => name.clone(),
         };
         let c = g["ctx"].as_u64().unwrap().to_string();
-        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["perplexity", &model, "-f", &text(), "-c", &c])
-            .env("HEARTH_MODELS", common::models_dir())
-            .env("HEARTH_ISA", level)
-            .output()
-            .expect("hearth runs");
+        let out = common::hearth_at_level(
+            &["perplexity", &model, "-f", &text(), "-c", &c],
+            Some(level),
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

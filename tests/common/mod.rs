@@ -82,3 +82,18 @@ pub fn spawn_server(
         .to_string();
     (server, addr, stderr)
 }
+
+/// The `hearth` binary with `args`, on the fetched models.
+pub fn hearth(args: &[&str]) -> std::process::Output {
+    hearth_at_level(args, None)
+}
+
+/// [`hearth`] with `HEARTH_ISA` set to `level` when given.
+pub fn hearth_at_level(args: &[&str], level: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"));
+    cmd.args(args).env("HEARTH_MODELS", models_dir());
+    if let Some(level) = level {
+        cmd.env("HEARTH_ISA", level);
+    }
+    cmd.output().expect("hearth runs")
+}
