@@ -212,7 +212,7 @@ impl Model {
 
     /// Several products of one input: `x` is quantized once per activation format, not
     /// once per matrix.
-    fn matmul_shared<const N: usize>(
+    pub(crate) fn matmul_shared<const N: usize>(
         &self,
         x: &[f32],
         outs: [(&Mat, &mut [f32]); N],

@@ -99,15 +99,17 @@ impl Layers for Phi3 {
                         &mut [(&mut s.q, qd), (&mut s.k, kvd), (&mut s.v, kvd)],
                     );
                 }
-                Qkv::Split([wq, wk, wv]) => {
-                    for (w, out) in [
+                Qkv::Split([wq, wk, wv]) => m.matmul_shared(
+                    &s.xn[..n * d],
+                    [
                         (wq, &mut s.q[..n * qd]),
                         (wk, &mut s.k[..n * kvd]),
                         (wv, &mut s.v[..n * kvd]),
-                    ] {
-                        m.matmul(w, &s.xn[..n * d], out, &mut s.acts, &mut s.mm, s.tile_rows);
-                    }
-                }
+                    ],
+                    &mut s.acts,
+                    &mut s.mm,
+                    s.tile_rows,
+                ),
             }
             m.rope_qk(n, RopeMode::Neox, false, s);
             s.q[..n * qd].iter_mut().for_each(|v| *v *= q_scale);

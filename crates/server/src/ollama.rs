@@ -374,10 +374,7 @@ pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError
         let encoders = encoders.into_iter().map(|(name, dir)| {
             let weights = std::fs::metadata(dir.join("model.safetensors")).ok();
             let size = weights.as_ref().map_or(0, |m| m.len());
-            let modified = weights
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
+            let modified = weights.as_ref().map_or(0, hearth_store::mtime);
             let dtype = hearth_embed::weights_dtype(&dir).unwrap_or_else(|_| "unknown".into());
             json!({
                 "name": name,

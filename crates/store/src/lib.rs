@@ -140,7 +140,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub(crate) fn mtime(meta: &std::fs::Metadata) -> u64 {
+/// Unix seconds of a file's last change (0 when unknown).
+pub fn mtime(meta: &std::fs::Metadata) -> u64 {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -223,11 +224,13 @@ impl Store {
     pub fn lookup(&self, name: &str) -> Result<Entry> {
         let parsed = ModelName::parse(name)?;
         if let Some(entry) = self.find(name) {
-            if entry.digest.is_some() {
-                // A pulled model: its blob must be there.
-                if let Some(m) = self.manifest(&ModelName::parse(&entry.name)?)? {
-                    self.blob_of(&m)?;
-                }
+            // A pulled model's path is its blob, which must be there.
+            if entry.digest.is_some() && !entry.path.is_file() {
+                return Err(StoreError::Resolve(format!(
+                    "{} is missing its blob {}; pull it again",
+                    entry.name,
+                    entry.path.display()
+                )));
             }
             return Ok(entry);
         }
