@@ -1,6 +1,8 @@
 //! Shared helpers for end-to-end tests: locating the fetched models and the goldens.
 #![allow(dead_code)]
 
+pub mod kld;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

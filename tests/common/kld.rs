@@ -1,0 +1,163 @@
+//! Fidelity as llama.cpp judges its own quants: mean KL divergence KLD(llama.cpp ‖ hearth)
+//! and top-1 agreement over logit goldens, against llama.cpp's own flash-attention on/off
+//! noise on the same positions. Goldens hold llama.cpp's top logits and the log-sum-exp of
+//! all of them, so their probabilities are exact; the rest of the vocabulary counts as one
+//! outcome (KLD over a coarser partition, never more than the full one).
+
+use serde_json::Value;
+
+/// llama.cpp's distribution at one position: (id, probability) of its top logits.
+pub fn top_probs(step: &Value) -> Vec<(u32, f64)> {
+    let lse = step["lse"].as_f64().expect("golden step has lse");
+    step["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let id = p[0].as_u64().unwrap() as u32;
+            (id, (p[1].as_f64().unwrap() - lse).exp())
+        })
+        .collect()
+}
+
+/// KLD(P ‖ Q) over P's top tokens plus the rest as one outcome; `q(id)` is Q's probability.
+pub fn kld(p: &[(u32, f64)], q: impl Fn(u32) -> f64) -> f64 {
+    let (mut sum, mut p_top, mut q_top) = (0.0, 0.0, 0.0);
+    for &(id, pi) in p {
+        let qi = q(id).max(1e-30);
+        sum += pi * (pi / qi).ln();
+        p_top += pi;
+        q_top += qi;
+    }
+    let (p_rest, q_rest) = ((1.0 - p_top).max(0.0), (1.0 - q_top).max(1e-30));
+    if p_rest > 1e-12 {
+        sum += p_rest * (p_rest / q_rest).ln();
+    }
+    sum.max(0.0)
+}
+
+#[derive(Default)]
+pub struct Score {
+    pub kld: f64,
+    pub same_top: usize,
+    pub positions: usize,
+}
+
+impl Score {
+    pub fn mean_kld(&self) -> f64 {
+        self.kld / self.positions as f64
+    }
+    pub fn same_top_pct(&self) -> f64 {
+        100.0 * self.same_top as f64 / self.positions as f64
+    }
+}
+
+/// hearth's and llama.cpp's own (fa on vs off) scores, accumulated position by position.
+#[derive(Default)]
+pub struct Fidelity {
+    pub hearth: Score,
+    pub own: Score,
+}
+
+impl Fidelity {
+    /// One position: llama.cpp's reference step `off`, its flash-attention step `on`, and
+    /// hearth's full logits.
+    pub fn add(&mut self, off: &Value, on: &Value, logits: &[f32]) {
+        let p = top_probs(off);
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        self.hearth.kld += kld(&p, |id| (logits[id as usize] as f64 - lse).exp());
+        let argmax = hearth_engine::sampling::argmax(logits);
+        self.hearth.same_top += (argmax == p[0].0) as usize;
+        self.hearth.positions += 1;
+        // llama.cpp against itself: a token outside its other top list counts with that
+        // list's smallest probability (an upper bound).
+        let q = top_probs(on);
+        let floor = q.last().unwrap().1;
+        self.own.kld += kld(&p, |id| q.iter().find(|e| e.0 == id).map_or(floor, |e| e.1));
+        self.own.same_top += (q[0].0 == p[0].0) as usize;
+        self.own.positions += 1;
+    }
+
+    /// The targets: mean KLD ≤ max(2 × llama.cpp's own, 0.001); same top token ≥ llama.cpp's
+    /// own − 2 points. Prints one table row; returns the failures.
+    pub fn judge(&self, name: &str) -> Vec<String> {
+        let (h, o) = (&self.hearth, &self.own);
+        eprintln!(
+            "{name:8} {:9}  {:10.6}  {:23.6}  {:14.1}%  {:17.1}%",
+            h.positions,
+            h.mean_kld(),
+            o.mean_kld(),
+            h.same_top_pct(),
+            o.same_top_pct()
+        );
+        let mut failures = Vec::new();
+        let bound = (2.0 * o.mean_kld()).max(0.001);
+        if h.mean_kld() > bound {
+            failures.push(format!("{name}: mean KLD {:.6} > {bound:.6}", h.mean_kld()));
+        }
+        if h.same_top_pct() < o.same_top_pct() - 2.0 {
+            failures.push(format!(
+                "{name}: same top {:.1}% < llama.cpp's own {:.1}% - 2",
+                h.same_top_pct(),
+                o.same_top_pct()
+            ));
+        }
+        failures
+    }
+}
+
+pub const TABLE_HEADER: &str =
+    "model    positions  KLD hearth  KLD llama.cpp fa on/off  same top hearth  same top llama.cpp";
+
+/// Runs the calling test once per kernel level this CPU has, each in its own process (the
+/// level is chosen once per process, by `HEARTH_ISA`). Returns true in the child, which
+/// then does the work; the parent checks every child and prints the levels covered.
+pub fn in_child_per_level(test_name: &str) -> bool {
+    if std::env::var_os("HEARTH_LEVEL_CHILD").is_some() {
+        eprintln!(
+            "kernel level {}",
+            hearth_quant::dispatch::kernels().isa.name()
+        );
+        return true;
+    }
+    use hearth_quant::dispatch::{detect, Isa};
+    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx]
+        .into_iter()
+        .filter(|&l| l <= detect())
+        .collect();
+    for level in &levels {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
+            .env("HEARTH_LEVEL_CHILD", "1")
+            .env("HEARTH_ISA", level.name())
+            .output()
+            .unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "at level {}:\n{}",
+            level.name(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let names: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    let line = format!("{test_name} {}", names.join(" "));
+    eprintln!("kernel levels tested: {line}");
+    // Recorded for .ci/run, which fails a run that tested fewer levels than the CPU has.
+    if let Some(path) = std::env::var_os("HEARTH_LEVELS_LOG") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("HEARTH_LEVELS_LOG is writable");
+        writeln!(f, "{line}").expect("HEARTH_LEVELS_LOG is writable");
+    }
+    false
+}
