@@ -303,6 +303,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
             "architecture": arch,
             "name": name,
             "parameters": params,
+            "file_type": file_type_label(&g),
             "quantization": mix.iter().map(|(n, c)| serde_json::json!({"type": n, "tensors": c})).collect::<Vec<_>>(),
             "context_length": ctx,
             "chat_template": template,
@@ -321,7 +322,27 @@ pub fn show(a: ShowArgs) -> Result<()> {
     }
     outln!("  parameters      {:.1}M", params as f64 / 1e6);
     let mix_s: Vec<String> = mix.iter().map(|(n, c)| format!("{n}×{c}")).collect();
-    outln!("  quantization    {}", mix_s.join(", "));
+    outln!(
+        "  quantization    {} ({})",
+        file_type_label(&g),
+        mix_s.join(", ")
+    );
+    let lacking: Vec<&str> = mix
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !hearth_quant::SUPPORTED_TYPES.iter().any(|t| t.name() == *n))
+        .collect();
+    if !lacking.is_empty() {
+        outln!(
+            "  not supported   tensor types {} (hearth computes with {})",
+            lacking.join(", "),
+            hearth_quant::SUPPORTED_TYPES
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     outln!("  context length  {ctx}");
     if let Ok(c) = &config {
         outln!(

@@ -10,7 +10,7 @@ mod value;
 
 pub use error::{GgufError, Result};
 pub use mmap::Bytes;
-pub use types::GgmlType;
+pub use types::{file_type_name, GgmlType};
 pub use value::Value;
 
 use std::collections::HashMap;

@@ -91,6 +91,52 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
+/// 256 weights, 2 bits each, in 16 sub-blocks of 16 with a 4-bit scale and 4-bit min:
+/// `w = d · scale · q − dmin · min`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ2K {
+    pub scales: [u8; QK_K / 16],
+    pub qs: [u8; QK_K / 4],
+    pub d: f16,
+    pub dmin: f16,
+}
+
+/// 256 weights, 3 bits each (2 in `qs`, the third in `hmask`), in 16 sub-blocks of 16 with
+/// 6-bit signed scales: `w = d · (scale − 32) · (q − 4)`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; K_SCALE_SIZE],
+    pub d: f16,
+}
+
+/// 32 weights as 4-bit indices into the non-linear table [`KVALUES_IQ4NL`]: `w = d · kv[q]`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockIQ4NL {
+    pub d: f16,
+    pub qs: [u8; QK / 2],
+}
+
+/// 256 weights as IQ4_NL indices in 8 sub-blocks of 32, each with a 6-bit scale (low 4
+/// bits in `scales_l`, high 2 in `scales_h`): `w = d · (scale − 32) · kv[q]`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockIQ4XS {
+    pub d: f16,
+    pub scales_h: u16,
+    pub scales_l: [u8; QK_K / 64],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// Activation block for the K-quants: 256 int8 with an f32 scale and sums of each 16.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -110,3 +156,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
+const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);

@@ -64,23 +64,35 @@ pub struct Kernels {
     /// 4 weight rows × 3 activation rows of an F32 product (see `reference::tile_f32_4x3`).
     pub tile_f32_4x3: fn(&[f32], &[f32], usize, &mut [f32; 12]),
     pub dot_f16: fn(&[f16], &[f16]) -> f32,
+    pub dot_bf16: fn(&[half::bf16], &[half::bf16]) -> f32,
     /// `out += w · v` (attention's weighted sum of f16 values).
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
     pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
     pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
     pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
+    pub dot_q5_1: fn(&[BlockQ5_1], &[BlockQ8_1]) -> f32,
+    pub dot_iq4_nl: fn(&[BlockIQ4NL], &[BlockQ8_0]) -> f32,
     pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
     pub dot_q4_k: fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
     pub dot_q5_k: fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
     pub dot_q6_k: fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
+    pub dot_q2_k: fn(&[BlockQ2K], &[BlockQ8K]) -> f32,
+    pub dot_q3_k: fn(&[BlockQ3K], &[BlockQ8K]) -> f32,
+    pub dot_iq4_xs: fn(&[BlockIQ4XS], &[BlockQ8K]) -> f32,
     /// Rows × tokens products (`out[row * n_tok + t]`, see `reference::gemm_by_dot`).
     pub gemm_q4_0: Gemm<BlockQ4_0, BlockQ8_0>,
     pub gemm_q4_1: Gemm<BlockQ4_1, BlockQ8_1>,
     pub gemm_q5_0: Gemm<BlockQ5_0, BlockQ8_0>,
+    pub gemm_q5_1: Gemm<BlockQ5_1, BlockQ8_1>,
+    pub gemm_iq4_nl: Gemm<BlockIQ4NL, BlockQ8_0>,
     pub gemm_q8_0: Gemm<BlockQ8_0, BlockQ8_0>,
     /// K-quant products (the activations' `d`/`s` are unused: Q8_K carries its own).
     pub gemm_q4_k: Gemm<BlockQ4K, BlockQ8K>,
+    pub gemm_q5_k: Gemm<BlockQ5K, BlockQ8K>,
     pub gemm_q6_k: Gemm<BlockQ6K, BlockQ8K>,
+    pub gemm_q2_k: Gemm<BlockQ2K, BlockQ8K>,
+    pub gemm_q3_k: Gemm<BlockQ3K, BlockQ8K>,
+    pub gemm_iq4_xs: Gemm<BlockIQ4XS, BlockQ8K>,
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
@@ -114,6 +126,12 @@ gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, r::vec_dot_q5_0_q8_0);
 gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, r::vec_dot_q8_0_q8_0);
 gemm_from_dot!(gemm_q4_k, BlockQ4K, BlockQ8K, r::vec_dot_q4_k_q8_k);
 gemm_from_dot!(gemm_q6_k, BlockQ6K, BlockQ8K, r::vec_dot_q6_k_q8_k);
+gemm_from_dot!(gemm_q5_1, BlockQ5_1, BlockQ8_1, r::vec_dot_q5_1_q8_1);
+gemm_from_dot!(gemm_q5_k, BlockQ5K, BlockQ8K, r::vec_dot_q5_k_q8_k);
+gemm_from_dot!(gemm_q2_k, BlockQ2K, BlockQ8K, r::vec_dot_q2_k_q8_k);
+gemm_from_dot!(gemm_q3_k, BlockQ3K, BlockQ8K, r::vec_dot_q3_k_q8_k);
+gemm_from_dot!(gemm_iq4_nl, BlockIQ4NL, BlockQ8_0, r::vec_dot_iq4_nl_q8_0);
+gemm_from_dot!(gemm_iq4_xs, BlockIQ4XS, BlockQ8K, r::vec_dot_iq4_xs_q8_k);
 
 impl Kernels {
     pub fn scalar() -> Self {
@@ -125,20 +143,32 @@ impl Kernels {
             dot_f32: r::vec_dot_f32,
             tile_f32_4x3: r::tile_f32_4x3,
             dot_f16: r::vec_dot_f16,
+            dot_bf16: r::vec_dot_bf16,
             axpy_f16: r::axpy_f16,
             dot_q4_0: r::vec_dot_q4_0_q8_0,
             dot_q4_1: r::vec_dot_q4_1_q8_1,
             dot_q5_0: r::vec_dot_q5_0_q8_0,
+            dot_q5_1: r::vec_dot_q5_1_q8_1,
+            dot_iq4_nl: r::vec_dot_iq4_nl_q8_0,
             dot_q8_0: r::vec_dot_q8_0_q8_0,
             dot_q4_k: r::vec_dot_q4_k_q8_k,
             dot_q5_k: r::vec_dot_q5_k_q8_k,
             dot_q6_k: r::vec_dot_q6_k_q8_k,
+            dot_q2_k: r::vec_dot_q2_k_q8_k,
+            dot_q3_k: r::vec_dot_q3_k_q8_k,
+            dot_iq4_xs: r::vec_dot_iq4_xs_q8_k,
             gemm_q4_0,
             gemm_q4_1,
             gemm_q5_0,
+            gemm_q5_1,
+            gemm_iq4_nl,
             gemm_q8_0,
             gemm_q4_k,
+            gemm_q5_k,
             gemm_q6_k,
+            gemm_q2_k,
+            gemm_q3_k,
+            gemm_iq4_xs,
             attend_f16: r::attend_f16,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,

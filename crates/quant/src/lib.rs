@@ -24,7 +24,11 @@ pub use hearth_gguf::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    #[error("tensor {name:?}: type {ty} is not supported for computation yet")]
+    #[error(
+        "tensor {name:?} has type {ty}, which hearth cannot compute with yet; supported types: \
+         {} (convert the model with llama-quantize to one of them, or download another quant)",
+        SUPPORTED_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+    )]
     Unsupported { name: String, ty: GgmlType },
     #[error("tensor {name:?}: {len} bytes do not hold {rows}x{cols} {ty} values")]
     BadLength {
@@ -37,6 +41,25 @@ pub enum QuantError {
     #[error("tensor {name:?}: data is not aligned for {ty} blocks")]
     Misaligned { name: String, ty: GgmlType },
 }
+
+/// The weight types [`QMatrix`] computes with.
+pub const SUPPORTED_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+];
 
 /// 8-bit activation blocks with each block's scale `d` and `s = d · Σq` as f32 (the tiled
 /// kernels read these instead of converting f16 scales per weight row).
@@ -118,6 +141,10 @@ pub enum Blocks<'a> {
     Q4K(&'a [BlockQ4K]),
     Q5K(&'a [BlockQ5K]),
     Q6K(&'a [BlockQ6K]),
+    Q2K(&'a [BlockQ2K]),
+    Q3K(&'a [BlockQ3K]),
+    IQ4NL(&'a [BlockIQ4NL]),
+    IQ4XS(&'a [BlockIQ4XS]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -174,6 +201,10 @@ impl<'a> QMatrix<'a> {
             GgmlType::Q4_K => Blocks::Q4K(cast(name, ty, bytes)?),
             GgmlType::Q5_K => Blocks::Q5K(cast(name, ty, bytes)?),
             GgmlType::Q6_K => Blocks::Q6K(cast(name, ty, bytes)?),
+            GgmlType::Q2_K => Blocks::Q2K(cast(name, ty, bytes)?),
+            GgmlType::Q3_K => Blocks::Q3K(cast(name, ty, bytes)?),
+            GgmlType::IQ4_NL => Blocks::IQ4NL(cast(name, ty, bytes)?),
+            GgmlType::IQ4_XS => Blocks::IQ4XS(cast(name, ty, bytes)?),
             _ => {
                 return Err(QuantError::Unsupported {
                     name: name.into(),
@@ -195,9 +226,14 @@ impl<'a> QMatrix<'a> {
             Blocks::F32(_) => ActType::F32,
             Blocks::F16(_) => ActType::F16,
             Blocks::BF16(_) => ActType::BF16,
-            Blocks::Q4_0(_) | Blocks::Q5_0(_) | Blocks::Q8_0(_) => ActType::Q8_0,
+            Blocks::Q4_0(_) | Blocks::Q5_0(_) | Blocks::Q8_0(_) | Blocks::IQ4NL(_) => ActType::Q8_0,
             Blocks::Q4_1(_) | Blocks::Q5_1(_) => ActType::Q8_1,
-            Blocks::Q4K(_) | Blocks::Q5K(_) | Blocks::Q6K(_) => ActType::Q8K,
+            Blocks::Q4K(_)
+            | Blocks::Q5K(_)
+            | Blocks::Q6K(_)
+            | Blocks::Q2K(_)
+            | Blocks::Q3K(_)
+            | Blocks::IQ4XS(_) => ActType::Q8K,
         }
     }
 
@@ -218,6 +254,10 @@ impl<'a> QMatrix<'a> {
             Blocks::Q4K(x) => reference::dequantize_row_q4_k(&x[rng], out),
             Blocks::Q5K(x) => reference::dequantize_row_q5_k(&x[rng], out),
             Blocks::Q6K(x) => reference::dequantize_row_q6_k(&x[rng], out),
+            Blocks::Q2K(x) => reference::dequantize_row_q2_k(&x[rng], out),
+            Blocks::Q3K(x) => reference::dequantize_row_q3_k(&x[rng], out),
+            Blocks::IQ4NL(x) => reference::dequantize_row_iq4_nl(&x[rng], out),
+            Blocks::IQ4XS(x) => reference::dequantize_row_iq4_xs(&x[rng], out),
         }
     }
 
@@ -277,7 +317,7 @@ impl<'a> QMatrix<'a> {
                 &acts.bf16[t0 * cols..],
                 cols,
                 n_tok,
-                reference::vec_dot_bf16,
+                k.dot_bf16,
                 out,
                 scratch,
             ),
@@ -290,29 +330,23 @@ impl<'a> QMatrix<'a> {
             Blocks::Q5_0(w) => {
                 rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q5_0, out, scratch)
             }
-            Blocks::Q5_1(w) => rows_dot(
-                w,
-                &acts.q8_1[t0 * cols / QK..],
-                cols / QK,
-                n_tok,
-                reference::vec_dot_q5_1_q8_1,
-                out,
-                scratch,
-            ),
+            Blocks::Q5_1(w) => {
+                rows_tiled(w, acts.q8_1_blocks(t0), n_tok, k.gemm_q5_1, out, scratch)
+            }
+            Blocks::IQ4NL(w) => {
+                rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_iq4_nl, out, scratch)
+            }
             Blocks::Q8_0(w) => {
                 rows_tiled(w, acts.q8_0_blocks(t0), n_tok, k.gemm_q8_0, out, scratch)
             }
             Blocks::Q4K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q4_k, out, scratch),
-            Blocks::Q5K(w) => rows_dot(
-                w,
-                &acts.q8k[t0 * cols / QK_K..],
-                cols / QK_K,
-                n_tok,
-                k.dot_q5_k,
-                out,
-                scratch,
-            ),
+            Blocks::Q5K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q5_k, out, scratch),
             Blocks::Q6K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q6_k, out, scratch),
+            Blocks::Q2K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q2_k, out, scratch),
+            Blocks::Q3K(w) => rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_q3_k, out, scratch),
+            Blocks::IQ4XS(w) => {
+                rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_iq4_xs, out, scratch)
+            }
         }
     }
 }
@@ -330,7 +364,14 @@ impl QMatrix<'_> {
             Blocks::Q4K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q5K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q6K(w) => i8mat::matmul(w, rows, a, out),
-            Blocks::F32(_) | Blocks::F16(_) | Blocks::BF16(_) => return false,
+            // No AMX tile layout for these yet: their tokens take the dot-product kernels.
+            Blocks::F32(_)
+            | Blocks::F16(_)
+            | Blocks::BF16(_)
+            | Blocks::Q2K(_)
+            | Blocks::Q3K(_)
+            | Blocks::IQ4NL(_)
+            | Blocks::IQ4XS(_) => return false,
         }
         true
     }

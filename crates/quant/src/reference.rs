@@ -225,6 +225,116 @@ pub fn dequantize_row_q6_k(x: &[BlockQ6K], y: &mut [f32]) {
     }
 }
 
+/// The 2-bit values (0..=3) of a Q2_K block in element order: each 128-value half takes
+/// 32 bytes of `qs`, whose 4 bit pairs hold 4 runs of 32 values.
+pub(crate) fn q2k_values(b: &BlockQ2K) -> [u8; QK_K] {
+    let mut a = [0u8; QK_K];
+    for half in 0..2 {
+        let q = &b.qs[32 * half..][..32];
+        for j in 0..4 {
+            for l in 0..32 {
+                a[128 * half + 32 * j + l] = (q[l] >> (2 * j)) & 3;
+            }
+        }
+    }
+    a
+}
+
+pub fn dequantize_row_q2_k(x: &[BlockQ2K], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let a = q2k_values(b);
+        for (sub, (out, q)) in ys.chunks_exact_mut(16).zip(a.chunks_exact(16)).enumerate() {
+            let sc = b.scales[sub];
+            let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+            for (o, &q) in out.iter_mut().zip(q) {
+                *o = dl * q as f32 - ml;
+            }
+        }
+    }
+}
+
+/// The signed 3-bit values (-4..=3) of a Q3_K block in element order: the low 2 bits as in
+/// Q2_K, minus 4 where the value's `hmask` bit is clear.
+pub(crate) fn q3k_values(b: &BlockQ3K) -> [i8; QK_K] {
+    let mut a = [0i8; QK_K];
+    for half in 0..2 {
+        let q = &b.qs[32 * half..][..32];
+        for j in 0..4 {
+            let m = 1u8 << (4 * half + j);
+            for l in 0..32 {
+                let low = ((q[l] >> (2 * j)) & 3) as i8;
+                a[128 * half + 32 * j + l] = low - if b.hmask[l] & m != 0 { 0 } else { 4 };
+            }
+        }
+    }
+    a
+}
+
+/// Q3_K's 16 sub-block scales (6 bits, stored +32), unpacked from its 12 bytes.
+pub(crate) fn q3k_scales(b: &BlockQ3K) -> [i8; 16] {
+    let s = &b.scales;
+    let mut out = [0i8; 16];
+    for (j, o) in out.iter_mut().enumerate() {
+        let low = if j < 8 { s[j] & 0xF } else { s[j - 8] >> 4 };
+        let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        *o = (low | (high << 4)) as i8 - 32;
+    }
+    out
+}
+
+pub fn dequantize_row_q3_k(x: &[BlockQ3K], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let (a, scales) = (q3k_values(b), q3k_scales(b));
+        for (sub, (out, q)) in ys.chunks_exact_mut(16).zip(a.chunks_exact(16)).enumerate() {
+            let dl = d * scales[sub] as f32;
+            for (o, &q) in out.iter_mut().zip(q) {
+                *o = dl * q as f32;
+            }
+        }
+    }
+}
+
+pub fn dequantize_row_iq4_nl(x: &[BlockIQ4NL], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for (l, &q) in b.qs.iter().enumerate() {
+            ys[l] = d * KVALUES_IQ4NL[(q & 0xF) as usize] as f32;
+            ys[l + 16] = d * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+        }
+    }
+}
+
+/// IQ4_XS's 8 sub-block scales (6 bits, stored +32).
+pub(crate) fn iq4xs_scales(b: &BlockIQ4XS) -> [i8; 8] {
+    let mut out = [0i8; 8];
+    for (ib, o) in out.iter_mut().enumerate() {
+        let low = (b.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+        let high = ((b.scales_h >> (2 * ib)) & 3) as u8;
+        *o = (low | (high << 4)) as i8 - 32;
+    }
+    out
+}
+
+pub fn dequantize_row_iq4_xs(x: &[BlockIQ4XS], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let scales = iq4xs_scales(b);
+        for (ib, (out, qs)) in ys
+            .chunks_exact_mut(32)
+            .zip(b.qs.chunks_exact(16))
+            .enumerate()
+        {
+            let dl = d * scales[ib] as f32;
+            for (l, &q) in qs.iter().enumerate() {
+                out[l] = dl * KVALUES_IQ4NL[(q & 0xF) as usize] as f32;
+                out[l + 16] = dl * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+            }
+        }
+    }
+}
+
 pub fn dequantize_row_f16(x: &[f16], y: &mut [f32]) {
     for (o, v) in y.iter_mut().zip(x) {
         *o = v.to_f32();
@@ -366,6 +476,67 @@ pub fn vec_dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
         for (sub, (w, p)) in v.chunks_exact(16).zip(b.qs.chunks_exact(16)).enumerate() {
             let dot: i32 = w.iter().zip(p).map(|(&w, &p)| w as i32 * p as i32).sum();
             sumi += a.scales[sub] as i32 * dot;
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q2_k_q8_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let v = q2k_values(a);
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for (sub, (w, p)) in v.chunks_exact(16).zip(b.qs.chunks_exact(16)).enumerate() {
+            let dot: i32 = w.iter().zip(p).map(|(&w, &p)| w as i32 * p as i32).sum();
+            sumi += (a.scales[sub] & 0xF) as i32 * dot;
+            summ += (a.scales[sub] >> 4) as i32 * b.bsums[sub] as i32;
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32 - a.dmin.to_f32() * b.d * summ as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_q3_k_q8_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let (v, scales) = (q3k_values(a), q3k_scales(a));
+        let mut sumi = 0i32;
+        for (sub, (w, p)) in v.chunks_exact(16).zip(b.qs.chunks_exact(16)).enumerate() {
+            let dot: i32 = w.iter().zip(p).map(|(&w, &p)| w as i32 * p as i32).sum();
+            sumi += scales[sub] as i32 * dot;
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32;
+    }
+    sumf
+}
+
+/// `Σ kv[w] · p` over the 32 values of an IQ4_NL-coded run (16 bytes of nibbles).
+#[inline]
+fn iq4_dot32(qs: &[u8], p: &[i8]) -> i32 {
+    let mut sum = 0i32;
+    for (l, &q) in qs[..16].iter().enumerate() {
+        sum += KVALUES_IQ4NL[(q & 0xF) as usize] as i32 * p[l] as i32;
+        sum += KVALUES_IQ4NL[(q >> 4) as usize] as i32 * p[l + 16] as i32;
+    }
+    sum
+}
+
+pub fn vec_dot_iq4_nl_q8_0(x: &[BlockIQ4NL], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        sumf += a.d.to_f32() * b.d.to_f32() * iq4_dot32(&a.qs, &b.qs) as f32;
+    }
+    sumf
+}
+
+pub fn vec_dot_iq4_xs_q8_k(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let scales = iq4xs_scales(a);
+        let mut sumi = 0i32;
+        for ib in 0..8 {
+            sumi += scales[ib] as i32 * iq4_dot32(&a.qs[16 * ib..], &b.qs[32 * ib..]);
         }
         sumf += a.d.to_f32() * b.d * sumi as f32;
     }

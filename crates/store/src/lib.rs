@@ -447,26 +447,7 @@ pub fn ago(unix: u64) -> String {
     format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
 }
 
-/// llama.cpp's `general.file_type` names.
+/// `general.file_type`'s name (llama.cpp's `llama_ftype`, e.g. `Q4_K_M`).
 pub fn file_type_name(ft: u64) -> Option<&'static str> {
-    Some(match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
-    })
+    hearth_gguf::file_type_name(u32::try_from(ft).ok()?)
 }
