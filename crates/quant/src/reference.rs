@@ -535,8 +535,8 @@ pub fn vec_dot_iq4_xs_q8_k(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
     for (a, b) in x.iter().zip(y) {
         let scales = iq4xs_scales(a);
         let mut sumi = 0i32;
-        for ib in 0..8 {
-            sumi += scales[ib] as i32 * iq4_dot32(&a.qs[16 * ib..], &b.qs[32 * ib..]);
+        for (ib, &sc) in scales.iter().enumerate() {
+            sumi += sc as i32 * iq4_dot32(&a.qs[16 * ib..], &b.qs[32 * ib..]);
         }
         sumf += a.d.to_f32() * b.d * sumi as f32;
     }
