@@ -215,6 +215,91 @@ proptest! {
         }
     }
 
+    /// The types added for the downloads users pick (Q2_K, Q3_K, IQ4_NL, IQ4_XS) and the
+    /// ones that had only the reference (Q5_1, Q5_K, BF16): dot products (decode) and the
+    /// rows × tokens products (prefill), against the scalar reference.
+    #[test]
+    fn more_types_match_reference(
+        nb in 1usize..4,
+        rows in 1usize..6,
+        n_tok in 1usize..4,
+        raw in prop::collection::vec(any::<u8>(), 192 * 3 * 5),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let n = nb * QK_K;
+        let x = acts(n_tok * n, &seed);
+        let mut yk = vec![BlockQ8K::zeroed(); n_tok * nb];
+        r::quantize_row_q8_k(&x, &mut yk);
+        let ykf: Vec<f32> = yk.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
+        let nb32 = n / QK;
+        let (mut y0, mut y1) = (vec![BlockQ8_0::zeroed(); n_tok * nb32], vec![BlockQ8_1::zeroed(); n_tok * nb32]);
+        r::quantize_row_q8_0(&x, &mut y0);
+        r::quantize_row_q8_1(&x, &mut y1);
+        let mut y0f = vec![0.0; n_tok * n];
+        r::dequantize_row_q8_0(&y0, &mut y0f);
+        let d0: Vec<f32> = y0.iter().map(|b| b.d.to_f32()).collect();
+        let s0: Vec<f32> = y0.iter().map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32).collect();
+        let d1: Vec<f32> = y1.iter().map(|b| b.d.to_f32()).collect();
+        let s1: Vec<f32> = y1.iter().map(|b| b.s.to_f32()).collect();
+        let (a0, a1) = (ActBlocks { blocks: &y0, d: &d0, s: &s0 }, ActBlocks { blocks: &y1, d: &d1, s: &s1 });
+        let ak = ActBlocks { blocks: &yk, d: &[], s: &[] };
+        let nw = rows * nb;
+        let q2k: Vec<BlockQ2K> = blocks(&raw[..84 * nw], |b: &mut BlockQ2K, d| { b.d = h(d); b.dmin = h(-d / 5.0) });
+        let q3k: Vec<BlockQ3K> = blocks(&raw[..110 * nw], |b: &mut BlockQ3K, d| b.d = h(d / 8.0));
+        let q5k: Vec<BlockQ5K> = blocks(&raw[..176 * nw], |b: &mut BlockQ5K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * nw], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
+        let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * nw * 8], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
+        let q51: Vec<BlockQ5_1> = blocks(&raw[..24 * nw * 8], |b: &mut BlockQ5_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        let mut wf = vec![0.0; rows * n];
+        let mut got = vec![0.0; rows * n_tok];
+        // Every (row, token) of a product, and the decode dot of token 0, against the reference.
+        #[allow(clippy::too_many_arguments)]
+        fn check<W, A>(
+            what: &str, w: &[W], wf: &[f32], a: &[A], af: &[f32], per_row: usize, n: usize, n_tok: usize,
+            got: &[f32], dot: fn(&[W], &[A]) -> f32, want: fn(&[W], &[A]) -> f32,
+        ) {
+            for (i, &g) in got.iter().enumerate() {
+                let (row, t) = (i / n_tok, i % n_tok);
+                let (wr, at) = (&w[row * per_row..(row + 1) * per_row], &a[t * per_row..(t + 1) * per_row]);
+                let m = magnitude(&wf[row * n..(row + 1) * n], &af[t * n..(t + 1) * n]);
+                close(g, want(wr, at), m, &format!("{what} product"));
+                close(dot(wr, at), want(wr, at), m, &format!("{what} dot"));
+            }
+        }
+        for k in levels() {
+            r::dequantize_row_q2_k(&q2k, &mut wf);
+            (k.gemm_q2_k)(&q2k, &ak, nb, n_tok, &mut got);
+            check("q2_K", &q2k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q2_k, r::vec_dot_q2_k_q8_k);
+            r::dequantize_row_q3_k(&q3k, &mut wf);
+            (k.gemm_q3_k)(&q3k, &ak, nb, n_tok, &mut got);
+            check("q3_K", &q3k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q3_k, r::vec_dot_q3_k_q8_k);
+            r::dequantize_row_q5_k(&q5k, &mut wf);
+            (k.gemm_q5_k)(&q5k, &ak, nb, n_tok, &mut got);
+            check("q5_K", &q5k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q5_k, r::vec_dot_q5_k_q8_k);
+            r::dequantize_row_iq4_xs(&xs4, &mut wf);
+            (k.gemm_iq4_xs)(&xs4, &ak, nb, n_tok, &mut got);
+            check("iq4_xs", &xs4, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_iq4_xs, r::vec_dot_iq4_xs_q8_k);
+            r::dequantize_row_iq4_nl(&nl4, &mut wf);
+            (k.gemm_iq4_nl)(&nl4, &a0, nb32, n_tok, &mut got);
+            check("iq4_nl", &nl4, &wf, &y0, &y0f, nb32, n, n_tok, &got, k.dot_iq4_nl, r::vec_dot_iq4_nl_q8_0);
+            r::dequantize_row_q5_1(&q51, &mut wf);
+            (k.gemm_q5_1)(&q51, &a1, nb32, n_tok, &mut got);
+            check("q5_1", &q51, &wf, &y1, &y0f, nb32, n, n_tok, &got, k.dot_q5_1, r::vec_dot_q5_1_q8_1);
+        }
+    }
+
+    #[test]
+    fn bf16_dot_matches_reference(x in prop::collection::vec(-8.0f32..8.0, 1..300)) {
+        use half::bf16;
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let yb: Vec<bf16> = x.iter().rev().map(|&v| bf16::from_f32(v * 0.5)).collect();
+        let xs: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let ys: Vec<f32> = yb.iter().map(|v| v.to_f32()).collect();
+        for k in levels() {
+            close((k.dot_bf16)(&xb, &yb), r::vec_dot_bf16(&xb, &yb), magnitude(&xs, &ys), "bf16");
+        }
+    }
+
     #[test]
     fn activation_quantization_is_bit_exact(x in prop::collection::vec(-50.0f32..50.0, 32..320), zero_block in any::<bool>()) {
         let n = x.len() / QK * QK;

@@ -494,3 +494,232 @@ pub unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
         b.s = f16::from_f32(d * sum as f32);
     }
 }
+
+// ------------------------------------------------ Q5_1, Q5_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, BF16
+
+/// Two 16-value sub-blocks' products (`p`: the lower 128 bits hold sub-block `s0`'s
+/// `maddubs` pairs, the upper `s1`'s) times their scales, as 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scale_pairs(p: __m256i, s0: i16, s1: i16) -> __m256i {
+    _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        summs += h2f(a.m) * h2f(b.s);
+        let d = _mm256_set1_ps(h2f(a.d) * h2f(b.d));
+        // SAFETY: whole blocks.
+        let (lo, qy) = unsafe { (nibbles_32(&a.qs), load32(&b.qs)) };
+        // The fifth bit adds 16.
+        let hi = _mm256_and_si256(
+            bits_to_bytes_32(u32::from_le_bytes(a.qh)),
+            _mm256_set1_epi8(0x10),
+        );
+        let qx = _mm256_or_si256(lo, hi);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_u8_i8(qx, qy)), acc);
+    }
+    hsum_ps(acc) + summs
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let low = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    for (a, b) in x.iter().zip(y) {
+        // SAFETY: the 32 bytes of qh.
+        let qh = unsafe { _mm256_loadu_si256(a.qh.as_ptr() as *const __m256i) };
+        let mut sumi = _mm256_setzero_si256();
+        let mut summ = 0i32;
+        for chunk in 0..4 {
+            // SAFETY: 32 bytes inside the 128-byte qs; 64 activations inside 256.
+            let (q, y1, y2) = unsafe {
+                (
+                    _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i),
+                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i),
+                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i),
+                )
+            };
+            let (sc1, m1) = scale_min_k4(2 * chunk, &a.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &a.scales);
+            // Bit 2·chunk (first sub-block) and 2·chunk + 1 (second) of each qh byte, as 16.
+            let shift = _mm_cvtsi32_si128(2 * chunk as i32);
+            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+            let h2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_srli_epi16(qh, 1), shift), one);
+            let w1 = _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4));
+            let w2 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+                _mm256_slli_epi16(h2, 4),
+            );
+            let p1 = _mm256_maddubs_epi16(w1, y1);
+            let p2 = _mm256_maddubs_epi16(w2, y2);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
+            let bs = 4 * chunk;
+            summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
+            summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
+        }
+        let d = _mm256_set1_ps(h2f(a.d) * b.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        acc_m += h2f(a.dmin) * b.d * summ as f32;
+    }
+    hsum_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    let m3 = _mm256_set1_epi8(3);
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        for half in 0..2 {
+            // SAFETY: 32 bytes at 32·half inside the 64-byte qs.
+            let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * half) as *const __m256i) };
+            for j in 0..4 {
+                let shift = _mm_cvtsi32_si128(2 * j as i32);
+                let w = _mm256_and_si256(_mm256_srl_epi16(q, shift), m3);
+                // SAFETY: 32 activations at 128·half + 32·j inside 256.
+                let yj = unsafe {
+                    _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i)
+                };
+                let is = 8 * half + 2 * j;
+                let (s0, s1) = ((a.scales[is] & 0xF) as i16, (a.scales[is + 1] & 0xF) as i16);
+                sumi = _mm256_add_epi32(sumi, scale_pairs(_mm256_maddubs_epi16(w, yj), s0, s1));
+            }
+        }
+        let summ: i32 = (0..16)
+            .map(|j| (a.scales[j] >> 4) as i32 * b.bsums[j] as i32)
+            .sum();
+        sumf += h2f(a.d) * b.d * hsum_epi32(sumi) as f32 - h2f(a.dmin) * b.d * summ as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    for (a, b) in x.iter().zip(y) {
+        let scales = crate::reference::q3k_scales(a);
+        // SAFETY: the 32 bytes of hmask.
+        let hm = unsafe { _mm256_loadu_si256(a.hmask.as_ptr() as *const __m256i) };
+        let mut sumi = _mm256_setzero_si256();
+        for half in 0..2 {
+            // SAFETY: 32 bytes at 32·half inside the 64-byte qs.
+            let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * half) as *const __m256i) };
+            for j in 0..4 {
+                let shift = _mm_cvtsi32_si128(2 * j as i32);
+                let low = _mm256_and_si256(_mm256_srl_epi16(q, shift), m3);
+                // 4 where the value's hmask bit is clear: w = low − 4·clear.
+                let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
+                let sub = _mm256_and_si256(clear, four);
+                // SAFETY: 32 activations at 128·half + 32·j inside 256.
+                let yj = unsafe {
+                    _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i)
+                };
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(low, yj), _mm256_maddubs_epi16(sub, yj));
+                let is = 8 * half + 2 * j;
+                sumi = _mm256_add_epi32(
+                    sumi,
+                    scale_pairs(p, scales[is] as i16, scales[is + 1] as i16),
+                );
+            }
+        }
+        sumf += h2f(a.d) * b.d * hsum_epi32(sumi) as f32;
+    }
+    sumf
+}
+
+/// IQ4_NL's 16 values in both 128-bit lanes, for `pshufb` lookups.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn iq4nl_table() -> __m256i {
+    // SAFETY: reads the 16 bytes of the table.
+    let t = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    _mm256_set_m128i(t, t)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_iq4_nl(x: &[BlockIQ4NL], y: &[BlockQ8_0]) -> f32 {
+    let table = iq4nl_table();
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(h2f(a.d) * h2f(b.d));
+        // SAFETY: whole blocks.
+        let (idx, qy) = unsafe { (nibbles_32(&a.qs), load32(&b.qs)) };
+        let w = _mm256_shuffle_epi8(table, idx);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_pairs(w, qy)), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
+    let table = iq4nl_table();
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let scales = crate::reference::iq4xs_scales(a);
+        let mut sumi = _mm256_setzero_si256();
+        for (ib, &sc) in scales.iter().enumerate() {
+            // SAFETY: 16 bytes at 16·ib inside the 128-byte qs; 32 activations at 32·ib.
+            let (idx, qy) = unsafe {
+                (
+                    nibbles_32(&*(a.qs.as_ptr().add(16 * ib) as *const [u8; 16])),
+                    _mm256_loadu_si256(b.qs.as_ptr().add(32 * ib) as *const __m256i),
+                )
+            };
+            let w = _mm256_shuffle_epi8(table, idx);
+            // |w · y| pairs stay below 2·127·127 < 2¹⁵.
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc as i16)));
+        }
+        let d = _mm256_set1_ps(h2f(a.d) * b.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+    let n = x.len().min(y.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // bf16 → f32 is the 16 bits moved to the top of the word.
+    let widen = |p: *const half::bf16| {
+        // SAFETY: the caller keeps 8 values (16 bytes) at `p` inside its slice.
+        let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+    };
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: 16 values at i inside both slices.
+        unsafe {
+            acc0 = _mm256_fmadd_ps(widen(x.as_ptr().add(i)), widen(y.as_ptr().add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                widen(x.as_ptr().add(i + 8)),
+                widen(y.as_ptr().add(i + 8)),
+                acc1,
+            );
+        }
+        i += 16;
+    }
+    while i + 8 <= n {
+        // SAFETY: 8 values at i inside both slices.
+        unsafe {
+            acc0 = _mm256_fmadd_ps(widen(x.as_ptr().add(i)), widen(y.as_ptr().add(i)), acc0);
+        }
+        i += 8;
+    }
+    let mut sum = hsum_ps(_mm256_add_ps(acc0, acc1));
+    for j in i..n {
+        sum += x[j].to_f32() * y[j].to_f32();
+    }
+    sum
+}

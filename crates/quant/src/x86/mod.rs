@@ -58,6 +58,34 @@ fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_q6_k(x, y) }
 }
+fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q5_1(x, y) }
+}
+fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q5_k(x, y) }
+}
+fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q2_k(x, y) }
+}
+fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_q3_k(x, y) }
+}
+fn dot_iq4_nl(x: &[BlockIQ4NL], y: &[BlockQ8_0]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_iq4_nl(x, y) }
+}
+fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_iq4_xs(x, y) }
+}
+fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx2::dot_bf16(x, y) }
+}
 fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f16(x, y) }
@@ -109,6 +137,12 @@ gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, dot_q5_0);
 gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, dot_q8_0);
 gemm_from_dot!(gemm_q4_k, BlockQ4K, BlockQ8K, dot_q4_k);
 gemm_from_dot!(gemm_q6_k, BlockQ6K, BlockQ8K, dot_q6_k);
+gemm_from_dot!(gemm_q5_1, BlockQ5_1, BlockQ8_1, dot_q5_1);
+gemm_from_dot!(gemm_q5_k, BlockQ5K, BlockQ8K, dot_q5_k);
+gemm_from_dot!(gemm_q2_k, BlockQ2K, BlockQ8K, dot_q2_k);
+gemm_from_dot!(gemm_q3_k, BlockQ3K, BlockQ8K, dot_q3_k);
+gemm_from_dot!(gemm_iq4_nl, BlockIQ4NL, BlockQ8_0, dot_iq4_nl);
+gemm_from_dot!(gemm_iq4_xs, BlockIQ4XS, BlockQ8K, dot_iq4_xs);
 
 /// VNNI tiles. SAFETY (all): installed by `kernels` only when `detect()` found AVX-512
 /// F/BW/VL/VNNI (with AVX2, FMA, F16C) on this CPU.
@@ -199,6 +233,19 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dot_q8_0,
         dot_q4_k,
         dot_q6_k,
+        dot_q5_1,
+        dot_q5_k,
+        dot_q2_k,
+        dot_q3_k,
+        dot_iq4_nl,
+        dot_iq4_xs,
+        dot_bf16,
+        gemm_q5_1,
+        gemm_q5_k,
+        gemm_q2_k,
+        gemm_q3_k,
+        gemm_iq4_nl,
+        gemm_iq4_xs,
         ..Kernels::scalar()
     }
 }
