@@ -259,6 +259,21 @@ fn corrupted_files_give_specific_errors() {
             Parse(|e| matches!(e, GgufError::UnknownTensorType { type_id: 77, .. })),
         ),
         (
+            // A real ggml type hearth cannot compute with: refused when the model loads,
+            // by the type's name, with the supported types listed.
+            "a tensor type hearth lacks (IQ2_XXS)",
+            Box::new(|b, l| {
+                let t = tensor(l, "blk.0.ffn_down.weight");
+                put_u32(b, t.3, 16)
+            }),
+            Load(|e| {
+                let msg = e.to_string();
+                msg.contains("IQ2_XXS")
+                    && msg.contains("blk.0.ffn_down.weight")
+                    && msg.contains("Q4_K, Q5_K")
+            }),
+        ),
+        (
             "row not block aligned",
             Box::new(|b, l| put_u64(b, tensor(l, "blk.0.attn_q.weight").2 + 4, 577)),
             Parse(|e| matches!(e, GgufError::RowNotBlockAligned { .. })),

@@ -176,6 +176,8 @@ vnni_gemm!(vnni_q4_0, BlockQ4_0, BlockQ8_0);
 vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
 vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
 vnni_gemm!(vnni_q8_0, BlockQ8_0, BlockQ8_0);
+vnni_gemm!(vnni_q5_1, BlockQ5_1, BlockQ8_1);
+vnni_gemm!(vnni_iq4_nl, BlockIQ4NL, BlockQ8_0);
 
 fn kquant_q4_k(w: &[BlockQ4K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
     // SAFETY: installed by `kernels` only at the Avx512 level (AVX-512 F/BW/VL detected).
@@ -200,6 +202,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
             gemm_q8_0: vnni_q8_0,
+            gemm_q5_1: vnni_q5_1,
+            gemm_iq4_nl: vnni_iq4_nl,
             gemm_q4_k: kquant_q4_k,
             gemm_q6_k: kquant_q6_k,
             attend_f16: attend_f16_avx512,

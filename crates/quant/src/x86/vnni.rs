@@ -146,6 +146,62 @@ impl Unsigned32 for BlockQ5_0 {
     }
 }
 
+impl Unsigned32 for BlockQ5_1 {
+    const OFFSET: f32 = 0.0;
+    const HAS_M: bool = true;
+    #[inline(always)]
+    unsafe fn bytes(&self) -> __m256i {
+        // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
+        unsafe {
+            let fifth = super::avx2::bits_to_bytes_32(u32::from_le_bytes(self.qh));
+            _mm256_or_si256(
+                nibbles_32(&self.qs),
+                _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features (as Q5_0's).
+        unsafe {
+            let (a, b) = (&*w, &*w.add(1));
+            let low = nibble_pair(&a.qs, &b.qs);
+            let qh = u32::from_le_bytes(a.qh) as u64 | (u32::from_le_bytes(b.qh) as u64) << 32;
+            _mm512_mask_add_epi8(low, qh, low, _mm512_set1_epi8(0x10))
+        }
+    }
+}
+
+/// IQ4_NL's table, shifted to unsigned (`kv + 128`), in every 128-bit lane.
+#[inline(always)]
+unsafe fn iq4nl_table_u8() -> __m512i {
+    // SAFETY: reads the 16 bytes of the table; AVX-512 F is enabled by every caller.
+    unsafe {
+        let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+        _mm512_xor_si512(_mm512_broadcast_i32x4(t), _mm512_set1_epi8(0x80u8 as i8))
+    }
+}
+
+/// IQ4_NL is Q4_0's layout with a table instead of `q − 8`: the table's values plus 128 are
+/// the unsigned bytes (offset 128).
+impl Unsigned32 for BlockIQ4NL {
+    const OFFSET: f32 = 128.0;
+    #[inline(always)]
+    unsafe fn bytes(&self) -> __m256i {
+        // SAFETY: AVX2 is enabled by every caller; reads the 16 bytes of qs and the table.
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8));
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_32(&self.qs))
+        }
+    }
+    #[inline(always)]
+    unsafe fn pair_bw(w: *const Self) -> __m512i {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { _mm512_shuffle_epi8(iq4nl_table_u8(), nibble_pair(&(*w).qs, &(*w.add(1)).qs)) }
+    }
+}
+
 impl Unsigned32 for BlockQ8_0 {
     const OFFSET: f32 = 128.0;
     #[inline(always)]
