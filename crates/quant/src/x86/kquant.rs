@@ -37,7 +37,7 @@ fn prefetch(p: *const u8, size: usize) {
 /// Q4_K's 8 six-bit scales and 8 six-bit mins, unpacked from its 12 bytes (as
 /// `reference::scale_min_k4` for every sub-block at once).
 #[inline(always)]
-fn q4k_scales_mins(s: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
+pub(crate) fn q4k_scales_mins(s: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const HIGH2: u32 = 0x0303_0303;

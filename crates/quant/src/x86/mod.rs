@@ -7,6 +7,7 @@ pub mod amx;
 pub mod avx2;
 pub mod avx512;
 pub mod kquant;
+pub mod kunpack;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -188,6 +189,21 @@ fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize,
     unsafe { kquant::gemm_q6k(w, a.blocks, nb, n_tok, out) }
 }
 
+/// Super-block types through the unpacked VNNI path. SAFETY (all): installed by `kernels`
+/// only when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA, F16C).
+macro_rules! unpack_gemm {
+    ($name:ident, $w:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { kunpack::gemm(w, a.blocks, nb, n_tok, out) }
+        }
+    };
+}
+unpack_gemm!(unpack_q2_k, BlockQ2K);
+unpack_gemm!(unpack_q3_k, BlockQ3K);
+unpack_gemm!(unpack_q5_k, BlockQ5K);
+unpack_gemm!(unpack_iq4_xs, BlockIQ4XS);
+
 /// Kernels for an x86 level (`isa >= Avx2`).
 ///
 /// # Safety
@@ -206,6 +222,10 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_iq4_nl: vnni_iq4_nl,
             gemm_q4_k: kquant_q4_k,
             gemm_q6_k: kquant_q6_k,
+            gemm_q2_k: unpack_q2_k,
+            gemm_q3_k: unpack_q3_k,
+            gemm_q5_k: unpack_q5_k,
+            gemm_iq4_xs: unpack_iq4_xs,
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,

@@ -1,0 +1,276 @@
+//! AVX-512 VNNI products of the super-block types without their own tiles (Q2_K, Q3_K,
+//! Q5_K, IQ4_XS) with Q8_K activations, for decoding and prefill alike.
+//!
+//! Each weight super-block is first unpacked into one common form: 256 unsigned bytes `u`,
+//! and per group of 16 values `g` a scale `s_g` and a correction `c_g`, such that
+//! `w = s_g · u − c_g / (…)`, precisely `Σ w·a = d_a · (Σ_g s_g · Σ u·q − Σ_g c_g · bsum_g)`
+//! for Q8_K activations `a = d_a · q` (Q2_K/Q5_K: `c` = the mins; Q3_K: offset 4, IQ4_XS:
+//! table + 128, so `c_g = s_g · offset`). Then one token costs per super-block four
+//! `vpdpbusd` (u8 × i8, exact i32 lanes), four conversions and FMAs with the lanes' group
+//! scales, one FMA for the corrections and one for `d_a`.
+//!
+//! Rows go 4 at a time and super-blocks 16 at a time (unpacked once into a stack buffer,
+//! then used for every token), so the unpacking is paid once per call, not per token, and
+//! each token's activations are loaded once for 4 rows. Every (row, token) goes through the
+//! same operations whatever the batch, so batched decoding equals decoding alone bit for bit.
+#![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
+
+use super::avx2::{h2f, nibbles_32};
+use crate::blocks::*;
+use crate::reference::iq4xs_scales;
+use std::arch::x86_64::*;
+
+/// One unpacked super-block.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Unpacked {
+    u: [u8; QK_K],
+    /// The group scales by `vpdpbusd` lane: lane i of the k-th 64 values is group 4k + i/4.
+    ls: [f32; 64],
+    /// The group corrections `c_g`.
+    c: [f32; 16],
+}
+
+const EMPTY: Unpacked = Unpacked {
+    u: [0; QK_K],
+    ls: [0.0; 64],
+    c: [0.0; 16],
+};
+
+/// A super-block type in the unpacked form.
+pub trait Unpack: Copy {
+    /// Writes the block's `u`, `s` and `c` (AVX2 enabled by every caller).
+    unsafe fn unpack(&self, out: &mut Unpacked);
+}
+
+#[inline(always)]
+unsafe fn store32(out: &mut [u8; QK_K], at: usize, v: __m256i) {
+    assert!(at + 32 <= QK_K);
+    // SAFETY: 32 bytes at `at`, inside `out` (asserted).
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at) as *mut __m256i, v) }
+}
+
+/// Group scales `d · v` (spread over `vpdpbusd` lanes into `out.ls`) and corrections
+/// `out.c = e · w`, for 16 signed bytes `v`, `w` (byte g = group g).
+#[inline(always)]
+unsafe fn scales_from(out: &mut Unpacked, v: __m128i, d: f32, w: __m128i, e: f32) {
+    // SAFETY: 64-byte aligned stores of 16 floats inside `ls` and `c`; AVX-512 F enabled by
+    // every caller (the gemm below).
+    unsafe {
+        let v = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
+            _mm512_set1_ps(d),
+        );
+        let w = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w)),
+            _mm512_set1_ps(e),
+        );
+        for k in 0..4 {
+            let g = _mm512_add_epi32(
+                _mm512_set1_epi32(4 * k as i32),
+                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+            );
+            _mm512_store_ps(out.ls.as_mut_ptr().add(16 * k), _mm512_permutexvar_ps(g, v));
+        }
+        _mm512_store_ps(out.c.as_mut_ptr(), w);
+    }
+}
+
+/// 8 bytes (one per 32-value group) as 16, each twice (one per 16-value group).
+#[inline(always)]
+unsafe fn twice(x: u64) -> __m128i {
+    // SAFETY: register operations only (SSE2, baseline on x86-64).
+    unsafe {
+        let v = _mm_cvtsi64_si128(x as i64);
+        _mm_unpacklo_epi8(v, v)
+    }
+}
+
+impl Unpack for BlockQ2K {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 32-byte loads inside the 64-byte qs; AVX2 enabled by the caller.
+        unsafe {
+            let m3 = _mm256_set1_epi8(3);
+            for half in 0..2 {
+                let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
+                for j in 0..4 {
+                    let v = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j)), m3);
+                    store32(&mut out.u, 128 * half + 32 * j as usize, v);
+                }
+            }
+            let b = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+            let low4 = _mm_set1_epi8(0x0F);
+            let (sc, m) = (
+                _mm_and_si128(b, low4),
+                _mm_and_si128(_mm_srli_epi16(b, 4), low4),
+            );
+            scales_from(out, sc, h2f(self.d), m, h2f(self.dmin));
+        }
+    }
+}
+
+impl Unpack for BlockQ3K {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 32-byte loads inside qs (64) and hmask (32); AVX2 enabled by the caller.
+        unsafe {
+            let m3 = _mm256_set1_epi8(3);
+            let four = _mm256_set1_epi8(4);
+            let hm = _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i);
+            for half in 0..2 {
+                let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
+                for j in 0..4 {
+                    let low = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j)), m3);
+                    let bit = _mm256_set1_epi8((1u8 << (4 * half as i32 + j)) as i8);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                    // u = value + 4: the low bits, plus 4 where the high bit is set.
+                    let v = _mm256_or_si256(low, _mm256_and_si256(set, four));
+                    store32(&mut out.u, 128 * half + 32 * j as usize, v);
+                }
+            }
+            // The 16 six-bit scales (stored + 32), unpacked as ggml does, 4 at a time.
+            let s = &self.scales;
+            let word =
+                |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+            let (a0, a1, tmp) = (word(0), word(1), word(2));
+            const LOW4: u32 = 0x0f0f_0f0f;
+            const LOW2: u32 = 0x0303_0303;
+            let scales = _mm_setr_epi32(
+                ((a0 & LOW4) | ((tmp & LOW2) << 4)) as i32,
+                ((a1 & LOW4) | (((tmp >> 2) & LOW2) << 4)) as i32,
+                (((a0 >> 4) & LOW4) | (((tmp >> 4) & LOW2) << 4)) as i32,
+                (((a1 >> 4) & LOW4) | (((tmp >> 6) & LOW2) << 4)) as i32,
+            );
+            let scales = _mm_sub_epi8(scales, _mm_set1_epi8(32));
+            let d = h2f(self.d);
+            scales_from(out, scales, d, scales, 4.0 * d);
+        }
+    }
+}
+
+impl Unpack for BlockQ5K {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 32-byte loads inside qs (128) and qh (32); AVX2 enabled by the caller.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let one = _mm256_set1_epi8(1);
+            let qh = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
+            for chunk in 0..4 {
+                let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
+                let shift = _mm_cvtsi32_si128(2 * chunk as i32);
+                let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+                let h2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_srli_epi16(qh, 1), shift), one);
+                let w1 = _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4));
+                let w2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+                    _mm256_slli_epi16(h2, 4),
+                );
+                store32(&mut out.u, 64 * chunk, w1);
+                store32(&mut out.u, 64 * chunk + 32, w2);
+            }
+            let (sc, m) = super::kquant::q4k_scales_mins(&self.scales);
+            scales_from(out, twice(sc), h2f(self.d), twice(m), h2f(self.dmin));
+        }
+    }
+}
+
+impl Unpack for BlockIQ4XS {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 16-byte reads inside the 128-byte qs and the table; AVX2 enabled by the
+        // caller.
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8)); // kv + 128
+            let table = _mm256_set_m128i(t, t);
+            for ib in 0..8 {
+                let idx = nibbles_32(&*(self.qs.as_ptr().add(16 * ib) as *const [u8; 16]));
+                store32(&mut out.u, 32 * ib, _mm256_shuffle_epi8(table, idx));
+            }
+            let mut sc = 0u64;
+            for (ib, &v) in iq4xs_scales(self).iter().enumerate() {
+                sc |= (v as u8 as u64) << (8 * ib);
+            }
+            let d = h2f(self.d);
+            scales_from(out, twice(sc), d, twice(sc), 128.0 * d);
+        }
+    }
+}
+
+/// How far ahead a row's weights are prefetched (as `kquant::PREFETCH_BYTES`).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Rows per pass, and super-blocks unpacked per pass (the buffer stays in L1).
+const ROWS: usize = 4;
+const CHUNK: usize = 16;
+
+/// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
+/// `a`: `out[r * n_tok + t]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+    let rows = out.len() / n_tok;
+    assert!(w.len() >= rows * nb && a.len() >= n_tok * nb);
+    out.fill(0.0);
+    let mut buf = [[EMPTY; CHUNK]; ROWS];
+    for r0 in (0..rows).step_by(ROWS) {
+        let nr = (rows - r0).min(ROWS);
+        for c0 in (0..nb).step_by(CHUNK) {
+            let nc = (nb - c0).min(CHUNK);
+            for (r, row) in buf.iter_mut().enumerate().take(nr) {
+                for (k, u) in row.iter_mut().enumerate().take(nc) {
+                    let blk = &w[(r0 + r) * nb + c0 + k];
+                    // Decoding reads each weight once, from memory: each row streams ahead.
+                    let p = (blk as *const W as *const i8).wrapping_add(PREFETCH_BYTES);
+                    // SAFETY: a prefetch only hints, whatever the address; AVX2 is enabled
+                    // here and the block is inside `w`.
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T0>(p);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                        blk.unpack(u)
+                    };
+                }
+            }
+            for t in 0..n_tok {
+                let mut acc = [_mm512_setzero_ps(); ROWS];
+                for k in 0..nc {
+                    let y = &a[t * nb + c0 + k];
+                    // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+                    let (ys, bsums) = unsafe {
+                        let p = y.qs.as_ptr();
+                        (
+                            [0, 1, 2, 3].map(|i| _mm512_loadu_si512(p.add(64 * i) as *const _)),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(
+                                y.bsums.as_ptr() as *const __m256i,
+                            ))),
+                        )
+                    };
+                    let da = _mm512_set1_ps(y.d);
+                    for (row, acc) in buf.iter().zip(acc.iter_mut()).take(nr) {
+                        let b = &row[k];
+                        // SAFETY: a 64-byte aligned load inside the unpacked block.
+                        let c = unsafe { _mm512_load_ps(b.c.as_ptr()) };
+                        let mut sum = _mm512_mul_ps(bsums, c);
+                        sum = _mm512_sub_ps(_mm512_setzero_ps(), sum);
+                        for (i, &y) in ys.iter().enumerate() {
+                            // SAFETY: 64-byte aligned loads at 64·i inside `u`, 16·i in `ls`.
+                            let (u, scale) = unsafe {
+                                (
+                                    _mm512_load_si512(b.u.as_ptr().add(64 * i) as *const _),
+                                    _mm512_load_ps(b.ls.as_ptr().add(16 * i)),
+                                )
+                            };
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
+                            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sum);
+                        }
+                        *acc = _mm512_fmadd_ps(sum, da, *acc);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(nr) {
+                    out[(r0 + r) * n_tok + t] += _mm512_reduce_add_ps(*acc);
+                }
+            }
+        }
+    }
+}
