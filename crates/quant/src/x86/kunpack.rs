@@ -17,7 +17,6 @@
 
 use super::avx2::{h2f, nibbles_32};
 use crate::blocks::*;
-use crate::reference::iq4xs_scales;
 use std::arch::x86_64::*;
 
 /// One unpacked super-block.
@@ -176,6 +175,25 @@ impl Unpack for BlockQ5K {
     }
 }
 
+/// IQ4_XS's 8 six-bit scales minus 32, one signed byte each (as
+/// `reference::iq4xs_scales`, with word operations instead of a loop).
+#[inline(always)]
+fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
+    // Low nibbles: byte i of scales_l holds groups 2i (low) and 2i + 1 (high).
+    let x = u32::from_le_bytes(b.scales_l) as u64;
+    let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    let low = (x & 0x000f_000f_000f_000f) | (((x >> 4) & 0x000f_000f_000f_000f) << 8);
+    // High bits: 2 per group in scales_h.
+    let h = b.scales_h as u64;
+    let h = (h | (h << 24)) & 0x0000_00ff_0000_00ff;
+    let h = (h | (h << 12)) & 0x000f_000f_000f_000f;
+    let h = (h | (h << 6)) & 0x0303_0303_0303_0303;
+    // Each byte is 0..64 before subtracting 32: per-byte subtraction without borrows.
+    let biased = low | (h << 4);
+    (biased | 0x8080_8080_8080_8080).wrapping_sub(0x2020_2020_2020_2020) ^ 0x8080_8080_8080_8080
+}
+
 impl Unpack for BlockIQ4XS {
     #[inline(always)]
     unsafe fn unpack(&self, out: &mut Unpacked) {
@@ -189,10 +207,7 @@ impl Unpack for BlockIQ4XS {
                 let idx = nibbles_32(&*(self.qs.as_ptr().add(16 * ib) as *const [u8; 16]));
                 store32(&mut out.u, 32 * ib, _mm256_shuffle_epi8(table, idx));
             }
-            let mut sc = 0u64;
-            for (ib, &v) in iq4xs_scales(self).iter().enumerate() {
-                sc |= (v as u8 as u64) << (8 * ib);
-            }
+            let sc = iq4xs_scale_bytes(self);
             let d = h2f(self.d);
             scales_from(out, twice(sc), d, twice(sc), 128.0 * d);
         }
@@ -271,6 +286,29 @@ pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, 
                     out[(r0 + r) * n_tok + t] += _mm512_reduce_add_ps(*acc);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytemuck::Zeroable;
+
+    #[test]
+    fn iq4xs_scale_bytes_match_the_reference() {
+        for seed in 0u32..2000 {
+            let mut b = BlockIQ4XS::zeroed();
+            let r = seed.wrapping_mul(2_654_435_761);
+            b.scales_h = (r >> 7) as u16;
+            b.scales_l = r.to_le_bytes();
+            let want = crate::reference::iq4xs_scales(&b);
+            let got = iq4xs_scale_bytes(&b).to_le_bytes().map(|x| x as i8);
+            assert_eq!(
+                got, want,
+                "scales_h {:#x} scales_l {:?}",
+                b.scales_h, b.scales_l
+            );
         }
     }
 }
