@@ -102,10 +102,11 @@ pub enum Part {
 }
 
 impl Part {
-    /// Whether these tokens' products run on the AMX-INT8 tiles on this CPU.
+    /// Whether these tokens' products run on the prompt kernels: the AMX-INT8 tiles where
+    /// the CPU has them, else the kernels that reuse each weight row for many tokens (see
+    /// `hearth_quant::Activations::quantize_split`).
     pub fn on_tiles(self) -> bool {
         matches!(self, Part::Prompt { len } if len >= hearth_quant::i8mat::MIN_TOKENS)
-            && hearth_quant::i8mat::Staged::available()
     }
 }
 

@@ -93,6 +93,10 @@ pub struct Kernels {
     pub gemm_q2_k: Gemm<BlockQ2K, BlockQ8K>,
     pub gemm_q3_k: Gemm<BlockQ3K, BlockQ8K>,
     pub gemm_iq4_xs: Gemm<BlockIQ4XS, BlockQ8K>,
+    /// Products of prompt tokens where a level has a kernel for them that differs from
+    /// `gemm_*` (see `Activations::quantize_split`).
+    pub prefill_q4_k: Option<Gemm<BlockQ4K, BlockQ8K>>,
+    pub prefill_q6_k: Option<Gemm<BlockQ6K, BlockQ8K>>,
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
@@ -169,6 +173,8 @@ impl Kernels {
             gemm_q2_k,
             gemm_q3_k,
             gemm_iq4_xs,
+            prefill_q4_k: None,
+            prefill_q6_k: None,
             attend_f16: r::attend_f16,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,

@@ -279,6 +279,10 @@ impl<'a> QMatrix<'a> {
         if t0 > 0 && !self.tiles_i8(acts, &mut out[..t0 * self.rows]) {
             t0 = 0;
         }
+        let p = acts.prefill_tokens;
+        if t0 == 0 && p > 0 && self.prefill(acts, p, &mut out[..p * self.rows], scratch) {
+            t0 = p;
+        }
         if t0 < n_tok {
             self.products(acts, t0, &mut out[t0 * self.rows..], scratch);
         }
@@ -352,6 +356,59 @@ impl<'a> QMatrix<'a> {
 }
 
 impl QMatrix<'_> {
+    /// The product of the first `p` tokens (prompt tokens: see
+    /// [`Activations::quantize_split`]) on this level's prefill kernels, which reuse each
+    /// weight row for many tokens; false where the type has none (its tokens then take the
+    /// dot-product kernels).
+    fn prefill(
+        &self,
+        acts: &Activations,
+        p: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> bool {
+        let k = dispatch::kernels();
+        let cols = self.cols;
+        match self.blocks {
+            Blocks::Q4K(w) => match k.prefill_q4_k {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q6K(w) => match k.prefill_q6_k {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::F16(w) if p >= 3 => {
+                let a: Vec<f32> = acts.f16[..p * cols].iter().map(|v| v.to_f32()).collect();
+                rows_widened_tiled(
+                    w,
+                    &a,
+                    cols,
+                    p,
+                    k,
+                    out,
+                    scratch,
+                    reference::dequantize_row_f16,
+                )
+            }
+            Blocks::BF16(w) if p >= 3 => {
+                let a: Vec<f32> = acts.bf16[..p * cols].iter().map(|v| v.to_f32()).collect();
+                rows_widened_tiled(
+                    w,
+                    &a,
+                    cols,
+                    p,
+                    k,
+                    out,
+                    scratch,
+                    reference::dequantize_row_bf16,
+                )
+            }
+            _ => return false,
+        }
+        true
+    }
+
     /// The product on AMX-INT8 tiles from staged activations; false for float weights.
     fn tiles_i8(&self, acts: &Activations, out: &mut [f32]) -> bool {
         let (a, rows) = (&acts.staged, self.rows);
@@ -450,32 +507,65 @@ fn rows_f32_tiled(
     let chunk = rows_per_task(rows).next_multiple_of(4);
     by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
         let n_rows = o.len() / n_tok;
-        let mut tile = [0f32; 12];
-        let full_rows = n_rows / 4 * 4;
-        let full_toks = n_tok / 3 * 3;
-        for r in (0..full_rows).step_by(4) {
-            let wr = &w[(r0 + r) * cols..(r0 + r + 4) * cols];
-            for t in (0..full_toks).step_by(3) {
-                (k.tile_f32_4x3)(wr, &a[t * cols..(t + 3) * cols], cols, &mut tile);
-                for i in 0..4 {
-                    for j in 0..3 {
-                        o[(r + i) * n_tok + t + j] = tile[i * 3 + j];
-                    }
-                }
-            }
-            for t in full_toks..n_tok {
-                for i in 0..4 {
-                    let wi = &wr[i * cols..(i + 1) * cols];
-                    o[(r + i) * n_tok + t] = (k.dot_f32)(wi, &a[t * cols..(t + 1) * cols]);
+        f32_tiles(&w[r0 * cols..(r0 + n_rows) * cols], a, cols, n_tok, k, o)
+    });
+}
+
+/// Rows `w` (row-major, `cols` each) × `n_tok` tokens `a` into `o` (row-major, `n_tok` per
+/// row): 4-row × 3-token tiles, leftovers by dot products.
+fn f32_tiles(w: &[f32], a: &[f32], cols: usize, n_tok: usize, k: &Kernels, o: &mut [f32]) {
+    let n_rows = o.len() / n_tok;
+    let mut tile = [0f32; 12];
+    let full_rows = n_rows / 4 * 4;
+    let full_toks = n_tok / 3 * 3;
+    for r in (0..full_rows).step_by(4) {
+        let wr = &w[r * cols..(r + 4) * cols];
+        for t in (0..full_toks).step_by(3) {
+            (k.tile_f32_4x3)(wr, &a[t * cols..(t + 3) * cols], cols, &mut tile);
+            for i in 0..4 {
+                for j in 0..3 {
+                    o[(r + i) * n_tok + t + j] = tile[i * 3 + j];
                 }
             }
         }
-        for r in full_rows..n_rows {
-            let wr = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
-            for t in 0..n_tok {
-                o[r * n_tok + t] = (k.dot_f32)(wr, &a[t * cols..(t + 1) * cols]);
+        for t in full_toks..n_tok {
+            for i in 0..4 {
+                let wi = &wr[i * cols..(i + 1) * cols];
+                o[(r + i) * n_tok + t] = (k.dot_f32)(wi, &a[t * cols..(t + 1) * cols]);
             }
         }
+    }
+    for r in full_rows..n_rows {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for t in 0..n_tok {
+            o[r * n_tok + t] = (k.dot_f32)(wr, &a[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+/// A 16-bit float product for several tokens: each task widens its weight rows to f32 once
+/// and runs the F32 tiles (`tile_f32_4x3`) over the tokens, whose activations were rounded to
+/// the weights' format and widened back (exact), as the dot products see them.
+#[allow(clippy::too_many_arguments)]
+fn rows_widened_tiled<W: Sync>(
+    w: &[W],
+    a: &[f32],
+    cols: usize,
+    n_tok: usize,
+    k: &Kernels,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    widen: fn(&[W], &mut [f32]),
+) {
+    let rows = w.len() / cols;
+    let chunk = rows_per_task(rows).next_multiple_of(4);
+    by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
+        let n_rows = o.len() / n_tok;
+        let mut wf = vec![0f32; n_rows * cols];
+        for (r, row) in wf.chunks_exact_mut(cols).enumerate() {
+            widen(&w[(r0 + r) * cols..(r0 + r + 1) * cols], row);
+        }
+        f32_tiles(&wf, a, cols, n_tok, k, o);
     });
 }
 
@@ -534,6 +624,8 @@ pub struct Activations {
     /// The quantized values again, laid out for the AMX-INT8 tiles (batches of at least
     /// [`i8mat::MIN_TOKENS`] tokens where the tiles run; else empty).
     staged: i8mat::Staged,
+    /// The first tokens are prompt tokens (see [`Activations::quantize_split`]).
+    prefill_tokens: usize,
 }
 
 impl Activations {
@@ -549,15 +641,18 @@ impl Activations {
         self.quantize_split(ty, x, cols, tile_tokens);
     }
 
-    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`, and stages its first `tile_tokens`
-    /// tokens for the AMX-INT8 tiles where the CPU has them: [`QMatrix::matmul`] then runs
-    /// those tokens on the tiles and the others on the dot-product kernels. The two round
+    /// Quantizes `x` (`n_tokens` rows of `cols`) to `ty`, and marks its first `tile_tokens`
+    /// tokens as prompt tokens: [`QMatrix::matmul`] runs those on the prompt kernels (the
+    /// AMX-INT8 tiles where the CPU has them, staged here; else, for the types that have
+    /// one, a kernel that reuses each weight row for many tokens) and the others on the
+    /// dot-product kernels. The two round
     /// differently, but a token's result depends only on which of them it took, never on
     /// the other tokens of the product, so callers that pick by what a token is (rather
     /// than by how many share the product) get the same numbers however tokens are batched.
     pub fn quantize_split(&mut self, ty: ActType, x: &[f32], cols: usize, tile_tokens: usize) {
         let n_tokens = x.len() / cols;
         let tile_tokens = tile_tokens.min(n_tokens);
+        self.prefill_tokens = tile_tokens;
         self.ty = Some(ty);
         self.cols = cols;
         self.n_tokens = n_tokens;
@@ -643,6 +738,15 @@ impl Activations {
     fn q8k_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8K> {
         ActBlocks {
             blocks: &self.q8k[t0 * self.cols / QK_K..],
+            d: &[],
+            s: &[],
+        }
+    }
+
+    /// The Q8_K blocks of tokens `..p`.
+    fn q8k_first(&self, p: usize) -> ActBlocks<'_, BlockQ8K> {
+        ActBlocks {
+            blocks: &self.q8k[..p * self.cols / QK_K],
             d: &[],
             s: &[],
         }

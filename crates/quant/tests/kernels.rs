@@ -190,6 +190,21 @@ proptest! {
             check("q6_K tile", &got, &wf, &|row, t| {
                 r::vec_dot_q6_k_q8_k(&q6k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
             });
+            // The prompt kernels, where the level has them.
+            if let Some(prefill) = k.prefill_q4_k {
+                r::dequantize_row_q4_k(&q4k, &mut wf);
+                prefill(&q4k, &a, nb, n_tok, &mut got);
+                check("q4_K prefill", &got, &wf, &|row, t| {
+                    r::vec_dot_q4_k_q8_k(&q4k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
+                });
+            }
+            if let Some(prefill) = k.prefill_q6_k {
+                r::dequantize_row_q6_k(&q6k, &mut wf);
+                prefill(&q6k, &a, nb, n_tok, &mut got);
+                check("q6_K prefill", &got, &wf, &|row, t| {
+                    r::vec_dot_q6_k_q8_k(&q6k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
+                });
+            }
         }
     }
 
@@ -483,4 +498,75 @@ fn quantize_q8_rounds_like_ggml() {
     r::quantize_row_q8_k(&k, &mut kb);
     assert_eq!(kb[0].qs[5], -127);
     assert_eq!(kb[0].bsums[0], -127);
+}
+
+/// Prompt tokens (`quantize_split`) take the prefill kernels where a type has them (16-bit
+/// floats: widened rows in F32 tiles; Q4_K/Q6_K at avx512: the unpacked path): the same
+/// products as the dot-product kernels, up to float rounding.
+#[test]
+fn prompt_token_products_match_dot_products() {
+    use hearth_quant::{Activations, GgmlType, QMatrix};
+    let (rows, cols, n_tok) = (13, 512, 7);
+    let x = acts(n_tok * cols, &[0.5, -1.25, 2.0, 0.75, -0.3]);
+    for ty in [
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let block = ty.block_bytes() as usize;
+        let n_blocks = rows * cols / ty.block_len() as usize;
+        let mut raw: Vec<u8> = (0..n_blocks * block)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect();
+        // Finite scales: every f16 / bf16 value (16-bit floats), the d fields (K-quants).
+        match ty {
+            GgmlType::F16 | GgmlType::BF16 => {
+                for (i, v) in raw.chunks_exact_mut(2).enumerate() {
+                    let f = ((i % 37) as f32 - 18.0) / 16.0;
+                    let bits = if ty == GgmlType::F16 {
+                        f16::from_f32(f).to_bits()
+                    } else {
+                        half::bf16::from_f32(f).to_bits()
+                    };
+                    v.copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+            GgmlType::Q4_K => {
+                for b in raw.chunks_exact_mut(block) {
+                    b[..2].copy_from_slice(&h(0.01).to_bits().to_le_bytes());
+                    b[2..4].copy_from_slice(&h(0.002).to_bits().to_le_bytes());
+                }
+            }
+            _ => {
+                for b in raw.chunks_exact_mut(block) {
+                    b[208..].copy_from_slice(&h(0.003).to_bits().to_le_bytes());
+                }
+            }
+        }
+        let mut aligned = vec![0u64; raw.len().div_ceil(8)];
+        let bytes: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut aligned)[..raw.len()];
+        bytes.copy_from_slice(&raw);
+        let m = QMatrix::new("w", ty, cols, rows, bytes).unwrap();
+        let (mut prompt, mut decode) = (Activations::default(), Activations::default());
+        prompt.quantize_split(m.act_type(), &x, cols, n_tok);
+        decode.quantize_split(m.act_type(), &x, cols, 0);
+        let (mut got, mut want) = (vec![0f32; n_tok * rows], vec![0f32; n_tok * rows]);
+        let mut scratch = Vec::new();
+        m.matmul(&prompt, &mut got, &mut scratch);
+        m.matmul(&decode, &mut want, &mut scratch);
+        let mut wrow = vec![0f32; cols];
+        for t in 0..n_tok {
+            for r in 0..rows {
+                m.dequantize_row(r, &mut wrow);
+                let mag = magnitude(&wrow, &x[t * cols..(t + 1) * cols]);
+                close(
+                    got[t * rows + r],
+                    want[t * rows + r],
+                    mag,
+                    &format!("{ty} prompt row {r} token {t}"),
+                );
+            }
+        }
+    }
 }

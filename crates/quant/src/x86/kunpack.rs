@@ -217,6 +217,69 @@ impl Unpack for BlockIQ4XS {
 /// How far ahead a row's weights are prefetched (as `kquant::PREFETCH_BYTES`).
 const PREFETCH_BYTES: usize = 4096;
 
+impl Unpack for BlockQ4K {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 32-byte loads inside the 128-byte qs; AVX2 enabled by the caller.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            for chunk in 0..4 {
+                let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
+                store32(&mut out.u, 64 * chunk, _mm256_and_si256(q, low));
+                store32(
+                    &mut out.u,
+                    64 * chunk + 32,
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+                );
+            }
+            let (sc, m) = super::kquant::q4k_scales_mins(&self.scales);
+            scales_from(out, twice(sc), h2f(self.d), twice(m), h2f(self.dmin));
+        }
+    }
+}
+
+impl Unpack for BlockQ6K {
+    #[inline(always)]
+    unsafe fn unpack(&self, out: &mut Unpacked) {
+        // SAFETY: 32-byte loads inside ql (128) and qh (64), 16 bytes of scales; AVX2
+        // enabled by the caller.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(self.ql.as_ptr().add(64 * half) as *const __m256i);
+                let ql1 =
+                    _mm256_loadu_si256(self.ql.as_ptr().add(64 * half + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(self.qh.as_ptr().add(32 * half) as *const __m256i);
+                // The stored values q + 32 (0..=63), in element order.
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
+                    ),
+                ];
+                for (k, v) in q.into_iter().enumerate() {
+                    store32(&mut out.u, 128 * half + 32 * k, v);
+                }
+            }
+            let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+            let d = h2f(self.d);
+            scales_from(out, sc, d, sc, 32.0 * d);
+        }
+    }
+}
+
 /// Rows per pass, and super-blocks unpacked per pass (the buffer stays in L1).
 const ROWS: usize = 4;
 const CHUNK: usize = 16;

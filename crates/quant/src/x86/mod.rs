@@ -203,6 +203,8 @@ unpack_gemm!(unpack_q2_k, BlockQ2K);
 unpack_gemm!(unpack_q3_k, BlockQ3K);
 unpack_gemm!(unpack_q5_k, BlockQ5K);
 unpack_gemm!(unpack_iq4_xs, BlockIQ4XS);
+unpack_gemm!(unpack_q4_k, BlockQ4K);
+unpack_gemm!(unpack_q6_k, BlockQ6K);
 
 /// Kernels for an x86 level (`isa >= Avx2`).
 ///
@@ -226,6 +228,10 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q3_k: unpack_q3_k,
             gemm_q5_k: unpack_q5_k,
             gemm_iq4_xs: unpack_iq4_xs,
+            // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
+            // keeps the Q4_K/Q6_K tiles above).
+            prefill_q4_k: Some(unpack_q4_k),
+            prefill_q6_k: Some(unpack_q6_k),
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
