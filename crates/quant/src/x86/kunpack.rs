@@ -1,13 +1,16 @@
-//! AVX-512 VNNI products of the super-block types without their own tiles (Q2_K, Q3_K,
-//! Q5_K, IQ4_XS) with Q8_K activations, for decoding and prefill alike.
+//! AVX-512 VNNI products of super-block types with Q8_K activations: Q2_K, Q3_K, Q5_K and
+//! IQ4_XS for decoding and prefill alike, Q4_K and Q6_K for prompt tokens (their decoding
+//! keeps the `kquant` tiles).
 //!
 //! Each weight super-block is first unpacked into one common form: 256 unsigned bytes `u`,
-//! and per group of 16 values `g` a scale `s_g` and a correction `c_g`, such that
-//! `w = s_g · u − c_g / (…)`, precisely `Σ w·a = d_a · (Σ_g s_g · Σ u·q − Σ_g c_g · bsum_g)`
-//! for Q8_K activations `a = d_a · q` (Q2_K/Q5_K: `c` = the mins; Q3_K: offset 4, IQ4_XS:
-//! table + 128, so `c_g = s_g · offset`). Then one token costs per super-block four
-//! `vpdpbusd` (u8 × i8, exact i32 lanes), four conversions and FMAs with the lanes' group
-//! scales, one FMA for the corrections and one for `d_a`.
+//! and per group `g` of 16 values a scale `s_g` and a correction `c_g`, such that for Q8_K
+//! activations `a = d_a · q`:
+//! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − Σ_g c_g · bsum_g)`.
+//! Q2_K, Q4_K, Q5_K: `u` is the stored value and `c` the scaled mins. Q3_K, Q6_K, IQ4_XS
+//! store signed values, held as `u = value + offset` (offset 4, 32, 128), so
+//! `c_g = s_g · offset`. Then one token costs per super-block four `vpdpbusd` (u8 × i8,
+//! exact i32 lanes), four conversions and FMAs with the lanes' group scales, one FMA for the
+//! corrections and one for `d_a`.
 //!
 //! Rows go 4 at a time and super-blocks 16 at a time (unpacked once into a stack buffer,
 //! then used for every token), so the unpacking is paid once per call, not per token, and
