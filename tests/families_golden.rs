@@ -15,7 +15,7 @@ use common::kld;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_models::{Model, Scratch};
+use hearth_models::Model;
 
 fn synthetic(name: &str) -> PathBuf {
     let dir = std::env::var_os("HEARTH_SYNTHETIC").map_or_else(
@@ -62,24 +62,8 @@ fn synthetic_models_match_llama_cpp_by_kl_divergence_at_every_level() {
     eprintln!("{}", kld::TABLE_HEADER);
     for name in ["qwen2", "qwen3", "llama3", "gemma2", "phi3"] {
         let model = Model::load(open(name)).expect("model loads");
-        let mut fidelity = kld::Fidelity::default();
-        for l in common::golden_lines(&format!("families/{name}.logits.jsonl")) {
-            let ids: Vec<u32> = serde_json::from_value(l["ids"].clone()).unwrap();
-            let (off, on) = (l["off"].as_array().unwrap(), l["on"].as_array().unwrap());
-            let mut cache = model.new_cache(ids.len() + 1);
-            let (mut scratch, mut logits) = (Scratch::default(), Vec::new());
-            model
-                .forward(&ids[..1], &mut cache, &mut scratch, &mut logits)
-                .unwrap();
-            for (step, (off, on)) in off.iter().zip(on).enumerate() {
-                if step > 0 {
-                    model
-                        .decode(ids[step], &mut cache, &mut scratch, &mut logits)
-                        .unwrap();
-                }
-                fidelity.add(off, on, &logits);
-            }
-        }
+        let lines = common::golden_lines(&format!("families/{name}.logits.jsonl"));
+        let fidelity = kld::teacher_forced(&model, &lines);
         failures.extend(fidelity.judge(name));
     }
     assert!(failures.is_empty(), "{failures:#?}");

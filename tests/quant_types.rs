@@ -7,7 +7,7 @@
 mod common;
 
 use common::kld;
-use hearth_models::{Model, Scratch};
+use hearth_models::Model;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,25 +32,8 @@ fn every_type_matches_llama_cpp_by_kl_divergence_at_every_level() {
     for ty in TYPES {
         let g = Arc::new(hearth_gguf::Gguf::open(model_path(ty)).expect("model opens"));
         let model = Model::load(g).expect("model loads");
-        let mut fidelity = kld::Fidelity::default();
-        for l in common::golden_lines(&format!("quants/models/quant-base.{ty}.logits.jsonl")) {
-            let ids: Vec<u32> = serde_json::from_value(l["ids"].clone()).unwrap();
-            let (off, on) = (l["off"].as_array().unwrap(), l["on"].as_array().unwrap());
-            assert_eq!(off.len(), ids.len() - 1);
-            let mut cache = model.new_cache(ids.len() + 1);
-            let (mut scratch, mut logits) = (Scratch::default(), Vec::new());
-            model
-                .forward(&ids[..1], &mut cache, &mut scratch, &mut logits)
-                .unwrap();
-            for (step, (off, on)) in off.iter().zip(on).enumerate() {
-                if step > 0 {
-                    model
-                        .decode(ids[step], &mut cache, &mut scratch, &mut logits)
-                        .unwrap();
-                }
-                fidelity.add(off, on, &logits);
-            }
-        }
+        let lines = common::golden_lines(&format!("quants/models/quant-base.{ty}.logits.jsonl"));
+        let fidelity = kld::teacher_forced(&model, &lines);
         failures.extend(fidelity.judge(ty));
     }
     assert!(failures.is_empty(), "{failures:#?}");

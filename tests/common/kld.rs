@@ -112,6 +112,31 @@ impl Fidelity {
     }
 }
 
+/// hearth teacher-forced through golden texts (`{"ids", "off", "on"}` lines: llama.cpp's
+/// steps after each of the ids but the last), one token per decode step as llama.cpp ran.
+pub fn teacher_forced(model: &hearth_models::Model, lines: &[Value]) -> Fidelity {
+    let mut fidelity = Fidelity::default();
+    for l in lines {
+        let ids: Vec<u32> = serde_json::from_value(l["ids"].clone()).unwrap();
+        let (off, on) = (l["off"].as_array().unwrap(), l["on"].as_array().unwrap());
+        assert_eq!(off.len(), ids.len() - 1);
+        let mut cache = model.new_cache(ids.len() + 1);
+        let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
+        model
+            .forward(&ids[..1], &mut cache, &mut scratch, &mut logits)
+            .unwrap();
+        for (step, (off, on)) in off.iter().zip(on).enumerate() {
+            if step > 0 {
+                model
+                    .decode(ids[step], &mut cache, &mut scratch, &mut logits)
+                    .unwrap();
+            }
+            fidelity.add(off, on, &logits);
+        }
+    }
+    fidelity
+}
+
 pub const TABLE_HEADER: &str =
     "model    positions  KLD hearth  KLD llama.cpp fa on/off  same top hearth  same top llama.cpp";
 

@@ -184,75 +184,123 @@ pub unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     hsum_ps(acc)
 }
 
+/// Q4_K and Q5_K: the same scales, mins and order of values. `values(block, chunk)` gives
+/// the unsigned values 64·chunk.. of a block as two runs of 32; `fields` its d, dmin and
+/// packed scales.
+#[inline(always)]
+unsafe fn dot_k4<B>(
+    x: &[B],
+    y: &[BlockQ8K],
+    fields: impl Fn(&B) -> (f16, f16, &[u8; K_SCALE_SIZE]),
+    values: impl Fn(&B, usize) -> (__m256i, __m256i),
+) -> f32 {
+    // SAFETY (whole body): AVX2, FMA and F16C are enabled by every caller; the loads are
+    // 32 bytes at 64·chunk and 64·chunk + 32 inside the activations' 256-byte qs.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_m = 0.0f32;
+        for (a, b) in x.iter().zip(y) {
+            let (d, dmin, scales) = fields(a);
+            let mut sumi = _mm256_setzero_si256();
+            let mut summ = 0i32;
+            for chunk in 0..4 {
+                let (w1, w2) = values(a, chunk);
+                let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+                let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                let y1 = _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i);
+                let y2 = _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i);
+                let p1 = _mm256_maddubs_epi16(w1, y1);
+                let p2 = _mm256_maddubs_epi16(w2, y2);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
+                let bs = 4 * chunk;
+                summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
+                summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
+            }
+            let dv = _mm256_set1_ps(h2f(d) * b.d);
+            acc = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(sumi), acc);
+            acc_m += h2f(dmin) * b.d * summ as f32;
+        }
+        hsum_ps(acc) - acc_m
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = 0.0f32;
     let low = _mm256_set1_epi8(0x0F);
-    for (a, b) in x.iter().zip(y) {
-        let mut sumi = _mm256_setzero_si256();
-        let mut summ = 0i32;
-        for chunk in 0..4 {
-            // SAFETY: 32 bytes inside the 128-byte qs.
-            let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i) };
-            let (sc1, m1) = scale_min_k4(2 * chunk, &a.scales);
-            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &a.scales);
-            // SAFETY: 32 bytes at 64*chunk and 64*chunk+32 inside the 256-byte qs.
-            let (y1, y2) = unsafe {
-                (
-                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i),
-                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i),
-                )
-            };
-            let p1 = _mm256_maddubs_epi16(_mm256_and_si256(q, low), y1);
-            let p2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), low), y2);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
-            let bs = 4 * chunk;
-            summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
-            summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
-        }
-        let d = _mm256_set1_ps(h2f(a.d) * b.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
-        acc_m += h2f(a.dmin) * b.d * summ as f32;
-    }
-    hsum_ps(acc) - acc_m
+    let values = |a: &BlockQ4K, chunk: usize| {
+        // SAFETY: 32 bytes inside the 128-byte qs (chunk < 4); AVX2 enabled here.
+        let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i) };
+        (
+            _mm256_and_si256(q, low),
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+        )
+    };
+    // SAFETY: the features `dot_k4` needs are enabled here.
+    unsafe { dot_k4(x, y, |a| (a.d, a.dmin, &a.scales), values) }
+}
+
+/// The stored values (q + 32, 0..=63) of half `half` of a Q6_K block, 4 × 32 in element
+/// order (as `reference::q6k_values`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn q6k_half(a: &BlockQ6K, half: usize) -> [__m256i; 4] {
+    assert!(half < 2);
+    let m4 = _mm256_set1_epi8(0x0F);
+    // SAFETY: 32-byte loads inside ql (128) and qh (64), `half` < 2.
+    let (ql0, ql1, qh) = unsafe {
+        (
+            _mm256_loadu_si256(a.ql.as_ptr().add(64 * half) as *const __m256i),
+            _mm256_loadu_si256(a.ql.as_ptr().add(64 * half + 32) as *const __m256i),
+            _mm256_loadu_si256(a.qh.as_ptr().add(32 * half) as *const __m256i),
+        )
+    };
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+            _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+            _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
+        ),
+    ]
+}
+
+/// The 5-bit values (0..=31) of values 64·chunk.. of a Q5_K block: the low nibbles of `q`
+/// (its 32 bytes of qs) with qh bit 2·chunk, then the high nibbles with bit 2·chunk + 1.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn q5k_chunk(q: __m256i, qh: __m256i, chunk: usize) -> (__m256i, __m256i) {
+    let (low, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+    let shift = _mm_cvtsi32_si128(2 * chunk as i32);
+    let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+    let h2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_srli_epi16(qh, 1), shift), one);
+    (
+        _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+            _mm256_slli_epi16(h2, 4),
+        ),
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let mut sumf = 0.0f32;
-    let m4 = _mm256_set1_epi8(0x0F);
     for (a, b) in x.iter().zip(y) {
         let mut sumi = _mm256_setzero_si256();
         let mut offset = 0i32; // Σ scale · 32 · Σy, subtracted once per block
         for half in 0..2 {
-            // SAFETY: 32-byte loads inside ql (128), qh (64) and the activations (256).
-            let (ql0, ql1, qh) = unsafe {
-                (
-                    _mm256_loadu_si256(a.ql.as_ptr().add(64 * half) as *const __m256i),
-                    _mm256_loadu_si256(a.ql.as_ptr().add(64 * half + 32) as *const __m256i),
-                    _mm256_loadu_si256(a.qh.as_ptr().add(32 * half) as *const __m256i),
-                )
-            };
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
-                ),
-            ];
+            let q = q6k_half(a, half);
             for (k, qk) in q.iter().enumerate() {
                 let is = half * 8 + 2 * k;
                 // SAFETY: 32 activations at 128*half + 32*k.
@@ -527,48 +575,19 @@ pub unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = 0.0f32;
-    let low = _mm256_set1_epi8(0x0F);
-    let one = _mm256_set1_epi8(1);
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: the 32 bytes of qh.
-        let qh = unsafe { _mm256_loadu_si256(a.qh.as_ptr() as *const __m256i) };
-        let mut sumi = _mm256_setzero_si256();
-        let mut summ = 0i32;
-        for chunk in 0..4 {
-            // SAFETY: 32 bytes inside the 128-byte qs; 64 activations inside 256.
-            let (q, y1, y2) = unsafe {
-                (
-                    _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i),
-                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i),
-                    _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i),
-                )
-            };
-            let (sc1, m1) = scale_min_k4(2 * chunk, &a.scales);
-            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &a.scales);
-            // Bit 2·chunk (first sub-block) and 2·chunk + 1 (second) of each qh byte, as 16.
-            let shift = _mm_cvtsi32_si128(2 * chunk as i32);
-            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
-            let h2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_srli_epi16(qh, 1), shift), one);
-            let w1 = _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4));
-            let w2 = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
-                _mm256_slli_epi16(h2, 4),
-            );
-            let p1 = _mm256_maddubs_epi16(w1, y1);
-            let p2 = _mm256_maddubs_epi16(w2, y2);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
-            let bs = 4 * chunk;
-            summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
-            summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
-        }
-        let d = _mm256_set1_ps(h2f(a.d) * b.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
-        acc_m += h2f(a.dmin) * b.d * summ as f32;
-    }
-    hsum_ps(acc) - acc_m
+    let values = |a: &BlockQ5K, chunk: usize| {
+        // SAFETY: the 32 bytes of qh and 32 inside the 128-byte qs (chunk < 4); AVX2
+        // enabled here.
+        let (q, qh) = unsafe {
+            (
+                _mm256_loadu_si256(a.qs.as_ptr().add(32 * chunk) as *const __m256i),
+                _mm256_loadu_si256(a.qh.as_ptr() as *const __m256i),
+            )
+        };
+        q5k_chunk(q, qh, chunk)
+    };
+    // SAFETY: the features `dot_k4` needs are enabled here.
+    unsafe { dot_k4(x, y, |a| (a.d, a.dmin, &a.scales), values) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

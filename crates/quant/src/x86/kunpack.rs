@@ -156,19 +156,10 @@ impl Unpack for BlockQ5K {
     unsafe fn unpack(&self, out: &mut Unpacked) {
         // SAFETY: 32-byte loads inside qs (128) and qh (32); AVX2 enabled by the caller.
         unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let one = _mm256_set1_epi8(1);
             let qh = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
             for chunk in 0..4 {
                 let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
-                let shift = _mm_cvtsi32_si128(2 * chunk as i32);
-                let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
-                let h2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_srli_epi16(qh, 1), shift), one);
-                let w1 = _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4));
-                let w2 = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
-                    _mm256_slli_epi16(h2, 4),
-                );
+                let (w1, w2) = super::avx2::q5k_chunk(q, qh, chunk);
                 store32(&mut out.u, 64 * chunk, w1);
                 store32(&mut out.u, 64 * chunk + 32, w2);
             }
@@ -244,35 +235,10 @@ impl Unpack for BlockQ4K {
 impl Unpack for BlockQ6K {
     #[inline(always)]
     unsafe fn unpack(&self, out: &mut Unpacked) {
-        // SAFETY: 32-byte loads inside ql (128) and qh (64), 16 bytes of scales; AVX2
-        // enabled by the caller.
+        // SAFETY: 16 bytes of scales; AVX2 enabled by the caller.
         unsafe {
-            let m4 = _mm256_set1_epi8(0x0F);
             for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(self.ql.as_ptr().add(64 * half) as *const __m256i);
-                let ql1 =
-                    _mm256_loadu_si256(self.ql.as_ptr().add(64 * half + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(self.qh.as_ptr().add(32 * half) as *const __m256i);
-                // The stored values q + 32 (0..=63), in element order.
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                        _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
-                    ),
-                ];
-                for (k, v) in q.into_iter().enumerate() {
+                for (k, v) in super::avx2::q6k_half(self, half).into_iter().enumerate() {
                     store32(&mut out.u, 128 * half + 32 * k, v);
                 }
             }

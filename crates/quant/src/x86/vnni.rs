@@ -111,18 +111,37 @@ impl Unsigned32 for BlockQ4_1 {
     }
 }
 
+/// 32 five-bit values: the nibbles of `qs` plus 16 where the value's bit of `qh` is set.
+#[inline(always)]
+unsafe fn q5_bytes(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
+    // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
+    unsafe {
+        let fifth = super::avx2::bits_to_bytes_32(u32::from_le_bytes(qh));
+        _mm256_or_si256(
+            nibbles_32(qs),
+            _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)),
+        )
+    }
+}
+
+/// Two blocks' five-bit values as one vector (AVX-512 BW/VL enabled by every caller): bit j
+/// of qh is value j's fifth bit, so one masked add sets them all.
+#[inline(always)]
+unsafe fn q5_pair(qs_a: &[u8; 16], qh_a: [u8; 4], qs_b: &[u8; 16], qh_b: [u8; 4]) -> __m512i {
+    // SAFETY: reads the 16 bytes of each qs; the features are the caller's.
+    unsafe {
+        let low = nibble_pair(qs_a, qs_b);
+        let qh = u32::from_le_bytes(qh_a) as u64 | (u32::from_le_bytes(qh_b) as u64) << 32;
+        _mm512_mask_add_epi8(low, qh, low, _mm512_set1_epi8(0x10))
+    }
+}
+
 impl Unsigned32 for BlockQ5_0 {
     const OFFSET: f32 = 16.0;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
-        unsafe {
-            let fifth = super::avx2::bits_to_bytes_32(u32::from_le_bytes(self.qh));
-            _mm256_or_si256(
-                nibbles_32(&self.qs),
-                _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)),
-            )
-        }
+        // SAFETY: AVX2 is enabled by every caller.
+        unsafe { q5_bytes(&self.qs, self.qh) }
     }
     #[inline(always)]
     unsafe fn bytes_bw(&self) -> __m256i {
@@ -137,38 +156,23 @@ impl Unsigned32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
         // SAFETY: the caller vouches for both blocks and the features.
-        unsafe {
-            let (a, b) = (&*w, &*w.add(1));
-            let low = nibble_pair(&a.qs, &b.qs);
-            let qh = u32::from_le_bytes(a.qh) as u64 | (u32::from_le_bytes(b.qh) as u64) << 32;
-            _mm512_mask_add_epi8(low, qh, low, _mm512_set1_epi8(0x10))
-        }
+        unsafe { q5_pair(&(*w).qs, (*w).qh, &(*w.add(1)).qs, (*w.add(1)).qh) }
     }
 }
 
+/// Q5_1's values are Q5_0's (nibbles plus the fifth bit), with `m` instead of an offset.
 impl Unsigned32 for BlockQ5_1 {
     const OFFSET: f32 = 0.0;
     const HAS_M: bool = true;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: AVX2 is enabled by every caller; `nibbles_32` reads the 16 bytes of qs.
-        unsafe {
-            let fifth = super::avx2::bits_to_bytes_32(u32::from_le_bytes(self.qh));
-            _mm256_or_si256(
-                nibbles_32(&self.qs),
-                _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)),
-            )
-        }
+        // SAFETY: as Q5_0's, on the same fields.
+        unsafe { q5_bytes(&self.qs, self.qh) }
     }
     #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
-        // SAFETY: the caller vouches for both blocks and the features (as Q5_0's).
-        unsafe {
-            let (a, b) = (&*w, &*w.add(1));
-            let low = nibble_pair(&a.qs, &b.qs);
-            let qh = u32::from_le_bytes(a.qh) as u64 | (u32::from_le_bytes(b.qh) as u64) << 32;
-            _mm512_mask_add_epi8(low, qh, low, _mm512_set1_epi8(0x10))
-        }
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { q5_pair(&(*w).qs, (*w).qh, &(*w.add(1)).qs, (*w.add(1)).qh) }
     }
 }
 
