@@ -72,6 +72,42 @@ fn isolate_numbers(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> 
     out
 }
 
+/// The length of the English contraction `'s|'t|'re|'ve|'m|'ll|'d` starting at `pos` (ASCII
+/// case ignored for Llama 3), or 0; `get` is `None` past the text being split.
+fn contraction_len(get: impl Fn(usize) -> Option<char>, pos: usize, ignore_case: bool) -> usize {
+    if get(pos) != Some('\'') {
+        return 0;
+    }
+    let at = |i: usize| {
+        get(pos + i).map(|c| {
+            if ignore_case {
+                c.to_ascii_lowercase()
+            } else {
+                c
+            }
+        })
+    };
+    match (at(1), at(2)) {
+        (Some('s' | 't' | 'm' | 'd'), _) => 2,
+        (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => 3,
+        _ => 0,
+    }
+}
+
+/// Where the last alternatives of both splitters end a piece at `pos`, which starts a run of
+/// `n_ws` whitespace characters (`more`: text follows the run): `\s+(?!\S)` leaves the run's
+/// last space to the next piece, `\s+` takes the run, and with no run (no alternative
+/// matched) one character is a piece.
+fn whitespace_end(pos: usize, n_ws: usize, more: bool) -> usize {
+    if n_ws > 1 && more {
+        pos + n_ws - 1
+    } else if n_ws > 0 {
+        pos + n_ws
+    } else {
+        pos + 1
+    }
+}
+
 fn split_gpt2(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> {
     let mut out = Vec::with_capacity(ranges.len() * 2);
     for r in ranges {
@@ -92,22 +128,10 @@ fn split_gpt2(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> {
             let c = cpts[pos];
             let f = fl(pos);
             // 's|'t|'re|'ve|'m|'ll|'d
-            if c == '\'' && pos + 1 < end {
-                let n = get(pos + 1);
-                if matches!(n, Some('s' | 't' | 'm' | 'd')) {
-                    pos += add(pos + 2, &mut out);
-                    continue;
-                }
-                if pos + 2 < end {
-                    let nn = get(pos + 2);
-                    if matches!(
-                        (n, nn),
-                        (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l'))
-                    ) {
-                        pos += add(pos + 3, &mut out);
-                        continue;
-                    }
-                }
+            let n = contraction_len(get, pos, false);
+            if n > 0 {
+                pos += add(pos + n, &mut out);
+                continue;
             }
             let mut f2 = if c == ' ' { fl(pos + 1) } else { f };
             // <space>?\p{L}+
@@ -144,20 +168,7 @@ fn split_gpt2(cpts: &[char], ranges: &[Range<usize>]) -> Vec<Range<usize>> {
             while fl(pos + n_ws).whitespace {
                 n_ws += 1;
             }
-            // \s+(?!\S)
-            if n_ws > 1 && get(pos + n_ws).is_some() {
-                pos += n_ws - 1;
-                add(pos, &mut out);
-                continue;
-            }
-            // \s+
-            if n_ws > 0 {
-                pos += n_ws;
-                add(pos, &mut out);
-                continue;
-            }
-            // no match
-            pos += 1;
+            pos = whitespace_end(pos, n_ws, get(pos + n_ws).is_some());
             add(pos, &mut out);
         }
     }
@@ -186,22 +197,10 @@ fn split_llama3(cpts: &[char], max_digits: usize) -> Vec<Range<usize>> {
         let c = cpts[pos];
         let f = fl(pos);
         // (?i:'s|'t|'re|'ve|'m|'ll|'d)
-        if c == '\'' && pos + 1 < end {
-            let n = get(pos + 1).map(|c| c.to_ascii_lowercase());
-            if matches!(n, Some('s' | 't' | 'm' | 'd')) {
-                pos += add(pos + 2, &mut out);
-                continue;
-            }
-            if pos + 2 < end {
-                let nn = get(pos + 2).map(|c| c.to_ascii_lowercase());
-                if matches!(
-                    (n, nn),
-                    (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l'))
-                ) {
-                    pos += add(pos + 3, &mut out);
-                    continue;
-                }
-            }
+        let n = contraction_len(get, pos, true);
+        if n > 0 {
+            pos += add(pos + n, &mut out);
+            continue;
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
         if !(c == '\r' || c == '\n' || f.number) && (f.letter || fl(pos + 1).letter) {
@@ -253,20 +252,7 @@ fn split_llama3(cpts: &[char], max_digits: usize) -> Vec<Range<usize>> {
             add(pos, &mut out);
             continue;
         }
-        // \s+(?!\S)
-        if n_ws > 1 && get(pos + n_ws).is_some() {
-            pos += n_ws - 1;
-            add(pos, &mut out);
-            continue;
-        }
-        // \s+
-        if n_ws > 0 {
-            pos += n_ws;
-            add(pos, &mut out);
-            continue;
-        }
-        // no match
-        pos += 1;
+        pos = whitespace_end(pos, n_ws, get(pos + n_ws).is_some());
         add(pos, &mut out);
     }
     out
