@@ -379,30 +379,14 @@ impl QMatrix<'_> {
                 None => return false,
             },
             Blocks::F16(w) if p >= 3 => {
-                let a: Vec<f32> = acts.f16[..p * cols].iter().map(|v| v.to_f32()).collect();
-                rows_widened_tiled(
-                    w,
-                    &a,
-                    cols,
-                    p,
-                    k,
-                    out,
-                    scratch,
-                    reference::dequantize_row_f16,
-                )
+                let a = &acts.f16[..p * cols];
+                let widen = reference::dequantize_row_f16;
+                rows_widened_tiled(w, a, cols, k, out, scratch, widen)
             }
             Blocks::BF16(w) if p >= 3 => {
-                let a: Vec<f32> = acts.bf16[..p * cols].iter().map(|v| v.to_f32()).collect();
-                rows_widened_tiled(
-                    w,
-                    &a,
-                    cols,
-                    p,
-                    k,
-                    out,
-                    scratch,
-                    reference::dequantize_row_bf16,
-                )
+                let a = &acts.bf16[..p * cols];
+                let widen = reference::dequantize_row_bf16;
+                rows_widened_tiled(w, a, cols, k, out, scratch, widen)
             }
             _ => return false,
         }
@@ -543,29 +527,28 @@ fn f32_tiles(w: &[f32], a: &[f32], cols: usize, n_tok: usize, k: &Kernels, o: &m
     }
 }
 
-/// A 16-bit float product for several tokens: each task widens its weight rows to f32 once
-/// and runs the F32 tiles (`tile_f32_4x3`) over the tokens, whose activations were rounded to
-/// the weights' format and widened back (exact), as the dot products see them.
-#[allow(clippy::too_many_arguments)]
+/// A 16-bit float product for several tokens: the activations (rounded to the weights'
+/// format) are widened to f32 once, each task widens its weight rows once, and the F32
+/// tiles (`tile_f32_4x3`) run over them — exact widenings, so the products the dot
+/// kernels see.
 fn rows_widened_tiled<W: Sync>(
     w: &[W],
-    a: &[f32],
+    a: &[W],
     cols: usize,
-    n_tok: usize,
     k: &Kernels,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
     widen: fn(&[W], &mut [f32]),
 ) {
-    let rows = w.len() / cols;
+    let (rows, n_tok) = (w.len() / cols, a.len() / cols);
+    let mut af = vec![0f32; a.len()];
+    widen(a, &mut af);
     let chunk = rows_per_task(rows).next_multiple_of(4);
     by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
         let n_rows = o.len() / n_tok;
         let mut wf = vec![0f32; n_rows * cols];
-        for (r, row) in wf.chunks_exact_mut(cols).enumerate() {
-            widen(&w[(r0 + r) * cols..(r0 + r + 1) * cols], row);
-        }
-        f32_tiles(&wf, a, cols, n_tok, k, o);
+        widen(&w[r0 * cols..(r0 + n_rows) * cols], &mut wf);
+        f32_tiles(&wf, &af, cols, n_tok, k, o);
     });
 }
 
