@@ -397,13 +397,7 @@ fn quant_label(path: &std::path::Path) -> String {
 
 /// The file's quantization name (`general.file_type`, else its most common tensor type).
 pub(crate) fn file_type_label(g: &Gguf) -> String {
-    if let Some(name) = g
-        .get_int("general.file_type", 0, 1 << 16)
-        .ok()
-        .flatten()
-        .and_then(|ft| u64::try_from(ft).ok())
-        .and_then(hearth_store::file_type_name)
-    {
+    if let Some(name) = g.file_type() {
         return name.to_string();
     }
     let mut by_type: Vec<(&str, u64)> = Vec::new();

@@ -317,6 +317,15 @@ impl Gguf {
             .ok_or_else(|| GgufError::MissingKey(key.to_string()))
     }
 
+    /// The name of the quantization mix the file declares (`general.file_type`, as
+    /// `llama-quantize` names it, e.g. `Q4_K_M`); `None` when absent, malformed or unknown.
+    pub fn file_type(&self) -> Option<&'static str> {
+        let ft = self
+            .get_int("general.file_type", 0, u32::MAX as i128)
+            .ok()??;
+        file_type_name(ft as u32)
+    }
+
     /// An integer metadata value that must fit `[min, max]`.
     pub fn get_int(&self, key: &str, min: i128, max: i128) -> Result<Option<i128>> {
         let Some(v) = self.get(key) else {

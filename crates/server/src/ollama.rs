@@ -346,12 +346,7 @@ fn details(path: &Path) -> Value {
     } else {
         format!("{:.0}M", params as f64 / 1e6)
     };
-    let quant = g
-        .get_int("general.file_type", 0, 1 << 16)
-        .ok()
-        .flatten()
-        .and_then(|ft| hearth_store::file_type_name(ft as u64))
-        .unwrap_or("unknown");
+    let quant = g.file_type().unwrap_or("unknown");
     json!({
         "parent_model": "",
         "format": "gguf",

@@ -446,8 +446,3 @@ pub fn ago(unix: u64) -> String {
     };
     format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
 }
-
-/// `general.file_type`'s name (llama.cpp's `llama_ftype`, e.g. `Q4_K_M`).
-pub fn file_type_name(ft: u64) -> Option<&'static str> {
-    hearth_gguf::file_type_name(u32::try_from(ft).ok()?)
-}
