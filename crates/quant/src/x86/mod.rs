@@ -5,6 +5,7 @@
 
 pub mod amx;
 pub mod avx2;
+pub mod avx2_tiles;
 pub mod avx512;
 pub mod kquant;
 pub mod kunpack;
@@ -132,17 +133,27 @@ fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     unsafe { avx2::dot_f32(x, y) }
 }
 
-gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, dot_q4_0);
-gemm_from_dot!(gemm_q4_1, BlockQ4_1, BlockQ8_1, dot_q4_1);
-gemm_from_dot!(gemm_q5_0, BlockQ5_0, BlockQ8_0, dot_q5_0);
-gemm_from_dot!(gemm_q8_0, BlockQ8_0, BlockQ8_0, dot_q8_0);
+/// AVX2 tiles. SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA
+/// and F16C on this CPU.
+macro_rules! avx2_gemm {
+    ($name:ident, $w:ty, $a:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { avx2_tiles::gemm(w, a, nb, n_tok, out) }
+        }
+    };
+}
+avx2_gemm!(gemm_q4_0, BlockQ4_0, BlockQ8_0);
+avx2_gemm!(gemm_q4_1, BlockQ4_1, BlockQ8_1);
+avx2_gemm!(gemm_q5_0, BlockQ5_0, BlockQ8_0);
+avx2_gemm!(gemm_q8_0, BlockQ8_0, BlockQ8_0);
+avx2_gemm!(gemm_q5_1, BlockQ5_1, BlockQ8_1);
+avx2_gemm!(gemm_iq4_nl, BlockIQ4NL, BlockQ8_0);
 gemm_from_dot!(gemm_q4_k, BlockQ4K, BlockQ8K, dot_q4_k);
 gemm_from_dot!(gemm_q6_k, BlockQ6K, BlockQ8K, dot_q6_k);
-gemm_from_dot!(gemm_q5_1, BlockQ5_1, BlockQ8_1, dot_q5_1);
 gemm_from_dot!(gemm_q5_k, BlockQ5K, BlockQ8K, dot_q5_k);
 gemm_from_dot!(gemm_q2_k, BlockQ2K, BlockQ8K, dot_q2_k);
 gemm_from_dot!(gemm_q3_k, BlockQ3K, BlockQ8K, dot_q3_k);
-gemm_from_dot!(gemm_iq4_nl, BlockIQ4NL, BlockQ8_0, dot_iq4_nl);
 gemm_from_dot!(gemm_iq4_xs, BlockIQ4XS, BlockQ8K, dot_iq4_xs);
 
 /// VNNI tiles. SAFETY (all): installed by `kernels` only when `detect()` found AVX-512
