@@ -97,6 +97,10 @@ pub struct Kernels {
     /// `gemm_*` (see `Activations::quantize_split`).
     pub prefill_q4_k: Option<Gemm<BlockQ4K, BlockQ8K>>,
     pub prefill_q6_k: Option<Gemm<BlockQ6K, BlockQ8K>>,
+    pub prefill_q5_k: Option<Gemm<BlockQ5K, BlockQ8K>>,
+    pub prefill_q2_k: Option<Gemm<BlockQ2K, BlockQ8K>>,
+    pub prefill_q3_k: Option<Gemm<BlockQ3K, BlockQ8K>>,
+    pub prefill_iq4_xs: Option<Gemm<BlockIQ4XS, BlockQ8K>>,
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
@@ -175,6 +179,10 @@ impl Kernels {
             gemm_iq4_xs,
             prefill_q4_k: None,
             prefill_q6_k: None,
+            prefill_q5_k: None,
+            prefill_q2_k: None,
+            prefill_q3_k: None,
+            prefill_iq4_xs: None,
             attend_f16: r::attend_f16,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,

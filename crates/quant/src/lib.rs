@@ -378,6 +378,22 @@ impl QMatrix<'_> {
                 Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
+            Blocks::Q5K(w) => match k.prefill_q5_k {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q2K(w) => match k.prefill_q2_k {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q3K(w) => match k.prefill_q3_k {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::IQ4XS(w) => match k.prefill_iq4_xs {
+                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                None => return false,
+            },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 let widen = reference::dequantize_row_f16;

@@ -156,10 +156,11 @@ proptest! {
 
     #[test]
     fn k_quant_tiles_match_reference(
-        nb in 1usize..4,
+        // Past 8 super-blocks and 64 tokens (the AVX2 prompt kernels' passes).
+        nb in prop_oneof![1usize..4, 8usize..11],
         rows in 1usize..10,
-        n_tok in 1usize..4,
-        raw in prop::collection::vec(any::<u8>(), 210 * 3 * 9),
+        n_tok in prop_oneof![1usize..4, 63usize..67],
+        raw in prop::collection::vec(any::<u8>(), 210 * 10 * 9),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let n = nb * QK_K;
@@ -301,6 +302,27 @@ proptest! {
             r::dequantize_row_q5_1(&q51, &mut wf);
             (k.gemm_q5_1)(&q51, &a1, nb32, n_tok, &mut got);
             check("q5_1", &q51, &wf, &y1, &y0f, nb32, n, n_tok, &got, k.dot_q5_1, r::vec_dot_q5_1_q8_1);
+            // The prompt kernels, where the level has them.
+            if let Some(prefill) = k.prefill_q2_k {
+                r::dequantize_row_q2_k(&q2k, &mut wf);
+                prefill(&q2k, &ak, nb, n_tok, &mut got);
+                check("q2_K prompt", &q2k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q2_k, r::vec_dot_q2_k_q8_k);
+            }
+            if let Some(prefill) = k.prefill_q3_k {
+                r::dequantize_row_q3_k(&q3k, &mut wf);
+                prefill(&q3k, &ak, nb, n_tok, &mut got);
+                check("q3_K prompt", &q3k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q3_k, r::vec_dot_q3_k_q8_k);
+            }
+            if let Some(prefill) = k.prefill_q5_k {
+                r::dequantize_row_q5_k(&q5k, &mut wf);
+                prefill(&q5k, &ak, nb, n_tok, &mut got);
+                check("q5_K prompt", &q5k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q5_k, r::vec_dot_q5_k_q8_k);
+            }
+            if let Some(prefill) = k.prefill_iq4_xs {
+                r::dequantize_row_iq4_xs(&xs4, &mut wf);
+                prefill(&xs4, &ak, nb, n_tok, &mut got);
+                check("iq4_xs prompt", &xs4, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_iq4_xs, r::vec_dot_iq4_xs_q8_k);
+            }
         }
     }
 

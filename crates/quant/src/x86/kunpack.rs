@@ -39,10 +39,34 @@ const EMPTY: Unpacked = Unpacked {
     c: [0.0; 16],
 };
 
+/// A super-block's group scales as integers: per 16-value group `g`, `s_g = d · v_g` and
+/// `c_g = e · w_g` (`v`, `w`: 16 signed bytes, byte g = group g).
+pub struct IntScales {
+    pub v: __m128i,
+    pub d: f32,
+    pub w: __m128i,
+    pub e: f32,
+}
+
 /// A super-block type in the unpacked form.
 pub trait Unpack: Copy {
-    /// Writes the block's `u`, `s` and `c` (AVX2 enabled by every caller).
-    unsafe fn unpack(&self, out: &mut Unpacked);
+    /// Whether `u − 128` is the signed value (IQ4_XS), the offset the AVX2 form undoes.
+    const OFFSET_128: bool = false;
+    /// Writes the block's 256 values `u` (AVX2 enabled by every caller).
+    unsafe fn values(&self, u: &mut [u8; QK_K]);
+    /// The block's group scales and corrections (AVX2 enabled by every caller).
+    unsafe fn scales(&self) -> IntScales;
+}
+
+/// Writes block `b`'s `u`, `s` and `c` (AVX-512 F enabled by every caller).
+#[inline(always)]
+unsafe fn unpack<W: Unpack>(b: &W, out: &mut Unpacked) {
+    // SAFETY: the features are the caller's.
+    unsafe {
+        b.values(&mut out.u);
+        let s = b.scales();
+        scales_from(out, s.v, s.d, s.w, s.e);
+    }
 }
 
 #[inline(always)]
@@ -90,7 +114,7 @@ unsafe fn twice(x: u64) -> __m128i {
 
 impl Unpack for BlockQ2K {
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside the 64-byte qs; AVX2 enabled by the caller.
         unsafe {
             let m3 = _mm256_set1_epi8(3);
@@ -98,23 +122,34 @@ impl Unpack for BlockQ2K {
                 let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
                 for j in 0..4 {
                     let v = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j)), m3);
-                    store32(&mut out.u, 128 * half + 32 * j as usize, v);
+                    store32(u, 128 * half + 32 * j as usize, v);
                 }
             }
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: a 16-byte load of the 16-byte scales; SSE2 is baseline.
+        unsafe {
             let b = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
             let low4 = _mm_set1_epi8(0x0F);
             let (sc, m) = (
                 _mm_and_si128(b, low4),
                 _mm_and_si128(_mm_srli_epi16(b, 4), low4),
             );
-            scales_from(out, sc, h2f(self.d), m, h2f(self.dmin));
+            IntScales {
+                v: sc,
+                d: h2f(self.d),
+                w: m,
+                e: h2f(self.dmin),
+            }
         }
     }
 }
 
 impl Unpack for BlockQ3K {
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside qs (64) and hmask (32); AVX2 enabled by the caller.
         unsafe {
             let m3 = _mm256_set1_epi8(3);
@@ -128,9 +163,15 @@ impl Unpack for BlockQ3K {
                     let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
                     // u = value + 4: the low bits, plus 4 where the high bit is set.
                     let v = _mm256_or_si256(low, _mm256_and_si256(set, four));
-                    store32(&mut out.u, 128 * half + 32 * j as usize, v);
+                    store32(u, 128 * half + 32 * j as usize, v);
                 }
             }
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: register operations only (SSE2, baseline).
+        unsafe {
             // The 16 six-bit scales (stored + 32), unpacked as ggml does, 4 at a time.
             let s = &self.scales;
             let word =
@@ -146,25 +187,47 @@ impl Unpack for BlockQ3K {
             );
             let scales = _mm_sub_epi8(scales, _mm_set1_epi8(32));
             let d = h2f(self.d);
-            scales_from(out, scales, d, scales, 4.0 * d);
+            IntScales {
+                v: scales,
+                d,
+                w: scales,
+                e: 4.0 * d,
+            }
         }
     }
 }
 
 impl Unpack for BlockQ5K {
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside qs (128) and qh (32); AVX2 enabled by the caller.
         unsafe {
             let qh = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
             for chunk in 0..4 {
                 let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
                 let (w1, w2) = super::avx2::q5k_chunk(q, qh, chunk);
-                store32(&mut out.u, 64 * chunk, w1);
-                store32(&mut out.u, 64 * chunk + 32, w2);
+                store32(u, 64 * chunk, w1);
+                store32(u, 64 * chunk + 32, w2);
             }
-            let (sc, m) = super::kquant::q4k_scales_mins(&self.scales);
-            scales_from(out, twice(sc), h2f(self.d), twice(m), h2f(self.dmin));
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        k4_scales(&self.scales, h2f(self.d), h2f(self.dmin))
+    }
+}
+
+/// Q4_K's and Q5_K's scales and mins (6 bits each, per 32 values), per 16 values.
+#[inline(always)]
+fn k4_scales(scales: &[u8; K_SCALE_SIZE], d: f32, dmin: f32) -> IntScales {
+    let (sc, m) = super::kquant::q4k_scales_mins(scales);
+    // SAFETY: register operations only (SSE2, baseline).
+    unsafe {
+        IntScales {
+            v: twice(sc),
+            d,
+            w: twice(m),
+            e: dmin,
         }
     }
 }
@@ -189,8 +252,9 @@ fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
 }
 
 impl Unpack for BlockIQ4XS {
+    const OFFSET_128: bool = true;
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 16-byte reads inside the 128-byte qs and the table; AVX2 enabled by the
         // caller.
         unsafe {
@@ -199,11 +263,21 @@ impl Unpack for BlockIQ4XS {
             let table = _mm256_set_m128i(t, t);
             for ib in 0..8 {
                 let idx = nibbles_32(&*(self.qs.as_ptr().add(16 * ib) as *const [u8; 16]));
-                store32(&mut out.u, 32 * ib, _mm256_shuffle_epi8(table, idx));
+                store32(u, 32 * ib, _mm256_shuffle_epi8(table, idx));
             }
-            let sc = iq4xs_scale_bytes(self);
-            let d = h2f(self.d);
-            scales_from(out, twice(sc), d, twice(sc), 128.0 * d);
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        let sc = iq4xs_scale_bytes(self);
+        let d = h2f(self.d);
+        // SAFETY: register operations only (SSE2, baseline).
+        let sc = unsafe { twice(sc) };
+        IntScales {
+            v: sc,
+            d,
+            w: sc,
+            e: 128.0 * d,
         }
     }
 }
@@ -213,38 +287,49 @@ const PREFETCH_BYTES: usize = 4096;
 
 impl Unpack for BlockQ4K {
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside the 128-byte qs; AVX2 enabled by the caller.
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
             for chunk in 0..4 {
                 let q = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
-                store32(&mut out.u, 64 * chunk, _mm256_and_si256(q, low));
+                store32(u, 64 * chunk, _mm256_and_si256(q, low));
                 store32(
-                    &mut out.u,
+                    u,
                     64 * chunk + 32,
                     _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
                 );
             }
-            let (sc, m) = super::kquant::q4k_scales_mins(&self.scales);
-            scales_from(out, twice(sc), h2f(self.d), twice(m), h2f(self.dmin));
         }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        k4_scales(&self.scales, h2f(self.d), h2f(self.dmin))
     }
 }
 
 impl Unpack for BlockQ6K {
     #[inline(always)]
-    unsafe fn unpack(&self, out: &mut Unpacked) {
-        // SAFETY: 16 bytes of scales; AVX2 enabled by the caller.
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        // SAFETY: AVX2 enabled by the caller.
         unsafe {
             for half in 0..2 {
                 for (k, v) in super::avx2::q6k_half(self, half).into_iter().enumerate() {
-                    store32(&mut out.u, 128 * half + 32 * k, v);
+                    store32(u, 128 * half + 32 * k, v);
                 }
             }
-            let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
-            let d = h2f(self.d);
-            scales_from(out, sc, d, sc, 32.0 * d);
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: a 16-byte load of the 16-byte scales; SSE2 is baseline.
+        let sc = unsafe { _mm_loadu_si128(self.scales.as_ptr() as *const __m128i) };
+        let d = h2f(self.d);
+        IntScales {
+            v: sc,
+            d,
+            w: sc,
+            e: 32.0 * d,
         }
     }
 }
@@ -275,7 +360,7 @@ pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, 
                     unsafe {
                         _mm_prefetch::<_MM_HINT_T0>(p);
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-                        blk.unpack(u)
+                        unpack(blk, u)
                     };
                 }
             }

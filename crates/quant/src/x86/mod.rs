@@ -9,6 +9,7 @@ pub mod avx2_tiles;
 pub mod avx512;
 pub mod kquant;
 pub mod kunpack;
+pub mod kunpack_avx2;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -217,6 +218,23 @@ unpack_gemm!(unpack_iq4_xs, BlockIQ4XS);
 unpack_gemm!(unpack_q4_k, BlockQ4K);
 unpack_gemm!(unpack_q6_k, BlockQ6K);
 
+/// Prompt tokens of the super-block types at the AVX2 level. SAFETY (all): installed by
+/// `kernels` only when `detect()` found AVX2, FMA and F16C.
+macro_rules! unpack_avx2_gemm {
+    ($name:ident, $w:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { kunpack_avx2::gemm(w, a.blocks, nb, n_tok, out) }
+        }
+    };
+}
+unpack_avx2_gemm!(prompt_q2_k, BlockQ2K);
+unpack_avx2_gemm!(prompt_q3_k, BlockQ3K);
+unpack_avx2_gemm!(prompt_q4_k, BlockQ4K);
+unpack_avx2_gemm!(prompt_q5_k, BlockQ5K);
+unpack_avx2_gemm!(prompt_q6_k, BlockQ6K);
+unpack_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
+
 /// Kernels for an x86 level (`isa >= Avx2`).
 ///
 /// # Safety
@@ -243,6 +261,11 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_k: Some(unpack_q4_k),
             prefill_q6_k: Some(unpack_q6_k),
+            // These types' gemm above serves prompt tokens too.
+            prefill_q5_k: None,
+            prefill_q2_k: None,
+            prefill_q3_k: None,
+            prefill_iq4_xs: None,
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
@@ -287,6 +310,14 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q3_k,
         gemm_iq4_nl,
         gemm_iq4_xs,
+        // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
+        // products above).
+        prefill_q2_k: Some(prompt_q2_k),
+        prefill_q3_k: Some(prompt_q3_k),
+        prefill_q4_k: Some(prompt_q4_k),
+        prefill_q5_k: Some(prompt_q5_k),
+        prefill_q6_k: Some(prompt_q6_k),
+        prefill_iq4_xs: Some(prompt_iq4_xs),
         ..Kernels::scalar()
     }
 }
