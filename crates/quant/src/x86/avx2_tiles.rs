@@ -15,6 +15,7 @@
 //! shape, so a token's result does not depend on the batch it is in (batched decoding
 //! equals decoding alone, bit for bit).
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
+#![allow(clippy::needless_range_loop)] // (row, token, block) indices address several arrays
 
 use super::avx2::hsum_ps;
 use super::vnni::{Signed32, Unsigned32};
