@@ -742,3 +742,120 @@ pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
     }
     sum
 }
+
+/// Decoder attention (see [`crate::AttendF16`]) for all the block's rows at once, as
+/// `avx512::attend_f16` does with 8-lane vectors: each key and value is converted from f16
+/// once for every row. `head_dim` must be a multiple of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let hd = a.head_dim;
+    assert!(hd.is_multiple_of(8) && (1..=8).contains(&a.rows));
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for r in 0..a.rows {
+        let (first, end) = a.keys[r];
+        assert!(first < end && a.at[r] + hd <= a.q.len() && a.at[r] + hd <= out.len());
+        assert!((end - 1) * a.kv_stride + hd <= a.k.len().min(a.v.len()));
+        (lo, hi) = (lo.min(first), hi.max(end));
+    }
+    let n = hi - lo;
+    // Room for the whole cache's length at once, so decoding never grows this buffer.
+    let need = a.rows * (hd + n);
+    if scratch.len() < need {
+        let whole = 8 * (hd + a.k.len() / a.kv_stride.max(1) + 1);
+        scratch.resize(need.max(whole), 0.0);
+    }
+    let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
+    // The queries rounded to f16 (then exact in f32).
+    for r in 0..a.rows {
+        for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {
+            *d = f16::from_f32(*x).to_f32();
+        }
+    }
+    // SAFETY: AVX2, FMA and F16C are enabled here; the asserts above keep every access of
+    // `attend_block` inside `a.k`, `a.v`, `qs`, `ps` and `out`.
+    unsafe {
+        match a.rows {
+            1 => attend_block::<1>(a, lo, n, qs, ps, out),
+            2 => attend_block::<2>(a, lo, n, qs, ps, out),
+            3 => attend_block::<3>(a, lo, n, qs, ps, out),
+            4 => attend_block::<4>(a, lo, n, qs, ps, out),
+            5 => attend_block::<5>(a, lo, n, qs, ps, out),
+            6 => attend_block::<6>(a, lo, n, qs, ps, out),
+            7 => attend_block::<7>(a, lo, n, qs, ps, out),
+            _ => attend_block::<8>(a, lo, n, qs, ps, out),
+        }
+    }
+}
+
+/// `R` rows over keys `lo..lo + n`: `qs` holds the rows' f16-rounded queries (`R × hd`),
+/// `ps` room for their scores (`R × n`).
+///
+/// # Safety
+/// As `attend_f16` checks: keys and values `lo..lo + n` exist, `R == a.rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_block<const R: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    qs: &[f32],
+    ps: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = a.head_dim;
+    // SAFETY (whole block): `attend_f16`'s asserts bound every pointer: key/value rows
+    // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
+    // `n`, output rows `hd` values at `at[r]`.
+    unsafe {
+        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j. Four
+        // 8-lane accumulators over steps of 32 columns (ggml's AVX2 order), added as
+        // (0 + 2) + (1 + 3), then across lanes.
+        for j in 0..n {
+            let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            for c in (0..hd).step_by(8) {
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c) as *const __m128i));
+                let i = (c / 8) % 4;
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(qs.as_ptr().add(r * hd + c));
+                    acc[i] = _mm256_fmadd_ps(kv, qv, acc[i]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let (first, end) = a.keys[r];
+                let key = lo + j;
+                ps[r * n + j] = if key >= first && key < end {
+                    let sum =
+                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+                    let s = hsum_ps(sum) * a.scale;
+                    if a.softcap > 0.0 {
+                        crate::soft_cap(s, a.softcap)
+                    } else {
+                        s
+                    }
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        for r in 0..R {
+            let p = &mut ps[r * n..][..n];
+            crate::reference::softmax(p);
+            p.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
+        }
+        // out_r = Σ_j w[r][j] · v_j, 8 columns at a time
+        for c in (0..hd).step_by(8) {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
+            for j in 0..n {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(j * a.kv_stride) as *const __m128i));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(*ps.get_unchecked(r * n + j)), v, *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(a.at[r] + c), *acc);
+            }
+        }
+    }
+}

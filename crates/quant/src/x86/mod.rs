@@ -117,7 +117,11 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
 }
 
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
-    crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
+    if !a.head_dim.is_multiple_of(8) {
+        return crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16);
+    }
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
+    unsafe { avx2::attend_f16(a, out, scratch) }
 }
 
 fn attend_f16_avx512(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
