@@ -370,6 +370,30 @@ impl QMatrix<'_> {
         let k = dispatch::kernels();
         let cols = self.cols;
         match self.blocks {
+            Blocks::Q4_0(w) => match k.prefill_q4_0 {
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q4_1(w) => match k.prefill_q4_1 {
+                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q5_0(w) => match k.prefill_q5_0 {
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q5_1(w) => match k.prefill_q5_1 {
+                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::Q8_0(w) => match k.prefill_q8_0 {
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                None => return false,
+            },
+            Blocks::IQ4NL(w) => match k.prefill_iq4_nl {
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                None => return false,
+            },
             Blocks::Q4K(w) => match k.prefill_q4_k {
                 Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
@@ -468,6 +492,22 @@ fn rows_tiled<W: Sync, A: Sync>(
     rows_gemm(w, nb, n_tok, out, scratch, |w, o| gemm(w, &a, nb, n_tok, o));
 }
 
+/// [`rows_tiled`] for kernels that work on panels of 16 rows: each task gets whole panels.
+fn rows_panels<W: Sync, A: Sync>(
+    w: &[W],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    gemm: dispatch::Gemm<W, A>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let nb = a.blocks.len() / n_tok;
+    let chunk = rows_per_task(w.len() / nb).next_multiple_of(16);
+    rows_gemm_by(w, nb, n_tok, chunk, out, scratch, |w, o| {
+        gemm(w, &a, nb, n_tok, o)
+    });
+}
+
 /// The product in parallel blocks of rows: `gemm(rows of w, results)` fills the results of
 /// its rows row-major (`n_tok` per row); `out` gets them token-major.
 fn rows_gemm<W: Sync>(
@@ -478,8 +518,21 @@ fn rows_gemm<W: Sync>(
     scratch: &mut Vec<f32>,
     gemm: impl Fn(&[W], &mut [f32]) + Sync,
 ) {
+    let chunk = rows_per_task(w.len() / per_row);
+    rows_gemm_by(w, per_row, n_tok, chunk, out, scratch, gemm)
+}
+
+/// [`rows_gemm`] with `chunk` rows per task.
+fn rows_gemm_by<W: Sync>(
+    w: &[W],
+    per_row: usize,
+    n_tok: usize,
+    chunk: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    gemm: impl Fn(&[W], &mut [f32]) + Sync,
+) {
     let rows = w.len() / per_row;
-    let chunk = rows_per_task(rows);
     let block = |r0: usize, o: &mut [f32]| {
         let n_rows = o.len() / n_tok;
         gemm(&w[r0 * per_row..(r0 + n_rows) * per_row], o)
@@ -748,6 +801,26 @@ impl Activations {
             blocks: &self.q8k[..p * self.cols / QK_K],
             d: &[],
             s: &[],
+        }
+    }
+
+    /// The Q8_0 blocks of tokens `..p`.
+    fn q8_0_first(&self, p: usize) -> ActBlocks<'_, BlockQ8_0> {
+        let n = p * self.cols / QK;
+        ActBlocks {
+            blocks: &self.q8_0[..n],
+            d: &self.d[..n],
+            s: &self.s[..n],
+        }
+    }
+
+    /// The Q8_1 blocks of tokens `..p`.
+    fn q8_1_first(&self, p: usize) -> ActBlocks<'_, BlockQ8_1> {
+        let n = p * self.cols / QK;
+        ActBlocks {
+            blocks: &self.q8_1[..n],
+            d: &self.d[..n],
+            s: &self.s[..n],
         }
     }
 

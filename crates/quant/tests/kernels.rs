@@ -100,9 +100,10 @@ proptest! {
     fn q32_tiles_match_reference(
         // Past 8 blocks (the AVX2 tiles' scale groups) and 48 tokens (their token passes).
         nb in 1usize..20,
-        rows in 1usize..10,
+        // Past 16 rows (the AVX-512 prompt kernels' panels).
+        rows in prop_oneof![1usize..10, 15usize..19],
         n_tok in prop_oneof![1usize..10, 46usize..53],
-        raw in prop::collection::vec(any::<u8>(), 34 * 19 * 9),
+        raw in prop::collection::vec(any::<u8>(), 34 * 19 * 18),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let x = acts(n_tok * nb * QK, &seed);
@@ -151,6 +152,27 @@ proptest! {
             r::dequantize_row_q8_0(&q80, &mut wf);
             (k.gemm_q8_0)(&q80, &a0, nb, n_tok, &mut got);
             check("q8_0 tile", &q80, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q8_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            // The prompt kernels, where the level has them.
+            if let Some(prefill) = k.prefill_q4_0 {
+                r::dequantize_row_q4_0(&q40, &mut wf);
+                prefill(&q40, &a0, nb, n_tok, &mut got);
+                check("q4_0 prompt", &q40, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            }
+            if let Some(prefill) = k.prefill_q4_1 {
+                r::dequantize_row_q4_1(&q41, &mut wf);
+                prefill(&q41, &a1, nb, n_tok, &mut got);
+                check("q4_1 prompt", &q41, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_1_q8_1(w, &y1[t * nb..(t + 1) * nb]));
+            }
+            if let Some(prefill) = k.prefill_q5_0 {
+                r::dequantize_row_q5_0(&q50, &mut wf);
+                prefill(&q50, &a0, nb, n_tok, &mut got);
+                check("q5_0 prompt", &q50, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q5_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            }
+            if let Some(prefill) = k.prefill_q8_0 {
+                r::dequantize_row_q8_0(&q80, &mut wf);
+                prefill(&q80, &a0, nb, n_tok, &mut got);
+                check("q8_0 prompt", &q80, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q8_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
+            }
         }
     }
 
@@ -303,6 +325,16 @@ proptest! {
             (k.gemm_q5_1)(&q51, &a1, nb32, n_tok, &mut got);
             check("q5_1", &q51, &wf, &y1, &y0f, nb32, n, n_tok, &got, k.dot_q5_1, r::vec_dot_q5_1_q8_1);
             // The prompt kernels, where the level has them.
+            if let Some(prefill) = k.prefill_iq4_nl {
+                r::dequantize_row_iq4_nl(&nl4, &mut wf);
+                prefill(&nl4, &a0, nb32, n_tok, &mut got);
+                check("iq4_nl prompt", &nl4, &wf, &y0, &y0f, nb32, n, n_tok, &got, k.dot_iq4_nl, r::vec_dot_iq4_nl_q8_0);
+            }
+            if let Some(prefill) = k.prefill_q5_1 {
+                r::dequantize_row_q5_1(&q51, &mut wf);
+                prefill(&q51, &a1, nb32, n_tok, &mut got);
+                check("q5_1 prompt", &q51, &wf, &y1, &y0f, nb32, n, n_tok, &got, k.dot_q5_1, r::vec_dot_q5_1_q8_1);
+            }
             if let Some(prefill) = k.prefill_q2_k {
                 r::dequantize_row_q2_k(&q2k, &mut wf);
                 prefill(&q2k, &ak, nb, n_tok, &mut got);

@@ -10,6 +10,7 @@ pub mod avx512;
 pub mod kquant;
 pub mod kunpack;
 pub mod kunpack_avx2;
+pub mod panel;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -189,6 +190,23 @@ fn attend_rows_avx512(a: &crate::AttendRows, out: &mut [f32]) {
     unsafe { avx512::attend_rows(a, out) }
 }
 
+/// Prompt tokens on interleaved 16-row panels. SAFETY (all): installed by `kernels` only
+/// when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA, F16C).
+macro_rules! panel_gemm {
+    ($name:ident, $w:ty, $a:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { panel::gemm(w, a, nb, n_tok, out) }
+        }
+    };
+}
+panel_gemm!(panel_q4_0, BlockQ4_0, BlockQ8_0);
+panel_gemm!(panel_q4_1, BlockQ4_1, BlockQ8_1);
+panel_gemm!(panel_q5_0, BlockQ5_0, BlockQ8_0);
+panel_gemm!(panel_q5_1, BlockQ5_1, BlockQ8_1);
+panel_gemm!(panel_q8_0, BlockQ8_0, BlockQ8_0);
+panel_gemm!(panel_iq4_nl, BlockIQ4NL, BlockQ8_0);
+
 vnni_gemm!(vnni_q4_0, BlockQ4_0, BlockQ8_0);
 vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
 vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
@@ -263,6 +281,12 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_iq4_xs: unpack_iq4_xs,
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
+            prefill_q4_0: Some(panel_q4_0),
+            prefill_q4_1: Some(panel_q4_1),
+            prefill_q5_0: Some(panel_q5_0),
+            prefill_q5_1: Some(panel_q5_1),
+            prefill_q8_0: Some(panel_q8_0),
+            prefill_iq4_nl: Some(panel_iq4_nl),
             prefill_q4_k: Some(unpack_q4_k),
             prefill_q6_k: Some(unpack_q6_k),
             // These types' gemm above serves prompt tokens too.

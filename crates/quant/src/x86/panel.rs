@@ -1,0 +1,175 @@
+//! AVX-512 VNNI products of prompt tokens for the 32-value block types, on 16-row panels
+//! interleaved on the fly (the idea of ggml's repacked layouts, without a second copy of the
+//! weights): a panel's blocks are put, a chunk at a time, in a buffer where each 64 bytes
+//! hold 4 consecutive values of 16 rows. One `vpdpbusd` of such a vector with a token's 4
+//! activation bytes broadcast then adds 4 products to each of the 16 rows, so a block costs
+//! per token 8 `vpdpbusd` into one i32 vector for 16 rows, one conversion and two FMAs
+//! (`dw · da` and `mw · sa`, see `vnni::Unsigned32`), instead of that per row.
+//!
+//! Each (row, token) goes through the same operations whatever the batch's other tokens.
+#![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
+
+use super::vnni::{Signed32, Unsigned32};
+use crate::ActBlocks;
+use std::arch::x86_64::*;
+
+/// Rows per panel (one 16-lane vector), blocks per chunk (the buffer stays in L1), tokens
+/// per tile (their accumulators stay in registers).
+const PANEL: usize = 16;
+const CHUNK: usize = 16;
+const TOKENS: usize = 8;
+
+/// One chunk of a panel: per block, 8 × 64 bytes (4 values of each of the 16 rows), the
+/// rows' `dw` and `mw`.
+#[repr(C, align(64))]
+struct Packed {
+    u: [[[u8; 64]; 8]; CHUNK],
+    dw: [[f32; PANEL]; CHUNK],
+    mw: [[f32; PANEL]; CHUNK],
+}
+
+/// Puts blocks `c0..c0 + nc` of panel rows `r0..r0 + nr` (of `w`, `nb` per row) into `p`;
+/// rows past `nr` are zero.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn pack<W: Unsigned32>(
+    w: &[W],
+    nb: usize,
+    r0: usize,
+    nr: usize,
+    c0: usize,
+    nc: usize,
+    p: &mut Packed,
+) {
+    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    for k in 0..nc {
+        let mut d = [0u16; PANEL];
+        let mut m = [0u16; PANEL];
+        for i in 0..PANEL {
+            let base = p.u[k].as_mut_ptr() as *mut u8;
+            let dst = |g: usize| base.wrapping_add(64 * g + 4 * i) as *mut u32;
+            if i >= nr {
+                for g in 0..8 {
+                    // SAFETY: 4 bytes at 64·g + 4·i inside `p.u[k]` (g < 8, i < 16).
+                    unsafe { dst(g).write_unaligned(0) };
+                }
+                continue;
+            }
+            let blk = &w[(r0 + i) * nb + c0 + k];
+            // SAFETY: AVX2 is enabled; `bytes` reads the block. The stores are 4 bytes at
+            // 4·i < 64 inside `p.u[k][g]`; every block type here starts with its f16 `d`
+            // (Q4_1, Q5_1: then `m`).
+            unsafe {
+                let mut vals = [0u32; 8];
+                _mm256_storeu_si256(vals.as_mut_ptr() as *mut __m256i, blk.bytes());
+                for (g, v) in vals.iter().enumerate() {
+                    dst(g).write_unaligned(*v);
+                }
+                let h = blk as *const W as *const u16;
+                d[i] = h.read_unaligned();
+                if W::HAS_M {
+                    m[i] = h.add(1).read_unaligned();
+                }
+            }
+        }
+        // SAFETY: 32-byte loads of the arrays, 64-byte stores into the aligned rows.
+        unsafe {
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
+            let mw = if W::HAS_M {
+                _mm512_cvtph_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i))
+            } else {
+                _mm512_mul_ps(dw, _mm512_set1_ps(-W::OFFSET))
+            };
+            _mm512_store_ps(p.dw[k].as_mut_ptr(), dw);
+            _mm512_store_ps(p.mw[k].as_mut_ptr(), mw);
+        }
+    }
+}
+
+/// `T` tokens from `t0` against the packed chunk (blocks `c0..c0 + nc`), added into
+/// `acc[t]` (16 rows each).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tokens<A: Signed32, const T: usize>(
+    p: &Packed,
+    a: &ActBlocks<A>,
+    nb: usize,
+    t0: usize,
+    c0: usize,
+    nc: usize,
+    acc: &mut [[f32; PANEL]],
+) {
+    assert!(a.blocks.len() >= (t0 + T) * nb && a.d.len() >= (t0 + T) * nb);
+    assert!(a.s.len() >= (t0 + T) * nb && acc.len() >= t0 + T && c0 + nc <= nb);
+    // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
+    // are inside the activations (asserted); the packed loads are aligned and inside `p`;
+    // `acc[t0 + t]` holds 16 floats.
+    unsafe {
+        let mut sum: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(acc[t0 + t].as_ptr()));
+        for k in 0..nc {
+            let mut isum = [_mm512_setzero_si512(); T];
+            for g in 0..8 {
+                let u = _mm512_load_si512(p.u[k][g].as_ptr() as *const _);
+                for (t, isum) in isum.iter_mut().enumerate() {
+                    let q = a.blocks.get_unchecked((t0 + t) * nb + c0 + k).qs();
+                    let y =
+                        _mm512_set1_epi32((q.as_ptr().add(4 * g) as *const i32).read_unaligned());
+                    *isum = _mm512_dpbusd_epi32(*isum, u, y);
+                }
+            }
+            let dw = _mm512_load_ps(p.dw[k].as_ptr());
+            let mw = _mm512_load_ps(p.mw[k].as_ptr());
+            for (t, (isum, sum)) in isum.iter().zip(sum.iter_mut()).enumerate() {
+                let i = (t0 + t) * nb + c0 + k;
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i)));
+                *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*isum), scale, *sum);
+                *sum = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(i)), *sum);
+            }
+        }
+        for (t, sum) in sum.iter().enumerate() {
+            _mm512_storeu_ps(acc[t0 + t].as_mut_ptr(), *sum);
+        }
+    }
+}
+
+/// All rows of `w` (`out.len() / n_tok`, `nb` blocks each) against `n_tok` tokens of `a`:
+/// `out[r * n_tok + t]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
+    w: &[W],
+    a: &ActBlocks<A>,
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / n_tok;
+    let mut p = Packed {
+        u: [[[0; 64]; 8]; CHUNK],
+        dw: [[0.0; PANEL]; CHUNK],
+        mw: [[0.0; PANEL]; CHUNK],
+    };
+    let mut acc = vec![[0f32; PANEL]; n_tok];
+    let full = n_tok / TOKENS * TOKENS;
+    for r0 in (0..rows).step_by(PANEL) {
+        let nr = (rows - r0).min(PANEL);
+        acc.iter_mut().for_each(|a| *a = [0.0; PANEL]);
+        for c0 in (0..nb).step_by(CHUNK) {
+            let nc = (nb - c0).min(CHUNK);
+            // SAFETY: the features are enabled here; `pack` and `tokens` assert their bounds.
+            unsafe {
+                pack(w, nb, r0, nr, c0, nc, &mut p);
+                for t in (0..full).step_by(TOKENS) {
+                    tokens::<A, TOKENS>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+                for t in full..n_tok {
+                    tokens::<A, 1>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (i, v) in acc.iter().enumerate().take(nr) {
+                out[(r0 + i) * n_tok + t] = *v;
+            }
+        }
+    }
+}
