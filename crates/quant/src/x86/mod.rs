@@ -11,6 +11,7 @@ pub mod kquant;
 pub mod kunpack;
 pub mod kunpack_avx2;
 pub mod panel;
+pub mod panel_avx2;
 pub mod vnni;
 
 use crate::blocks::*;
@@ -207,6 +208,23 @@ panel_gemm!(panel_q5_1, BlockQ5_1, BlockQ8_1);
 panel_gemm!(panel_q8_0, BlockQ8_0, BlockQ8_0);
 panel_gemm!(panel_iq4_nl, BlockIQ4NL, BlockQ8_0);
 
+/// Prompt tokens on interleaved 8-row panels at the AVX2 level. SAFETY (all): installed by
+/// `kernels` only when `detect()` found AVX2, FMA and F16C.
+macro_rules! panel_avx2_gemm {
+    ($name:ident, $w:ty, $a:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { panel_avx2::gemm(w, a, nb, n_tok, out) }
+        }
+    };
+}
+panel_avx2_gemm!(panel8_q4_0, BlockQ4_0, BlockQ8_0);
+panel_avx2_gemm!(panel8_q4_1, BlockQ4_1, BlockQ8_1);
+panel_avx2_gemm!(panel8_q5_0, BlockQ5_0, BlockQ8_0);
+panel_avx2_gemm!(panel8_q5_1, BlockQ5_1, BlockQ8_1);
+panel_avx2_gemm!(panel8_q8_0, BlockQ8_0, BlockQ8_0);
+panel_avx2_gemm!(panel8_iq4_nl, BlockIQ4NL, BlockQ8_0);
+
 vnni_gemm!(vnni_q4_0, BlockQ4_0, BlockQ8_0);
 vnni_gemm!(vnni_q4_1, BlockQ4_1, BlockQ8_1);
 vnni_gemm!(vnni_q5_0, BlockQ5_0, BlockQ8_0);
@@ -340,6 +358,12 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_iq4_xs,
         // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
         // products above).
+        prefill_q4_0: Some(panel8_q4_0),
+        prefill_q4_1: Some(panel8_q4_1),
+        prefill_q5_0: Some(panel8_q5_0),
+        prefill_q5_1: Some(panel8_q5_1),
+        prefill_q8_0: Some(panel8_q8_0),
+        prefill_iq4_nl: Some(panel8_iq4_nl),
         prefill_q2_k: Some(prompt_q2_k),
         prefill_q3_k: Some(prompt_q3_k),
         prefill_q4_k: Some(prompt_q4_k),

@@ -29,6 +29,8 @@ pub trait Unsigned32: Copy {
     const OFFSET: f32;
     /// Whether the block starts with `d` then `m` (both f16): Q4_1.
     const HAS_M: bool = false;
+    /// Bits per value: `u < 2^BITS`.
+    const BITS: u32;
     /// The 32 unsigned values (needs AVX2).
     unsafe fn bytes(&self) -> __m256i;
     /// The same where AVX-512 BW/VL are enabled too (the tiles here), if that is quicker.
@@ -84,6 +86,7 @@ impl Signed32 for BlockQ8_1 {
 
 impl Unsigned32 for BlockQ4_0 {
     const OFFSET: f32 = 8.0;
+    const BITS: u32 = 4;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
@@ -98,6 +101,7 @@ impl Unsigned32 for BlockQ4_0 {
 
 impl Unsigned32 for BlockQ4_1 {
     const OFFSET: f32 = 0.0;
+    const BITS: u32 = 4;
     const HAS_M: bool = true;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
@@ -138,6 +142,7 @@ unsafe fn q5_pair(qs_a: &[u8; 16], qh_a: [u8; 4], qs_b: &[u8; 16], qh_b: [u8; 4]
 
 impl Unsigned32 for BlockQ5_0 {
     const OFFSET: f32 = 16.0;
+    const BITS: u32 = 5;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: AVX2 is enabled by every caller.
@@ -163,6 +168,7 @@ impl Unsigned32 for BlockQ5_0 {
 /// Q5_1's values are Q5_0's (nibbles plus the fifth bit), with `m` instead of an offset.
 impl Unsigned32 for BlockQ5_1 {
     const OFFSET: f32 = 0.0;
+    const BITS: u32 = 5;
     const HAS_M: bool = true;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
@@ -190,6 +196,7 @@ unsafe fn iq4nl_table_u8() -> __m512i {
 /// the unsigned bytes (offset 128).
 impl Unsigned32 for BlockIQ4NL {
     const OFFSET: f32 = 128.0;
+    const BITS: u32 = 8;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: AVX2 is enabled by every caller; reads the 16 bytes of qs and the table.
@@ -208,6 +215,7 @@ impl Unsigned32 for BlockIQ4NL {
 
 impl Unsigned32 for BlockQ8_0 {
     const OFFSET: f32 = 128.0;
+    const BITS: u32 = 8;
     #[inline(always)]
     unsafe fn bytes(&self) -> __m256i {
         // SAFETY: reads exactly the 32 bytes of qs; AVX2 is enabled by every caller.
