@@ -395,27 +395,27 @@ impl QMatrix<'_> {
                 None => return false,
             },
             Blocks::Q4K(w) => match k.prefill_q4_k {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::Q6K(w) => match k.prefill_q6_k {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::Q5K(w) => match k.prefill_q5_k {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::Q2K(w) => match k.prefill_q2_k {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::Q3K(w) => match k.prefill_q3_k {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::IQ4XS(w) => match k.prefill_iq4_xs {
-                Some(g) => rows_tiled(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
                 None => return false,
             },
             Blocks::F16(w) if p >= 3 => {

@@ -180,9 +180,10 @@ proptest! {
     fn k_quant_tiles_match_reference(
         // Past 8 super-blocks and 64 tokens (the AVX2 prompt kernels' passes).
         nb in prop_oneof![1usize..4, 8usize..11],
-        rows in 1usize..10,
+        // Past 16 rows (the AVX-512 prompt kernels' panels).
+        rows in prop_oneof![1usize..10, 15usize..19],
         n_tok in prop_oneof![1usize..4, 63usize..67],
-        raw in prop::collection::vec(any::<u8>(), 210 * 10 * 9),
+        raw in prop::collection::vec(any::<u8>(), 210 * 10 * 18),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let n = nb * QK_K;
@@ -260,9 +261,9 @@ proptest! {
     #[test]
     fn more_types_match_reference(
         nb in 1usize..4,
-        rows in 1usize..6,
+        rows in prop_oneof![1usize..6, 16usize..18],
         n_tok in 1usize..4,
-        raw in prop::collection::vec(any::<u8>(), 192 * 3 * 5),
+        raw in prop::collection::vec(any::<u8>(), 192 * 3 * 17),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let n = nb * QK_K;

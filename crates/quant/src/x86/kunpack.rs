@@ -1,6 +1,6 @@
-//! AVX-512 VNNI products of super-block types with Q8_K activations: Q2_K, Q3_K, Q5_K and
-//! IQ4_XS for decoding and prefill alike, Q4_K and Q6_K for prompt tokens (their decoding
-//! keeps the `kquant` tiles).
+//! AVX-512 VNNI products of super-block types with Q8_K activations: the decoding of Q2_K,
+//! Q3_K, Q5_K and IQ4_XS (Q4_K and Q6_K decode on the `kquant` tiles; prompt tokens of all
+//! six take `kpanel`, which unpacks them with this module's [`Unpack`]).
 //!
 //! Each weight super-block is first unpacked into one common form: 256 unsigned bytes `u`,
 //! and per group `g` of 16 values a scale `s_g` and a correction `c_g`, such that for Q8_K

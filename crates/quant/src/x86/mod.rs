@@ -7,6 +7,7 @@ pub mod amx;
 pub mod avx2;
 pub mod avx2_tiles;
 pub mod avx512;
+pub mod kpanel;
 pub mod kquant;
 pub mod kunpack;
 pub mod kunpack_avx2;
@@ -255,8 +256,24 @@ unpack_gemm!(unpack_q2_k, BlockQ2K);
 unpack_gemm!(unpack_q3_k, BlockQ3K);
 unpack_gemm!(unpack_q5_k, BlockQ5K);
 unpack_gemm!(unpack_iq4_xs, BlockIQ4XS);
-unpack_gemm!(unpack_q4_k, BlockQ4K);
-unpack_gemm!(unpack_q6_k, BlockQ6K);
+
+/// Prompt tokens of the super-block types on interleaved 16-row panels. SAFETY (all):
+/// installed by `kernels` only when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA,
+/// F16C).
+macro_rules! kpanel_gemm {
+    ($name:ident, $w:ty) => {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { kpanel::gemm(w, a.blocks, nb, n_tok, out) }
+        }
+    };
+}
+kpanel_gemm!(kpanel_q2_k, BlockQ2K);
+kpanel_gemm!(kpanel_q3_k, BlockQ3K);
+kpanel_gemm!(kpanel_q4_k, BlockQ4K);
+kpanel_gemm!(kpanel_q5_k, BlockQ5K);
+kpanel_gemm!(kpanel_q6_k, BlockQ6K);
+kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
 
 /// Prompt tokens of the super-block types at the AVX2 level. SAFETY (all): installed by
 /// `kernels` only when `detect()` found AVX2, FMA and F16C.
@@ -305,13 +322,12 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             prefill_q5_1: Some(panel_q5_1),
             prefill_q8_0: Some(panel_q8_0),
             prefill_iq4_nl: Some(panel_iq4_nl),
-            prefill_q4_k: Some(unpack_q4_k),
-            prefill_q6_k: Some(unpack_q6_k),
-            // These types' gemm above serves prompt tokens too.
-            prefill_q5_k: None,
-            prefill_q2_k: None,
-            prefill_q3_k: None,
-            prefill_iq4_xs: None,
+            prefill_q4_k: Some(kpanel_q4_k),
+            prefill_q6_k: Some(kpanel_q6_k),
+            prefill_q5_k: Some(kpanel_q5_k),
+            prefill_q2_k: Some(kpanel_q2_k),
+            prefill_q3_k: Some(kpanel_q3_k),
+            prefill_iq4_xs: Some(kpanel_iq4_xs),
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,

@@ -1,0 +1,173 @@
+//! AVX-512 VNNI products of prompt tokens for the super-block types (Q2_K, Q3_K, Q4_K,
+//! Q5_K, Q6_K, IQ4_XS) with Q8_K activations, on 16-row panels interleaved on the fly (as
+//! `panel` does for the 32-value types).
+//!
+//! A panel's super-blocks are unpacked (`kunpack::Unpack`: 256 unsigned values, group
+//! scales `s_g = d · v_g` and corrections `c_g = e · w_g` per 16 values) a chunk at a time
+//! into a buffer where each 64 bytes hold 4 consecutive values of the 16 rows, with the 16
+//! rows' `s_g` and `c_g` as vectors. Then per token, super-block and group: 4 `vpdpbusd`
+//! (the token's 4 activation bytes broadcast) into one i32 vector for 16 rows, one
+//! conversion and FMA by the rows' `s_g`, one FMA of `c_g` by the group's activation sum;
+//! per super-block one FMA by the token's `d`:
+//! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − Σ_g c_g · bsum_g)`.
+//!
+//! Each (row, token) goes through the same operations whatever the batch's other tokens.
+#![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
+
+use super::kunpack::Unpack;
+use crate::blocks::*;
+use std::arch::x86_64::*;
+
+/// Rows per panel (one 16-lane vector), super-blocks per chunk (the buffer stays in L1),
+/// tokens per tile (their accumulators stay in registers).
+const PANEL: usize = 16;
+const CHUNK: usize = 2;
+const TOKENS: usize = 8;
+const GROUPS: usize = QK_K / 16;
+
+/// One chunk of a panel: per super-block, 64 × 64 bytes (4 values of each of the 16 rows),
+/// and per group the rows' scales and corrections.
+#[repr(C, align(64))]
+struct Packed {
+    u: [[[u8; 64]; QK_K / 4]; CHUNK],
+    s: [[[f32; PANEL]; GROUPS]; CHUNK],
+    c: [[[f32; PANEL]; GROUPS]; CHUNK],
+}
+
+/// Puts super-blocks `c0..c0 + nc` of panel rows `r0..r0 + nr` (of `w`, `nb` per row) into
+/// `p`; rows past `nr` are zero.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn pack<W: Unpack>(
+    w: &[W],
+    nb: usize,
+    r0: usize,
+    nr: usize,
+    c0: usize,
+    nc: usize,
+    p: &mut Packed,
+) {
+    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    let mut vals = [0u8; QK_K];
+    for k in 0..nc {
+        let mut s = [[0f32; PANEL]; GROUPS];
+        let mut c = [[0f32; PANEL]; GROUPS];
+        let base = p.u[k].as_mut_ptr() as *mut u8;
+        for i in 0..PANEL {
+            let dst = |j: usize| base.wrapping_add(64 * j + 4 * i) as *mut u32;
+            if i >= nr {
+                for j in 0..QK_K / 4 {
+                    // SAFETY: 4 bytes at 64·j + 4·i inside `p.u[k]` (j < 64, i < 16).
+                    unsafe { dst(j).write_unaligned(0) };
+                }
+                continue;
+            }
+            let blk = &w[(r0 + i) * nb + c0 + k];
+            // SAFETY: AVX2 is enabled; `values` and `scales` read the block; the stores are
+            // 4 bytes at 64·j + 4·i inside `p.u[k]`, reads 4 bytes at 4·j inside `vals`.
+            unsafe {
+                blk.values(&mut vals);
+                for j in 0..QK_K / 4 {
+                    let v = (vals.as_ptr().add(4 * j) as *const u32).read_unaligned();
+                    dst(j).write_unaligned(v);
+                }
+                let sc = blk.scales();
+                let (mut v, mut wv) = ([0i8; 16], [0i8; 16]);
+                _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, sc.v);
+                _mm_storeu_si128(wv.as_mut_ptr() as *mut __m128i, sc.w);
+                for g in 0..GROUPS {
+                    s[g][i] = sc.d * v[g] as f32;
+                    c[g][i] = sc.e * wv[g] as f32;
+                }
+            }
+        }
+        p.s[k] = s;
+        p.c[k] = c;
+    }
+}
+
+/// `T` tokens from `t0` against the packed chunk (super-blocks `c0..c0 + nc`), added into
+/// `acc[t]` (16 rows each).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tokens<const T: usize>(
+    p: &Packed,
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    c0: usize,
+    nc: usize,
+    acc: &mut [[f32; PANEL]],
+) {
+    assert!(a.len() >= (t0 + T) * nb && acc.len() >= t0 + T && c0 + nc <= nb);
+    // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
+    // are inside the activations (asserted); the packed loads are aligned and inside `p`;
+    // `acc[t0 + t]` holds 16 floats.
+    unsafe {
+        let mut sum: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(acc[t0 + t].as_ptr()));
+        for k in 0..nc {
+            let y: [&BlockQ8K; T] =
+                std::array::from_fn(|t| a.get_unchecked((t0 + t) * nb + c0 + k));
+            let mut part = [_mm512_setzero_ps(); T];
+            for g in 0..GROUPS {
+                let mut isum = [_mm512_setzero_si512(); T];
+                for j in 4 * g..4 * g + 4 {
+                    let u = _mm512_load_si512(p.u[k][j].as_ptr() as *const _);
+                    for t in 0..T {
+                        let q = (y[t].qs.as_ptr().add(4 * j) as *const i32).read_unaligned();
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], u, _mm512_set1_epi32(q));
+                    }
+                }
+                let s = _mm512_load_ps(p.s[k][g].as_ptr());
+                let c = _mm512_load_ps(p.c[k][g].as_ptr());
+                for t in 0..T {
+                    part[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), s, part[t]);
+                    let bsum = _mm512_set1_ps(y[t].bsums[g] as f32);
+                    part[t] = _mm512_fnmadd_ps(c, bsum, part[t]);
+                }
+            }
+            for t in 0..T {
+                sum[t] = _mm512_fmadd_ps(part[t], _mm512_set1_ps(y[t].d), sum[t]);
+            }
+        }
+        for (t, sum) in sum.iter().enumerate() {
+            _mm512_storeu_ps(acc[t0 + t].as_mut_ptr(), *sum);
+        }
+    }
+}
+
+/// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
+/// `a`: `out[r * n_tok + t]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+    let rows = out.len() / n_tok;
+    let mut p = Box::new(Packed {
+        u: [[[0; 64]; QK_K / 4]; CHUNK],
+        s: [[[0.0; PANEL]; GROUPS]; CHUNK],
+        c: [[[0.0; PANEL]; GROUPS]; CHUNK],
+    });
+    let mut acc = vec![[0f32; PANEL]; n_tok];
+    let full = n_tok / TOKENS * TOKENS;
+    for r0 in (0..rows).step_by(PANEL) {
+        let nr = (rows - r0).min(PANEL);
+        acc.iter_mut().for_each(|a| *a = [0.0; PANEL]);
+        for c0 in (0..nb).step_by(CHUNK) {
+            let nc = (nb - c0).min(CHUNK);
+            // SAFETY: the features are enabled here; `pack` and `tokens` assert their bounds.
+            unsafe {
+                pack(w, nb, r0, nr, c0, nc, &mut p);
+                for t in (0..full).step_by(TOKENS) {
+                    tokens::<TOKENS>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+                for t in full..n_tok {
+                    tokens::<1>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (i, v) in acc.iter().enumerate().take(nr) {
+                out[(r0 + i) * n_tok + t] = *v;
+            }
+        }
+    }
+}
