@@ -7,7 +7,6 @@
 #![allow(clippy::missing_safety_doc)] // the module doc above states the one safety condition
 
 use crate::blocks::*;
-use crate::reference::scale_min_k4;
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -186,7 +185,9 @@ pub unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
 
 /// Q4_K and Q5_K: the same scales, mins and order of values. `values(block, chunk)` gives
 /// the unsigned values 64·chunk.. of a block as two runs of 32; `fields` its d, dmin and
-/// packed scales.
+/// packed scales. The 8 scales and 8 mins are unpacked at once (`q4k_scales_mins`); each
+/// run's scale is picked for `vpmaddwd` by one shuffle, and the mins meet the activations'
+/// 32-value sums in one `vpmaddwd`.
 #[inline(always)]
 unsafe fn dot_k4<B>(
     x: &[B],
@@ -195,33 +196,45 @@ unsafe fn dot_k4<B>(
     values: impl Fn(&B, usize) -> (__m256i, __m256i),
 ) -> f32 {
     // SAFETY (whole body): AVX2, FMA and F16C are enabled by every caller; the loads are
-    // 32 bytes at 64·chunk and 64·chunk + 32 inside the activations' 256-byte qs.
+    // 32 bytes at 64·chunk and 64·chunk + 32 inside the activations' 256-byte qs, and the
+    // 32 bytes of bsums.
     unsafe {
         let mut acc = _mm256_setzero_ps();
-        let mut acc_m = 0.0f32;
+        let mut acc_m = _mm256_setzero_ps();
         for (a, b) in x.iter().zip(y) {
-            let (d, dmin, scales) = fields(a);
+            let (d, dmin, packed) = fields(a);
+            let (sc, m) = super::kquant::q4k_scales_mins(packed);
+            // The 8 scales as i16 in both 128-bit lanes; run k's picked by bytes 2k, 2k + 1.
+            let sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
+            let scales = _mm256_set_m128i(sc16, sc16);
             let mut sumi = _mm256_setzero_si256();
-            let mut summ = 0i32;
             for chunk in 0..4 {
                 let (w1, w2) = values(a, chunk);
-                let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-                let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
                 let y1 = _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk) as *const __m256i);
                 let y2 = _mm256_loadu_si256(b.qs.as_ptr().add(64 * chunk + 32) as *const __m256i);
-                let p1 = _mm256_maddubs_epi16(w1, y1);
-                let p2 = _mm256_maddubs_epi16(w2, y2);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16)));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16)));
-                let bs = 4 * chunk;
-                summ += m1 as i32 * (b.bsums[bs] as i32 + b.bsums[bs + 1] as i32);
-                summ += m2 as i32 * (b.bsums[bs + 2] as i32 + b.bsums[bs + 3] as i32);
+                let k1 = (4 * chunk) as i8;
+                let pick1 = _mm256_set1_epi16(i16::from_le_bytes([k1 as u8, k1 as u8 + 1]));
+                let pick2 = _mm256_set1_epi16(i16::from_le_bytes([k1 as u8 + 2, k1 as u8 + 3]));
+                let s1 = _mm256_shuffle_epi8(scales, pick1);
+                let s2 = _mm256_shuffle_epi8(scales, pick2);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, y1), s1);
+                let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(w2, y2), s2);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p1, p2));
             }
+            // Σ_j m_j · (bsum 2j + bsum 2j+1): the 16 sums in pairs against the mins, each
+            // min twice.
+            let bsums = _mm256_loadu_si256(b.bsums.as_ptr() as *const __m256i);
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
+                _mm_cvtsi64_si128(m as i64),
+                _mm_cvtsi64_si128(m as i64),
+            ));
+            let mins = _mm256_madd_epi16(bsums, m16);
             let dv = _mm256_set1_ps(h2f(d) * b.d);
             acc = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(sumi), acc);
-            acc_m += h2f(dmin) * b.d * summ as f32;
+            let mv = _mm256_set1_ps(h2f(dmin) * b.d);
+            acc_m = _mm256_fmadd_ps(mv, _mm256_cvtepi32_ps(mins), acc_m);
         }
-        hsum_ps(acc) - acc_m
+        hsum_ps(acc) - hsum_ps(acc_m)
     }
 }
 
