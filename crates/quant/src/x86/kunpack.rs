@@ -52,6 +52,8 @@ pub struct IntScales {
 pub trait Unpack: Copy {
     /// Whether `u − 128` is the signed value (IQ4_XS), the offset the AVX2 form undoes.
     const OFFSET_128: bool = false;
+    /// The largest value `u` can hold.
+    const MAX_VALUE: u32;
     /// Writes the block's 256 values `u` (AVX2 enabled by every caller).
     unsafe fn values(&self, u: &mut [u8; QK_K]);
     /// The block's group scales and corrections (AVX2 enabled by every caller).
@@ -113,6 +115,7 @@ unsafe fn twice(x: u64) -> __m128i {
 }
 
 impl Unpack for BlockQ2K {
+    const MAX_VALUE: u32 = 3;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside the 64-byte qs; AVX2 enabled by the caller.
@@ -148,6 +151,7 @@ impl Unpack for BlockQ2K {
 }
 
 impl Unpack for BlockQ3K {
+    const MAX_VALUE: u32 = 7;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside qs (64) and hmask (32); AVX2 enabled by the caller.
@@ -198,6 +202,7 @@ impl Unpack for BlockQ3K {
 }
 
 impl Unpack for BlockQ5K {
+    const MAX_VALUE: u32 = 31;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside qs (128) and qh (32); AVX2 enabled by the caller.
@@ -252,6 +257,7 @@ fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
 }
 
 impl Unpack for BlockIQ4XS {
+    const MAX_VALUE: u32 = 255;
     const OFFSET_128: bool = true;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
@@ -286,6 +292,7 @@ impl Unpack for BlockIQ4XS {
 const PREFETCH_BYTES: usize = 4096;
 
 impl Unpack for BlockQ4K {
+    const MAX_VALUE: u32 = 15;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: 32-byte loads inside the 128-byte qs; AVX2 enabled by the caller.
@@ -309,6 +316,7 @@ impl Unpack for BlockQ4K {
 }
 
 impl Unpack for BlockQ6K {
+    const MAX_VALUE: u32 = 63;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
         // SAFETY: AVX2 enabled by the caller.

@@ -8,9 +8,9 @@ pub mod avx2;
 pub mod avx2_tiles;
 pub mod avx512;
 pub mod kpanel;
+pub mod kpanel_avx2;
 pub mod kquant;
 pub mod kunpack;
-pub mod kunpack_avx2;
 pub mod panel;
 pub mod panel_avx2;
 pub mod vnni;
@@ -275,22 +275,22 @@ kpanel_gemm!(kpanel_q5_k, BlockQ5K);
 kpanel_gemm!(kpanel_q6_k, BlockQ6K);
 kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
 
-/// Prompt tokens of the super-block types at the AVX2 level. SAFETY (all): installed by
-/// `kernels` only when `detect()` found AVX2, FMA and F16C.
-macro_rules! unpack_avx2_gemm {
+/// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
+/// SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
+macro_rules! kpanel_avx2_gemm {
     ($name:ident, $w:ty) => {
         fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
             // SAFETY: see above.
-            unsafe { kunpack_avx2::gemm(w, a.blocks, nb, n_tok, out) }
+            unsafe { kpanel_avx2::gemm(w, a.blocks, nb, n_tok, out) }
         }
     };
 }
-unpack_avx2_gemm!(prompt_q2_k, BlockQ2K);
-unpack_avx2_gemm!(prompt_q3_k, BlockQ3K);
-unpack_avx2_gemm!(prompt_q4_k, BlockQ4K);
-unpack_avx2_gemm!(prompt_q5_k, BlockQ5K);
-unpack_avx2_gemm!(prompt_q6_k, BlockQ6K);
-unpack_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
+kpanel_avx2_gemm!(prompt_q2_k, BlockQ2K);
+kpanel_avx2_gemm!(prompt_q3_k, BlockQ3K);
+kpanel_avx2_gemm!(prompt_q4_k, BlockQ4K);
+kpanel_avx2_gemm!(prompt_q5_k, BlockQ5K);
+kpanel_avx2_gemm!(prompt_q6_k, BlockQ6K);
+kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
 
 /// Kernels for an x86 level (`isa >= Avx2`).
 ///

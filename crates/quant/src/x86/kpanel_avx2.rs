@@ -1,0 +1,228 @@
+//! AVX2 products of prompt tokens for the super-block types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+//! IQ4_XS) with Q8_K activations, on 8-row panels interleaved on the fly (as `kpanel` does
+//! at AVX-512 with 16 rows).
+//!
+//! A panel's super-blocks are unpacked (`kunpack::Unpack`) into a buffer where each 32
+//! bytes hold 4 consecutive values of the 8 rows; per 16-value group the rows' integer
+//! scales `v_g` and corrections `w_g` sit as i16 pairs, one pair per row. Per token and
+//! group, `vpmaddubsw` of the buffer with the token's 4 activation bytes broadcast gives 2
+//! pair sums per row; these add up in i16 over as many groups of 4 as cannot overflow
+//! (`2 · max · 127 · run < 2¹⁵`), then one `vpmaddwd` by the rows' `v_g` adds them into one
+//! i32 sum per row for the whole super-block, exactly. The corrections are a `vpmaddwd` of
+//! two groups' `w` by the two activation sums; per super-block two conversions and FMAs:
+//! `Σ w·a = d_a · (d · Σ_g v_g Σ u·q − e · Σ_g w_g · bsum_g)`. IQ4_XS's values (`u − 128`)
+//! are held signed and take the sign trick, with no correction.
+//!
+//! Each (row, token) goes through the same operations whatever the batch's other tokens.
+#![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
+
+use super::kunpack::Unpack;
+use crate::blocks::*;
+use std::arch::x86_64::*;
+
+/// Rows per panel (one 8-lane vector), super-blocks per chunk (the buffer stays in L1),
+/// tokens per tile.
+const PANEL: usize = 8;
+const CHUNK: usize = 4;
+const TOKENS: usize = 4;
+const GROUPS: usize = QK_K / 16;
+
+/// One chunk of a panel: per super-block, 64 × 32 bytes (4 values of each of the 8 rows),
+/// per group the rows' scales as i16 pairs, per two groups the rows' corrections (lanes
+/// 2i, 2i + 1: row i's `w` of the two groups), and the rows' `d` and `e`.
+#[repr(C, align(32))]
+struct Packed {
+    u: [[[u8; 32]; QK_K / 4]; CHUNK],
+    v: [[[i16; 16]; GROUPS]; CHUNK],
+    w: [[[i16; 16]; GROUPS / 2]; CHUNK],
+    d: [[f32; PANEL]; CHUNK],
+    e: [[f32; PANEL]; CHUNK],
+}
+
+/// Puts super-blocks `c0..c0 + nc` of panel rows `r0..r0 + nr` (of `w`, `nb` per row) into
+/// `p`; rows past `nr` are zero.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pack<W: Unpack>(
+    w: &[W],
+    nb: usize,
+    r0: usize,
+    nr: usize,
+    c0: usize,
+    nc: usize,
+    p: &mut Packed,
+) {
+    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    let mut vals = [0u8; QK_K];
+    let flip = if W::OFFSET_128 { 0x8080_8080u32 } else { 0 };
+    for k in 0..nc {
+        let base = p.u[k].as_mut_ptr() as *mut u8;
+        for i in 0..PANEL {
+            let dst = |j: usize| base.wrapping_add(32 * j + 4 * i) as *mut u32;
+            if i >= nr {
+                for j in 0..QK_K / 4 {
+                    // SAFETY: 4 bytes at 32·j + 4·i inside `p.u[k]` (j < 64, i < 8).
+                    unsafe { dst(j).write_unaligned(0) };
+                }
+                for g in 0..GROUPS {
+                    p.v[k][g][2 * i] = 0;
+                    p.v[k][g][2 * i + 1] = 0;
+                }
+                for h in 0..GROUPS / 2 {
+                    p.w[k][h][2 * i] = 0;
+                    p.w[k][h][2 * i + 1] = 0;
+                }
+                p.d[k][i] = 0.0;
+                p.e[k][i] = 0.0;
+                continue;
+            }
+            let blk = &w[(r0 + i) * nb + c0 + k];
+            // SAFETY: AVX2 is enabled; `values` and `scales` read the block; the stores are
+            // 4 bytes at 32·j + 4·i inside `p.u[k]`, the reads 4 bytes at 4·j of `vals`.
+            let sc = unsafe {
+                blk.values(&mut vals);
+                for j in 0..QK_K / 4 {
+                    let v = (vals.as_ptr().add(4 * j) as *const u32).read_unaligned();
+                    dst(j).write_unaligned(v ^ flip);
+                }
+                blk.scales()
+            };
+            let (mut v, mut wv) = ([0i8; 16], [0i8; 16]);
+            // SAFETY: 16-byte stores into the 16-byte arrays (SSE2, baseline).
+            unsafe {
+                _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, sc.v);
+                _mm_storeu_si128(wv.as_mut_ptr() as *mut __m128i, sc.w);
+            }
+            for (pv, &v) in p.v[k].iter_mut().zip(&v) {
+                pv[2 * i] = v as i16;
+                pv[2 * i + 1] = v as i16;
+            }
+            for h in 0..GROUPS / 2 {
+                let (w0, w1) = if W::OFFSET_128 {
+                    (0, 0)
+                } else {
+                    (wv[2 * h] as i16, wv[2 * h + 1] as i16)
+                };
+                p.w[k][h][2 * i] = w0;
+                p.w[k][h][2 * i + 1] = w1;
+            }
+            p.d[k][i] = sc.d;
+            p.e[k][i] = if W::OFFSET_128 { 0.0 } else { sc.e };
+        }
+    }
+}
+
+/// `T` tokens from `t0` against the packed chunk (super-blocks `c0..c0 + nc`), added into
+/// `acc[t]` (8 rows each).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tokens<W: Unpack, const T: usize>(
+    p: &Packed,
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    c0: usize,
+    nc: usize,
+    acc: &mut [[f32; PANEL]],
+) {
+    assert!(a.len() >= (t0 + T) * nb && acc.len() >= t0 + T && c0 + nc <= nb);
+    // Groups of 4 values whose i16 pair sums add up before widening (each is at most
+    // 2 · max · 127; signed values: 2 · 127 · 127).
+    let max = if W::OFFSET_128 { 127 } else { W::MAX_VALUE };
+    let run = (32767 / (2 * max * 127)).clamp(1, 4) as usize;
+    // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
+    // are inside the activations (asserted); the packed loads are aligned and inside `p`;
+    // `acc[t0 + t]` holds 8 floats.
+    unsafe {
+        let mut sum: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(acc[t0 + t].as_ptr()));
+        for k in 0..nc {
+            let y: [&BlockQ8K; T] =
+                std::array::from_fn(|t| a.get_unchecked((t0 + t) * nb + c0 + k));
+            let mut isum = [_mm256_setzero_si256(); T];
+            for g in 0..GROUPS {
+                let sv = _mm256_load_si256(p.v[k][g].as_ptr() as *const __m256i);
+                for j0 in (4 * g..4 * g + 4).step_by(run) {
+                    let mut pairs = [_mm256_setzero_si256(); T];
+                    for j in j0..j0 + run {
+                        let u = _mm256_load_si256(p.u[k][j].as_ptr() as *const __m256i);
+                        let x = if W::OFFSET_128 {
+                            _mm256_sign_epi8(u, u)
+                        } else {
+                            u
+                        };
+                        for t in 0..T {
+                            let q = (y[t].qs.as_ptr().add(4 * j) as *const i32).read_unaligned();
+                            let q = _mm256_set1_epi32(q);
+                            let q = if W::OFFSET_128 {
+                                _mm256_sign_epi8(q, u)
+                            } else {
+                                q
+                            };
+                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(x, q));
+                        }
+                    }
+                    for t in 0..T {
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pairs[t], sv));
+                    }
+                }
+            }
+            let d = _mm256_load_ps(p.d[k].as_ptr());
+            let e = _mm256_load_ps(p.e[k].as_ptr());
+            for t in 0..T {
+                let mut corr = _mm256_setzero_si256();
+                if !W::OFFSET_128 {
+                    for h in 0..GROUPS / 2 {
+                        let wv = _mm256_load_si256(p.w[k][h].as_ptr() as *const __m256i);
+                        let b = (y[t].bsums.as_ptr().add(2 * h) as *const i32).read_unaligned();
+                        corr = _mm256_add_epi32(corr, _mm256_madd_epi16(wv, _mm256_set1_epi32(b)));
+                    }
+                }
+                let part = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[t]), d);
+                let part = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), e, part);
+                sum[t] = _mm256_fmadd_ps(part, _mm256_set1_ps(y[t].d), sum[t]);
+            }
+        }
+        for (t, sum) in sum.iter().enumerate() {
+            _mm256_storeu_ps(acc[t0 + t].as_mut_ptr(), *sum);
+        }
+    }
+}
+
+/// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
+/// `a`: `out[r * n_tok + t]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+    let rows = out.len() / n_tok;
+    let mut p = Box::new(Packed {
+        u: [[[0; 32]; QK_K / 4]; CHUNK],
+        v: [[[0; 16]; GROUPS]; CHUNK],
+        w: [[[0; 16]; GROUPS / 2]; CHUNK],
+        d: [[0.0; PANEL]; CHUNK],
+        e: [[0.0; PANEL]; CHUNK],
+    });
+    let mut acc = vec![[0f32; PANEL]; n_tok];
+    let full = n_tok / TOKENS * TOKENS;
+    for r0 in (0..rows).step_by(PANEL) {
+        let nr = (rows - r0).min(PANEL);
+        acc.iter_mut().for_each(|a| *a = [0.0; PANEL]);
+        for c0 in (0..nb).step_by(CHUNK) {
+            let nc = (nb - c0).min(CHUNK);
+            // SAFETY: the features are enabled here; `pack` and `tokens` assert their bounds.
+            unsafe {
+                pack(w, nb, r0, nr, c0, nc, &mut p);
+                for t in (0..full).step_by(TOKENS) {
+                    tokens::<W, TOKENS>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+                for t in full..n_tok {
+                    tokens::<W, 1>(&p, a, nb, t, c0, nc, &mut acc);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (i, v) in acc.iter().enumerate().take(nr) {
+                out[(r0 + i) * n_tok + t] = *v;
+            }
+        }
+    }
+}
