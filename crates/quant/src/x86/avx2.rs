@@ -761,50 +761,17 @@ pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
 /// once for every row. `head_dim` must be a multiple of 8.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
-    let hd = a.head_dim;
-    assert!(hd.is_multiple_of(8) && (1..=8).contains(&a.rows));
-    let (mut lo, mut hi) = (usize::MAX, 0);
-    for r in 0..a.rows {
-        let (first, end) = a.keys[r];
-        assert!(first < end && a.at[r] + hd <= a.q.len() && a.at[r] + hd <= out.len());
-        assert!((end - 1) * a.kv_stride + hd <= a.k.len().min(a.v.len()));
-        (lo, hi) = (lo.min(first), hi.max(end));
-    }
-    let n = hi - lo;
-    // Room for the whole cache's length at once, so decoding never grows this buffer.
-    let need = a.rows * (hd + n);
-    if scratch.len() < need {
-        let whole = 8 * (hd + a.k.len() / a.kv_stride.max(1) + 1);
-        scratch.resize(need.max(whole), 0.0);
-    }
-    let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
-    // The queries rounded to f16 (then exact in f32).
-    for r in 0..a.rows {
-        for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {
-            *d = f16::from_f32(*x).to_f32();
-        }
-    }
-    // SAFETY: AVX2, FMA and F16C are enabled here; the asserts above keep every access of
-    // `attend_block` inside `a.k`, `a.v`, `qs`, `ps` and `out`.
-    unsafe {
-        match a.rows {
-            1 => attend_block::<1>(a, lo, n, qs, ps, out),
-            2 => attend_block::<2>(a, lo, n, qs, ps, out),
-            3 => attend_block::<3>(a, lo, n, qs, ps, out),
-            4 => attend_block::<4>(a, lo, n, qs, ps, out),
-            5 => attend_block::<5>(a, lo, n, qs, ps, out),
-            6 => attend_block::<6>(a, lo, n, qs, ps, out),
-            7 => attend_block::<7>(a, lo, n, qs, ps, out),
-            _ => attend_block::<8>(a, lo, n, qs, ps, out),
-        }
-    }
+    let (lo, n, qs, ps) = super::attend_setup(a, 8, out.len(), scratch);
+    // SAFETY: the features `attend_block` needs are enabled here; `attend_setup`'s checks keep
+    // every access of `attend_block` inside `a.k`, `a.v`, `qs`, `ps` and `out`.
+    unsafe { super::by_rows!(a.rows, attend_block(a, lo, n, qs, ps, out)) }
 }
 
 /// `R` rows over keys `lo..lo + n`: `qs` holds the rows' f16-rounded queries (`R × hd`),
 /// `ps` room for their scores (`R × n`).
 ///
 /// # Safety
-/// As `attend_f16` checks: keys and values `lo..lo + n` exist, `R == a.rows`.
+/// As `attend_setup` checks: keys and values `lo..lo + n` exist; `R == a.rows`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_block<const R: usize>(
@@ -816,7 +783,7 @@ unsafe fn attend_block<const R: usize>(
     out: &mut [f32],
 ) {
     let hd = a.head_dim;
-    // SAFETY (whole block): `attend_f16`'s asserts bound every pointer: key/value rows
+    // SAFETY (whole block): `attend_setup`'s checks bound every pointer: key/value rows
     // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
     // `n`, output rows `hd` values at `at[r]`.
     unsafe {

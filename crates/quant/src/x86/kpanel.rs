@@ -136,38 +136,43 @@ unsafe fn tokens<const T: usize>(
     }
 }
 
+/// The panel steps over one matrix and its activations.
+struct Steps<'a, W> {
+    w: &'a [W],
+    a: &'a [BlockQ8K],
+    nb: usize,
+    p: Box<Packed>,
+}
+
+impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
+    const CHUNK: usize = CHUNK;
+    const TOKENS: usize = TOKENS;
+    fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize) {
+        // SAFETY: `Steps` is only built by `gemm`, whose caller detected the features;
+        // `pack` asserts its bounds.
+        unsafe { pack(self.w, self.nb, r0, nr, c0, nc, &mut self.p) }
+    }
+    fn tokens(&mut self, t: usize, one: bool, c0: usize, nc: usize, acc: &mut [[f32; PANEL]]) {
+        let (p, a, nb) = (&*self.p, self.a, self.nb);
+        // SAFETY: as above; `tokens` asserts its bounds.
+        unsafe {
+            if one {
+                tokens::<1>(p, a, nb, t, c0, nc, acc)
+            } else {
+                tokens::<TOKENS>(p, a, nb, t, c0, nc, acc)
+            }
+        }
+    }
+}
+
 /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
 /// `a`: `out[r * n_tok + t]`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
-    let rows = out.len() / n_tok;
-    let mut p = Box::new(Packed {
+    let p = Box::new(Packed {
         u: [[[0; 64]; QK_K / 4]; CHUNK],
         s: [[[0.0; PANEL]; GROUPS]; CHUNK],
         c: [[[0.0; PANEL]; GROUPS]; CHUNK],
     });
-    let mut acc = vec![[0f32; PANEL]; n_tok];
-    let full = n_tok / TOKENS * TOKENS;
-    for r0 in (0..rows).step_by(PANEL) {
-        let nr = (rows - r0).min(PANEL);
-        acc.iter_mut().for_each(|a| *a = [0.0; PANEL]);
-        for c0 in (0..nb).step_by(CHUNK) {
-            let nc = (nb - c0).min(CHUNK);
-            // SAFETY: the features are enabled here; `pack` and `tokens` assert their bounds.
-            unsafe {
-                pack(w, nb, r0, nr, c0, nc, &mut p);
-                for t in (0..full).step_by(TOKENS) {
-                    tokens::<TOKENS>(&p, a, nb, t, c0, nc, &mut acc);
-                }
-                for t in full..n_tok {
-                    tokens::<1>(&p, a, nb, t, c0, nc, &mut acc);
-                }
-            }
-        }
-        for (t, acc) in acc.iter().enumerate() {
-            for (i, v) in acc.iter().enumerate().take(nr) {
-                out[(r0 + i) * n_tok + t] = *v;
-            }
-        }
-    }
+    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, n_tok, out);
 }

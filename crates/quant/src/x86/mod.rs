@@ -3,6 +3,23 @@
 //! The AVX-512 level adds the VNNI tiles for the 32-value block types and otherwise runs
 //! the AVX2 kernels.
 
+/// `$block::<R>(args)` for `R = $rows` (1..=8; more is 8).
+macro_rules! by_rows {
+    ($rows:expr, $block:ident($($arg:expr),*)) => {
+        match $rows {
+            1 => $block::<1>($($arg),*),
+            2 => $block::<2>($($arg),*),
+            3 => $block::<3>($($arg),*),
+            4 => $block::<4>($($arg),*),
+            5 => $block::<5>($($arg),*),
+            6 => $block::<6>($($arg),*),
+            7 => $block::<7>($($arg),*),
+            _ => $block::<8>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_rows;
+
 pub mod amx;
 pub mod avx2;
 pub mod avx2_tiles;
@@ -37,6 +54,88 @@ fn quarter_tiles(rows: usize, mut tile: impl FnMut(usize, usize, bool)) {
 }
 use crate::ActBlocks;
 use half::f16;
+
+/// What the block attention kernels (`avx2::attend_f16`, `avx512::attend_f16`) share:
+/// checks every row's keys, values, query and output (`head_dim` a multiple of `lanes`),
+/// sizes `scratch` once for the whole cache, and fills the first part with the rows'
+/// queries rounded to f16 (then exact in f32). Returns the keys' span `lo..lo + n`, the
+/// queries (`rows × head_dim`) and room for the scores (`rows × n`).
+pub(crate) fn attend_setup<'s>(
+    a: &crate::AttendF16,
+    lanes: usize,
+    out_len: usize,
+    scratch: &'s mut Vec<f32>,
+) -> (usize, usize, &'s mut [f32], &'s mut [f32]) {
+    let hd = a.head_dim;
+    assert!(hd.is_multiple_of(lanes) && (1..=8).contains(&a.rows));
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for r in 0..a.rows {
+        let (first, end) = a.keys[r];
+        assert!(first < end && a.at[r] + hd <= a.q.len() && a.at[r] + hd <= out_len);
+        assert!((end - 1) * a.kv_stride + hd <= a.k.len().min(a.v.len()));
+        (lo, hi) = (lo.min(first), hi.max(end));
+    }
+    let n = hi - lo;
+    // Room for the whole cache's length at once, so decoding never grows this buffer; every
+    // value used is written first, so the buffer is only ever grown, never cleared.
+    let need = a.rows * (hd + n);
+    if scratch.len() < need {
+        let whole = 8 * (hd + a.k.len() / a.kv_stride.max(1) + 1);
+        scratch.resize(need.max(whole), 0.0);
+    }
+    let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
+    for r in 0..a.rows {
+        for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {
+            *d = f16::from_f32(*x).to_f32();
+        }
+    }
+    (lo, n, qs, ps)
+}
+
+/// A panel kernel's steps for [`prompt_panels`].
+pub(crate) trait PanelSteps<const PANEL: usize> {
+    /// Blocks per packed chunk and tokens per tile.
+    const CHUNK: usize;
+    const TOKENS: usize;
+    /// Packs blocks `c0..c0 + nc` of panel rows `r0..r0 + nr`.
+    fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize);
+    /// Runs `TOKENS` tokens from `t` (or one token, `one`) over the packed chunk, adding
+    /// into their accumulators.
+    fn tokens(&mut self, t: usize, one: bool, c0: usize, nc: usize, acc: &mut [[f32; PANEL]]);
+}
+
+/// The prompt-panel skeleton (`panel`, `kpanel` and their AVX2 twins): for each panel of
+/// `PANEL` rows, chunk by chunk of blocks, pack the chunk then run every token over it; the
+/// panel's results go to `out[r * n_tok + t]`.
+pub(crate) fn prompt_panels<const PANEL: usize, S: PanelSteps<PANEL>>(
+    steps: &mut S,
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / n_tok;
+    let mut acc = vec![[0f32; PANEL]; n_tok];
+    let full = n_tok / S::TOKENS * S::TOKENS;
+    for r0 in (0..rows).step_by(PANEL) {
+        let nr = (rows - r0).min(PANEL);
+        acc.iter_mut().for_each(|a| *a = [0.0; PANEL]);
+        for c0 in (0..nb).step_by(S::CHUNK) {
+            let nc = (nb - c0).min(S::CHUNK);
+            steps.pack(r0, nr, c0, nc);
+            for t in (0..full).step_by(S::TOKENS) {
+                steps.tokens(t, false, c0, nc, &mut acc);
+            }
+            for t in full..n_tok {
+                steps.tokens(t, true, c0, nc, &mut acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (i, v) in acc.iter().enumerate().take(nr) {
+                out[(r0 + i) * n_tok + t] = *v;
+            }
+        }
+    }
+}
 
 // Safe entry points. SAFETY (all): `kernels` hands these out only when `detect()` found
 // AVX2, FMA and F16C on this CPU.
