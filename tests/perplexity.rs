@@ -27,11 +27,8 @@ fn final_ppl(stdout: &str) -> f64 {
 
 #[test]
 fn ppl_equals_llama_perplexity_within_one_percent_at_every_level() {
-    use hearth_quant::dispatch::{detect, Isa};
-    for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx] {
-        if level <= detect() {
-            ppl_at_level(level.name());
-        }
+    for level in hearth_quant::dispatch::available() {
+        ppl_at_level(level.name());
     }
 }
 

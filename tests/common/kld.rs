@@ -151,11 +151,7 @@ pub fn in_child_per_level(test_name: &str) -> bool {
         );
         return true;
     }
-    use hearth_quant::dispatch::{detect, Isa};
-    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx]
-        .into_iter()
-        .filter(|&l| l <= detect())
-        .collect();
+    let levels = hearth_quant::dispatch::available();
     for level in &levels {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])

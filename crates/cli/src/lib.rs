@@ -280,6 +280,11 @@ pub struct ShowArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A kernel level the CPU lacks (or a misspelt one) is refused before any work.
+    if let Err(e) = hearth_quant::dispatch::requested_isa() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run(a, cli.verbose),
         Command::Chat(a) => commands::chat(a, cli.verbose),

@@ -11,6 +11,8 @@ use crate::dispatch::Isa;
 /// A `[rows, cols]` weight matrix (row = output feature, as PyTorch's `Linear`) packed for
 /// `tdpbf16ps`: groups of 16 rows × blocks of 32 columns, each one 512-value tile laid out
 /// `[pair of columns kk][row n][column within pair p]` (the "VNNI" order AMX reads B in).
+// The tiles run on x86-64 only; elsewhere `pack` never builds one.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Bf16Matrix {
     rows: usize,
     cols: usize,
@@ -51,7 +53,7 @@ fn from_bf16(x: u16) -> f32 {
 impl Bf16Matrix {
     /// Packs `w` (`rows * cols` values, row-major) if AMX tiles are in force, else `None`.
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        if crate::dispatch::kernels().isa < Isa::Amx || rows == 0 || cols == 0 {
+        if crate::dispatch::kernels().isa != Isa::Amx || rows == 0 || cols == 0 {
             return None;
         }
         assert_eq!(w.len(), rows * cols, "weights are not {rows}x{cols}");

@@ -1,5 +1,7 @@
 //! Runtime CPU dispatch: detect features once, pick one kernel per quant type.
-//! `HEARTH_ISA=scalar|avx2|avx512|amx` forces a level (never above what the CPU has).
+//! Levels belong to an architecture family (`x86/`, `aarch64/`), each with its own kernel
+//! table over the scalar one; `HEARTH_ISA` names one of the levels this CPU has
+//! (`scalar|avx2|avx512|amx` on x86-64, `scalar|neon|dotprod|i8mm` on aarch64).
 
 use crate::blocks::*;
 use crate::reference as r;
@@ -7,14 +9,33 @@ use crate::ActBlocks;
 use half::f16;
 use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A kernel level. Within a family each level includes the ones below it; levels of
+/// different families are never compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
     /// AVX-512 plus AMX-BF16 tiles (granted by the kernel): encoder products in bf16.
     Amx,
+    /// ARMv8.0 Advanced SIMD (every aarch64 CPU).
+    Neon,
+    /// NEON plus the dot-product extension (`sdot`/`udot`).
+    Dotprod,
+    /// Dot-product plus the int8 matrix multiply (`smmla`).
+    I8mm,
 }
+
+/// Every level, lowest first within each family.
+const ALL: [Isa; 7] = [
+    Isa::Scalar,
+    Isa::Avx2,
+    Isa::Avx512,
+    Isa::Amx,
+    Isa::Neon,
+    Isa::Dotprod,
+    Isa::I8mm,
+];
 
 impl Isa {
     pub fn name(self) -> &'static str {
@@ -23,8 +44,42 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Amx => "amx",
+            Isa::Neon => "neon",
+            Isa::Dotprod => "dotprod",
+            Isa::I8mm => "i8mm",
         }
     }
+
+    /// The level called `name`, on any architecture.
+    pub fn parse(name: &str) -> Option<Isa> {
+        ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// Position within its family (scalar 0).
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Scalar => 0,
+            Isa::Avx2 | Isa::Neon => 1,
+            Isa::Avx512 | Isa::Dotprod => 2,
+            Isa::Amx | Isa::I8mm => 3,
+        }
+    }
+
+    fn x86(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Amx)
+    }
+
+    /// True when this level includes `other`: the same family at or above it (every level
+    /// includes `Scalar`).
+    pub fn includes(self, other: Isa) -> bool {
+        other == Isa::Scalar || (self.x86() == other.x86() && self.rank() >= other.rank())
+    }
+}
+
+/// The levels this CPU runs, lowest (scalar) first.
+pub fn available() -> Vec<Isa> {
+    let best = detect();
+    ALL.into_iter().filter(|&l| best.includes(l)).collect()
 }
 
 /// The best level this CPU supports.
@@ -50,6 +105,19 @@ pub fn detect() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // NEON is part of every aarch64 Linux target.
+        let dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
+        if dotprod && std::arch::is_aarch64_feature_detected!("i8mm") {
+            return Isa::I8mm;
+        }
+        if dotprod {
+            return Isa::Dotprod;
+        }
+        return Isa::Neon;
+    }
+    #[allow(unreachable_code)]
     Isa::Scalar
 }
 
@@ -132,6 +200,7 @@ macro_rules! gemm_from_dot {
         }
     };
 }
+#[cfg(target_arch = "x86_64")]
 pub(crate) use gemm_from_dot;
 
 gemm_from_dot!(gemm_q4_0, BlockQ4_0, BlockQ8_0, r::vec_dot_q4_0_q8_0);
@@ -202,29 +271,54 @@ impl Kernels {
         }
     }
 
-    /// Kernels for `isa`, which must not exceed what the CPU supports.
+    /// Kernels for `isa`; a level this CPU lacks gives the best one it has.
     pub fn for_isa(isa: Isa) -> Self {
-        let isa = isa.min(detect());
+        let isa = if detect().includes(isa) {
+            isa
+        } else {
+            detect()
+        };
         #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx2 {
-            // SAFETY: `isa` was capped by `detect()` above, so the CPU supports it.
+        if isa != Isa::Scalar {
+            // SAFETY: `detect()` includes `isa` (checked above), so the CPU supports it.
             return unsafe { crate::x86::kernels(isa) };
         }
-        let _ = isa;
+        #[cfg(target_arch = "aarch64")]
+        if isa != Isa::Scalar {
+            // SAFETY: `detect()` includes `isa` (checked above), so the CPU supports it.
+            return unsafe { crate::aarch64::kernels(isa) };
+        }
         Self::scalar()
     }
 }
 
-/// The level in force: `HEARTH_ISA` if set (capped by the CPU), else the best detected.
-pub fn selected_isa() -> Isa {
-    let best = detect();
-    match std::env::var("HEARTH_ISA").ok().as_deref() {
-        Some("scalar") => Isa::Scalar,
-        Some("avx2") => Isa::Avx2.min(best),
-        Some("avx512") => Isa::Avx512.min(best),
-        Some("amx") => Isa::Amx.min(best),
-        _ => best,
+/// The level `HEARTH_ISA` asks for, if set: an error names the levels this CPU has when it
+/// asks for another one (or for no level at all).
+pub fn requested_isa() -> Result<Option<Isa>, String> {
+    let Some(want) = std::env::var_os("HEARTH_ISA") else {
+        return Ok(None);
+    };
+    let want = want.to_string_lossy();
+    let names: Vec<&str> = available().iter().map(|l| l.name()).collect();
+    match Isa::parse(&want) {
+        Some(l) if detect().includes(l) => Ok(Some(l)),
+        Some(_) => Err(format!(
+            "HEARTH_ISA={want}: this CPU ({}) does not have that kernel level; it has: {}",
+            std::env::consts::ARCH,
+            names.join(", ")
+        )),
+        None => Err(format!(
+            "HEARTH_ISA={want} is not a kernel level; this CPU ({}) has: {}",
+            std::env::consts::ARCH,
+            names.join(", ")
+        )),
     }
+}
+
+/// The level in force: `HEARTH_ISA` if it names a level this CPU has, else the best
+/// detected (front ends refuse a bad `HEARTH_ISA` first, with [`requested_isa`]).
+pub fn selected_isa() -> Isa {
+    requested_isa().ok().flatten().unwrap_or_else(detect)
 }
 
 static KERNELS: OnceLock<Kernels> = OnceLock::new();

@@ -14,6 +14,8 @@ pub(crate) struct Line(pub(crate) [f32; 16]);
 
 /// A `[rows, cols]` weight matrix (row = output feature) as panels of 32 rows: panel `p`,
 /// column `k` holds rows `32p..32p + 32` of column `k` in two lines (zeros past `rows`).
+// The panels run on x86-64 only; elsewhere `pack` never builds one.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct F32Panels {
     rows: usize,
     cols: usize,
@@ -24,7 +26,7 @@ pub struct F32Panels {
 impl F32Panels {
     /// Packs `w` (`rows * cols`, row-major) if the AVX-512 kernels are in force, else `None`.
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        if crate::dispatch::kernels().isa < Isa::Avx512 || rows == 0 || cols == 0 {
+        if !crate::dispatch::kernels().isa.includes(Isa::Avx512) || rows == 0 || cols == 0 {
             return None;
         }
         assert_eq!(w.len(), rows * cols, "weights are not {rows}x{cols}");

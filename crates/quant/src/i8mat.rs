@@ -51,6 +51,7 @@ pub trait Groups: Copy + Sync {
 
 /// `simd` for the types the VNNI kernels decode: their unsigned bytes minus the offset;
 /// `$scales` gives the block's `(dw, mw)`.
+#[cfg(target_arch = "x86_64")]
 macro_rules! simd_32 {
     ($scales:expr) => {
         const SIMD: bool = true;
@@ -279,7 +280,7 @@ pub struct Staged {
 impl Staged {
     /// Whether the tiles run for products of this process (AMX level in force).
     pub fn available() -> bool {
-        crate::dispatch::kernels().isa >= crate::Isa::Amx
+        crate::dispatch::kernels().isa == crate::Isa::Amx
     }
 
     /// Tokens staged (0: nothing is).

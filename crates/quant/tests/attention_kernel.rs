@@ -9,12 +9,12 @@
 mod common;
 
 use half::f16;
-use hearth_quant::dispatch::{Isa, Kernels};
+use hearth_quant::dispatch::Kernels;
 use hearth_quant::{reference, AttendF16};
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    common::levels("attention_kernel", &[Isa::Avx2, Isa::Avx512])
+    common::levels("attention_kernel")
 }
 
 proptest! {

@@ -18,7 +18,7 @@ use hearth_quant::AttendRows;
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    common::levels("encoder_kernels", &[Isa::Avx2, Isa::Avx512, Isa::Amx])
+    common::levels("encoder_kernels")
 }
 
 fn values(n: usize, seed: &[f32]) -> Vec<f32> {
@@ -43,7 +43,7 @@ proptest! {
         let x = values(n_tok * cols, &seed[seed.len() / 2..]);
         let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
         let Some(m) = Bf16Matrix::pack(&w, rows, cols) else {
-            prop_assert!(hearth_quant::dispatch::kernels().isa < Isa::Amx);
+            prop_assert!(hearth_quant::dispatch::kernels().isa != Isa::Amx);
             return Ok(());
         };
         let mut got = vec![f32::NAN; n_tok * rows];
@@ -74,7 +74,7 @@ proptest! {
         let x = values(n_tok * cols, &seed[seed.len() / 2..]);
         let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
         let Some(m) = F32Panels::pack(&w, rows, cols) else {
-            prop_assert!(hearth_quant::dispatch::kernels().isa < Isa::Avx512);
+            prop_assert!(!hearth_quant::dispatch::kernels().isa.includes(Isa::Avx512));
             return Ok(());
         };
         let mut got = vec![f32::NAN; n_tok * rows];

@@ -7,13 +7,13 @@ mod common;
 use bytemuck::Zeroable;
 use half::f16;
 use hearth_quant::blocks::*;
-use hearth_quant::dispatch::{Isa, Kernels};
+use hearth_quant::dispatch::Kernels;
 use hearth_quant::reference as r;
 use hearth_quant::ActBlocks;
 use proptest::prelude::*;
 
 fn levels() -> Vec<Kernels> {
-    common::levels("kernels", &[Isa::Avx2, Isa::Avx512])
+    common::levels("kernels")
 }
 
 /// Random weight blocks of type `T` from raw bytes, with every f16 scale made finite.

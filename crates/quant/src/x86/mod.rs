@@ -398,7 +398,7 @@ kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
 /// pointers run that level's instructions unchecked. Only `Kernels::for_isa` calls this,
 /// after capping the level by detection.
 pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
-    if isa >= Isa::Avx512 {
+    if isa.includes(Isa::Avx512) {
         return Kernels {
             isa,
             gemm_q4_0: vnni_q4_0,

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use hearth_quant::dispatch::{detect, Isa, Kernels};
+use hearth_quant::dispatch::{available, detect, Isa, Kernels};
 use std::io::Write;
 use std::sync::Mutex;
 
@@ -33,13 +33,13 @@ pub fn record(suite: &str, levels: &[Isa]) {
     }
 }
 
-/// The kernel tables of `candidates` that this CPU runs, recorded under `suite`.
-pub fn levels(suite: &str, candidates: &[Isa]) -> Vec<Kernels> {
-    let available: Vec<Isa> = candidates
-        .iter()
-        .copied()
-        .filter(|&i| i <= detect())
+/// The kernel tables of every SIMD level this CPU runs (all but the scalar reference they
+/// are compared with), recorded under `suite`.
+pub fn levels(suite: &str) -> Vec<Kernels> {
+    let simd: Vec<Isa> = available()
+        .into_iter()
+        .filter(|&l| l != Isa::Scalar)
         .collect();
-    record(suite, &available);
-    available.into_iter().map(Kernels::for_isa).collect()
+    record(suite, &simd);
+    simd.into_iter().map(Kernels::for_isa).collect()
 }
