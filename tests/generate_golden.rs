@@ -77,6 +77,13 @@ fn real_models_match_llama_cpp_by_kl_divergence_at_every_level() {
     eprintln!("{}", kld::TABLE_HEADER);
     let mut failures = Vec::new();
     for name in ["smollm2", "gemma3"] {
+        // Under emulation (qemu, .ci/run's aarch64 stage) only the models it names run.
+        if std::env::var("HEARTH_GOLDEN_MODELS")
+            .is_ok_and(|only| !only.split(',').any(|m| m == name))
+        {
+            eprintln!("{name}: skipped (HEARTH_GOLDEN_MODELS)");
+            continue;
+        }
         failures.extend(fidelity(name).judge(name));
     }
     assert!(failures.is_empty(), "{failures:#?}");

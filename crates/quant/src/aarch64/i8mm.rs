@@ -146,7 +146,9 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock>(
         let mut acc = vec![vdupq_n_f32(0.0); pairs];
         let (mut u, mut v) = ([vdupq_n_s8(0); 16], [vdupq_n_s8(0); 16]);
         let mut wz = [vdupq_n_s8(0); 32];
+        // Per scale (16, or 8 when `WIDE`): `[su, su, sv, sv]` for the two rows' lanes.
         let mut sv = [vdupq_n_s32(0); 16];
+        let (n_scales, per_scale) = if W::WIDE { (8, 2) } else { (16, 1) };
         for r0 in (0..rows).step_by(2) {
             let r1 = (r0 + 1).min(rows - 1);
             acc.fill(vdupq_n_f32(0.0));
@@ -154,30 +156,40 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock>(
                 let (bu, bv) = (&w[r0 * nb + b], &w[r1 * nb + b]);
                 bu.values(&mut u);
                 bv.values(&mut v);
-                let (su, mu, du, dmu) = bu.scales();
-                let (sw, mw, dv, dmv) = bv.scales();
+                let ((su, du), (sw, dv)) = (bu.scales(), bv.scales());
+                let (mut su8, mut sw8) = ([0i8; 16], [0i8; 16]);
+                vst1q_s8(su8.as_mut_ptr(), su);
+                vst1q_s8(sw8.as_mut_ptr(), sw);
+                for k in 0..n_scales {
+                    let s = [su8[k], su8[k], sw8[k], sw8[k]].map(|x| x as i32);
+                    sv[k] = vld1q_s32(s.as_ptr());
+                }
                 for g in 0..16 {
                     (wz[2 * g], wz[2 * g + 1]) = pair(u[g], v[g]);
-                    let s = [su[g], su[g], sw[g], sw[g]];
-                    sv[g] = vld1q_s32(s.as_ptr());
                 }
+                let (mu0, mu1, dmu) = bu.mins();
+                let (mw0, mw1, dmv) = bv.mins();
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let x = &acts[(p * nb + b) * 32..][..32];
                     let mut isum = vdupq_n_s32(0);
-                    for g in 0..16 {
-                        let s = smmla(vdupq_n_s32(0), wz[2 * g], x[2 * g]);
-                        let s = smmla(s, wz[2 * g + 1], x[2 * g + 1]);
-                        isum = vmlaq_s32(isum, s, sv[g]);
+                    for (k, scale) in sv[..n_scales].iter().enumerate() {
+                        let mut s = vdupq_n_s32(0);
+                        for g in k * per_scale..(k + 1) * per_scale {
+                            s = smmla(s, wz[2 * g], x[2 * g]);
+                            s = smmla(s, wz[2 * g + 1], x[2 * g + 1]);
+                        }
+                        isum = vmlaq_s32(isum, s, *scale);
                     }
                     let (t0, t1) = (2 * p, (2 * p + 1).min(n_tok - 1));
                     let (a0, a1) = (&a[t0 * nb + b], &a[t1 * nb + b]);
                     *acc = vfmaq_f32(*acc, vcvtq_f32_s32(isum), outer([du, dv], [a0.d, a1.d]));
                     if W::HAS_MIN {
+                        let md = |m0, m1, bs| mins_dot(m0, m1, W::WIDE, bs) as f32;
                         let m = [
-                            dmu * a0.d * mins_dot(&mu, &a0.bsums) as f32,
-                            dmu * a1.d * mins_dot(&mu, &a1.bsums) as f32,
-                            dmv * a0.d * mins_dot(&mw, &a0.bsums) as f32,
-                            dmv * a1.d * mins_dot(&mw, &a1.bsums) as f32,
+                            dmu * a0.d * md(mu0, mu1, &a0.bsums),
+                            dmu * a1.d * md(mu0, mu1, &a1.bsums),
+                            dmv * a0.d * md(mw0, mw1, &a0.bsums),
+                            dmv * a1.d * md(mw0, mw1, &a1.bsums),
                         ];
                         *acc = vsubq_f32(*acc, vld1q_f32(m.as_ptr()));
                     }

@@ -406,18 +406,66 @@ pub(crate) unsafe fn dot32<W: Block32, A: Act32, D: I8Dot>(
 // ---------------------------------------------------------------- super-blocks (Q8_K)
 
 /// A 256-value super-block unpacked to 16 groups of 16 signed bytes (group `g` pairs with
-/// Q8_K's `qs[16g..]` and `bsums[g]`), with each group's integer scale and min.
+/// Q8_K's `qs[16g..]` and `bsums[g]`), with its integer scales and mins.
 pub(crate) trait SuperBlock: Copy {
     const HAS_MIN: bool;
+    /// Scales (and mins) per 32 values (Q4_K, Q5_K, IQ4_XS), else per 16.
+    const WIDE: bool;
     /// # Safety
     /// NEON only (every aarch64 CPU).
     unsafe fn values(&self, v: &mut [int8x16_t; 16]);
-    /// Per group: the scale, and (for types with mins) the min; the block's `d` and `dmin`.
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32);
+    /// The scales as bytes (16 per group, or 8 per pair of groups in the low half when
+    /// `WIDE`) and the block's `d`.
+    ///
+    /// # Safety
+    /// NEON only.
+    unsafe fn scales(&self) -> (int8x16_t, f32);
+    /// The mins (16, or 8 when `WIDE` in the low lanes) and `dmin`; zeros without mins.
+    ///
+    /// # Safety
+    /// NEON only.
+    unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
+        // SAFETY: NEON.
+        unsafe { (vdupq_n_s16(0), vdupq_n_s16(0), 0.0) }
+    }
+}
+
+/// Q4_K/Q5_K: 8 six-bit scales and 8 mins packed in 12 bytes, as ggml unpacks them with
+/// three 32-bit words: `(scales, mins)` as 8 bytes each.
+#[inline(always)]
+fn k4_scales_mins(s: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
+    const M1: u32 = 0x3f3f_3f3f;
+    const M2: u32 = 0x0f0f_0f0f;
+    const M3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes(s[4 * i..4 * i + 4].try_into().unwrap());
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let sc_lo = u0 & M1;
+    let sc_hi = (u2 & M2) | (((u0 >> 6) & M3) << 4);
+    let mn_lo = u1 & M1;
+    let mn_hi = ((u2 >> 4) & M2) | (((u1 >> 6) & M3) << 4);
+    (
+        sc_lo as u64 | (sc_hi as u64) << 32,
+        mn_lo as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// 8 bytes as the low half of a vector.
+#[inline(always)]
+unsafe fn low8(x: u64) -> int8x16_t {
+    // SAFETY: NEON register operations.
+    unsafe { vreinterpretq_s8_u64(vsetq_lane_u64::<0>(x, vdupq_n_u64(0))) }
+}
+
+/// 8 unsigned bytes widened to the 8 lanes of an i16 vector.
+#[inline(always)]
+unsafe fn widen8(x: u64) -> int16x8_t {
+    // SAFETY: NEON register operations.
+    unsafe { vreinterpretq_s16_u16(vmovl_u8(vcreate_u8(x))) }
 }
 
 impl SuperBlock for BlockQ4K {
     const HAS_MIN: bool = true;
+    const WIDE: bool = true;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: 16-byte reads inside this block's 128 bytes of nibbles.
@@ -432,27 +480,28 @@ impl SuperBlock for BlockQ4K {
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        k4_scales(&self.scales, self.d, self.dmin)
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // SAFETY: NEON.
+        unsafe {
+            (
+                low8(k4_scales_mins(&self.scales).0),
+                f16_to_f32(bits(self.d)),
+            )
+        }
     }
-}
-
-/// Q4_K/Q5_K: 8 six-bit scales and mins, each for two groups.
-#[inline(always)]
-fn k4_scales(s: &[u8; K_SCALE_SIZE], d: f16, dmin: f16) -> ([i32; 16], [i16; 16], f32, f32) {
-    let (mut sc, mut mn) = ([0i32; 16], [0i16; 16]);
-    for j in 0..8 {
-        let (a, m) = crate::reference::scale_min_k4(j, s);
-        sc[2 * j] = a as i32;
-        sc[2 * j + 1] = a as i32;
-        mn[2 * j] = m as i16;
-        mn[2 * j + 1] = m as i16;
+    #[inline(always)]
+    unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
+        // SAFETY: NEON.
+        unsafe {
+            let m = widen8(k4_scales_mins(&self.scales).1);
+            (m, vdupq_n_s16(0), f16_to_f32(bits(self.dmin)))
+        }
     }
-    (sc, mn, f16_to_f32(bits(d)), f16_to_f32(bits(dmin)))
 }
 
 impl SuperBlock for BlockQ5K {
     const HAS_MIN: bool = true;
+    const WIDE: bool = true;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: 16-byte reads inside this block's nibbles and high bits.
@@ -477,13 +526,28 @@ impl SuperBlock for BlockQ5K {
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        k4_scales(&self.scales, self.d, self.dmin)
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // SAFETY: NEON.
+        unsafe {
+            (
+                low8(k4_scales_mins(&self.scales).0),
+                f16_to_f32(bits(self.d)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
+        // SAFETY: NEON.
+        unsafe {
+            let m = widen8(k4_scales_mins(&self.scales).1);
+            (m, vdupq_n_s16(0), f16_to_f32(bits(self.dmin)))
+        }
     }
 }
 
 impl SuperBlock for BlockQ6K {
     const HAS_MIN: bool = false;
+    const WIDE: bool = false;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: 16-byte reads inside this block's `ql` (128) and `qh` (64) bytes.
@@ -508,9 +572,9 @@ impl SuperBlock for BlockQ6K {
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        let sc = self.scales.map(|s| s as i32);
-        (sc, [0; 16], f16_to_f32(bits(self.d)), 0.0)
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // SAFETY: 16 bytes read from this block's 16 scales.
+        unsafe { (vld1q_s8(self.scales.as_ptr()), f16_to_f32(bits(self.d))) }
     }
 }
 
@@ -546,6 +610,7 @@ unsafe fn two_bits(qs: *const u8, v: &mut [int8x16_t], high: Option<&[uint8x16_t
 
 impl SuperBlock for BlockQ2K {
     const HAS_MIN: bool = true;
+    const WIDE: bool = false;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: two runs of 32 bytes inside this block's 64 bytes of `qs`.
@@ -555,20 +620,31 @@ impl SuperBlock for BlockQ2K {
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        let sc = self.scales.map(|s| (s & 0xF) as i32);
-        let mn = self.scales.map(|s| (s >> 4) as i16);
-        (
-            sc,
-            mn,
-            f16_to_f32(bits(self.d)),
-            f16_to_f32(bits(self.dmin)),
-        )
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // SAFETY: 16 bytes read from this block's 16 scale bytes.
+        unsafe {
+            let s = vld1q_u8(self.scales.as_ptr());
+            let sc = vreinterpretq_s8_u8(vandq_u8(s, vdupq_n_u8(0xF)));
+            (sc, f16_to_f32(bits(self.d)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
+        // SAFETY: as above.
+        unsafe {
+            let m = vshrq_n_u8::<4>(vld1q_u8(self.scales.as_ptr()));
+            (
+                vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(m))),
+                vreinterpretq_s16_u16(vmovl_high_u8(m)),
+                f16_to_f32(bits(self.dmin)),
+            )
+        }
     }
 }
 
 impl SuperBlock for BlockQ3K {
     const HAS_MIN: bool = false;
+    const WIDE: bool = false;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: reads inside this block's `qs` (64) and `hmask` (32) bytes.
@@ -582,41 +658,71 @@ impl SuperBlock for BlockQ3K {
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        let sc = crate::reference::q3k_scales(self).map(|s| s as i32);
-        (sc, [0; 16], f16_to_f32(bits(self.d)), 0.0)
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // 16 six-bit scales (stored +32): low nibbles in bytes 0..8, high pairs in 8..12,
+        // unpacked with 32-bit words as ggml does.
+        const M1: u32 = 0x0303_0303;
+        const M2: u32 = 0x0f0f_0f0f;
+        let s = &self.scales;
+        let w = |i: usize| u32::from_le_bytes(s[4 * i..4 * i + 4].try_into().unwrap());
+        let (a0, a1, t) = (w(0), w(1), w(2));
+        let words = [
+            (a0 & M2) | ((t & M1) << 4),
+            (a1 & M2) | (((t >> 2) & M1) << 4),
+            ((a0 >> 4) & M2) | (((t >> 4) & M1) << 4),
+            ((a1 >> 4) & M2) | (((t >> 6) & M1) << 4),
+        ];
+        // SAFETY: NEON register operations on a local array.
+        unsafe {
+            let v = vreinterpretq_s8_u32(vld1q_u32(words.as_ptr()));
+            (vsubq_s8(v, vdupq_n_s8(32)), f16_to_f32(bits(self.d)))
+        }
     }
 }
 
 impl SuperBlock for BlockIQ4XS {
     const HAS_MIN: bool = false;
+    const WIDE: bool = true;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
         // SAFETY: 16-byte runs inside this block's 128 bytes of nibbles.
         unsafe {
+            let table = vld1q_s8(KVALUES_IQ4NL.as_ptr());
             for ib in 0..8 {
-                let qs: &[u8; 16] = self.qs[16 * ib..][..16].try_into().unwrap();
-                let (lo, hi) = iq4_lookup(qs);
-                v[2 * ib] = lo;
-                v[2 * ib + 1] = hi;
+                let q = vld1q_u8(self.qs.as_ptr().add(16 * ib));
+                v[2 * ib] = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0xF)));
+                v[2 * ib + 1] = vqtbl1q_s8(table, vshrq_n_u8::<4>(q));
             }
         }
     }
     #[inline(always)]
-    fn scales(&self) -> ([i32; 16], [i16; 16], f32, f32) {
-        let s = crate::reference::iq4xs_scales(self);
-        let sc = std::array::from_fn(|g| s[g / 2] as i32);
-        (sc, [0; 16], f16_to_f32(bits(self.d)), 0.0)
+    unsafe fn scales(&self) -> (int8x16_t, f32) {
+        // 8 six-bit scales (stored +32): low nibbles in `scales_l`, high pairs in `scales_h`.
+        const SHIFTS: [i16; 8] = [0, -2, -4, -6, -8, -10, -12, -14];
+        // SAFETY: NEON register operations; 8 lanes read from a local array.
+        unsafe {
+            let l = vcreate_u8(u32::from_le_bytes(self.scales_l) as u64);
+            let low = vzip1_u8(vand_u8(l, vdup_n_u8(0xF)), vshr_n_u8::<4>(l));
+            let h = vshlq_u16(vdupq_n_u16(self.scales_h), vld1q_s16(SHIFTS.as_ptr()));
+            let high = vmovn_u16(vandq_u16(h, vdupq_n_u16(3)));
+            let sc = vcombine_u8(vorr_u8(low, vshl_n_u8::<4>(high)), vdup_n_u8(32));
+            let sc = vsubq_s8(vreinterpretq_s8_u8(sc), vdupq_n_s8(32));
+            (sc, f16_to_f32(bits(self.d)))
+        }
     }
 }
 
-/// `Σ_g mins[g] · bsums[g]`.
+/// `Σ mins · bsums` (per 16 values, or per 32 when `wide`: the bsums summed in pairs).
 #[inline(always)]
-pub(crate) unsafe fn mins_dot(mins: &[i16; 16], bsums: &[i16; 16]) -> i32 {
-    // SAFETY: 8-lane reads inside two 16-element arrays.
+pub(crate) unsafe fn mins_dot(m0: int16x8_t, m1: int16x8_t, wide: bool, bsums: &[i16; 16]) -> i32 {
+    // SAFETY: 8-lane reads inside a 16-element array.
     unsafe {
-        let (m0, m1) = (vld1q_s16(mins.as_ptr()), vld1q_s16(mins.as_ptr().add(8)));
         let (b0, b1) = (vld1q_s16(bsums.as_ptr()), vld1q_s16(bsums.as_ptr().add(8)));
+        if wide {
+            let b = vpaddq_s16(b0, b1);
+            let p = vmull_s16(vget_low_s16(m0), vget_low_s16(b));
+            return vaddvq_s32(vmlal_high_s16(p, m0, b));
+        }
         let p = vmull_s16(vget_low_s16(m0), vget_low_s16(b0));
         let p = vmlal_high_s16(p, m0, b0);
         let p = vmlal_s16(p, vget_low_s16(m1), vget_low_s16(b1));
@@ -624,25 +730,77 @@ pub(crate) unsafe fn mins_dot(mins: &[i16; 16], bsums: &[i16; 16]) -> i32 {
     }
 }
 
-/// One unpacked super-block dotted with one Q8_K block, as the reference sums it.
+/// The 16 (or 8) scales widened to 4 (or 2) vectors of 4 int32 lanes.
 #[inline(always)]
-unsafe fn super_dot<D: I8Dot>(
+unsafe fn widen_scales(s: int8x16_t) -> [int32x4_t; 4] {
+    // SAFETY: NEON register operations.
+    unsafe {
+        let lo = vmovl_s8(vget_low_s8(s));
+        let hi = vmovl_high_s8(s);
+        [
+            vmovl_s16(vget_low_s16(lo)),
+            vmovl_high_s16(lo),
+            vmovl_s16(vget_low_s16(hi)),
+            vmovl_high_s16(hi),
+        ]
+    }
+}
+
+/// `acc += x · s[lane]` for a constant lane of one of the scale vectors.
+macro_rules! mla_lane {
+    ($acc:ident, $x:expr, $s:expr, $v:literal, $l:literal) => {
+        $acc = vmlaq_laneq_s32::<$l>($acc, $x, $s[$v])
+    };
+}
+
+/// One unpacked super-block dotted with one Q8_K block, as the reference sums it:
+/// `d · d_a · Σ scale · dot − dmin · d_a · Σ min · bsum`.
+#[inline(always)]
+unsafe fn super_dot<W: SuperBlock, D: I8Dot>(
     v: &[int8x16_t; 16],
-    sc: &[i32; 16],
-    mins: Option<(&[i16; 16], f32)>,
+    s: &[int32x4_t; 4],
+    mins: (int16x8_t, int16x8_t, f32),
     d: f32,
     a: &BlockQ8K,
 ) -> f32 {
     // SAFETY: 16-byte reads inside the activation block's 256 bytes; the caller's level.
     unsafe {
+        let q = |g: usize| vld1q_s8(a.qs.as_ptr().add(16 * g));
+        let z = vdupq_n_s32(0);
         let mut acc = vdupq_n_s32(0);
-        for g in 0..16 {
-            let x = D::dot(vdupq_n_s32(0), v[g], vld1q_s8(a.qs.as_ptr().add(16 * g)));
-            acc = vmlaq_n_s32(acc, x, sc[g]);
+        if W::WIDE {
+            let x = |k: usize| D::dot(D::dot(z, v[2 * k], q(2 * k)), v[2 * k + 1], q(2 * k + 1));
+            mla_lane!(acc, x(0), s, 0, 0);
+            mla_lane!(acc, x(1), s, 0, 1);
+            mla_lane!(acc, x(2), s, 0, 2);
+            mla_lane!(acc, x(3), s, 0, 3);
+            mla_lane!(acc, x(4), s, 1, 0);
+            mla_lane!(acc, x(5), s, 1, 1);
+            mla_lane!(acc, x(6), s, 1, 2);
+            mla_lane!(acc, x(7), s, 1, 3);
+        } else {
+            let x = |g: usize| D::dot(z, v[g], q(g));
+            mla_lane!(acc, x(0), s, 0, 0);
+            mla_lane!(acc, x(1), s, 0, 1);
+            mla_lane!(acc, x(2), s, 0, 2);
+            mla_lane!(acc, x(3), s, 0, 3);
+            mla_lane!(acc, x(4), s, 1, 0);
+            mla_lane!(acc, x(5), s, 1, 1);
+            mla_lane!(acc, x(6), s, 1, 2);
+            mla_lane!(acc, x(7), s, 1, 3);
+            mla_lane!(acc, x(8), s, 2, 0);
+            mla_lane!(acc, x(9), s, 2, 1);
+            mla_lane!(acc, x(10), s, 2, 2);
+            mla_lane!(acc, x(11), s, 2, 3);
+            mla_lane!(acc, x(12), s, 3, 0);
+            mla_lane!(acc, x(13), s, 3, 1);
+            mla_lane!(acc, x(14), s, 3, 2);
+            mla_lane!(acc, x(15), s, 3, 3);
         }
         let mut part = d * a.d * vaddvq_s32(acc) as f32;
-        if let Some((mins, dmin)) = mins {
-            part -= dmin * a.d * mins_dot(mins, &a.bsums) as f32;
+        if W::HAS_MIN {
+            let (m0, m1, dmin) = mins;
+            part -= dmin * a.d * mins_dot(m0, m1, W::WIDE, &a.bsums) as f32;
         }
         part
     }
@@ -663,6 +821,13 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock, D: I8Dot>(
 ) {
     let rows = out.len() / n_tok;
     assert!(w.len() >= rows * nb && a.len() >= n_tok * nb);
+    if n_tok == 1 {
+        for (r, o) in out.iter_mut().enumerate() {
+            // SAFETY: the caller's level.
+            *o = unsafe { dot_k::<W, D>(&w[r * nb..(r + 1) * nb], a) };
+        }
+        return;
+    }
     out.fill(0.0);
     let mut v = [vdupq_n_s8(0); 16];
     // SAFETY: the caller's level; blocks indexed inside the lengths checked above.
@@ -671,11 +836,12 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock, D: I8Dot>(
             for b in 0..nb {
                 let wb = w.get_unchecked(r * nb + b);
                 wb.values(&mut v);
-                let (sc, mn, d, dmin) = wb.scales();
-                let mins = W::HAS_MIN.then_some((&mn, dmin));
+                let (sc, d) = wb.scales();
+                let s = widen_scales(sc);
+                let mins = wb.mins();
                 for t in 0..n_tok {
                     let ab = a.get_unchecked(t * nb + b);
-                    *out.get_unchecked_mut(r * n_tok + t) += super_dot::<D>(&v, &sc, mins, d, ab);
+                    *out.get_unchecked_mut(r * n_tok + t) += super_dot::<W, D>(&v, &s, mins, d, ab);
                 }
             }
         }
@@ -688,14 +854,14 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock, D: I8Dot>(
 /// The CPU has the level `D` needs.
 #[inline(always)]
 pub(crate) unsafe fn dot_k<W: SuperBlock, D: I8Dot>(w: &[W], a: &[BlockQ8K]) -> f32 {
-    let mut v = [vdupq_n_s8(0); 16];
     let mut sum = 0f32;
     // SAFETY: the caller's level.
     unsafe {
         for (wb, ab) in w.iter().zip(a) {
+            let mut v = [vdupq_n_s8(0); 16];
             wb.values(&mut v);
-            let (sc, mn, d, dmin) = wb.scales();
-            sum += super_dot::<D>(&v, &sc, W::HAS_MIN.then_some((&mn, dmin)), d, ab);
+            let (sc, d) = wb.scales();
+            sum += super_dot::<W, D>(&v, &widen_scales(sc), wb.mins(), d, ab);
         }
     }
     sum
