@@ -5,7 +5,7 @@
 //! interleaved the same way, then multiplied with every token pair. An odd last row or
 //! token is paired with itself and its copy's results dropped.
 
-use super::neon::{f16_to_f32, mins_dot, smmla, Act32, Block32, SuperBlock};
+use super::neon::{f16_to_f32, mins_dot, smmla, widen_scales, Act32, Block32, SuperBlock};
 use crate::blocks::*;
 use crate::ActBlocks;
 use core::arch::aarch64::*;
@@ -157,12 +157,14 @@ pub(crate) unsafe fn gemm_k<W: SuperBlock>(
                 bu.values(&mut u);
                 bv.values(&mut v);
                 let ((su, du), (sw, dv)) = (bu.scales(), bv.scales());
-                let (mut su8, mut sw8) = ([0i8; 16], [0i8; 16]);
-                vst1q_s8(su8.as_mut_ptr(), su);
-                vst1q_s8(sw8.as_mut_ptr(), sw);
-                for k in 0..n_scales {
-                    let s = [su8[k], su8[k], sw8[k], sw8[k]].map(|x| x as i32);
-                    sv[k] = vld1q_s32(s.as_ptr());
+                let (su, sw) = (widen_scales(su), widen_scales(sw));
+                for j in 0..n_scales / 4 {
+                    // [u0, w0, u1, w1] → [u0, u0, w0, w0] and [u1, u1, w1, w1]; likewise 2, 3.
+                    let (a, b) = (vzip1q_s32(su[j], sw[j]), vzip2q_s32(su[j], sw[j]));
+                    sv[4 * j] = vzip1q_s32(a, a);
+                    sv[4 * j + 1] = vzip2q_s32(a, a);
+                    sv[4 * j + 2] = vzip1q_s32(b, b);
+                    sv[4 * j + 3] = vzip2q_s32(b, b);
                 }
                 for g in 0..16 {
                     (wz[2 * g], wz[2 * g + 1]) = pair(u[g], v[g]);

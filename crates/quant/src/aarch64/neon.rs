@@ -732,7 +732,7 @@ pub(crate) unsafe fn mins_dot(m0: int16x8_t, m1: int16x8_t, wide: bool, bsums: &
 
 /// The 16 (or 8) scales widened to 4 (or 2) vectors of 4 int32 lanes.
 #[inline(always)]
-unsafe fn widen_scales(s: int8x16_t) -> [int32x4_t; 4] {
+pub(crate) unsafe fn widen_scales(s: int8x16_t) -> [int32x4_t; 4] {
     // SAFETY: NEON register operations.
     unsafe {
         let lo = vmovl_s8(vget_low_s8(s));
