@@ -153,7 +153,19 @@ pub fn in_child_per_level(test_name: &str) -> bool {
     }
     let levels = hearth_quant::dispatch::available();
     for level in &levels {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        // Under emulation the child needs the emulator in front (qemu-user cannot start a
+        // foreign binary itself): `HEARTH_CHILD_RUNNER="qemu-aarch64 -L … -cpu max"`.
+        let runner = std::env::var("HEARTH_CHILD_RUNNER").unwrap_or_default();
+        let mut words = runner.split_whitespace().map(String::from);
+        let exe = std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut cmd = std::process::Command::new(words.next().unwrap_or_else(|| exe.clone()));
+        if !runner.trim().is_empty() {
+            cmd.args(words).arg(&exe);
+        }
+        let out = cmd
             .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
             .env("HEARTH_LEVEL_CHILD", "1")
             .env("HEARTH_ISA", level.name())
