@@ -6,6 +6,7 @@
 //! `smmla` prompt products. What each kernel costs per block, against llama.cpp's NEON
 //! kernels, is in `README.md` beside this file.
 
+pub mod encoder;
 pub mod i8mm;
 pub mod neon;
 
@@ -51,6 +52,22 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
 }
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
+}
+
+fn gelu(x: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { encoder::gelu(x) }
+}
+fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+    // SAFETY: see above.
+    unsafe { encoder::add_layer_norm(x, add, w, b, eps) }
+}
+fn attend_rows(a: &crate::AttendRows, out: &mut [f32]) {
+    if !a.head_dim.is_multiple_of(4) {
+        return crate::reference::attend_rows(a, out);
+    }
+    // SAFETY: see above.
+    unsafe { encoder::attend_rows(a, out) }
 }
 
 /// The scale (and sum) of a Q8_0/Q8_1 activation block, as f16 bits.
@@ -194,6 +211,9 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dot_bf16,
         axpy_f16,
         attend_f16,
+        gelu,
+        add_layer_norm,
+        attend_rows,
         dot_q4_0,
         dot_q4_1,
         dot_q5_0,
