@@ -372,10 +372,18 @@ proptest! {
     }
 
     #[test]
-    fn activation_quantization_is_bit_exact(x in prop::collection::vec(-50.0f32..50.0, 32..320), zero_block in any::<bool>()) {
+    fn activation_quantization_is_bit_exact(
+        x in prop::collection::vec(-50.0f32..50.0, 32..320),
+        zero_block in any::<bool>(),
+        nan_block in any::<bool>(),
+        inf_value in any::<bool>(),
+    ) {
         let n = x.len() / QK * QK;
         let mut x = x[..n].to_vec();
         if zero_block { x[..QK].fill(0.0); }
+        // Broken activations upstream (NaN, infinity) quantize as the reference does.
+        if inf_value { x[QK / 2] = f32::INFINITY; }
+        if nan_block { x[n - QK..].fill(f32::NAN); }
         let (mut w0, mut w1) = (vec![BlockQ8_0::zeroed(); n / QK], vec![BlockQ8_1::zeroed(); n / QK]);
         r::quantize_row_q8_0(&x, &mut w0);
         r::quantize_row_q8_1(&x, &mut w1);

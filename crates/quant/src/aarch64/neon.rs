@@ -878,9 +878,10 @@ unsafe fn quantize32(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
         assert!(x.len() >= QK);
         let p = x.as_ptr();
         let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
-        // maxNum ignores NaN, as the reference's `f32::max` does.
-        let mut m = vabsq_f32(v[0]);
-        for x in &v[1..] {
+        // maxNum ignores NaN, as the reference's `f32::max` from 0 does (an all-NaN block
+        // gets amax 0).
+        let mut m = vdupq_n_f32(0.0);
+        for x in &v {
             m = vmaxnmq_f32(m, vabsq_f32(*x));
         }
         let amax = vmaxnmvq_f32(m);

@@ -453,6 +453,9 @@ fn quantize_block(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, i32) {
             _mm256_loadu_ps(xs.as_ptr().add(24)),
         ]
     };
+    // NaN counts as 0, as in the reference (`f32::max` skips it, `NaN as i8` is 0).
+    let no_nan = |x| _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
+    let v = v.map(no_nan);
     let sign = _mm256_set1_ps(-0.0);
     let abs = |x| _mm256_andnot_ps(sign, x);
     let m = _mm256_max_ps(
@@ -465,8 +468,9 @@ fn quantize_block(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, i32) {
     let d = amax / 127.0;
     let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
     let q: [__m256i; 4] = std::array::from_fn(|i| {
+        // An infinite value times `id` = 0 is NaN: 0 too.
         _mm256_cvtps_epi32(_mm256_round_ps(
-            _mm256_mul_ps(v[i], id),
+            no_nan(_mm256_mul_ps(v[i], id)),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         ))
     });
