@@ -41,17 +41,23 @@ pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     }
 }
 
+/// The value of largest magnitude and that magnitude (the first such value on ties; NaN
+/// never wins): Q8_K's scale comes from its sign.
+pub(crate) fn largest_magnitude(xs: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in xs {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
     debug_assert_eq!(x.len(), y.len() * QK_K);
     for (xs, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
-        let mut max = 0.0f32;
-        let mut amax = 0.0f32;
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, amax) = largest_magnitude(xs);
         if amax == 0.0 {
             b.d = 0.0;
             b.qs = [0; QK_K];

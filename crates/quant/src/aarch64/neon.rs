@@ -463,39 +463,56 @@ unsafe fn widen8(x: u64) -> int16x8_t {
     unsafe { vreinterpretq_s16_u16(vmovl_u8(vcreate_u8(x))) }
 }
 
+/// The nibbles of Q4_K/Q5_K's 128 bytes in element order: run `c` of 32 bytes holds
+/// values `64c..64c + 32` in its low nibbles and the next 32 in its high ones.
+#[inline(always)]
+unsafe fn k4_nibbles(qs: &[u8; QK_K / 2], v: &mut [int8x16_t; 16]) {
+    // SAFETY: 16-byte reads inside the 128 bytes of `qs`.
+    unsafe {
+        for c in 0..4 {
+            for h in 0..2 {
+                let q = vld1q_u8(qs.as_ptr().add(32 * c + 16 * h));
+                v[4 * c + h] = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0xF)));
+                v[4 * c + 2 + h] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+            }
+        }
+    }
+}
+
+/// Q4_K/Q5_K: the 8 scales (one per 32 values) and `d`.
+#[inline(always)]
+unsafe fn k4_scales(s: &[u8; K_SCALE_SIZE], d: f16) -> (int8x16_t, f32) {
+    // SAFETY: NEON.
+    unsafe { (low8(k4_scales_mins(s).0), f16_to_f32(bits(d))) }
+}
+
+/// Q4_K/Q5_K: the 8 mins and `dmin`.
+#[inline(always)]
+unsafe fn k4_mins(s: &[u8; K_SCALE_SIZE], dmin: f16) -> (int16x8_t, int16x8_t, f32) {
+    // SAFETY: NEON.
+    unsafe {
+        let m = widen8(k4_scales_mins(s).1);
+        (m, vdupq_n_s16(0), f16_to_f32(bits(dmin)))
+    }
+}
+
 impl SuperBlock for BlockQ4K {
     const HAS_MIN: bool = true;
     const WIDE: bool = true;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
-        // SAFETY: 16-byte reads inside this block's 128 bytes of nibbles.
-        unsafe {
-            for c in 0..4 {
-                for h in 0..2 {
-                    let q = vld1q_u8(self.qs.as_ptr().add(32 * c + 16 * h));
-                    v[4 * c + h] = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0xF)));
-                    v[4 * c + 2 + h] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
-                }
-            }
-        }
+        // SAFETY: NEON.
+        unsafe { k4_nibbles(&self.qs, v) }
     }
     #[inline(always)]
     unsafe fn scales(&self) -> (int8x16_t, f32) {
         // SAFETY: NEON.
-        unsafe {
-            (
-                low8(k4_scales_mins(&self.scales).0),
-                f16_to_f32(bits(self.d)),
-            )
-        }
+        unsafe { k4_scales(&self.scales, self.d) }
     }
     #[inline(always)]
     unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
         // SAFETY: NEON.
-        unsafe {
-            let m = widen8(k4_scales_mins(&self.scales).1);
-            (m, vdupq_n_s16(0), f16_to_f32(bits(self.dmin)))
-        }
+        unsafe { k4_mins(&self.scales, self.dmin) }
     }
 }
 
@@ -504,8 +521,10 @@ impl SuperBlock for BlockQ5K {
     const WIDE: bool = true;
     #[inline(always)]
     unsafe fn values(&self, v: &mut [int8x16_t; 16]) {
-        // SAFETY: 16-byte reads inside this block's nibbles and high bits.
+        // SAFETY: NEON; 16-byte reads inside this block's 32 bytes of high bits.
         unsafe {
+            k4_nibbles(&self.qs, v);
+            // Value `64c + l` takes bit `2c` of `qh[l]`, value `64c + 32 + l` bit `2c + 1`.
             let qh = [
                 vld1q_u8(self.qh.as_ptr()),
                 vld1q_u8(self.qh.as_ptr().add(16)),
@@ -514,13 +533,10 @@ impl SuperBlock for BlockQ5K {
             for c in 0..4 {
                 let (b0, b1) = (vdupq_n_u8(1 << (2 * c)), vdupq_n_u8(2 << (2 * c)));
                 for h in 0..2 {
-                    let q = vld1q_u8(self.qs.as_ptr().add(32 * c + 16 * h));
-                    let lo = vandq_u8(q, vdupq_n_u8(0xF));
-                    let hi = vshrq_n_u8::<4>(q);
                     let h0 = vandq_u8(vtstq_u8(qh[h], b0), sixteen);
                     let h1 = vandq_u8(vtstq_u8(qh[h], b1), sixteen);
-                    v[4 * c + h] = vreinterpretq_s8_u8(vorrq_u8(lo, h0));
-                    v[4 * c + 2 + h] = vreinterpretq_s8_u8(vorrq_u8(hi, h1));
+                    v[4 * c + h] = vorrq_s8(v[4 * c + h], vreinterpretq_s8_u8(h0));
+                    v[4 * c + 2 + h] = vorrq_s8(v[4 * c + 2 + h], vreinterpretq_s8_u8(h1));
                 }
             }
         }
@@ -528,20 +544,12 @@ impl SuperBlock for BlockQ5K {
     #[inline(always)]
     unsafe fn scales(&self) -> (int8x16_t, f32) {
         // SAFETY: NEON.
-        unsafe {
-            (
-                low8(k4_scales_mins(&self.scales).0),
-                f16_to_f32(bits(self.d)),
-            )
-        }
+        unsafe { k4_scales(&self.scales, self.d) }
     }
     #[inline(always)]
     unsafe fn mins(&self) -> (int16x8_t, int16x8_t, f32) {
         // SAFETY: NEON.
-        unsafe {
-            let m = widen8(k4_scales_mins(&self.scales).1);
-            (m, vdupq_n_s16(0), f16_to_f32(bits(self.dmin)))
-        }
+        unsafe { k4_mins(&self.scales, self.dmin) }
     }
 }
 
@@ -926,14 +934,7 @@ pub(crate) unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
 /// NEON only (every aarch64 CPU).
 pub(crate) unsafe fn quantize_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
     for (xs, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
-        // The value of largest magnitude, the first one on ties (as the reference).
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, amax) = crate::reference::largest_magnitude(xs);
         if amax == 0.0 {
             b.d = 0.0;
             b.qs = [0; QK_K];
