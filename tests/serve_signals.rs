@@ -1,6 +1,7 @@
-//! `hearth serve` as a process: SIGTERM while a client is streaming ends cleanly — new
-//! connections are refused at once (while the stream is still running), the stream runs to
-//! its last chunk and `data: [DONE]`, and the process exits 0.
+//! `hearth serve` as a process: SIGTERM while a client is streaming drains — at once
+//! `/health` answers 503 and new requests 503 with `Retry-After` (while the stream is still
+//! running, so a load balancer takes the replica out and retries elsewhere), the stream runs
+//! to its last chunk and `data: [DONE]`, then the listener closes and the process exits 0.
 
 mod common;
 
@@ -46,6 +47,20 @@ fn read_until(s: &mut TcpStream, seen: &mut String, needle: &str) {
     }
 }
 
+/// Sends `raw` on a new connection and reads the answer until the server closes it.
+fn request(addr: &str, raw: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        raw.replace("Host: x\r\n", "Host: x\r\nConnection: close\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn wait_exit(server: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
@@ -77,22 +92,31 @@ fn sigterm_while_streaming_finishes_the_stream_and_exits_0() {
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, "\"content\":\"");
     sigterm(&server);
-    // The server says it is shutting down ...
+    // The server says it is draining ...
     let mut log = String::new();
-    while !log.contains("shutting down") {
+    while !log.contains("draining") {
         let n = stderr.read_line(&mut log).unwrap();
-        assert!(n > 0, "stderr closed before 'shutting down': {log}");
+        assert!(n > 0, "stderr closed before 'draining': {log}");
     }
-    // ... and refuses new connections (within moments: the listener is closed right after
-    // that line) while the stream is still being generated: the process has not exited.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while TcpStream::connect(&addr).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "still accepting 2 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // ... and, while the stream is still being generated, turns work away in the API's
+    // shape with Retry-After, and fails its health check.
+    let answer = request(&addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("draining"), "{answer}");
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":4}"#;
+    let answer = request(
+        &addr,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("retry-after: 1"), "{answer}");
+    assert!(lower.contains("connection: close"), "{answer}");
+    assert!(lower.contains("x-hearth-replica: "), "{answer}");
+    assert!(answer.contains("\"code\":\"unavailable\""), "{answer}");
     assert!(
         server.try_wait().unwrap().is_none(),
         "the server exited before the stream finished"

@@ -489,7 +489,24 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         body_limit: a.body_limit,
         header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
         cors_origins: a.cors_origins.clone(),
+        replica_name: a.replica_name.clone().filter(|n| !n.is_empty()),
+        preload: a.preload.clone(),
     };
+    // A name that is not offered is a typo: say so now, not as a probe that never turns 200.
+    let store = hearth_store::Store::new(&config.models_dir);
+    for name in &config.preload {
+        if let Err(e) = store.lookup(name) {
+            anyhow::bail!(
+                "--preload {name}: {e} (models in {})",
+                config.models_dir.display()
+            );
+        }
+    }
+    if let Some(name) = &config.replica_name {
+        if !name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            anyhow::bail!("--replica-name {name:?}: not usable in an HTTP header");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -515,7 +532,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let grace = a.shutdown_grace;
         let shutdown = async move {
             shutdown_signal().await;
-            eprintln!("hearth: shutting down; requests in flight get up to {grace} s to finish");
+            eprintln!(
+                "hearth: draining: /health answers 503, new requests 503; requests in flight get up to {grace} s to finish"
+            );
         };
         hearth_server::serve(
             listener,

@@ -150,10 +150,18 @@ pub struct ServeArgs {
     /// repeatable. Without it no CORS headers are sent.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
-    /// Seconds requests in flight get to finish after SIGTERM or Ctrl-C (new connections
-    /// are refused at once).
+    /// Seconds requests in flight get to finish after SIGTERM or Ctrl-C; meanwhile /health
+    /// answers 503 and new requests 503 with Retry-After, so a load balancer moves on.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// This server's name in the X-Hearth-Replica header of every response (default: the
+    /// address as bound, HOST:PORT).
+    #[arg(long, env = "HEARTH_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// Load MODEL at start-up instead of on first use; repeatable. GET /ready answers 200
+    /// once every preloaded model is in memory (a readiness or startup probe).
+    #[arg(long = "preload", value_name = "MODEL")]
+    pub preload: Vec<String>,
     /// Worker threads for the model (default: physical cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,

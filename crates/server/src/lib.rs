@@ -10,13 +10,15 @@ mod ollama;
 mod openai;
 pub mod registry;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,6 +47,10 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Browser origins allowed to call the API (`*` for any); none: no CORS headers at all.
     pub cors_origins: Vec<String>,
+    /// Sent as `X-Hearth-Replica` on every response (default: the address as bound).
+    pub replica_name: Option<String>,
+    /// Models loaded at start-up; `/ready` answers 200 once all of them are loaded.
+    pub preload: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +64,8 @@ impl Default for ServerConfig {
             body_limit: 2 << 20,
             header_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),
+            replica_name: None,
+            preload: Vec::new(),
         }
     }
 }
@@ -66,6 +74,15 @@ pub struct Inner {
     pub config: ServerConfig,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// Set on SIGTERM: `/health` answers 503 and new work is turned away with `Retry-After`.
+    draining: AtomicBool,
+    /// `X-Hearth-Replica`, fixed when the listener is bound.
+    replica: OnceLock<HeaderValue>,
+    /// Requests being handled (probes and metrics aside); streams count until their
+    /// handler returns, their sequences through the schedulers' figures.
+    requests_in_flight: AtomicUsize,
+    /// Background loads started by `/ready?model=` (name → last failure, if any).
+    probes: Mutex<HashMap<String, Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -88,11 +105,75 @@ impl AppState {
                 max_queue: config.max_queue,
             },
         );
+        let replica = OnceLock::new();
+        if let Some(name) = &config.replica_name {
+            if let Ok(v) = HeaderValue::from_str(name) {
+                let _ = replica.set(v);
+            }
+        }
         Self(Arc::new(Inner {
             config,
             registry,
             metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+            replica,
+            requests_in_flight: AtomicUsize::new(0),
+            probes: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Starts turning work away: `/health` 503, new requests 503 with `Retry-After`.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sequences queued or decoding in every loaded model.
+    fn generations_in_flight(&self) -> usize {
+        self.registry
+            .running()
+            .iter()
+            .map(|s| {
+                let st = &s.scheduler.stats;
+                st.queued.load(Ordering::Relaxed) + st.active.load(Ordering::Relaxed)
+            })
+            .sum()
+    }
+
+    /// Loads the `--preload` models in the background (their failures are logged and shown
+    /// by `/ready`).
+    pub fn start_preloads(&self) {
+        for name in self.config.preload.clone() {
+            self.start_probe_load(name);
+        }
+    }
+
+    /// Starts loading `name` on a background task unless that is already under way.
+    fn start_probe_load(&self, name: String) {
+        {
+            let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+            if probes.get(&name).is_some_and(|failure| failure.is_none()) {
+                return; // loading now
+            }
+            probes.insert(name.clone(), None);
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            let outcome = state.registry.get(Api::OpenAi, &name).await;
+            let mut probes = state.probes.lock().unwrap_or_else(|e| e.into_inner());
+            match outcome {
+                Ok(_) => {
+                    probes.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(model = %name, "load failed: {}", e.message);
+                    probes.insert(name, Some(e.message));
+                }
+            }
+        });
     }
 }
 
@@ -101,7 +182,7 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     let Some(key) = state.config.api_key.as_deref() else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    if is_probe(req.uri().path()) {
         return next.run(req).await;
     }
     let given = req
@@ -126,6 +207,57 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     }
 }
 
+/// Health and readiness checks: answered without an API key and while draining.
+fn is_probe(path: &str) -> bool {
+    path == "/health" || path == "/ready"
+}
+
+/// While draining, new work gets 503 + `Retry-After` (so a proxy retries it on another
+/// replica) and `Connection: close`; probes and metrics still answer.
+async fn drain_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if is_probe(path) || path == "/metrics" {
+        return next.run(req).await;
+    }
+    if !state.is_draining() {
+        state.requests_in_flight.fetch_add(1, Ordering::SeqCst);
+        // Counted down even when the client goes away and this future is dropped.
+        let _in_flight = InFlight(&state.requests_in_flight);
+        return next.run(req).await;
+    }
+    let mut resp = ApiError::new(
+        Api::for_path(path),
+        Kind::Unavailable,
+        "this server is shutting down; retry on another replica",
+    )
+    .into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(error::RETRY_AFTER_SECS),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Names this replica on every response (`X-Hearth-Replica`), so a client behind a load
+/// balancer can tell where it was served.
+async fn replica_header(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if let Some(name) = state.replica.get() {
+        resp.headers_mut().insert("x-hearth-replica", name.clone());
+    }
+    resp
+}
+
 /// Counts requests by route and status.
 async fn count(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let endpoint = req
@@ -142,8 +274,111 @@ async fn count(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(serde::Deserialize)]
+struct ProbeQuery {
+    model: Option<String>,
+}
+
+/// 200 when this server can take work; 503 while draining and while its folder offers no
+/// model at all. With `?model=NAME`, the same as `/ready?model=NAME`.
+async fn health(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Response {
+    if let Some(model) = q.model {
+        return model_readiness(&state, model).await;
+    }
+    if state.is_draining() {
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        );
+    }
+    let registry = state.clone();
+    let offered = tokio::task::spawn_blocking(move || {
+        !registry.registry.list().is_empty() || !registry.registry.encoders().is_empty()
+    })
+    .await
+    .unwrap_or(false);
+    if !offered {
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "no models", "error": "the models folder offers no model"}),
+        );
+    }
+    probe_answer(StatusCode::OK, json!({"status": "ok"}))
+}
+
+/// Readiness: without a model, 200 once every `--preload` model is loaded (and not
+/// draining); with `?model=NAME`, 200 once that model is loaded — the first such check
+/// starts loading it, later ones answer 503 `loading` until it is in memory.
+async fn ready(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Response {
+    if let Some(model) = q.model {
+        return model_readiness(&state, model).await;
+    }
+    if state.is_draining() {
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        );
+    }
+    let mut waiting = Vec::new();
+    for name in &state.config.preload {
+        if !state.registry.is_loaded(name) {
+            waiting.push(name.clone());
+        }
+    }
+    if waiting.is_empty() {
+        probe_answer(StatusCode::OK, json!({"status": "ok"}))
+    } else {
+        let failures = failures_of(&state, &waiting);
+        probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "loading", "models": waiting, "errors": failures}),
+        )
+    }
+}
+
+async fn model_readiness(state: &AppState, model: String) -> Response {
+    if state.is_draining() {
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        );
+    }
+    if let Err(e) = state.registry.check_name(Api::OpenAi, &model) {
+        return e.into_response();
+    }
+    if state.registry.is_loaded(&model) {
+        return probe_answer(StatusCode::OK, json!({"status": "ok", "model": model}));
+    }
+    let failures = failures_of(state, std::slice::from_ref(&model));
+    // A failed load is tried again by the next check (the file may have been fixed).
+    state.start_probe_load(model.clone());
+    probe_answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"status": "loading", "model": model, "errors": failures}),
+    )
+}
+
+/// The last load failure of each of `names` that has one.
+fn failures_of(state: &AppState, names: &[String]) -> serde_json::Value {
+    let probes = state.probes.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = serde_json::Map::new();
+    for n in names {
+        if let Some(Some(e)) = probes.get(n) {
+            out.insert(n.clone(), json!(e));
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+fn probe_answer(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(error::RETRY_AFTER_SECS),
+        );
+    }
+    resp
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
@@ -177,6 +412,7 @@ pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
     let router = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -193,8 +429,13 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .layer(middleware::from_fn(method_not_allowed))
+        .layer(middleware::from_fn_with_state(state.clone(), drain_gate))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            replica_header,
+        ))
         .with_state(state);
     // Outermost: a browser's preflight is answered before the API key check.
     match cors {
@@ -227,8 +468,10 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish
-/// (streams end cleanly) for up to `grace`.
+/// Serves `app` on `listener` until `shutdown` resolves, then drains: `/health` answers 503
+/// and new requests 503 + `Retry-After` (a load balancer takes the replica out and retries
+/// elsewhere) while the generations in flight finish, for up to `grace` in all; then the
+/// listener closes and the connections left end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -238,40 +481,70 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
+    if state.replica.get().is_none() {
+        if let Ok(v) = HeaderValue::from_str(&listener.local_addr()?.to_string()) {
+            let _ = state.replica.set(v);
+        }
+    }
+    state.start_preloads();
     let header_timeout = state.config.header_timeout;
-    let router = app(state);
+    let router = app(state.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
+    let serve_connection = |accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!("accept failed: {e}");
+                return false;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        true
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer): (_, SocketAddr) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                if !serve_connection(accepted) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             _ = &mut shutdown => break,
+        }
+    }
+    state.start_draining();
+    let deadline = Instant::now() + grace;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if !serve_connection(accepted) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            _ = tick.tick() => {
+                let busy = state.requests_in_flight.load(Ordering::SeqCst)
+                    + state.generations_in_flight();
+                if busy == 0 || Instant::now() >= deadline {
+                    break;
+                }
+            }
         }
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
+        _ = tokio::time::sleep_until(deadline.into()) => {
             tracing::warn!("shutdown grace of {grace:?} over: closing the connections left");
         }
     }

@@ -3,8 +3,8 @@
 use std::sync::atomic::Ordering;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::registry::Served;
@@ -23,6 +23,10 @@ pub struct Metrics {
     kv_capacity: IntGauge,
     cancelled: IntGauge,
     steps: IntGauge,
+    // Per model, under the names autoscalers and endpoint pickers read (as vLLM's).
+    waiting: IntGaugeVec,
+    running: IntGaugeVec,
+    kv_usage: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -88,6 +92,30 @@ impl Metrics {
                 "hearth_forward_steps_total",
                 "Batched forward passes run by the schedulers",
             ),
+            waiting: IntGaugeVec::new(
+                Opts::new(
+                    "hearth_num_requests_waiting",
+                    "Requests waiting for a sequence slot, per model",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
+            running: IntGaugeVec::new(
+                Opts::new(
+                    "hearth_num_requests_running",
+                    "Requests being prefilled or decoded, per model",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
+            kv_usage: GaugeVec::new(
+                Opts::new(
+                    "hearth_kv_cache_usage_ratio",
+                    "KV cache positions in use over all positions (0-1), per model",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -103,6 +131,9 @@ impl Metrics {
             Box::new(m.kv_capacity.clone()),
             Box::new(m.cancelled.clone()),
             Box::new(m.steps.clone()),
+            Box::new(m.waiting.clone()),
+            Box::new(m.running.clone()),
+            Box::new(m.kv_usage.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -125,6 +156,28 @@ impl Metrics {
             .set(sum(&|s| stat(s).cancelled.load(Ordering::Relaxed) as usize));
         self.steps
             .set(sum(&|s| stat(s).steps.load(Ordering::Relaxed) as usize));
+        self.waiting.reset();
+        self.running.reset();
+        self.kv_usage.reset();
+        for s in served {
+            let st = &s.scheduler.stats;
+            let model = [s.name.as_str()];
+            self.waiting
+                .with_label_values(&model)
+                .set(st.queued.load(Ordering::Relaxed) as i64);
+            self.running
+                .with_label_values(&model)
+                .set(st.active.load(Ordering::Relaxed) as i64);
+            let capacity = st.kv_capacity.load(Ordering::Relaxed);
+            let used = st.kv_used.load(Ordering::Relaxed);
+            self.kv_usage
+                .with_label_values(&model)
+                .set(if capacity == 0 {
+                    0.0
+                } else {
+                    (used as f64 / capacity as f64).min(1.0)
+                });
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -94,23 +94,43 @@ impl Registry {
         map.values().filter_map(|c| c.get().cloned()).collect()
     }
 
-    /// The model called `name`, loading it on first use (concurrent first requests wait for
-    /// one load). A name that is not a valid model name is refused before any file access.
-    pub async fn get(&self, api: Api, name: &str) -> Result<Arc<Served>, ApiError> {
+    /// The cache entry of the model called `name`: a name that is not a valid model name is
+    /// refused before any file access.
+    fn resolve(&self, api: Api, name: &str) -> Result<Entry, ApiError> {
         if name.is_empty() {
             return Err(ApiError::param(api, "model", "model is required"));
         }
         ModelName::parse(name).map_err(|e| ApiError::param(api, "model", e.to_string()))?;
-        // Every alias of a model (file name, `:latest`, …) shares one loaded copy, under the
-        // name the model is listed as.
-        let entry = self.store.lookup(name).map_err(|e| match e {
+        self.store.lookup(name).map_err(|e| match e {
             StoreError::InvalidName { .. } => ApiError::param(api, "model", e.to_string()),
             _ => ApiError::new(
                 api,
                 Kind::NotFound,
                 format!("model {name:?} not found; pull it first (hearth pull)"),
             ),
-        })?;
+        })
+    }
+
+    /// Whether `name` is a model this server offers (400 or 404 if not).
+    pub fn check_name(&self, api: Api, name: &str) -> Result<(), ApiError> {
+        self.resolve(api, name).map(|_| ())
+    }
+
+    /// Whether the model called `name` (any of its aliases) is in memory.
+    pub fn is_loaded(&self, name: &str) -> bool {
+        let Ok(entry) = self.resolve(Api::OpenAi, name) else {
+            return false;
+        };
+        let map = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&entry.name).is_some_and(|c| c.get().is_some())
+    }
+
+    /// The model called `name`, loading it on first use (concurrent first requests wait for
+    /// one load).
+    pub async fn get(&self, api: Api, name: &str) -> Result<Arc<Served>, ApiError> {
+        // Every alias of a model (file name, `:latest`, …) shares one loaded copy, under the
+        // name the model is listed as.
+        let entry = self.resolve(api, name)?;
         let path = entry.path;
         let config = self.scheduler.clone();
         let key = entry.name;

@@ -546,6 +546,18 @@ async fn full_queue_answers_503_and_loses_nothing() {
         assert!(Instant::now() < deadline, "the second request never queued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The per-model figures autoscalers read.
+    let labelled = |name: &str| format!("{name}{{model=\"{MODEL}\"}}");
+    assert_eq!(
+        metric(&s, &labelled("hearth_num_requests_waiting")).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&s, &labelled("hearth_num_requests_running")).await,
+        1.0
+    );
+    let usage = metric(&s, &labelled("hearth_kv_cache_usage_ratio")).await;
+    assert!(usage > 0.0 && usage <= 1.0, "{usage}");
     let r = client()
         .post(format!("{}/v1/chat/completions", s.base))
         .json(&chat("Hi", json!({"max_tokens": 3})))
@@ -1166,4 +1178,85 @@ async fn ollama_raw_system_and_num_ctx_do_what_they_say() {
     .await;
     assert_eq!(status, 400, "{err}");
     assert!(err["error"].as_str().unwrap().contains("context"), "{err}");
+}
+
+/// `/health` is 503 while the folder offers no model; `/ready` waits for the `--preload`
+/// models, `/ready?model=` (and `/health?model=`) starts a load and answers 200 once it is
+/// in memory; probes need no API key; every response names the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_replica_name() {
+    let empty = std::env::temp_dir().join(format!("hearth-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let s = start(|c| c.models_dir = empty.clone()).await;
+    let r = client()
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    // Default name: the address as bound.
+    assert_eq!(r.headers()["x-hearth-replica"], s.addr.to_string().as_str());
+    assert!(r.text().await.unwrap().contains("no models"));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&empty);
+
+    // Preloaded: /ready turns 200 without any request asking for the model.
+    let s = start(|c| {
+        c.preload = vec![MODEL.to_string()];
+        c.replica_name = Some("replica-a".to_string());
+        c.api_key = Some("k".to_string());
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&s, "/ready").await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("loading"), "{body}");
+        assert!(Instant::now() < deadline, "preload never finished: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client()
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-hearth-replica"], "replica-a");
+    // Other routes still want the key, and name the replica on their 401 too.
+    let r = client()
+        .get(format!("{}/v1/models", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["x-hearth-replica"], "replica-a");
+    assert_eq!(get(&s, "/ready?model=smollm2:latest").await.0, 200);
+    let (status, body) = get(&s, "/ready?model=no-such-model").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = get(&s, "/ready?model=../etc/passwd").await;
+    assert_eq!(status, 400, "{body}");
+    drop(s);
+
+    // Not preloaded: the first model check starts the load, a later one sees it loaded.
+    let s = start(|_| {}).await;
+    assert_eq!(get(&s, "/ready").await.0, 200, "nothing to wait for");
+    let (status, body) = get(&s, "/health?model=smollm2").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&s, "/ready?model=smollm2").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the load never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Loaded by the probe: the first request does not wait for a load.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
 }
