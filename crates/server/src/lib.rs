@@ -151,6 +151,12 @@ impl AppState {
         }
     }
 
+    /// Whether a background load of `name` is under way.
+    fn is_loading(&self, name: &str) -> bool {
+        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        probes.get(name).is_some_and(|failure| failure.is_none())
+    }
+
     /// Starts loading `name` on a background task unless that is already under way.
     fn start_probe_load(&self, name: String) {
         {
@@ -179,32 +185,32 @@ impl AppState {
 
 /// Checks `Authorization: Bearer KEY` (or Ollama-style `x-api-key`) when a key is set.
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(key) = state.config.api_key.as_deref() else {
-        return next.run(req).await;
-    };
-    if is_probe(req.uri().path()) {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
-    // Compare without an early exit on the first differing byte.
-    let ok = given.is_some_and(|g| {
-        g.len() == key.len()
-            && g.bytes()
-                .zip(key.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
+    if is_probe(req.uri().path()) || has_key(&state, req.headers()) {
         next.run(req).await
     } else {
         let api = Api::for_path(req.uri().path());
         ApiError::new(api, Kind::Unauthorized, "missing or wrong API key").into_response()
     }
+}
+
+/// Whether the request carries the API key (always, when none is set).
+fn has_key(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(key) = state.config.api_key.as_deref() else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    // Compare without an early exit on the first differing byte.
+    given.is_some_and(|g| {
+        g.len() == key.len()
+            && g.bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
 }
 
 /// Health and readiness checks: answered without an API key and while draining.
@@ -281,9 +287,14 @@ struct ProbeQuery {
 
 /// 200 when this server can take work; 503 while draining and while its folder offers no
 /// model at all. With `?model=NAME`, the same as `/ready?model=NAME`.
-async fn health(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Response {
+async fn health(
+    State(state): State<AppState>,
+    Query(q): Query<ProbeQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     if let Some(model) = q.model {
-        return model_readiness(&state, model).await;
+        let may_load = has_key(&state, &headers);
+        return model_readiness(&state, model, may_load).await;
     }
     if state.is_draining() {
         return probe_answer(
@@ -308,10 +319,17 @@ async fn health(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> R
 
 /// Readiness: without a model, 200 once every `--preload` model is loaded (and not
 /// draining); with `?model=NAME`, 200 once that model is loaded — the first such check
-/// starts loading it, later ones answer 503 `loading` until it is in memory.
-async fn ready(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Response {
+/// starts loading it, later ones answer 503 `loading` until it is in memory. With an API
+/// key set, only a check carrying the key starts a load (probes without it only report), so
+/// an anonymous client cannot make the server load every model it offers.
+async fn ready(
+    State(state): State<AppState>,
+    Query(q): Query<ProbeQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     if let Some(model) = q.model {
-        return model_readiness(&state, model).await;
+        let may_load = has_key(&state, &headers);
+        return model_readiness(&state, model, may_load).await;
     }
     if state.is_draining() {
         return probe_answer(
@@ -336,7 +354,7 @@ async fn ready(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Re
     }
 }
 
-async fn model_readiness(state: &AppState, model: String) -> Response {
+async fn model_readiness(state: &AppState, model: String, may_load: bool) -> Response {
     if state.is_draining() {
         return probe_answer(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -350,6 +368,13 @@ async fn model_readiness(state: &AppState, model: String) -> Response {
         return probe_answer(StatusCode::OK, json!({"status": "ok", "model": model}));
     }
     let failures = failures_of(state, std::slice::from_ref(&model));
+    let loading = state.is_loading(&model);
+    if !may_load && !loading {
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "not loaded", "model": model, "errors": failures}),
+        );
+    }
     // A failed load is tried again by the next check (the file may have been fixed).
     state.start_probe_load(model.clone());
     probe_answer(

@@ -1234,6 +1234,20 @@ async fn health_readiness_and_replica_name() {
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["x-hearth-replica"], "replica-a");
     assert_eq!(get(&s, "/ready?model=smollm2:latest").await.0, 200);
+    // Without the key a probe reports but never starts a load.
+    let (status, body) = get(&s, "/ready?model=gemma3").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not loaded"), "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ps = client()
+        .get(format!("{}/api/ps", s.base))
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ps.status(), 200);
+    let ps = ps.text().await.unwrap();
+    assert!(ps.contains("smollm2") && !ps.contains("gemma3"), "{ps}");
     let (status, body) = get(&s, "/ready?model=no-such-model").await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = get(&s, "/ready?model=../etc/passwd").await;
