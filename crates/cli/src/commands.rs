@@ -4,6 +4,7 @@ use crate::{
     ShowArgs, TokenizeArgs,
 };
 use anyhow::{Context, Result};
+use hearth_engine::constraint::{GrammarSpec, Grammars};
 use hearth_engine::{GenerateRequest, GenerationStats, LoadedModel, SamplingParams, Session};
 use hearth_gguf::Gguf;
 use hearth_tokenizer::template::{builtin_for_arch, Message};
@@ -93,6 +94,34 @@ fn print_timings(s: &GenerationStats) {
     );
 }
 
+/// The grammar `hearth run` was asked to follow, read from its file.
+fn grammar_spec(a: &RunArgs) -> Result<Option<GrammarSpec>> {
+    let read = |path: &std::path::Path| -> Result<String> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.len() > hearth_engine::constraint::MAX_GRAMMAR_BYTES as u64 {
+            anyhow::bail!(
+                "{} has {} bytes; at most {} are accepted",
+                path.display(),
+                meta.len(),
+                hearth_engine::constraint::MAX_GRAMMAR_BYTES
+            );
+        }
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(if a.json {
+        Some(GrammarSpec::JsonObject)
+    } else if let Some(path) = &a.json_schema {
+        let schema = serde_json::from_str(&read(path)?)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        Some(GrammarSpec::JsonSchema(schema))
+    } else if let Some(path) = &a.grammar {
+        Some(GrammarSpec::Lark(read(path)?))
+    } else {
+        a.regex.clone().map(GrammarSpec::Regex)
+    })
+}
+
 pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
     let l = load(&a.model, verbose)?;
     let params = sampling_params(&a.sampling)?;
@@ -112,14 +141,22 @@ pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
         let cancel = cancel.clone();
         let _ = ctrlc::set_handler(move || cancel.store(true, Ordering::Relaxed));
     }
+    let constraint = match grammar_spec(&a)? {
+        Some(spec) => {
+            let grammars = Grammars::new(&l.tokenizer, l.model.config.n_vocab)?;
+            Some(grammars.compile(&spec)?)
+        }
+        None => None,
+    };
     let req = GenerateRequest {
         prompt: &prompt,
         params,
         max_tokens: a.sampling.max_tokens,
         stop: &a.sampling.stop,
+        constraint,
     };
     let mut stdout = std::io::stdout().lock();
-    let stats = session.generate(&req, &cancel, |text| {
+    let stats = session.generate(req, &cancel, |text| {
         let _ = stdout.write_all(text.as_bytes());
         let _ = stdout.flush();
     })?;
@@ -171,12 +208,13 @@ pub fn chat(a: ChatArgs, verbose: bool) -> Result<()> {
             params,
             max_tokens: a.sampling.max_tokens,
             stop: &a.sampling.stop,
+            constraint: None,
         };
         cancel.store(false, Ordering::Relaxed);
         generating.store(true, Ordering::Relaxed);
         let mut reply = String::new();
         let mut stdout = std::io::stdout().lock();
-        let result = session.generate(&req, &cancel, |t| {
+        let result = session.generate(req, &cancel, |t| {
             reply.push_str(t);
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();

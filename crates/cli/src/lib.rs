@@ -246,6 +246,19 @@ pub struct RunArgs {
     /// System prompt (chat template mode).
     #[arg(long)]
     pub system: Option<String>,
+    /// The reply is one JSON object.
+    #[arg(long, group = "output_grammar")]
+    pub json: bool,
+    /// The reply is JSON valid under the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", group = "output_grammar")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// The reply matches the Lark grammar in FILE (llguidance's Lark: `start: ...`, regex
+    /// terminals, `%json {schema}`).
+    #[arg(long, value_name = "FILE", group = "output_grammar")]
+    pub grammar: Option<std::path::PathBuf>,
+    /// The reply matches this regular expression.
+    #[arg(long, value_name = "REGEX", group = "output_grammar")]
+    pub regex: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

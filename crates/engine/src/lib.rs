@@ -1,17 +1,20 @@
 //! The generation loop: prompt prefill with KV-cache prefix reuse, sampling, streaming
 //! UTF-8-safe text, stop strings, end-of-generation tokens and cancellation.
 
+pub mod constraint;
 pub mod loaded;
 pub mod perplexity;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
 
 pub use loaded::LoadedModel;
+pub use request::{Next, RequestState};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{Event, Job, Scheduler, SchedulerConfig, Summary};
 
 use hearth_models::{KvCache, Model, ModelError, Scratch};
-use hearth_tokenizer::{StreamDecoder, TokenId, Tokenizer};
+use hearth_tokenizer::{TokenId, Tokenizer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,9 @@ pub enum EngineError {
     Gguf(#[from] hearth_gguf::GgufError),
     #[error(transparent)]
     Tokenizer(#[from] hearth_tokenizer::TokenizerError),
+    /// A schema or grammar that cannot be used (invalid, too large, unsatisfiable).
+    #[error("{0}")]
+    Grammar(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +75,8 @@ pub struct GenerateRequest<'a> {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: &'a [String],
+    /// Output must match this grammar.
+    pub constraint: Option<constraint::Constraint>,
 }
 
 /// One sequence: its KV cache and the tokens in it, kept across calls so a new prompt that
@@ -146,11 +154,11 @@ impl<'m> Session<'m> {
     }
 
     /// Generates a reply to `req.prompt`, streaming text through `on_text`. Stops at an
-    /// end-of-generation token, a stop string (not emitted), `max_tokens`, a full context,
-    /// or when `cancel` is set.
+    /// end-of-generation token, a stop string (not emitted), the end of the grammar,
+    /// `max_tokens`, a full context, or when `cancel` is set.
     pub fn generate(
         &mut self,
-        req: &GenerateRequest,
+        req: GenerateRequest,
         cancel: &AtomicBool,
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerationStats, EngineError> {
@@ -159,53 +167,46 @@ impl<'m> Session<'m> {
         let evaluated = self.prefill(req.prompt)?;
         let prompt_time = t0.elapsed();
         let t1 = Instant::now();
-        let mut sampler = Sampler::new(req.params.clone());
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(req.stop);
-        let mut generated = Vec::new();
-        let mut finish = FinishReason::Length;
-        // Text held back for stop strings is released unless a stop string cut it.
-        let mut cut = false;
-        while generated.len() < req.max_tokens {
+        let mut state = RequestState::new(req.params, req.stop, req.max_tokens, req.constraint);
+        let finish = loop {
             if cancel.load(Ordering::Relaxed) {
-                finish = FinishReason::Cancelled;
-                break;
+                let Next::Finish { text, .. } = state.finish(FinishReason::Cancelled, true) else {
+                    unreachable!("finish returns Finish")
+                };
+                on_text(&text);
+                break FinishReason::Cancelled;
             }
-            let token = sampler.sample(&self.logits, &self.cached);
-            if self.tokenizer.is_eog(token) {
-                finish = FinishReason::Stop;
-                break;
+            if req.max_tokens == 0 {
+                break FinishReason::Length;
             }
-            generated.push(token);
-            let text = decoder.push(&self.tokenizer.token_to_piece(token, false));
-            let (emit, hit) = stops.push(&text);
-            on_text(&emit);
-            if hit {
-                finish = FinishReason::Stop;
-                cut = true;
-                break;
+            match state.next(&self.logits, &self.cached, self.tokenizer) {
+                Next::Finish { reason, text } => {
+                    on_text(&text);
+                    break reason;
+                }
+                Next::Continue { token, text } => {
+                    on_text(&text);
+                    if self.cache.len >= self.cache.n_ctx {
+                        // Context full: the token has no room to run.
+                        let Next::Finish { text, .. } = state.finish(FinishReason::Length, true)
+                        else {
+                            unreachable!("finish returns Finish")
+                        };
+                        on_text(&text);
+                        break FinishReason::Length;
+                    }
+                    self.step(token)?;
+                }
             }
-            if generated.len() >= req.max_tokens {
-                break;
-            }
-            if self.cache.len >= self.cache.n_ctx {
-                break; // context full: Length
-            }
-            self.step(token)?;
-        }
-        if !cut {
-            let (emit, _) = stops.push(&decoder.finish());
-            on_text(&emit);
-            on_text(&stops.flush());
-        }
+        };
         Ok(GenerationStats {
             prompt_tokens: req.prompt.len(),
             prompt_evaluated: evaluated,
             prompt_time,
-            generated_tokens: generated.len(),
+            generated_tokens: state.generated(),
             generation_time: t1.elapsed(),
             finish,
-            tokens: generated,
+            tokens: state.tokens().to_vec(),
         })
     }
 }

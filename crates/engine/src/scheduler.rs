@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_models::{BatchSeq, KvCache, Part, Scratch, MAX_BATCH};
-use hearth_tokenizer::{StreamDecoder, TokenId};
+use hearth_tokenizer::TokenId;
 
-use crate::{FinishReason, LoadedModel, Sampler, SamplingParams, StopMatcher};
+use crate::constraint::Constraint;
+use crate::{FinishReason, LoadedModel, Next, RequestState, SamplingParams};
 
 /// Largest prompt chunk per step while other sequences are decoding.
 const PREFILL_CHUNK_WHILE_DECODING: usize = 64;
@@ -62,6 +63,8 @@ pub struct Job {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Output must match this grammar.
+    pub constraint: Option<Constraint>,
     pub sink: Box<dyn EventSink>,
 }
 
@@ -144,13 +147,9 @@ struct Active {
     /// Prompt tokens in the cache so far.
     fed: usize,
     prompt_cached: usize,
-    max_tokens: usize,
-    generated: usize,
     /// The sampled token to run at the next step (None while prefilling).
     next: Option<TokenId>,
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
+    state: RequestState,
 }
 
 /// What one sequence contributes to a step.
@@ -259,23 +258,24 @@ impl Worker {
         slot.cached.truncate(keep);
         let max_tokens = job.max_tokens.min(n_ctx - job.prompt.len());
         let now = Instant::now();
-        let stops = StopMatcher::new(&job.stop);
+        let state = RequestState::new(
+            job.params.clone(),
+            &job.stop,
+            max_tokens,
+            job.constraint.take(),
+        );
         slot.active = Some(Active {
-            sampler: Sampler::new(job.params.clone()),
+            state,
             job,
             enqueued,
             started: now,
             prefill_done: None,
             fed: keep,
             prompt_cached: keep,
-            max_tokens,
-            generated: 0,
             next: None,
-            decoder: StreamDecoder::new(),
-            stops,
         });
         if max_tokens == 0 {
-            self.finish(index, FinishReason::Length, true);
+            self.finish(index, FinishReason::Length, String::new());
         }
     }
 
@@ -409,41 +409,35 @@ impl Worker {
             a.prefill_done = Some(Instant::now());
         }
         let logits = &self.logits[offset..offset + n_vocab];
-        let token = a.sampler.sample(logits, &slot.cached);
-        if tok.is_eog(token) {
-            self.finish(index, FinishReason::Stop, true);
-            return;
-        }
-        a.generated += 1;
-        let text = a.decoder.push(&tok.token_to_piece(token, false));
-        let (emit, hit) = a.stops.push(&text);
-        if !emit.is_empty() && !a.job.sink.send(Event::Text(emit)) {
-            slot.active = None;
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let full = slot.cache.as_ref().is_some_and(|c| c.len >= n_ctx);
-        if hit {
-            self.finish(index, FinishReason::Stop, false);
-        } else if a.generated >= a.max_tokens || full {
-            self.finish(index, FinishReason::Length, true);
-        } else {
-            a.next = Some(token);
+        match a.state.next(logits, &slot.cached, tok) {
+            Next::Finish { reason, text } => self.finish(index, reason, text),
+            Next::Continue { token, text } => {
+                if !text.is_empty() && !a.job.sink.send(Event::Text(text)) {
+                    slot.active = None;
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if slot.cache.as_ref().is_some_and(|c| c.len >= n_ctx) {
+                    // Context full: the token has no room to run.
+                    let Next::Finish { text, .. } = a.state.finish(FinishReason::Length, true)
+                    else {
+                        unreachable!("finish returns Finish")
+                    };
+                    self.finish(index, FinishReason::Length, text);
+                } else {
+                    a.next = Some(token);
+                }
+            }
         }
     }
 
-    /// Ends slot `index`'s request; `flush` releases text held back for stop strings or
-    /// incomplete UTF-8 (not after a stop string, whose tail is cut).
-    fn finish(&mut self, index: usize, finish: FinishReason, flush: bool) {
+    /// Ends slot `index`'s request, sending `text` (its last piece) and the summary.
+    fn finish(&mut self, index: usize, finish: FinishReason, text: String) {
         let Some(mut a) = self.slots[index].active.take() else {
             return;
         };
-        if flush {
-            let (emit, _) = a.stops.push(&a.decoder.finish());
-            let rest = emit + &a.stops.flush();
-            if !rest.is_empty() {
-                a.job.sink.send(Event::Text(rest));
-            }
+        if !text.is_empty() {
+            a.job.sink.send(Event::Text(text));
         }
         let now = Instant::now();
         let prefill_done = a.prefill_done.unwrap_or(now);
@@ -451,7 +445,7 @@ impl Worker {
             finish,
             prompt_tokens: a.job.prompt.len(),
             prompt_cached: a.prompt_cached,
-            completion_tokens: a.generated,
+            completion_tokens: a.state.generated(),
             queue_time: a.started - a.enqueued,
             prompt_time: prefill_done - a.started,
             generation_time: now - prefill_done,

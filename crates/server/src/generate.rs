@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use hearth_engine::constraint::{Constraint, GrammarSpec, Grammars};
 use hearth_engine::scheduler::{EventSink, SubmitError};
 use hearth_engine::{Event, Job, SamplingParams};
 use serde::de::DeserializeOwned;
@@ -138,6 +139,35 @@ pub struct Request {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    pub constraint: Option<Constraint>,
+}
+
+/// The grammar `spec` compiled for `served`'s tokenizer (the model's grammar index is built
+/// on first use, once), off the async threads; a bad schema or grammar is a 400 on `param`.
+pub async fn constrain(
+    api: Api,
+    served: &Arc<Served>,
+    spec: GrammarSpec,
+    param: &str,
+) -> Result<Constraint, ApiError> {
+    let grammars = served
+        .grammars
+        .get_or_try_init(|| async {
+            let s = served.clone();
+            tokio::task::spawn_blocking(move || {
+                let n_vocab = s.loaded.model.config.n_vocab;
+                Grammars::new(&s.loaded.tokenizer, n_vocab).map(Arc::new)
+            })
+            .await
+            .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+            .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))
+        })
+        .await?
+        .clone();
+    tokio::task::spawn_blocking(move || grammars.compile(&spec))
+        .await
+        .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+        .map_err(|e| ApiError::param(api, param, format!("{param}: {e}")))
 }
 
 /// Checks the prompt against the context and works out the token budget.
@@ -181,6 +211,7 @@ pub fn prepare(
         prompt,
         max_tokens,
         stop: knobs.stop.clone(),
+        constraint: None,
     })
 }
 
@@ -242,6 +273,7 @@ pub fn submit(
         params: req.params,
         max_tokens: req.max_tokens,
         stop: req.stop,
+        constraint: req.constraint,
         sink: Box::new(ChannelSink(tx)),
     };
     match served.scheduler.submit(job) {

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hearth_engine::constraint::GrammarSpec;
 use hearth_engine::{Event, FinishReason, Summary};
 use hearth_tokenizer::template::Message;
 use serde::Deserialize;
@@ -120,11 +121,17 @@ fn not_supported(what: &str) -> ApiError {
     ApiError::bad(API, format!("{what} is not supported yet"))
 }
 
-fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+/// `format`: `"json"` or a JSON schema object (none, null or `""`: free text).
+fn check_format(format: &Option<Value>) -> Result<Option<GrammarSpec>, ApiError> {
     match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(not_supported("format (constrained output)")),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(GrammarSpec::JsonObject)),
+        Some(schema @ Value::Object(_)) => Ok(Some(GrammarSpec::JsonSchema(schema.clone()))),
+        Some(other) => Err(ApiError::bad(
+            API,
+            format!("format must be \"json\" or a JSON schema object, not {other}"),
+        )),
     }
 }
 
@@ -209,10 +216,14 @@ async fn respond(
     served: Arc<Served>,
     prompt: Vec<u32>,
     knobs: Knobs,
+    format: Option<GrammarSpec>,
     stream: bool,
     render: NdjsonRender,
 ) -> Result<Response, ApiError> {
-    let prepared = generate::prepare(API, &served, prompt, &knobs)?;
+    let mut prepared = generate::prepare(API, &served, prompt, &knobs)?;
+    if let Some(spec) = format {
+        prepared.constraint = Some(generate::constrain(API, &served, spec, "format").await?);
+    }
     let generation = generate::submit(API, state, served.clone(), prepared)?;
     if stream {
         let body = Body::from_stream(body_stream(generation, render));
@@ -250,7 +261,7 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let req: GenerateRequest = parse_body(API, body)?;
-    check_format(&req.format)?;
+    let format = check_format(&req.format)?;
     if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(not_supported("images"));
     }
@@ -286,7 +297,7 @@ pub async fn generate(
         received,
         load,
     };
-    respond(&state, served, prompt, knobs, stream, render).await
+    respond(&state, served, prompt, knobs, format, stream, render).await
 }
 
 pub async fn chat(
@@ -295,7 +306,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let req: ChatRequest = parse_body(API, body)?;
-    check_format(&req.format)?;
+    let format = check_format(&req.format)?;
     if generate::asks_for_tools(&req.tools) {
         return Err(not_supported("tools"));
     }
@@ -326,7 +337,7 @@ pub async fn chat(
         received,
         load,
     };
-    respond(&state, served, prompt, knobs, stream, render).await
+    respond(&state, served, prompt, knobs, format, stream, render).await
 }
 
 /// Ollama's `details` of a model file.

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hearth_engine::constraint::GrammarSpec;
 use hearth_engine::{Event, FinishReason, Summary};
 use hearth_tokenizer::template::Message;
 use serde::Deserialize;
@@ -91,15 +92,6 @@ impl Common {
                 "logprobs",
                 "logprobs are not supported yet",
             ));
-        }
-        if let Some(f) = &self.response_format {
-            if f.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
-                return Err(ApiError::param(
-                    API,
-                    "response_format",
-                    "constrained (JSON) output is not supported yet",
-                ));
-            }
         }
         if generate::asks_for_tools(&self.tools) {
             return Err(ApiError::param(
@@ -348,6 +340,41 @@ pub async fn chat_completions(
     reply(&state, served, prompt, &knobs, &req.common, true).await
 }
 
+/// `response_format`: `text` (or none), `json_object`, or `json_schema` with its schema.
+fn response_format(format: &Option<Value>) -> Result<Option<GrammarSpec>, ApiError> {
+    let bad = |msg: &str| ApiError::param(API, "response_format", msg.to_string());
+    let Some(format) = format.as_ref().filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let Some(kind) = format.get("type").and_then(Value::as_str) else {
+        return Err(bad(
+            "response_format needs a type: text, json_object or json_schema",
+        ));
+    };
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        "json_schema" => {
+            let Some(spec) = format.get("json_schema").filter(|v| v.is_object()) else {
+                return Err(bad(
+                    "response_format json_schema needs a json_schema object with a schema",
+                ));
+            };
+            match spec.get("schema") {
+                Some(schema @ (Value::Object(_) | Value::Bool(true))) => {
+                    Ok(Some(GrammarSpec::JsonSchema(schema.clone())))
+                }
+                // OpenAI accepts a json_schema without a schema: any JSON object.
+                None | Some(Value::Null) => Ok(Some(GrammarSpec::JsonObject)),
+                Some(_) => Err(bad("json_schema.schema must be a JSON Schema object")),
+            }
+        }
+        other => Err(bad(&format!(
+            "unknown response_format type {other:?}: text, json_object or json_schema"
+        ))),
+    }
+}
+
 /// Runs the generation and answers with a stream or one object, chat or text completion.
 async fn reply(
     state: &AppState,
@@ -357,7 +384,11 @@ async fn reply(
     common: &Common,
     chat: bool,
 ) -> Result<Response, ApiError> {
-    let prepared = generate::prepare(API, &served, prompt, knobs)?;
+    let mut prepared = generate::prepare(API, &served, prompt, knobs)?;
+    if let Some(spec) = response_format(&common.response_format)? {
+        prepared.constraint =
+            Some(generate::constrain(API, &served, spec, "response_format").await?);
+    }
     let generation = generate::submit(API, state, served.clone(), prepared)?;
     let id = new_id(if chat { "chatcmpl" } else { "cmpl" });
     let created = generate::unix_now();

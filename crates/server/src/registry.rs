@@ -20,6 +20,8 @@ pub struct Served {
     pub scheduler: Scheduler,
     pub load_time: Duration,
     pub size: u64,
+    /// The model's grammar index for constrained output, built on first use.
+    pub grammars: OnceCell<Arc<hearth_engine::constraint::Grammars>>,
 }
 
 pub struct Registry {
@@ -151,6 +153,7 @@ impl Registry {
                 scheduler,
                 load_time: t.elapsed(),
                 size,
+                grammars: OnceCell::new(),
             })
         })
         .await

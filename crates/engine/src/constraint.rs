@@ -1,0 +1,209 @@
+//! Constrained decoding: at every step a mask of the tokens a JSON schema, a regular
+//! expression or a Lark grammar allows next (llguidance, the engine llama.cpp, vLLM and
+//! mistral.rs use), computed over this model's own tokenizer. Tokens outside the mask get
+//! `-inf` logits before sampling, so the output always parses.
+
+use std::sync::Arc;
+
+use hearth_tokenizer::{TokenId, TokenKind, Tokenizer};
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+
+use crate::EngineError;
+
+/// Largest schema or grammar text one request may send.
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+
+/// JSON whitespace: at most this many spaces, tabs or newlines between two JSON tokens,
+/// so a model can indent but never loop on whitespace.
+const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
+
+/// What the output must match.
+#[derive(Debug, Clone)]
+pub enum GrammarSpec {
+    /// Any JSON object (OpenAI `json_object`, Ollama `format: "json"`).
+    JsonObject,
+    /// JSON valid under this JSON Schema.
+    JsonSchema(Value),
+    /// Text matching a regular expression (whole output).
+    Regex(String),
+    /// A Lark grammar as llguidance reads it (`start: ...`, regex terminals, `%json`).
+    Lark(String),
+}
+
+impl GrammarSpec {
+    fn size(&self) -> usize {
+        match self {
+            GrammarSpec::JsonObject => 0,
+            GrammarSpec::JsonSchema(v) => v.to_string().len(),
+            GrammarSpec::Regex(s) | GrammarSpec::Lark(s) => s.len(),
+        }
+    }
+
+    fn to_grammar(&self) -> Result<TopLevelGrammar, String> {
+        let json_options = json!({
+            "whitespace_pattern": JSON_WHITESPACE,
+            "item_separator": ",",
+            "key_separator": ":",
+        });
+        Ok(match self {
+            GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(
+                json!({"type": "object", "x-guidance": json_options}),
+            ),
+            GrammarSpec::JsonSchema(schema) => {
+                let mut schema = match schema {
+                    Value::Bool(true) => json!({}),
+                    Value::Object(_) => schema.clone(),
+                    _ => return Err("a JSON schema must be an object".into()),
+                };
+                schema["x-guidance"] = json_options;
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        })
+    }
+}
+
+/// The per-model part, built once (it indexes every token's bytes: a second or more on a
+/// 262k vocabulary) and shared by every request's [`Constraint`].
+pub struct Grammars {
+    factory: ParserFactory,
+    eog: Arc<[TokenId]>,
+}
+
+impl Grammars {
+    /// `n_vocab` is the model's output size (it may exceed the tokenizer's: padding rows
+    /// are never allowed).
+    pub fn new(tokenizer: &Tokenizer, n_vocab: usize) -> Result<Self, EngineError> {
+        let words: Vec<Vec<u8>> = (0..n_vocab)
+            .map(|id| {
+                let id = id as TokenId;
+                match tokenizer.kind(id) {
+                    // Special tokens are kept out of the grammar's text: llguidance knows
+                    // them by this marker.
+                    Some(TokenKind::Control) => {
+                        let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                        w.extend_from_slice(tokenizer.token_text(id).unwrap_or("").as_bytes());
+                        w
+                    }
+                    Some(_) => tokenizer.token_to_piece(id, false),
+                    None => Vec::new(),
+                }
+            })
+            .collect();
+        let eog: Arc<[TokenId]> = tokenizer.eog_tokens().into();
+        let eos = tokenizer
+            .eos
+            .or_else(|| eog.first().copied())
+            .ok_or_else(|| EngineError::Grammar("the model has no end-of-text token".into()))?;
+        let info = TokRxInfo {
+            vocab_size: n_vocab as u32,
+            tok_eos: eos,
+            tok_bos: tokenizer.bos,
+            tok_pad: None,
+            tok_unk: tokenizer.unk,
+            tok_end_of_turn: None,
+        };
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let mut factory = ParserFactory::new(
+            &env,
+            llguidance::toktrie::InferenceCapabilities::default(),
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| EngineError::Grammar(e.to_string()))?;
+        factory.quiet();
+        *factory.limits_mut() = ParserLimits {
+            // Bounds a hostile schema or regex: building it stops with an error, it does
+            // not run away (defaults are sized for a server; these are a quarter).
+            initial_lexer_fuel: 250_000,
+            max_grammar_size: 100_000,
+            max_lexer_states: 50_000,
+            verbose_errors: false,
+            ..ParserLimits::default()
+        };
+        Ok(Self { factory, eog })
+    }
+
+    /// A matcher for one request, or why the grammar is refused (too large, invalid,
+    /// unsatisfiable, over the complexity bounds).
+    pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint, EngineError> {
+        if spec.size() > MAX_GRAMMAR_BYTES {
+            return Err(EngineError::Grammar(format!(
+                "the schema or grammar has {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
+                spec.size()
+            )));
+        }
+        let grammar = spec.to_grammar().map_err(EngineError::Grammar)?;
+        let parser = llguidance::panic_utils::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.factory.create_parser(grammar)
+        }))
+        .map_err(|e| EngineError::Grammar(first_line(&e.to_string())))?;
+        let mut matcher = Matcher::new(Ok(parser));
+        // An unsatisfiable grammar (an empty enum, say) allows nothing from the start.
+        let first = matcher
+            .compute_mask()
+            .map_err(|e| EngineError::Grammar(first_line(&e.to_string())))?;
+        if first.is_zero() {
+            return Err(EngineError::Grammar(
+                "no output can satisfy this schema or grammar".into(),
+            ));
+        }
+        Ok(Constraint {
+            matcher,
+            eog: self.eog.clone(),
+            eos: self.factory.tok_env().tok_trie().eos_token(),
+        })
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("invalid grammar").to_string()
+}
+
+/// One request's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+    eog: Arc<[TokenId]>,
+    eos: TokenId,
+}
+
+impl Constraint {
+    /// Sets the logits of tokens the grammar does not allow now to `-inf`. Where the grammar
+    /// may end, every end-of-generation token is allowed. False when nothing is allowed.
+    pub fn mask(&mut self, logits: &mut [f32]) -> bool {
+        let Ok(allowed) = self.matcher.compute_mask() else {
+            return false;
+        };
+        let may_end = allowed.is_allowed(self.eos);
+        let n = allowed.len();
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            let ok = (i < n && allowed.is_allowed(i as TokenId))
+                || (may_end && self.eog.contains(&(i as TokenId)));
+            if ok {
+                any |= *l > f32::NEG_INFINITY;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        any
+    }
+
+    /// Advances past `token` (one the mask allowed). False if the grammar refused it.
+    pub fn accept(&mut self, token: TokenId) -> bool {
+        self.matcher.consume_token(token).is_ok()
+    }
+
+    /// The grammar is complete and allows nothing more.
+    pub fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.matcher.get_error()
+    }
+}

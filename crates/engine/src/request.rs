@@ -1,0 +1,131 @@
+//! One request's generation state, shared by the CLI's loop ([`crate::Session::generate`])
+//! and the server's scheduler: sampler, grammar constraint, end-of-generation detection,
+//! streaming UTF-8 decoder, stop strings and counters. Each caller only runs the model and
+//! moves tokens; what a token means for the request is decided here, once.
+
+use hearth_tokenizer::{StreamDecoder, TokenId, Tokenizer};
+
+use crate::constraint::Constraint;
+use crate::{FinishReason, Sampler, SamplingParams, StopMatcher};
+
+/// What one sampled token did to the request.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Keep going: run `token` through the model next; `text` may be emitted now.
+    Continue { token: TokenId, text: String },
+    /// The request is over; `text` is the last of it (anything held back included).
+    Finish { reason: FinishReason, text: String },
+}
+
+pub struct RequestState {
+    sampler: Sampler,
+    constraint: Option<Constraint>,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    max_tokens: usize,
+    /// Tokens generated (end-of-generation token excluded).
+    tokens: Vec<TokenId>,
+    /// Logits with the grammar's mask applied (only used under a constraint).
+    masked: Vec<f32>,
+}
+
+impl RequestState {
+    pub fn new(
+        params: SamplingParams,
+        stop: &[String],
+        max_tokens: usize,
+        constraint: Option<Constraint>,
+    ) -> Self {
+        Self {
+            sampler: Sampler::new(params),
+            constraint,
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(stop),
+            max_tokens,
+            tokens: Vec::new(),
+            masked: Vec::new(),
+        }
+    }
+
+    /// Tokens generated so far (end-of-generation token excluded).
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn tokens(&self) -> &[TokenId] {
+        &self.tokens
+    }
+
+    /// Picks the next token from `logits` (`history`: the sequence so far, for penalties)
+    /// and says whether the request goes on.
+    pub fn next(&mut self, logits: &[f32], history: &[TokenId], tok: &Tokenizer) -> Next {
+        let token = match &mut self.constraint {
+            None => self.sampler.sample(logits, history),
+            Some(c) => {
+                self.masked.clear();
+                self.masked.extend_from_slice(logits);
+                if !c.mask(&mut self.masked) {
+                    // The grammar allows nothing more: it is complete (or failed).
+                    if let Some(e) = c.error() {
+                        tracing::warn!("grammar stopped: {e}");
+                    }
+                    return self.finish(FinishReason::Stop, true);
+                }
+                let token = self.sampler.sample(&self.masked, history);
+                if !tok.is_eog(token) && !c.accept(token) {
+                    tracing::warn!("grammar refused token {token} it had allowed");
+                    return self.finish(FinishReason::Stop, true);
+                }
+                token
+            }
+        };
+        if tok.is_eog(token) {
+            return self.finish(FinishReason::Stop, true);
+        }
+        self.tokens.push(token);
+        let text = self.decoder.push(&tok.token_to_piece(token, false));
+        let (emit, hit) = self.stops.push(&text);
+        if hit {
+            // The stop string and what follows it are cut: nothing held back is released.
+            return Next::Finish {
+                reason: FinishReason::Stop,
+                text: emit,
+            };
+        }
+        let done = if self
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_finished)
+        {
+            Some(FinishReason::Stop)
+        } else if self.tokens.len() >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match done {
+            Some(reason) => {
+                let Next::Finish { text: rest, .. } = self.finish(reason, true) else {
+                    unreachable!("finish returns Finish")
+                };
+                Next::Finish {
+                    reason,
+                    text: emit + &rest,
+                }
+            }
+            None => Next::Continue { token, text: emit },
+        }
+    }
+
+    /// Ends the request for `reason`; `flush` releases text held back for stop strings or
+    /// an incomplete UTF-8 character.
+    pub fn finish(&mut self, reason: FinishReason, flush: bool) -> Next {
+        let text = if flush {
+            let (emit, _) = self.stops.push(&self.decoder.finish());
+            emit + &self.stops.flush()
+        } else {
+            String::new()
+        };
+        Next::Finish { reason, text }
+    }
+}
