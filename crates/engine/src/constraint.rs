@@ -153,7 +153,7 @@ impl Grammars {
             ));
         }
         Ok(Constraint {
-            matcher,
+            matcher: Box::new(matcher),
             eog: self.eog.clone(),
             eos: self.factory.tok_env().tok_trie().eos_token(),
         })
@@ -166,7 +166,8 @@ fn first_line(s: &str) -> String {
 
 /// One request's grammar state.
 pub struct Constraint {
-    matcher: Matcher,
+    /// Boxed: the matcher is large and requests move through queues.
+    matcher: Box<Matcher>,
     eog: Arc<[TokenId]>,
     eos: TokenId,
 }

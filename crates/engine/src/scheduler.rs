@@ -69,8 +69,8 @@ pub struct Job {
 }
 
 pub enum SubmitError {
-    QueueFull(Job),
-    Stopped(Job),
+    QueueFull(Box<Job>),
+    Stopped(Box<Job>),
 }
 
 /// Live figures for `/metrics` and `/api/ps`.
@@ -123,8 +123,8 @@ impl Scheduler {
             Err(e) => {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 Err(match e {
-                    TrySendError::Full((job, _)) => SubmitError::QueueFull(job),
-                    TrySendError::Disconnected((job, _)) => SubmitError::Stopped(job),
+                    TrySendError::Full((job, _)) => SubmitError::QueueFull(Box::new(job)),
+                    TrySendError::Disconnected((job, _)) => SubmitError::Stopped(Box::new(job)),
                 })
             }
         }

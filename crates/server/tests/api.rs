@@ -1274,3 +1274,193 @@ async fn health_readiness_and_replica_name() {
     .await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// Constrained output in both APIs: JSON schema and JSON object modes answer JSON that
+/// parses and follows the schema; hostile schemas are 400s in each API's shape and the
+/// server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output_in_both_apis() {
+    let s = start(|_| {}).await;
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "pets"],
+        "additionalProperties": false,
+    });
+    let check = |v: &Value| {
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"));
+        assert_eq!(obj.len(), 3, "{v}");
+        assert!(
+            obj["name"]
+                .as_str()
+                .is_some_and(|n| n.chars().count() <= 20),
+            "{v}"
+        );
+        assert!(
+            obj["age"].as_i64().is_some_and(|a| (0..=120).contains(&a)),
+            "{v}"
+        );
+        let pets = obj["pets"].as_array().unwrap();
+        assert!(pets.len() <= 3, "{v}");
+        assert!(pets
+            .iter()
+            .all(|p| ["cat", "dog", "fish"].contains(&p.as_str().unwrap())));
+    };
+    let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    for seed in 0..3 {
+        let (status, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat(
+                "Describe a person as JSON.",
+                json!({"response_format": format, "max_tokens": 200, "seed": seed, "temperature": 1.0}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        check(&serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}")));
+    }
+    // Any JSON object.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat(
+            "List three colours.",
+            json!({"response_format": {"type": "json_object"}, "max_tokens": 200}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(content).is_ok_and(|v| v.is_object()),
+        "{content}"
+    );
+    // Ollama: format schema and "json", generate and chat.
+    let (status, v) = post(
+        &s,
+        "/api/chat",
+        json!({"model": MODEL, "stream": false, "format": schema,
+               "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+               "options": {"num_predict": 200, "temperature": 0}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    check(&serde_json::from_str(v["message"]["content"].as_str().unwrap()).unwrap());
+    let (status, v) = post(
+        &s,
+        "/api/generate",
+        json!({"model": MODEL, "stream": false, "format": "json", "prompt": "Give a JSON object with the keys name and age of a cat.",
+               "options": {"num_predict": 300, "temperature": 0}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["done_reason"], "stop", "{v}");
+    assert!(
+        serde_json::from_str::<Value>(v["response"].as_str().unwrap()).is_ok(),
+        "{v}"
+    );
+    // Too few tokens to finish the object: "length", as OpenAI's parse() expects.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat(
+            "Describe a person as JSON.",
+            json!({"response_format": format, "max_tokens": 3}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+
+    // Hostile or broken schemas: 400 in each API's shape, quickly.
+    let mut deep = json!({"type": "string"});
+    for _ in 0..100 {
+        deep = json!({"type": "object", "properties": {"a": deep}, "required": ["a"]});
+    }
+    let huge = json!({"type": "object", "properties": (0..5000)
+        .map(|i| (format!("field_number_{i}"), json!({"type": "string"})))
+        .collect::<serde_json::Map<String, Value>>()});
+    let hostile = [
+        json!({"type": "object", "properties": {"x": {"enum": []}}, "required": ["x"]}),
+        json!({"type": "string", "pattern": "(("}),
+        json!({"type": "nonsense"}),
+        huge,
+    ];
+    for schema in &hostile {
+        let t = Instant::now();
+        let format = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
+        let (status, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat("Hi", json!({"response_format": format, "max_tokens": 8})),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "response_format", "{v}");
+        let (status, v) = post(
+            &s,
+            "/api/chat",
+            json!({"model": MODEL, "stream": false, "format": schema,
+                   "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].is_string(), "{v}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    }
+    // Legal but heavy: 100 levels deep, a regex that backtracking engines choke on. Each
+    // is answered in bounded time (or refused over the bounds), never a crash or a hang.
+    for schema in [
+        deep,
+        json!({"type": "string", "pattern": "^((a|aa)*b{1000}){1000}$"}),
+    ] {
+        let t = Instant::now();
+        let format =
+            json!({"type": "json_schema", "json_schema": {"name": "heavy", "schema": schema}});
+        let (status, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat("Hi", json!({"response_format": format, "max_tokens": 16})),
+        )
+        .await;
+        assert!(status == 200 || status == 400, "{status} {v}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    }
+    for bad in [
+        json!({"type": "xml"}),
+        json!("json"),
+        json!({"type": "json_schema"}),
+    ] {
+        let (status, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat("Hi", json!({"response_format": bad})),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+    }
+    let (status, v) = post(
+        &s,
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "Hi", "format": "yaml"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    // Still serving.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+}
