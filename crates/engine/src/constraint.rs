@@ -16,9 +16,10 @@ use crate::EngineError;
 /// Largest schema or grammar text one request may send.
 pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 
-/// JSON whitespace: at most this many spaces, tabs or newlines between two JSON tokens,
-/// so a model can indent but never loop on whitespace.
-const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
+/// JSON whitespace between two JSON tokens, as llama.cpp's schema grammars allow it: one
+/// space, or one newline and an indent of up to 20 spaces or tabs. A model can pretty-print
+/// but never loop on whitespace.
+const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
 
 /// What the output must match.
 #[derive(Debug, Clone)]
@@ -58,12 +59,55 @@ impl GrammarSpec {
                     Value::Object(_) => schema.clone(),
                     _ => return Err("a JSON schema must be an object".into()),
                 };
+                close_objects(&mut schema);
                 schema["x-guidance"] = json_options;
                 TopLevelGrammar::from_json_schema(schema)
             }
             GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
             GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
         })
+    }
+}
+
+/// Objects without `additionalProperties` get `false`, as llama.cpp's (and so Ollama's)
+/// schema conversion does: a model is not invited to invent keys after the ones asked for
+/// (small models otherwise ramble on until `max_tokens`). `additionalProperties: true` or a
+/// schema for them is kept.
+fn close_objects(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    let is_object = map.get("type").is_some_and(|t| {
+        t == "object"
+            || t.as_array()
+                .is_some_and(|a| a.iter().any(|t| t == "object"))
+    }) || map.contains_key("properties");
+    if is_object && !map.contains_key("additionalProperties") {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, value) in map.iter_mut() {
+        match key.as_str() {
+            // Maps of name → schema.
+            "properties" | "$defs" | "definitions" | "patternProperties" => {
+                if let Value::Object(m) = value {
+                    m.values_mut().for_each(close_objects);
+                }
+            }
+            // Lists of schemas.
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                if let Value::Array(a) = value {
+                    a.iter_mut().for_each(close_objects);
+                }
+            }
+            // One schema (or a list of them, for old-style `items`).
+            "items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains" => {
+                match value {
+                    Value::Array(a) => a.iter_mut().for_each(close_objects),
+                    v => close_objects(v),
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -206,5 +250,38 @@ impl Constraint {
 
     pub fn error(&self) -> Option<String> {
         self.matcher.get_error()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_without_additional_properties_are_closed() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {
+                "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                "open": {"type": "object", "additionalProperties": true},
+                "list": {"type": "array", "items": {"properties": {"c": {}}}},
+            },
+            "$defs": {"D": {"type": ["object", "null"]}},
+            "anyOf": [{"type": "object"}, {"type": "string"}],
+        });
+        close_objects(&mut schema);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(schema["properties"]["open"]["additionalProperties"], true);
+        assert_eq!(
+            schema["properties"]["list"]["items"]["additionalProperties"],
+            false
+        );
+        assert_eq!(schema["$defs"]["D"]["additionalProperties"], false);
+        assert_eq!(schema["anyOf"][0]["additionalProperties"], false);
+        assert!(schema["anyOf"][1].get("additionalProperties").is_none());
+        assert!(schema["properties"]["list"]
+            .get("additionalProperties")
+            .is_none());
     }
 }
