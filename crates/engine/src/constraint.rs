@@ -73,7 +73,7 @@ impl GrammarSpec {
 /// schema conversion does: a model is not invited to invent keys after the ones asked for
 /// (small models otherwise ramble on until `max_tokens`). `additionalProperties: true` or a
 /// schema for them is kept.
-fn close_objects(schema: &mut Value) {
+pub fn close_objects(schema: &mut Value) {
     let Value::Object(map) = schema else {
         return;
     };
@@ -200,6 +200,7 @@ impl Grammars {
             matcher: Box::new(matcher),
             eog: self.eog.clone(),
             eos: self.factory.tok_env().tok_trie().eos_token(),
+            trigger: None,
         })
     }
 }
@@ -214,9 +215,23 @@ pub struct Constraint {
     matcher: Box<Matcher>,
     eog: Arc<[TokenId]>,
     eos: TokenId,
+    trigger: Option<String>,
 }
 
 impl Constraint {
+    /// Applies only once the generated text ends with `trigger` (a tool call's opening tag
+    /// with `tool_choice: auto`: the model may answer in free text or call a tool; the
+    /// grammar then covers what follows the tag).
+    pub fn after(mut self, trigger: impl Into<String>) -> Self {
+        self.trigger = Some(trigger.into());
+        self
+    }
+
+    /// The text that arms this constraint, if it waits for one.
+    pub fn trigger(&self) -> Option<&str> {
+        self.trigger.as_deref()
+    }
+
     /// Sets the logits of tokens the grammar does not allow now to `-inf`. Where the grammar
     /// may end, every end-of-generation token is allowed. False when nothing is allowed.
     pub fn mask(&mut self, logits: &mut [f32]) -> bool {

@@ -20,6 +20,8 @@ pub enum Next {
 pub struct RequestState {
     sampler: Sampler,
     constraint: Option<Constraint>,
+    /// A constraint waiting for its trigger text, and the generated text searched for it.
+    pending: Option<(Constraint, String)>,
     decoder: StreamDecoder,
     stops: StopMatcher,
     max_tokens: usize,
@@ -36,9 +38,14 @@ impl RequestState {
         max_tokens: usize,
         constraint: Option<Constraint>,
     ) -> Self {
+        let (constraint, pending) = match constraint {
+            Some(c) if c.trigger().is_some() => (None, Some((c, String::new()))),
+            c => (c, None),
+        };
         Self {
             sampler: Sampler::new(params),
             constraint,
+            pending,
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(stop),
             max_tokens,
@@ -84,6 +91,7 @@ impl RequestState {
         }
         self.tokens.push(token);
         let text = self.decoder.push(&tok.token_to_piece(token, false));
+        self.arm_on_trigger(&text);
         let (emit, hit) = self.stops.push(&text);
         if hit {
             // The stop string and what follows it are cut: nothing held back is released.
@@ -114,6 +122,29 @@ impl RequestState {
                 }
             }
             None => Next::Continue { token, text: emit },
+        }
+    }
+
+    /// Arms a waiting constraint once the generated text ends with its trigger. Text that
+    /// runs past the trigger inside one token cannot be aligned with the grammar: the
+    /// constraint then stays off (the tag is a single token in the vocabularies that use it).
+    fn arm_on_trigger(&mut self, text: &str) {
+        let Some((c, seen)) = &mut self.pending else {
+            return;
+        };
+        seen.push_str(text);
+        let trigger = c.trigger().unwrap_or_default();
+        if seen.ends_with(trigger) {
+            if let Some((c, _)) = self.pending.take() {
+                self.constraint = Some(c);
+            }
+        } else if seen.len() > 4 * trigger.len() {
+            // Only the tail can still end with the trigger.
+            let keep = seen.len() - trigger.len();
+            let cut = (keep..seen.len())
+                .find(|&i| seen.is_char_boundary(i))
+                .unwrap_or(seen.len());
+            seen.drain(..cut);
         }
     }
 

@@ -9,6 +9,7 @@ pub mod metrics;
 mod ollama;
 mod openai;
 pub mod registry;
+mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

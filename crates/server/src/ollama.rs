@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hearth_engine::constraint::GrammarSpec;
+use hearth_engine::constraint::{Constraint, GrammarSpec};
 use hearth_engine::{Event, FinishReason, Summary};
 use hearth_tokenizer::template::Message;
 use serde::Deserialize;
@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use crate::error::{Api, ApiError, Kind};
 use crate::generate::{self, body_stream, parse_body, Knobs, Render, Stop};
 use crate::registry::Served;
+use crate::tools;
 use crate::AppState;
 
 const API: Api = Api::Ollama;
@@ -94,6 +95,10 @@ struct ChatMessage {
     #[serde(default)]
     content: String,
     images: Option<Vec<Value>>,
+    /// An assistant turn's calls: `[{function: {name, arguments (an object)}}]`.
+    tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn: which tool answered.
+    tool_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +112,8 @@ struct ChatRequest {
     options: Option<Options>,
     format: Option<Value>,
     tools: Option<Value>,
+    /// hearth's extension: OpenAI's `tool_choice` (`auto` when absent, as Ollama behaves).
+    tool_choice: Option<Value>,
     think: Option<bool>,
 }
 
@@ -176,6 +183,16 @@ struct NdjsonRender {
     model: String,
     received: Instant,
     load: Duration,
+    /// Set when the chat offers tools: text is split from tool calls as it streams.
+    tools: Option<tools::StreamSplit>,
+}
+
+/// Ollama's `tool_calls` (`arguments` as an object).
+fn ollama_tool_calls(calls: &[tools::Call]) -> Value {
+    calls
+        .iter()
+        .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+        .collect()
 }
 
 impl NdjsonRender {
@@ -201,14 +218,56 @@ impl NdjsonRender {
 impl Render for NdjsonRender {
     fn event(&mut self, event: Event) -> (Vec<String>, bool) {
         match event {
-            Event::Text(t) => (vec![format!("{}\n", self.piece(&t))], false),
+            Event::Text(t) => {
+                let t = match &mut self.tools {
+                    Some(split) => split.push(&t),
+                    None => t,
+                };
+                if t.is_empty() {
+                    return (Vec::new(), false);
+                }
+                (vec![format!("{}\n", self.piece(&t))], false)
+            }
             Event::Done(s) => {
+                let mut out = Vec::new();
+                if let Some((rest, calls)) = self.tools.as_mut().map(|split| split.finish()) {
+                    let mut piece = self.piece(&rest);
+                    if !calls.is_empty() {
+                        piece["message"]["tool_calls"] = ollama_tool_calls(&calls);
+                    }
+                    if !rest.is_empty() || !calls.is_empty() {
+                        out.push(format!("{piece}\n"));
+                    }
+                }
                 let last = merge(self.piece(""), final_fields(&s, self.received, self.load));
-                (vec![format!("{last}\n")], true)
+                out.push(format!("{last}\n"));
+                (out, true)
             }
             Event::Error(e) => (vec![format!("{}\n", json!({ "error": e }))], true),
         }
     }
+}
+
+/// The grammar a request's output must follow: its `format`, or its tools' calls.
+async fn output_constraint(
+    served: &Arc<Served>,
+    format: Option<GrammarSpec>,
+    tools: Option<&tools::Tools>,
+) -> Result<Option<Constraint>, ApiError> {
+    if let Some(spec) = format {
+        return Ok(Some(
+            generate::constrain(API, served, spec, "format").await?,
+        ));
+    }
+    let Some(t) = tools else {
+        return Ok(None);
+    };
+    let (spec, trigger) = t.grammar();
+    let c = generate::constrain(API, served, spec, "tools").await?;
+    Ok(Some(match trigger {
+        Some(tag) => c.after(tag),
+        None => c,
+    }))
 }
 
 async fn respond(
@@ -216,24 +275,27 @@ async fn respond(
     served: Arc<Served>,
     prompt: Vec<u32>,
     knobs: Knobs,
-    format: Option<GrammarSpec>,
+    constraint: Option<Constraint>,
     stream: bool,
     render: NdjsonRender,
 ) -> Result<Response, ApiError> {
     let mut prepared = generate::prepare(API, &served, prompt, &knobs)?;
-    if let Some(spec) = format {
-        prepared.constraint = Some(generate::constrain(API, &served, spec, "format").await?);
-    }
+    prepared.constraint = constraint;
     let generation = generate::submit(API, state, served.clone(), prepared)?;
     if stream {
         let body = Body::from_stream(body_stream(generation, render));
         return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
     }
     let (text, summary) = generation.collect(API).await?;
-    let whole = merge(
-        render.piece(&text),
-        final_fields(&summary, render.received, render.load),
-    );
+    let mut piece = render.piece(&text);
+    if render.tools.is_some() {
+        let (content, calls) = tools::split(&text);
+        if !calls.is_empty() {
+            piece = render.piece(&content);
+            piece["message"]["tool_calls"] = ollama_tool_calls(&calls);
+        }
+    }
+    let whole = merge(piece, final_fields(&summary, render.received, render.load));
     Ok(Json(whole).into_response())
 }
 
@@ -296,8 +358,10 @@ pub async fn generate(
         model: served.name.clone(),
         received,
         load,
+        tools: None,
     };
-    respond(&state, served, prompt, knobs, format, stream, render).await
+    let constraint = output_constraint(&served, format, None).await?;
+    respond(&state, served, prompt, knobs, constraint, stream, render).await
 }
 
 pub async fn chat(
@@ -307,9 +371,7 @@ pub async fn chat(
     let received = Instant::now();
     let req: ChatRequest = parse_body(API, body)?;
     let format = check_format(&req.format)?;
-    if generate::asks_for_tools(&req.tools) {
-        return Err(not_supported("tools"));
-    }
+    let tools = tools::Tools::parse(API, &req.tools, &req.tool_choice, None)?;
     let knobs = req.options.unwrap_or_default().knobs()?;
     let served = state.registry.get(API, &req.model).await?;
     let load = received.elapsed();
@@ -324,11 +386,22 @@ pub async fn chat(
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(ApiError::bad(API, format!("unknown role {:?}", m.role)));
         }
-        msgs.push(Message::new(&m.role, &m.content));
+        let mut message = Message::new(&m.role, &m.content);
+        message.tool_calls = m.tool_calls.clone().map(Value::Array);
+        message.name = m.tool_name.clone();
+        msgs.push(message);
+    }
+    let mut kwargs = think_kwargs(req.think);
+    if let Some(t) = &tools {
+        if format.is_some() {
+            return Err(ApiError::bad(API, "format and tools cannot be combined"));
+        }
+        crate::openai::check_tools(API, &served, &None)?;
+        kwargs.insert("tools".into(), t.raw.clone());
     }
     let prompt = served
         .loaded
-        .chat_tokens_with(&msgs, &think_kwargs(req.think))
+        .chat_tokens_with(&msgs, &kwargs)
         .map_err(|e| ApiError::bad(API, e.to_string()))?;
     let stream = req.stream.unwrap_or(true);
     let render = NdjsonRender {
@@ -336,8 +409,10 @@ pub async fn chat(
         model: served.name.clone(),
         received,
         load,
+        tools: tools.as_ref().map(|_| tools::StreamSplit::default()),
     };
-    respond(&state, served, prompt, knobs, format, stream, render).await
+    let constraint = output_constraint(&served, format, tools.as_ref()).await?;
+    respond(&state, served, prompt, knobs, constraint, stream, render).await
 }
 
 /// Ollama's `details` of a model file.

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Api, ApiError};
 use crate::generate::{self, body_stream, parse_body, Knobs, Render, Stop};
+use crate::tools;
 use crate::AppState;
 
 const API: Api = Api::OpenAi;
@@ -41,6 +42,14 @@ struct InMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls: `[{id, type, function: {name, arguments (a JSON string)}}]`.
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -73,6 +82,8 @@ struct Common {
     logprobs: Option<Value>,
     response_format: Option<Value>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     echo: Option<bool>,
 }
 
@@ -91,13 +102,6 @@ impl Common {
                 API,
                 "logprobs",
                 "logprobs are not supported yet",
-            ));
-        }
-        if generate::asks_for_tools(&self.tools) {
-            return Err(ApiError::param(
-                API,
-                "tools",
-                "tool calls are not supported yet",
             ));
         }
         if self.echo == Some(true) {
@@ -218,7 +222,54 @@ fn messages(api_messages: &[InMessage]) -> Result<Vec<Message>, ApiError> {
                     text
                 }
             };
-            Ok(Message::new(role, &content))
+            let mut message = Message::new(role, &content);
+            if let Some(calls) = &m.tool_calls {
+                message.tool_calls = Some(template_tool_calls(calls)?);
+            }
+            message.tool_call_id = m.tool_call_id.clone();
+            message.name = m.name.clone();
+            Ok(message)
+        })
+        .collect()
+}
+
+/// An assistant turn's calls as templates read them: `arguments` parsed from its JSON
+/// string into an object (templates write it back with `tojson`).
+fn template_tool_calls(calls: &[Value]) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for call in calls {
+        let mut call = call.clone();
+        if let Some(args) = call.pointer_mut("/function/arguments") {
+            if let Value::String(text) = args {
+                *args = serde_json::from_str(text).map_err(|e| {
+                    ApiError::param(
+                        API,
+                        "messages",
+                        format!("tool_calls arguments are not JSON: {e}"),
+                    )
+                })?;
+            }
+        }
+        out.push(call);
+    }
+    Ok(Value::Array(out))
+}
+
+/// OpenAI's `tool_calls` for calls read from the output (`arguments` as a JSON string).
+fn openai_tool_calls(calls: &[tools::Call], with_index: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({
+                "id": new_id("call"),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments.to_string()},
+            });
+            if with_index {
+                v["index"] = json!(i);
+            }
+            v
         })
         .collect()
 }
@@ -234,6 +285,8 @@ struct SseRender {
     model: String,
     created: u64,
     include_usage: bool,
+    /// Set when the request offers tools: text is split from tool calls as it streams.
+    tools: Option<tools::StreamSplit>,
 }
 
 impl SseRender {
@@ -277,14 +330,36 @@ impl Render for SseRender {
 
     fn event(&mut self, event: Event) -> (Vec<String>, bool) {
         match event {
-            Event::Text(t) => (
-                vec![sse_data(&self.chunk(self.choice(Some(&t), None)))],
-                false,
-            ),
+            Event::Text(t) => {
+                let t = match &mut self.tools {
+                    Some(split) => split.push(&t),
+                    None => t,
+                };
+                if t.is_empty() {
+                    return (Vec::new(), false);
+                }
+                (
+                    vec![sse_data(&self.chunk(self.choice(Some(&t), None)))],
+                    false,
+                )
+            }
             Event::Done(s) => {
-                let mut out = vec![sse_data(
-                    &self.chunk(self.choice(None, Some(finish_reason(s.finish)))),
-                )];
+                let mut out = Vec::new();
+                let mut finish = finish_reason(s.finish);
+                if let Some((rest, calls)) = self.tools.as_mut().map(|split| split.finish()) {
+                    if !rest.is_empty() {
+                        out.push(sse_data(&self.chunk(self.choice(Some(&rest), None))));
+                    }
+                    if !calls.is_empty() {
+                        finish = "tool_calls";
+                        for call in openai_tool_calls(&calls, true) {
+                            let delta = json!({ "index": 0, "delta": { "tool_calls": [call] },
+                                                "logprobs": null, "finish_reason": null });
+                            out.push(sse_data(&self.chunk(delta)));
+                        }
+                    }
+                }
+                out.push(sse_data(&self.chunk(self.choice(None, Some(finish)))));
                 if self.include_usage {
                     let mut u = self.chunk(json!(null));
                     u["choices"] = json!([]);
@@ -332,12 +407,53 @@ pub async fn chat_completions(
             "at most 32 template variables",
         ));
     }
+    let tools = tools::Tools::parse(
+        API,
+        &req.common.tools,
+        &req.common.tool_choice,
+        req.common.parallel_tool_calls,
+    )?;
     let served = state.registry.get(API, &req.common.model).await?;
+    let mut kwargs = kwargs;
+    if let Some(t) = &tools {
+        check_tools(API, &served, &req.common.response_format)?;
+        kwargs.insert("tools".into(), t.raw.clone());
+    }
     let prompt = served
         .loaded
         .chat_tokens_with(&msgs, &kwargs)
         .map_err(|e| ApiError::param(API, "messages", e.to_string()))?;
-    reply(&state, served, prompt, &knobs, &req.common, true).await
+    reply(&state, served, prompt, &knobs, &req.common, true, tools).await
+}
+
+/// Tools need a template that teaches the model a call syntax hearth reads, and do not
+/// combine with `response_format`.
+pub fn check_tools(
+    api: Api,
+    served: &crate::registry::Served,
+    response_format: &Option<Value>,
+) -> Result<(), ApiError> {
+    if !tools::template_supports_tools(served.loaded.template.source()) {
+        return Err(ApiError::param(
+            api,
+            "tools",
+            format!(
+                "{}'s chat template has no tool-call syntax hearth knows (Hermes/Qwen <tool_call>), so it cannot call tools",
+                served.name
+            ),
+        ));
+    }
+    if response_format
+        .as_ref()
+        .is_some_and(|f| f.get("type").and_then(Value::as_str).unwrap_or("text") != "text")
+    {
+        return Err(ApiError::param(
+            api,
+            "response_format",
+            "response_format and tools cannot be combined",
+        ));
+    }
+    Ok(())
 }
 
 /// `response_format`: `text` (or none), `json_object`, or `json_schema` with its schema.
@@ -383,11 +499,20 @@ async fn reply(
     knobs: &Knobs,
     common: &Common,
     chat: bool,
+    tools: Option<tools::Tools>,
 ) -> Result<Response, ApiError> {
     let mut prepared = generate::prepare(API, &served, prompt, knobs)?;
     if let Some(spec) = response_format(&common.response_format)? {
         prepared.constraint =
             Some(generate::constrain(API, &served, spec, "response_format").await?);
+    }
+    if let Some(t) = &tools {
+        let (spec, trigger) = t.grammar();
+        let c = generate::constrain(API, &served, spec, "tools").await?;
+        prepared.constraint = Some(match trigger {
+            Some(tag) => c.after(tag),
+            None => c,
+        });
     }
     let generation = generate::submit(API, state, served.clone(), prepared)?;
     let id = new_id(if chat { "chatcmpl" } else { "cmpl" });
@@ -402,13 +527,25 @@ async fn reply(
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            tools: tools.as_ref().map(|_| tools::StreamSplit::default()),
         };
         return Ok(sse_response(generation, render));
     }
     let (text, summary) = generation.collect(API).await?;
-    let finish = finish_reason(summary.finish);
+    let mut finish = finish_reason(summary.finish);
     let (object, choice) = if chat {
-        let message = json!({ "role": "assistant", "content": text });
+        let mut message = json!({ "role": "assistant", "content": text });
+        if tools.is_some() {
+            let (content, calls) = tools::split(&text);
+            if !calls.is_empty() {
+                message = json!({
+                    "role": "assistant",
+                    "content": if content.is_empty() { Value::Null } else { json!(content) },
+                    "tool_calls": openai_tool_calls(&calls, false),
+                });
+                finish = "tool_calls";
+            }
+        }
         let choice =
             json!({ "index": 0, "message": message, "logprobs": null, "finish_reason": finish });
         ("chat.completion", choice)
@@ -434,6 +571,13 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(API, body)?;
     let knobs = req.common.check()?;
+    if generate::asks_for_tools(&req.common.tools) {
+        return Err(ApiError::param(
+            API,
+            "tools",
+            "tools are for /v1/chat/completions",
+        ));
+    }
     let served = state.registry.get(API, &req.common.model).await?;
     let prompt = match req.prompt {
         Prompt::Text(t) => served.loaded.text_tokens(&t),
@@ -457,7 +601,7 @@ pub async fn completions(
             ids
         }
     };
-    reply(&state, served, prompt, &knobs, &req.common, false).await
+    reply(&state, served, prompt, &knobs, &req.common, false, None).await
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {

@@ -1464,3 +1464,208 @@ async fn structured_output_in_both_apis() {
     .await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// Tool calls on the synthetic Qwen2 model carrying Qwen2.5's chat template (random weights:
+/// only the grammar makes its calls well formed): OpenAI `tools` with `required`, a named
+/// function and `parallel_tool_calls: false`, streamed deltas equal to the whole answer,
+/// tool results fed back through the template; Ollama's `tool_calls` with object
+/// arguments; a model whose template has no tool syntax answers 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_in_both_apis() {
+    let synthetic = std::env::var_os("HEARTH_SYNTHETIC").map_or_else(
+        || std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/hearth/synthetic"),
+        std::path::PathBuf::from,
+    );
+    let file = synthetic.join("qwen2-tools.gguf");
+    assert!(
+        file.is_file(),
+        "{} missing: run scripts/make-synthetic-models",
+        file.display()
+    );
+    let dir = std::env::temp_dir().join(format!("hearth-tools-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(&file, dir.join("qwen2-tools.gguf")).unwrap();
+    std::os::unix::fs::symlink(
+        ServerConfig::default()
+            .models_dir
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        dir.join("smol.gguf"),
+    )
+    .unwrap();
+    let s = start(|c| {
+        c.models_dir = dir.clone();
+        c.n_ctx = 2048;
+    })
+    .await;
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+            "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                           "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"]}}},
+    ]);
+    let ask = |extra: Value| {
+        let mut v = json!({"model": "qwen2-tools", "tools": tools, "max_tokens": 300, "seed": 7,
+                           "messages": [{"role": "user", "content": "What is the weather in Oslo?"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let check_call = |call: &Value| -> (String, Value) {
+        assert_eq!(call["type"], "function", "{call}");
+        assert!(call["id"].as_str().is_some_and(|i| !i.is_empty()), "{call}");
+        let name = call["function"]["name"].as_str().unwrap().to_string();
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        match name.as_str() {
+            "get_weather" => {
+                assert!(
+                    args["city"]
+                        .as_str()
+                        .is_some_and(|c| c.chars().count() <= 16),
+                    "{args}"
+                );
+                assert!(args["unit"] == "C" || args["unit"] == "F", "{args}");
+                assert_eq!(args.as_object().unwrap().len(), 2, "{args}");
+            }
+            "add" => {
+                for k in ["a", "b"] {
+                    assert!(
+                        args[k].as_i64().is_some_and(|x| (0..=99).contains(&x)),
+                        "{args}"
+                    );
+                }
+            }
+            other => panic!("unknown tool {other}"),
+        }
+        (name, args)
+    };
+
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        ask(json!({"tool_choice": "required"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty(), "{v}");
+    calls.iter().for_each(|c| {
+        check_call(c);
+    });
+
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "add"}},
+                       "parallel_tool_calls": false});
+    let (status, v) = post(&s, "/v1/chat/completions", ask(named.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    let whole = check_call(&calls[0]);
+    assert_eq!(whole.0, "add");
+
+    // Streamed: the call arrives as a delta with an index; same call as the whole answer.
+    let mut body = ask(named);
+    body["stream"] = json!(true);
+    let r = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(deltas.len(), 1, "{text}");
+    assert_eq!(deltas[0][0]["index"], 0, "{text}");
+    assert_eq!(check_call(&deltas[0][0]), whole);
+    assert_eq!(
+        chunks
+            .iter()
+            .rev()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str()),
+        Some("tool_calls")
+    );
+
+    // The tool's answer goes back through the template.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "qwen2-tools", "tools": tools, "max_tokens": 4, "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // `auto` leaves the model free: text or calls, both well formed.
+    let (status, v) = post(&s, "/v1/chat/completions", ask(json!({"max_tokens": 16}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    // `none`: no tools at all.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        ask(json!({"tool_choice": "none", "max_tokens": 8})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+
+    // Ollama: object arguments.
+    let (status, v) = post(
+        &s,
+        "/api/chat",
+        json!({"model": "qwen2-tools", "stream": false, "tools": tools, "tool_choice": "required",
+               "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+               "options": {"num_predict": 300, "seed": 7}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let calls = v["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(calls[0]["function"]["arguments"].is_object(), "{v}");
+
+    // Errors: a template without tool syntax, a bad choice, tools with response_format.
+    let mut smol = ask(json!({}));
+    smol["model"] = json!("smol");
+    let (status, v) = post(&s, "/v1/chat/completions", smol).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tools", "{v}");
+    let (status, v) = post(
+        &s,
+        "/api/chat",
+        json!({"model": "smol", "stream": false, "tools": tools, "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    for extra in [
+        json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        json!({"tool_choice": "sometimes"}),
+        json!({"tools": "get_weather"}),
+        json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}),
+        json!({"response_format": {"type": "json_object"}}),
+    ] {
+        let (status, v) = post(&s, "/v1/chat/completions", ask(extra)).await;
+        assert_eq!(status, 400, "{v}");
+    }
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

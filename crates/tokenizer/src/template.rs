@@ -15,6 +15,15 @@ const MAX_OVERHEAD_BYTES: usize = 1 << 20;
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, `[{id, type, function: {name, arguments}}]` with
+    /// `arguments` as an object (templates write it with `tojson`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the call it answers, and the tool's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -22,6 +31,9 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
