@@ -425,7 +425,7 @@ async fn errors_in_each_apis_shape() {
         ),
         (
             "/api/generate",
-            json!({"model": MODEL, "prompt": "x", "format": "json"}),
+            json!({"model": MODEL, "prompt": "x", "format": "yaml"}),
             400,
         ),
     ];
@@ -546,18 +546,19 @@ async fn full_queue_answers_503_and_loses_nothing() {
         assert!(Instant::now() < deadline, "the second request never queued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The per-model figures autoscalers read.
-    let labelled = |name: &str| format!("{name}{{model=\"{MODEL}\"}}");
-    assert_eq!(
-        metric(&s, &labelled("hearth_num_requests_waiting")).await,
-        1.0
-    );
-    assert_eq!(
-        metric(&s, &labelled("hearth_num_requests_running")).await,
-        1.0
-    );
-    let usage = metric(&s, &labelled("hearth_kv_cache_usage_ratio")).await;
-    assert!(usage > 0.0 && usage <= 1.0, "{usage}");
+    // The per-model figures autoscalers read, from one scrape.
+    let (_, text) = get(&s, "/metrics").await;
+    let value = |name: &str| -> f64 {
+        let key = format!("{name}{{model=\"{MODEL}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+    };
+    assert_eq!(value("hearth_num_requests_waiting"), 1.0, "{text}");
+    assert_eq!(value("hearth_num_requests_running"), 1.0, "{text}");
+    let usage = value("hearth_kv_cache_usage_ratio");
+    assert!(usage > 0.0 && usage <= 1.0, "{text}");
     let r = client()
         .post(format!("{}/v1/chat/completions", s.base))
         .json(&chat("Hi", json!({"max_tokens": 3})))
