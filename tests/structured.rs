@@ -3,7 +3,9 @@
 //! patterns and ranges, OpenAI's `parse()` with a Pydantic model, `json_object`, Ollama's
 //! `format`; every output validated with `jsonschema` (100% must validate), on SmolLM2,
 //! Gemma3 and the synthetic Qwen2 model (random weights: only the grammar keeps its output
-//! valid). Needs `pip install openai ollama jsonschema`.
+//! valid); and tool calling through both clients (tests/clients/test_tools.py) on the
+//! synthetic Qwen2 model carrying Qwen2.5's chat template. Needs
+//! `pip install openai ollama jsonschema`.
 
 mod common;
 
