@@ -142,6 +142,20 @@ pub struct Request {
     pub constraint: Option<Constraint>,
 }
 
+/// The grammar of `tools`' calls; with `tool_choice: auto` armed by the opening tag.
+pub async fn tool_constraint(
+    api: Api,
+    served: &Arc<Served>,
+    tools: &crate::tools::Tools,
+) -> Result<Constraint, ApiError> {
+    let (spec, trigger) = tools.grammar();
+    let c = constrain(api, served, spec, "tools").await?;
+    Ok(match trigger {
+        Some(tag) => c.after(tag),
+        None => c,
+    })
+}
+
 /// The grammar `spec` compiled for `served`'s tokenizer (the model's grammar index is built
 /// on first use, once), off the async threads; a bad schema or grammar is a 400 on `param`.
 pub async fn constrain(

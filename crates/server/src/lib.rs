@@ -293,15 +293,8 @@ async fn health(
     Query(q): Query<ProbeQuery>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Some(model) = q.model {
-        let may_load = has_key(&state, &headers);
-        return model_readiness(&state, model, may_load).await;
-    }
-    if state.is_draining() {
-        return probe_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "draining"}),
-        );
+    if let Some(answer) = probe_common(&state, q, &headers).await {
+        return answer;
     }
     let registry = state.clone();
     let offered = tokio::task::spawn_blocking(move || {
@@ -328,15 +321,8 @@ async fn ready(
     Query(q): Query<ProbeQuery>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Some(model) = q.model {
-        let may_load = has_key(&state, &headers);
-        return model_readiness(&state, model, may_load).await;
-    }
-    if state.is_draining() {
-        return probe_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "draining"}),
-        );
+    if let Some(answer) = probe_common(&state, q, &headers).await {
+        return answer;
     }
     let mut waiting = Vec::new();
     for name in &state.config.preload {
@@ -353,6 +339,26 @@ async fn ready(
             json!({"status": "loading", "models": waiting, "errors": failures}),
         )
     }
+}
+
+/// What `/health` and `/ready` answer alike: a model's readiness when one is named, 503
+/// while draining; `None` otherwise.
+async fn probe_common(
+    state: &AppState,
+    q: ProbeQuery,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    if let Some(model) = q.model {
+        let may_load = has_key(state, headers);
+        return Some(model_readiness(state, model, may_load).await);
+    }
+    if state.is_draining() {
+        return Some(probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        ));
+    }
+    None
 }
 
 async fn model_readiness(state: &AppState, model: String, may_load: bool) -> Response {

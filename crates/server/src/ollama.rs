@@ -259,15 +259,10 @@ async fn output_constraint(
             generate::constrain(API, served, spec, "format").await?,
         ));
     }
-    let Some(t) = tools else {
-        return Ok(None);
-    };
-    let (spec, trigger) = t.grammar();
-    let c = generate::constrain(API, served, spec, "tools").await?;
-    Ok(Some(match trigger {
-        Some(tag) => c.after(tag),
-        None => c,
-    }))
+    match tools {
+        Some(t) => Ok(Some(generate::tool_constraint(API, served, t).await?)),
+        None => Ok(None),
+    }
 }
 
 async fn respond(

@@ -507,12 +507,7 @@ async fn reply(
             Some(generate::constrain(API, &served, spec, "response_format").await?);
     }
     if let Some(t) = &tools {
-        let (spec, trigger) = t.grammar();
-        let c = generate::constrain(API, &served, spec, "tools").await?;
-        prepared.constraint = Some(match trigger {
-            Some(tag) => c.after(tag),
-            None => c,
-        });
+        prepared.constraint = Some(generate::tool_constraint(API, &served, t).await?);
     }
     let generation = generate::submit(API, state, served.clone(), prepared)?;
     let id = new_id(if chat { "chatcmpl" } else { "cmpl" });
