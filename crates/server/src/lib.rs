@@ -229,8 +229,9 @@ async fn drain_gate(State(state): State<AppState>, req: Request, next: Next) -> 
     if !state.is_draining() {
         state.requests_in_flight.fetch_add(1, Ordering::SeqCst);
         // Counted down even when the client goes away and this future is dropped.
-        let _in_flight = InFlight(&state.requests_in_flight);
-        return next.run(req).await;
+        let in_flight = InFlight(state.clone());
+        let resp = next.run(req).await;
+        return outlive_body(resp, in_flight);
     }
     let mut resp = ApiError::new(
         Api::for_path(path),
@@ -247,12 +248,36 @@ async fn drain_gate(State(state): State<AppState>, req: Request, next: Next) -> 
     resp
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
+/// One request in flight, counted down when dropped.
+struct InFlight(AppState);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.requests_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// A streamed answer (SSE, NDJSON) stays in flight until its body has been sent (or the
+/// client left): the scheduler may have finished generating long before the client read it
+/// all, and a drain must not close the listener under it. Other answers are complete here.
+fn outlive_body(resp: Response, in_flight: InFlight) -> Response {
+    use futures_util::StreamExt;
+    let streamed = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.starts_with("text/event-stream") || t.starts_with("application/x-ndjson")
+        });
+    if !streamed {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held = &in_flight;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
 }
 
 /// Names this replica on every response (`X-Hearth-Replica`), so a client behind a load

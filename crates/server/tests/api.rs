@@ -541,24 +541,33 @@ async fn full_queue_answers_503_and_loses_nothing() {
                 .unwrap()
         }
     });
+    // The per-model figures autoscalers read: one scrape shows the request waiting, the
+    // stream running and its KV cache in use. (The gauges are separate atomics, so a scrape
+    // taken just as the stream ends may mix before and after: look again.)
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&s, "hearth_queue_depth").await < 1.0 {
-        assert!(Instant::now() < deadline, "the second request never queued");
+    loop {
+        let (_, text) = get(&s, "/metrics").await;
+        let value = |name: &str| -> f64 {
+            let key = format!("{name}{{model=\"{MODEL}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1.0)
+        };
+        let usage = value("hearth_kv_cache_usage_ratio");
+        if value("hearth_num_requests_waiting") == 1.0
+            && value("hearth_num_requests_running") == 1.0
+            && usage > 0.0
+            && usage <= 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape with 1 waiting, 1 running and KV in use: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The per-model figures autoscalers read, from one scrape.
-    let (_, text) = get(&s, "/metrics").await;
-    let value = |name: &str| -> f64 {
-        let key = format!("{name}{{model=\"{MODEL}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {text}"))
-    };
-    assert_eq!(value("hearth_num_requests_waiting"), 1.0, "{text}");
-    assert_eq!(value("hearth_num_requests_running"), 1.0, "{text}");
-    let usage = value("hearth_kv_cache_usage_ratio");
-    assert!(usage > 0.0 && usage <= 1.0, "{text}");
     let r = client()
         .post(format!("{}/v1/chat/completions", s.base))
         .json(&chat("Hi", json!({"max_tokens": 3})))
