@@ -219,10 +219,7 @@ impl Render for NdjsonRender {
     fn event(&mut self, event: Event) -> (Vec<String>, bool) {
         match event {
             Event::Text(t) => {
-                let t = match &mut self.tools {
-                    Some(split) => split.push(&t),
-                    None => t,
-                };
+                let t = tools::StreamSplit::visible(&mut self.tools, t);
                 if t.is_empty() {
                     return (Vec::new(), false);
                 }

@@ -245,6 +245,14 @@ impl StreamSplit {
         out
     }
 
+    /// `text` as a stream may show it: through `split` when the request offers tools.
+    pub fn visible(split: &mut Option<StreamSplit>, text: String) -> String {
+        match split {
+            Some(split) => split.push(&text),
+            None => text,
+        }
+    }
+
     /// At the end: the text not sent yet that is answer text, and the calls.
     pub fn finish(&mut self) -> (String, Vec<Call>) {
         let (content, calls) = split(&self.all);
