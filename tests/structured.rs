@@ -12,21 +12,23 @@ mod common;
 use std::process::Command;
 
 fn run_checks(models_dir: &str, model: &str, requests: &str, free_form: bool) {
+    let mut extra = vec![requests.to_string()];
+    if free_form {
+        extra.push("--free-form".into());
+    }
+    run_script(models_dir, "test_structured.py", model, &extra);
+}
+
+/// Runs tests/clients/SCRIPT against `hearth serve --models DIR` for `model`.
+fn run_script(models_dir: &str, script: &str, model: &str, extra: &[String]) {
     let (mut server, addr, _stderr) =
-        common::spawn_server(&["--ctx", "1024", "--parallel", "2", "--models", models_dir]);
+        common::spawn_server(&["--ctx", "2048", "--parallel", "2", "--models", models_dir]);
     let mut args = vec![
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/test_structured.py"
-        )
-        .to_string(),
+        format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR")),
         format!("http://{addr}"),
         model.to_string(),
-        requests.to_string(),
     ];
-    if free_form {
-        args.push("--free-form".into());
-    }
+    args.extend_from_slice(extra);
     let out = Command::new("python3")
         .args(&args)
         .output()
@@ -35,10 +37,7 @@ fn run_checks(models_dir: &str, model: &str, requests: &str, free_form: bool) {
     let _ = server.wait();
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "{model}: structured output checks failed:\n{report}"
-    );
+    assert!(out.status.success(), "{model}: {script} failed:\n{report}");
 }
 
 fn have_clients() {
@@ -61,9 +60,9 @@ fn structured_output_through_the_official_clients_on_real_models() {
     run_checks(models, "gemma3", "15", false);
 }
 
-#[test]
-fn structured_output_on_the_synthetic_qwen2_model() {
-    have_clients();
+/// A folder holding the synthetic `name`.gguf, and SmolLM2 as `smol` (a template without
+/// tool syntax).
+fn synthetic_folder(name: &str) -> std::path::PathBuf {
     let synthetic = std::env::var_os("HEARTH_SYNTHETIC").map_or_else(
         || {
             std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
@@ -71,16 +70,37 @@ fn structured_output_on_the_synthetic_qwen2_model() {
         },
         std::path::PathBuf::from,
     );
-    let file = synthetic.join("qwen2.gguf");
+    let file = synthetic.join(format!("{name}.gguf"));
     assert!(
         file.is_file(),
         "{} missing: run scripts/make-synthetic-models",
         file.display()
     );
-    let dir = std::env::temp_dir().join(format!("hearth-structured-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("hearth-structured-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::os::unix::fs::symlink(&file, dir.join("qwen2.gguf")).unwrap();
+    std::os::unix::fs::symlink(&file, dir.join(format!("{name}.gguf"))).unwrap();
+    std::os::unix::fs::symlink(common::model_file("smollm2"), dir.join("smol.gguf")).unwrap();
+    dir
+}
+
+#[test]
+fn structured_output_on_the_synthetic_qwen2_model() {
+    have_clients();
+    let dir = synthetic_folder("qwen2");
     run_checks(dir.to_str().unwrap(), "qwen2", "20", false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tool_calls_through_the_official_clients() {
+    have_clients();
+    let dir = synthetic_folder("qwen2-tools");
+    run_script(
+        dir.to_str().unwrap(),
+        "test_tools.py",
+        "qwen2-tools",
+        &["smol".to_string()],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
