@@ -94,12 +94,23 @@ fn structured_output_on_the_synthetic_qwen2_model() {
 
 #[test]
 fn tool_calls_through_the_official_clients() {
+    tools_through_the_clients("qwen2-tools");
+}
+
+#[test]
+fn llama3_tool_calls_through_the_official_clients() {
+    tools_through_the_clients("llama3-tools");
+}
+
+/// `tests/clients/test_tools.py` against the synthetic `model` (with a tool-call syntax in
+/// its template) and SmolLM2 (without).
+fn tools_through_the_clients(model: &str) {
     have_clients();
-    let dir = synthetic_folder("qwen2-tools");
+    let dir = synthetic_folder(model);
     run_script(
         dir.to_str().unwrap(),
         "test_tools.py",
-        "qwen2-tools",
+        model,
         &["smol".to_string()],
     );
     let _ = std::fs::remove_dir_all(&dir);

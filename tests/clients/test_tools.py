@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Tool calling through the official `openai` and `ollama` Python clients against a running
 `hearth serve` offering a model whose chat template has tool syntax (the synthetic Qwen2
-with Qwen2.5's template): arguments validated against each tool's parameter schema with
+with Qwen2.5's template: Hermes <tool_call>; the synthetic Llama 3 with Llama 3.2's: one
+JSON object): arguments validated against each tool's parameter schema with
 `jsonschema`, streamed tool-call deltas reassembled equal to the whole answer, Ollama's
 object arguments, and a tool result fed back.
 

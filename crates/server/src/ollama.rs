@@ -280,8 +280,8 @@ async fn respond(
     }
     let (text, summary) = generation.collect(API).await?;
     let mut piece = render.piece(&text);
-    if render.tools.is_some() {
-        let (content, calls) = tools::split(&text);
+    if let Some(split) = &render.tools {
+        let (content, calls) = split.syntax().split(&text);
         if !calls.is_empty() {
             piece = render.piece(&content);
             piece["message"]["tool_calls"] = ollama_tool_calls(&calls);
@@ -363,7 +363,7 @@ pub async fn chat(
     let received = Instant::now();
     let req: ChatRequest = parse_body(API, body)?;
     let format = check_format(&req.format)?;
-    let tools = tools::Tools::parse(API, &req.tools, &req.tool_choice, None)?;
+    let mut tools = tools::Tools::parse(API, &req.tools, &req.tool_choice, None)?;
     let knobs = req.options.unwrap_or_default().knobs()?;
     let served = state.registry.get(API, &req.model).await?;
     let load = received.elapsed();
@@ -384,11 +384,11 @@ pub async fn chat(
         msgs.push(message);
     }
     let mut kwargs = think_kwargs(req.think);
-    if let Some(t) = &tools {
+    if let Some(t) = &mut tools {
         if format.is_some() {
             return Err(ApiError::bad(API, "format and tools cannot be combined"));
         }
-        crate::openai::check_tools(API, &served, &None)?;
+        crate::openai::check_tools(API, &served, &None, t)?;
         kwargs.insert("tools".into(), t.raw.clone());
     }
     let prompt = served
@@ -401,7 +401,7 @@ pub async fn chat(
         model: served.name.clone(),
         received,
         load,
-        tools: tools.as_ref().map(|_| tools::StreamSplit::default()),
+        tools: tools.as_ref().map(|t| tools::StreamSplit::new(t.syntax)),
     };
     let constraint = output_constraint(&served, format, tools.as_ref()).await?;
     respond(&state, served, prompt, knobs, constraint, stream, render).await

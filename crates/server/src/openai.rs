@@ -412,8 +412,9 @@ pub async fn chat_completions(
     )?;
     let served = state.registry.get(API, &req.common.model).await?;
     let mut kwargs = kwargs;
-    if let Some(t) = &tools {
-        check_tools(API, &served, &req.common.response_format)?;
+    let mut tools = tools;
+    if let Some(t) = &mut tools {
+        check_tools(API, &served, &req.common.response_format, t)?;
         kwargs.insert("tools".into(), t.raw.clone());
     }
     let prompt = served
@@ -423,23 +424,25 @@ pub async fn chat_completions(
     reply(&state, served, prompt, &knobs, &req.common, true, tools).await
 }
 
-/// Tools need a template that teaches the model a call syntax hearth reads, and do not
-/// combine with `response_format`.
+/// Tools need a template that teaches the model a call syntax hearth reads (which `tools`
+/// then follow), and do not combine with `response_format`.
 pub fn check_tools(
     api: Api,
     served: &crate::registry::Served,
     response_format: &Option<Value>,
+    tools: &mut tools::Tools,
 ) -> Result<(), ApiError> {
-    if !tools::template_supports_tools(served.loaded.template.source()) {
+    let Some(syntax) = tools::Syntax::of_template(served.loaded.template.source()) else {
         return Err(ApiError::param(
             api,
             "tools",
             format!(
-                "{}'s chat template has no tool-call syntax hearth knows (Hermes/Qwen <tool_call>), so it cannot call tools",
+                "{}'s chat template has no tool-call syntax hearth knows (Hermes/Qwen <tool_call>, Llama 3.x JSON), so it cannot call tools",
                 served.name
             ),
         ));
-    }
+    };
+    tools.syntax = syntax;
     if response_format
         .as_ref()
         .is_some_and(|f| f.get("type").and_then(Value::as_str).unwrap_or("text") != "text")
@@ -519,7 +522,7 @@ async fn reply(
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
-            tools: tools.as_ref().map(|_| tools::StreamSplit::default()),
+            tools: tools.as_ref().map(|t| tools::StreamSplit::new(t.syntax)),
         };
         return Ok(sse_response(generation, render));
     }
@@ -527,8 +530,8 @@ async fn reply(
     let mut finish = finish_reason(summary.finish);
     let (object, choice) = if chat {
         let mut message = json!({ "role": "assistant", "content": text });
-        if tools.is_some() {
-            let (content, calls) = tools::split(&text);
+        if let Some(t) = &tools {
+            let (content, calls) = t.syntax.split(&text);
             if !calls.is_empty() {
                 message = json!({
                     "role": "assistant",
