@@ -123,7 +123,7 @@ fn grammar_spec(a: &RunArgs) -> Result<Option<GrammarSpec>> {
 }
 
 pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
-    let l = load(&a.model, verbose)?;
+    let l = Arc::new(load(&a.model, verbose)?);
     let params = sampling_params(&a.sampling)?;
     let prompt = if a.raw {
         l.tokenizer.encode(&a.prompt, true, true)
@@ -143,7 +143,7 @@ pub fn run(a: RunArgs, verbose: bool) -> Result<()> {
     }
     let constraint = match grammar_spec(&a)? {
         Some(spec) => {
-            let grammars = Grammars::new(&l.tokenizer, l.model.config.n_vocab)?;
+            let grammars = Grammars::new(l.clone())?;
             Some(grammars.compile(&spec)?)
         }
         None => None,

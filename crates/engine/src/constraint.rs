@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use hearth_tokenizer::{TokenId, TokenKind, Tokenizer};
+use hearth_tokenizer::{TokenId, TokenKind};
 use llguidance::api::{ParserLimits, TopLevelGrammar};
-use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 
-use crate::EngineError;
+use crate::{EngineError, LoadedModel};
 
 /// Largest schema or grammar text one request may send.
 pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
@@ -35,6 +35,16 @@ pub enum GrammarSpec {
 }
 
 impl GrammarSpec {
+    /// The text that identifies this grammar in the compiled-grammar cache.
+    fn key(&self) -> String {
+        match self {
+            GrammarSpec::JsonObject => "object".into(),
+            GrammarSpec::JsonSchema(v) => format!("schema {v}"),
+            GrammarSpec::Regex(s) => format!("regex {s}"),
+            GrammarSpec::Lark(s) => format!("lark {s}"),
+        }
+    }
+
     fn size(&self) -> usize {
         match self {
             GrammarSpec::JsonObject => 0,
@@ -116,12 +126,20 @@ pub fn close_objects(schema: &mut Value) {
 pub struct Grammars {
     factory: ParserFactory,
     eog: Arc<[TokenId]>,
+    /// Recently compiled grammars, newest last: programs send the same schema with every
+    /// request, and compiling it again would cost each request's first token milliseconds.
+    compiled: std::sync::Mutex<Vec<(String, Matcher)>>,
 }
 
+/// Compiled grammars kept per model.
+const COMPILED_CACHE: usize = 16;
+
 impl Grammars {
-    /// `n_vocab` is the model's output size (it may exceed the tokenizer's: padding rows
-    /// are never allowed).
-    pub fn new(tokenizer: &Tokenizer, n_vocab: usize) -> Result<Self, EngineError> {
+    /// Over `model`'s tokenizer and output size (which may exceed the tokenizer's: padding
+    /// rows are never allowed).
+    pub fn new(model: Arc<LoadedModel>) -> Result<Self, EngineError> {
+        let n_vocab = model.model.config.n_vocab;
+        let tokenizer = &model.tokenizer;
         let words: Vec<Vec<u8>> = (0..n_vocab)
             .map(|id| {
                 let id = id as TokenId;
@@ -152,10 +170,16 @@ impl Grammars {
             tok_end_of_turn: None,
         };
         let trie = TokTrie::from(&info, &words);
-        let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let env: TokEnv = Arc::new(ModelTokEnv {
+            trie,
+            model: model.clone(),
+        });
         let mut factory = ParserFactory::new(
             &env,
-            llguidance::toktrie::InferenceCapabilities::default(),
+            InferenceCapabilities {
+                ff_tokens: true,
+                ..Default::default()
+            },
             &llguidance::earley::SlicedBiasComputer::general_slices(),
         )
         .map_err(|e| EngineError::Grammar(e.to_string()))?;
@@ -169,7 +193,11 @@ impl Grammars {
             verbose_errors: false,
             ..ParserLimits::default()
         };
-        Ok(Self { factory, eog })
+        Ok(Self {
+            factory,
+            eog,
+            compiled: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// A matcher for one request, or why the grammar is refused (too large, invalid,
@@ -181,6 +209,38 @@ impl Grammars {
                 spec.size()
             )));
         }
+        let key = spec.key();
+        let cached = {
+            let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            compiled.iter().position(|(k, _)| *k == key).map(|at| {
+                let hit = compiled.remove(at);
+                let matcher = hit.1.deep_clone();
+                compiled.push(hit);
+                matcher
+            })
+        };
+        let matcher = match cached {
+            Some(m) => m,
+            None => {
+                let m = self.compile_new(spec)?;
+                let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+                if compiled.len() >= COMPILED_CACHE {
+                    compiled.remove(0);
+                }
+                compiled.push((key, m.deep_clone()));
+                m
+            }
+        };
+        Ok(Constraint {
+            matcher: Box::new(matcher),
+            eog: self.eog.clone(),
+            eos: self.factory.tok_env().tok_trie().eos_token(),
+            trigger: None,
+        })
+    }
+
+    /// Builds `spec`'s matcher and checks that something satisfies it.
+    fn compile_new(&self, spec: &GrammarSpec) -> Result<Matcher, EngineError> {
         let grammar = spec.to_grammar().map_err(EngineError::Grammar)?;
         let parser = llguidance::panic_utils::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.factory.create_parser(grammar)
@@ -196,12 +256,32 @@ impl Grammars {
                 "no output can satisfy this schema or grammar".into(),
             ));
         }
-        Ok(Constraint {
-            matcher: Box::new(matcher),
-            eog: self.eog.clone(),
-            eos: self.factory.tok_env().tok_trie().eos_token(),
-            trigger: None,
-        })
+        Ok(matcher)
+    }
+}
+
+/// The model's own tokenizer for text the grammar forces, so forced tokens are the ones the
+/// model would see for that text (llguidance appends them without sampling).
+struct ModelTokEnv {
+    trie: TokTrie,
+    model: Arc<LoadedModel>,
+}
+
+impl TokenizerEnv for ModelTokEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        // Only a tokenization that spells exactly these bytes will do (a tokenizer that adds
+        // a space prefix, say, does not); else the longest-match one, which always does.
+        if let Ok(text) = std::str::from_utf8(s) {
+            let ids = self.model.tokenizer.encode(text, false, false);
+            if self.trie.decode_raw(&ids) == s {
+                return ids;
+            }
+        }
+        self.trie.greedy_tokenize(s)
     }
 }
 
@@ -256,6 +336,17 @@ impl Constraint {
     /// Advances past `token` (one the mask allowed). False if the grammar refused it.
     pub fn accept(&mut self, token: TokenId) -> bool {
         self.matcher.consume_token(token).is_ok()
+    }
+
+    /// Tokens the grammar forces next (at most `max`), taken as accepted: they are appended
+    /// without sampling (fast-forward).
+    pub fn forced(&mut self, max: usize) -> Vec<TokenId> {
+        let mut tokens = self.matcher.compute_ff_tokens();
+        tokens.truncate(max);
+        if tokens.is_empty() || self.matcher.consume_tokens(&tokens).is_err() {
+            return Vec::new();
+        }
+        tokens
     }
 
     /// The grammar is complete and allows nothing more.

@@ -147,9 +147,14 @@ impl<'m> Session<'m> {
 
     /// Runs one token and updates the logits.
     pub fn step(&mut self, token: TokenId) -> Result<(), EngineError> {
+        self.run(&[token])
+    }
+
+    /// Runs generated tokens (one sampled, then any a grammar forced) and updates the logits.
+    fn run(&mut self, tokens: &[TokenId]) -> Result<(), EngineError> {
         self.model
-            .decode(token, &mut self.cache, &mut self.scratch, &mut self.logits)?;
-        self.cached.push(token);
+            .decode_run(tokens, &mut self.cache, &mut self.scratch, &mut self.logits)?;
+        self.cached.extend_from_slice(tokens);
         Ok(())
     }
 
@@ -184,10 +189,10 @@ impl<'m> Session<'m> {
                     on_text(&text);
                     break reason;
                 }
-                Next::Continue { token, text } => {
+                Next::Continue { tokens, text } => {
                     on_text(&text);
-                    if self.cache.len >= self.cache.n_ctx {
-                        // Context full: the token has no room to run.
+                    if self.cache.len + tokens.len() > self.cache.n_ctx {
+                        // Context full: the tokens have no room to run.
                         let Next::Finish { text, .. } = state.finish(FinishReason::Length, true)
                         else {
                             unreachable!("finish returns Finish")
@@ -195,7 +200,7 @@ impl<'m> Session<'m> {
                         on_text(&text);
                         break FinishReason::Length;
                     }
-                    self.step(token)?;
+                    self.run(&tokens)?;
                 }
             }
         };

@@ -8,11 +8,15 @@ use hearth_tokenizer::{StreamDecoder, TokenId, Tokenizer};
 use crate::constraint::Constraint;
 use crate::{FinishReason, Sampler, SamplingParams, StopMatcher};
 
+/// Most tokens a grammar may force in after one sampled token (the rest come next step).
+const MAX_FORCED: usize = 16;
+
 /// What one sampled token did to the request.
 #[derive(Debug, PartialEq)]
 pub enum Next {
-    /// Keep going: run `token` through the model next; `text` may be emitted now.
-    Continue { token: TokenId, text: String },
+    /// Keep going: run `tokens` through the model next (the sampled token, then any the
+    /// grammar forces after it); `text` may be emitted now.
+    Continue { tokens: Vec<TokenId>, text: String },
     /// The request is over; `text` is the last of it (anything held back included).
     Finish { reason: FinishReason, text: String },
 }
@@ -89,40 +93,59 @@ impl RequestState {
         if tok.is_eog(token) {
             return self.finish(FinishReason::Stop, true);
         }
+        let mut emit = String::new();
+        if let Some(done) = self.take(token, tok, &mut emit) {
+            return done;
+        }
+        let mut tokens = vec![token];
+        // Tokens the grammar forces go in without sampling (fast-forward): a JSON key or a
+        // tool's name costs one step instead of one per token.
+        let forced = match &mut self.constraint {
+            Some(c) => c.forced(MAX_FORCED),
+            None => Vec::new(),
+        };
+        for t in forced {
+            tokens.push(t);
+            if let Some(done) = self.take(t, tok, &mut emit) {
+                return done;
+            }
+        }
+        Next::Continue { tokens, text: emit }
+    }
+
+    /// Records one generated token, adding the text it releases to `emit`; the request's end
+    /// if this token ends it (a stop string, the grammar complete, `max_tokens`).
+    fn take(&mut self, token: TokenId, tok: &Tokenizer, emit: &mut String) -> Option<Next> {
         self.tokens.push(token);
         let text = self.decoder.push(&tok.token_to_piece(token, false));
         self.arm_on_trigger(&text);
-        let (emit, hit) = self.stops.push(&text);
+        let (released, hit) = self.stops.push(&text);
+        emit.push_str(&released);
         if hit {
             // The stop string and what follows it are cut: nothing held back is released.
-            return Next::Finish {
+            return Some(Next::Finish {
                 reason: FinishReason::Stop,
-                text: emit,
-            };
+                text: std::mem::take(emit),
+            });
         }
-        let done = if self
+        let reason = if self
             .constraint
             .as_ref()
             .is_some_and(Constraint::is_finished)
         {
-            Some(FinishReason::Stop)
+            FinishReason::Stop
         } else if self.tokens.len() >= self.max_tokens {
-            Some(FinishReason::Length)
+            FinishReason::Length
         } else {
-            None
+            return None;
         };
-        match done {
-            Some(reason) => {
-                let Next::Finish { text: rest, .. } = self.finish(reason, true) else {
-                    unreachable!("finish returns Finish")
-                };
-                Next::Finish {
-                    reason,
-                    text: emit + &rest,
-                }
-            }
-            None => Next::Continue { token, text: emit },
-        }
+        let Next::Finish { text: rest, .. } = self.finish(reason, true) else {
+            unreachable!("finish returns Finish")
+        };
+        Some(Next::Finish {
+            reason,
+            text: std::mem::take(emit) + &rest,
+        })
     }
 
     /// Arms a waiting constraint once the generated text ends with its trigger. Text that

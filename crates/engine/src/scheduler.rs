@@ -147,8 +147,9 @@ struct Active {
     /// Prompt tokens in the cache so far.
     fed: usize,
     prompt_cached: usize,
-    /// The sampled token to run at the next step (None while prefilling).
-    next: Option<TokenId>,
+    /// The tokens to run at the next step: the sampled one and any a grammar forced after
+    /// it (empty while prefilling).
+    next: Vec<TokenId>,
     state: RequestState,
 }
 
@@ -272,7 +273,7 @@ impl Worker {
             prefill_done: None,
             fed: keep,
             prompt_cached: keep,
-            next: None,
+            next: Vec::new(),
         });
         if max_tokens == 0 {
             self.finish(index, FinishReason::Length, String::new());
@@ -291,13 +292,19 @@ impl Worker {
     /// Plans and runs one batched forward pass, then samples for every sequence that got
     /// logits.
     fn step(&mut self) {
-        let decoding = self
-            .slots
-            .iter()
-            .filter(|s| s.active.as_ref().is_some_and(|a| a.next.is_some()))
-            .count();
-        let mut budget = MAX_BATCH - decoding.min(MAX_BATCH);
-        let chunk_cap = if decoding > 0 {
+        // Decoding sequences first, as many as the batch holds (a sequence with forced
+        // tokens brings several; one that does not fit waits for the next step).
+        let mut budget = MAX_BATCH;
+        let mut decode = vec![false; self.slots.len()];
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(a) = slot.active.as_ref().filter(|a| !a.next.is_empty()) {
+                if a.next.len() <= budget {
+                    budget -= a.next.len();
+                    decode[i] = true;
+                }
+            }
+        }
+        let chunk_cap = if decode.contains(&true) {
             PREFILL_CHUNK_WHILE_DECODING
         } else {
             MAX_BATCH
@@ -305,9 +312,9 @@ impl Worker {
         let mut plan = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(a) = &slot.active else { continue };
-            if a.next.is_some() {
+            if decode[i] {
                 plan.push(Work::Decode { slot: i });
-            } else if budget > 0 {
+            } else if a.next.is_empty() && budget > 0 {
                 let take = (a.job.prompt.len() - a.fed).min(budget).min(chunk_cap);
                 budget -= take;
                 plan.push(Work::Prefill {
@@ -339,11 +346,7 @@ impl Worker {
                             len: a.job.prompt.len(),
                         },
                     ),
-                    Work::Decode { .. } => (
-                        std::slice::from_ref(a.next.as_ref().unwrap_or(&0)),
-                        true,
-                        Part::Generated,
-                    ),
+                    Work::Decode { .. } => (a.next.as_slice(), true, Part::Generated),
                 };
                 seqs.push(BatchSeq {
                     tokens,
@@ -384,8 +387,8 @@ impl Worker {
                 }
                 Work::Decode { slot } => {
                     let s = &mut self.slots[slot];
-                    if let Some(t) = s.active.as_ref().and_then(|a| a.next) {
-                        s.cached.push(t);
+                    if let Some(a) = s.active.as_ref() {
+                        s.cached.extend_from_slice(&a.next);
                     }
                     (slot, true)
                 }
@@ -411,21 +414,25 @@ impl Worker {
         let logits = &self.logits[offset..offset + n_vocab];
         match a.state.next(logits, &slot.cached, tok) {
             Next::Finish { reason, text } => self.finish(index, reason, text),
-            Next::Continue { token, text } => {
+            Next::Continue { tokens, text } => {
                 if !text.is_empty() && !a.job.sink.send(Event::Text(text)) {
                     slot.active = None;
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                if slot.cache.as_ref().is_some_and(|c| c.len >= n_ctx) {
-                    // Context full: the token has no room to run.
+                if slot
+                    .cache
+                    .as_ref()
+                    .is_some_and(|c| c.len + tokens.len() > n_ctx)
+                {
+                    // Context full: the tokens have no room to run.
                     let Next::Finish { text, .. } = a.state.finish(FinishReason::Length, true)
                     else {
                         unreachable!("finish returns Finish")
                     };
                     self.finish(index, FinishReason::Length, text);
                 } else {
-                    a.next = Some(token);
+                    a.next = tokens;
                 }
             }
         }

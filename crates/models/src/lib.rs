@@ -272,10 +272,27 @@ impl Model {
         scratch: &mut Scratch,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
-        let tokens = [token];
-        self.check_seq(&tokens, cache)?;
+        self.decode_run(&[token], cache, scratch, logits)
+    }
+
+    /// Runs generated `tokens` (a sampled token and those a grammar forced after it, at most
+    /// [`MAX_BATCH`]) at the end of `cache` and writes the last one's logits.
+    pub fn decode_run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        if tokens.len() > MAX_BATCH {
+            return Err(ModelError::BadConfig(format!(
+                "a batch holds at most {MAX_BATCH} tokens, not {}",
+                tokens.len()
+            )));
+        }
+        self.check_seq(tokens, cache)?;
         let mut seq = [BatchSeq {
-            tokens: &tokens,
+            tokens,
             cache,
             want_logits: true,
             part: Part::Generated,

@@ -168,13 +168,10 @@ pub async fn constrain(
         .grammars
         .get_or_try_init(|| async {
             let s = served.clone();
-            tokio::task::spawn_blocking(move || {
-                let n_vocab = s.loaded.model.config.n_vocab;
-                Grammars::new(&s.loaded.tokenizer, n_vocab).map(Arc::new)
-            })
-            .await
-            .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
-            .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))
+            tokio::task::spawn_blocking(move || Grammars::new(s.loaded.clone()).map(Arc::new))
+                .await
+                .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))?
+                .map_err(|e| ApiError::new(api, Kind::Internal, e.to_string()))
         })
         .await?
         .clone();

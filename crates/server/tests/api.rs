@@ -1475,6 +1475,44 @@ async fn structured_output_in_both_apis() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// Tokens a grammar forces (here two long keys, after `{` and `,`) go in without sampling,
+/// several per forward step: far fewer steps than generated tokens, output still valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tokens_are_fast_forwarded() {
+    let s = start(|_| {}).await;
+    let keys = [
+        "the_first_rather_long_property_name",
+        "another_quite_lengthy_property_name",
+    ];
+    let schema = json!({
+        "type": "object",
+        "properties": {keys[0]: {"type": "boolean"}, keys[1]: {"type": "boolean"}},
+        "required": keys,
+    });
+    let before = metric(&s, "hearth_forward_steps_total").await;
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "max_tokens": 100, "temperature": 0,
+               "messages": [{"role": "user", "content": "Two booleans, please."}],
+               "response_format": {"type": "json_schema", "json_schema": {"name": "b", "schema": schema}}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let steps = metric(&s, "hearth_forward_steps_total").await - before;
+    let out: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    for k in keys {
+        assert!(out[k].is_boolean(), "{out}");
+    }
+    let tokens = v["usage"]["completion_tokens"].as_f64().unwrap();
+    // Without fast-forward: one prompt step plus one step per token after the first.
+    assert!(
+        steps * 2.0 < tokens,
+        "{steps} steps for {tokens} tokens: {out}"
+    );
+}
+
 /// Tool calls on the synthetic Qwen2 model carrying Qwen2.5's chat template (Hermes
 /// `<tool_call>` syntax; random weights: only the grammar makes its calls well formed):
 /// OpenAI `tools` with `required`, a named function and `parallel_tool_calls: false`,
