@@ -116,7 +116,7 @@ fn grammar_spec(a: &RunArgs) -> Result<Option<GrammarSpec>> {
             .with_context(|| format!("{} is not JSON", path.display()))?;
         Some(GrammarSpec::JsonSchema(schema))
     } else if let Some(path) = &a.grammar {
-        Some(GrammarSpec::Lark(read(path)?))
+        Some(GrammarSpec::grammar(read(path)?))
     } else {
         a.regex.clone().map(GrammarSpec::Regex)
     })

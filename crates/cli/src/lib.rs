@@ -252,8 +252,9 @@ pub struct RunArgs {
     /// The reply is JSON valid under the JSON Schema in FILE.
     #[arg(long, value_name = "FILE", group = "output_grammar")]
     pub json_schema: Option<std::path::PathBuf>,
-    /// The reply matches the Lark grammar in FILE (llguidance's Lark: `start: ...`, regex
-    /// terminals, `%json {schema}`).
+    /// The reply matches the grammar in FILE: llama.cpp's GBNF (`root ::= ...`, as its
+    /// `--grammar-file` reads) or llguidance's Lark (`start: ...`, regex terminals,
+    /// `%json {schema}`).
     #[arg(long, value_name = "FILE", group = "output_grammar")]
     pub grammar: Option<std::path::PathBuf>,
     /// The reply matches this regular expression.

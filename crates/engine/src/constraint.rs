@@ -32,9 +32,21 @@ pub enum GrammarSpec {
     Regex(String),
     /// A Lark grammar as llguidance reads it (`start: ...`, regex terminals, `%json`).
     Lark(String),
+    /// A grammar in llama.cpp's GBNF (`root ::= ...`), translated to Lark.
+    Gbnf(String),
 }
 
 impl GrammarSpec {
+    /// A grammar's text, as llama.cpp's GBNF (`root ::= ...`) or llguidance's Lark
+    /// (`start: ...`), told apart by whether it defines rules with `::=`.
+    pub fn grammar(text: String) -> GrammarSpec {
+        if crate::gbnf::looks_like_gbnf(&text) {
+            GrammarSpec::Gbnf(text)
+        } else {
+            GrammarSpec::Lark(text)
+        }
+    }
+
     /// The text that identifies this grammar in the compiled-grammar cache.
     fn key(&self) -> String {
         match self {
@@ -42,6 +54,7 @@ impl GrammarSpec {
             GrammarSpec::JsonSchema(v) => format!("schema {v}"),
             GrammarSpec::Regex(s) => format!("regex {s}"),
             GrammarSpec::Lark(s) => format!("lark {s}"),
+            GrammarSpec::Gbnf(s) => format!("gbnf {s}"),
         }
     }
 
@@ -49,7 +62,7 @@ impl GrammarSpec {
         match self {
             GrammarSpec::JsonObject => 0,
             GrammarSpec::JsonSchema(v) => v.to_string().len(),
-            GrammarSpec::Regex(s) | GrammarSpec::Lark(s) => s.len(),
+            GrammarSpec::Regex(s) | GrammarSpec::Lark(s) | GrammarSpec::Gbnf(s) => s.len(),
         }
     }
 
@@ -75,6 +88,7 @@ impl GrammarSpec {
             }
             GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
             GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+            GrammarSpec::Gbnf(gbnf) => TopLevelGrammar::from_lark(crate::gbnf::to_lark(gbnf)?),
         })
     }
 }

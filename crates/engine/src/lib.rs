@@ -2,6 +2,7 @@
 //! UTF-8-safe text, stop strings, end-of-generation tokens and cancellation.
 
 pub mod constraint;
+pub mod gbnf;
 pub mod loaded;
 pub mod perplexity;
 pub mod request;

@@ -85,6 +85,8 @@ struct Common {
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
     echo: Option<bool>,
+    /// llama.cpp's server extension: the output follows this grammar (GBNF, or Lark).
+    grammar: Option<String>,
 }
 
 impl Common {
@@ -502,9 +504,21 @@ async fn reply(
     tools: Option<tools::Tools>,
 ) -> Result<Response, ApiError> {
     let mut prepared = generate::prepare(API, &served, prompt, knobs)?;
-    if let Some(spec) = response_format(&common.response_format)? {
+    let format = response_format(&common.response_format)?;
+    if let Some(spec) = format.clone() {
         prepared.constraint =
             Some(generate::constrain(API, &served, spec, "response_format").await?);
+    }
+    if let Some(grammar) = common.grammar.as_ref().filter(|g| !g.is_empty()) {
+        if format.is_some() || tools.is_some() {
+            return Err(ApiError::param(
+                API,
+                "grammar",
+                "grammar cannot be combined with response_format or tools",
+            ));
+        }
+        let spec = GrammarSpec::grammar(grammar.clone());
+        prepared.constraint = Some(generate::constrain(API, &served, spec, "grammar").await?);
     }
     if let Some(t) = &tools {
         prepared.constraint = Some(generate::tool_constraint(API, &served, t).await?);

@@ -1475,6 +1475,60 @@ async fn structured_output_in_both_apis() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// llama.cpp's `grammar` field: GBNF (as llama.cpp's server reads it) or Lark, on chat and
+/// text completions; a broken grammar or one combined with response_format is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gbnf_grammars_as_llama_cpp_takes_them() {
+    let s = start(|_| {}).await;
+    let gbnf = "# a verdict\nroot ::= \"The answer is \" verdict \".\"\nverdict ::= (\"yes\" | \"no\") ([!]{1,3})?\n";
+    let lark = "start: \"The answer is \" VERDICT \".\"\nVERDICT: /(yes|no)(!{1,3})?/\n";
+    let re = |t: &str| {
+        let rest = t
+            .strip_prefix("The answer is ")
+            .unwrap_or_else(|| panic!("{t:?}"));
+        let rest = rest.strip_suffix('.').unwrap_or_else(|| panic!("{t:?}"));
+        let word = rest.trim_end_matches('!');
+        assert!(word == "yes" || word == "no", "{t:?}");
+        assert!(rest.len() - word.len() <= 3, "{t:?}");
+    };
+    for grammar in [gbnf, lark] {
+        for seed in 0..3 {
+            let (status, v) = post(
+                &s,
+                "/v1/chat/completions",
+                json!({"model": MODEL, "max_tokens": 30, "seed": seed, "grammar": grammar,
+                       "messages": [{"role": "user", "content": "Is the sky blue?"}]}),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            re(v["choices"][0]["message"]["content"].as_str().unwrap());
+        }
+        let (status, v) = post(
+            &s,
+            "/v1/completions",
+            json!({"model": MODEL, "max_tokens": 30, "prompt": "Q: Is fire hot?\nA:", "grammar": grammar}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        re(v["choices"][0]["text"].as_str().unwrap());
+    }
+    for (grammar, extra) in [
+        ("root ::= \"unterminated", json!({})),
+        ("answer ::= \"no root rule\"", json!({})),
+        ("root ::= undefined-rule", json!({})),
+        (gbnf, json!({"response_format": {"type": "json_object"}})),
+    ] {
+        let mut body = json!({"model": MODEL, "max_tokens": 4, "grammar": grammar,
+                              "messages": [{"role": "user", "content": "Hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, v) = post(&s, "/v1/chat/completions", body).await;
+        assert_eq!(status, 400, "{grammar}: {v}");
+        assert_eq!(v["error"]["param"], "grammar", "{v}");
+    }
+}
+
 /// Tokens a grammar forces (here two long keys, after `{` and `,`) go in without sampling,
 /// several per forward step: far fewer steps than generated tokens, output still valid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
