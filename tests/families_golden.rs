@@ -12,27 +12,12 @@ mod common;
 
 use common::kld;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use hearth_models::Model;
 
-fn synthetic(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HEARTH_SYNTHETIC").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hearth/synthetic"),
-        PathBuf::from,
-    );
-    let p = dir.join(format!("{name}.gguf"));
-    assert!(
-        p.is_file(),
-        "{} missing: run scripts/make-synthetic-models",
-        p.display()
-    );
-    p
-}
-
 fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
-    Arc::new(hearth_gguf::Gguf::open(synthetic(name)).expect("model opens"))
+    common::open_synthetic(name)
 }
 
 #[test]

@@ -45,6 +45,26 @@ pub fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
     Arc::new(hearth_gguf::Gguf::open(model_file(name)).expect("model opens"))
 }
 
+/// `name`.gguf of `scripts/make-synthetic-models` (`$HEARTH_SYNTHETIC` or
+/// ~/.cache/hearth/synthetic).
+pub fn synthetic_file(name: &str) -> PathBuf {
+    let dir = std::env::var_os("HEARTH_SYNTHETIC").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hearth/synthetic"),
+        PathBuf::from,
+    );
+    let p = dir.join(format!("{name}.gguf"));
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/make-synthetic-models",
+        p.display()
+    );
+    p
+}
+
+pub fn open_synthetic(name: &str) -> Arc<hearth_gguf::Gguf> {
+    Arc::new(hearth_gguf::Gguf::open(synthetic_file(name)).expect("model opens"))
+}
+
 pub fn golden_lines(file: &str) -> Vec<serde_json::Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")

@@ -131,8 +131,7 @@ impl<'m> Session<'m> {
             .take_while(|(a, b)| a == b)
             .count();
         // At least one token must run to produce logits.
-        let keep = common.min(prompt.len() - 1);
-        self.cache.truncate(keep);
+        let keep = self.cache.truncate(common.min(prompt.len() - 1));
         self.cached.truncate(keep);
         let todo = &prompt[keep..];
         self.model

@@ -254,8 +254,7 @@ impl Worker {
         let slot = &mut self.slots[index];
         let cache = slot.cache.get_or_insert_with(|| model.new_cache(n_ctx));
         // At least one prompt token runs, to produce the first logits.
-        let keep = common.min(job.prompt.len() - 1);
-        cache.truncate(keep);
+        let keep = cache.truncate(common.min(job.prompt.len() - 1));
         slot.cached.truncate(keep);
         let max_tokens = job.max_tokens.min(n_ctx - job.prompt.len());
         let now = Instant::now();

@@ -303,11 +303,14 @@ impl Model {
                 &s.k[rows.start * kvd..rows.end * kvd],
                 &s.v[rows.start * kvd..rows.end * kvd],
             );
+            // Positions relative to the layer buffer's first row (a sliding-window layer
+            // has dropped the rows before it).
+            let (k, v, first) = q.cache.layer(il);
             attention::attention(
                 &s.q[rows.start * qd..rows.end * qd],
-                &q.cache.k[il],
-                &q.cache.v[il],
-                pos0,
+                k,
+                v,
+                pos0 - first,
                 shape,
                 &mut s.attn[rows.start * qd..rows.end * qd],
                 &mut s.attn_scratch,

@@ -199,7 +199,15 @@ impl Model {
     }
 
     pub fn new_cache(&self, n_ctx: usize) -> KvCache {
-        KvCache::new(self.config.n_layer, n_ctx, self.config.kv_dim())
+        KvCache::new(&self.kv_windows(), n_ctx, self.config.kv_dim())
+    }
+
+    /// Each layer's attention window (`None`: full attention), as its KV cache keeps it.
+    fn kv_windows(&self) -> Vec<Option<usize>> {
+        let c = &self.config;
+        (0..c.n_layer)
+            .map(|il| c.sliding_window.filter(|_| c.is_swa_layer(il)))
+            .collect()
     }
 
     /// Runs prompt `tokens` at the end of `cache` and writes the last token's logits. The
@@ -450,11 +458,10 @@ impl Model {
         }
     }
 
-    /// Bytes of one KV cache of `n_ctx` positions (f16 keys and values, every layer).
+    /// Bytes of one KV cache of `n_ctx` positions (f16 keys and values; sliding-window
+    /// layers hold their window and one batch).
     pub fn kv_cache_bytes(&self, n_ctx: usize) -> u64 {
-        let c = &self.config;
-        (2 * 2 * c.n_layer as u128 * c.kv_dim() as u128 * n_ctx as u128).min(u64::MAX as u128)
-            as u64
+        kv::cache_bytes(&self.kv_windows(), n_ctx, self.config.kv_dim())
     }
 
     /// Working buffers of one forward pass of up to [`MAX_BATCH`] tokens, roughly.
