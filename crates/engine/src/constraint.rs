@@ -109,6 +109,11 @@ pub fn close_objects(schema: &mut Value) {
     if is_object && !map.contains_key("additionalProperties") {
         map.insert("additionalProperties".into(), Value::Bool(false));
     }
+    // `uniqueItems: false` says nothing (Pydantic writes it for lists), but the grammar
+    // engine refuses the key; `true` it cannot enforce, and stays refused.
+    if map.get("uniqueItems") == Some(&Value::Bool(false)) {
+        map.remove("uniqueItems");
+    }
     for (key, value) in map.iter_mut() {
         match key.as_str() {
             // Maps of name → schema.
@@ -403,5 +408,10 @@ mod tests {
         assert!(schema["properties"]["list"]
             .get("additionalProperties")
             .is_none());
+        let mut schema = json!({"type": "array", "uniqueItems": false,
+                                "items": {"type": "array", "uniqueItems": true}});
+        close_objects(&mut schema);
+        assert!(schema.get("uniqueItems").is_none());
+        assert_eq!(schema["items"]["uniqueItems"], true);
     }
 }
