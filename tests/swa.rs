@@ -89,8 +89,14 @@ fn gemma3_window_layers_keep_only_their_window() {
 }
 
 /// The synthetic Gemma 2: an 8-token window on every other layer; a prompt of 80 windows
-/// (over two of its 263-row buffers), in chunks smaller and larger than the window.
+/// (over two of its 263-row buffers), in chunks smaller and larger than the window; at every
+/// kernel level this CPU has (each level's attention kernel reads the moved rows).
 #[test]
-fn gemma2_window_layers_keep_only_their_window() {
+fn gemma2_window_layers_keep_only_their_window_at_every_level() {
+    if !common::kld::in_child_per_level(
+        "gemma2_window_layers_keep_only_their_window_at_every_level",
+    ) {
+        return;
+    }
     check(common::open_synthetic("gemma2"), 80, &[3, 8, 50, 256], 40);
 }

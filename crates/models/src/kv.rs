@@ -6,6 +6,7 @@
 //! the results are bit-identical), and the rows that fell out are dropped.
 
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 
 use crate::MAX_BATCH;
 
@@ -18,9 +19,12 @@ pub struct KvCache {
     pub len: usize,
 }
 
+/// Keys and values are held as f16 bits in `u16`s: a buffer of zeros is then allocated
+/// zeroed by the system (calloc), so its pages take memory only once positions are written,
+/// and a cache sized for the whole context costs what the sequence uses.
 struct LayerKv {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    k: Vec<u16>,
+    v: Vec<u16>,
     /// Attention window (keys at least this far behind a query are not seen); `None` for
     /// full attention.
     window: Option<usize>,
@@ -49,8 +53,8 @@ impl KvCache {
                     None => n_ctx,
                 };
                 LayerKv {
-                    k: vec![f16::ZERO; rows * kv_dim],
-                    v: vec![f16::ZERO; rows * kv_dim],
+                    k: vec![0; rows * kv_dim],
+                    v: vec![0; rows * kv_dim],
                     window,
                     first: 0,
                 }
@@ -97,10 +101,12 @@ impl KvCache {
             l.first = keep_from;
         }
         let at = (pos - l.first) * kv_dim;
-        for (dst, &src) in l.k[at..at + k.len()].iter_mut().zip(k) {
+        let keys: &mut [f16] = l.k[at..at + k.len()].reinterpret_cast_mut();
+        for (dst, &src) in keys.iter_mut().zip(k) {
             *dst = f16::from_f32(src);
         }
-        for (dst, &src) in l.v[at..at + v.len()].iter_mut().zip(v) {
+        let values: &mut [f16] = l.v[at..at + v.len()].reinterpret_cast_mut();
+        for (dst, &src) in values.iter_mut().zip(v) {
             *dst = f16::from_f32(src);
         }
     }
@@ -109,10 +115,10 @@ impl KvCache {
     /// their first row.
     pub fn layer(&self, layer: usize) -> (&[f16], &[f16], usize) {
         let l = &self.layers[layer];
-        (&l.k, &l.v, l.first)
+        (l.k.reinterpret_cast(), l.v.reinterpret_cast(), l.first)
     }
 
-    /// Bytes the cache holds.
+    /// Bytes the cache may hold (what it takes once every position is written).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()

@@ -1512,6 +1512,20 @@ async fn gbnf_grammars_as_llama_cpp_takes_them() {
         assert_eq!(status, 200, "{v}");
         re(v["choices"][0]["text"].as_str().unwrap());
     }
+    // Left recursion is legal (the grammar engine is an Earley parser): answered, bounded.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "max_tokens": 12, "grammar": "root ::= root \"a\" | \"b\"",
+               "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with('b') && text[1..].chars().all(|c| c == 'a'),
+        "{text:?}"
+    );
     for (grammar, extra) in [
         ("root ::= \"unterminated", json!({})),
         ("answer ::= \"no root rule\"", json!({})),
