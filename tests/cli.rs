@@ -147,6 +147,13 @@ fn errors_are_clear_and_not_panics() {
         assert!(err.contains("MiB of memory"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // More sequences than one forward pass holds.
+    for parallel in ["0", "257"] {
+        let out = hearth(&["serve", "--parallel", parallel, "--port", "0"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("from 1 to 256"), "{err}");
+    }
 }
 
 #[test]

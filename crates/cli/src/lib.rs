@@ -128,8 +128,8 @@ pub struct ServeArgs {
     /// Directory of models to offer (default: the model cache).
     #[arg(long)]
     pub models: Option<std::path::PathBuf>,
-    /// Sequences decoded together per model.
-    #[arg(long, default_value_t = 4)]
+    /// Sequences decoded together per model (1 to 256, the tokens one forward pass takes).
+    #[arg(long, default_value_t = 4, value_parser = parse_parallel)]
     pub parallel: usize,
     /// Context length of every sequence.
     #[arg(long, default_value_t = 4096)]
@@ -335,5 +335,14 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--parallel`: every decoding sequence needs a place in one forward pass.
+fn parse_parallel(s: &str) -> Result<usize, String> {
+    let max = hearth_models::MAX_BATCH;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: a number of sequences from 1 to {max}")),
     }
 }

@@ -107,6 +107,7 @@ impl Scheduler {
             stats: stats.clone(),
             scratch: Scratch::default(),
             logits: Vec::new(),
+            turn: 0,
         };
         std::thread::Builder::new()
             .name("hearth-scheduler".into())
@@ -167,6 +168,8 @@ struct Worker {
     stats: Arc<SchedulerStats>,
     scratch: Scratch,
     logits: Vec<f32>,
+    /// Steps run, to rotate which slot's decode is planned first when they do not all fit.
+    turn: usize,
 }
 
 impl Worker {
@@ -292,10 +295,14 @@ impl Worker {
     /// logits.
     fn step(&mut self) {
         // Decoding sequences first, as many as the batch holds (a sequence with forced
-        // tokens brings several; one that does not fit waits for the next step).
+        // tokens brings several; one that does not fit waits for the next step, and the
+        // first slot considered moves round so none waits twice in a row for the same ones).
         let mut budget = MAX_BATCH;
-        let mut decode = vec![false; self.slots.len()];
-        for (i, slot) in self.slots.iter().enumerate() {
+        let n_slots = self.slots.len();
+        let mut decode = vec![false; n_slots];
+        self.turn = self.turn.wrapping_add(1);
+        for i in (0..n_slots).map(|k| (k + self.turn) % n_slots) {
+            let slot = &self.slots[i];
             if let Some(a) = slot.active.as_ref().filter(|a| !a.next.is_empty()) {
                 if a.next.len() <= budget {
                     budget -= a.next.len();

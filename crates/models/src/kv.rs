@@ -49,7 +49,7 @@ impl KvCache {
                 // A window layer needs its window behind the first query of a batch, plus
                 // the batch: `window - 1 + MAX_BATCH` rows.
                 let rows = match window {
-                    Some(w) => n_ctx.min(w.max(1) - 1 + MAX_BATCH),
+                    Some(w) => n_ctx.min(w.saturating_sub(1).saturating_add(MAX_BATCH)),
                     None => n_ctx,
                 };
                 LayerKv {
@@ -127,18 +127,20 @@ impl KvCache {
     }
 }
 
-/// Bytes of a cache for layers with these windows and `n_ctx` positions.
+/// Bytes of a cache for layers with these windows and `n_ctx` positions (saturating: any
+/// `n_ctx` a user types gets a number to refuse, not an overflow).
 pub fn cache_bytes(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize) -> u64 {
-    windows
+    let total: u128 = windows
         .iter()
         .map(|w| {
             let rows = match w {
-                Some(w) => n_ctx.min(w.max(&1) - 1 + MAX_BATCH),
+                Some(w) => n_ctx.min(w.saturating_sub(1).saturating_add(MAX_BATCH)),
                 None => n_ctx,
             };
-            (2 * 2 * rows * kv_dim) as u64
+            4 * rows as u128 * kv_dim as u128
         })
-        .sum()
+        .sum();
+    total.min(u64::MAX as u128) as u64
 }
 
 #[cfg(test)]
