@@ -46,12 +46,7 @@ impl KvCache {
         let layers = windows
             .iter()
             .map(|&window| {
-                // A window layer needs its window behind the first query of a batch, plus
-                // the batch: `window - 1 + MAX_BATCH` rows.
-                let rows = match window {
-                    Some(w) => n_ctx.min(w.saturating_sub(1).saturating_add(MAX_BATCH)),
-                    None => n_ctx,
-                };
+                let rows = rows_held(window, n_ctx);
                 LayerKv {
                     k: vec![0; rows * kv_dim],
                     v: vec![0; rows * kv_dim],
@@ -132,15 +127,18 @@ impl KvCache {
 pub fn cache_bytes(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize) -> u64 {
     let total: u128 = windows
         .iter()
-        .map(|w| {
-            let rows = match w {
-                Some(w) => n_ctx.min(w.saturating_sub(1).saturating_add(MAX_BATCH)),
-                None => n_ctx,
-            };
-            4 * rows as u128 * kv_dim as u128
-        })
+        .map(|&w| 4 * rows_held(w, n_ctx) as u128 * kv_dim as u128)
         .sum();
     total.min(u64::MAX as u128) as u64
+}
+
+/// Rows a layer's buffer holds: the whole context, or for a window layer its window behind
+/// the first query of a batch plus the batch (`window - 1 + MAX_BATCH`), if less.
+fn rows_held(window: Option<usize>, n_ctx: usize) -> usize {
+    match window {
+        Some(w) => n_ctx.min(w.saturating_sub(1).saturating_add(MAX_BATCH)),
+        None => n_ctx,
+    }
 }
 
 #[cfg(test)]

@@ -292,21 +292,13 @@ impl Model {
         scratch: &mut Scratch,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
-        if tokens.len() > MAX_BATCH {
-            return Err(ModelError::BadConfig(format!(
-                "a batch holds at most {MAX_BATCH} tokens, not {}",
-                tokens.len()
-            )));
-        }
-        self.check_seq(tokens, cache)?;
         let mut seq = [BatchSeq {
             tokens,
             cache,
             want_logits: true,
             part: Part::Generated,
         }];
-        self.run_batch(&mut seq, scratch, logits);
-        Ok(())
+        self.forward_batch(&mut seq, scratch, logits)
     }
 
     /// Appends each sequence's tokens to its own cache in one pass over the weights, and

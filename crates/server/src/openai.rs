@@ -406,7 +406,7 @@ pub async fn chat_completions(
             "at most 32 template variables",
         ));
     }
-    let tools = tools::Tools::parse(
+    let mut tools = tools::Tools::parse(
         API,
         &req.common.tools,
         &req.common.tool_choice,
@@ -414,7 +414,6 @@ pub async fn chat_completions(
     )?;
     let served = state.registry.get(API, &req.common.model).await?;
     let mut kwargs = kwargs;
-    let mut tools = tools;
     if let Some(t) = &mut tools {
         check_tools(API, &served, &req.common.response_format, t)?;
         kwargs.insert("tools".into(), t.raw.clone());
@@ -505,18 +504,20 @@ async fn reply(
 ) -> Result<Response, ApiError> {
     let mut prepared = generate::prepare(API, &served, prompt, knobs)?;
     let format = response_format(&common.response_format)?;
-    if let Some(spec) = format.clone() {
+    let grammar = common.grammar.as_ref().filter(|g| !g.is_empty());
+    // Refused before anything is compiled.
+    if grammar.is_some() && (format.is_some() || tools.is_some()) {
+        return Err(ApiError::param(
+            API,
+            "grammar",
+            "grammar cannot be combined with response_format or tools",
+        ));
+    }
+    if let Some(spec) = format {
         prepared.constraint =
             Some(generate::constrain(API, &served, spec, "response_format").await?);
     }
-    if let Some(grammar) = common.grammar.as_ref().filter(|g| !g.is_empty()) {
-        if format.is_some() || tools.is_some() {
-            return Err(ApiError::param(
-                API,
-                "grammar",
-                "grammar cannot be combined with response_format or tools",
-            ));
-        }
+    if let Some(grammar) = grammar {
         let spec = GrammarSpec::grammar(grammar.clone());
         prepared.constraint = Some(generate::constrain(API, &served, spec, "grammar").await?);
     }
