@@ -562,14 +562,6 @@ pub unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
 
 // ------------------------------------------------ Q5_1, Q5_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, BF16
 
-/// Two 16-value sub-blocks' products (`p`: the lower 128 bits hold sub-block `s0`'s
-/// `maddubs` pairs, the upper `s1`'s) times their scales, as 8 i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn scale_pairs(p: __m256i, s0: i16, s1: i16) -> __m256i {
-    _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0)))
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -607,13 +599,63 @@ pub unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     unsafe { dot_k4(x, y, |a| (a.d, a.dmin, &a.scales), values) }
 }
 
+/// `pshufb` masks that pick, from 8 i16 scales repeated in both 128-bit lanes, scale `2j`
+/// into every i16 of the lower lane and scale `2j + 1` into every i16 of the upper lane.
+static SCALE_PAIR_SHUFFLE: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut i = 0;
+        while i < 32 {
+            let scale = 2 * j + i / 16;
+            t[j][i] = (2 * scale + i % 2) as u8;
+            i += 1;
+        }
+        j += 1;
+    }
+    t
+};
+
+/// A super-block's 16 sub-block scales (i8) as i16, for [`scale_pair`]: `[0]` holds scales
+/// 0..8 and `[1]` scales 8..16, each repeated in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scale_halves(scales: __m128i) -> [__m256i; 2] {
+    let s = _mm256_cvtepi8_epi16(scales);
+    [
+        _mm256_permute2x128_si256::<0x00>(s, s),
+        _mm256_permute2x128_si256::<0x11>(s, s),
+    ]
+}
+
+/// Scales `2j` (lower lane) and `2j + 1` (upper lane) of a half from [`scale_halves`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scale_pair(half: __m256i, j: usize) -> __m256i {
+    // SAFETY: reads the 32 bytes of one mask.
+    let m = unsafe { _mm256_loadu_si256(SCALE_PAIR_SHUFFLE[j].as_ptr() as *const __m256i) };
+    _mm256_shuffle_epi8(half, m)
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0.0f32;
     let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
+        // SAFETY: the 16 scale bytes and the 16 i16 sums of the activations.
+        let (sc, bsums) = unsafe {
+            (
+                _mm_loadu_si128(a.scales.as_ptr() as *const __m128i),
+                _mm256_loadu_si256(b.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // Σ min · (sum of 16 activations), from the high nibbles.
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4));
+        let summ = _mm256_madd_epi16(mins, bsums);
+        let halves = scale_halves(_mm_and_si128(sc, m4));
         let mut sumi = _mm256_setzero_si256();
-        for half in 0..2 {
+        for (half, &scales) in halves.iter().enumerate() {
             // SAFETY: 32 bytes at 32·half inside the 64-byte qs.
             let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * half) as *const __m256i) };
             for j in 0..4 {
@@ -623,30 +665,50 @@ pub unsafe fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
                 let yj = unsafe {
                     _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i)
                 };
-                let is = 8 * half + 2 * j;
-                let (s0, s1) = ((a.scales[is] & 0xF) as i16, (a.scales[is + 1] & 0xF) as i16);
-                sumi = _mm256_add_epi32(sumi, scale_pairs(_mm256_maddubs_epi16(w, yj), s0, s1));
+                let p = _mm256_maddubs_epi16(w, yj);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(scales, j)));
             }
         }
-        let summ: i32 = (0..16)
-            .map(|j| (a.scales[j] >> 4) as i32 * b.bsums[j] as i32)
-            .sum();
-        sumf += h2f(a.d) * b.d * hsum_epi32(sumi) as f32 - h2f(a.dmin) * b.d * summ as f32;
+        let dall = _mm256_set1_ps(h2f(a.d) * b.d);
+        let dmin = _mm256_set1_ps(h2f(a.dmin) * b.d);
+        acc = _mm256_fmadd_ps(dall, _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(summ), acc);
     }
-    sumf
+    hsum_ps(acc)
+}
+
+/// Q3_K's 16 six-bit scales (12 bytes) as i8 minus 32, as `reference::q3k_scales` (unpacked
+/// as ggml does, 4 at a time): the low 4 bits of scales 0..8 and 8..16 are the low and
+/// high nibbles of bytes 0..8, the top 2 bits come from bytes 8..12, two bits per scale.
+#[inline(always)]
+pub(crate) fn q3k_scales(s: &[u8; 12]) -> __m128i {
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (a0, a1, a2) = (word(0), word(1), word(2));
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    // SAFETY: register operations only (SSE2, baseline on x86-64).
+    unsafe {
+        let v = _mm_setr_epi32(
+            ((a0 & LOW4) | ((a2 & LOW2) << 4)) as i32,
+            ((a1 & LOW4) | (((a2 >> 2) & LOW2) << 4)) as i32,
+            (((a0 >> 4) & LOW4) | (((a2 >> 4) & LOW2) << 4)) as i32,
+            (((a1 >> 4) & LOW4) | (((a2 >> 6) & LOW2) << 4)) as i32,
+        );
+        _mm_sub_epi8(v, _mm_set1_epi8(32))
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0.0f32;
     let m3 = _mm256_set1_epi8(3);
     let four = _mm256_set1_epi8(4);
+    let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
-        let scales = crate::reference::q3k_scales(a);
+        let halves = scale_halves(q3k_scales(&a.scales));
         // SAFETY: the 32 bytes of hmask.
         let hm = unsafe { _mm256_loadu_si256(a.hmask.as_ptr() as *const __m256i) };
         let mut sumi = _mm256_setzero_si256();
-        for half in 0..2 {
+        for (half, &scales) in halves.iter().enumerate() {
             // SAFETY: 32 bytes at 32·half inside the 64-byte qs.
             let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * half) as *const __m256i) };
             for j in 0..4 {
@@ -662,16 +724,13 @@ pub unsafe fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
                 };
                 let p =
                     _mm256_sub_epi16(_mm256_maddubs_epi16(low, yj), _mm256_maddubs_epi16(sub, yj));
-                let is = 8 * half + 2 * j;
-                sumi = _mm256_add_epi32(
-                    sumi,
-                    scale_pairs(p, scales[is] as i16, scales[is + 1] as i16),
-                );
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(scales, j)));
             }
         }
-        sumf += h2f(a.d) * b.d * hsum_epi32(sumi) as f32;
+        let d = _mm256_set1_ps(h2f(a.d) * b.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    sumf
+    hsum_ps(acc)
 }
 
 /// IQ4_NL's 16 values in both 128-bit lanes, for `pshufb` lookups.
@@ -702,7 +761,7 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
     let table = iq4nl_table();
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
-        let scales = crate::reference::iq4xs_scales(a);
+        let scales = super::kunpack::iq4xs_scale_bytes(a).to_le_bytes();
         let mut sumi = _mm256_setzero_si256();
         for (ib, &sc) in scales.iter().enumerate() {
             // SAFETY: 16 bytes at 16·ib inside the 128-byte qs; 32 activations at 32·ib.
@@ -715,7 +774,10 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
             let w = _mm256_shuffle_epi8(table, idx);
             // |w · y| pairs stay below 2·127·127 < 2¹⁵.
             let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc as i16)));
+            sumi = _mm256_add_epi32(
+                sumi,
+                _mm256_madd_epi16(p, _mm256_set1_epi16(sc as i8 as i16)),
+            );
         }
         let d = _mm256_set1_ps(h2f(a.d) * b.d);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);

@@ -7,6 +7,7 @@
 //! (|error| ≤ 1.5e-7).
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX-512F
 
+use crate::f32mat::PanelArgs;
 use crate::AttendRows;
 use std::arch::x86_64::*;
 
@@ -315,27 +316,18 @@ pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// One block of tokens against every panel of an `F32Panels` (see `f32mat`).
-pub struct PanelArgs<'a> {
-    /// Up to 8 token rows of `cols` values.
-    pub x: &'a [f32],
-    pub cols: usize,
-    /// Panels of 32 rows: `2 * cols` lines each.
-    pub(crate) panels: &'a [crate::f32mat::Line],
-    /// 32 starting values per panel (the bias, zero-padded).
-    pub init: &'a [f32],
-    pub rows: usize,
-}
+/// Tokens per call of [`panel_matmul`] (8 tokens × 32 rows: 16 accumulators).
+pub const PANEL_TOKENS: usize = 8;
 
-/// `out[t][r] = init[r] + Σ_k x[t][k] · w[r][k]` for the tokens of `a` (`out`: their rows of
-/// `rows` values).
+/// `out[t][r] = init[r] + Σ_k x[t][k] · w[r][k]` for the tokens of `a` (up to 8) and the
+/// 32-row panels `panels` (`out`: the tokens' rows of `rows` values).
 #[target_feature(enable = "avx512f")]
-pub unsafe fn panel_matmul(a: &PanelArgs, out: &mut [f32]) {
+pub(crate) unsafe fn panel_matmul(a: &PanelArgs, panels: std::ops::Range<usize>, out: &mut [f32]) {
     let tokens = a.x.len() / a.cols;
-    assert!((1..=8).contains(&tokens) && out.len() >= tokens * a.rows);
-    let panels = a.rows.div_ceil(32);
-    assert!(a.panels.len() >= panels * a.cols * 2 && a.init.len() >= panels * 32);
-    for p in 0..panels {
+    assert!((1..=PANEL_TOKENS).contains(&tokens) && out.len() >= tokens * a.rows);
+    assert!(panels.end <= a.rows.div_ceil(32));
+    assert!(a.panels.len() >= panels.end * a.cols * 2 && a.init.len() >= panels.end * 32);
+    for p in panels {
         // SAFETY: see `panel_block_at`; the panel index and token count were checked above.
         unsafe {
             match tokens {

@@ -176,20 +176,7 @@ impl Unpack for BlockQ3K {
     unsafe fn scales(&self) -> IntScales {
         // SAFETY: register operations only (SSE2, baseline).
         unsafe {
-            // The 16 six-bit scales (stored + 32), unpacked as ggml does, 4 at a time.
-            let s = &self.scales;
-            let word =
-                |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
-            let (a0, a1, tmp) = (word(0), word(1), word(2));
-            const LOW4: u32 = 0x0f0f_0f0f;
-            const LOW2: u32 = 0x0303_0303;
-            let scales = _mm_setr_epi32(
-                ((a0 & LOW4) | ((tmp & LOW2) << 4)) as i32,
-                ((a1 & LOW4) | (((tmp >> 2) & LOW2) << 4)) as i32,
-                (((a0 >> 4) & LOW4) | (((tmp >> 4) & LOW2) << 4)) as i32,
-                (((a1 >> 4) & LOW4) | (((tmp >> 6) & LOW2) << 4)) as i32,
-            );
-            let scales = _mm_sub_epi8(scales, _mm_set1_epi8(32));
+            let scales = super::avx2::q3k_scales(&self.scales);
             let d = h2f(self.d);
             IntScales {
                 v: scales,
@@ -240,7 +227,7 @@ fn k4_scales(scales: &[u8; K_SCALE_SIZE], d: f32, dmin: f32) -> IntScales {
 /// IQ4_XS's 8 six-bit scales minus 32, one signed byte each (as
 /// `reference::iq4xs_scales`, with word operations instead of a loop).
 #[inline(always)]
-fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
+pub(crate) fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
     // Low nibbles: byte i of scales_l holds groups 2i (low) and 2i + 1 (high).
     let x = u32::from_le_bytes(b.scales_l) as u64;
     let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;

@@ -24,6 +24,7 @@ pub mod amx;
 pub mod avx2;
 pub mod avx2_tiles;
 pub mod avx512;
+pub mod encoder_avx2;
 pub mod kpanel;
 pub mod kpanel_avx2;
 pub mod kquant;
@@ -291,6 +292,24 @@ fn attend_rows_avx512(a: &crate::AttendRows, out: &mut [f32]) {
     unsafe { avx512::attend_rows(a, out) }
 }
 
+fn gelu_avx2(x: &mut [f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
+    unsafe { encoder_avx2::gelu(x) }
+}
+
+fn add_layer_norm_avx2(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
+    unsafe { encoder_avx2::add_layer_norm(x, add, w, b, eps) }
+}
+
+fn attend_rows_avx2(a: &crate::AttendRows, out: &mut [f32]) {
+    if !a.head_dim.is_multiple_of(16) {
+        return crate::reference::attend_rows(a, out);
+    }
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
+    unsafe { encoder_avx2::attend_rows(a, out) }
+}
+
 /// Prompt tokens on interleaved 16-row panels. SAFETY (all): installed by `kernels` only
 /// when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA, F16C).
 macro_rules! panel_gemm {
@@ -485,6 +504,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         prefill_q5_k: Some(prompt_q5_k),
         prefill_q6_k: Some(prompt_q6_k),
         prefill_iq4_xs: Some(prompt_iq4_xs),
-        ..Kernels::scalar()
+        gelu: gelu_avx2,
+        attend_rows: attend_rows_avx2,
+        add_layer_norm: add_layer_norm_avx2,
     }
 }
