@@ -184,6 +184,26 @@ pub struct Kernels {
     pub attend_rows: fn(&crate::AttendRows, &mut [f32]),
     /// Row-wise `x = LayerNorm(x + add) · w + b` (see `reference::add_layer_norm`).
     pub add_layer_norm: AddLayerNorm,
+    /// Prompt tokens of F16/BF16 products, where the level has them.
+    pub float_tiles: Option<FloatTiles>,
+}
+
+/// Prompt products of 16-bit float weights (`QMatrix` prefill): weight rows widened to f32
+/// a few at a time against blocks of `tokens` tokens whose activations are transposed
+/// (column `k` of the block at `xt[k * tokens..][..tokens]`).
+#[derive(Clone, Copy)]
+pub struct FloatTiles {
+    /// Tokens per transposed block.
+    pub tokens: usize,
+    /// Weight rows per call, at most.
+    pub rows: usize,
+    /// `tile(w, xt, cols, out, stride, valid)`: `out[r * stride + t] = Σ_k w[r][k] ·
+    /// xt[k * tokens + t]` for the rows of `w` and the block's first `valid` tokens (see
+    /// `reference::float_tile`).
+    pub tile: fn(&[f32], &[f32], usize, &mut [f32], usize, usize),
+    /// Exact widenings to f32.
+    pub widen_f16: fn(&[f16], &mut [f32]),
+    pub widen_bf16: fn(&[half::bf16], &mut [f32]),
 }
 
 /// `add_layer_norm(x, add, weight, bias, eps)`.
@@ -268,6 +288,7 @@ impl Kernels {
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,
             add_layer_norm: r::add_layer_norm,
+            float_tiles: None,
         }
     }
 

@@ -420,13 +420,23 @@ impl QMatrix<'_> {
             },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
-                let widen = reference::dequantize_row_f16;
-                rows_widened_tiled(w, a, cols, k, out, scratch, widen)
+                match k.float_tiles {
+                    Some(ft) => rows_float_tiles(w, a, cols, ft, ft.widen_f16, out, scratch),
+                    None => {
+                        let widen = reference::dequantize_row_f16;
+                        rows_widened_tiled(w, a, cols, k, out, scratch, widen)
+                    }
+                }
             }
             Blocks::BF16(w) if p >= 3 => {
                 let a = &acts.bf16[..p * cols];
-                let widen = reference::dequantize_row_bf16;
-                rows_widened_tiled(w, a, cols, k, out, scratch, widen)
+                match k.float_tiles {
+                    Some(ft) => rows_float_tiles(w, a, cols, ft, ft.widen_bf16, out, scratch),
+                    None => {
+                        let widen = reference::dequantize_row_bf16;
+                        rows_widened_tiled(w, a, cols, k, out, scratch, widen)
+                    }
+                }
             }
             _ => return false,
         }
@@ -621,6 +631,50 @@ fn rows_widened_tiled<W: Sync>(
     });
 }
 
+/// A 16-bit float product of prompt tokens on the level's [`dispatch::FloatTiles`]: the
+/// tokens widened and transposed once per product in blocks of `ft.tokens`; each task
+/// widens its rows once, then for every block of tokens (kept in L2 meanwhile) runs its
+/// rows over it a few at a time.
+fn rows_float_tiles<W: Sync>(
+    w: &[W],
+    a: &[W],
+    cols: usize,
+    ft: dispatch::FloatTiles,
+    widen: fn(&[W], &mut [f32]),
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (rows, n_tok, tb) = (w.len() / cols, a.len() / cols, ft.tokens);
+    let blocks = n_tok.div_ceil(tb);
+    // Block b, column k, token i at xt[(b * cols + k) * tb + i] (zeros past n_tok).
+    let mut xt = vec![0f32; blocks * cols * tb];
+    pool::for_each_chunk(&mut xt, cols * tb, |b, block| {
+        let tokens = (n_tok - b * tb).min(tb);
+        let mut row = vec![0f32; cols];
+        for i in 0..tokens {
+            widen(&a[(b * tb + i) * cols..][..cols], &mut row);
+            for (k, v) in row.iter().enumerate() {
+                block[k * tb + i] = *v;
+            }
+        }
+    });
+    let chunk = rows_per_task(rows).next_multiple_of(ft.rows);
+    by_row_blocks(rows, n_tok, chunk, out, scratch, |r0, o| {
+        let n_rows = o.len() / n_tok;
+        let mut wf = vec![0f32; n_rows * cols];
+        widen(&w[r0 * cols..(r0 + n_rows) * cols], &mut wf);
+        for b in 0..blocks {
+            let (t0, valid) = (b * tb, (n_tok - b * tb).min(tb));
+            let block = &xt[b * cols * tb..(b + 1) * cols * tb];
+            for r in (0..n_rows).step_by(ft.rows) {
+                let nr = (n_rows - r).min(ft.rows);
+                let o = &mut o[r * n_tok + t0..];
+                (ft.tile)(&wf[r * cols..(r + nr) * cols], block, cols, o, n_tok, valid);
+            }
+        }
+    });
+}
+
 /// The multi-token product skeleton: `block(first_row, results)` fills the results of
 /// `chunk` weight rows (row-major, `n_tok` per row) in parallel tasks; `out` gets them
 /// token-major.
@@ -638,13 +692,21 @@ fn by_row_blocks(
     transpose_into(scratch, rows, n_tok, out);
 }
 
-/// `out[t][r] = scratch[r][t]`.
+/// `out[t][r] = scratch[r][t]`, in parallel over blocks of 16 tokens (each row's 16 values
+/// are one read, the 16 token rows written stay in cache).
 fn transpose_into(scratch: &[f32], rows: usize, n_tok: usize, out: &mut [f32]) {
-    for t in 0..n_tok {
+    const TOKENS: usize = 16;
+    let out = &mut out[..rows * n_tok];
+    pool::for_each_chunk(out, rows * TOKENS, |b, part| {
+        let t0 = b * TOKENS;
+        let tokens = part.len() / rows;
         for r in 0..rows {
-            out[t * rows + r] = scratch[r * n_tok + t];
+            let src = &scratch[r * n_tok + t0..][..tokens];
+            for (t, v) in src.iter().enumerate() {
+                part[t * rows + r] = *v;
+            }
         }
-    }
+    });
 }
 
 /// The formats activations are quantized to before a product.

@@ -570,6 +570,28 @@ pub fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
 
 /// A 4 × 3 tile of an F32 product: `out[r * 3 + t] = w[r] · a[t]` for the 4 rows of `w` and
 /// the 3 rows of `a` (each `cols` long), summed as [`vec_dot_f32`] does.
+/// The reference of `dispatch::FloatTiles::tile` for blocks of `tokens` tokens: `out[r *
+/// stride + t] = Σ_k w[r][k] · xt[k * tokens + t]` (k in order) for the rows of `w` (`cols`
+/// each) and the first `valid` tokens.
+pub fn float_tile(
+    w: &[f32],
+    xt: &[f32],
+    cols: usize,
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+    valid: usize,
+) {
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        for t in 0..valid {
+            out[r * stride + t] = row
+                .iter()
+                .enumerate()
+                .fold(0.0, |s, (k, &wk)| wk.mul_add(xt[k * tokens + t], s));
+        }
+    }
+}
+
 pub fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     for r in 0..4 {
         for t in 0..3 {

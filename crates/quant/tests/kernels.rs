@@ -453,6 +453,40 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn float_tiles_match_reference(
+        cols in 1usize..100,
+        rows in 1usize..9,
+        valid in 1usize..33,
+        seed in prop::collection::vec(-4.0f32..4.0, 1..50),
+    ) {
+        // The tiles sum in the reference's order with the same fused multiply-adds: equal bits.
+        for k in levels() {
+            let Some(ft) = k.float_tiles else { continue };
+            let (rows, valid) = (rows.min(ft.rows), valid.min(ft.tokens));
+            let w = acts(rows * cols, &seed);
+            let xt: Vec<f32> = acts(cols * ft.tokens + 5, &seed).into_iter().skip(5).collect();
+            let stride = valid + 3;
+            let mut want = vec![f32::NAN; rows * stride];
+            r::float_tile(&w, &xt, cols, ft.tokens, &mut want, stride, valid);
+            let mut got = vec![f32::NAN; rows * stride];
+            (ft.tile)(&w, &xt, cols, &mut got, stride, valid);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // Past `valid` in a row both stay NaN (nothing written).
+                prop_assert!(g.to_bits() == w.to_bits(), "{:?} at {i}: {g} vs {w}", k.isa);
+            }
+            let h16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let b16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let (mut wide, mut want) = (vec![0f32; w.len()], vec![0f32; w.len()]);
+            (ft.widen_f16)(&h16, &mut wide);
+            r::dequantize_row_f16(&h16, &mut want);
+            prop_assert!(wide == want, "{:?} f16 widening", k.isa);
+            (ft.widen_bf16)(&b16, &mut wide);
+            r::dequantize_row_bf16(&b16, &mut want);
+            prop_assert!(wide == want, "{:?} bf16 widening", k.isa);
+        }
+    }
 }
 
 /// The tiled F32 product (several tokens) equals one dot product per row and token, for
@@ -570,7 +604,8 @@ fn quantize_q8_rounds_like_ggml() {
 #[test]
 fn prompt_token_products_match_dot_products() {
     use hearth_quant::{Activations, GgmlType, QMatrix};
-    let (rows, cols, n_tok) = (13, 512, 7);
+    // 37 tokens: a whole block of transposed tokens and a partial one (float tiles).
+    let (rows, cols, n_tok) = (13, 512, 37);
     let x = acts(n_tok * cols, &[0.5, -1.25, 2.0, 0.75, -0.3]);
     for ty in [
         GgmlType::F16,

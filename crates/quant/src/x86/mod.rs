@@ -25,6 +25,7 @@ pub mod avx2;
 pub mod avx2_tiles;
 pub mod avx512;
 pub mod encoder_avx2;
+pub mod float_tiles;
 pub mod kpanel;
 pub mod kpanel_avx2;
 pub mod kquant;
@@ -292,6 +293,25 @@ fn attend_rows_avx512(a: &crate::AttendRows, out: &mut [f32]) {
     unsafe { avx512::attend_rows(a, out) }
 }
 
+// SAFETY (the four below): installed by `kernels` only when `detect()` found what each
+// enables (AVX2, FMA and F16C; AVX-512F for `tile_512`).
+fn float_tile_512(w: &[f32], xt: &[f32], cols: usize, out: &mut [f32], stride: usize, n: usize) {
+    // SAFETY: see above.
+    unsafe { float_tiles::tile_avx512(w, xt, cols, out, stride, n) }
+}
+fn float_tile_avx2(w: &[f32], xt: &[f32], cols: usize, out: &mut [f32], stride: usize, n: usize) {
+    // SAFETY: see above.
+    unsafe { float_tiles::tile_avx2(w, xt, cols, out, stride, n) }
+}
+fn widen_f16(x: &[half::f16], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { float_tiles::widen_f16(x, y) }
+}
+fn widen_bf16(x: &[half::bf16], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { float_tiles::widen_bf16(x, y) }
+}
+
 fn gelu_avx2(x: &mut [f32]) {
     // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
     unsafe { encoder_avx2::gelu(x) }
@@ -450,6 +470,13 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gelu: gelu_avx512,
             attend_rows: attend_rows_avx512,
             add_layer_norm: add_layer_norm_avx512,
+            float_tiles: Some(crate::dispatch::FloatTiles {
+                tokens: float_tiles::TOKENS_512,
+                rows: float_tiles::ROWS_512,
+                tile: float_tile_512,
+                widen_f16,
+                widen_bf16,
+            }),
             // SAFETY: a CPU with the Avx512 level has the Avx2 level (`detect`); our caller
             // guarantees the former.
             ..unsafe { kernels(Isa::Avx2) }
@@ -507,5 +534,12 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gelu: gelu_avx2,
         attend_rows: attend_rows_avx2,
         add_layer_norm: add_layer_norm_avx2,
+        float_tiles: Some(crate::dispatch::FloatTiles {
+            tokens: float_tiles::TOKENS_AVX2,
+            rows: float_tiles::ROWS_AVX2,
+            tile: float_tile_avx2,
+            widen_f16,
+            widen_bf16,
+        }),
     }
 }
