@@ -188,6 +188,9 @@ pub struct Kernels {
     pub float_tiles: Option<FloatTiles>,
 }
 
+/// `tile(w, xt, cols, out, stride, valid)` of [`FloatTiles`].
+pub type FloatTile = fn(&[f32], &[f32], usize, &mut [f32], usize, usize);
+
 /// Prompt products of 16-bit float weights (`QMatrix` prefill): weight rows widened to f32
 /// a few at a time against blocks of `tokens` tokens whose activations are transposed
 /// (column `k` of the block at `xt[k * tokens..][..tokens]`).
@@ -200,7 +203,7 @@ pub struct FloatTiles {
     /// `tile(w, xt, cols, out, stride, valid)`: `out[r * stride + t] = Σ_k w[r][k] ·
     /// xt[k * tokens + t]` for the rows of `w` and the block's first `valid` tokens (see
     /// `reference::float_tile`).
-    pub tile: fn(&[f32], &[f32], usize, &mut [f32], usize, usize),
+    pub tile: FloatTile,
     /// Exact widenings to f32.
     pub widen_f16: fn(&[f16], &mut [f32]),
     pub widen_bf16: fn(&[half::bf16], &mut [f32]),

@@ -19,7 +19,7 @@ pub const ROWS_AVX2: usize = 6;
 /// The checks every tile makes: `w` holds 1..=`max_rows` rows of `cols`, `xt` a block of
 /// `cols × tokens`, and `out` room for `valid` tokens of each row, `stride` apart.
 fn check(w: &[f32], xt: &[f32], cols: usize, out: &[f32], stride: usize, valid: usize) -> usize {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    let rows = w.len().checked_div(cols).unwrap_or(0);
     assert!(
         rows >= 1 && w.len() == rows * cols,
         "weights are not whole rows"
