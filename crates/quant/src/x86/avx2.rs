@@ -29,6 +29,27 @@ pub(crate) fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Stores the first `valid` (≤ 16) of the 16 values `lo`, `hi` at `o`.
+///
+/// # Safety
+/// AVX2; `o` is valid for `valid` writes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn store_16(o: *mut f32, lo: __m256, hi: __m256, valid: usize) {
+    // SAFETY: the caller's; the partial case writes through a 16-value buffer.
+    unsafe {
+        if valid == 16 {
+            _mm256_storeu_ps(o, lo);
+            _mm256_storeu_ps(o.add(8), hi);
+        } else {
+            let mut tmp = [0f32; 16];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, valid.min(16));
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum_epi32(v: __m256i) -> i32 {

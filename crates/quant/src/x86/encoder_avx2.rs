@@ -351,15 +351,7 @@ unsafe fn panel_block<const T: usize>(a: &PanelArgs, p: usize, out: &mut [f32]) 
         }
         for (t, acc) in acc.iter().enumerate() {
             let o = out.as_mut_ptr().add(t * a.rows + r0);
-            if valid == 16 {
-                _mm256_storeu_ps(o, acc[0]);
-                _mm256_storeu_ps(o.add(8), acc[1]);
-            } else {
-                let mut tmp = [0f32; 16];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, valid);
-            }
+            super::avx2::store_16(o, acc[0], acc[1], valid);
         }
     }
 }
