@@ -3,13 +3,14 @@
 //! `panel` does for the 32-value types).
 //!
 //! A panel's super-blocks are unpacked (`kunpack::Unpack`: 256 unsigned values, group
-//! scales `s_g = d · v_g` and corrections `c_g = e · w_g` per 16 values) a chunk at a time
+//! scales `s_g = d · v_g` and corrections `e · w_g` per 16 values) a chunk at a time
 //! into a buffer where each 64 bytes hold 4 consecutive values of the 16 rows, with the 16
-//! rows' `s_g` and `c_g` as vectors. Then per token, super-block and group: 4 `vpdpbusd`
-//! (the token's 4 activation bytes broadcast) into one i32 vector for 16 rows, one
-//! conversion and FMA by the rows' `s_g`, one FMA of `c_g` by the group's activation sum;
-//! per super-block one FMA by the token's `d`:
-//! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − Σ_g c_g · bsum_g)`.
+//! rows' `s_g` as vectors and `w_g` as i16 pairs. Then per token, super-block and group: 4
+//! `vpdpbusd` (the token's 4 activation bytes broadcast) into one i32 vector for 16 rows,
+//! one conversion and FMA by the rows' `s_g`; per super-block 8 `vpdpwssd` of the `w_g`
+//! pairs with the token's pairs of group sums (exact in i32), one conversion and FMA by the
+//! rows' `e`, and one FMA by the token's `d`:
+//! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − e · Σ_g w_g · bsum_g)`.
 //!
 //! Each (row, token) goes through the same operations whatever the batch's other tokens.
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
@@ -26,12 +27,15 @@ const TOKENS: usize = 8;
 const GROUPS: usize = QK_K / 16;
 
 /// One chunk of a panel: per super-block, 64 × 64 bytes (4 values of each of the 16 rows),
-/// and per group the rows' scales and corrections.
+/// per group the rows' scales, and the corrections as integers: per pair of groups the
+/// rows' `(w_g, w_g+1)` as two i16 in one i32 lane (for `vpdpwssd` with the activations'
+/// pair of 16-value sums) and per super-block the rows' factor `e`.
 #[repr(C, align(64))]
 struct Packed {
     u: [[[u8; 64]; QK_K / 4]; CHUNK],
     s: [[[f32; PANEL]; GROUPS]; CHUNK],
-    c: [[[f32; PANEL]; GROUPS]; CHUNK],
+    w: [[[i32; PANEL]; GROUPS / 2]; CHUNK],
+    e: [[f32; PANEL]; CHUNK],
 }
 
 /// Puts super-blocks `c0..c0 + nc` of panel rows `r0..r0 + nr` (of `w`, `nb` per row) into
@@ -51,7 +55,8 @@ unsafe fn pack<W: Unpack>(
     let mut vals = [0u8; QK_K];
     for k in 0..nc {
         let mut s = [[0f32; PANEL]; GROUPS];
-        let mut c = [[0f32; PANEL]; GROUPS];
+        let mut wp = [[0i32; PANEL]; GROUPS / 2];
+        let mut e = [0f32; PANEL];
         let base = p.u[k].as_mut_ptr() as *mut u8;
         for i in 0..PANEL {
             let dst = |j: usize| base.wrapping_add(64 * j + 4 * i) as *mut u32;
@@ -77,12 +82,17 @@ unsafe fn pack<W: Unpack>(
                 _mm_storeu_si128(wv.as_mut_ptr() as *mut __m128i, sc.w);
                 for g in 0..GROUPS {
                     s[g][i] = sc.d * v[g] as f32;
-                    c[g][i] = sc.e * wv[g] as f32;
                 }
+                for (gp, wp) in wp.iter_mut().enumerate() {
+                    let (lo, hi) = (wv[2 * gp] as i16 as u16, wv[2 * gp + 1] as i16 as u16);
+                    wp[i] = (lo as u32 | (hi as u32) << 16) as i32;
+                }
+                e[i] = sc.e;
             }
         }
         p.s[k] = s;
-        p.c[k] = c;
+        p.w[k] = wp;
+        p.e[k] = e;
     }
 }
 
@@ -119,14 +129,23 @@ unsafe fn tokens<const T: usize>(
                     }
                 }
                 let s = _mm512_load_ps(p.s[k][g].as_ptr());
-                let c = _mm512_load_ps(p.c[k][g].as_ptr());
                 for t in 0..T {
                     part[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), s, part[t]);
-                    let bsum = _mm512_set1_ps(y[t].bsums[g] as f32);
-                    part[t] = _mm512_fnmadd_ps(c, bsum, part[t]);
                 }
             }
+            // Σ_g w_g · bsum_g, exact in i32 (|w| < 2⁷, |bsum| ≤ 16·127), two groups per
+            // `vpdpwssd`: the activations' sums are consecutive i16, so one i32 holds a pair.
+            let mut corr = [_mm512_setzero_si512(); T];
+            for gp in 0..GROUPS / 2 {
+                let w = _mm512_load_si512(p.w[k][gp].as_ptr() as *const _);
+                for t in 0..T {
+                    let b = (y[t].bsums.as_ptr().add(2 * gp) as *const i32).read_unaligned();
+                    corr[t] = _mm512_dpwssd_epi32(corr[t], w, _mm512_set1_epi32(b));
+                }
+            }
+            let e = _mm512_load_ps(p.e[k].as_ptr());
             for t in 0..T {
+                part[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(corr[t]), e, part[t]);
                 sum[t] = _mm512_fmadd_ps(part[t], _mm512_set1_ps(y[t].d), sum[t]);
             }
         }
@@ -172,7 +191,8 @@ pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, 
     let p = Box::new(Packed {
         u: [[[0; 64]; QK_K / 4]; CHUNK],
         s: [[[0.0; PANEL]; GROUPS]; CHUNK],
-        c: [[[0.0; PANEL]; GROUPS]; CHUNK],
+        w: [[[0; PANEL]; GROUPS / 2]; CHUNK],
+        e: [[0.0; PANEL]; CHUNK],
     });
     super::prompt_panels(&mut Steps { w, a, nb, p }, nb, n_tok, out);
 }
