@@ -59,7 +59,7 @@ impl F32Panels {
         }
         let width = if isa.includes(Isa::Avx512) {
             32
-        } else if isa.includes(Isa::Avx2) && cfg!(target_arch = "x86_64") {
+        } else if isa.includes(Isa::Avx2) {
             16
         } else {
             return None;

@@ -44,18 +44,7 @@ pub unsafe fn tile_avx512(
     assert!(rows <= ROWS_512 && valid <= TOKENS_512 && xt.len() >= cols * TOKENS_512);
     // SAFETY: the sizes were checked above; `block512` reads `R` rows of `cols` from `w`,
     // `cols × 32` values from `xt`, and writes `valid` values of each row of `out`.
-    unsafe {
-        match rows {
-            8 => block512::<8>(w, xt, cols, out, stride, valid),
-            7 => block512::<7>(w, xt, cols, out, stride, valid),
-            6 => block512::<6>(w, xt, cols, out, stride, valid),
-            5 => block512::<5>(w, xt, cols, out, stride, valid),
-            4 => block512::<4>(w, xt, cols, out, stride, valid),
-            3 => block512::<3>(w, xt, cols, out, stride, valid),
-            2 => block512::<2>(w, xt, cols, out, stride, valid),
-            _ => block512::<1>(w, xt, cols, out, stride, valid),
-        }
-    }
+    unsafe { super::by_rows!(rows, block512(w, xt, cols, out, stride, valid)) }
 }
 
 /// # Safety
