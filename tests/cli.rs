@@ -390,3 +390,71 @@ fn bench_prints_llama_bench_records() {
         "{stderr}"
     );
 }
+
+/// `--kv-type`, `HEARTH_KV_TYPE` and Ollama's `OLLAMA_KV_CACHE_TYPE` choose the KV cache's
+/// storage (named on the verbose line); a type hearth lacks is refused by name.
+#[test]
+fn kv_cache_type_from_flag_and_environment() {
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.args([
+            "--verbose",
+            "run",
+            "smollm2",
+            "Hello",
+            "-n",
+            "4",
+            "--temperature",
+            "0",
+        ])
+        .args(extra)
+        .env("HEARTH_MODELS", common::models_dir())
+        .env_remove("HEARTH_KV_TYPE")
+        .env_remove("OLLAMA_KV_CACHE_TYPE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (extra, env, want) in [
+        (&[][..], &[][..], "KV cache: f16"),
+        (&["--kv-type", "q8_0"][..], &[][..], "KV cache: q8_0"),
+        (&[], &[("HEARTH_KV_TYPE", "q4_0")][..], "KV cache: q4_0"),
+        (
+            &[],
+            &[("OLLAMA_KV_CACHE_TYPE", "q8_0")][..],
+            "KV cache: q8_0",
+        ),
+        // The flag wins over Ollama's variable.
+        (
+            &["--kv-type", "f16"],
+            &[("OLLAMA_KV_CACHE_TYPE", "q4_0")][..],
+            "KV cache: f16",
+        ),
+    ] {
+        let (ok, err) = run(extra, env);
+        assert!(ok && err.contains(want), "{extra:?} {env:?}: {err}");
+    }
+    for (extra, env, want) in [
+        (
+            &["--kv-type", "q5_1"][..],
+            &[][..],
+            "unknown KV cache type \"q5_1\"",
+        ),
+        (
+            &[],
+            &[("OLLAMA_KV_CACHE_TYPE", "iq4_nl")][..],
+            "OLLAMA_KV_CACHE_TYPE=\"iq4_nl\"",
+        ),
+    ] {
+        let (ok, err) = run(extra, env);
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{extra:?} {env:?}: {err}"
+        );
+    }
+}

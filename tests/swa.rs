@@ -47,7 +47,14 @@ fn check(
     let mut prompt = tok.encode(&text, true, true);
     prompt.truncate(windows_of_prompt * window);
     let n_ctx = prompt.len() + steps + 8;
-    let full = || KvCache::new(&vec![None; c.n_layer], n_ctx, c.kv_dim());
+    let full = || {
+        KvCache::new(
+            &vec![None; c.n_layer],
+            n_ctx,
+            c.kv_dim(),
+            hearth_models::KvType::F16,
+        )
+    };
     let windowed = model.new_cache(n_ctx);
     assert!(
         windowed.bytes() < full().bytes(),

@@ -9,6 +9,8 @@
 //   "TOKEN id:logit id:logit ..." with the TOPK largest logits before taking TOKEN; with
 //   `lse`, "TOKEN LSE id:logit ..." where LSE is log Σ exp(logit) over the whole vocabulary
 //   (so the top logits give exact probabilities: p = exp(logit - LSE)).
+//   HEARTH_PEER_KV_TYPE=q8_0|q4_0 stores keys and values so (llama.cpp's -ctk/-ctv; needs
+//   FA 1).
 #include "llama.h"
 #include <math.h>
 #include <stdio.h>
@@ -48,6 +50,18 @@ int main(int argc, char **argv) {
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
     cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    const char *kv = getenv("HEARTH_PEER_KV_TYPE");
+    if (kv && *kv) {
+        enum ggml_type t = strcmp(kv, "q8_0") == 0 ? GGML_TYPE_Q8_0
+                         : strcmp(kv, "q4_0") == 0 ? GGML_TYPE_Q4_0
+                         : GGML_TYPE_COUNT;
+        if (t == GGML_TYPE_COUNT) {
+            fprintf(stderr, "HEARTH_PEER_KV_TYPE: q8_0 or q4_0\n");
+            return 2;
+        }
+        cp.type_k = t;
+        cp.type_v = t;
+    }
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) return 1;
     int n_vocab = llama_vocab_n_tokens(vocab);

@@ -22,6 +22,8 @@ struct Record {
     threads: usize,
     n_prompt: usize,
     n_gen: usize,
+    /// Tokens already in the cache when the test starts.
+    n_depth: usize,
     samples_ns: Vec<u64>,
 }
 
@@ -37,10 +39,14 @@ impl Record {
             .collect()
     }
     fn test_name(&self) -> String {
-        if self.n_gen == 0 {
+        let test = if self.n_gen == 0 {
             format!("pp{}", self.n_prompt)
         } else {
             format!("tg{}", self.n_gen)
+        };
+        match self.n_depth {
+            0 => test,
+            d => format!("{test} @ d{d}"),
         }
     }
 }
@@ -69,17 +75,44 @@ fn tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn time_prompt(m: &Model, n: usize, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<u64> {
+/// A cache of `depth + n` positions holding `depth` tokens (llama-bench's `-d`), untimed.
+fn filled_cache(
+    m: &Model,
+    depth: usize,
+    n: usize,
+    s: &mut Scratch,
+    logits: &mut Vec<f32>,
+) -> Result<hearth_models::KvCache> {
+    let mut cache = m.new_cache(depth + n);
+    if depth > 0 {
+        m.forward(&tokens(depth, m.config.n_vocab, 11), &mut cache, s, logits)?;
+    }
+    Ok(cache)
+}
+
+fn time_prompt(
+    m: &Model,
+    depth: usize,
+    n: usize,
+    s: &mut Scratch,
+    logits: &mut Vec<f32>,
+) -> Result<u64> {
     let toks = tokens(n, m.config.n_vocab, n as u64);
-    let mut cache = m.new_cache(n);
+    let mut cache = filled_cache(m, depth, n, s, logits)?;
     let t = Instant::now();
     m.forward(&toks, &mut cache, s, logits)?;
     Ok(t.elapsed().as_nanos() as u64)
 }
 
-fn time_gen(m: &Model, n: usize, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<u64> {
+fn time_gen(
+    m: &Model,
+    depth: usize,
+    n: usize,
+    s: &mut Scratch,
+    logits: &mut Vec<f32>,
+) -> Result<u64> {
     let toks = tokens(n, m.config.n_vocab, 7);
-    let mut cache = m.new_cache(n);
+    let mut cache = filled_cache(m, depth, n, s, logits)?;
     let t = Instant::now();
     for tok in toks {
         m.decode(tok, &mut cache, s, logits)?;
@@ -100,6 +133,7 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
 pub fn bench(a: BenchArgs) -> Result<()> {
     let prompts = parse_list(&a.n_prompt, "-p")?;
     let gens = parse_list(&a.n_gen, "-n")?;
+    let depths = parse_list(&a.n_depth, "-d")?;
     let threads = match &a.threads {
         Some(t) => parse_list(t, "-t")?,
         None => vec![physical_cores()],
@@ -109,12 +143,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let path = resolve_model(&a.model)?;
     let gguf = Arc::new(Gguf::open(&path).with_context(|| format!("loading {}", path.display()))?);
-    let model = Model::load(gguf)?;
+    let mut model = Model::load(gguf)?;
+    model.set_kv_type(crate::resolve::kv_type(a.kv_type)?)?;
     let ctx_limit = model.config.n_ctx_train.max(1);
     if let Some(&too_long) = prompts.iter().chain(&gens).find(|&&n| n > ctx_limit) {
         bail!("{too_long} tokens exceed the model's context of {ctx_limit}");
     }
-    let longest = prompts.iter().chain(&gens).copied().max().unwrap_or(0);
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    let longest = deepest + prompts.iter().chain(&gens).copied().max().unwrap_or(0);
+    if longest > ctx_limit {
+        bail!("{longest} tokens (depth and test) exceed the model's context of {ctx_limit}");
+    }
     model.check_memory(longest, 1)?;
     let isa = hearth_quant::dispatch::kernels().isa.name();
     let size = std::fs::metadata(&path)?.len();
@@ -144,15 +183,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .filter(|&&p| p > 0)
         .map(|&p| (p, 0))
         .chain(gens.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
-    let tests: Vec<(usize, usize)> = tests.collect();
+    let tests: Vec<(usize, usize, usize)> = tests
+        .flat_map(|(p, n)| depths.iter().map(move |&d| (p, n, d)))
+        .collect();
     for &t in &threads {
         hearth_quant::pool::set_threads(t);
-        for &(n_prompt, n_gen) in &tests {
+        for &(n_prompt, n_gen, n_depth) in &tests {
             let run = |s: &mut Scratch, l: &mut Vec<f32>| {
                 if n_gen == 0 {
-                    time_prompt(&model, n_prompt, s, l)
+                    time_prompt(&model, n_depth, n_prompt, s, l)
                 } else {
-                    time_gen(&model, n_gen, s, l)
+                    time_gen(&model, n_depth, n_gen, s, l)
                 }
             };
             run(&mut scratch, &mut logits)?; // warm-up
@@ -163,6 +204,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 threads: t,
                 n_prompt,
                 n_gen,
+                n_depth,
                 samples_ns,
             };
             if !a.json {
@@ -198,7 +240,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "n_threads": r.threads,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
-                    "n_depth": 0,
+                    "n_depth": r.n_depth,
+                    "type_k": model.kv_type().name(),
+                    "type_v": model.kv_type().name(),
                     "avg_ns": avg_ns as u64,
                     "stddev_ns": stddev_ns as u64,
                     "avg_ts": avg_ts,

@@ -38,17 +38,21 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
     if args.ctx == 0 {
         anyhow::bail!("--ctx must be at least 1");
     }
-    let loaded = LoadedModel::from_gguf(open_gguf(&args.model)?)?;
+    let mut loaded = LoadedModel::from_gguf(open_gguf(&args.model)?)?;
+    loaded
+        .model
+        .set_kv_type(crate::resolve::kv_type(args.kv_type)?)?;
     loaded.model.check_memory(args.ctx, 1)?;
     if verbose {
         let k = hearth_quant::dispatch::kernels();
         eprintln!(
-            "hearth: {} ({} layers, {} vocab), {} threads, kernels: {}, loaded in {:.0} ms",
+            "hearth: {} ({} layers, {} vocab), {} threads, kernels: {}, KV cache: {}, loaded in {:.0} ms",
             loaded.arch,
             loaded.model.config.n_layer,
             loaded.model.config.n_vocab,
             threads,
             k.isa.name(),
+            loaded.model.kv_type().name(),
             t.elapsed().as_secs_f64() * 1e3
         );
     }
@@ -522,6 +526,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         models_dir: a.models.unwrap_or_else(hearth_store::default_root),
         parallel: a.parallel.max(1),
         n_ctx: a.ctx.max(2),
+        kv_type: crate::resolve::kv_type(a.kv_type)?,
         max_queue: a.max_queue,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         body_limit: a.body_limit,

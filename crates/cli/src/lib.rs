@@ -77,6 +77,11 @@ pub struct PerplexityArgs {
     /// Compare with the base-logits file: KL divergence, top-token agreement, Δp.
     #[arg(long)]
     pub kl_divergence: bool,
+    /// How the KV cache stores keys and values: f16, q8_0 (half the memory) or q4_0 (a
+    /// quarter), as llama.cpp's --cache-type-k/-v. Default: OLLAMA_KV_CACHE_TYPE if set,
+    /// else f16.
+    #[arg(long = "kv-type", env = "HEARTH_KV_TYPE", value_name = "TYPE")]
+    pub kv_type: Option<hearth_models::KvType>,
 }
 
 #[derive(Args)]
@@ -92,12 +97,21 @@ pub struct BenchArgs {
     /// Thread counts to test (comma-separated; default: physical cores).
     #[arg(short = 't', long)]
     pub threads: Option<String>,
+    /// Tokens already in the KV cache when each test starts (comma-separated), as
+    /// llama-bench's -d: decode speed at a long context.
+    #[arg(short = 'd', long = "n-depth", default_value = "0")]
+    pub n_depth: String,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,
     /// Print llama-bench's JSON records instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// How the KV cache stores keys and values: f16, q8_0 (half the memory) or q4_0 (a
+    /// quarter), as llama.cpp's --cache-type-k/-v. Default: OLLAMA_KV_CACHE_TYPE if set,
+    /// else f16.
+    #[arg(long = "kv-type", env = "HEARTH_KV_TYPE", value_name = "TYPE")]
+    pub kv_type: Option<hearth_models::KvType>,
 }
 
 #[derive(Args)]
@@ -134,6 +148,11 @@ pub struct ServeArgs {
     /// Context length of every sequence.
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+    /// How the KV cache stores keys and values: f16, q8_0 (half the memory) or q4_0 (a
+    /// quarter), as llama.cpp's --cache-type-k/-v. Default: OLLAMA_KV_CACHE_TYPE if set,
+    /// else f16.
+    #[arg(long = "kv-type", env = "HEARTH_KV_TYPE", value_name = "TYPE")]
+    pub kv_type: Option<hearth_models::KvType>,
     /// Requests waiting per model before the server answers 503.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -198,6 +217,11 @@ pub struct ModelArgs {
     /// Context length in tokens (KV cache size).
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+    /// How the KV cache stores keys and values: f16, q8_0 (half the memory) or q4_0 (a
+    /// quarter), as llama.cpp's --cache-type-k/-v. Default: OLLAMA_KV_CACHE_TYPE if set,
+    /// else f16.
+    #[arg(long = "kv-type", env = "HEARTH_KV_TYPE", value_name = "TYPE")]
+    pub kv_type: Option<hearth_models::KvType>,
     /// Worker threads (default: physical cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,

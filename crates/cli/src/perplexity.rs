@@ -19,7 +19,11 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         bail!("--kl-divergence needs --kl-divergence-base FILE (the base model's logits)");
     }
     let path = crate::resolve::resolve_model(&a.model)?;
-    let loaded = LoadedModel::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut loaded =
+        LoadedModel::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    loaded
+        .model
+        .set_kv_type(crate::resolve::kv_type(a.kv_type)?)?;
     let tok = &loaded.tokenizer;
     let bos = tok.bos.filter(|_| tok.add_bos);
     let opts = Options {

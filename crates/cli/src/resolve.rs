@@ -21,6 +21,23 @@ pub fn resolve_model(name: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The KV cache type: `--kv-type` (or `HEARTH_KV_TYPE`, which clap reads into it), else
+/// Ollama's `OLLAMA_KV_CACHE_TYPE` as Ollama users set it, else f16.
+pub fn kv_type(arg: Option<hearth_models::KvType>) -> anyhow::Result<hearth_models::KvType> {
+    if let Some(t) = arg {
+        return Ok(t);
+    }
+    match std::env::var("OLLAMA_KV_CACHE_TYPE") {
+        Ok(v) if !v.trim().is_empty() => hearth_models::KvType::parse(&v).ok_or_else(|| {
+            anyhow::anyhow!(
+                "OLLAMA_KV_CACHE_TYPE={v:?} is not a KV cache type (supported: {})",
+                hearth_models::KvType::NAMES
+            )
+        }),
+        _ => Ok(hearth_models::KvType::F16),
+    }
+}
+
 /// Physical cores (distinct core ids), falling back to logical CPUs.
 pub fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism()

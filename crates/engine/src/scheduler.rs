@@ -30,6 +30,8 @@ pub struct SchedulerConfig {
     pub n_ctx: usize,
     /// Requests waiting for a slot before `submit` refuses more.
     pub max_queue: usize,
+    /// How the slots' KV caches store keys and values (set on the model when it loads).
+    pub kv_type: hearth_models::KvType,
 }
 
 /// Where a request's output goes. `send` returns false once the receiver is gone.

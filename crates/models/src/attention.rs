@@ -1,11 +1,16 @@
 //! Causal self-attention over the KV cache (grouped-query, optional sliding window).
-//! Numerics follow llama.cpp's non-flash path: Q rounded to f16 and dotted with f16 keys,
-//! softmax in f32, weights rounded to f16 and multiplied with f16 values (the kernel is
-//! `Kernels::attend_f16`, up to 8 query rows of one KV head per call).
+//! Over an f16 cache the numerics follow llama.cpp's non-flash path: Q rounded to f16 and
+//! dotted with f16 keys, softmax in f32, weights rounded to f16 and multiplied with f16
+//! values (the kernel is `Kernels::attend_f16`, up to 8 query rows of one KV head per call).
+//! Over a Q8_0/Q4_0 cache they follow its flash-attention path for such caches
+//! (`hearth_quant::kvquant`).
 
-use half::f16;
+use hearth_quant::blocks::QK;
+use hearth_quant::kvquant::{attend_quant, AttendQuant, KvBlock};
 use hearth_quant::AttendF16;
 use std::sync::{Mutex, MutexGuard};
+
+use crate::kv::KvLayer;
 
 pub struct AttnShape {
     pub n_head: usize,
@@ -62,14 +67,13 @@ impl AttnScratch {
 const ROWS: usize = 8;
 
 /// `q`: `[n_tok, n_head*head_dim]` for positions `pos0..pos0+n_tok`, whose keys and values
-/// are already in `k_cache`/`v_cache` (`[pos, n_kv_head*head_dim]`). Writes `out` like `q`.
+/// are already in `kv` (`[pos, n_kv_head*head_dim]`). Writes `out` like `q`.
 ///
 /// Work is split by tokens (a block of tokens per task, so the heads sharing a KV head go
 /// through the kernel together), or for a single token by KV head.
 pub fn attention(
     q: &[f32],
-    k_cache: &[f16],
-    v_cache: &[f16],
+    kv: KvLayer,
     pos0: usize,
     s: &AttnShape,
     out: &mut [f32],
@@ -79,7 +83,7 @@ pub fn attention(
     let (qd, kv_dim) = (s.n_head * hd, s.n_kv_head * hd);
     let n_tok = q.len() / qd;
     // What a kernel call can need: queries and scores of `ROWS` rows over the whole cache.
-    let len = ROWS * (hd + k_cache.len() / kv_dim.max(1) + 1);
+    let len = ROWS * (hd + kv.rows(kv_dim) + 1);
     let count = if n_tok == 1 {
         s.n_kv_head
     } else {
@@ -88,7 +92,7 @@ pub fn attention(
     scratch.prepare(count.max(1), len);
     let scratch = &*scratch;
     let group = s.n_head / s.n_kv_head;
-    let kernel = hearth_quant::dispatch::kernels().attend_f16;
+    let kernels = hearth_quant::dispatch::kernels();
     // Keys position `pos` sees.
     let keys = |pos: usize| -> (usize, usize) {
         let first = match s.window {
@@ -97,35 +101,49 @@ pub fn attention(
         };
         (first, pos + 1)
     };
+    // Runs a block of rows (offsets in q_c/out_c) over KV head `kvh`.
+    let call = |b: &RowBlock, out_c: &mut [f32], kvh: usize, scratch: &mut Vec<f32>| match kv {
+        KvLayer::F16 { k, v } => {
+            let a = AttendF16 {
+                q: b.q,
+                at: b.at,
+                rows: b.rows,
+                keys: b.keys,
+                k: &k[kvh * hd..],
+                v: &v[kvh * hd..],
+                kv_stride: kv_dim,
+                head_dim: hd,
+                scale: s.scale,
+                softcap: s.softcap.unwrap_or(0.0),
+            };
+            (kernels.attend_f16)(&a, out_c, scratch);
+        }
+        KvLayer::Q8_0 { k, v } => attend_blocks(k, v, kvh, b, s, out_c, scratch),
+        KvLayer::Q4_0 { k, v } => attend_blocks(k, v, kvh, b, s, out_c, scratch),
+    };
     // Runs the rows `(offset in q_c/out_c, position)` of KV head `kvh`, ROWS at a time.
     let run = |q_c: &[f32],
                out_c: &mut [f32],
                kvh: usize,
                rows: &mut dyn Iterator<Item = (usize, usize)>,
                scratch: &mut Vec<f32>| {
-        let mut a = AttendF16 {
+        let mut b = RowBlock {
             q: q_c,
             at: [0; ROWS],
-            rows: 0,
             keys: [(0, 0); ROWS],
-            k: &k_cache[kvh * hd..],
-            v: &v_cache[kvh * hd..],
-            kv_stride: kv_dim,
-            head_dim: hd,
-            scale: s.scale,
-            softcap: s.softcap.unwrap_or(0.0),
+            rows: 0,
         };
-        for (at, pos) in rows {
-            a.at[a.rows] = at;
-            a.keys[a.rows] = keys(pos);
-            a.rows += 1;
-            if a.rows == ROWS {
-                kernel(&a, out_c, scratch);
-                a.rows = 0;
+        for (offset, pos) in rows {
+            b.at[b.rows] = offset;
+            b.keys[b.rows] = keys(pos);
+            b.rows += 1;
+            if b.rows == ROWS {
+                call(&b, out_c, kvh, scratch);
+                b.rows = 0;
             }
         }
-        if a.rows > 0 {
-            kernel(&a, out_c, scratch);
+        if b.rows > 0 {
+            call(&b, out_c, kvh, scratch);
         }
     };
     if n_tok == 1 {
@@ -150,4 +168,38 @@ pub fn attention(
             run(q_c, out_c, kvh, &mut rows, &mut buf);
         }
     });
+}
+
+/// Up to `ROWS` query rows of one KV head: row `r` at `q[at[r]..]`, seeing keys `keys[r]`.
+struct RowBlock<'a> {
+    q: &'a [f32],
+    at: [usize; ROWS],
+    keys: [(usize, usize); ROWS],
+    rows: usize,
+}
+
+/// The rows of `b` over KV head `kvh` of a quantized cache.
+fn attend_blocks<B: KvBlock>(
+    k: &[B],
+    v: &[B],
+    kvh: usize,
+    b: &RowBlock,
+    s: &AttnShape,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let nb = s.head_dim / QK;
+    let a = AttendQuant {
+        q: b.q,
+        at: b.at,
+        rows: b.rows,
+        keys: b.keys,
+        k: &k[kvh * nb..],
+        v: &v[kvh * nb..],
+        kv_stride: s.n_kv_head * nb,
+        head_dim: s.head_dim,
+        scale: s.scale,
+        softcap: s.softcap.unwrap_or(0.0),
+    };
+    attend_quant(hearth_quant::dispatch::kernels(), &a, out, scratch);
 }

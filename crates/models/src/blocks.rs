@@ -295,6 +295,14 @@ impl Model {
     ) {
         let c = &self.config;
         let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        // A quantized cache holds keys and values rotated (see `KvType::rotations`); Q turns
+        // with K so their dot products stay, the output turns back with V.
+        let rotations = self.kv_type().rotations(c.head_dim);
+        if let Some((nk, nv)) = rotations {
+            ops::hadamard(&mut s.q[..n * qd], nk);
+            ops::hadamard(&mut s.k[..n * kvd], nk);
+            ops::hadamard(&mut s.v[..n * kvd], nv);
+        }
         for (q, &(row0, len, pos0)) in seqs.iter_mut().zip(&s.segs) {
             let rows = row0..row0 + len;
             q.cache.store(
@@ -305,16 +313,18 @@ impl Model {
             );
             // Positions relative to the layer buffer's first row (a sliding-window layer
             // has dropped the rows before it).
-            let (k, v, first) = q.cache.layer(il);
+            let (kv, first) = q.cache.layer(il);
             attention::attention(
                 &s.q[rows.start * qd..rows.end * qd],
-                k,
-                v,
+                kv,
                 pos0 - first,
                 shape,
                 &mut s.attn[rows.start * qd..rows.end * qd],
                 &mut s.attn_scratch,
             ); // [len, qd]
+        }
+        if let Some((_, nv)) = rotations {
+            ops::hadamard(&mut s.attn[..n * qd], nv);
         }
         self.matmul(
             wo,

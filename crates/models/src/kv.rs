@@ -1,4 +1,6 @@
-//! KV cache: f16 keys and values per layer, as llama.cpp stores them by default.
+//! KV cache: keys and values per layer, as f16 (llama.cpp's default) or quantized per
+//! 32-value block to Q8_0 or Q4_0 (llama.cpp's `--cache-type-k/-v`, Ollama's
+//! `OLLAMA_KV_CACHE_TYPE`), which attention then reads as stored (`hearth_quant::kvquant`).
 //!
 //! A sliding-window layer keeps only its window plus one batch of positions: when a new
 //! batch would not fit, the rows still inside the window move to the front of its buffer
@@ -7,21 +9,88 @@
 
 use half::f16;
 use half::slice::HalfBitsSliceExt;
+use hearth_quant::blocks::{BlockQ4_0, BlockQ8_0, QK};
+use hearth_quant::kvquant::KvBlock;
 
 use crate::MAX_BATCH;
+
+/// How a KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    #[default]
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvType {
+    pub const NAMES: &'static str = "f16, q8_0, q4_0";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The type called `name` (as llama.cpp and Ollama spell them, any case).
+    pub fn parse(name: &str) -> Option<KvType> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "f16" => Some(KvType::F16),
+            "q8_0" => Some(KvType::Q8_0),
+            "q4_0" => Some(KvType::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// The Walsh–Hadamard sizes (for K and Q, for V) that keys and values are turned by
+    /// before a quantized cache stores them, as llama.cpp does (`attn_rot_k/v`, on when the
+    /// head size is a multiple of 64): a rotation spreads a few large channels over the whole
+    /// block, so one block scale fits all its values better. K (and Q) turn by the largest
+    /// power of two dividing the head size, V by 64. `None` for f16 or other head sizes.
+    pub fn rotations(self, head_dim: usize) -> Option<(usize, usize)> {
+        if self == KvType::F16 || head_dim == 0 || !head_dim.is_multiple_of(64) {
+            return None;
+        }
+        Some((1 << head_dim.trailing_zeros(), 64))
+    }
+
+    /// `u16` units one position of `kv_dim` keys (or values) takes.
+    fn units(self, kv_dim: usize) -> usize {
+        let blocks = kv_dim / QK;
+        match self {
+            KvType::F16 => kv_dim,
+            KvType::Q8_0 => blocks * std::mem::size_of::<BlockQ8_0>() / 2,
+            KvType::Q4_0 => blocks * std::mem::size_of::<BlockQ4_0>() / 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        KvType::parse(s)
+            .ok_or_else(|| format!("unknown KV cache type {s:?} (supported: {})", KvType::NAMES))
+    }
+}
 
 pub struct KvCache {
     pub n_ctx: usize,
     /// Key/value width per position: `n_kv_heads * head_dim`.
     pub kv_dim: usize,
+    pub ty: KvType,
+    /// `u16` units per position (see [`KvType`]).
+    units: usize,
     layers: Vec<LayerKv>,
     /// Positions filled so far.
     pub len: usize,
 }
 
-/// Keys and values are held as f16 bits in `u16`s: a buffer of zeros is then allocated
-/// zeroed by the system (calloc), so its pages take memory only once positions are written,
-/// and a cache sized for the whole context costs what the sequence uses.
+/// Keys and values are held as `u16`s (f16 bits, or blocks of 2-byte alignment): a buffer
+/// of zeros is then allocated zeroed by the system (calloc), so its pages take memory only
+/// once positions are written, and a cache sized for the whole context costs what the
+/// sequence uses.
 struct LayerKv {
     k: Vec<u16>,
     v: Vec<u16>,
@@ -32,24 +101,48 @@ struct LayerKv {
     first: usize,
 }
 
-impl LayerKv {
-    /// Rows the buffer holds.
-    fn capacity(&self, kv_dim: usize) -> usize {
-        self.k.len() / kv_dim.max(1)
+/// One layer's keys and values as attention reads them (`[rows, kv_dim]` values, or
+/// `[rows, kv_dim / 32]` blocks).
+#[derive(Clone, Copy)]
+pub enum KvLayer<'a> {
+    F16 {
+        k: &'a [f16],
+        v: &'a [f16],
+    },
+    Q8_0 {
+        k: &'a [BlockQ8_0],
+        v: &'a [BlockQ8_0],
+    },
+    Q4_0 {
+        k: &'a [BlockQ4_0],
+        v: &'a [BlockQ4_0],
+    },
+}
+
+impl KvLayer<'_> {
+    /// Positions the buffer holds.
+    pub fn rows(&self, kv_dim: usize) -> usize {
+        match self {
+            KvLayer::F16 { k, .. } => k.len() / kv_dim.max(1),
+            KvLayer::Q8_0 { k, .. } => k.len() / (kv_dim / QK).max(1),
+            KvLayer::Q4_0 { k, .. } => k.len() / (kv_dim / QK).max(1),
+        }
     }
 }
 
 impl KvCache {
     /// A cache for layers with these attention windows (`None`: full attention), each
-    /// holding up to `n_ctx` positions.
-    pub fn new(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize) -> Self {
+    /// holding up to `n_ctx` positions. A quantized `ty` needs `kv_dim` to be a multiple of
+    /// 32 (`Model::set_kv_type` checks the heads).
+    pub fn new(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize, ty: KvType) -> Self {
+        let units = ty.units(kv_dim);
         let layers = windows
             .iter()
             .map(|&window| {
                 let rows = rows_held(window, n_ctx);
                 LayerKv {
-                    k: vec![0; rows * kv_dim],
-                    v: vec![0; rows * kv_dim],
+                    k: vec![0; rows * units],
+                    v: vec![0; rows * units],
                     window,
                     first: 0,
                 }
@@ -58,6 +151,8 @@ impl KvCache {
         KvCache {
             n_ctx,
             kv_dim,
+            ty,
+            units,
             layers,
             len: 0,
         }
@@ -83,34 +178,52 @@ impl KvCache {
     /// Writes the keys and values of `n` new positions starting at `pos` (= `self.len`
     /// before the batch: positions are appended in order).
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let kv_dim = self.kv_dim;
+        let (kv_dim, units, ty) = (self.kv_dim, self.units, self.ty);
         let l = &mut self.layers[layer];
         let n = k.len() / kv_dim.max(1);
-        if pos + n - l.first > l.capacity(kv_dim) {
+        if pos + n - l.first > l.k.len() / units.max(1) {
             // Keep the rows the batch's first query can still see: from `pos + 1 - window`.
             let w = l.window.unwrap_or(usize::MAX);
             let keep_from = (pos + 1).saturating_sub(w).max(l.first);
-            let (from, to) = ((keep_from - l.first) * kv_dim, (pos - l.first) * kv_dim);
+            let (from, to) = ((keep_from - l.first) * units, (pos - l.first) * units);
             l.k.copy_within(from..to, 0);
             l.v.copy_within(from..to, 0);
             l.first = keep_from;
         }
-        let at = (pos - l.first) * kv_dim;
-        let keys: &mut [f16] = l.k[at..at + k.len()].reinterpret_cast_mut();
-        for (dst, &src) in keys.iter_mut().zip(k) {
-            *dst = f16::from_f32(src);
-        }
-        let values: &mut [f16] = l.v[at..at + v.len()].reinterpret_cast_mut();
-        for (dst, &src) in values.iter_mut().zip(v) {
-            *dst = f16::from_f32(src);
+        let at = (pos - l.first) * units;
+        let (kd, vd) = (&mut l.k[at..at + n * units], &mut l.v[at..at + n * units]);
+        match ty {
+            KvType::F16 => {
+                for (dst, src) in [(kd, k), (vd, v)] {
+                    let dst: &mut [f16] = dst.reinterpret_cast_mut();
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = f16::from_f32(s);
+                    }
+                }
+            }
+            KvType::Q8_0 => quantize_rows::<BlockQ8_0>(kd, vd, k, v),
+            KvType::Q4_0 => quantize_rows::<BlockQ4_0>(kd, vd, k, v),
         }
     }
 
-    /// Layer `layer`'s keys and values (`[rows, kv_dim]`) and the absolute position of
-    /// their first row.
-    pub fn layer(&self, layer: usize) -> (&[f16], &[f16], usize) {
+    /// Layer `layer`'s keys and values and the absolute position of their first row.
+    pub fn layer(&self, layer: usize) -> (KvLayer<'_>, usize) {
         let l = &self.layers[layer];
-        (l.k.reinterpret_cast(), l.v.reinterpret_cast(), l.first)
+        let view = match self.ty {
+            KvType::F16 => KvLayer::F16 {
+                k: l.k.reinterpret_cast(),
+                v: l.v.reinterpret_cast(),
+            },
+            KvType::Q8_0 => KvLayer::Q8_0 {
+                k: bytemuck::cast_slice(&l.k),
+                v: bytemuck::cast_slice(&l.v),
+            },
+            KvType::Q4_0 => KvLayer::Q4_0 {
+                k: bytemuck::cast_slice(&l.k),
+                v: bytemuck::cast_slice(&l.v),
+            },
+        };
+        (view, l.first)
     }
 
     /// Bytes the cache may hold (what it takes once every position is written).
@@ -122,12 +235,20 @@ impl KvCache {
     }
 }
 
+/// Keys and values of whole positions (`kv_dim` values each, a multiple of 32) into blocks.
+fn quantize_rows<B: KvBlock>(kd: &mut [u16], vd: &mut [u16], k: &[f32], v: &[f32]) {
+    let kern = hearth_quant::dispatch::kernels();
+    B::quantize(kern, k, bytemuck::cast_slice_mut(kd));
+    B::quantize(kern, v, bytemuck::cast_slice_mut(vd));
+}
+
 /// Bytes of a cache for layers with these windows and `n_ctx` positions (saturating: any
 /// `n_ctx` a user types gets a number to refuse, not an overflow).
-pub fn cache_bytes(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize) -> u64 {
+pub fn cache_bytes(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize, ty: KvType) -> u64 {
+    let units = ty.units(kv_dim) as u128;
     let total: u128 = windows
         .iter()
-        .map(|&w| 4 * rows_held(w, n_ctx) as u128 * kv_dim as u128)
+        .map(|&w| 4 * rows_held(w, n_ctx) as u128 * units)
         .sum();
     total.min(u64::MAX as u128) as u64
 }
@@ -145,14 +266,47 @@ fn rows_held(window: Option<usize>, n_ctx: usize) -> usize {
 mod tests {
     use super::*;
 
-    /// A window layer's rows, read back by absolute position, are those written.
+    /// The first value of position `row`'s keys, as stored.
+    fn first_key(layer: KvLayer, row: usize, kv: usize) -> f32 {
+        let mut out = [0f32; QK];
+        match layer {
+            KvLayer::F16 { k, .. } => return k[row * kv].to_f32(),
+            KvLayer::Q8_0 { k, .. } => {
+                hearth_quant::reference::dequantize_row_q8_0(&k[row * kv / QK..][..1], &mut out)
+            }
+            KvLayer::Q4_0 { k, .. } => {
+                hearth_quant::reference::dequantize_row_q4_0(&k[row * kv / QK..][..1], &mut out)
+            }
+        }
+        out[0]
+    }
+
+    /// A window layer's rows, read back by absolute position, are those written, for every
+    /// storage type.
     #[test]
     fn window_layers_keep_their_window_in_order() {
-        let (w, kv) = (5, 2);
-        let mut c = KvCache::new(&[None, Some(w)], 2000, kv);
+        for (ty, kv, bytes_per_row) in [
+            (KvType::F16, 2, 4),
+            (KvType::Q8_0, 32, 34),
+            (KvType::Q4_0, 32, 18),
+        ] {
+            window_layers_of(ty, kv, bytes_per_row);
+        }
+    }
+
+    fn window_layers_of(ty: KvType, kv: usize, bytes_per_row: usize) {
+        let w = 5;
+        let mut c = KvCache::new(&[None, Some(w)], 2000, kv, ty);
         let cap = w - 1 + MAX_BATCH;
-        assert_eq!(c.bytes(), (2000 + cap) * kv * 2 * 2);
-        let row = |p: usize| [p as f32, -(p as f32)];
+        assert_eq!(c.bytes(), (2000 + cap) * bytes_per_row * 2);
+        assert_eq!(
+            cache_bytes(&[None, Some(w)], 2000, kv, ty),
+            c.bytes() as u64
+        );
+        // Position p's row: p, -p, then zeros (every type stores ±p within f16 rounding).
+        let row =
+            |p: usize| (0..kv).map(move |i| [p as f32, -(p as f32)].get(i).copied().unwrap_or(0.0));
+        let near = |got: f32, p: usize| (got - p as f32).abs() <= p as f32 * 2e-3;
         let mut pos = 0;
         for n in [1, 255, 256, 3, 256, 100, 1, 1, 256] {
             let k: Vec<f32> = (pos..pos + n).flat_map(row).collect();
@@ -161,22 +315,30 @@ mod tests {
             }
             pos += n;
             c.len = pos;
-            let (keys, _, first) = c.layer(1);
+            let (keys, first) = c.layer(1);
             // Every key the last batch's queries see is there, at its place.
             for p in (pos - n + 1).saturating_sub(w)..pos {
-                assert_eq!(keys[(p - first) * kv].to_f32(), p as f32, "pos {p}");
+                let got = first_key(keys, p - first, kv);
+                assert!(near(got, p), "{ty:?} pos {p}: {got}");
             }
-            let (keys, _, first) = c.layer(0);
-            assert_eq!(
-                (first, keys[(pos - 1) * kv].to_f32()),
-                (0, (pos - 1) as f32)
-            );
+            let (keys, first) = c.layer(0);
+            assert_eq!(first, 0);
+            assert!(near(first_key(keys, pos - 1, kv), pos - 1), "{ty:?}");
         }
         // A prefix whose window is gone cannot be kept; one whose window is there can.
-        let (_, _, first) = c.layer(1);
+        let (_, first) = c.layer(1);
         assert!(first > 0);
         assert_eq!(c.truncate(first + w - 1), first + w - 1);
         assert_eq!(c.truncate(first + w - 2), 0);
-        assert_eq!(c.layer(1).2, 0);
+        assert_eq!(c.layer(1).1, 0);
+    }
+
+    #[test]
+    fn kv_types_parse_as_llama_cpp_and_ollama_spell_them() {
+        assert_eq!(KvType::parse("Q8_0"), Some(KvType::Q8_0));
+        assert_eq!(KvType::parse(" q4_0 "), Some(KvType::Q4_0));
+        assert_eq!(KvType::parse("f16"), Some(KvType::F16));
+        let err = "q5_1".parse::<KvType>().unwrap_err();
+        assert!(err.contains("q5_1") && err.contains("q8_0"), "{err}");
     }
 }

@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{ModelError, Result};
-pub use kv::KvCache;
+pub use kv::{KvCache, KvType};
 
 use hearth_gguf::Gguf;
 use hearth_quant::Activations;
@@ -49,6 +49,8 @@ pub struct Model {
     pub rope_factors_long: Option<Vec<f32>>,
     /// The architecture's blocks (see [`arch`]).
     pub layers: Box<dyn arch::Layers>,
+    /// How new KV caches store keys and values ([`Model::set_kv_type`]).
+    kv_type: KvType,
 }
 
 /// Reusable buffers for one sequence's forward passes.
@@ -195,11 +197,38 @@ impl Model {
             layers,
             config,
             gguf,
+            kv_type: KvType::F16,
         })
     }
 
     pub fn new_cache(&self, n_ctx: usize) -> KvCache {
-        KvCache::new(&self.kv_windows(), n_ctx, self.config.kv_dim())
+        KvCache::new(
+            &self.kv_windows(),
+            n_ctx,
+            self.config.kv_dim(),
+            self.kv_type,
+        )
+    }
+
+    /// Makes new KV caches store keys and values as `ty`. A quantized type needs heads of a
+    /// multiple of 32 values (its blocks), at most `kvquant::MAX_HEAD_DIM`; llama.cpp
+    /// refuses such models too.
+    pub fn set_kv_type(&mut self, ty: KvType) -> Result<()> {
+        let hd = self.config.head_dim;
+        let max = hearth_quant::kvquant::MAX_HEAD_DIM;
+        if ty != KvType::F16 && (!hd.is_multiple_of(hearth_quant::blocks::QK) || hd > max) {
+            return Err(ModelError::BadConfig(format!(
+                "a {} KV cache needs attention heads of a multiple of 32 values up to {max}; \
+                 this model's have {hd} (use --kv-type f16)",
+                ty.name()
+            )));
+        }
+        self.kv_type = ty;
+        Ok(())
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
 
     /// Each layer's attention window (`None`: full attention), as its KV cache keeps it.
@@ -450,10 +479,15 @@ impl Model {
         }
     }
 
-    /// Bytes of one KV cache of `n_ctx` positions (f16 keys and values; sliding-window
-    /// layers hold their window and one batch).
+    /// Bytes of one KV cache of `n_ctx` positions (keys and values of the model's KV type;
+    /// sliding-window layers hold their window and one batch).
     pub fn kv_cache_bytes(&self, n_ctx: usize) -> u64 {
-        kv::cache_bytes(&self.kv_windows(), n_ctx, self.config.kv_dim())
+        kv::cache_bytes(
+            &self.kv_windows(),
+            n_ctx,
+            self.config.kv_dim(),
+            self.kv_type,
+        )
     }
 
     /// Working buffers of one forward pass of up to [`MAX_BATCH`] tokens, roughly.

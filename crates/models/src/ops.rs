@@ -99,6 +99,26 @@ pub fn rope(x: &mut [f32], head_dim: usize, n_dims: usize, mode: RopeMode, cache
 }
 
 /// SiLU(gate) * up, in place into `gate`.
+/// The orthonormal Walsh–Hadamard transform (Sylvester order, scaled by `1/√n`) of each
+/// `n` consecutive values of `x` (`n` a power of two). Its own inverse.
+pub fn hadamard(x: &mut [f32], n: usize) {
+    let scale = 1.0 / (n as f32).sqrt();
+    for chunk in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (chunk[j], chunk[j + h]);
+                    chunk[j] = a + b;
+                    chunk[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        chunk.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;

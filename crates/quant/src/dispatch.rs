@@ -135,6 +135,11 @@ pub struct Kernels {
     pub dot_bf16: fn(&[half::bf16], &[half::bf16]) -> f32,
     /// `out += w · v` (attention's weighted sum of f16 values).
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
+    /// `out += w · v` (attention's weighted sum of values dequantized from a Q8_0/Q4_0 cache).
+    pub axpy_f32: fn(&mut [f32], f32, &[f32]),
+    /// A row of blocks to f32 (the values of a quantized KV cache, one position at a time).
+    pub dequantize_q8_0: fn(&[BlockQ8_0], &mut [f32]),
+    pub dequantize_q4_0: fn(&[BlockQ4_0], &mut [f32]),
     pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
     pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
     pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
@@ -251,6 +256,9 @@ impl Kernels {
             dot_f16: r::vec_dot_f16,
             dot_bf16: r::vec_dot_bf16,
             axpy_f16: r::axpy_f16,
+            axpy_f32: r::axpy_f32,
+            dequantize_q8_0: r::dequantize_row_q8_0,
+            dequantize_q4_0: r::dequantize_row_q4_0,
             dot_q4_0: r::vec_dot_q4_0_q8_0,
             dot_q4_1: r::vec_dot_q4_1_q8_1,
             dot_q5_0: r::vec_dot_q5_0_q8_0,

@@ -12,6 +12,7 @@ pub mod blocks;
 pub mod dispatch;
 pub mod f32mat;
 pub mod i8mat;
+pub mod kvquant;
 pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]

@@ -25,6 +25,28 @@ pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
     }
 }
 
+/// Q4_0 as llama.cpp's `quantize_row_q4_0_ref` makes it (the KV cache's `q4_0` type):
+/// `d = max / -8` where `max` is the value of largest magnitude, `q = min(15, x/d + 8.5)`.
+pub fn quantize_row_q4_0(x: &[f32], y: &mut [BlockQ4_0]) {
+    for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in xs {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for j in 0..QK / 2 {
+            let lo = ((xs[j] * id + 8.5) as i8).min(15) as u8;
+            let hi = ((xs[j + QK / 2] * id + 8.5) as i8).min(15) as u8;
+            b.qs[j] = lo | (hi << 4);
+        }
+    }
+}
+
 pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     debug_assert_eq!(x.len(), y.len() * QK);
     for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
@@ -702,6 +724,13 @@ pub fn softmax(x: &mut [f32]) {
 pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     for (o, x) in out.iter_mut().zip(v) {
         *o += w * x.to_f32();
+    }
+}
+
+/// `out += w · v`.
+pub fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x;
     }
 }
 

@@ -76,3 +76,166 @@ proptest! {
         }
     }
 }
+
+/// One KV head's rows over a random cache, for the quantized-cache test.
+struct Case {
+    head_dim: usize,
+    kv_stride: usize,
+    /// The KV head (its values start at `kvh * head_dim` in a position's row).
+    kvh: usize,
+    q: Vec<f32>,
+    at: [usize; 8],
+    keys: [(usize, usize); 8],
+    rows: usize,
+    softcap: f32,
+}
+
+impl Case {
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Row `r` by the definition, in f64, over the dequantized keys `kd` and values `vd`:
+    /// the query quantized to Q8_0 (as llama.cpp's flash-attention path does for such
+    /// caches), scores, softmax, weighted sum of the values.
+    fn definition(&self, r: usize, kd: &[f32], vd: &[f32]) -> Vec<f64> {
+        use hearth_quant::blocks::BlockQ8_0;
+        let (hd, off) = (self.head_dim, self.kvh * self.head_dim);
+        let mut q8 = vec![<BlockQ8_0 as bytemuck::Zeroable>::zeroed(); hd / 32];
+        reference::quantize_row_q8_0(&self.q[self.at[r]..][..hd], &mut q8);
+        let mut qd = vec![0f32; hd];
+        reference::dequantize_row_q8_0(&q8, &mut qd);
+        let (first, end) = self.keys[r];
+        let cap = self.softcap as f64;
+        let mut s: Vec<f64> = (first..end)
+            .map(|j| {
+                let k = &kd[j * self.kv_stride + off..][..hd];
+                let dot: f64 = k.iter().zip(&qd).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let x = dot * self.scale() as f64;
+                if cap > 0.0 {
+                    (x / cap).tanh() * cap
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        s.iter_mut().for_each(|x| *x = (*x - max).exp());
+        let sum: f64 = s.iter().sum();
+        (0..hd)
+            .map(|d| {
+                (first..end)
+                    .zip(&s)
+                    .map(|(j, p)| p / sum * vd[j * self.kv_stride + off + d] as f64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Keys and values quantized to `B`, then each kernel table's output, with the
+    /// dequantized keys and values.
+    fn run<B: hearth_quant::kvquant::KvBlock>(
+        &self,
+        k: &[f32],
+        v: &[f32],
+        kernels: &[Kernels],
+    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+        use hearth_quant::kvquant::{attend_quant, AttendQuant};
+        let nb = self.head_dim / 32;
+        let (mut kb, mut vb) = (
+            vec![B::zeroed(); k.len() / 32],
+            vec![B::zeroed(); v.len() / 32],
+        );
+        // The scalar table's (de)quantization is the reference's.
+        let scalar = Kernels::scalar();
+        B::quantize(&scalar, k, &mut kb);
+        B::quantize(&scalar, v, &mut vb);
+        let (mut kd, mut vd) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+        B::dequantize(&scalar, &kb, &mut kd);
+        B::dequantize(&scalar, &vb, &mut vd);
+        let a = AttendQuant {
+            q: &self.q,
+            at: self.at,
+            rows: self.rows,
+            keys: self.keys,
+            k: &kb[self.kvh * nb..],
+            v: &vb[self.kvh * nb..],
+            kv_stride: self.kv_stride / 32,
+            head_dim: self.head_dim,
+            scale: self.scale(),
+            softcap: self.softcap,
+        };
+        let outs = kernels
+            .iter()
+            .map(|kern| {
+                let mut out = vec![0f32; self.q.len()];
+                attend_quant(kern, &a, &mut out, &mut Vec::new());
+                out
+            })
+            .collect();
+        (kd, vd, outs)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// `kvquant::attend_quant` with the scalar kernels and at every level against its
+    /// definition: within 1e-4 of the largest |v| the row sees (float rounding of the
+    /// scores and sums; a wrong key, block, row or scale moves it by far more).
+    #[test]
+    fn attend_quant_matches_definition(
+        head_dim in prop::sample::select(vec![32usize, 64, 96, 128, 256]),
+        kv_heads in 1usize..3,
+        rows in 1usize..9,
+        n_pos in 1usize..70,
+        window in prop::option::of(1usize..30),
+        softcap in prop::sample::select(vec![0.0f32, 0.0, 30.0]),
+        q4 in any::<bool>(),
+        seed in prop::collection::vec(-3.0f32..3.0, 7..97),
+    ) {
+        let kv_stride = kv_heads * head_dim;
+        let val = |i: usize| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin());
+        let k: Vec<f32> = (0..n_pos * kv_stride).map(|i| val(3 * i + 1)).collect();
+        let v: Vec<f32> = (0..n_pos * kv_stride).map(|i| val(5 * i + 2)).collect();
+        let mut case = Case {
+            head_dim,
+            kv_stride,
+            kvh: kv_heads - 1,
+            q: (0..rows * head_dim * 2).map(|i| val(7 * i)).collect(),
+            at: [0; 8],
+            keys: [(0, 0); 8],
+            rows,
+            softcap,
+        };
+        for r in 0..rows {
+            case.at[r] = (r * head_dim * 2).min(case.q.len() - head_dim);
+            let pos = n_pos - 1 - (r * 3) % n_pos;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            case.keys[r] = (first, pos + 1);
+        }
+        let mut kernels = vec![Kernels::scalar()];
+        kernels.extend(levels());
+        let (kd, vd, outs) = if q4 {
+            case.run::<hearth_quant::blocks::BlockQ4_0>(&k, &v, &kernels)
+        } else {
+            case.run::<hearth_quant::blocks::BlockQ8_0>(&k, &v, &kernels)
+        };
+        for r in 0..rows {
+            let want = case.definition(r, &kd, &vd);
+            let (first, end) = case.keys[r];
+            let off = case.kvh * head_dim;
+            let max_abs = (first..end)
+                .flat_map(|j| vd[j * kv_stride + off..][..head_dim].iter())
+                .fold(0.0f32, |m, x| m.max(x.abs()));
+            let tol = 1e-4 * max_abs as f64 + 1e-5;
+            for (kern, out) in kernels.iter().zip(&outs) {
+                for d in 0..head_dim {
+                    let g = out[case.at[r] + d] as f64;
+                    prop_assert!((g - want[d]).abs() <= tol,
+                        "{:?} q4 {q4} row {r} col {d}: {g} vs {} (tol {tol})", kern.isa, want[d]);
+                }
+            }
+        }
+    }
+}

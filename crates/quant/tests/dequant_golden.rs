@@ -2,6 +2,7 @@
 //! equals llama.cpp's gguf-py `gguf.quants.dequantize`, bit for bit, on random, edge and
 //! real blocks of every weight type (goldens from scripts/make-quant-goldens).
 
+use bytemuck::Zeroable;
 use hearth_quant::{GgmlType, QMatrix, SUPPORTED_TYPES};
 use std::path::PathBuf;
 
@@ -62,4 +63,36 @@ fn types_hearth_lacks_are_refused_by_name_with_the_supported_list() {
     assert!(err.contains("IQ2_XXS"), "{err}");
     assert!(err.contains("blk.0.ffn_up.weight"), "{err}");
     assert!(err.contains("Q4_K") && err.contains("IQ4_XS"), "{err}");
+}
+
+/// The KV cache's quantizers (`--kv-type q8_0|q4_0`) make the bytes gguf-py's `quantize`
+/// makes (bit-exact with llama.cpp's reference), Q8_0 at every kernel level.
+#[test]
+fn kv_cache_quantizers_match_gguf_py() {
+    use hearth_quant::blocks::{BlockQ4_0, BlockQ8_0};
+    use hearth_quant::dispatch::{available, Kernels};
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/quants/kv-quantize.bin");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    let (x, rest) = bytes[4..].split_at(n * 32 * 4);
+    let (want_q8, want_q4) = rest.split_at(n * 34);
+    assert_eq!(want_q4.len(), n * 18);
+    let x: Vec<f32> = x
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut q4 = vec![BlockQ4_0::zeroed(); n];
+    hearth_quant::reference::quantize_row_q4_0(&x, &mut q4);
+    assert_eq!(bytemuck::cast_slice::<_, u8>(&q4), want_q4, "q4_0");
+    for isa in available() {
+        let mut q8 = vec![BlockQ8_0::zeroed(); n];
+        (Kernels::for_isa(isa).quantize_q8_0)(&x, &mut q8);
+        assert_eq!(
+            bytemuck::cast_slice::<_, u8>(&q8),
+            want_q8,
+            "q8_0 at {}",
+            isa.name()
+        );
+    }
 }

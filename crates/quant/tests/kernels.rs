@@ -438,6 +438,33 @@ proptest! {
         }
     }
 
+    /// The quantized KV cache's value rows: dequantization bit-equal to the reference
+    /// (the same `q · d` products), `axpy_f32` within rounding (FMA against mul + add).
+    #[test]
+    fn kv_block_kernels_match_reference(nb in 1usize..10, seed in prop::collection::vec(-6.0f32..6.0, 1..80)) {
+        let x = acts(nb * 32, &seed);
+        let mut q8 = vec![BlockQ8_0::zeroed(); nb];
+        let mut q4 = vec![BlockQ4_0::zeroed(); nb];
+        r::quantize_row_q8_0(&x, &mut q8);
+        r::quantize_row_q4_0(&x, &mut q4);
+        let (mut want8, mut want4) = (vec![0f32; nb * 32], vec![0f32; nb * 32]);
+        r::dequantize_row_q8_0(&q8, &mut want8);
+        r::dequantize_row_q4_0(&q4, &mut want4);
+        for k in levels() {
+            let (mut got8, mut got4) = (vec![f32::NAN; nb * 32], vec![f32::NAN; nb * 32]);
+            (k.dequantize_q8_0)(&q8, &mut got8);
+            (k.dequantize_q4_0)(&q4, &mut got4);
+            prop_assert_eq!(&got8, &want8, "q8_0 at {:?}", k.isa);
+            prop_assert_eq!(&got4, &want4, "q4_0 at {:?}", k.isa);
+            let (mut got, mut want) = (want4.clone(), want4.clone());
+            (k.axpy_f32)(&mut got, -0.37, &want8);
+            r::axpy_f32(&mut want, -0.37, &want8);
+            for (g, w) in got.iter().zip(&want) {
+                close(*g, *w, 10.0, "axpy f32");
+            }
+        }
+    }
+
     #[test]
     fn f32_tile_matches_reference(cols in 1usize..100, seed in prop::collection::vec(-4.0f32..4.0, 1..50)) {
         let w = acts(4 * cols, &seed);

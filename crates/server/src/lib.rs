@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub parallel: usize,
     /// Context length of every sequence.
     pub n_ctx: usize,
+    /// How KV caches store keys and values (`--kv-type`).
+    pub kv_type: hearth_models::KvType,
     /// Requests waiting per model before 503.
     pub max_queue: usize,
     /// Required as `Authorization: Bearer KEY` when set (not for `/health`).
@@ -60,6 +62,7 @@ impl Default for ServerConfig {
             models_dir: hearth_store::default_root(),
             parallel: 4,
             n_ctx: 4096,
+            kv_type: hearth_models::KvType::F16,
             max_queue: 64,
             api_key: None,
             body_limit: 2 << 20,
@@ -104,6 +107,7 @@ impl AppState {
                 parallel: config.parallel.max(1),
                 n_ctx: config.n_ctx.max(2),
                 max_queue: config.max_queue,
+                kv_type: config.kv_type,
             },
         );
         let replica = OnceLock::new();

@@ -138,7 +138,12 @@ impl Registry {
         let key = entry.name;
         load_once(&self.loaded, api, key.clone(), move || {
             let t = Instant::now();
-            let loaded = Arc::new(LoadedModel::open(&path).map_err(|e| e.to_string())?);
+            let mut loaded = LoadedModel::open(&path).map_err(|e| e.to_string())?;
+            loaded
+                .model
+                .set_kv_type(config.kv_type)
+                .map_err(|e| e.to_string())?;
+            let loaded = Arc::new(loaded);
             loaded
                 .model
                 .check_memory(config.n_ctx, config.parallel.max(1))

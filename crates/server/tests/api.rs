@@ -1801,3 +1801,60 @@ async fn tool_calls_on(model: &str) {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--kv-type q8_0`: the server answers through a quantized KV cache, and concurrent
+/// requests still get the texts they get alone (each row's attention is its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_kv_cache_serves_and_batches_like_alone() {
+    let s = start(|c| {
+        c.parallel = 2;
+        c.kv_type = hearth_models::KvType::Q8_0;
+    })
+    .await;
+    let (status, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    let prompts = ["Why is the sky blue?", "Name a fruit."];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (_, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat(p, json!({"max_tokens": 16})),
+        )
+        .await;
+        alone.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 16})));
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(&alone) {
+        let v = h.await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    }
+}

@@ -50,6 +50,18 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     // SAFETY: see above.
     unsafe { neon::axpy_f16(out, w, v) }
 }
+fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    // SAFETY: see above.
+    unsafe { neon::axpy_f32(out, w, v) }
+}
+fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { neon::dequantize_q8_0(x, y) }
+}
+fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { neon::dequantize_q4_0(x, y) }
+}
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
 }
@@ -210,6 +222,9 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dot_f16,
         dot_bf16,
         axpy_f16,
+        axpy_f32,
+        dequantize_q8_0,
+        dequantize_q4_0,
         attend_f16,
         gelu,
         add_layer_norm,

@@ -1083,6 +1083,84 @@ pub(crate) unsafe fn dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
     }
 }
 
+/// `out += w · v`.
+///
+/// # Safety
+/// NEON only (every aarch64 CPU).
+pub(crate) unsafe fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    let n = out.len().min(v.len());
+    let full = n / 4 * 4;
+    // SAFETY: reads and writes of 4 values below `full` ≤ both lengths.
+    unsafe {
+        for i in (0..full).step_by(4) {
+            let o = out.as_mut_ptr().add(i);
+            vst1q_f32(
+                o,
+                vfmaq_n_f32(vld1q_f32(o), vld1q_f32(v.as_ptr().add(i)), w),
+            );
+        }
+    }
+    for i in full..n {
+        out[i] += w * v[i];
+    }
+}
+
+/// 16 signed bytes to f32 times `d`, stored at `o[..16]`.
+///
+/// # Safety
+/// NEON only; `o` valid for 16 floats.
+unsafe fn store_scaled_i8x16(q: int8x16_t, d: f32, o: *mut f32) {
+    // SAFETY: our caller guarantees `o[..16]`.
+    unsafe {
+        for (k, h) in [vmovl_s8(vget_low_s8(q)), vmovl_s8(vget_high_s8(q))]
+            .into_iter()
+            .enumerate()
+        {
+            let lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+            let hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
+            vst1q_f32(o.add(8 * k), vmulq_n_f32(lo, d));
+            vst1q_f32(o.add(8 * k + 4), vmulq_n_f32(hi, d));
+        }
+    }
+}
+
+/// Q8_0 blocks to f32: `q · d` per value, as the reference computes it.
+///
+/// # Safety
+/// NEON only (every aarch64 CPU).
+pub(crate) unsafe fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        // SAFETY: the block's 32 bytes read, 32 floats of `ys` written.
+        unsafe {
+            store_scaled_i8x16(vld1q_s8(b.qs.as_ptr()), d, ys.as_mut_ptr());
+            store_scaled_i8x16(vld1q_s8(b.qs.as_ptr().add(16)), d, ys.as_mut_ptr().add(16));
+        }
+    }
+}
+
+/// Q4_0 blocks to f32: `(nibble - 8) · d`, low nibbles first, as the reference computes it.
+///
+/// # Safety
+/// NEON only (every aarch64 CPU).
+pub(crate) unsafe fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        // SAFETY: the block's 16 bytes read, 32 floats of `ys` written.
+        unsafe {
+            let bytes = vld1q_u8(b.qs.as_ptr());
+            let eight = vdupq_n_s8(8);
+            let lo = vsubq_s8(
+                vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0F))),
+                eight,
+            );
+            let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4)), eight);
+            store_scaled_i8x16(lo, d, ys.as_mut_ptr());
+            store_scaled_i8x16(hi, d, ys.as_mut_ptr().add(16));
+        }
+    }
+}
+
 /// `out += w · v` with `v` in f16.
 ///
 /// # Safety

@@ -460,6 +460,64 @@ pub unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     }
 }
 
+/// `out += w · v`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    let n = out.len().min(v.len());
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 8 values at i, inside both slices.
+        unsafe {
+            let o = out.as_mut_ptr().add(i);
+            let x = _mm256_loadu_ps(v.as_ptr().add(i));
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(o)));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] += w * v[j];
+    }
+}
+
+/// Q8_0 blocks to f32: `q · d` per value, as the reference computes it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = _mm256_set1_ps(h2f(b.d));
+        for (q, o) in b.qs.chunks_exact(8).zip(ys.chunks_exact_mut(8)) {
+            // SAFETY: 8 bytes of `q` loaded, 8 floats of `o` stored.
+            unsafe {
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+            }
+        }
+    }
+}
+
+/// Q4_0 blocks to f32: `(nibble - 8) · d`, low nibbles first, as the reference computes it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    for (b, ys) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = _mm256_set1_ps(h2f(b.d));
+        // SAFETY: the block's 16 bytes loaded, 32 floats of `ys` stored.
+        unsafe {
+            let bytes = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+            let eight = _mm_set1_epi8(8);
+            let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
+            for (k, half) in [lo, hi].into_iter().enumerate() {
+                let a = _mm256_cvtepi8_epi32(half);
+                let b8 = _mm256_cvtepi8_epi32(_mm_srli_si128(half, 8));
+                let o = ys.as_mut_ptr().add(k * 16);
+                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(a), d));
+                _mm256_storeu_ps(o.add(8), _mm256_mul_ps(_mm256_cvtepi32_ps(b8), d));
+            }
+        }
+    }
+}
+
 /// One block of 32 floats → (d, 32 rounded int8, Σq), exactly as the reference: the same
 /// f32 multiply and round-half-to-even, only vectorised.
 #[inline]

@@ -220,6 +220,19 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     unsafe { avx2::axpy_f16(out, w, v) }
 }
 
+fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    // SAFETY: see above.
+    unsafe { avx2::axpy_f32(out, w, v) }
+}
+fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { avx2::dequantize_q8_0(x, y) }
+}
+fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { avx2::dequantize_q4_0(x, y) }
+}
+
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     if !a.head_dim.is_multiple_of(8) {
         return crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16);
@@ -487,6 +500,9 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         quantize_q8_1,
         quantize_q8_k,
         axpy_f16,
+        axpy_f32,
+        dequantize_q8_0,
+        dequantize_q4_0,
         attend_f16,
         gemm_q4_0,
         gemm_q4_1,
