@@ -6,7 +6,7 @@
 //! (`hearth_quant::kvquant`).
 
 use hearth_quant::blocks::QK;
-use hearth_quant::kvquant::{attend_quant, AttendQuant, KvBlock};
+use hearth_quant::kvquant::{AttendQuant, KvBlock};
 use hearth_quant::AttendF16;
 use std::sync::{Mutex, MutexGuard};
 
@@ -201,5 +201,5 @@ fn attend_blocks<B: KvBlock>(
         scale: s.scale,
         softcap: s.softcap.unwrap_or(0.0),
     };
-    attend_quant(hearth_quant::dispatch::kernels(), &a, out, scratch);
+    B::attend(hearth_quant::dispatch::kernels())(&a, out, scratch);
 }

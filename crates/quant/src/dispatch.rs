@@ -183,6 +183,9 @@ pub struct Kernels {
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
+    /// Decoder attention over a Q8_0/Q4_0 KV cache (see [`crate::kvquant`]).
+    pub attend_q8_0: fn(&crate::kvquant::AttendQuant<BlockQ8_0>, &mut [f32], &mut Vec<f32>),
+    pub attend_q4_0: fn(&crate::kvquant::AttendQuant<BlockQ4_0>, &mut [f32], &mut Vec<f32>),
     /// Exact-form GELU in place (encoders).
     pub gelu: fn(&mut [f32]),
     /// Encoder attention over a block of query rows (see [`crate::AttendRows`]).
@@ -296,6 +299,8 @@ impl Kernels {
             prefill_q3_k: None,
             prefill_iq4_xs: None,
             attend_f16: r::attend_f16,
+            attend_q8_0: crate::kvquant::attend_q8_0,
+            attend_q4_0: crate::kvquant::attend_q4_0,
             gelu: r::gelu_erf,
             attend_rows: r::attend_rows,
             add_layer_norm: r::add_layer_norm,

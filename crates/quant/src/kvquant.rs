@@ -19,6 +19,8 @@ pub trait KvBlock: bytemuck::Pod + Send + Sync {
     fn dot(kern: &Kernels, key: &[Self], q: &[BlockQ8_0]) -> f32;
     fn dequantize(kern: &Kernels, x: &[Self], y: &mut [f32]);
     fn quantize(kern: &Kernels, x: &[f32], y: &mut [Self]);
+    /// The table's attention kernel for a cache of this type.
+    fn attend(kern: &Kernels) -> fn(&AttendQuant<Self>, &mut [f32], &mut Vec<f32>);
 }
 
 impl KvBlock for BlockQ8_0 {
@@ -30,6 +32,9 @@ impl KvBlock for BlockQ8_0 {
     }
     fn quantize(kern: &Kernels, x: &[f32], y: &mut [Self]) {
         (kern.quantize_q8_0)(x, y)
+    }
+    fn attend(kern: &Kernels) -> fn(&AttendQuant<Self>, &mut [f32], &mut Vec<f32>) {
+        kern.attend_q8_0
     }
 }
 
@@ -43,6 +48,9 @@ impl KvBlock for BlockQ4_0 {
     // Once per new position and layer: the reference is fast enough and is llama.cpp's.
     fn quantize(_: &Kernels, x: &[f32], y: &mut [Self]) {
         crate::reference::quantize_row_q4_0(x, y)
+    }
+    fn attend(kern: &Kernels) -> fn(&AttendQuant<Self>, &mut [f32], &mut Vec<f32>) {
+        kern.attend_q4_0
     }
 }
 
@@ -69,13 +77,23 @@ pub struct AttendQuant<'a, B> {
     pub softcap: f32,
 }
 
-/// Attention for the rows of `a` with the kernels `kern`. `scratch` is grown to
-/// `rows × keys + head_dim` floats if it is shorter.
+/// The definition of `Kernels::attend_q8_0` (the scalar table's).
+pub fn attend_q8_0(a: &AttendQuant<BlockQ8_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    attend_by_rows(&Kernels::scalar(), a, out, scratch)
+}
+
+/// The definition of `Kernels::attend_q4_0` (the scalar table's).
+pub fn attend_q4_0(a: &AttendQuant<BlockQ4_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    attend_by_rows(&Kernels::scalar(), a, out, scratch)
+}
+
+/// Attention for the rows of `a`, one row at a time, with the kernels `kern`. `scratch` is
+/// grown to `rows × keys + head_dim` floats if it is shorter.
 ///
 /// # Panics
 /// If `head_dim` is not a multiple of 32 up to [`MAX_HEAD_DIM`], or a row's keys, query or
 /// output lie outside its slice (callers check shapes when the cache is made).
-pub fn attend_quant<B: KvBlock>(
+pub fn attend_by_rows<B: KvBlock>(
     kern: &Kernels,
     a: &AttendQuant<B>,
     out: &mut [f32],

@@ -140,7 +140,7 @@ impl Case {
         v: &[f32],
         kernels: &[Kernels],
     ) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
-        use hearth_quant::kvquant::{attend_quant, AttendQuant};
+        use hearth_quant::kvquant::AttendQuant;
         let nb = self.head_dim / 32;
         let (mut kb, mut vb) = (
             vec![B::zeroed(); k.len() / 32],
@@ -169,7 +169,7 @@ impl Case {
             .iter()
             .map(|kern| {
                 let mut out = vec![0f32; self.q.len()];
-                attend_quant(kern, &a, &mut out, &mut Vec::new());
+                B::attend(kern)(&a, &mut out, &mut Vec::new());
                 out
             })
             .collect();
@@ -180,7 +180,7 @@ impl Case {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
-    /// `kvquant::attend_quant` with the scalar kernels and at every level against its
+    /// `Kernels::attend_q8_0`/`attend_q4_0` of the scalar table and at every level against its
     /// definition: within 1e-4 of the largest |v| the row sees (float rounding of the
     /// scores and sums; a wrong key, block, row or scale moves it by far more).
     #[test]

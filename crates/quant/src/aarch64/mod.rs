@@ -62,6 +62,22 @@ fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
     // SAFETY: see above.
     unsafe { neon::dequantize_q4_0(x, y) }
 }
+// The quantized cache's attention by rows over this family's dot, dequantization and axpy
+// kernels (every aarch64 level has NEON's).
+fn attend_q8_0(
+    a: &crate::kvquant::AttendQuant<BlockQ8_0>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    crate::kvquant::attend_by_rows(&Kernels::for_isa(Isa::Neon), a, out, scratch)
+}
+fn attend_q4_0(
+    a: &crate::kvquant::AttendQuant<BlockQ4_0>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    crate::kvquant::attend_by_rows(&Kernels::for_isa(Isa::Neon), a, out, scratch)
+}
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
 }
@@ -226,6 +242,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dequantize_q8_0,
         dequantize_q4_0,
         attend_f16,
+        attend_q8_0,
+        attend_q4_0,
         gelu,
         add_layer_norm,
         attend_rows,

@@ -87,7 +87,7 @@ pub(crate) fn bits_to_bytes_32(bits: u32) -> __m256i {
 /// Σ x·y of 32 signed bytes each, as 8 i32 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn dot_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
+pub(crate) fn dot_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
     let ax = _mm256_sign_epi8(x, x);
     let sy = _mm256_sign_epi8(y, x);
     _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
@@ -102,7 +102,7 @@ fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load32(p: &[i8; 32]) -> __m256i {
+pub(crate) unsafe fn load32(p: &[i8; 32]) -> __m256i {
     // SAFETY: reads exactly the 32 bytes of `p`.
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
 }

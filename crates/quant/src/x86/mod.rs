@@ -30,12 +30,14 @@ pub mod kpanel;
 pub mod kpanel_avx2;
 pub mod kquant;
 pub mod kunpack;
+pub mod kvattn;
 pub mod panel;
 pub mod panel_avx2;
 pub mod vnni;
 
 use crate::blocks::*;
 use crate::dispatch::{gemm_from_dot, Isa, Kernels};
+use crate::kvquant::AttendQuant;
 
 /// The order in which the decode kernels (`vnni`, `kquant`) visit a product's `rows`:
 /// `tile(r, stride, true)` for rows `r, r + stride, r + 2·stride, r + 3·stride` with `r` in
@@ -231,6 +233,15 @@ fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
 fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
     // SAFETY: see above.
     unsafe { avx2::dequantize_q4_0(x, y) }
+}
+
+fn attend_q8_0(a: &AttendQuant<BlockQ8_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    // SAFETY: see above.
+    unsafe { kvattn::attend(a, out, scratch) }
+}
+fn attend_q4_0(a: &AttendQuant<BlockQ4_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    // SAFETY: see above.
+    unsafe { kvattn::attend(a, out, scratch) }
 }
 
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
@@ -504,6 +515,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dequantize_q8_0,
         dequantize_q4_0,
         attend_f16,
+        attend_q8_0,
+        attend_q4_0,
         gemm_q4_0,
         gemm_q4_1,
         gemm_q5_0,
