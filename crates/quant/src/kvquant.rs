@@ -77,6 +77,27 @@ pub struct AttendQuant<'a, B> {
     pub softcap: f32,
 }
 
+impl<B> AttendQuant<'_, B> {
+    /// Checks the shapes every kernel relies on and returns the keys' span `lo..lo + n`.
+    ///
+    /// # Panics
+    /// If `head_dim` is not a multiple of 32 up to [`MAX_HEAD_DIM`], `rows` not 1..=8, or a
+    /// row's keys, query or output lie outside its slice.
+    pub(crate) fn checked_span(&self, out_len: usize) -> (usize, usize) {
+        let hd = self.head_dim;
+        assert!(hd.is_multiple_of(QK) && hd <= MAX_HEAD_DIM && (1..=8).contains(&self.rows));
+        let nb = hd / QK;
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for r in 0..self.rows {
+            let (first, end) = self.keys[r];
+            assert!(first < end && self.at[r] + hd <= self.q.len().min(out_len));
+            assert!((end - 1) * self.kv_stride + nb <= self.k.len().min(self.v.len()));
+            (lo, hi) = (lo.min(first), hi.max(end));
+        }
+        (lo, hi - lo)
+    }
+}
+
 /// The definition of `Kernels::attend_q8_0` (the scalar table's).
 pub fn attend_q8_0(a: &AttendQuant<BlockQ8_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
     attend_by_rows(&Kernels::scalar(), a, out, scratch)
@@ -99,17 +120,8 @@ pub fn attend_by_rows<B: KvBlock>(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    let hd = a.head_dim;
-    assert!(hd.is_multiple_of(QK) && hd <= MAX_HEAD_DIM && (1..=8).contains(&a.rows));
-    let nb = hd / QK;
-    let (mut lo, mut hi) = (usize::MAX, 0);
-    for r in 0..a.rows {
-        let (first, end) = a.keys[r];
-        assert!(first < end && a.at[r] + hd <= a.q.len().min(out.len()));
-        assert!((end - 1) * a.kv_stride + nb <= a.k.len().min(a.v.len()));
-        (lo, hi) = (lo.min(first), hi.max(end));
-    }
-    let n = hi - lo;
+    let (hd, nb) = (a.head_dim, a.head_dim / QK);
+    let (lo, n) = a.checked_span(out.len());
     let need = a.rows * n + hd;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
@@ -133,7 +145,7 @@ pub fn attend_by_rows<B: KvBlock>(
         out[a.at[r]..][..hd].fill(0.0);
     }
     // out_r = Σ_j p[r][j] · v_j: each value row dequantized once for every row that sees it.
-    for j in lo..hi {
+    for j in lo..lo + n {
         B::dequantize(kern, &a.v[j * a.kv_stride..][..nb], vrow);
         for r in 0..a.rows {
             let (first, end) = a.keys[r];

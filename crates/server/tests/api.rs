@@ -635,6 +635,25 @@ async fn a_client_that_leaves_frees_its_slot() {
     }
 }
 
+/// The chats of `prompts` (16 tokens each) sent at once.
+fn concurrent_chats(s: &Server, prompts: &[&str]) -> Vec<tokio::task::JoinHandle<Value>> {
+    prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 16})));
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_batch_and_match_sequential_results() {
     let s = start(|c| c.parallel = 4).await;
@@ -660,21 +679,7 @@ async fn concurrent_requests_batch_and_match_sequential_results() {
         );
     }
     let steps_before = metric(&s, "hearth_generated_tokens_total").await;
-    let handles: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 16})));
-            tokio::spawn(async move {
-                let r = client()
-                    .post(format!("{base}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                r.json::<Value>().await.unwrap()
-            })
-        })
-        .collect();
+    let handles = concurrent_chats(&s, &prompts);
     // A token's numbers depend on what it is (prompt or generated), never on how requests
     // are batched or chunked, so the texts are equal (also where AMX tiles run prompts).
     for (h, want) in handles.into_iter().zip(&alone) {
@@ -1838,21 +1843,7 @@ async fn quantized_kv_cache_serves_and_batches_like_alone() {
                 .to_string(),
         );
     }
-    let handles: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 16})));
-            tokio::spawn(async move {
-                let r = client()
-                    .post(format!("{base}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                r.json::<Value>().await.unwrap()
-            })
-        })
-        .collect();
+    let handles = concurrent_chats(&s, &prompts);
     for (h, want) in handles.into_iter().zip(&alone) {
         let v = h.await.unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], want.as_str());

@@ -84,17 +84,8 @@ pub(crate) unsafe fn attend<B: KvLoad>(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    let hd = a.head_dim;
-    assert!(hd.is_multiple_of(QK) && hd <= MAX_HEAD_DIM && (1..=8).contains(&a.rows));
-    let nb = hd / QK;
-    let (mut lo, mut hi) = (usize::MAX, 0);
-    for r in 0..a.rows {
-        let (first, end) = a.keys[r];
-        assert!(first < end && a.at[r] + hd <= a.q.len().min(out.len()));
-        assert!((end - 1) * a.kv_stride + nb <= a.k.len().min(a.v.len()));
-        (lo, hi) = (lo.min(first), hi.max(end));
-    }
-    let n = hi - lo;
+    let (hd, nb) = (a.head_dim, a.head_dim / QK);
+    let (lo, n) = a.checked_span(out.len());
     // Scores, then weights.
     let need = a.rows * n;
     if scratch.len() < need {
