@@ -295,16 +295,16 @@ impl Model {
     ) {
         let c = &self.config;
         let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
-        // A quantized cache holds keys and values rotated (see `KvType::rotations`); Q turns
-        // with K so their dot products stay, the output turns back with V.
-        let rotations = self.kv_type().rotations(c.head_dim);
-        if let Some((nk, nv)) = rotations {
-            ops::hadamard(&mut s.q[..n * qd], nk);
-            ops::hadamard(&mut s.k[..n * kvd], nk);
-            ops::hadamard(&mut s.v[..n * kvd], nv);
-        }
         for (q, &(row0, len, pos0)) in seqs.iter_mut().zip(&s.segs) {
             let rows = row0..row0 + len;
+            // A quantized cache holds keys and values rotated (see `KvType::rotations`): Q
+            // turns with K so their dot products stay, the output turns back with V.
+            let rotations = q.cache.ty.rotations(c.head_dim);
+            if let Some((nk, nv)) = rotations {
+                ops::hadamard(&mut s.q[rows.start * qd..rows.end * qd], nk);
+                ops::hadamard(&mut s.k[rows.start * kvd..rows.end * kvd], nk);
+                ops::hadamard(&mut s.v[rows.start * kvd..rows.end * kvd], nv);
+            }
             q.cache.store(
                 il,
                 pos0,
@@ -322,9 +322,9 @@ impl Model {
                 &mut s.attn[rows.start * qd..rows.end * qd],
                 &mut s.attn_scratch,
             ); // [len, qd]
-        }
-        if let Some((_, nv)) = rotations {
-            ops::hadamard(&mut s.attn[..n * qd], nv);
+            if let Some((_, nv)) = rotations {
+                ops::hadamard(&mut s.attn[rows.start * qd..rows.end * qd], nv);
+            }
         }
         self.matmul(
             wo,

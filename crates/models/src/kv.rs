@@ -135,6 +135,11 @@ impl KvCache {
     /// holding up to `n_ctx` positions. A quantized `ty` needs `kv_dim` to be a multiple of
     /// 32 (`Model::set_kv_type` checks the heads).
     pub fn new(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize, ty: KvType) -> Self {
+        assert!(
+            ty == KvType::F16 || kv_dim.is_multiple_of(QK),
+            "a {} cache needs whole blocks",
+            ty.name()
+        );
         let units = ty.units(kv_dim);
         let layers = windows
             .iter()

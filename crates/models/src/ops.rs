@@ -174,6 +174,41 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 
 #[cfg(test)]
 mod tests {
+
+    /// The transform is Sylvester's Hadamard matrix over √n (ggml's `ggml_gen_hadamard`):
+    /// H[i][j] = (-1)^popcount(i & j) / √n, and applying it twice gives the input back.
+    #[test]
+    fn hadamard_is_sylvesters_matrix_and_its_own_inverse() {
+        let n = 8;
+        let x: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+        let mut y = x.clone();
+        hadamard(&mut y, n);
+        for c in 0..2 {
+            for i in 0..n {
+                let want: f32 = (0..n)
+                    .map(|j| {
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
+                        sign * x[c * n + j]
+                    })
+                    .sum::<f32>()
+                    / (n as f32).sqrt();
+                assert!(
+                    (y[c * n + i] - want).abs() < 1e-5,
+                    "{i}: {} vs {want}",
+                    y[c * n + i]
+                );
+            }
+        }
+        hadamard(&mut y, n);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
     use super::*;
 
     #[test]
