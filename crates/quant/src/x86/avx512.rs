@@ -467,19 +467,60 @@ unsafe fn block<const R: usize>(
             p.iter_mut()
                 .for_each(|w| *w = half::f16::from_f32(*w).to_f32());
         }
-        // out_r = Σ_j w[r][j] · v_j, 16 columns at a time
-        for c in (0..hd).step_by(16) {
-            let mut acc = [_mm512_setzero_ps(); R];
-            let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
-            for j in 0..n {
-                let v =
-                    _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(j * a.kv_stride) as *const __m256i));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ps.get_unchecked(r * n + j)), v, *acc);
+        // out_r = Σ_j w[r][j] · v_j: as many 16-column chunks per pass over the values as
+        // the rows' accumulators leave registers for (each accumulator still adds its keys
+        // in order, so the sums are those of one chunk per pass).
+        let ch = if R <= 4 { 4 } else { 2 };
+        let mut c = 0;
+        while c + 16 * ch <= hd {
+            if ch == 4 {
+                values_f16::<R, 4>(a, lo, n, c, ps, out);
+            } else {
+                values_f16::<R, 2>(a, lo, n, c, ps, out);
+            }
+            c += 16 * ch;
+        }
+        while c < hd {
+            values_f16::<R, 1>(a, lo, n, c, ps, out);
+            c += 16;
+        }
+    }
+}
+
+/// Columns `c..c + 16·CH` of the `R` rows' weighted sums over values `lo..lo + n`.
+///
+/// # Safety
+/// As [`block`]; `c + 16·CH ≤ head_dim`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn values_f16<const R: usize, const CH: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    c: usize,
+    ps: &[f32],
+    out: &mut [f32],
+) {
+    // SAFETY (whole body): as in `block`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); CH]; R];
+        let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
+        for j in 0..n {
+            let row = vp.add(j * a.kv_stride);
+            let mut v = [_mm512_setzero_ps(); CH];
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * k) as *const __m256i));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*ps.get_unchecked(r * n + j));
+                for (acc, v) in acc.iter_mut().zip(&v) {
+                    *acc = _mm512_fmadd_ps(w, *v, *acc);
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(a.at[r] + c), *acc);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (k, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(a.at[r] + c + 16 * k), *acc);
             }
         }
     }
