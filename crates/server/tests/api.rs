@@ -635,6 +635,26 @@ async fn a_client_that_leaves_frees_its_slot() {
     }
 }
 
+/// The answers to the chats of `prompts` (16 tokens each), one after another.
+async fn chats_one_by_one(s: &Server, prompts: &[&str]) -> Vec<String> {
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (_, v) = post(
+            s,
+            "/v1/chat/completions",
+            chat(p, json!({"max_tokens": 16})),
+        )
+        .await;
+        alone.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    alone
+}
+
 /// The chats of `prompts` (16 tokens each) sent at once.
 fn concurrent_chats(s: &Server, prompts: &[&str]) -> Vec<tokio::task::JoinHandle<Value>> {
     prompts
@@ -663,21 +683,7 @@ async fn concurrent_requests_batch_and_match_sequential_results() {
         "What is 2+2?",
         "Say hello.",
     ];
-    let mut alone = Vec::new();
-    for p in prompts {
-        let (_, v) = post(
-            &s,
-            "/v1/chat/completions",
-            chat(p, json!({"max_tokens": 16})),
-        )
-        .await;
-        alone.push(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let alone = chats_one_by_one(&s, &prompts).await;
     let steps_before = metric(&s, "hearth_generated_tokens_total").await;
     let handles = concurrent_chats(&s, &prompts);
     // A token's numbers depend on what it is (prompt or generated), never on how requests
@@ -1828,21 +1834,7 @@ async fn quantized_kv_cache_serves_and_batches_like_alone() {
         "{v}"
     );
     let prompts = ["Why is the sky blue?", "Name a fruit."];
-    let mut alone = Vec::new();
-    for p in prompts {
-        let (_, v) = post(
-            &s,
-            "/v1/chat/completions",
-            chat(p, json!({"max_tokens": 16})),
-        )
-        .await;
-        alone.push(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let alone = chats_one_by_one(&s, &prompts).await;
     let handles = concurrent_chats(&s, &prompts);
     for (h, want) in handles.into_iter().zip(&alone) {
         let v = h.await.unwrap();
