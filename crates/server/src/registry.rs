@@ -139,10 +139,11 @@ impl Registry {
         load_once(&self.loaded, api, key.clone(), move || {
             let t = Instant::now();
             let mut loaded = LoadedModel::open(&path).map_err(|e| e.to_string())?;
-            loaded
-                .model
-                .set_kv_type(config.kv_type)
-                .map_err(|e| e.to_string())?;
+            // A model whose heads a quantized cache cannot hold is served with f16, as
+            // Ollama falls back, so one such model does not make the others unusable.
+            if let Err(e) = loaded.model.set_kv_type(config.kv_type) {
+                tracing::warn!(model = %key, "{e}; using an f16 KV cache");
+            }
             let loaded = Arc::new(loaded);
             loaded
                 .model
