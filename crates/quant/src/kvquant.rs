@@ -98,14 +98,21 @@ impl<B> AttendQuant<'_, B> {
     }
 }
 
+/// The scalar table, made once (the reference kernels run on every call of the scalar
+/// level's attention).
+fn scalar_table() -> &'static Kernels {
+    static TABLE: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    TABLE.get_or_init(Kernels::scalar)
+}
+
 /// The definition of `Kernels::attend_q8_0` (the scalar table's).
 pub fn attend_q8_0(a: &AttendQuant<BlockQ8_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    attend_by_rows(&Kernels::scalar(), a, out, scratch)
+    attend_by_rows(scalar_table(), a, out, scratch)
 }
 
 /// The definition of `Kernels::attend_q4_0` (the scalar table's).
 pub fn attend_q4_0(a: &AttendQuant<BlockQ4_0>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    attend_by_rows(&Kernels::scalar(), a, out, scratch)
+    attend_by_rows(scalar_table(), a, out, scratch)
 }
 
 /// Attention for the rows of `a`, one row at a time, with the kernels `kern`. `scratch` is
@@ -134,12 +141,8 @@ pub fn attend_by_rows<B: KvBlock>(
         let (first, end) = a.keys[r];
         let p = &mut ps[r * n + first - lo..r * n + end - lo];
         for (s, j) in p.iter_mut().zip(first..end) {
-            let s1 = B::dot(kern, &a.k[j * a.kv_stride..][..nb], &q8[..nb]) * a.scale;
-            *s = if a.softcap > 0.0 {
-                crate::soft_cap(s1, a.softcap)
-            } else {
-                s1
-            };
+            let dot = B::dot(kern, &a.k[j * a.kv_stride..][..nb], &q8[..nb]);
+            *s = crate::scaled_score(dot, a.scale, a.softcap);
         }
         crate::reference::softmax(p);
         out[a.at[r]..][..hd].fill(0.0);

@@ -112,6 +112,18 @@ pub struct AttendF16<'a> {
     pub softcap: f32,
 }
 
+/// An attention score from its dot product: `dot · scale`, soft-capped when `softcap > 0`
+/// (the order every decoder attention kernel uses).
+#[inline]
+pub fn scaled_score(dot: f32, scale: f32, softcap: f32) -> f32 {
+    let s = dot * scale;
+    if softcap > 0.0 {
+        soft_cap(s, softcap)
+    } else {
+        s
+    }
+}
+
 /// `cap · tanh(x / cap)` as ggml computes it (a scale by `1/cap`, tanh, a scale by `cap`).
 #[inline]
 pub fn soft_cap(x: f32, cap: f32) -> f32 {

@@ -63,20 +63,24 @@ fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
     unsafe { neon::dequantize_q4_0(x, y) }
 }
 // The quantized cache's attention by rows over this family's dot, dequantization and axpy
-// kernels (every aarch64 level has NEON's).
+// kernels (every aarch64 level has NEON's), from a table made once, not per call.
+fn neon_table() -> &'static Kernels {
+    static TABLE: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| Kernels::for_isa(Isa::Neon))
+}
 fn attend_q8_0(
     a: &crate::kvquant::AttendQuant<BlockQ8_0>,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    crate::kvquant::attend_by_rows(&Kernels::for_isa(Isa::Neon), a, out, scratch)
+    crate::kvquant::attend_by_rows(neon_table(), a, out, scratch)
 }
 fn attend_q4_0(
     a: &crate::kvquant::AttendQuant<BlockQ4_0>,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    crate::kvquant::attend_by_rows(&Kernels::for_isa(Isa::Neon), a, out, scratch)
+    crate::kvquant::attend_by_rows(neon_table(), a, out, scratch)
 }
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)

@@ -952,12 +952,7 @@ unsafe fn attend_block<const R: usize>(
                 ps[r * n + j] = if key >= first && key < end {
                     let sum =
                         _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
-                    let s = hsum_ps(sum) * a.scale;
-                    if a.softcap > 0.0 {
-                        crate::soft_cap(s, a.softcap)
-                    } else {
-                        s
-                    }
+                    crate::scaled_score(hsum_ps(sum), a.scale, a.softcap)
                 } else {
                     f32::NEG_INFINITY
                 };

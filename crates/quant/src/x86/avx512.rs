@@ -450,12 +450,7 @@ unsafe fn block<const R: usize>(
                 ps[r * n + j] = if key >= first && key < end {
                     let sum =
                         _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-                    let s = _mm512_reduce_add_ps(sum) * a.scale;
-                    if a.softcap > 0.0 {
-                        crate::soft_cap(s, a.softcap)
-                    } else {
-                        s
-                    }
+                    crate::scaled_score(_mm512_reduce_add_ps(sum), a.scale, a.softcap)
                 } else {
                     f32::NEG_INFINITY
                 };

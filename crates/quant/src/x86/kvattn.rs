@@ -160,12 +160,7 @@ unsafe fn rows_block<const R: usize, B: KvLoad>(
             for (r, acc) in acc.iter().enumerate() {
                 let (first, end) = a.keys[r];
                 *ps.get_unchecked_mut(r * n + j) = if (first..end).contains(&(lo + j)) {
-                    let s = hsum_ps(*acc) * a.scale;
-                    if a.softcap > 0.0 {
-                        crate::soft_cap(s, a.softcap)
-                    } else {
-                        s
-                    }
+                    crate::scaled_score(hsum_ps(*acc), a.scale, a.softcap)
                 } else {
                     f32::NEG_INFINITY
                 };
