@@ -14,6 +14,8 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, n_vocab: usize },
     #[error("the model needs about {need_mib} MiB of memory but only {have_mib} MiB is available")]
     OutOfMemory { need_mib: u64, have_mib: u64 },
+    #[error("KV pool: {0}")]
+    KvPool(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{ModelError, Result};
-pub use kv::{KvCache, KvType};
+pub use kv::{KvCache, KvPool, KvType};
 
 use hearth_gguf::Gguf;
 use hearth_quant::Activations;
@@ -210,6 +210,27 @@ impl Model {
         )
     }
 
+    /// A KV pool of `n_slots` sequences of up to `n_ctx` positions (see [`kv::pool`]).
+    pub fn new_pool(&self, n_slots: usize, n_ctx: usize) -> Result<std::sync::Arc<KvPool>> {
+        let rows = KvCache::pool_row_bytes(&self.kv_windows(), self.config.kv_dim(), self.kv_type);
+        KvPool::new(n_slots, &rows, n_ctx).map_err(|e| ModelError::KvPool(e.to_string()))
+    }
+
+    /// A cache (of the pool's `n_ctx` positions) whose full-attention layers live in slot
+    /// `slot` of `pool`.
+    pub fn new_pooled_cache(&self, pool: &std::sync::Arc<KvPool>, slot: usize) -> Result<KvCache> {
+        let region = pool
+            .attach(slot)
+            .map_err(|e| ModelError::KvPool(e.to_string()))?;
+        Ok(KvCache::pooled(
+            &self.kv_windows(),
+            pool.n_ctx(),
+            self.config.kv_dim(),
+            self.kv_type,
+            region,
+        ))
+    }
+
     /// Makes new KV caches store keys and values as `ty`. A quantized type needs heads of a
     /// multiple of 32 values (its blocks), at most `kvquant::MAX_HEAD_DIM`; llama.cpp
     /// refuses such models too.
@@ -357,6 +378,9 @@ impl Model {
             return Err(ModelError::BadConfig(
                 "forward called with no tokens".into(),
             ));
+        }
+        if let Some(fault) = cache.fault() {
+            return Err(ModelError::KvPool(fault.to_string()));
         }
         let needed = cache.len + tokens.len();
         if needed > cache.n_ctx {

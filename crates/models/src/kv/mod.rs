@@ -14,6 +14,13 @@ use hearth_quant::kvquant::KvBlock;
 
 use crate::MAX_BATCH;
 
+#[cfg(target_os = "linux")]
+pub mod pool;
+#[cfg(not(target_os = "linux"))]
+#[path = "nopool.rs"]
+pub mod pool;
+pub use pool::{KvPool, PoolRegion};
+
 /// How a KV cache stores keys and values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
@@ -85,6 +92,11 @@ pub struct KvCache {
     layers: Vec<LayerKv>,
     /// Positions filled so far.
     pub len: usize,
+    /// The pool region holding the full-attention layers' keys and values (a served
+    /// model's slot, see [`pool`]); `None`: every layer owns its buffers.
+    region: Option<PoolRegion>,
+    /// Why the pool region could not be set right; the cache refuses to run until then.
+    fault: Option<String>,
 }
 
 /// Keys and values are held as `u16`s (f16 bits, or blocks of 2-byte alignment): a buffer
@@ -92,13 +104,24 @@ pub struct KvCache {
 /// once positions are written, and a cache sized for the whole context costs what the
 /// sequence uses.
 struct LayerKv {
-    k: Vec<u16>,
-    v: Vec<u16>,
+    store: Store,
     /// Attention window (keys at least this far behind a query are not seen); `None` for
     /// full attention.
     window: Option<usize>,
     /// Absolute position of the buffer's first row (0 unless rows fell out of the window).
     first: usize,
+}
+
+enum Store {
+    Owned {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
+    /// Buffers `k` and `v` of the cache's pool region.
+    Pooled {
+        k: usize,
+        v: usize,
+    },
 }
 
 /// One layer's keys and values as attention reads them (`[rows, kv_dim]` values, or
@@ -135,19 +158,64 @@ impl KvCache {
     /// holding up to `n_ctx` positions. A quantized `ty` needs `kv_dim` to be a multiple of
     /// 32 (`Model::set_kv_type` checks the heads).
     pub fn new(windows: &[Option<usize>], n_ctx: usize, kv_dim: usize, ty: KvType) -> Self {
+        Self::build(windows, n_ctx, kv_dim, ty, None)
+    }
+
+    /// A cache whose full-attention layers live in `region` of a pool made with
+    /// [`KvCache::pool_row_bytes`] of the same layers, `n_ctx`, `kv_dim` and `ty`.
+    pub fn pooled(
+        windows: &[Option<usize>],
+        n_ctx: usize,
+        kv_dim: usize,
+        ty: KvType,
+        region: PoolRegion,
+    ) -> Self {
+        Self::build(windows, n_ctx, kv_dim, ty, Some(region))
+    }
+
+    /// Bytes per row of each buffer a pool holds for these layers: every full-attention
+    /// layer's keys, then values.
+    pub fn pool_row_bytes(windows: &[Option<usize>], kv_dim: usize, ty: KvType) -> Vec<usize> {
+        let row = ty.units(kv_dim) * 2;
+        windows
+            .iter()
+            .filter(|w| w.is_none())
+            .flat_map(|_| [row, row])
+            .collect()
+    }
+
+    fn build(
+        windows: &[Option<usize>],
+        n_ctx: usize,
+        kv_dim: usize,
+        ty: KvType,
+        region: Option<PoolRegion>,
+    ) -> Self {
         assert!(
             ty == KvType::F16 || kv_dim.is_multiple_of(QK),
             "a {} cache needs whole blocks",
             ty.name()
         );
         let units = ty.units(kv_dim);
+        let mut pooled = 0;
         let layers = windows
             .iter()
             .map(|&window| {
-                let rows = rows_held(window, n_ctx);
+                let store = if window.is_none() && region.is_some() {
+                    pooled += 2;
+                    Store::Pooled {
+                        k: pooled - 2,
+                        v: pooled - 1,
+                    }
+                } else {
+                    let rows = rows_held(window, n_ctx);
+                    Store::Owned {
+                        k: vec![0; rows * units],
+                        v: vec![0; rows * units],
+                    }
+                };
                 LayerKv {
-                    k: vec![0; rows * units],
-                    v: vec![0; rows * units],
+                    store,
                     window,
                     first: 0,
                 }
@@ -160,7 +228,68 @@ impl KvCache {
             units,
             layers,
             len: 0,
+            region,
+            fault: None,
         }
+    }
+
+    /// Why this cache cannot run (its pool region could not be set right), if so.
+    pub fn fault(&self) -> Option<&str> {
+        self.fault.as_deref()
+    }
+
+    /// The pool slot this cache's region is, if pooled.
+    pub fn pool_slot(&self) -> Option<usize> {
+        self.region.as_ref().map(|r| r.slot())
+    }
+
+    /// Whether [`KvCache::share_prefix`] can take this cache's first `rows` positions: both
+    /// pooled, and every sliding-window layer still holds the window position `rows` sees.
+    pub fn can_share(&self, rows: usize) -> bool {
+        rows > 0
+            && rows <= self.len
+            && self.region.is_some()
+            && self.layers.iter().all(|l| match l.window {
+                Some(w) => l.first <= (rows + 1).saturating_sub(w),
+                None => true,
+            })
+    }
+
+    /// Starts over with `donor`'s first `rows` positions: full-attention layers map the
+    /// donor's pages (stored once for both), sliding-window layers copy the window. Returns
+    /// the positions now held (0 if the donor cannot give them).
+    pub fn share_prefix(&mut self, donor: &KvCache, rows: usize) -> usize {
+        self.truncate(0);
+        let same = (self.n_ctx, self.kv_dim, self.ty, self.layers.len())
+            == (donor.n_ctx, donor.kv_dim, donor.ty, donor.layers.len());
+        let (Some(region), Some(from)) = (self.region.as_mut(), donor.region.as_ref()) else {
+            return 0;
+        };
+        if !same || !donor.can_share(rows) || self.fault.is_some() {
+            return 0;
+        }
+        if let Err(e) = region.share_from(from, rows) {
+            self.fault = Some(format!("sharing KV pages failed: {e}"));
+            return 0;
+        }
+        let units = self.units;
+        for (il, l) in self.layers.iter_mut().enumerate() {
+            let Some(w) = l.window else { continue };
+            let Store::Owned { k, v } = &mut l.store else {
+                continue;
+            };
+            let (dk, dv, dfirst) = match &donor.layers[il].store {
+                Store::Owned { k, v } => (k, v, donor.layers[il].first),
+                Store::Pooled { .. } => return 0,
+            };
+            let keep_from = (rows + 1).saturating_sub(w);
+            let span = (keep_from - dfirst) * units..(rows - dfirst) * units;
+            k[..span.len()].copy_from_slice(&dk[span.clone()]);
+            v[..span.len()].copy_from_slice(&dv[span]);
+            l.first = keep_from;
+        }
+        self.len = rows;
+        rows
     }
 
     /// Forgets everything after `len` positions (the rest of the cache is reused) and
@@ -177,6 +306,16 @@ impl KvCache {
         if self.len == 0 {
             self.layers.iter_mut().for_each(|l| l.first = 0);
         }
+        if let Some(region) = self.region.as_mut() {
+            // Pages from here on become this cache's own and writable.
+            match region.release(self.len) {
+                Ok(()) => self.fault = None,
+                Err(e) => {
+                    self.fault = Some(format!("releasing KV pages failed: {e}"));
+                    self.len = 0;
+                }
+            }
+        }
         self.len
     }
 
@@ -186,17 +325,25 @@ impl KvCache {
         let (kv_dim, units, ty) = (self.kv_dim, self.units, self.ty);
         let l = &mut self.layers[layer];
         let n = k.len() / kv_dim.max(1);
-        if pos + n - l.first > l.k.len() / units.max(1) {
+        let (lk, lv) = match &mut l.store {
+            Store::Owned { k, v } => (k.as_mut_slice(), v.as_mut_slice()),
+            Store::Pooled { k, v } => self
+                .region
+                .as_mut()
+                .expect("a pooled layer has a region")
+                .buffers_mut(*k, *v),
+        };
+        if pos + n - l.first > lk.len() / units.max(1) {
             // Keep the rows the batch's first query can still see: from `pos + 1 - window`.
             let w = l.window.unwrap_or(usize::MAX);
             let keep_from = (pos + 1).saturating_sub(w).max(l.first);
             let (from, to) = ((keep_from - l.first) * units, (pos - l.first) * units);
-            l.k.copy_within(from..to, 0);
-            l.v.copy_within(from..to, 0);
+            lk.copy_within(from..to, 0);
+            lv.copy_within(from..to, 0);
             l.first = keep_from;
         }
         let at = (pos - l.first) * units;
-        let (kd, vd) = (&mut l.k[at..at + n * units], &mut l.v[at..at + n * units]);
+        let (kd, vd) = (&mut lk[at..at + n * units], &mut lv[at..at + n * units]);
         match ty {
             KvType::F16 => {
                 for (dst, src) in [(kd, k), (vd, v)] {
@@ -214,18 +361,25 @@ impl KvCache {
     /// Layer `layer`'s keys and values and the absolute position of their first row.
     pub fn layer(&self, layer: usize) -> (KvLayer<'_>, usize) {
         let l = &self.layers[layer];
+        let (k, v) = match &l.store {
+            Store::Owned { k, v } => (k.as_slice(), v.as_slice()),
+            Store::Pooled { k, v } => {
+                let r = self.region.as_ref().expect("a pooled layer has a region");
+                (r.buffer(*k), r.buffer(*v))
+            }
+        };
         let view = match self.ty {
             KvType::F16 => KvLayer::F16 {
-                k: l.k.reinterpret_cast(),
-                v: l.v.reinterpret_cast(),
+                k: k.reinterpret_cast(),
+                v: v.reinterpret_cast(),
             },
             KvType::Q8_0 => KvLayer::Q8_0 {
-                k: bytemuck::cast_slice(&l.k),
-                v: bytemuck::cast_slice(&l.v),
+                k: bytemuck::cast_slice(k),
+                v: bytemuck::cast_slice(v),
             },
             KvType::Q4_0 => KvLayer::Q4_0 {
-                k: bytemuck::cast_slice(&l.k),
-                v: bytemuck::cast_slice(&l.v),
+                k: bytemuck::cast_slice(k),
+                v: bytemuck::cast_slice(v),
             },
         };
         (view, l.first)
@@ -235,7 +389,10 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * 2)
+            .map(|l| match &l.store {
+                Store::Owned { k, v } => (k.len() + v.len()) * 2,
+                Store::Pooled { .. } => self.n_ctx * self.units * 4,
+            })
             .sum()
     }
 }
