@@ -527,6 +527,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         parallel: a.parallel.max(1),
         n_ctx: a.ctx.max(2),
         kv_type: crate::resolve::kv_type(a.kv_type)?,
+        kv_budget: a.kv_budget.map(|b| b as usize),
         max_queue: a.max_queue,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         body_limit: a.body_limit,

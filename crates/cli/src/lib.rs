@@ -153,6 +153,12 @@ pub struct ServeArgs {
     /// else f16.
     #[arg(long = "kv-type", env = "HEARTH_KV_TYPE", value_name = "TYPE")]
     pub kv_type: Option<hearth_models::KvType>,
+    /// KV cache positions a model's running sequences may reach together (each counts its
+    /// prompt plus its max tokens); a request that does not fit waits. Default: --parallel ×
+    /// --ctx. The slots share one page pool: memory is taken as positions are written, and a
+    /// prompt prefix held by another slot is shared, not stored again.
+    #[arg(long = "kv-budget", value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=1u64 << 40))]
+    pub kv_budget: Option<u64>,
     /// Requests waiting per model before the server answers 503.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,

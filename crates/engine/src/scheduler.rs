@@ -1,5 +1,14 @@
 //! Continuous batching: one worker thread per model runs up to `parallel` sequences, each in
-//! its own KV cache slot with the full context, through one batched forward pass per step.
+//! its own KV cache slot of up to the full context, through one batched forward pass per step.
+//!
+//! The slots' caches live in one KV pool (Linux; `hearth_models::kv::pool`): memory is taken
+//! as positions are written and given back when a slot's sequence is cut short, and a
+//! request whose prompt starts like what another slot holds — running or idle — takes those
+//! positions from it, stored once for both. `kv_budget` bounds the tokens all running
+//! sequences may reach (each counts its prompt plus its reply limit, so one admitted always
+//! finishes); a request that does not fit waits at the head of the queue. Idle slots' cached
+//! prompts are the prefix cache: kept while the pool has room, least recently used dropped
+//! first when a new sequence needs the pages.
 //!
 //! Each step decodes one token for every generating sequence and spends what is left of the
 //! batch on prompt chunks of newcomers (small chunks while others are decoding, so a long
@@ -22,6 +31,22 @@ use crate::{FinishReason, LoadedModel, Next, RequestState, SamplingParams};
 /// Largest prompt chunk per step while other sequences are decoding.
 const PREFILL_CHUNK_WHILE_DECODING: usize = 64;
 
+/// Prompt tokens a prefix taken from another slot must add over what the request's own
+/// slot holds (below that, mapping pages is not worth it).
+const SHARE_MIN_GAIN: usize = 16;
+
+/// Two distinct elements of `v`, both writable.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &mut lo[b])
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Sequences decoded together.
@@ -32,6 +57,15 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// How the slots' KV caches store keys and values (set on the model when it loads).
     pub kv_type: hearth_models::KvType,
+    /// KV positions the running sequences may reach together (`None`: `parallel × n_ctx`).
+    pub kv_budget: Option<usize>,
+}
+
+impl SchedulerConfig {
+    pub fn budget(&self) -> usize {
+        self.kv_budget
+            .unwrap_or(self.parallel.max(1).saturating_mul(self.n_ctx))
+    }
 }
 
 /// Where a request's output goes. `send` returns false once the receiver is gone.
@@ -83,6 +117,16 @@ pub struct SchedulerStats {
     /// KV cache positions in use by active sequences, and in all slots.
     pub kv_used: AtomicUsize,
     pub kv_capacity: AtomicUsize,
+    /// Pages of the KV pool holding keys and values now (each once, however many sequences
+    /// share it), and pages the budget allows; both 0 without a pool.
+    pub kv_pages_used: AtomicUsize,
+    pub kv_pages_total: AtomicUsize,
+    /// Requests that found part of their prompt in a cache (their slot's or, shared,
+    /// another's), and the prompt tokens they did not compute.
+    pub prefix_hits: AtomicU64,
+    pub prefix_tokens: AtomicU64,
+    /// Of those, requests that took their prefix from another slot.
+    pub prefix_shared: AtomicU64,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
 }
@@ -97,14 +141,28 @@ impl Scheduler {
     pub fn start(model: Arc<LoadedModel>, config: SchedulerConfig) -> Self {
         let (tx, rx) = sync_channel(config.max_queue.max(1));
         let stats = Arc::new(SchedulerStats::default());
-        stats
-            .kv_capacity
-            .store(config.parallel * config.n_ctx, Ordering::Relaxed);
+        let budget = config.budget();
+        stats.kv_capacity.store(budget, Ordering::Relaxed);
+        let parallel = config.parallel.max(1);
+        let pool = match model.model.new_pool(parallel, config.n_ctx) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                tracing::info!("KV caches are not pooled: {e}");
+                None
+            }
+        };
+        if let Some(pool) = &pool {
+            let pages = pool.pages_for_tokens(budget);
+            stats.kv_pages_total.store(pages, Ordering::Relaxed);
+        }
         let worker = Worker {
-            slots: (0..config.parallel.max(1))
-                .map(|_| Slot::default())
-                .collect(),
+            slots: (0..parallel).map(|_| Slot::default()).collect(),
             model,
+            pool,
+            budget,
+            reserved: 0,
+            pending: None,
+            clock: 0,
             n_ctx: config.n_ctx,
             stats: stats.clone(),
             scratch: Scratch::default(),
@@ -140,6 +198,9 @@ struct Slot {
     /// Tokens whose keys and values the cache holds.
     cached: Vec<TokenId>,
     active: Option<Active>,
+    /// When the slot last started or ended a request (a tick of `Worker::clock`), for
+    /// dropping the least recently used cached prompt first.
+    used_at: u64,
 }
 
 struct Active {
@@ -150,6 +211,8 @@ struct Active {
     /// Prompt tokens in the cache so far.
     fed: usize,
     prompt_cached: usize,
+    /// KV positions this request may reach (its part of the budget).
+    reserved: usize,
     /// The tokens to run at the next step: the sampled one and any a grammar forced after
     /// it (empty while prefilling).
     next: Vec<TokenId>,
@@ -166,6 +229,15 @@ enum Work {
 struct Worker {
     slots: Vec<Slot>,
     model: Arc<LoadedModel>,
+    /// The slots' shared KV pool (`None` where pooling is unavailable: each cache owns its
+    /// buffers).
+    pool: Option<Arc<hearth_models::KvPool>>,
+    budget: usize,
+    /// Sum of the running requests' `reserved`.
+    reserved: usize,
+    /// The request at the head of the queue, waiting for room in the budget.
+    pending: Option<(Job, Instant)>,
+    clock: u64,
     n_ctx: usize,
     stats: Arc<SchedulerStats>,
     scratch: Scratch,
@@ -180,7 +252,9 @@ impl Worker {
             // Admit waiting requests while there are free slots; sleep only when idle.
             while self.slots.iter().any(|s| s.active.is_none()) {
                 let busy = self.slots.iter().any(|s| s.active.is_some());
-                let next = if busy {
+                let next = if let Some(waiting) = self.pending.take() {
+                    waiting
+                } else if busy {
                     match rx.try_recv() {
                         Ok(m) => m,
                         Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
@@ -191,6 +265,11 @@ impl Worker {
                         Err(_) => return, // the scheduler was dropped
                     }
                 };
+                // Alone, a request always starts (`admit` refuses one the budget cannot hold).
+                if busy && self.reserved + self.reservation(&next.0) > self.budget {
+                    self.pending = Some(next);
+                    break;
+                }
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.admit(next.0, next.1);
             }
@@ -212,6 +291,59 @@ impl Worker {
             .store(active.clone().count(), Ordering::Relaxed);
         let used = active.filter_map(|s| s.cache.as_ref()).map(|c| c.len).sum();
         self.stats.kv_used.store(used, Ordering::Relaxed);
+        if let Some(pool) = &self.pool {
+            self.stats
+                .kv_pages_used
+                .store(pool.pages_used(), Ordering::Relaxed);
+        }
+    }
+
+    /// KV positions `job` may reach: its prompt and its reply limit, within the context.
+    fn reservation(&self, job: &Job) -> usize {
+        job.prompt
+            .len()
+            .saturating_add(job.max_tokens)
+            .min(self.n_ctx)
+    }
+
+    /// A cache for slot `index`: in the pool when there is one.
+    fn new_cache(&self, index: usize) -> KvCache {
+        let model = &self.model.model;
+        if let Some(pool) = &self.pool {
+            match model.new_pooled_cache(pool, index) {
+                Ok(cache) => return cache,
+                Err(e) => tracing::warn!("slot {index} KV cache not pooled: {e}"),
+            }
+        }
+        model.new_cache(self.n_ctx)
+    }
+
+    /// Drops idle slots' cached prompts, least recently used first, until `pages` more
+    /// fit in the budget's pages (slots in `keep` are spared).
+    fn make_room(&mut self, pages: usize, keep: &[usize]) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        let limit = pool.pages_for_tokens(self.budget) + self.slots.len() * pool.pages_for(1);
+        while pool.pages_used() + pages > limit {
+            let victim = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| {
+                    s.active.is_none()
+                        && !keep.contains(i)
+                        && s.cache.as_ref().is_some_and(|c| c.len > 0)
+                })
+                .min_by_key(|(_, s)| s.used_at)
+                .map(|(i, _)| i);
+            let Some(i) = victim else { break };
+            let slot = &mut self.slots[i];
+            if let Some(c) = slot.cache.as_mut() {
+                c.truncate(0);
+            }
+            slot.cached.clear();
+        }
     }
 
     fn admit(&mut self, mut job: Job, enqueued: Instant) {
@@ -232,6 +364,16 @@ impl Worker {
         } else {
             job.params.validate().err()
         };
+        let reserved = self.reservation(&job);
+        let problem = problem.or_else(|| {
+            (reserved > self.budget).then(|| {
+                format!(
+                    "the request needs {reserved} KV positions (prompt and max tokens); the \
+                     server's KV budget holds {}",
+                    self.budget
+                )
+            })
+        });
         if let Some(msg) = problem {
             job.sink.send(Event::Error(msg));
             return;
@@ -255,12 +397,63 @@ impl Worker {
         else {
             return;
         };
-        let model = &self.model.model;
-        let slot = &mut self.slots[index];
-        let cache = slot.cache.get_or_insert_with(|| model.new_cache(n_ctx));
+        if self.slots[index].cache.is_none() {
+            self.slots[index].cache = Some(self.new_cache(index));
+        }
         // At least one prompt token runs, to produce the first logits.
-        let keep = cache.truncate(common.min(job.prompt.len() - 1));
-        slot.cached.truncate(keep);
+        let most = job.prompt.len() - 1;
+        // Another slot (running or idle) holding a longer prefix gives it through the pool.
+        let donor = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != index)
+            .filter_map(|(i, s)| {
+                let c = s.cache.as_ref()?;
+                let rows = (s.cached.iter().zip(&job.prompt))
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(most)
+                    .min(c.len);
+                c.can_share(rows).then_some((i, rows))
+            })
+            .max_by_key(|&(i, rows)| (rows, std::cmp::Reverse(i)))
+            .filter(|&(_, rows)| rows > common.min(most) + SHARE_MIN_GAIN);
+        let keep_slots = [index, donor.map_or(index, |d| d.0)];
+        self.make_room(
+            self.pool.as_ref().map_or(0, |p| p.pages_for(reserved)),
+            &keep_slots,
+        );
+        let keep = match donor {
+            Some((d, rows)) => {
+                let (taker, giver) = two_mut(&mut self.slots, index, d);
+                let cache = taker.cache.as_mut().expect("made above");
+                let got = cache.share_prefix(giver.cache.as_ref().expect("a donor"), rows);
+                taker.cached.clear();
+                taker.cached.extend_from_slice(&job.prompt[..got]);
+                if got > 0 {
+                    self.stats.prefix_shared.fetch_add(1, Ordering::Relaxed);
+                }
+                got
+            }
+            None => {
+                let slot = &mut self.slots[index];
+                let cache = slot.cache.as_mut().expect("made above");
+                let keep = cache.truncate(common.min(most));
+                slot.cached.truncate(keep);
+                keep
+            }
+        };
+        if keep > 0 {
+            self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .prefix_tokens
+                .fetch_add(keep as u64, Ordering::Relaxed);
+        }
+        self.clock += 1;
+        self.reserved += reserved;
+        let slot = &mut self.slots[index];
+        slot.used_at = self.clock;
         let max_tokens = job.max_tokens.min(n_ctx - job.prompt.len());
         let now = Instant::now();
         let state = RequestState::new(
@@ -277,6 +470,7 @@ impl Worker {
             prefill_done: None,
             fed: keep,
             prompt_cached: keep,
+            reserved,
             next: Vec::new(),
         });
         if max_tokens == 0 {
@@ -284,12 +478,34 @@ impl Worker {
         }
     }
 
+    /// Takes slot `index`'s request out, giving its part of the budget back.
+    fn end(&mut self, index: usize) -> Option<Active> {
+        let a = self.slots[index].active.take()?;
+        self.reserved -= a.reserved;
+        self.clock += 1;
+        self.slots[index].used_at = self.clock;
+        Some(a)
+    }
+
     fn drop_cancelled(&mut self) {
-        for slot in &mut self.slots {
-            if slot.active.as_ref().is_some_and(|a| a.job.sink.is_closed()) {
-                slot.active = None;
+        for i in 0..self.slots.len() {
+            if self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.job.sink.is_closed())
+            {
+                self.end(i);
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|(job, _)| job.sink.is_closed())
+        {
+            self.pending = None;
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -371,7 +587,7 @@ impl Worker {
         if let Err(e) = result {
             for work in &plan {
                 let (Work::Prefill { slot, .. } | Work::Decode { slot }) = *work;
-                if let Some(mut a) = self.slots[slot].active.take() {
+                if let Some(mut a) = self.end(slot) {
                     a.job.sink.send(Event::Error(e.to_string()));
                 }
             }
@@ -424,7 +640,7 @@ impl Worker {
             Next::Finish { reason, text } => self.finish(index, reason, text),
             Next::Continue { tokens, text } => {
                 if !text.is_empty() && !a.job.sink.send(Event::Text(text)) {
-                    slot.active = None;
+                    self.end(index);
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -448,7 +664,7 @@ impl Worker {
 
     /// Ends slot `index`'s request, sending `text` (its last piece) and the summary.
     fn finish(&mut self, index: usize, finish: FinishReason, text: String) {
-        let Some(mut a) = self.slots[index].active.take() else {
+        let Some(mut a) = self.end(index) else {
             return;
         };
         if !text.is_empty() {

@@ -526,13 +526,29 @@ impl Model {
     /// or when they and the weights exceed the machine's memory. (Linux: /proc/meminfo;
     /// elsewhere no check.)
     pub fn check_memory(&self, n_ctx: usize, n_caches: usize) -> Result<()> {
+        self.check_memory_with(self.kv_cache_bytes(n_ctx).saturating_mul(n_caches as u64))
+    }
+
+    /// As [`Model::check_memory`] for `n_caches` sequences of `n_ctx` tokens over a KV pool
+    /// whose full-attention layers hold `budget` tokens in all (sliding-window layers keep
+    /// their window per sequence, outside the pool).
+    pub fn check_memory_pooled(&self, n_ctx: usize, n_caches: usize, budget: usize) -> Result<()> {
+        let windows = self.kv_windows();
+        let (kv_dim, ty) = (self.config.kv_dim(), self.kv_type);
+        let windowed: Vec<_> = windows.iter().copied().filter(Option::is_some).collect();
+        let full = vec![None; windows.len() - windowed.len()];
+        let budget = budget.min(n_ctx.saturating_mul(n_caches));
+        let kv = kv::cache_bytes(&windowed, n_ctx, kv_dim, ty)
+            .saturating_mul(n_caches as u64)
+            .saturating_add(kv::cache_bytes(&full, budget, kv_dim, ty));
+        self.check_memory_with(kv)
+    }
+
+    fn check_memory_with(&self, kv_bytes: u64) -> Result<()> {
         let Some((total, available)) = system_memory() else {
             return Ok(());
         };
-        let buffers = self
-            .kv_cache_bytes(n_ctx)
-            .saturating_mul(n_caches as u64)
-            .saturating_add(self.scratch_bytes());
+        let buffers = kv_bytes.saturating_add(self.scratch_bytes());
         let with_weights = buffers.saturating_add(self.gguf.file_size());
         let mib = |b: u64| b.div_ceil(1 << 20);
         if buffers > available {

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub n_ctx: usize,
     /// How KV caches store keys and values (`--kv-type`).
     pub kv_type: hearth_models::KvType,
+    /// KV positions the running sequences of a model may reach together (`--kv-budget`;
+    /// `None`: `parallel × n_ctx`).
+    pub kv_budget: Option<usize>,
     /// Requests waiting per model before 503.
     pub max_queue: usize,
     /// Required as `Authorization: Bearer KEY` when set (not for `/health`).
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             parallel: 4,
             n_ctx: 4096,
             kv_type: hearth_models::KvType::F16,
+            kv_budget: None,
             max_queue: 64,
             api_key: None,
             body_limit: 2 << 20,
@@ -108,6 +112,7 @@ impl AppState {
                 n_ctx: config.n_ctx.max(2),
                 max_queue: config.max_queue,
                 kv_type: config.kv_type,
+                kv_budget: config.kv_budget,
             },
         );
         let replica = OnceLock::new();

@@ -27,6 +27,11 @@ pub struct Metrics {
     waiting: IntGaugeVec,
     running: IntGaugeVec,
     kv_usage: GaugeVec,
+    // The KV page pool, per model.
+    kv_pages_used: IntGaugeVec,
+    kv_pages_free: IntGaugeVec,
+    prefix_hits: IntGaugeVec,
+    prefix_shared: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -48,6 +53,9 @@ impl Metrics {
         .expect("valid metric");
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let per_model = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid metric")
+        };
         let m = Self {
             requests,
             prompt_tokens: counter("hearth_prompt_tokens_total", "Prompt tokens received"),
@@ -116,6 +124,22 @@ impl Metrics {
                 &["model"],
             )
             .expect("valid metric"),
+            kv_pages_used: per_model(
+                "hearth_kv_pages_used",
+                "KV pool pages holding keys and values (a page shared by sequences counts once)",
+            ),
+            kv_pages_free: per_model(
+                "hearth_kv_pages_free",
+                "KV pool pages the budget (--kv-budget) still allows",
+            ),
+            prefix_hits: per_model(
+                "hearth_kv_prefix_hits_total",
+                "Requests that found part of their prompt in a KV cache",
+            ),
+            prefix_shared: per_model(
+                "hearth_kv_prefix_shared_total",
+                "Requests that took their prompt prefix from another sequence's pages",
+            ),
             registry,
         };
         for c in [
@@ -134,6 +158,10 @@ impl Metrics {
             Box::new(m.waiting.clone()),
             Box::new(m.running.clone()),
             Box::new(m.kv_usage.clone()),
+            Box::new(m.kv_pages_used.clone()),
+            Box::new(m.kv_pages_free.clone()),
+            Box::new(m.prefix_hits.clone()),
+            Box::new(m.prefix_shared.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -159,9 +187,31 @@ impl Metrics {
         self.waiting.reset();
         self.running.reset();
         self.kv_usage.reset();
+        for g in [
+            &self.kv_pages_used,
+            &self.kv_pages_free,
+            &self.prefix_hits,
+            &self.prefix_shared,
+        ] {
+            g.reset();
+        }
         for s in served {
             let st = &s.scheduler.stats;
             let model = [s.name.as_str()];
+            let pages = st.kv_pages_used.load(Ordering::Relaxed);
+            let total = st.kv_pages_total.load(Ordering::Relaxed);
+            self.kv_pages_used
+                .with_label_values(&model)
+                .set(pages as i64);
+            self.kv_pages_free
+                .with_label_values(&model)
+                .set(total.saturating_sub(pages) as i64);
+            self.prefix_hits
+                .with_label_values(&model)
+                .set(st.prefix_hits.load(Ordering::Relaxed) as i64);
+            self.prefix_shared
+                .with_label_values(&model)
+                .set(st.prefix_shared.load(Ordering::Relaxed) as i64);
             self.waiting
                 .with_label_values(&model)
                 .set(st.queued.load(Ordering::Relaxed) as i64);

@@ -147,7 +147,7 @@ impl Registry {
             let loaded = Arc::new(loaded);
             loaded
                 .model
-                .check_memory(config.n_ctx, config.parallel.max(1))
+                .check_memory_pooled(config.n_ctx, config.parallel.max(1), config.budget())
                 .map_err(|e| e.to_string())?;
             let scheduler = Scheduler::start(loaded.clone(), config);
             let size = std::fs::metadata(&path).map_or(0, |m| m.len());

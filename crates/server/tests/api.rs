@@ -1841,3 +1841,124 @@ async fn quantized_kv_cache_serves_and_batches_like_alone() {
         assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
     }
 }
+
+/// A per-model metric's value (`name{model="…"} value`; 0 when absent).
+async fn model_metric(s: &Server, name: &str) -> f64 {
+    let (_, text) = get(s, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Chats over one long system prompt: the second and third run together, one in the first's
+/// slot, the other taking the prompt's pages from it; the prompt is stored once (the pool's
+/// pages metric), and the answers are those of the chats run alone.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_system_prompt_is_stored_once_in_the_kv_pool() {
+    let s = start(|c| {
+        c.parallel = 3;
+        c.n_ctx = 2048;
+    })
+    .await;
+    let system: String = (0..110)
+        .map(|i| format!("Rule {i}: shelf {} holds {} jars. ", i * 7 % 31, i % 13))
+        .collect();
+    let ask = |q: &str| {
+        json!({"model": MODEL, "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": q}]})
+    };
+    let questions = ["Which shelf is first?", "How many rules?", "Name a jar."];
+    let mut alone = Vec::new();
+    for q in &questions {
+        let (status, v) = post(&s, "/v1/chat/completions", ask(q)).await;
+        assert_eq!(status, 200, "{v}");
+        alone.push(v["choices"][0]["message"]["content"].clone());
+    }
+    // One slot holds the system prompt now: the other two were cut back to it and dropped.
+    let one = model_metric(&s, "hearth_kv_pages_used").await;
+    assert!(one > 0.0, "the pool reports its pages");
+    let shared_before = model_metric(&s, "hearth_kv_prefix_shared_total").await;
+    let handles: Vec<_> = questions[1..]
+        .iter()
+        .map(|q| {
+            let (base, body) = (s.base.clone(), ask(q));
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(&alone[1..]) {
+        let v = h.await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], *want, "{v}");
+        assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(500));
+    }
+    assert!(model_metric(&s, "hearth_kv_prefix_shared_total").await > shared_before);
+    let all = model_metric(&s, "hearth_kv_pages_used").await;
+    assert!(
+        all < one * 1.5,
+        "three slots over one system prompt hold {all} pages; one held {one}"
+    );
+    assert!(model_metric(&s, "hearth_kv_prefix_hits_total").await >= 4.0);
+}
+
+/// With a KV budget for one long reply, a second request waits at the head of the queue
+/// until the first ends, then runs; one that could never fit is refused with the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_budget_makes_requests_wait_not_grow() {
+    let s = start(|c| {
+        c.parallel = 2;
+        c.kv_budget = Some(300);
+    })
+    .await;
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        chat("Say hello.", json!({"max_tokens": 400})),
+    )
+    .await;
+    assert_ne!(status, 200, "{v}");
+    assert!(v.to_string().contains("KV budget holds 300"), "{v}");
+    let long = |p: &str| {
+        let (base, body) = (s.base.clone(), chat(p, json!({"max_tokens": 200})));
+        tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let first = long("Write a long essay about the sea.");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while model_metric(&s, "hearth_num_requests_running").await < 1.0 {
+        assert!(Instant::now() < deadline, "the first request never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = long("Write a long story about a cat.");
+    let mut saw_wait = false;
+    while !first.is_finished() {
+        let waiting = model_metric(&s, "hearth_num_requests_waiting").await;
+        let running = model_metric(&s, "hearth_num_requests_running").await;
+        assert!(running <= 1.0, "two requests over a budget for one");
+        saw_wait |= waiting == 1.0 && running == 1.0;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(saw_wait, "the second request waited while the first ran");
+    for h in [first, second] {
+        let (status, v) = h.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 200, "{v}");
+    }
+}

@@ -29,6 +29,13 @@ impl KvPool {
     pub fn pages_for(&self, _rows: usize) -> usize {
         0
     }
+    /// Pages of `tokens` positions spread over sequences (a budget), each buffer rounded up
+    /// once.
+    pub fn pages_for_tokens(&self, tokens: usize) -> usize {
+        let _ = tokens;
+        0
+    }
+
     pub fn pages_used(&self) -> usize {
         0
     }

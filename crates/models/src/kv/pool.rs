@@ -129,6 +129,15 @@ impl KvPool {
             .sum()
     }
 
+    /// Pages of `tokens` positions spread over sequences (a budget), each buffer rounded up
+    /// once.
+    pub fn pages_for_tokens(&self, tokens: usize) -> usize {
+        self.buffers
+            .iter()
+            .map(|&(_, rb)| tokens.saturating_mul(rb).div_ceil(self.page))
+            .sum()
+    }
+
     /// Pages the file holds now (each counted once, however many slots map it).
     pub fn pages_used(&self) -> usize {
         // SAFETY: fstat writes only into `st`.
@@ -230,7 +239,7 @@ impl KvPool {
         for &(offset, rb) in &self.buffers {
             let end = (offset + rb * self.n_ctx).div_ceil(self.page);
             let first = (offset + rows * rb) / self.page;
-            let partial = (offset + rows * rb) % self.page != 0;
+            let partial = !(offset + rows * rb).is_multiple_of(self.page);
             for other in 0..state.len() {
                 if other == slot || state[other].base == 0 {
                     continue;
