@@ -35,6 +35,9 @@ const PREFILL_CHUNK_WHILE_DECODING: usize = 64;
 /// slot holds (below that, mapping pages is not worth it).
 const SHARE_MIN_GAIN: usize = 16;
 
+/// Shared prompt tokens worth waiting for another request to compute.
+const WAIT_FOR_PREFIX_MIN: usize = 64;
+
 /// Two distinct elements of `v`, both writable.
 fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     assert_ne!(a, b);
@@ -213,6 +216,9 @@ struct Active {
     prompt_cached: usize,
     /// KV positions this request may reach (its part of the budget).
     reserved: usize,
+    /// Another slot computing this prompt's first `rows` tokens, to take them from once
+    /// they are in its cache (this request's prompt waits meanwhile).
+    wait_for: Option<(usize, usize)>,
     /// The tokens to run at the next step: the sampled one and any a grammar forced after
     /// it (empty while prefilling).
     next: Vec<TokenId>,
@@ -425,17 +431,7 @@ impl Worker {
             &keep_slots,
         );
         let keep = match donor {
-            Some((d, rows)) => {
-                let (taker, giver) = two_mut(&mut self.slots, index, d);
-                let cache = taker.cache.as_mut().expect("made above");
-                let got = cache.share_prefix(giver.cache.as_ref().expect("a donor"), rows);
-                taker.cached.clear();
-                taker.cached.extend_from_slice(&job.prompt[..got]);
-                if got > 0 {
-                    self.stats.prefix_shared.fetch_add(1, Ordering::Relaxed);
-                }
-                got
-            }
+            Some((d, rows)) => self.take_prefix(index, d, rows, &job.prompt),
             None => {
                 let slot = &mut self.slots[index];
                 let cache = slot.cache.as_mut().expect("made above");
@@ -450,6 +446,30 @@ impl Worker {
                 .prefix_tokens
                 .fetch_add(keep as u64, Ordering::Relaxed);
         }
+        // A running request whose prompt starts like this one's, further than any cache
+        // holds yet (requests sent together over one system prompt): wait for it to compute
+        // that prefix and take it, instead of computing and storing it again.
+        let wait_for = self
+            .pool
+            .as_ref()
+            .and_then(|_| {
+                self.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, s)| {
+                        i != index && s.cache.as_ref().is_some_and(|c| c.pool_slot().is_some())
+                    })
+                    .filter_map(|(i, s)| {
+                        let a = s.active.as_ref().filter(|a| a.wait_for.is_none())?;
+                        let rows = (a.job.prompt.iter().zip(&job.prompt))
+                            .take_while(|(x, y)| x == y)
+                            .count()
+                            .min(most);
+                        Some((i, rows))
+                    })
+                    .max_by_key(|&(i, rows)| (rows, std::cmp::Reverse(i)))
+            })
+            .filter(|&(_, rows)| rows >= WAIT_FOR_PREFIX_MIN && rows > keep + SHARE_MIN_GAIN);
         self.clock += 1;
         self.reserved += reserved;
         let slot = &mut self.slots[index];
@@ -471,10 +491,80 @@ impl Worker {
             fed: keep,
             prompt_cached: keep,
             reserved,
+            wait_for,
             next: Vec::new(),
         });
         if max_tokens == 0 {
             self.finish(index, FinishReason::Length, String::new());
+        }
+    }
+
+    /// Slot `index` (emptied) takes the first `rows` positions of slot `donor`'s cache, which
+    /// are `prompt`'s first tokens; returns how many it got.
+    fn take_prefix(
+        &mut self,
+        index: usize,
+        donor: usize,
+        rows: usize,
+        prompt: &[TokenId],
+    ) -> usize {
+        let (taker, giver) = two_mut(&mut self.slots, index, donor);
+        let (Some(cache), Some(from)) = (taker.cache.as_mut(), giver.cache.as_ref()) else {
+            return 0;
+        };
+        let got = cache.share_prefix(from, rows);
+        taker.cached.clear();
+        taker.cached.extend_from_slice(&prompt[..got]);
+        if got > 0 {
+            self.stats.prefix_shared.fetch_add(1, Ordering::Relaxed);
+        }
+        got
+    }
+
+    /// Requests waiting for another slot to compute their prompt's prefix take it once it is
+    /// there, or stop waiting (and compute it themselves) when it will not come.
+    fn resolve_waits(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some((d, rows)) = self.slots[i].active.as_ref().and_then(|a| a.wait_for) else {
+                continue;
+            };
+            let prompt = &self.slots[i].active.as_ref().expect("checked").job.prompt;
+            let donor = &self.slots[d];
+            let holds = donor.cached.len() >= rows && donor.cached[..rows] == prompt[..rows];
+            let coming = donor.active.as_ref().is_some_and(|a| {
+                a.wait_for.is_none()
+                    && a.job.prompt.len() >= rows
+                    && a.job.prompt[..rows] == prompt[..rows]
+            });
+            if !holds && coming {
+                continue;
+            }
+            let got = if holds && donor.cache.as_ref().is_some_and(|c| c.can_share(rows)) {
+                let prompt = prompt.clone();
+                self.take_prefix(i, d, rows, &prompt)
+            } else {
+                0
+            };
+            let a = self.slots[i].active.as_mut().expect("checked");
+            a.wait_for = None;
+            if got > a.fed {
+                if a.prompt_cached == 0 {
+                    self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                self.stats
+                    .prefix_tokens
+                    .fetch_add((got - a.prompt_cached) as u64, Ordering::Relaxed);
+                a.fed = got;
+                a.prompt_cached = got;
+            } else if got == 0 && a.fed > 0 {
+                // Sharing failed after the cache was emptied: compute the prompt again.
+                let slot = &mut self.slots[i];
+                if slot.cache.as_ref().is_some_and(|c| c.len == 0) {
+                    let a = slot.active.as_mut().expect("checked");
+                    a.fed = 0;
+                    a.prompt_cached = 0;
+                }
+            }
         }
     }
 
@@ -512,6 +602,7 @@ impl Worker {
     /// Plans and runs one batched forward pass, then samples for every sequence that got
     /// logits.
     fn step(&mut self) {
+        self.resolve_waits();
         // Decoding sequences first, as many as the batch holds (a sequence with forced
         // tokens brings several; one that does not fit waits for the next step, and the
         // first slot considered moves round so none waits twice in a row for the same ones).
@@ -538,7 +629,7 @@ impl Worker {
             let Some(a) = &slot.active else { continue };
             if decode[i] {
                 plan.push(Work::Decode { slot: i });
-            } else if a.next.is_empty() && budget > 0 {
+            } else if a.next.is_empty() && a.wait_for.is_none() && budget > 0 {
                 let take = (a.job.prompt.len() - a.fed).min(budget).min(chunk_cap);
                 budget -= take;
                 plan.push(Work::Prefill {

@@ -1852,17 +1852,17 @@ async fn model_metric(s: &Server, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Chats over one long system prompt: the second and third run together, one in the first's
-/// slot, the other taking the prompt's pages from it; the prompt is stored once (the pool's
-/// pages metric), and the answers are those of the chats run alone.
+/// Chats over one long system prompt sent together: the later ones wait for the first to
+/// compute the prompt and take its pages, so it is computed and stored once (the pool's
+/// pages metric), and the answers are those of the chats run one by one. Then a chat after
+/// them takes the prompt from whichever slot holds it.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_system_prompt_is_stored_once_in_the_kv_pool() {
-    let s = start(|c| {
+    let config = |c: &mut ServerConfig| {
         c.parallel = 3;
         c.n_ctx = 2048;
-    })
-    .await;
+    };
     let system: String = (0..110)
         .map(|i| format!("Rule {i}: shelf {} holds {} jars. ", i * 7 % 31, i % 13))
         .collect();
@@ -1872,17 +1872,26 @@ async fn shared_system_prompt_is_stored_once_in_the_kv_pool() {
             {"role": "user", "content": q}]})
     };
     let questions = ["Which shelf is first?", "How many rules?", "Name a jar."];
+    let alone_server = start(config).await;
     let mut alone = Vec::new();
+    let mut one = 0.0;
     for q in &questions {
-        let (status, v) = post(&s, "/v1/chat/completions", ask(q)).await;
+        let (status, v) = post(&alone_server, "/v1/chat/completions", ask(q)).await;
         assert_eq!(status, 200, "{v}");
         alone.push(v["choices"][0]["message"]["content"].clone());
+        if one == 0.0 {
+            one = model_metric(&alone_server, "hearth_kv_pages_used").await;
+        }
     }
-    // One slot holds the system prompt now: the other two were cut back to it and dropped.
-    let one = model_metric(&s, "hearth_kv_pages_used").await;
     assert!(one > 0.0, "the pool reports its pages");
-    let shared_before = model_metric(&s, "hearth_kv_prefix_shared_total").await;
-    let handles: Vec<_> = questions[1..]
+    // One by one, each request found the prompt in the slot the last one used.
+    assert_eq!(
+        model_metric(&alone_server, "hearth_kv_prefix_hits_total").await,
+        2.0
+    );
+
+    let s = start(config).await;
+    let handles: Vec<_> = questions
         .iter()
         .map(|q| {
             let (base, body) = (s.base.clone(), ask(q));
@@ -1897,18 +1906,28 @@ async fn shared_system_prompt_is_stored_once_in_the_kv_pool() {
             })
         })
         .collect();
-    for (h, want) in handles.into_iter().zip(&alone[1..]) {
+    let mut cached = Vec::new();
+    for (h, want) in handles.into_iter().zip(&alone) {
         let v = h.await.unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], *want, "{v}");
-        assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(500));
+        cached.push(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64());
     }
-    assert!(model_metric(&s, "hearth_kv_prefix_shared_total").await > shared_before);
+    cached.sort();
+    assert!(
+        cached[1] > Some(500),
+        "two of three took the prompt: {cached:?}"
+    );
+    assert_eq!(model_metric(&s, "hearth_kv_prefix_shared_total").await, 2.0);
     let all = model_metric(&s, "hearth_kv_pages_used").await;
     assert!(
         all < one * 1.5,
         "three slots over one system prompt hold {all} pages; one held {one}"
     );
-    assert!(model_metric(&s, "hearth_kv_prefix_hits_total").await >= 4.0);
+    let free = model_metric(&s, "hearth_kv_pages_free").await;
+    assert!(
+        free > all,
+        "{free} pages free of a budget of 3 x 2048 positions"
+    );
 }
 
 /// With a KV budget for one long reply, a second request waits at the head of the queue
