@@ -72,14 +72,34 @@ impl std::fmt::Debug for Gguf {
 /// Files up to this size are read into memory rather than mapped.
 pub const READ_LIMIT: u64 = 2 << 30;
 
-/// Whether `open` copies a file of `size` bytes into memory (`HEARTH_MMAP=1` always maps,
-/// `HEARTH_MMAP=0` never does).
+/// How `open` holds a file of `size` bytes: `HEARTH_MMAP=0` copies it into memory,
+/// `HEARTH_MMAP=1` maps it (guarded where a lease can be had, else unguarded); by default it
+/// is mapped guarded by a read lease ([`mmap`]: a writer is held back until the mapping
+/// has become a private copy, so rewriting the file in place cannot SIGBUS the process), and
+/// where no lease can be had, copied when up to [`READ_LIMIT`], else mapped unguarded (see
+/// SECURITY.md).
 ///
-/// Why copy: a mapped file that another process truncates or rewrites in place (a model
-/// re-downloaded over itself while `hearth serve` runs) makes the next read of a vanished
-/// page kill the process with SIGBUS. A private copy cannot change under us. It costs a
-/// read at load (~0.1 s per GB from the page cache) and the copy's RSS, which a mapping's
-/// touched pages cost too. Files bigger than [`READ_LIMIT`] are mapped: see SECURITY.md.
+/// Why map: the weights stay the page cache's (shared with other processes reading the
+/// file, dropped and read again under memory pressure instead of pushing the rest out),
+/// and loading reads only the pages used, instead of holding the file twice (page cache
+/// plus a copy) while it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    Copy,
+    MapGuarded,
+    Map,
+}
+
+pub fn hold(size: u64) -> Hold {
+    match std::env::var("HEARTH_MMAP").ok().as_deref() {
+        Some("1") => Hold::Map,
+        Some("0") => Hold::Copy,
+        _ if size <= READ_LIMIT => Hold::MapGuarded,
+        _ => Hold::Map,
+    }
+}
+
+/// Whether `open` copies a file of `size` bytes into memory when no lease can be had.
 pub fn read_into_memory(size: u64) -> bool {
     match std::env::var("HEARTH_MMAP").ok().as_deref() {
         Some("1") => false,
@@ -109,13 +129,19 @@ impl Gguf {
                 file_size: 0,
             });
         }
-        let bytes = if read_into_memory(meta.len()) {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len()), &mut buf)
-                .map_err(io)?;
-            Bytes::Owned(buf)
-        } else {
-            Bytes::map(&file).map_err(io)?
+        let guarded = match hold(meta.len()) {
+            Hold::Copy => None,
+            Hold::MapGuarded | Hold::Map => Bytes::map_guarded(path).ok(),
+        };
+        let bytes = match guarded {
+            Some(bytes) => bytes,
+            None if read_into_memory(meta.len()) => {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len()), &mut buf)
+                    .map_err(io)?;
+                Bytes::Owned(buf)
+            }
+            None => Bytes::map(&file).map_err(io)?,
         };
         Self::parse(bytes)
     }

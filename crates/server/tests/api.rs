@@ -875,8 +875,9 @@ async fn embeddings_in_both_apis() {
 }
 
 /// A model file truncated and rewritten in place while it is served (an interrupted
-/// re-download over the same path) must not kill the server with SIGBUS: files of this size
-/// are read into memory at load, so the served model keeps its weights.
+/// re-download over the same path) must not kill the server with SIGBUS: the file is mapped
+/// under a read lease, and the writer is held back until the mapping has become a copy, so
+/// the served model keeps its weights.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_file_truncated_while_served_does_not_kill_the_server() {
     let src = ServerConfig::default()
