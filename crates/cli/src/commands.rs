@@ -269,14 +269,13 @@ fn describe(v: &hearth_gguf::Value) -> String {
         ),
         Value::String(s) => format!("{s:?}"),
         Value::Array(items) if items.len() <= 8 => {
-            let inner: Vec<String> = items.iter().map(describe).collect();
+            let inner: Vec<String> = (0..items.len())
+                .filter_map(|i| items.get(i))
+                .map(|v| describe(&v))
+                .collect();
             format!("[{}]", inner.join(", "))
         }
-        Value::Array(items) => format!(
-            "[{} × {}]",
-            items.len(),
-            items.first().map_or("?", |i| i.type_name())
-        ),
+        Value::Array(items) => format!("[{} × {}]", items.len(), items.item_type()),
         other => other
             .as_int()
             .map(|i| i.to_string())

@@ -11,7 +11,7 @@ mod value;
 pub use error::{GgufError, Result};
 pub use mmap::Bytes;
 pub use types::{file_type_name, GgmlType};
-pub use value::Value;
+pub use value::{Array, Strings, Value};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -413,7 +413,7 @@ impl Gguf {
         }
     }
 
-    pub fn get_array(&self, key: &str) -> Result<Option<&[Value]>> {
+    pub fn get_array(&self, key: &str) -> Result<Option<&Array>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_array().map(Some).ok_or_else(|| GgufError::WrongType {
@@ -506,6 +506,11 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
+        self.str(what).map(str::to_string)
+    }
+
+    /// A string borrowed from the file image.
+    fn str(&mut self, what: &str) -> Result<&'a str> {
         let start = self.pos as u64;
         let len = self.u64(&format!("length of {what}"))?;
         if len > self.remaining() {
@@ -517,7 +522,7 @@ impl<'a> Reader<'a> {
             });
         }
         let bytes = self.take(what, len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::InvalidUtf8 {
+        std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
             what: what.to_string(),
             offset: start,
         })
@@ -566,11 +571,34 @@ impl<'a> Reader<'a> {
                     }
                 };
                 self.check_count(&format!("array length of {key:?}"), len, min_elem)?;
-                let mut items = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    items.push(self.value(key, elem_type, depth + 1)?);
-                }
-                Value::Array(items)
+                let len = len as usize;
+                let what = format!("item of {key:?}");
+                Value::Array(match elem_type {
+                    8 => {
+                        let mut items = Strings::with_capacity(len);
+                        for _ in 0..len {
+                            items.push(self.str(&what)?);
+                        }
+                        Array::Strings(items)
+                    }
+                    6 => Array::F32(
+                        (0..len)
+                            .map(|_| Ok(f32::from_le_bytes(self.array(&what)?)))
+                            .collect::<Result<_>>()?,
+                    ),
+                    5 => Array::I32(
+                        (0..len)
+                            .map(|_| Ok(i32::from_le_bytes(self.array(&what)?)))
+                            .collect::<Result<_>>()?,
+                    ),
+                    _ => {
+                        let mut items = Vec::with_capacity(len);
+                        for _ in 0..len {
+                            items.push(self.value(key, elem_type, depth + 1)?);
+                        }
+                        Array::Values(items)
+                    }
+                })
             }
             10 => Value::U64(u64::from_le_bytes(self.array(key)?)),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),

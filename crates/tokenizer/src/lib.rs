@@ -8,11 +8,13 @@
 
 mod error;
 mod pretokenize;
+mod table;
 pub mod template;
 mod unicode;
 
 pub use error::{Result, TokenizerError};
 pub use pretokenize::PreTokenizer;
+pub use table::{Repeats, StrTable};
 
 use hearth_gguf::Gguf;
 use std::cmp::Ordering;
@@ -50,8 +52,8 @@ impl TokenKind {
 enum Algorithm {
     Bpe {
         pre: PreTokenizer,
-        /// "left right" → rank.
-        ranks: HashMap<String, u32>,
+        /// "left right" → rank (its position in the merge list).
+        ranks: StrTable,
         byte_to_char: Box<[char; 256]>,
         char_to_byte: HashMap<char, u8>,
     },
@@ -77,10 +79,10 @@ const EOG_TEXTS: &[&str] = &[
 #[derive(Debug)]
 pub struct Tokenizer {
     algo: Algorithm,
-    texts: Vec<String>,
+    /// Token texts by id, and id by text.
+    vocab: StrTable,
     scores: Vec<f32>,
     kinds: Vec<TokenKind>,
-    token_to_id: HashMap<String, TokenId>,
     /// Control, user-defined and unknown tokens, longest text first.
     special: Vec<TokenId>,
     pub bos: Option<TokenId>,
@@ -106,19 +108,15 @@ impl Tokenizer {
                 "vocabulary of {n} tokens"
             )));
         }
-        let mut texts = Vec::with_capacity(n);
-        for (i, t) in tokens.iter().enumerate() {
-            texts.push(
-                t.as_str()
-                    .ok_or_else(|| {
-                        TokenizerError::Inconsistent(format!("token {i} is not a string"))
-                    })?
-                    .to_string(),
-            );
-        }
+        let texts = tokens.strings().ok_or_else(|| {
+            TokenizerError::Inconsistent(format!(
+                "tokenizer.ggml.tokens holds {}, not strings",
+                tokens.item_type()
+            ))
+        })?;
         let scores = match g.get_array("tokenizer.ggml.scores")? {
             None => vec![0.0; n],
-            Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+            Some(a) if a.len() == n => (0..n).map(|i| a.f64_at(i).unwrap_or(0.0) as f32).collect(),
             Some(a) => {
                 return Err(TokenizerError::Inconsistent(format!(
                     "{} scores for {n} tokens",
@@ -128,9 +126,8 @@ impl Tokenizer {
         };
         let kinds: Vec<TokenKind> = match g.get_array("tokenizer.ggml.token_type")? {
             None => vec![TokenKind::Normal; n],
-            Some(a) if a.len() == n => a
-                .iter()
-                .map(|v| TokenKind::from_type(v.as_int().unwrap_or(0)))
+            Some(a) if a.len() == n => (0..n)
+                .map(|i| TokenKind::from_type(a.int_at(i).unwrap_or(0)))
                 .collect(),
             Some(a) => {
                 return Err(TokenizerError::Inconsistent(format!(
@@ -139,10 +136,8 @@ impl Tokenizer {
                 )))
             }
         };
-        let mut token_to_id = HashMap::with_capacity(n);
-        for (i, t) in texts.iter().enumerate() {
-            token_to_id.insert(t.clone(), i as TokenId);
-        }
+        // A text listed twice maps to its last id, as llama.cpp's `token_to_id[text] = id`.
+        let vocab = StrTable::new(texts.clone(), Repeats::Last);
         let id_key = |key: &str| -> Result<Option<TokenId>> {
             // Some converters write -1 for "none".
             match g.get_int(key, -1, i64::MAX as i128)? {
@@ -159,19 +154,29 @@ impl Tokenizer {
                 let pre_name = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
                 let pre = PreTokenizer::from_name(pre_name)
                     .ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.into()))?;
-                let merges = g.get_array("tokenizer.ggml.merges")?.unwrap_or(&[]);
-                let mut ranks = HashMap::with_capacity(merges.len());
-                for (i, m) in merges.iter().enumerate() {
-                    let m = m.as_str().ok_or_else(|| {
-                        TokenizerError::Inconsistent(format!("merge {i} is not a string"))
-                    })?;
-                    if !m.contains(' ') {
-                        return Err(TokenizerError::Inconsistent(format!(
-                            "merge {i} {m:?} has no space"
-                        )));
-                    }
-                    ranks.entry(m.to_string()).or_insert(i as u32);
+                let merges = match g.get_array("tokenizer.ggml.merges")? {
+                    None => Default::default(),
+                    Some(a) if a.is_empty() => Default::default(),
+                    Some(a) => a.strings().cloned().ok_or_else(|| {
+                        TokenizerError::Inconsistent(format!(
+                            "tokenizer.ggml.merges holds {}, not strings",
+                            a.item_type()
+                        ))
+                    })?,
+                };
+                if merges.len() > u32::MAX as usize {
+                    return Err(TokenizerError::Inconsistent(format!(
+                        "{} merges",
+                        merges.len()
+                    )));
                 }
+                if let Some((i, m)) = merges.iter().enumerate().find(|(_, m)| !m.contains(' ')) {
+                    return Err(TokenizerError::Inconsistent(format!(
+                        "merge {i} {m:?} has no space"
+                    )));
+                }
+                // The first listing of a pair is its rank.
+                let ranks = StrTable::new(merges, Repeats::First);
                 let byte_to_char = Box::new(unicode::byte_to_char_table());
                 let char_to_byte = byte_to_char
                     .iter()
@@ -191,7 +196,7 @@ impl Tokenizer {
         let is_spm = matches!(algo, Algorithm::Spm);
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
-            *slot = token_to_id.get(&format!("<0x{b:02X}>")).copied();
+            *slot = vocab.get(&format!("<0x{b:02X}>"));
         }
         let bos = id_key("tokenizer.ggml.bos_token_id")?;
         let eos = id_key("tokenizer.ggml.eos_token_id")?;
@@ -213,8 +218,8 @@ impl Tokenizer {
 
         let mut kinds = kinds;
         let mut eog: Vec<TokenId> = [eos, eot, eom].into_iter().flatten().collect();
-        for (i, t) in texts.iter().enumerate() {
-            if EOG_TEXTS.contains(&t.as_str()) {
+        for (i, t) in vocab.iter().enumerate() {
+            if EOG_TEXTS.contains(&t) {
                 // llama.cpp treats these as control tokens whatever the file says.
                 kinds[i] = TokenKind::Control;
                 eog.push(i as TokenId);
@@ -228,22 +233,17 @@ impl Tokenizer {
                 matches!(
                     kinds[i as usize],
                     TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown
-                ) && !texts[i as usize].is_empty()
+                ) && vocab.text(i).is_some_and(|t| !t.is_empty())
             })
             .collect();
-        special.sort_by(|&a, &b| {
-            texts[b as usize]
-                .len()
-                .cmp(&texts[a as usize].len())
-                .then(a.cmp(&b))
-        });
+        let text_len = |id: TokenId| vocab.text(id).map_or(0, str::len);
+        special.sort_by(|&a, &b| text_len(b).cmp(&text_len(a)).then(a.cmp(&b)));
 
         Ok(Tokenizer {
             algo,
-            texts,
+            vocab,
             scores,
             kinds,
-            token_to_id,
             special,
             bos,
             eos,
@@ -257,7 +257,7 @@ impl Tokenizer {
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.texts.len()
+        self.vocab.len()
     }
 
     pub fn kind(&self, id: TokenId) -> Option<TokenKind> {
@@ -265,11 +265,11 @@ impl Tokenizer {
     }
 
     pub fn token_text(&self, id: TokenId) -> Option<&str> {
-        self.texts.get(id as usize).map(String::as_str)
+        self.vocab.text(id)
     }
 
     pub fn token_id(&self, text: &str) -> Option<TokenId> {
-        self.token_to_id.get(text).copied()
+        self.vocab.get(text)
     }
 
     /// True for tokens that end generation (EOS, EOT and their kin).
@@ -342,7 +342,7 @@ impl Tokenizer {
             if !parse_special && matches!(kind, TokenKind::Control | TokenKind::Unknown) {
                 continue;
             }
-            let needle = self.texts[id as usize].as_str();
+            let needle = self.vocab.text(id).unwrap_or_default();
             if !frags
                 .iter()
                 .any(|f| matches!(f, Fragment::Text(t) if t.contains(needle)))
@@ -392,7 +392,7 @@ impl Tokenizer {
             }
             let (l, r) = (l as usize, r as usize);
             let s = &text[syms[l].start..syms[r].start + syms[r].len];
-            if let Some(&id) = self.token_to_id.get(s) {
+            if let Some(id) = self.vocab.get(s) {
                 heap.push(SpmBigram {
                     score: self.scores[id as usize],
                     left: l,
@@ -418,8 +418,8 @@ impl Tokenizer {
         while i >= 0 {
             let s = syms[i as usize];
             let piece = &text[s.start..s.start + s.len];
-            match self.token_to_id.get(piece) {
-                Some(&id) => out.push(id),
+            match self.vocab.get(piece) {
+                Some(id) => out.push(id),
                 None => {
                     for &b in piece.as_bytes() {
                         out.extend(self.byte_token(b).or(self.unk));
@@ -452,7 +452,7 @@ impl Tokenizer {
                 }
             }
             if pre.ignores_merges() {
-                if let Some(&id) = self.token_to_id.get(word.as_str()) {
+                if let Some(id) = self.vocab.get(word.as_str()) {
                     out.push(id);
                     continue;
                 }
@@ -468,7 +468,7 @@ impl Tokenizer {
                 key.push_str(&word[syms[l].start..syms[l].start + syms[l].len]);
                 key.push(' ');
                 key.push_str(&word[syms[r].start..syms[r].start + syms[r].len]);
-                if let Some(&rank) = ranks.get(key.as_str()) {
+                if let Some(rank) = ranks.get(key.as_str()) {
                     heap.push(BpeBigram {
                         rank,
                         left: l,
@@ -495,12 +495,12 @@ impl Tokenizer {
             }
             for s in syms.iter().filter(|s| s.len > 0) {
                 let piece = &word[s.start..s.start + s.len];
-                match self.token_to_id.get(piece) {
-                    Some(&id) => out.push(id),
+                match self.vocab.get(piece) {
+                    Some(id) => out.push(id),
                     None => {
                         for ch in piece.chars() {
                             let mut buf = [0u8; 4];
-                            if let Some(&id) = self.token_to_id.get(&*ch.encode_utf8(&mut buf)) {
+                            if let Some(id) = self.vocab.get(&*ch.encode_utf8(&mut buf)) {
                                 out.push(id);
                             }
                         }
@@ -512,7 +512,7 @@ impl Tokenizer {
 
     /// The bytes a token stands for. Control tokens render only when `special` is true.
     pub fn token_to_piece(&self, id: TokenId, special: bool) -> Vec<u8> {
-        let Some(text) = self.texts.get(id as usize) else {
+        let Some(text) = self.vocab.text(id) else {
             return Vec::new();
         };
         match self.kinds[id as usize] {
