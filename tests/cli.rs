@@ -154,6 +154,17 @@ fn errors_are_clear_and_not_panics() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("from 1 to 256"), "{err}");
     }
+    // --models names a directory: a model file or a missing path is refused, not served as
+    // an empty list.
+    let file = common::model_file("smollm2");
+    let out = hearth(&["serve", "--models", file.to_str().unwrap(), "--port", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a file, not a directory"), "{err}");
+    let out = hearth(&["serve", "--models", "/nonexistent/models", "--port", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such directory"), "{err}");
 }
 
 #[test]

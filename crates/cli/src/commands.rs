@@ -521,6 +521,22 @@ pub fn rm(a: RmArgs) -> Result<()> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     init_threads(a.threads)?;
+    // A directory asked for by name must be one (the default cache may not exist yet).
+    if let Some(dir) = &a.models {
+        if dir.is_file() {
+            anyhow::bail!(
+                "--models {}: a file, not a directory; pass the directory holding it ({}) and ask for it by the name GET /v1/models lists",
+                dir.display(),
+                dir.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+                    .display()
+            );
+        }
+        if !dir.is_dir() {
+            anyhow::bail!("--models {}: no such directory", dir.display());
+        }
+    }
     let config = hearth_server::ServerConfig {
         models_dir: a.models.unwrap_or_else(hearth_store::default_root),
         parallel: a.parallel.max(1),
