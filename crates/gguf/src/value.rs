@@ -201,11 +201,6 @@ impl Strings {
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         (0..self.len()).map(|i| self.get(i).unwrap_or_default())
     }
-
-    /// Heap bytes held (text and offsets).
-    pub fn heap_bytes(&self) -> usize {
-        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
-    }
 }
 
 impl<'a> FromIterator<&'a str> for Strings {

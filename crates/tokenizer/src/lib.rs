@@ -14,7 +14,7 @@ mod unicode;
 
 pub use error::{Result, TokenizerError};
 pub use pretokenize::PreTokenizer;
-pub use table::{Repeats, StrTable};
+use table::{Repeats, StrTable};
 
 use hearth_gguf::Gguf;
 use std::cmp::Ordering;

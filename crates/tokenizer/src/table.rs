@@ -61,10 +61,6 @@ impl StrTable {
         self.texts.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
-
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         self.texts.iter()
     }
