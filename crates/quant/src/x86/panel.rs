@@ -45,27 +45,53 @@ unsafe fn pack<W: Unsigned32>(
     for k in 0..nc {
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
-        for i in 0..PANEL {
-            let base = p.u[k].as_mut_ptr() as *mut u8;
-            let dst = |g: usize| base.wrapping_add(64 * g + 4 * i) as *mut u32;
-            if i >= nr {
-                for g in 0..8 {
-                    // SAFETY: 4 bytes at 64·g + 4·i inside `p.u[k]` (g < 8, i < 16).
-                    unsafe { dst(g).write_unaligned(0) };
+        // SAFETY: AVX2 and AVX-512 F are enabled; `bytes` and the scale reads stay inside
+        // block `(r0 + i) * nb + c0 + k` of `w` (asserted above for i < nr); every block
+        // type here starts with its f16 `d` (Q4_1, Q5_1: then `m`). The stores are the 8
+        // 64-byte groups of `p.u[k]`.
+        unsafe {
+            let row = |i: usize| {
+                if i < nr {
+                    w[(r0 + i) * nb + c0 + k].bytes()
+                } else {
+                    _mm256_setzero_si256()
                 }
-                continue;
+            };
+            // Rows i and i + 8 share a vector; an 8 × 8 transpose of dwords in each
+            // 256-bit half, then halves interleaved by 128 bits, gives group g (dword g of
+            // all 16 rows) in vector g: 32 shuffles per block where 128 scalar stores were.
+            let v: [__m512i; 8] = std::array::from_fn(|i| {
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(i)), row(i + 8))
+            });
+            let t: [__m512i; 8] = std::array::from_fn(|j| {
+                let (a, b) = (v[j / 2 * 2], v[j / 2 * 2 + 1]);
+                if j % 2 == 0 {
+                    _mm512_unpacklo_epi32(a, b)
+                } else {
+                    _mm512_unpackhi_epi32(a, b)
+                }
+            });
+            // tt[g] holds dword g (lane 0 of each half) and g + 4 (lane 1) of rows 0–3
+            // (8–11), tt[g + 4] the same of rows 4–7 (12–15).
+            let tt: [__m512i; 8] = std::array::from_fn(|j| {
+                let (q, g) = (j / 4, j % 4);
+                let (a, b) = (t[4 * q + g / 2], t[4 * q + g / 2 + 2]);
+                if g % 2 == 0 {
+                    _mm512_unpacklo_epi64(a, b)
+                } else {
+                    _mm512_unpackhi_epi64(a, b)
+                }
+            });
+            let low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+            let high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+            let base = p.u[k].as_mut_ptr() as *mut __m512i;
+            for g in 0..4 {
+                let (a, b) = (tt[g], tt[g + 4]);
+                _mm512_storeu_si512(base.add(g), _mm512_permutex2var_epi64(a, low, b));
+                _mm512_storeu_si512(base.add(g + 4), _mm512_permutex2var_epi64(a, high, b));
             }
-            let blk = &w[(r0 + i) * nb + c0 + k];
-            // SAFETY: AVX2 is enabled; `bytes` reads the block. The stores are 4 bytes at
-            // 4·i < 64 inside `p.u[k][g]`; every block type here starts with its f16 `d`
-            // (Q4_1, Q5_1: then `m`).
-            unsafe {
-                let mut vals = [0u32; 8];
-                _mm256_storeu_si256(vals.as_mut_ptr() as *mut __m256i, blk.bytes());
-                for (g, v) in vals.iter().enumerate() {
-                    dst(g).write_unaligned(*v);
-                }
-                let h = blk as *const W as *const u16;
+            for i in 0..nr {
+                let h = &w[(r0 + i) * nb + c0 + k] as *const W as *const u16;
                 d[i] = h.read_unaligned();
                 if W::HAS_M {
                     m[i] = h.add(1).read_unaligned();
