@@ -52,30 +52,17 @@ unsafe fn pack<W: Unpack>(
     p: &mut Packed,
 ) {
     assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
-    let mut vals = [0u8; QK_K];
+    // Rows past `nr` stay zero.
+    let mut vals = [[0u8; QK_K]; PANEL];
     for k in 0..nc {
         let mut s = [[0f32; PANEL]; GROUPS];
         let mut wp = [[0i32; PANEL]; GROUPS / 2];
         let mut e = [0f32; PANEL];
-        let base = p.u[k].as_mut_ptr() as *mut u8;
-        for i in 0..PANEL {
-            let dst = |j: usize| base.wrapping_add(64 * j + 4 * i) as *mut u32;
-            if i >= nr {
-                for j in 0..QK_K / 4 {
-                    // SAFETY: 4 bytes at 64·j + 4·i inside `p.u[k]` (j < 64, i < 16).
-                    unsafe { dst(j).write_unaligned(0) };
-                }
-                continue;
-            }
+        for (i, vals) in vals.iter_mut().enumerate().take(nr) {
             let blk = &w[(r0 + i) * nb + c0 + k];
-            // SAFETY: AVX2 is enabled; `values` and `scales` read the block; the stores are
-            // 4 bytes at 64·j + 4·i inside `p.u[k]`, reads 4 bytes at 4·j inside `vals`.
+            // SAFETY: AVX2 is enabled; `values` and `scales` read the block.
             unsafe {
-                blk.values(&mut vals);
-                for j in 0..QK_K / 4 {
-                    let v = (vals.as_ptr().add(4 * j) as *const u32).read_unaligned();
-                    dst(j).write_unaligned(v);
-                }
+                blk.values(vals);
                 let sc = blk.scales();
                 let (mut v, mut wv) = ([0i8; 16], [0i8; 16]);
                 _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, sc.v);
@@ -88,6 +75,16 @@ unsafe fn pack<W: Unpack>(
                     wp[i] = (lo as u32 | (hi as u32) << 16) as i32;
                 }
                 e[i] = sc.e;
+            }
+        }
+        // SAFETY: AVX-512 F is enabled; 32-byte loads inside each row of `vals`; 8 groups
+        // of 64 bytes per 32 values, inside `p.u[k]` (QK_K / 4 groups).
+        unsafe {
+            let base = p.u[k].as_mut_ptr() as *mut __m512i;
+            for c in 0..QK_K / 32 {
+                super::panel::store_groups(base.add(8 * c), |i| {
+                    _mm256_loadu_si256(vals[i].as_ptr().add(32 * c) as *const __m256i)
+                });
             }
         }
         p.s[k] = s;

@@ -57,39 +57,7 @@ unsafe fn pack<W: Unsigned32>(
                     _mm256_setzero_si256()
                 }
             };
-            // Rows i and i + 8 share a vector; an 8 × 8 transpose of dwords in each
-            // 256-bit half, then halves interleaved by 128 bits, gives group g (dword g of
-            // all 16 rows) in vector g: 32 shuffles per block where 128 scalar stores were.
-            let v: [__m512i; 8] = std::array::from_fn(|i| {
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(i)), row(i + 8))
-            });
-            let t: [__m512i; 8] = std::array::from_fn(|j| {
-                let (a, b) = (v[j / 2 * 2], v[j / 2 * 2 + 1]);
-                if j % 2 == 0 {
-                    _mm512_unpacklo_epi32(a, b)
-                } else {
-                    _mm512_unpackhi_epi32(a, b)
-                }
-            });
-            // tt[g] holds dword g (lane 0 of each half) and g + 4 (lane 1) of rows 0–3
-            // (8–11), tt[g + 4] the same of rows 4–7 (12–15).
-            let tt: [__m512i; 8] = std::array::from_fn(|j| {
-                let (q, g) = (j / 4, j % 4);
-                let (a, b) = (t[4 * q + g / 2], t[4 * q + g / 2 + 2]);
-                if g % 2 == 0 {
-                    _mm512_unpacklo_epi64(a, b)
-                } else {
-                    _mm512_unpackhi_epi64(a, b)
-                }
-            });
-            let low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-            let high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-            let base = p.u[k].as_mut_ptr() as *mut __m512i;
-            for g in 0..4 {
-                let (a, b) = (tt[g], tt[g + 4]);
-                _mm512_storeu_si512(base.add(g), _mm512_permutex2var_epi64(a, low, b));
-                _mm512_storeu_si512(base.add(g + 4), _mm512_permutex2var_epi64(a, high, b));
-            }
+            store_groups(p.u[k].as_mut_ptr() as *mut __m512i, row);
             for i in 0..nr {
                 let h = &w[(r0 + i) * nb + c0 + k] as *const W as *const u16;
                 d[i] = h.read_unaligned();
@@ -108,6 +76,47 @@ unsafe fn pack<W: Unsigned32>(
             };
             _mm512_store_ps(p.dw[k].as_mut_ptr(), dw);
             _mm512_store_ps(p.mw[k].as_mut_ptr(), mw);
+        }
+    }
+}
+
+/// Stores 8 vectors at `dst`: vector g holds dword g of the 32 bytes `row(i)` of each of 16
+/// rows, in row order (the panels' layout, 4 values of every row per 64 bytes).
+///
+/// Rows i and i + 8 share a vector; an 8 × 8 transpose of dwords in each 256-bit half, then
+/// the halves interleaved by 128 bits: 32 shuffles where 128 scalar stores were.
+#[inline(always)]
+pub(super) unsafe fn store_groups(dst: *mut __m512i, row: impl Fn(usize) -> __m256i) {
+    // SAFETY: the caller vouches for 8 × 64 writable bytes at `dst` and for AVX-512 F.
+    unsafe {
+        let v: [__m512i; 8] = std::array::from_fn(|i| {
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(i)), row(i + 8))
+        });
+        let t: [__m512i; 8] = std::array::from_fn(|j| {
+            let (a, b) = (v[j / 2 * 2], v[j / 2 * 2 + 1]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // tt[g] holds dword g (lane 0 of each half) and g + 4 (lane 1) of rows 0–3
+        // (8–11), tt[g + 4] the same of rows 4–7 (12–15).
+        let tt: [__m512i; 8] = std::array::from_fn(|j| {
+            let (q, g) = (j / 4, j % 4);
+            let (a, b) = (t[4 * q + g / 2], t[4 * q + g / 2 + 2]);
+            if g % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        let low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+        let high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+        for g in 0..4 {
+            let (a, b) = (tt[g], tt[g + 4]);
+            _mm512_storeu_si512(dst.add(g), _mm512_permutex2var_epi64(a, low, b));
+            _mm512_storeu_si512(dst.add(g + 4), _mm512_permutex2var_epi64(a, high, b));
         }
     }
 }
