@@ -53,38 +53,27 @@ unsafe fn pack<W: Unpack>(
     p: &mut Packed,
 ) {
     assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
-    let mut vals = [0u8; QK_K];
-    let flip = if W::OFFSET_128 { 0x8080_8080u32 } else { 0 };
+    // Rows past `nr` stay zero.
+    let mut vals = [[0u8; QK_K]; PANEL];
+    let flip = _mm256_set1_epi8(if W::OFFSET_128 { 0x80u8 as i8 } else { 0 });
     for k in 0..nc {
-        let base = p.u[k].as_mut_ptr() as *mut u8;
-        for i in 0..PANEL {
-            let dst = |j: usize| base.wrapping_add(32 * j + 4 * i) as *mut u32;
-            if i >= nr {
-                for j in 0..QK_K / 4 {
-                    // SAFETY: 4 bytes at 32·j + 4·i inside `p.u[k]` (j < 64, i < 8).
-                    unsafe { dst(j).write_unaligned(0) };
-                }
-                for g in 0..GROUPS {
-                    p.v[k][g][2 * i] = 0;
-                    p.v[k][g][2 * i + 1] = 0;
-                }
-                for h in 0..GROUPS / 2 {
-                    p.w[k][h][2 * i] = 0;
-                    p.w[k][h][2 * i + 1] = 0;
-                }
-                p.d[k][i] = 0.0;
-                p.e[k][i] = 0.0;
-                continue;
+        for i in nr..PANEL {
+            for g in 0..GROUPS {
+                p.v[k][g][2 * i] = 0;
+                p.v[k][g][2 * i + 1] = 0;
             }
+            for h in 0..GROUPS / 2 {
+                p.w[k][h][2 * i] = 0;
+                p.w[k][h][2 * i + 1] = 0;
+            }
+            p.d[k][i] = 0.0;
+            p.e[k][i] = 0.0;
+        }
+        for i in 0..nr {
             let blk = &w[(r0 + i) * nb + c0 + k];
-            // SAFETY: AVX2 is enabled; `values` and `scales` read the block; the stores are
-            // 4 bytes at 32·j + 4·i inside `p.u[k]`, the reads 4 bytes at 4·j of `vals`.
+            // SAFETY: AVX2 is enabled; `values` and `scales` read the block.
             let sc = unsafe {
-                blk.values(&mut vals);
-                for j in 0..QK_K / 4 {
-                    let v = (vals.as_ptr().add(4 * j) as *const u32).read_unaligned();
-                    dst(j).write_unaligned(v ^ flip);
-                }
+                blk.values(&mut vals[i]);
                 blk.scales()
             };
             let (mut v, mut wv) = ([0i8; 16], [0i8; 16]);
@@ -108,6 +97,22 @@ unsafe fn pack<W: Unpack>(
             }
             p.d[k][i] = sc.d;
             p.e[k][i] = if W::OFFSET_128 { 0.0 } else { sc.e };
+        }
+        // SAFETY: AVX2 is enabled; 32-byte loads inside each row of `vals`; 8 groups of
+        // 32 bytes per 32 values, inside `p.u[k]` (QK_K / 4 groups).
+        unsafe {
+            let base = p.u[k].as_mut_ptr() as *mut __m256i;
+            for c in 0..QK_K / 32 {
+                super::panel_avx2::store_groups(base.add(8 * c), |i| {
+                    let v = _mm256_loadu_si256(vals[i].as_ptr().add(32 * c) as *const __m256i);
+                    // Rows past `nr` stay zero (their values are not flipped).
+                    if i < nr {
+                        _mm256_xor_si256(v, flip)
+                    } else {
+                        v
+                    }
+                });
+            }
         }
     }
 }

@@ -35,6 +35,41 @@ const fn signed<W: Unsigned32>() -> bool {
     W::BITS == 8
 }
 
+/// Stores 8 vectors at `dst`: vector g holds dword g of the 32 bytes `row(i)` of each of 8
+/// rows, in row order (the panels' layout, 4 values of every row per 32 bytes): an 8 × 8
+/// transpose of dwords, 24 shuffles where 64 scalar stores were.
+#[inline(always)]
+pub(super) unsafe fn store_groups(dst: *mut __m256i, row: impl Fn(usize) -> __m256i) {
+    // SAFETY: the caller vouches for 8 × 32 writable bytes at `dst` and for AVX2.
+    unsafe {
+        let v: [__m256i; 8] = std::array::from_fn(row);
+        let t: [__m256i; 8] = std::array::from_fn(|j| {
+            let (a, b) = (v[j / 2 * 2], v[j / 2 * 2 + 1]);
+            if j % 2 == 0 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        // tt[g] holds dword g (low 128 bits) and g + 4 (high) of rows 0–3, tt[g + 4] the
+        // same of rows 4–7.
+        let tt: [__m256i; 8] = std::array::from_fn(|j| {
+            let (q, g) = (j / 4, j % 4);
+            let (a, b) = (t[4 * q + g / 2], t[4 * q + g / 2 + 2]);
+            if g % 2 == 0 {
+                _mm256_unpacklo_epi64(a, b)
+            } else {
+                _mm256_unpackhi_epi64(a, b)
+            }
+        });
+        for g in 0..4 {
+            let (a, b) = (tt[g], tt[g + 4]);
+            _mm256_storeu_si256(dst.add(g), _mm256_permute2x128_si256::<0x20>(a, b));
+            _mm256_storeu_si256(dst.add(g + 4), _mm256_permute2x128_si256::<0x31>(a, b));
+        }
+    }
+}
+
 /// Puts blocks `c0..c0 + nc` of panel rows `r0..r0 + nr` (of `w`, `nb` per row) into `p`;
 /// rows past `nr` are zero.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -53,28 +88,21 @@ unsafe fn pack<W: Unsigned32>(
     for k in 0..nc {
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
-        let base = p.u[k].as_mut_ptr() as *mut u8;
-        for i in 0..PANEL {
-            let dst = |g: usize| base.wrapping_add(32 * g + 4 * i) as *mut u32;
-            if i >= nr {
-                for g in 0..8 {
-                    // SAFETY: 4 bytes at 32·g + 4·i inside `p.u[k]` (g < 8, i < 8).
-                    unsafe { dst(g).write_unaligned(0) };
+        // SAFETY: AVX2 is enabled; `bytes` and the scale reads stay inside block
+        // `(r0 + i) * nb + c0 + k` of `w` (asserted above for i < nr); every block type here
+        // starts with its f16 `d` (Q4_1, Q5_1: then `m`). The stores are the 8 32-byte
+        // groups of `p.u[k]`.
+        unsafe {
+            let row = |i: usize| {
+                if i < nr {
+                    _mm256_xor_si256(w[(r0 + i) * nb + c0 + k].bytes(), flip)
+                } else {
+                    _mm256_setzero_si256()
                 }
-                continue;
-            }
-            let blk = &w[(r0 + i) * nb + c0 + k];
-            // SAFETY: AVX2 is enabled; `bytes` reads the block. The stores are 4 bytes at
-            // 32·g + 4·i inside `p.u[k]`; every block type here starts with its f16 `d`
-            // (Q4_1, Q5_1: then `m`).
-            unsafe {
-                let mut vals = [0u32; 8];
-                let v = _mm256_xor_si256(blk.bytes(), flip);
-                _mm256_storeu_si256(vals.as_mut_ptr() as *mut __m256i, v);
-                for (g, v) in vals.iter().enumerate() {
-                    dst(g).write_unaligned(*v);
-                }
-                let h = blk as *const W as *const u16;
+            };
+            store_groups(p.u[k].as_mut_ptr() as *mut __m256i, row);
+            for i in 0..nr {
+                let h = &w[(r0 + i) * nb + c0 + k] as *const W as *const u16;
                 d[i] = h.read_unaligned();
                 if W::HAS_M {
                     m[i] = h.add(1).read_unaligned();
