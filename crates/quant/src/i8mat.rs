@@ -505,40 +505,9 @@ mod amx {
     #[inline]
     #[target_feature(enable = "avx2,avx512f")]
     fn transpose_16x8(r: &[__m256i; 16]) -> [u32; 128] {
-        // Rows i and i + 8 share a vector; the unpacks transpose 4 × 4 blocks inside each
-        // 128-bit lane, and the permutes gather each output row's four lanes.
-        let z: [__m512i; 8] =
-            std::array::from_fn(|i| _mm512_inserti64x4(_mm512_castsi256_si512(r[i]), r[i + 8], 1));
-        let t: [__m512i; 8] = std::array::from_fn(|i| {
-            let (a, b) = (z[(i / 2) * 2], z[(i / 2) * 2 + 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
-            }
-        });
-        // u[4h + c]: rows 4h..4h + 4 (and 8 + 4h..) of the lane's column c.
-        let u: [__m512i; 8] = std::array::from_fn(|i| {
-            let (h, c) = (i / 4, i % 4);
-            let (a, b) = (t[4 * h + c / 2], t[4 * h + 2 + c / 2]);
-            if c % 2 == 0 {
-                _mm512_unpacklo_epi64(a, b)
-            } else {
-                _mm512_unpackhi_epi64(a, b)
-            }
-        });
-        let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-        let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
         let mut out = [0u32; 128];
-        for c in 0..4 {
-            let word_c = _mm512_permutex2var_epi64(u[c], lo, u[4 + c]);
-            let word_c4 = _mm512_permutex2var_epi64(u[c], hi, u[4 + c]);
-            // SAFETY: words c and c + 4 are 16 u32 each inside `out`.
-            unsafe {
-                _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, word_c);
-                _mm512_storeu_si512(out.as_mut_ptr().add(16 * (c + 4)) as *mut _, word_c4);
-            }
-        }
+        // SAFETY: AVX-512 F is enabled; `store_groups` writes 8 × 64 bytes, all of `out`.
+        unsafe { crate::x86::panel::store_groups(out.as_mut_ptr() as *mut __m512i, |i| r[i]) };
         out
     }
 

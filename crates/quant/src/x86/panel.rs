@@ -81,12 +81,13 @@ unsafe fn pack<W: Unsigned32>(
 }
 
 /// Stores 8 vectors at `dst`: vector g holds dword g of the 32 bytes `row(i)` of each of 16
-/// rows, in row order (the panels' layout, 4 values of every row per 64 bytes).
+/// rows, in row order (the panels' layout, 4 values of every row per 64 bytes; the AMX
+/// tiles' B layout too).
 ///
 /// Rows i and i + 8 share a vector; an 8 × 8 transpose of dwords in each 256-bit half, then
 /// the halves interleaved by 128 bits: 32 shuffles where 128 scalar stores were.
 #[inline(always)]
-pub(super) unsafe fn store_groups(dst: *mut __m512i, row: impl Fn(usize) -> __m256i) {
+pub(crate) unsafe fn store_groups(dst: *mut __m512i, row: impl Fn(usize) -> __m256i) {
     // SAFETY: the caller vouches for 8 × 64 writable bytes at `dst` and for AVX-512 F.
     unsafe {
         let v: [__m512i; 8] = std::array::from_fn(|i| {
