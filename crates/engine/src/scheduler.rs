@@ -425,27 +425,7 @@ impl Worker {
             })
             .max_by_key(|&(i, rows)| (rows, std::cmp::Reverse(i)))
             .filter(|&(_, rows)| rows > common.min(most) + SHARE_MIN_GAIN);
-        let keep_slots = [index, donor.map_or(index, |d| d.0)];
-        self.make_room(
-            self.pool.as_ref().map_or(0, |p| p.pages_for(reserved)),
-            &keep_slots,
-        );
-        let keep = match donor {
-            Some((d, rows)) => self.take_prefix(index, d, rows, &job.prompt),
-            None => {
-                let slot = &mut self.slots[index];
-                let cache = slot.cache.as_mut().expect("made above");
-                let keep = cache.truncate(common.min(most));
-                slot.cached.truncate(keep);
-                keep
-            }
-        };
-        if keep > 0 {
-            self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .prefix_tokens
-                .fetch_add(keep as u64, Ordering::Relaxed);
-        }
+        let best_now = donor.map_or(common.min(most), |(_, rows)| rows);
         // A running request whose prompt starts like this one's, further than any cache
         // holds yet (requests sent together over one system prompt): wait for it to compute
         // that prefix and take it, instead of computing and storing it again.
@@ -469,7 +449,31 @@ impl Worker {
                     })
                     .max_by_key(|&(i, rows)| (rows, std::cmp::Reverse(i)))
             })
-            .filter(|&(_, rows)| rows >= WAIT_FOR_PREFIX_MIN && rows > keep + SHARE_MIN_GAIN);
+            .filter(|&(_, rows)| rows >= WAIT_FOR_PREFIX_MIN && rows > best_now + SHARE_MIN_GAIN);
+        // Waiting takes the longer prefix in one share; taking a part of it now as well would
+        // share (and count) twice for one request.
+        let donor = donor.filter(|_| wait_for.is_none());
+        let keep_slots = [index, donor.map_or(index, |d| d.0)];
+        self.make_room(
+            self.pool.as_ref().map_or(0, |p| p.pages_for(reserved)),
+            &keep_slots,
+        );
+        let keep = match donor {
+            Some((d, rows)) => self.take_prefix(index, d, rows, &job.prompt),
+            None => {
+                let slot = &mut self.slots[index];
+                let cache = slot.cache.as_mut().expect("made above");
+                let keep = cache.truncate(common.min(most));
+                slot.cached.truncate(keep);
+                keep
+            }
+        };
+        if keep > 0 {
+            self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .prefix_tokens
+                .fetch_add(keep as u64, Ordering::Relaxed);
+        }
         self.clock += 1;
         self.reserved += reserved;
         let slot = &mut self.slots[index];

@@ -1894,9 +1894,13 @@ async fn shared_system_prompt_is_stored_once_in_the_kv_pool() {
     let s = start(config).await;
     let handles: Vec<_> = questions
         .iter()
-        .map(|q| {
+        .enumerate()
+        .map(|(k, q)| {
             let (base, body) = (s.base.clone(), ask(q));
             tokio::spawn(async move {
+                // Later ones arrive while the first is part-way through the prompt: they
+                // wait for the whole prefix and take it once, not a part and then the rest.
+                tokio::time::sleep(std::time::Duration::from_millis(40 * k as u64)).await;
                 let r = client()
                     .post(format!("{base}/v1/chat/completions"))
                     .json(&body)
