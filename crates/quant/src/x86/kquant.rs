@@ -14,7 +14,7 @@
 //! alone bit for bit.
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
-use super::avx2::hsum_ps;
+use super::avx2::{h2f, hsum_ps};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
@@ -156,13 +156,13 @@ unsafe fn tile_q4k<const R: usize>(
                 let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
                 sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
             }
-            let d = x.d.to_f32() * y.d;
+            let d = h2f(x.d) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
             // Σ min_j · (bsums[2j] + bsums[2j + 1]), each min twice to meet both sums.
             let m8 = _mm_cvtsi64_si128(mins as i64);
             let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
             let msum = _mm256_madd_epi16(m16, bsums);
-            let dmin = x.dmin.to_f32() * y.d;
+            let dmin = h2f(x.dmin) * y.d;
             acc_min[r] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
         }
@@ -281,7 +281,7 @@ unsafe fn tile_q6k<const R: usize>(
             let offset =
                 _mm256_slli_epi32::<5>(_mm256_madd_epi16(_mm512_castsi512_si256(scales), bsums));
             let sum = _mm512_sub_epi32(sum, _mm512_zextsi256_si512(offset));
-            let d = x.d.to_f32() * y.d;
+            let d = h2f(x.d) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
         }
     }
