@@ -358,7 +358,7 @@ impl Model {
             &mut s.mm,
             s.tile_rows,
         );
-        act(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        ops::gated_in_parallel(act, &mut s.gate[..n * ff], &s.up[..n * ff]);
         self.matmul(
             &mlp.down,
             &s.gate[..n * ff],
