@@ -699,9 +699,15 @@ fn by_row_blocks(
     scratch: &mut Vec<f32>,
     block: impl Fn(usize, &mut [f32]) + Sync,
 ) {
-    scratch.clear();
-    scratch.resize(rows * n_tok, 0.0);
-    pool::for_each_chunk(scratch, chunk * n_tok, |c, o| block(c * chunk, o));
+    // Grown only; each task zeroes its own part (in parallel, just before it is used:
+    // kernels add into their results).
+    if scratch.len() < rows * n_tok {
+        scratch.resize(rows * n_tok, 0.0);
+    }
+    pool::for_each_chunk(&mut scratch[..rows * n_tok], chunk * n_tok, |c, o| {
+        o.fill(0.0);
+        block(c * chunk, o)
+    });
     transpose_into(scratch, rows, n_tok, out);
 }
 

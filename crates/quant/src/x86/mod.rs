@@ -58,6 +58,7 @@ fn quarter_tiles(rows: usize, mut tile: impl FnMut(usize, usize, bool)) {
 }
 use crate::ActBlocks;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// What the block attention kernels (`avx2::attend_f16`, `avx512::attend_f16`) share:
 /// checks every row's keys, values, query and output (`head_dim` a multiple of `lanes`),
@@ -88,9 +89,15 @@ pub(crate) fn attend_setup<'s>(
         scratch.resize(need.max(whole), 0.0);
     }
     let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
+    // Through f16 a run at a time (half's slice conversions: vector instructions, the CPU
+    // checked once per run rather than per value).
+    let mut halves = [f16::ZERO; 64];
     for r in 0..a.rows {
-        for (d, x) in qs[r * hd..][..hd].iter_mut().zip(&a.q[a.at[r]..][..hd]) {
-            *d = f16::from_f32(*x).to_f32();
+        let (dst, src) = (&mut qs[r * hd..][..hd], &a.q[a.at[r]..][..hd]);
+        for (d, x) in dst.chunks_mut(64).zip(src.chunks(64)) {
+            let h = &mut halves[..x.len()];
+            h.convert_from_f32_slice(x);
+            h.convert_to_f32_slice(d);
         }
     }
     (lo, n, qs, ps)
