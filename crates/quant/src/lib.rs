@@ -751,6 +751,10 @@ pub struct Activations {
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     q8k: Vec<BlockQ8K>,
+    /// How many of `q8_0`, `q8_1` or `q8k` (whichever `ty` names) hold this product's
+    /// blocks: those buffers are only grown, as shrinking and growing them again would
+    /// zero them anew for every product wider than the last (a serial memset).
+    n_blocks: usize,
     /// Per Q8_0/Q8_1 block: the scale and `d · Σq`, as f32.
     d: Vec<f32>,
     s: Vec<f32>,
@@ -804,11 +808,12 @@ impl Activations {
                 reference::quantize_row_bf16(x, &mut self.bf16);
             }
             ActType::Q8_0 => {
-                self.q8_0.resize(x.len() / QK, BlockQ8_0::zeroed());
-                (k.quantize_q8_0)(x, &mut self.q8_0);
+                self.n_blocks = x.len() / QK;
+                let q8_0 = grown(&mut self.q8_0, self.n_blocks);
+                (k.quantize_q8_0)(x, q8_0);
                 self.d.clear();
                 self.s.clear();
-                for b in &self.q8_0 {
+                for b in q8_0.iter() {
                     let d = b.d.to_f32();
                     let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
                     self.d.push(d);
@@ -816,18 +821,19 @@ impl Activations {
                 }
             }
             ActType::Q8_1 => {
-                self.q8_1.resize(x.len() / QK, BlockQ8_1::zeroed());
-                (k.quantize_q8_1)(x, &mut self.q8_1);
+                self.n_blocks = x.len() / QK;
+                let q8_1 = grown(&mut self.q8_1, self.n_blocks);
+                (k.quantize_q8_1)(x, q8_1);
                 self.d.clear();
                 self.s.clear();
-                for b in &self.q8_1 {
+                for b in q8_1.iter() {
                     self.d.push(b.d.to_f32());
                     self.s.push(b.s.to_f32());
                 }
             }
             ActType::Q8K => {
-                self.q8k.resize(x.len() / QK_K, BlockQ8K::zeroed());
-                (k.quantize_q8_k)(x, &mut self.q8k);
+                self.n_blocks = x.len() / QK_K;
+                (k.quantize_q8_k)(x, grown(&mut self.q8k, self.n_blocks));
             }
         }
         self.staged.clear();
@@ -835,16 +841,16 @@ impl Activations {
             let n = tile_tokens;
             match ty {
                 ActType::Q8_0 => {
-                    let q = &self.q8_0;
+                    let q = &self.q8_0[..self.n_blocks];
                     self.staged
                         .stage_32(n, |i| &q[i].qs, &self.d, &self.s, cols)
                 }
                 ActType::Q8_1 => {
-                    let q = &self.q8_1;
+                    let q = &self.q8_1[..self.n_blocks];
                     self.staged
                         .stage_32(n, |i| &q[i].qs, &self.d, &self.s, cols)
                 }
-                ActType::Q8K => self.staged.stage_q8k(n, &self.q8k, cols),
+                ActType::Q8K => self.staged.stage_q8k(n, &self.q8k[..self.n_blocks], cols),
                 ActType::F32 | ActType::F16 | ActType::BF16 => {}
             }
         }
@@ -861,7 +867,7 @@ impl Activations {
     fn q8_0_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8_0> {
         let b0 = t0 * self.cols / QK;
         ActBlocks {
-            blocks: &self.q8_0[b0..],
+            blocks: &self.q8_0[b0..self.n_blocks],
             d: &self.d[b0..],
             s: &self.s[b0..],
         }
@@ -870,7 +876,7 @@ impl Activations {
     /// The Q8_K blocks of tokens `t0..` (no `d`/`s`: each block holds its scale and sums).
     fn q8k_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8K> {
         ActBlocks {
-            blocks: &self.q8k[t0 * self.cols / QK_K..],
+            blocks: &self.q8k[t0 * self.cols / QK_K..self.n_blocks],
             d: &[],
             s: &[],
         }
@@ -909,7 +915,7 @@ impl Activations {
     fn q8_1_blocks(&self, t0: usize) -> ActBlocks<'_, BlockQ8_1> {
         let b0 = t0 * self.cols / QK;
         ActBlocks {
-            blocks: &self.q8_1[b0..],
+            blocks: &self.q8_1[b0..self.n_blocks],
             d: &self.d[b0..],
             s: &self.s[b0..],
         }
@@ -917,3 +923,11 @@ impl Activations {
 }
 
 use bytemuck::Zeroable;
+
+/// The first `n` of `v`, grown (zeroed) to at least `n` first; never shrunk.
+fn grown<T: Zeroable + Clone>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::zeroed());
+    }
+    &mut v[..n]
+}
