@@ -14,6 +14,17 @@ fn rms_scale(row: &[f32], eps: f32) -> f32 {
 /// `out = x / sqrt(mean(x²) + eps) * w`, row by row (`w.len()` columns).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
+    let len = x.len().min(out.len()) / d * d;
+    match rows_per_task(len, d) {
+        None => rms_norm_rows(x, w, eps, out),
+        Some(rows) => hearth_quant::pool::for_each_chunk(&mut out[..len], rows * d, |i, o| {
+            rms_norm_rows(&x[i * rows * d..][..o.len()], w, eps, o)
+        }),
+    }
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let scale = rms_scale(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
@@ -25,12 +36,37 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// In-place [`rms_norm`].
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
+    let len = x.len() / d * d;
+    match rows_per_task(len, d) {
+        None => rms_norm_inplace_rows(x, w, eps),
+        Some(rows) => hearth_quant::pool::for_each_chunk(&mut x[..len], rows * d, |_, x| {
+            rms_norm_inplace_rows(x, w, eps)
+        }),
+    }
+}
+
+fn rms_norm_inplace_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
     for xr in x.chunks_exact_mut(d) {
         let scale = rms_scale(xr, eps);
         for (v, &g) in xr.iter_mut().zip(w) {
             *v = *v * scale * g;
         }
     }
+}
+
+/// Below this many values a row-wise op runs on the calling thread alone.
+const PARALLEL_MIN: usize = 32 * 1024;
+
+/// Rows per pool task for a row-wise op over `len` values in rows of `d` (None: too
+/// little work to share). Rows are independent, so the split never changes a result; the
+/// other threads would otherwise wait while one thread does it (a prompt's rows).
+fn rows_per_task(len: usize, d: usize) -> Option<usize> {
+    let threads = hearth_quant::pool::threads();
+    if threads < 2 || len < PARALLEL_MIN || d == 0 {
+        return None;
+    }
+    Some((len / d).div_ceil(4 * threads).max(1))
 }
 
 /// How RoPE pairs dimensions.
@@ -173,12 +209,11 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
 /// thread pool when there is enough of it (a prompt's rows), so the other threads do not
 /// wait while one applies it; elementwise, so the result does not depend on the split.
 pub fn gated_in_parallel(act: fn(&mut [f32], &[f32]), gate: &mut [f32], up: &[f32]) {
-    const MIN_PER_TASK: usize = 16 * 1024;
     let threads = hearth_quant::pool::threads();
-    if threads < 2 || gate.len() < 2 * MIN_PER_TASK {
+    if threads < 2 || gate.len() < PARALLEL_MIN {
         return act(gate, up);
     }
-    let chunk = gate.len().div_ceil(4 * threads).max(MIN_PER_TASK);
+    let chunk = gate.len().div_ceil(4 * threads).max(PARALLEL_MIN / 2);
     hearth_quant::pool::for_each_chunk(gate, chunk, |i, g| {
         act(g, &up[i * chunk..i * chunk + g.len()])
     });
@@ -271,6 +306,25 @@ mod tests {
         assert!((g[2] - gelu_exact(3.0)).abs() < 1e-2);
         assert_eq!(g[3], 0.0);
         assert_eq!(g[4], 20.0);
+    }
+
+    /// Split over threads, the norms equal the row-by-row loop bit for bit.
+    #[test]
+    fn rms_norms_split_over_threads_equal_one_thread() {
+        hearth_quant::pool::set_threads(2);
+        let d = 640;
+        let x: Vec<f32> = (0..100 * d)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + (i % 13) as f32 * 0.1).collect();
+        let (mut want, mut got) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        rms_norm_rows(&x, &w, 1e-6, &mut want);
+        assert!(rows_per_task(x.len(), d).is_some());
+        rms_norm(&x, &w, 1e-6, &mut got);
+        assert_eq!(got, want);
+        let mut inplace = x.clone();
+        rms_norm_inplace(&mut inplace, &w, 1e-6);
+        assert_eq!(inplace, want);
     }
 
     /// The run-at-a-time conversions (and the split over threads) give, bit for bit, the
