@@ -62,11 +62,14 @@ const PARALLEL_MIN: usize = 32 * 1024;
 /// little work to share). Rows are independent, so the split never changes a result; the
 /// other threads would otherwise wait while one thread does it (a prompt's rows).
 fn rows_per_task(len: usize, d: usize) -> Option<usize> {
-    let threads = hearth_quant::pool::threads();
-    if threads < 2 || len < PARALLEL_MIN || d == 0 {
-        return None;
-    }
+    let threads = sharing_threads(len).filter(|_| d > 0)?;
     Some((len / d).div_ceil(4 * threads).max(1))
+}
+
+/// The pool's threads, if `len` values of elementwise or row-wise work are worth sharing.
+fn sharing_threads(len: usize) -> Option<usize> {
+    let threads = hearth_quant::pool::threads();
+    (threads >= 2 && len >= PARALLEL_MIN).then_some(threads)
 }
 
 /// How RoPE pairs dimensions.
@@ -209,10 +212,9 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
 /// thread pool when there is enough of it (a prompt's rows), so the other threads do not
 /// wait while one applies it; elementwise, so the result does not depend on the split.
 pub fn gated_in_parallel(act: fn(&mut [f32], &[f32]), gate: &mut [f32], up: &[f32]) {
-    let threads = hearth_quant::pool::threads();
-    if threads < 2 || gate.len() < PARALLEL_MIN {
+    let Some(threads) = sharing_threads(gate.len()) else {
         return act(gate, up);
-    }
+    };
     let chunk = gate.len().div_ceil(4 * threads).max(PARALLEL_MIN / 2);
     hearth_quant::pool::for_each_chunk(gate, chunk, |i, g| {
         act(g, &up[i * chunk..i * chunk + g.len()])

@@ -91,10 +91,11 @@ pub(crate) fn attend_setup<'s>(
     let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
     // Through f16 a run at a time (half's slice conversions: vector instructions, the CPU
     // checked once per run rather than per value).
-    let mut halves = [f16::ZERO; 64];
+    const RUN: usize = 64;
+    let mut halves = [f16::ZERO; RUN];
     for r in 0..a.rows {
         let (dst, src) = (&mut qs[r * hd..][..hd], &a.q[a.at[r]..][..hd]);
-        for (d, x) in dst.chunks_mut(64).zip(src.chunks(64)) {
+        for (d, x) in dst.chunks_mut(RUN).zip(src.chunks(RUN)) {
             let h = &mut halves[..x.len()];
             h.convert_from_f32_slice(x);
             h.convert_to_f32_slice(d);

@@ -14,8 +14,8 @@
 //! `vpdpbusd`, one conversion, one permute-and-multiply for the pair's two scales and one
 //! FMA; per group, one FMA adds the 16 blocks' `mw·sa`. Q8_0, whose 34-byte blocks are too
 //! far apart for `scales16`, takes its two scales per pair from one masked load instead
-//! (`pair_scales`), and its dots start from `-128·Σq` so they need no `mw·sa` term. Everything lands in one 16-lane accumulator per
-//! (row, token), summed at the end. Each (row, token) goes through the same operations
+//! (`pair_scales`), and its dots start from `-128·Σq` so they need no `mw·sa` term.
+//! Everything lands in one 16-lane accumulator per (row, token), summed at the end. Each (row, token) goes through the same operations
 //! whatever the tile's shape, so a token's result does not depend on the batch it is in
 //! (batched decoding equals decoding alone, bit for bit).
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
@@ -424,11 +424,15 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                 let i = (t0 + t) * nb + g0;
                 *da = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(i));
             }
+            // Per-pair types take their scales in the pair loop below instead.
             let mut dw = [_mm512_setzero_ps(); R];
-            for (r, (dw, acc)) in dw.iter_mut().zip(acc.iter_mut()).enumerate() {
-                if per_pair {
-                    break;
-                }
+            let group_scaled = if per_pair { 0 } else { R };
+            for (r, (dw, acc)) in dw
+                .iter_mut()
+                .zip(acc.iter_mut())
+                .enumerate()
+                .take(group_scaled)
+            {
                 let (d, mw) = scales16(w.as_ptr().add(r * stride * nb + g0), n);
                 // One token: `dw·da` once per group rather than per pair (the same products
                 // in the same lanes, so the same bits as the general path below).
