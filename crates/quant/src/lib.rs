@@ -711,18 +711,30 @@ fn by_row_blocks(
     transpose_into(scratch, rows, n_tok, out);
 }
 
-/// `out[t][r] = scratch[r][t]`, in parallel over blocks of 16 tokens (each row's 16 values
-/// are one read, the 16 token rows written stay in cache).
+/// `out[t][r] = scratch[r][t]`, in parallel over blocks of tokens: 16 (each row's 16
+/// values are one read), fewer when that would leave a thread without a block (a prompt of
+/// 16 tokens would otherwise transpose every product on one thread).
 fn transpose_into(scratch: &[f32], rows: usize, n_tok: usize, out: &mut [f32]) {
     const TOKENS: usize = 16;
+    /// Rows per run: a run's values of one token are one contiguous write.
+    const RUN: usize = 8;
     let out = &mut out[..rows * n_tok];
-    pool::for_each_chunk(out, rows * TOKENS, |b, part| {
-        let t0 = b * TOKENS;
+    if n_tok == 1 {
+        out.copy_from_slice(&scratch[..rows]);
+        return;
+    }
+    let per_task = TOKENS.min(n_tok.div_ceil(pool::threads())).max(1);
+    pool::for_each_chunk(out, rows * per_task, |b, part| {
+        let t0 = b * per_task;
         let tokens = part.len() / rows;
-        for r in 0..rows {
-            let src = &scratch[r * n_tok + t0..][..tokens];
-            for (t, v) in src.iter().enumerate() {
-                part[t * rows + r] = *v;
+        for (run, src) in scratch[..rows * n_tok].chunks(RUN * n_tok).enumerate() {
+            let r0 = run * RUN;
+            let n = src.len() / n_tok;
+            for t in 0..tokens {
+                let dst = &mut part[t * rows + r0..][..n];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = src[i * n_tok + t0 + t];
+                }
             }
         }
     });
@@ -930,4 +942,31 @@ fn grown<T: Zeroable + Clone>(v: &mut Vec<T>, n: usize) -> &mut [T] {
         v.resize(n, T::zeroed());
     }
     &mut v[..n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shape of the multi-token products' last step, on 1 and 2 threads: runs of 8
+    /// rows with a partial last run, blocks of tokens narrower than 16 and a single token.
+    #[test]
+    fn transpose_into_matches_the_definition() {
+        for threads in [1, 2] {
+            pool::set_threads(threads);
+            for rows in [1, 7, 8, 13, 100] {
+                for n_tok in [1, 2, 3, 15, 16, 17, 40] {
+                    let scratch: Vec<f32> = (0..rows * n_tok).map(|i| i as f32).collect();
+                    let mut out = vec![-1.0; rows * n_tok + 3];
+                    transpose_into(&scratch, rows, n_tok, &mut out);
+                    for t in 0..n_tok {
+                        for r in 0..rows {
+                            assert_eq!(out[t * rows + r], scratch[r * n_tok + t], "{rows}×{n_tok}");
+                        }
+                    }
+                    assert_eq!(&out[rows * n_tok..], &[-1.0; 3], "past the end untouched");
+                }
+            }
+        }
+    }
 }
