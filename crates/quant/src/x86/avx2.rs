@@ -901,6 +901,80 @@ pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
     sum
 }
 
+/// Scores of rows `r0..r0 + G` (see [`attend_block`]) over keys `lo..lo + n`: four 8-lane
+/// accumulators over steps of 32 columns (ggml's AVX2 order), added as (0 + 2) + (1 + 3),
+/// then across lanes; a leftover of 8..24 columns adds to the first accumulators in turn.
+///
+/// # Safety
+/// As [`attend_block`]; `r0 + G <= a.rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_scores<const G: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    qs: &[f32],
+    ps: &mut [f32],
+    r0: usize,
+) {
+    let hd = a.head_dim;
+    /// Columns `c..c + 8` of key `kp` into accumulator `i` of every row of the group.
+    #[inline(always)]
+    unsafe fn chunk<const G: usize>(
+        acc: &mut [[__m256; 4]; G],
+        i: usize,
+        kp: *const f16,
+        q: *const f32,
+        hd: usize,
+        c: usize,
+    ) {
+        // SAFETY: the caller's bounds: column `c + 8 <= hd` of the key and of each row.
+        unsafe {
+            let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c) as *const __m128i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                acc[i] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q.add(r * hd + c)), acc[i]);
+            }
+        }
+    }
+    // SAFETY (whole body): as in `attend_block`: keys `lo..lo + n` hold `hd` values at
+    // `j * kv_stride`, `qs` rows `r0..r0 + G` of `hd`, `ps` those rows' `n` scores.
+    unsafe {
+        let q = qs.as_ptr().add(r0 * hd);
+        for j in 0..n {
+            let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            let mut acc = [[_mm256_setzero_ps(); 4]; G];
+            let mut c = 0;
+            while c + 32 <= hd {
+                chunk(&mut acc, 0, kp, q, hd, c);
+                chunk(&mut acc, 1, kp, q, hd, c + 8);
+                chunk(&mut acc, 2, kp, q, hd, c + 16);
+                chunk(&mut acc, 3, kp, q, hd, c + 24);
+                c += 32;
+            }
+            if c + 8 <= hd {
+                chunk(&mut acc, 0, kp, q, hd, c);
+            }
+            if c + 16 <= hd {
+                chunk(&mut acc, 1, kp, q, hd, c + 8);
+            }
+            if c + 24 <= hd {
+                chunk(&mut acc, 2, kp, q, hd, c + 16);
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let (first, end) = a.keys[r0 + r];
+                let key = lo + j;
+                ps[(r0 + r) * n + j] = if key >= first && key < end {
+                    let sum =
+                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+                    crate::scaled_score(hsum_ps(sum), a.scale, a.softcap)
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+    }
+}
+
 /// Decoder attention (see [`crate::AttendF16`]) for all the block's rows at once, as
 /// `avx512::attend_f16` does with 8-lane vectors: each key and value is converted from f16
 /// once for every row. `head_dim` must be a multiple of 8.
@@ -932,36 +1006,21 @@ unsafe fn attend_block<const R: usize>(
     // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
     // `n`, output rows `hd` values at `at[r]`.
     unsafe {
-        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j. Four
-        // 8-lane accumulators over steps of 32 columns (ggml's AVX2 order), added as
-        // (0 + 2) + (1 + 3), then across lanes.
-        for j in 0..n {
-            let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
-            let mut acc = [[_mm256_setzero_ps(); 4]; R];
-            for c in (0..hd).step_by(8) {
-                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c) as *const __m128i));
-                let i = (c / 8) % 4;
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let qv = _mm256_loadu_ps(qs.as_ptr().add(r * hd + c));
-                    acc[i] = _mm256_fmadd_ps(kv, qv, acc[i]);
-                }
+        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j; rows in
+        // groups of 3, so that each row's 4 accumulators stay in the 16 registers.
+        let mut r0 = 0;
+        while r0 < R {
+            match R - r0 {
+                1 => attend_scores::<1>(a, lo, n, qs, ps, r0),
+                2 => attend_scores::<2>(a, lo, n, qs, ps, r0),
+                _ => attend_scores::<3>(a, lo, n, qs, ps, r0),
             }
-            for (r, acc) in acc.iter().enumerate() {
-                let (first, end) = a.keys[r];
-                let key = lo + j;
-                ps[r * n + j] = if key >= first && key < end {
-                    let sum =
-                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
-                    crate::scaled_score(hsum_ps(sum), a.scale, a.softcap)
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
+            r0 += 3;
         }
         for r in 0..R {
             let p = &mut ps[r * n..][..n];
             crate::reference::softmax(p);
-            p.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
+            super::round_through_f16(p);
         }
         // out_r = Σ_j w[r][j] · v_j, 8 columns at a time
         for c in (0..hd).step_by(8) {

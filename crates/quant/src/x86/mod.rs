@@ -89,19 +89,24 @@ pub(crate) fn attend_setup<'s>(
         scratch.resize(need.max(whole), 0.0);
     }
     let (qs, ps) = scratch[..need].split_at_mut(a.rows * hd);
-    // Through f16 a run at a time (half's slice conversions: vector instructions, the CPU
-    // checked once per run rather than per value).
-    const RUN: usize = 64;
-    let mut halves = [f16::ZERO; RUN];
     for r in 0..a.rows {
         let (dst, src) = (&mut qs[r * hd..][..hd], &a.q[a.at[r]..][..hd]);
-        for (d, x) in dst.chunks_mut(RUN).zip(src.chunks(RUN)) {
-            let h = &mut halves[..x.len()];
-            h.convert_from_f32_slice(x);
-            h.convert_to_f32_slice(d);
-        }
+        dst.copy_from_slice(src);
+        round_through_f16(dst);
     }
     (lo, n, qs, ps)
+}
+
+/// Each value rounded to f16 and back, a run at a time (half's slice conversions: vector
+/// instructions, the CPU checked once per run rather than per value).
+pub(crate) fn round_through_f16(values: &mut [f32]) {
+    const RUN: usize = 64;
+    let mut halves = [f16::ZERO; RUN];
+    for run in values.chunks_mut(RUN) {
+        let h = &mut halves[..run.len()];
+        h.convert_from_f32_slice(run);
+        h.convert_to_f32_slice(run);
+    }
 }
 
 /// A panel kernel's steps for [`prompt_panels`].
