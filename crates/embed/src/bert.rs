@@ -39,8 +39,8 @@ struct Scratch {
     bf16: Bf16Scratch,
 }
 
-/// AMX tiles in bf16 where the CPU has them, else f32 panels where it has AVX-512, else
-/// f32 with the SIMD tiles of `QMatrix`.
+/// bf16 products where the CPU runs them fast (AMX tiles; AVX512-BF16 dot products on
+/// AMD), else f32 panels where it has AVX2, else f32 with the tiles of `QMatrix`.
 enum Weights {
     Bf16(Bf16Matrix),
     Panels(F32Panels),

@@ -1,8 +1,8 @@
 //! Throughput of the encoder's products at MiniLM's shapes (tokens × in → out), in GMAC/s:
-//! the AMX bf16 tiles where the CPU has them, and the f32 panels of the dispatch level
-//! (`HEARTH_ISA=avx2|avx512` to pick one):
+//! every bf16 kernel the CPU runs (AMX tiles, AVX512-BF16 dot products) and the f32 panels
+//! of the dispatch level (`HEARTH_ISA=avx2|avx512` to pick one):
 //! `cargo run --release -p hearth-quant --example encoder_gemm [THREADS]`.
-use hearth_quant::bf16mat::{Bf16Matrix, Bf16Scratch};
+use hearth_quant::bf16mat::{Bf16Kernel, Bf16Matrix, Bf16Scratch};
 use hearth_quant::f32mat::F32Panels;
 
 fn main() {
@@ -26,10 +26,12 @@ fn main() {
             .collect();
         let mut y = vec![0f32; n_tok * rows];
         let macs = (n_tok * rows * cols) as f64;
-        if let Some(m) = Bf16Matrix::pack(&w, rows, cols) {
-            let mut scratch = Bf16Scratch::default();
-            let g = gmacs(macs, || m.matmul(&x, n_tok, None, &mut y, &mut scratch));
-            println!("{n_tok} × {cols} → {rows}: bf16 tiles {g:.0} GMAC/s");
+        for kernel in [Bf16Kernel::Amx, Bf16Kernel::DotProducts] {
+            if let Some(m) = Bf16Matrix::pack_for(kernel, &w, rows, cols) {
+                let mut scratch = Bf16Scratch::default();
+                let g = gmacs(macs, || m.matmul(&x, n_tok, None, &mut y, &mut scratch));
+                println!("{n_tok} × {cols} → {rows}: bf16 {kernel:?} {g:.0} GMAC/s");
+            }
         }
         if let Some(m) = F32Panels::pack(&w, rows, cols) {
             let g = gmacs(macs, || m.matmul(&x, n_tok, None, &mut y));

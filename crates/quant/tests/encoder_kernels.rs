@@ -1,4 +1,4 @@
-//! The encoder kernels (AMX bf16 products, AVX-512 and AVX2 f32 panels, GELU, attention, LayerNorm) against their scalar
+//! The encoder kernels (bf16 products on AMX tiles and with AVX512-BF16 dot products, AVX-512 and AVX2 f32 panels, GELU, attention, LayerNorm) against their scalar
 //! references on random inputs, at every dispatch level this CPU has. Tolerances:
 //! - bf16 products: both operands are rounded to bf16 in kernel and reference alike, so
 //!   only the f32 summation order differs: 1e-5 of Σ|xᵢ·wᵢ| plus 1e-6. The f32 panels
@@ -10,7 +10,7 @@
 
 mod common;
 
-use hearth_quant::bf16mat::{reference_matmul, Bf16Matrix, Bf16Scratch};
+use hearth_quant::bf16mat::{reference_matmul, Bf16Kernel, Bf16Matrix, Bf16Scratch};
 use hearth_quant::dispatch::{Isa, Kernels};
 use hearth_quant::f32mat::F32Panels;
 use hearth_quant::reference as r;
@@ -31,33 +31,35 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
-    fn bf16_tiles_match_reference(
+    fn bf16_products_match_reference(
         rows in 1usize..80,
         cols in 1usize..100,
         n_tok in 1usize..70,
         seed in prop::collection::vec(-3.0f32..3.0, 1..40),
         with_bias in any::<bool>(),
     ) {
-        // Only where the tiles are in force (dispatch level Amx); elsewhere `pack` says no.
         let w = values(rows * cols, &seed);
         let x = values(n_tok * cols, &seed[seed.len() / 2..]);
         let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
-        let Some(m) = Bf16Matrix::pack(&w, rows, cols) else {
-            prop_assert!(hearth_quant::dispatch::kernels().isa != Isa::Amx);
-            return Ok(());
-        };
-        let mut got = vec![f32::NAN; n_tok * rows];
-        let mut scratch = Bf16Scratch::default();
-        m.matmul(&x, n_tok, with_bias.then_some(&bias[..]), &mut got, &mut scratch);
         let mut want = vec![0f32; n_tok * rows];
         reference_matmul(&w, rows, cols, &x, n_tok, &mut want);
-        for t in 0..n_tok {
-            for rr in 0..rows {
-                let mag: f64 = (0..cols).map(|c| (x[t * cols + c] as f64 * w[rr * cols + c] as f64).abs()).sum();
-                let want = want[t * rows + rr] + if with_bias { bias[rr] } else { 0.0 };
-                let got = got[t * rows + rr];
-                prop_assert!(((got - want) as f64).abs() <= 1e-5 * mag + 1e-6 + 1e-6 * want.abs() as f64,
-                    "token {t} row {rr}: {got} vs {want}");
+        // Every bf16 kernel this CPU can run, whether or not its level picks it.
+        for kernel in [Bf16Kernel::Amx, Bf16Kernel::DotProducts] {
+            let Some(m) = Bf16Matrix::pack_for(kernel, &w, rows, cols) else {
+                prop_assert!(!kernel.runs_here());
+                continue;
+            };
+            let mut got = vec![f32::NAN; n_tok * rows];
+            let mut scratch = Bf16Scratch::default();
+            m.matmul(&x, n_tok, with_bias.then_some(&bias[..]), &mut got, &mut scratch);
+            for t in 0..n_tok {
+                for rr in 0..rows {
+                    let mag: f64 = (0..cols).map(|c| (x[t * cols + c] as f64 * w[rr * cols + c] as f64).abs()).sum();
+                    let want = want[t * rows + rr] + if with_bias { bias[rr] } else { 0.0 };
+                    let got = got[t * rows + rr];
+                    prop_assert!(((got - want) as f64).abs() <= 1e-5 * mag + 1e-6 + 1e-6 * want.abs() as f64,
+                        "{kernel:?} token {t} row {rr}: {got} vs {want}");
+                }
             }
         }
     }
