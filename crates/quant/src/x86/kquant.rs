@@ -1,4 +1,4 @@
-//! AVX-512 (F/BW/VL) products of Q4_K and Q6_K weights with Q8_K activations, for decoding
+//! AVX-512 (F/BW/VL) products of Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights with Q8_K activations, for decoding
 //! and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
 //! of the product's rows so that one core streams the weights as 4 sequential reads
 //! (`quarter_tiles`, as `vnni::gemm`).
@@ -172,6 +172,314 @@ unsafe fn tile_q4k<const R: usize>(
     }
 }
 
+/// Per 64-byte weight vector of a Q5_K super-block: the `qh` bit that holds each half's
+/// fifth bit (the sub-blocks of `Q4K_PAIRS`: bit j for sub-block j).
+const fn q5k_bits(x: u8, y: u8) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        c[i] = 1 << if i < 32 { x } else { y };
+        i += 1;
+    }
+    c
+}
+const Q5K_BITS: [[u8; 64]; 4] = [
+    q5k_bits(0, 2),
+    q5k_bits(1, 3),
+    q5k_bits(4, 6),
+    q5k_bits(5, 7),
+];
+
+/// Q5_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`] with
+/// each value's fifth bit (`qh`, byte l bit j for value l of sub-block j) added as 16
+/// under a byte mask: values 0..=31, pairs at most 2·31·128 in i16.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_q5k<const R: usize>(
+    w: &[BlockQ5K],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    // SAFETY: the shuffle patterns and bit selectors are 64 bytes each.
+    let pairs = Q4K_PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
+    let bits = Q5K_BITS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_min = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+        let (y0, y1, y2, y3, bsums) = unsafe {
+            let p = y.qs.as_ptr();
+            (
+                _mm512_loadu_si512(p as *const _),
+                _mm512_loadu_si512(p.add(64) as *const _),
+                _mm512_loadu_si512(p.add(128) as *const _),
+                _mm512_loadu_si512(p.add(192) as *const _),
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // The activations in the weights' order, as for Q4_K.
+        let ya = [
+            _mm512_shuffle_i64x2::<0x44>(y0, y1),
+            _mm512_shuffle_i64x2::<0xEE>(y0, y1),
+            _mm512_shuffle_i64x2::<0x44>(y2, y3),
+            _mm512_shuffle_i64x2::<0xEE>(y2, y3),
+        ];
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch((x as *const BlockQ5K as *const u8).wrapping_add(ahead), 176);
+            let (scales, mins) = q4k_scales_mins(&x.scales);
+            let sc = _mm512_set1_epi64(scales as i64);
+            // SAFETY: two 64-byte loads covering the 128-byte qs; 32 bytes of qh.
+            let (q0, q1, qh) = unsafe {
+                (
+                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                    _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.qh.as_ptr() as *const __m256i)),
+                )
+            };
+            let nib = [
+                _mm512_and_si512(q0, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
+                _mm512_and_si512(q1, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
+            ];
+            let mut sum = _mm512_setzero_si512();
+            for k in 0..4 {
+                let high = _mm512_test_epi8_mask(qh, bits[k]);
+                let u = _mm512_mask_add_epi8(nib[k], high, nib[k], sixteen);
+                let pairs16 = _mm512_maddubs_epi16(u, ya[k]);
+                let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+            }
+            let d = h2f(x.d) * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+            // Σ min_j · (bsums[2j] + bsums[2j + 1]), as for Q4_K.
+            let m8 = _mm_cvtsi64_si128(mins as i64);
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+            let msum = _mm256_madd_epi16(m16, bsums);
+            let dmin = h2f(x.dmin) * y.d;
+            acc_min[r] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
+        }
+    }
+    for r in 0..R {
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_min[r]);
+    }
+}
+
+/// Byte shuffle making i16 lanes of scale `j` in 128-bit lane `j` (scales `first..first
+/// + 4`, from 8 i16 in every 128-bit lane).
+const fn lane_scales(first: u8) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let j = first + (i / 16) as u8;
+        c[i] = 2 * j + (i % 2) as u8;
+        i += 1;
+    }
+    c
+}
+const IQ4XS_LANES: [[u8; 64]; 2] = [lane_scales(0), lane_scales(4)];
+
+/// IQ4_XS: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
+/// The nibbles look up the signed IQ4 values (`vpshufb`); `vpmaddubsw` takes the
+/// activations' magnitudes (|q| ≤ 128 as u8) against the values with the activations'
+/// signs (|v| ≤ 127, so negating never overflows): pairs at most 2·128·127 in i16. Each
+/// 128-bit lane of a weight vector is one 32-value sub-block, scaled by `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_iq4xs<const R: usize>(
+    w: &[BlockIQ4XS],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    // SAFETY: 16 table bytes; the lane patterns are 64 bytes each.
+    let (table, lanes) = unsafe {
+        (
+            _mm512_broadcast_i32x4(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i)),
+            IQ4XS_LANES.map(|p| _mm512_loadu_si512(p.as_ptr() as *const _)),
+        )
+    };
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs.
+        let [y0, y1, y2, y3] = unsafe {
+            let p = y.qs.as_ptr();
+            [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _))
+        };
+        // Per weight vector (low nibbles of qs[0..64], high, then of qs[64..128]), 128-bit
+        // lane j is values 0..16 (low) or 16..32 (high) of sub-block j (+4): the matching
+        // activations, as magnitudes and sign masks.
+        let ya = [
+            _mm512_shuffle_i64x2::<0x88>(y0, y1),
+            _mm512_shuffle_i64x2::<0xDD>(y0, y1),
+            _mm512_shuffle_i64x2::<0x88>(y2, y3),
+            _mm512_shuffle_i64x2::<0xDD>(y2, y3),
+        ];
+        let mag = ya.map(|v| _mm512_abs_epi8(v));
+        let neg = ya.map(|v| _mm512_movepi8_mask(v));
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch(
+                (x as *const BlockIQ4XS as *const u8).wrapping_add(ahead),
+                136,
+            );
+            let ls = _mm_cvtsi64_si128(super::kunpack::iq4xs_scale_bytes(x) as i64);
+            let sc = _mm512_broadcast_i32x4(_mm_cvtepi8_epi16(ls));
+            // SAFETY: two 64-byte loads covering the 128-byte qs.
+            let (q0, q1) = unsafe {
+                (
+                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                    _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
+                )
+            };
+            let nib = [
+                _mm512_and_si512(q0, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
+                _mm512_and_si512(q1, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
+            ];
+            let mut sum = _mm512_setzero_si512();
+            for k in 0..4 {
+                let v = _mm512_shuffle_epi8(table, nib[k]);
+                let signed = _mm512_mask_sub_epi8(v, neg[k], zero, v);
+                let pairs16 = _mm512_maddubs_epi16(mag[k], signed);
+                let scale16 = _mm512_shuffle_epi8(sc, lanes[k / 2]);
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+            }
+            let d = h2f(x.d) * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+/// Per shift `j` of Q3_K's 2-bit values (values `32j..32j + 32` of each 128-value half):
+/// the `hmask` bit of each half's values (first 32 bytes: bit j; last 32: bit 4 + j).
+const fn q3k_bits(j: u8) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        c[i] = 1 << if i < 32 { j } else { 4 + j };
+        i += 1;
+    }
+    c
+}
+const Q3K_BITS: [[u8; 64]; 4] = [q3k_bits(0), q3k_bits(1), q3k_bits(2), q3k_bits(3)];
+
+/// i16 lane indices spreading 16-value sub-block scales over a vector of values
+/// `32j..32j + 32` of each half: scales 2j, 2j + 1, 8 + 2j, 9 + 2j, each over 8 lanes.
+const fn q3k_spread(j: u16) -> [u16; 32] {
+    let mut c = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        c[i] = 2 * j + (i as u16 / 8) % 2 + 8 * (i as u16 / 16);
+        i += 1;
+    }
+    c
+}
+const Q3K_SPREAD: [[u16; 32]; 4] = [q3k_spread(0), q3k_spread(1), q3k_spread(2), q3k_spread(3)];
+
+/// Q3_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`]. Each
+/// value is held as `u = value + 4` (the 2-bit part plus 4 where its `hmask` bit is set,
+/// under a byte mask): 0..=7; `4 · Σ scale · bsum` is taken away at the end, as Q6_K does
+/// with its offset 32.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_q3k<const R: usize>(
+    w: &[BlockQ3K],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
+    let three = _mm512_set1_epi8(3);
+    let four = _mm512_set1_epi8(4);
+    // SAFETY: the bit selectors are 64 bytes, the lane indices 32 × 2 bytes.
+    let (bits, spread) = unsafe {
+        (
+            Q3K_BITS.map(|p| _mm512_loadu_si512(p.as_ptr() as *const _)),
+            Q3K_SPREAD.map(|p| _mm512_loadu_si512(p.as_ptr() as *const _)),
+        )
+    };
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+        let ([y0, y1, y2, y3], bsums) = unsafe {
+            let p = y.qs.as_ptr();
+            (
+                [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // Values 32j..32j + 32 of the first half, then of the second.
+        let ya = [
+            _mm512_shuffle_i64x2::<0x44>(y0, y2),
+            _mm512_shuffle_i64x2::<0xEE>(y0, y2),
+            _mm512_shuffle_i64x2::<0x44>(y1, y3),
+            _mm512_shuffle_i64x2::<0xEE>(y1, y3),
+        ];
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch((x as *const BlockQ3K as *const u8).wrapping_add(ahead), 110);
+            // SAFETY: register operations on the 12 scale bytes; a 64-byte load of qs and
+            // a 32-byte load of hmask.
+            let (scales, q, hm) = unsafe {
+                (
+                    _mm256_cvtepi8_epi16(super::avx2::q3k_scales(&x.scales)),
+                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.hmask.as_ptr() as *const __m256i)),
+                )
+            };
+            let scales512 = _mm512_castsi256_si512(scales);
+            let mut sum = _mm512_setzero_si512();
+            for j in 0..4 {
+                let low = match j {
+                    0 => q,
+                    1 => _mm512_srli_epi16::<2>(q),
+                    2 => _mm512_srli_epi16::<4>(q),
+                    _ => _mm512_srli_epi16::<6>(q),
+                };
+                let low = _mm512_and_si512(low, three);
+                let high = _mm512_test_epi8_mask(hm, bits[j]);
+                let u = _mm512_mask_add_epi8(low, high, low, four);
+                let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
+                let scale16 = _mm512_permutexvar_epi16(spread[j], scales512);
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+            }
+            let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, bsums));
+            let sum = _mm512_sub_epi32(sum, _mm512_zextsi256_si512(offset));
+            let d = h2f(x.d) * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
 /// Q6_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[inline]
@@ -320,4 +628,7 @@ macro_rules! kquant_gemm {
 }
 
 kquant_gemm!(gemm_q4k, BlockQ4K, tile_q4k);
+kquant_gemm!(gemm_q5k, BlockQ5K, tile_q5k);
 kquant_gemm!(gemm_q6k, BlockQ6K, tile_q6k);
+kquant_gemm!(gemm_iq4xs, BlockIQ4XS, tile_iq4xs);
+kquant_gemm!(gemm_q3k, BlockQ3K, tile_q3k);

@@ -1,43 +1,17 @@
-//! AVX-512 VNNI products of super-block types with Q8_K activations: the decoding of Q2_K,
-//! Q3_K, Q5_K and IQ4_XS (Q4_K and Q6_K decode on the `kquant` tiles; prompt tokens of all
-//! six take `kpanel`, which unpacks them with this module's [`Unpack`]).
-//!
-//! Each weight super-block is first unpacked into one common form: 256 unsigned bytes `u`,
-//! and per group `g` of 16 values a scale `s_g` and a correction `c_g`, such that for Q8_K
-//! activations `a = d_a · q`:
+//! The super-block types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) in one common unpacked
+//! form, which the prompt panels (`kpanel`, `kpanel_avx2`) interleave: 256 unsigned bytes
+//! `u`, and per group `g` of 16 values a scale `s_g` and a correction `c_g`, such that for
+//! Q8_K activations `a = d_a · q`:
 //! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − Σ_g c_g · bsum_g)`.
 //! Q2_K, Q4_K, Q5_K: `u` is the stored value and `c` the scaled mins. Q3_K, Q6_K, IQ4_XS
 //! store signed values, held as `u = value + offset` (offset 4, 32, 128), so
-//! `c_g = s_g · offset`. Then one token costs per super-block four `vpdpbusd` (u8 × i8,
-//! exact i32 lanes), four conversions and FMAs with the lanes' group scales, one FMA for the
-//! corrections and one for `d_a`.
-//!
-//! Rows go 4 at a time and super-blocks 16 at a time (unpacked once into a stack buffer,
-//! then used for every token), so the unpacking is paid once per call, not per token, and
-//! each token's activations are loaded once for 4 rows. Every (row, token) goes through the
-//! same operations whatever the batch, so batched decoding equals decoding alone bit for bit.
+//! `c_g = s_g · offset`. (Decoding reads the blocks directly: `kquant` tiles for Q3_K to
+//! Q6_K and IQ4_XS, the AVX2 dot products for Q2_K.)
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
 use super::avx2::{h2f, nibbles_32};
 use crate::blocks::*;
 use std::arch::x86_64::*;
-
-/// One unpacked super-block.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-pub struct Unpacked {
-    u: [u8; QK_K],
-    /// The group scales by `vpdpbusd` lane: lane i of the k-th 64 values is group 4k + i/4.
-    ls: [f32; 64],
-    /// The group corrections `c_g`.
-    c: [f32; 16],
-}
-
-const EMPTY: Unpacked = Unpacked {
-    u: [0; QK_K],
-    ls: [0.0; 64],
-    c: [0.0; 16],
-};
 
 /// A super-block's group scales as integers: per 16-value group `g`, `s_g = d · v_g` and
 /// `c_g = e · w_g` (`v`, `w`: 16 signed bytes, byte g = group g).
@@ -60,48 +34,11 @@ pub trait Unpack: Copy {
     unsafe fn scales(&self) -> IntScales;
 }
 
-/// Writes block `b`'s `u`, `s` and `c` (AVX-512 F enabled by every caller).
-#[inline(always)]
-unsafe fn unpack<W: Unpack>(b: &W, out: &mut Unpacked) {
-    // SAFETY: the features are the caller's.
-    unsafe {
-        b.values(&mut out.u);
-        let s = b.scales();
-        scales_from(out, s.v, s.d, s.w, s.e);
-    }
-}
-
 #[inline(always)]
 unsafe fn store32(out: &mut [u8; QK_K], at: usize, v: __m256i) {
     assert!(at + 32 <= QK_K);
     // SAFETY: 32 bytes at `at`, inside `out` (asserted).
     unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at) as *mut __m256i, v) }
-}
-
-/// Group scales `d · v` (spread over `vpdpbusd` lanes into `out.ls`) and corrections
-/// `out.c = e · w`, for 16 signed bytes `v`, `w` (byte g = group g).
-#[inline(always)]
-unsafe fn scales_from(out: &mut Unpacked, v: __m128i, d: f32, w: __m128i, e: f32) {
-    // SAFETY: 64-byte aligned stores of 16 floats inside `ls` and `c`; AVX-512 F enabled by
-    // every caller (the gemm below).
-    unsafe {
-        let v = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
-            _mm512_set1_ps(d),
-        );
-        let w = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w)),
-            _mm512_set1_ps(e),
-        );
-        for k in 0..4 {
-            let g = _mm512_add_epi32(
-                _mm512_set1_epi32(4 * k as i32),
-                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-            );
-            _mm512_store_ps(out.ls.as_mut_ptr().add(16 * k), _mm512_permutexvar_ps(g, v));
-        }
-        _mm512_store_ps(out.c.as_mut_ptr(), w);
-    }
 }
 
 /// 8 bytes (one per 32-value group) as 16, each twice (one per 16-value group).
@@ -275,9 +212,6 @@ impl Unpack for BlockIQ4XS {
     }
 }
 
-/// How far ahead a row's weights are prefetched (as `kquant::PREFETCH_BYTES`).
-const PREFETCH_BYTES: usize = 4096;
-
 impl Unpack for BlockQ4K {
     const MAX_VALUE: u32 = 15;
     #[inline(always)]
@@ -325,79 +259,6 @@ impl Unpack for BlockQ6K {
             d,
             w: sc,
             e: 32.0 * d,
-        }
-    }
-}
-
-/// Rows per pass, and super-blocks unpacked per pass (the buffer stays in L1).
-const ROWS: usize = 4;
-const CHUNK: usize = 16;
-
-/// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
-/// `a`: `out[r * n_tok + t]`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
-    let rows = out.len() / n_tok;
-    assert!(w.len() >= rows * nb && a.len() >= n_tok * nb);
-    out.fill(0.0);
-    let mut buf = [[EMPTY; CHUNK]; ROWS];
-    for r0 in (0..rows).step_by(ROWS) {
-        let nr = (rows - r0).min(ROWS);
-        for c0 in (0..nb).step_by(CHUNK) {
-            let nc = (nb - c0).min(CHUNK);
-            for (r, row) in buf.iter_mut().enumerate().take(nr) {
-                for (k, u) in row.iter_mut().enumerate().take(nc) {
-                    let blk = &w[(r0 + r) * nb + c0 + k];
-                    // Decoding reads each weight once, from memory: each row streams ahead.
-                    let p = (blk as *const W as *const i8).wrapping_add(PREFETCH_BYTES);
-                    // SAFETY: a prefetch only hints, whatever the address; AVX2 is enabled
-                    // here and the block is inside `w`.
-                    unsafe {
-                        _mm_prefetch::<_MM_HINT_T0>(p);
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-                        unpack(blk, u)
-                    };
-                }
-            }
-            for t in 0..n_tok {
-                let mut acc = [_mm512_setzero_ps(); ROWS];
-                for k in 0..nc {
-                    let y = &a[t * nb + c0 + k];
-                    // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
-                    let (ys, bsums) = unsafe {
-                        let p = y.qs.as_ptr();
-                        (
-                            [0, 1, 2, 3].map(|i| _mm512_loadu_si512(p.add(64 * i) as *const _)),
-                            _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(
-                                y.bsums.as_ptr() as *const __m256i,
-                            ))),
-                        )
-                    };
-                    let da = _mm512_set1_ps(y.d);
-                    for (row, acc) in buf.iter().zip(acc.iter_mut()).take(nr) {
-                        let b = &row[k];
-                        // SAFETY: a 64-byte aligned load inside the unpacked block.
-                        let c = unsafe { _mm512_load_ps(b.c.as_ptr()) };
-                        let mut sum = _mm512_mul_ps(bsums, c);
-                        sum = _mm512_sub_ps(_mm512_setzero_ps(), sum);
-                        for (i, &y) in ys.iter().enumerate() {
-                            // SAFETY: 64-byte aligned loads at 64·i inside `u`, 16·i in `ls`.
-                            let (u, scale) = unsafe {
-                                (
-                                    _mm512_load_si512(b.u.as_ptr().add(64 * i) as *const _),
-                                    _mm512_load_ps(b.ls.as_ptr().add(16 * i)),
-                                )
-                            };
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
-                            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sum);
-                        }
-                        *acc = _mm512_fmadd_ps(sum, da, *acc);
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate().take(nr) {
-                    out[(r0 + r) * n_tok + t] += _mm512_reduce_add_ps(*acc);
-                }
-            }
         }
     }
 }

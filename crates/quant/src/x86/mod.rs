@@ -412,24 +412,28 @@ fn kquant_q4_k(w: &[BlockQ4K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize,
     // SAFETY: installed by `kernels` only at the Avx512 level (AVX-512 F/BW/VL detected).
     unsafe { kquant::gemm_q4k(w, a.blocks, nb, n_tok, out) }
 }
+fn kquant_q5_k(w: &[BlockQ5K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { kquant::gemm_q5k(w, a.blocks, nb, n_tok, out) }
+}
+fn kquant_iq4_xs(
+    w: &[BlockIQ4XS],
+    a: &ActBlocks<BlockQ8K>,
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: as above.
+    unsafe { kquant::gemm_iq4xs(w, a.blocks, nb, n_tok, out) }
+}
+fn kquant_q3_k(w: &[BlockQ3K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { kquant::gemm_q3k(w, a.blocks, nb, n_tok, out) }
+}
 fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
     // SAFETY: as above.
     unsafe { kquant::gemm_q6k(w, a.blocks, nb, n_tok, out) }
 }
-
-/// Super-block types through the unpacked VNNI path. SAFETY (all): installed by `kernels`
-/// only when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA, F16C).
-macro_rules! unpack_gemm {
-    ($name:ident, $w:ty) => {
-        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
-            // SAFETY: see above.
-            unsafe { kunpack::gemm(w, a.blocks, nb, n_tok, out) }
-        }
-    };
-}
-unpack_gemm!(unpack_q3_k, BlockQ3K);
-unpack_gemm!(unpack_q5_k, BlockQ5K);
-unpack_gemm!(unpack_iq4_xs, BlockIQ4XS);
 
 /// Prompt tokens of the super-block types on interleaved 16-row panels. SAFETY (all):
 /// installed by `kernels` only when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA,
@@ -486,9 +490,9 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q6_k: kquant_q6_k,
             // Q2_K decodes faster on the AVX2 dot products (vector scales) than unpacked.
             gemm_q2_k,
-            gemm_q3_k: unpack_q3_k,
-            gemm_q5_k: unpack_q5_k,
-            gemm_iq4_xs: unpack_iq4_xs,
+            gemm_q3_k: kquant_q3_k,
+            gemm_q5_k: kquant_q5_k,
+            gemm_iq4_xs: kquant_iq4_xs,
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
