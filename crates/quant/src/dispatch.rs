@@ -168,18 +168,18 @@ pub struct Kernels {
     pub gemm_iq4_xs: Gemm<BlockIQ4XS, BlockQ8K>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
     /// `gemm_*` (see `Activations::quantize_split`).
-    pub prefill_q4_0: Option<Gemm<BlockQ4_0, BlockQ8_0>>,
-    pub prefill_q4_1: Option<Gemm<BlockQ4_1, BlockQ8_1>>,
-    pub prefill_q5_0: Option<Gemm<BlockQ5_0, BlockQ8_0>>,
-    pub prefill_q5_1: Option<Gemm<BlockQ5_1, BlockQ8_1>>,
-    pub prefill_q8_0: Option<Gemm<BlockQ8_0, BlockQ8_0>>,
-    pub prefill_iq4_nl: Option<Gemm<BlockIQ4NL, BlockQ8_0>>,
-    pub prefill_q4_k: Option<Gemm<BlockQ4K, BlockQ8K>>,
-    pub prefill_q6_k: Option<Gemm<BlockQ6K, BlockQ8K>>,
-    pub prefill_q5_k: Option<Gemm<BlockQ5K, BlockQ8K>>,
-    pub prefill_q2_k: Option<Gemm<BlockQ2K, BlockQ8K>>,
-    pub prefill_q3_k: Option<Gemm<BlockQ3K, BlockQ8K>>,
-    pub prefill_iq4_xs: Option<Gemm<BlockIQ4XS, BlockQ8K>>,
+    pub prefill_q4_0: Option<Prefill<BlockQ4_0, BlockQ8_0>>,
+    pub prefill_q4_1: Option<Prefill<BlockQ4_1, BlockQ8_1>>,
+    pub prefill_q5_0: Option<Prefill<BlockQ5_0, BlockQ8_0>>,
+    pub prefill_q5_1: Option<Prefill<BlockQ5_1, BlockQ8_1>>,
+    pub prefill_q8_0: Option<Prefill<BlockQ8_0, BlockQ8_0>>,
+    pub prefill_iq4_nl: Option<Prefill<BlockIQ4NL, BlockQ8_0>>,
+    pub prefill_q4_k: Option<Prefill<BlockQ4K, BlockQ8K>>,
+    pub prefill_q6_k: Option<Prefill<BlockQ6K, BlockQ8K>>,
+    pub prefill_q5_k: Option<Prefill<BlockQ5K, BlockQ8K>>,
+    pub prefill_q2_k: Option<Prefill<BlockQ2K, BlockQ8K>>,
+    pub prefill_q3_k: Option<Prefill<BlockQ3K, BlockQ8K>>,
+    pub prefill_iq4_xs: Option<Prefill<BlockIQ4XS, BlockQ8K>>,
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
@@ -222,6 +222,9 @@ pub type AddLayerNorm = fn(&mut [f32], Option<&[f32]>, &[f32], &[f32], f32);
 
 /// `gemm(weight rows, activations, blocks per row, tokens, out)`.
 pub type Gemm<W, A> = fn(&[W], &ActBlocks<A>, usize, usize, &mut [f32]);
+/// The rows of `w` (`nb` blocks each) against every token of `a`, written straight into
+/// the token-major result: `out.token(t)[r]` (see [`crate::pool::OutColumns`]).
+pub type Prefill<W, A> = fn(&[W], &ActBlocks<A>, usize, &mut crate::pool::Columns);
 
 /// A [`Gemm`] made of one dot product per (row, token).
 macro_rules! gemm_from_dot {

@@ -384,51 +384,51 @@ impl QMatrix<'_> {
         let cols = self.cols;
         match self.blocks {
             Blocks::Q4_0(w) => match k.prefill_q4_0 {
-                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q4_1(w) => match k.prefill_q4_1 {
-                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q5_0(w) => match k.prefill_q5_0 {
-                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q5_1(w) => match k.prefill_q5_1 {
-                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_1_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q8_0(w) => match k.prefill_q8_0 {
-                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
             Blocks::IQ4NL(w) => match k.prefill_iq4_nl {
-                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q4K(w) => match k.prefill_q4_k {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q6K(w) => match k.prefill_q6_k {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q5K(w) => match k.prefill_q5_k {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q2K(w) => match k.prefill_q2_k {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::Q3K(w) => match k.prefill_q3_k {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::IQ4XS(w) => match k.prefill_iq4_xs {
-                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out, scratch),
+                Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
             Blocks::F16(w) if p >= 3 => {
@@ -520,14 +520,18 @@ fn rows_panels<W: Sync, A: Sync>(
     w: &[W],
     a: ActBlocks<A>,
     n_tok: usize,
-    gemm: dispatch::Gemm<W, A>,
+    prefill: dispatch::Prefill<W, A>,
     out: &mut [f32],
-    scratch: &mut Vec<f32>,
 ) {
     let nb = a.blocks.len() / n_tok;
-    let chunk = rows_per_task(w.len() / nb).next_multiple_of(16);
-    rows_gemm_by(w, nb, n_tok, chunk, out, scratch, |w, o| {
-        gemm(w, &a, nb, n_tok, o)
+    let rows = w.len() / nb;
+    let chunk = rows_per_task(rows).next_multiple_of(16);
+    // Each task's rows go straight into their columns of the token-major result.
+    let columns = pool::OutColumns::new(out, n_tok, rows);
+    pool::run(rows.div_ceil(chunk), |c| {
+        let r0 = c * chunk;
+        let n = (rows - r0).min(chunk);
+        columns.with(r0, n, |o| prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o));
     });
 }
 

@@ -357,9 +357,101 @@ impl<'a, T: Send> OutRows<'a, T> {
     }
 }
 
+/// A token-major result (`n_tok` rows of `width` values: one row per token, one column
+/// per weight row) handed to pool tasks by ranges of columns, so a task that computes some
+/// weight rows for every token writes its results in place, with no row-major copy to
+/// transpose afterwards.
+pub struct OutColumns<'a> {
+    ptr: SendPtr<f32>,
+    n_tok: usize,
+    width: usize,
+    taken: Vec<std::sync::atomic::AtomicBool>,
+    _data: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> OutColumns<'a> {
+    /// `data` as `n_tok` rows of `width` values.
+    pub fn new(data: &'a mut [f32], n_tok: usize, width: usize) -> Self {
+        assert!(
+            data.len() >= n_tok * width,
+            "result smaller than {n_tok}x{width}"
+        );
+        Self {
+            ptr: SendPtr(data.as_mut_ptr()),
+            n_tok,
+            width,
+            taken: (0..width)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// Calls `f` with columns `first..first + count` of every token. Panics if any of them
+    /// was handed out before (each column goes to one task, once).
+    pub fn with<R>(&self, first: usize, count: usize, f: impl FnOnce(&mut Columns) -> R) -> R {
+        assert!(first + count <= self.width, "columns out of range");
+        for t in &self.taken[first..first + count] {
+            assert!(!t.swap(true, AcqRel), "column handed out twice");
+        }
+        f(&mut Columns {
+            // Only dereferenced through `token`, for a token that exists.
+            ptr: self.ptr.0.wrapping_add(first),
+            stride: self.width,
+            n_tok: self.n_tok,
+            width: count,
+            _data: std::marker::PhantomData,
+        })
+    }
+}
+
+/// Columns `c0..c0 + width` of every token of an [`OutColumns`], for one task.
+pub struct Columns<'b> {
+    ptr: *mut f32,
+    stride: usize,
+    n_tok: usize,
+    width: usize,
+    _data: std::marker::PhantomData<&'b mut [f32]>,
+}
+
+impl Columns<'_> {
+    pub fn n_tok(&self) -> usize {
+        self.n_tok
+    }
+
+    /// Columns (weight rows) of each token held here.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Token `t`'s values in these columns.
+    pub fn token(&mut self, t: usize) -> &mut [f32] {
+        assert!(t < self.n_tok, "token {t} of {}", self.n_tok);
+        // SAFETY: token `t`'s row has `stride` values from `ptr - c0`, of which
+        // `c0..c0 + width` are these columns (`c0 + width <= stride`, checked by `with`);
+        // no other task holds them (`with`'s flags) and `&mut self` makes this the only
+        // reference here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(t * self.stride), self.width) }
+    }
+
+    /// Runs a kernel that writes row-major results (`width` rows of `n_tok`, added into
+    /// zeros) and puts them in these columns.
+    pub fn from_row_major(&mut self, kernel: impl FnOnce(&mut [f32])) {
+        let (n_tok, width) = (self.n_tok, self.width);
+        let mut rows = vec![0f32; width * n_tok];
+        kernel(&mut rows);
+        for t in 0..n_tok {
+            for (r, v) in self.token(t).iter_mut().enumerate() {
+                *v = rows[r * n_tok + t];
+            }
+        }
+    }
+}
+
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint parts of a `&mut [T]` (T: Send) to pool tasks
-// (`for_each_chunk`, `OutRows`, and the AMX products' disjoint output blocks).
+// (`for_each_chunk`, `OutRows`, `OutColumns`, and the AMX products' disjoint output
+// blocks).
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 #[cfg(test)]
@@ -461,5 +553,44 @@ mod tests {
             });
         });
         assert_eq!(n.load(Relaxed), 12);
+    }
+
+    #[test]
+    fn out_columns_hand_each_task_its_columns_of_every_token_once() {
+        let (n_tok, width) = (3, 10);
+        let mut data = vec![0f32; n_tok * width];
+        let columns = OutColumns::new(&mut data, n_tok, width);
+        let p = Pool::new(2);
+        p.run(2, &|c| {
+            let (c0, n) = if c == 0 { (0, 4) } else { (4, 6) };
+            columns.with(c0, n, |o| {
+                assert_eq!((o.n_tok(), o.width()), (n_tok, n));
+                for t in 0..n_tok {
+                    for (i, v) in o.token(t).iter_mut().enumerate() {
+                        *v = (t * 100 + c0 + i) as f32;
+                    }
+                }
+            })
+        });
+        let twice = catch_unwind(AssertUnwindSafe(|| columns.with(3, 2, |_| ())));
+        assert!(twice.is_err(), "column 3 was handed out twice");
+        drop(columns);
+        for t in 0..n_tok {
+            for r in 0..width {
+                assert_eq!(data[t * width + r], (t * 100 + r) as f32);
+            }
+        }
+        let mut row_major = vec![0f32; 2 * 4];
+        let columns = OutColumns::new(&mut row_major, 4, 2);
+        columns.with(0, 2, |o| {
+            o.from_row_major(|rows| {
+                rows.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v += i as f32)
+            })
+        });
+        drop(columns);
+        // Row r, token t was r * 4 + t; token-major now.
+        assert_eq!(row_major, [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
     }
 }

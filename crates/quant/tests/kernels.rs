@@ -7,7 +7,8 @@ mod common;
 use bytemuck::Zeroable;
 use half::f16;
 use hearth_quant::blocks::*;
-use hearth_quant::dispatch::Kernels;
+use hearth_quant::dispatch::{Kernels, Prefill};
+use hearth_quant::pool::OutColumns;
 use hearth_quant::reference as r;
 use hearth_quant::ActBlocks;
 use proptest::prelude::*;
@@ -32,6 +33,32 @@ fn blocks<T: bytemuck::Pod>(bytes: &[u8], fix: impl Fn(&mut T, f32)) -> Vec<T> {
             b
         })
         .collect()
+}
+
+/// Runs a prompt kernel into a token-major result and returns it row-major
+/// (`got[r * n_tok + t]`, as the checks read it). Where there are more than 16 rows they go
+/// in two tasks' columns (rows 0..16 and the rest), as the thread pool splits them.
+fn prefill_rows<W, A>(
+    prefill: Prefill<W, A>,
+    w: &[W],
+    a: &ActBlocks<A>,
+    nb: usize,
+    n_tok: usize,
+    got: &mut [f32],
+) {
+    let rows = w.len() / nb;
+    let mut token_major = vec![f32::NAN; n_tok * rows];
+    let columns = OutColumns::new(&mut token_major, n_tok, rows);
+    let split = if rows > 16 { 16 } else { rows };
+    columns.with(0, split, |o| prefill(&w[..split * nb], a, nb, o));
+    if split < rows {
+        columns.with(split, rows - split, |o| prefill(&w[split * nb..], a, nb, o));
+    }
+    for t in 0..n_tok {
+        for r in 0..rows {
+            got[r * n_tok + t] = token_major[t * rows + r];
+        }
+    }
 }
 
 fn h(v: f32) -> f16 {
@@ -155,22 +182,22 @@ proptest! {
             // The prompt kernels, where the level has them.
             if let Some(prefill) = k.prefill_q4_0 {
                 r::dequantize_row_q4_0(&q40, &mut wf);
-                prefill(&q40, &a0, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q40, &a0, nb, n_tok, &mut got);
                 check("q4_0 prompt", &q40, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
             }
             if let Some(prefill) = k.prefill_q4_1 {
                 r::dequantize_row_q4_1(&q41, &mut wf);
-                prefill(&q41, &a1, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q41, &a1, nb, n_tok, &mut got);
                 check("q4_1 prompt", &q41, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q4_1_q8_1(w, &y1[t * nb..(t + 1) * nb]));
             }
             if let Some(prefill) = k.prefill_q5_0 {
                 r::dequantize_row_q5_0(&q50, &mut wf);
-                prefill(&q50, &a0, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q50, &a0, nb, n_tok, &mut got);
                 check("q5_0 prompt", &q50, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q5_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
             }
             if let Some(prefill) = k.prefill_q8_0 {
                 r::dequantize_row_q8_0(&q80, &mut wf);
-                prefill(&q80, &a0, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q80, &a0, nb, n_tok, &mut got);
                 check("q8_0 prompt", &q80, &wf, &yf, nb, n_tok, &got, |w, t| r::vec_dot_q8_0_q8_0(w, &y0[t * nb..(t + 1) * nb]));
             }
         }
@@ -218,14 +245,14 @@ proptest! {
             // The prompt kernels, where the level has them.
             if let Some(prefill) = k.prefill_q4_k {
                 r::dequantize_row_q4_k(&q4k, &mut wf);
-                prefill(&q4k, &a, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q4k, &a, nb, n_tok, &mut got);
                 check("q4_K prefill", &got, &wf, &|row, t| {
                     r::vec_dot_q4_k_q8_k(&q4k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
                 });
             }
             if let Some(prefill) = k.prefill_q6_k {
                 r::dequantize_row_q6_k(&q6k, &mut wf);
-                prefill(&q6k, &a, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q6k, &a, nb, n_tok, &mut got);
                 check("q6_K prefill", &got, &wf, &|row, t| {
                     r::vec_dot_q6_k_q8_k(&q6k[row * nb..(row + 1) * nb], &yk[t * nb..(t + 1) * nb])
                 });
@@ -328,32 +355,32 @@ proptest! {
             // The prompt kernels, where the level has them.
             if let Some(prefill) = k.prefill_iq4_nl {
                 r::dequantize_row_iq4_nl(&nl4, &mut wf);
-                prefill(&nl4, &a0, nb32, n_tok, &mut got);
+                prefill_rows(prefill, &nl4, &a0, nb32, n_tok, &mut got);
                 check("iq4_nl prompt", &nl4, &wf, &y0, &y0f, nb32, n, n_tok, &got, k.dot_iq4_nl, r::vec_dot_iq4_nl_q8_0);
             }
             if let Some(prefill) = k.prefill_q5_1 {
                 r::dequantize_row_q5_1(&q51, &mut wf);
-                prefill(&q51, &a1, nb32, n_tok, &mut got);
+                prefill_rows(prefill, &q51, &a1, nb32, n_tok, &mut got);
                 check("q5_1 prompt", &q51, &wf, &y1, &y0f, nb32, n, n_tok, &got, k.dot_q5_1, r::vec_dot_q5_1_q8_1);
             }
             if let Some(prefill) = k.prefill_q2_k {
                 r::dequantize_row_q2_k(&q2k, &mut wf);
-                prefill(&q2k, &ak, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q2k, &ak, nb, n_tok, &mut got);
                 check("q2_K prompt", &q2k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q2_k, r::vec_dot_q2_k_q8_k);
             }
             if let Some(prefill) = k.prefill_q3_k {
                 r::dequantize_row_q3_k(&q3k, &mut wf);
-                prefill(&q3k, &ak, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q3k, &ak, nb, n_tok, &mut got);
                 check("q3_K prompt", &q3k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q3_k, r::vec_dot_q3_k_q8_k);
             }
             if let Some(prefill) = k.prefill_q5_k {
                 r::dequantize_row_q5_k(&q5k, &mut wf);
-                prefill(&q5k, &ak, nb, n_tok, &mut got);
+                prefill_rows(prefill, &q5k, &ak, nb, n_tok, &mut got);
                 check("q5_K prompt", &q5k, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_q5_k, r::vec_dot_q5_k_q8_k);
             }
             if let Some(prefill) = k.prefill_iq4_xs {
                 r::dequantize_row_iq4_xs(&xs4, &mut wf);
-                prefill(&xs4, &ak, nb, n_tok, &mut got);
+                prefill_rows(prefill, &xs4, &ak, nb, n_tok, &mut got);
                 check("iq4_xs prompt", &xs4, &wf, &yk, &ykf, nb, n, n_tok, &got, k.dot_iq4_xs, r::vec_dot_iq4_xs_q8_k);
             }
         }

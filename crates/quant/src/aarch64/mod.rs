@@ -12,6 +12,7 @@ pub mod neon;
 
 use crate::blocks::*;
 use crate::dispatch::{Isa, Kernels};
+use crate::pool::Columns;
 use crate::ActBlocks;
 use half::{bf16, f16};
 use neon::{Mull, Sdot};
@@ -148,10 +149,11 @@ macro_rules! block32 {
             // SAFETY: as above.
             unsafe { inner(w, a, nb, n_tok, out) }
         }
-        fn $prefill(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $prefill(w: &[$w], a: &ActBlocks<$a>, nb: usize, out: &mut Columns) {
+            let n_tok = out.n_tok();
             // SAFETY: installed by `kernels` only at the I8mm level, which `detect()` found
             // on this CPU.
-            unsafe { i8mm::gemm32::<$w, $a>(w, a, nb, n_tok, out) }
+            out.from_row_major(|o| unsafe { i8mm::gemm32::<$w, $a>(w, a, nb, n_tok, o) })
         }
     };
 }
@@ -203,10 +205,11 @@ macro_rules! superblock {
             // SAFETY: as above.
             unsafe { inner(w, a.blocks, nb, n_tok, out) }
         }
-        fn $prefill(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $prefill(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+            let n_tok = out.n_tok();
             // SAFETY: installed by `kernels` only at the I8mm level, which `detect()` found
             // on this CPU.
-            unsafe { i8mm::gemm_k::<$w>(w, a.blocks, nb, n_tok, out) }
+            out.from_row_major(|o| unsafe { i8mm::gemm_k::<$w>(w, a.blocks, nb, n_tok, o) })
         }
     };
 }

@@ -223,10 +223,10 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
     }
 }
 
-/// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok` tokens of
-/// `a`: `out[r * n_tok + t]`.
+/// All rows of `w` (`out.width()`, `nb` super-blocks each) against every token of `a`,
+/// into each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, out: &mut crate::pool::Columns) {
     let p = Box::new(Packed {
         u: [[[0; 32]; QK_K / 4]; CHUNK],
         v: [[[0; 16]; GROUPS]; CHUNK],
@@ -234,5 +234,5 @@ pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, n_tok: usize, 
         d: [[0.0; PANEL]; CHUNK],
         e: [[0.0; PANEL]; CHUNK],
     });
-    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, n_tok, out);
+    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, out);
 }

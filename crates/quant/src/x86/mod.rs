@@ -56,6 +56,7 @@ fn quarter_tiles(rows: usize, mut tile: impl FnMut(usize, usize, bool)) {
         tile(r, 0, false);
     }
 }
+use crate::pool::Columns;
 use crate::ActBlocks;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -123,14 +124,13 @@ pub(crate) trait PanelSteps<const PANEL: usize> {
 
 /// The prompt-panel skeleton (`panel`, `kpanel` and their AVX2 twins): for each panel of
 /// `PANEL` rows, chunk by chunk of blocks, pack the chunk then run every token over it; the
-/// panel's results go to `out[r * n_tok + t]`.
+/// panel's results go straight into each token's columns of `out`.
 pub(crate) fn prompt_panels<const PANEL: usize, S: PanelSteps<PANEL>>(
     steps: &mut S,
     nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
+    out: &mut Columns,
 ) {
-    let rows = out.len() / n_tok;
+    let (rows, n_tok) = (out.width(), out.n_tok());
     let mut acc = vec![[0f32; PANEL]; n_tok];
     let full = n_tok / S::TOKENS * S::TOKENS;
     for r0 in (0..rows).step_by(PANEL) {
@@ -146,9 +146,14 @@ pub(crate) fn prompt_panels<const PANEL: usize, S: PanelSteps<PANEL>>(
                 steps.tokens(t, true, c0, nc, &mut acc);
             }
         }
+        // A whole panel is a fixed-size copy (inlined vector moves, not a memmove call
+        // per token).
         for (t, acc) in acc.iter().enumerate() {
-            for (i, v) in acc.iter().enumerate().take(nr) {
-                out[(r0 + i) * n_tok + t] = *v;
+            let row = &mut out.token(t)[r0..r0 + nr];
+            if nr == PANEL {
+                row[..PANEL].copy_from_slice(acc);
+            } else {
+                row.copy_from_slice(&acc[..nr]);
             }
         }
     }
@@ -371,9 +376,9 @@ fn attend_rows_avx2(a: &crate::AttendRows, out: &mut [f32]) {
 /// when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA, F16C).
 macro_rules! panel_gemm {
     ($name:ident, $w:ty, $a:ty) => {
-        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, out: &mut Columns) {
             // SAFETY: see above.
-            unsafe { panel::gemm(w, a, nb, n_tok, out) }
+            unsafe { panel::gemm(w, a, nb, out) }
         }
     };
 }
@@ -388,9 +393,9 @@ panel_gemm!(panel_iq4_nl, BlockIQ4NL, BlockQ8_0);
 /// `kernels` only when `detect()` found AVX2, FMA and F16C.
 macro_rules! panel_avx2_gemm {
     ($name:ident, $w:ty, $a:ty) => {
-        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $name(w: &[$w], a: &ActBlocks<$a>, nb: usize, out: &mut Columns) {
             // SAFETY: see above.
-            unsafe { panel_avx2::gemm(w, a, nb, n_tok, out) }
+            unsafe { panel_avx2::gemm(w, a, nb, out) }
         }
     };
 }
@@ -440,9 +445,9 @@ fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize,
 /// F16C).
 macro_rules! kpanel_gemm {
     ($name:ident, $w:ty) => {
-        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
             // SAFETY: see above.
-            unsafe { kpanel::gemm(w, a.blocks, nb, n_tok, out) }
+            unsafe { kpanel::gemm(w, a.blocks, nb, out) }
         }
     };
 }
@@ -457,9 +462,9 @@ kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
 /// SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
 macro_rules! kpanel_avx2_gemm {
     ($name:ident, $w:ty) => {
-        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
             // SAFETY: see above.
-            unsafe { kpanel_avx2::gemm(w, a.blocks, nb, n_tok, out) }
+            unsafe { kpanel_avx2::gemm(w, a.blocks, nb, out) }
         }
     };
 }

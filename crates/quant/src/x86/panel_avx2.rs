@@ -219,20 +219,19 @@ impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
     }
 }
 
-/// All rows of `w` (`out.len() / n_tok`, `nb` blocks each) against `n_tok` tokens of `a`:
-/// `out[r * n_tok + t]`.
+/// All rows of `w` (`out.width()`, `nb` blocks each) against every token of `a`, into
+/// each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
     w: &[W],
     a: &ActBlocks<A>,
     nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
+    out: &mut crate::pool::Columns,
 ) {
     let p = Packed {
         u: [[[0; 32]; 8]; CHUNK],
         dw: [[0.0; PANEL]; CHUNK],
         mw: [[0.0; PANEL]; CHUNK],
     };
-    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, n_tok, out);
+    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, out);
 }
