@@ -92,12 +92,109 @@ const Q4K_PAIRS: [[u8; 64]; 4] = [
     pick_pair(5, 7),
 ];
 
+/// Q4_K and Q5_K: the same scales, mins and value order; Q5_K adds a fifth bit per value.
+trait Q4KLike {
+    const BYTES: usize;
+    fn d(&self) -> half::f16;
+    fn dmin(&self) -> half::f16;
+    fn scales(&self) -> &[u8; K_SCALE_SIZE];
+    /// The 256 values as four vectors of bytes in `Q4K_PAIRS` order (low nibbles of
+    /// qs[0..64], high nibbles, then of qs[64..128]).
+    unsafe fn values(&self) -> [__m512i; 4];
+}
+
+/// The low and high nibbles of a super-block's 128 bytes of `qs`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn nibbles(qs: &[u8; QK_K / 2]) -> [__m512i; 4] {
+    let low4 = _mm512_set1_epi8(0x0F);
+    // SAFETY: two 64-byte loads covering the 128 bytes.
+    let (q0, q1) = unsafe {
+        (
+            _mm512_loadu_si512(qs.as_ptr() as *const _),
+            _mm512_loadu_si512(qs.as_ptr().add(64) as *const _),
+        )
+    };
+    [
+        _mm512_and_si512(q0, low4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
+        _mm512_and_si512(q1, low4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
+    ]
+}
+
+impl Q4KLike for BlockQ4K {
+    const BYTES: usize = 144;
+    fn d(&self) -> half::f16 {
+        self.d
+    }
+    fn dmin(&self) -> half::f16 {
+        self.dmin
+    }
+    fn scales(&self) -> &[u8; K_SCALE_SIZE] {
+        &self.scales
+    }
+    #[inline(always)]
+    unsafe fn values(&self) -> [__m512i; 4] {
+        // SAFETY: the caller (the tile) has AVX-512 F/BW enabled.
+        unsafe { nibbles(&self.qs) }
+    }
+}
+
+/// Per 64-byte weight vector of a Q5_K super-block: the `qh` bit that holds each half's
+/// fifth bit (the sub-blocks of `Q4K_PAIRS`: bit j for sub-block j).
+const fn q5k_bits(x: u8, y: u8) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        c[i] = 1 << if i < 32 { x } else { y };
+        i += 1;
+    }
+    c
+}
+const Q5K_BITS: [[u8; 64]; 4] = [
+    q5k_bits(0, 2),
+    q5k_bits(1, 3),
+    q5k_bits(4, 6),
+    q5k_bits(5, 7),
+];
+
+impl Q4KLike for BlockQ5K {
+    const BYTES: usize = 176;
+    fn d(&self) -> half::f16 {
+        self.d
+    }
+    fn dmin(&self) -> half::f16 {
+        self.dmin
+    }
+    fn scales(&self) -> &[u8; K_SCALE_SIZE] {
+        &self.scales
+    }
+    /// Each value's fifth bit (`qh`, byte l bit j for value l of sub-block j) added as 16
+    /// under a byte mask: values 0..=31, pairs at most 2·31·128 in i16.
+    #[inline(always)]
+    unsafe fn values(&self) -> [__m512i; 4] {
+        // SAFETY: AVX-512 F/BW enabled by the caller (the tile); 32 bytes of qh, 64-byte
+        // bit selectors.
+        unsafe {
+            let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr() as *const __m256i));
+            let sixteen = _mm512_set1_epi8(16);
+            let nib = nibbles(&self.qs);
+            std::array::from_fn(|k| {
+                let bits = _mm512_loadu_si512(Q5K_BITS[k].as_ptr() as *const _);
+                let high = _mm512_test_epi8_mask(qh, bits);
+                _mm512_mask_add_epi8(nib[k], high, nib[k], sixteen)
+            })
+        }
+    }
+}
+
 /// Rows `0, stride, 2·stride, 3·stride` (`R` of them) of `w` (`nb` super-blocks each)
 /// against token `t` of `a`; row `r`'s result goes to `out[r * stride * n_tok + t]`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn tile_q4k<const R: usize>(
-    w: &[BlockQ4K],
+unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
+    w: &[B],
     stride: usize,
     a: &[BlockQ8K],
     nb: usize,
@@ -106,7 +203,6 @@ unsafe fn tile_q4k<const R: usize>(
     out: &mut [f32],
 ) {
     let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
-    let low4 = _mm512_set1_epi8(0x0F);
     // SAFETY: the four shuffle patterns are 64 bytes each.
     let pairs = Q4K_PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
     let mut acc = [_mm512_setzero_ps(); R];
@@ -134,138 +230,24 @@ unsafe fn tile_q4k<const R: usize>(
         ];
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch((x as *const BlockQ4K as *const u8).wrapping_add(ahead), 144);
-            let (scales, mins) = q4k_scales_mins(&x.scales);
+            prefetch((x as *const B as *const u8).wrapping_add(ahead), B::BYTES);
+            let (scales, mins) = q4k_scales_mins(x.scales());
             let sc = _mm512_set1_epi64(scales as i64);
-            // SAFETY: two 64-byte loads covering the 128-byte qs.
-            let (q0, q1) = unsafe {
-                (
-                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
-                    _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
-                )
-            };
-            let u = [
-                _mm512_and_si512(q0, low4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
-                _mm512_and_si512(q1, low4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
-            ];
+            // SAFETY: the features are enabled here.
+            let u = unsafe { x.values() };
             let mut sum = _mm512_setzero_si512();
             for k in 0..4 {
                 let pairs16 = _mm512_maddubs_epi16(u[k], ya[k]);
                 let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
                 sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
             }
-            let d = h2f(x.d) * y.d;
+            let d = h2f(x.d()) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
             // Σ min_j · (bsums[2j] + bsums[2j + 1]), each min twice to meet both sums.
             let m8 = _mm_cvtsi64_si128(mins as i64);
             let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
             let msum = _mm256_madd_epi16(m16, bsums);
-            let dmin = h2f(x.dmin) * y.d;
-            acc_min[r] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
-        }
-    }
-    for r in 0..R {
-        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_min[r]);
-    }
-}
-
-/// Per 64-byte weight vector of a Q5_K super-block: the `qh` bit that holds each half's
-/// fifth bit (the sub-blocks of `Q4K_PAIRS`: bit j for sub-block j).
-const fn q5k_bits(x: u8, y: u8) -> [u8; 64] {
-    let mut c = [0u8; 64];
-    let mut i = 0;
-    while i < 64 {
-        c[i] = 1 << if i < 32 { x } else { y };
-        i += 1;
-    }
-    c
-}
-const Q5K_BITS: [[u8; 64]; 4] = [
-    q5k_bits(0, 2),
-    q5k_bits(1, 3),
-    q5k_bits(4, 6),
-    q5k_bits(5, 7),
-];
-
-/// Q5_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`] with
-/// each value's fifth bit (`qh`, byte l bit j for value l of sub-block j) added as 16
-/// under a byte mask: values 0..=31, pairs at most 2·31·128 in i16.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-#[inline]
-unsafe fn tile_q5k<const R: usize>(
-    w: &[BlockQ5K],
-    stride: usize,
-    a: &[BlockQ8K],
-    nb: usize,
-    t: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
-    let low4 = _mm512_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(16);
-    // SAFETY: the shuffle patterns and bit selectors are 64 bytes each.
-    let pairs = Q4K_PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
-    let bits = Q5K_BITS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut acc_min = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        let y = &a[t * nb + b];
-        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
-        let (y0, y1, y2, y3, bsums) = unsafe {
-            let p = y.qs.as_ptr();
-            (
-                _mm512_loadu_si512(p as *const _),
-                _mm512_loadu_si512(p.add(64) as *const _),
-                _mm512_loadu_si512(p.add(128) as *const _),
-                _mm512_loadu_si512(p.add(192) as *const _),
-                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
-            )
-        };
-        // The activations in the weights' order, as for Q4_K.
-        let ya = [
-            _mm512_shuffle_i64x2::<0x44>(y0, y1),
-            _mm512_shuffle_i64x2::<0xEE>(y0, y1),
-            _mm512_shuffle_i64x2::<0x44>(y2, y3),
-            _mm512_shuffle_i64x2::<0xEE>(y2, y3),
-        ];
-        for r in 0..R {
-            let x = &w[r * stride * nb + b];
-            prefetch((x as *const BlockQ5K as *const u8).wrapping_add(ahead), 176);
-            let (scales, mins) = q4k_scales_mins(&x.scales);
-            let sc = _mm512_set1_epi64(scales as i64);
-            // SAFETY: two 64-byte loads covering the 128-byte qs; 32 bytes of qh.
-            let (q0, q1, qh) = unsafe {
-                (
-                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
-                    _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.qh.as_ptr() as *const __m256i)),
-                )
-            };
-            let nib = [
-                _mm512_and_si512(q0, low4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low4),
-                _mm512_and_si512(q1, low4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low4),
-            ];
-            let mut sum = _mm512_setzero_si512();
-            for k in 0..4 {
-                let high = _mm512_test_epi8_mask(qh, bits[k]);
-                let u = _mm512_mask_add_epi8(nib[k], high, nib[k], sixteen);
-                let pairs16 = _mm512_maddubs_epi16(u, ya[k]);
-                let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
-                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
-            }
-            let d = h2f(x.d) * y.d;
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
-            // Σ min_j · (bsums[2j] + bsums[2j + 1]), as for Q4_K.
-            let m8 = _mm_cvtsi64_si128(mins as i64);
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
-            let msum = _mm256_madd_epi16(m16, bsums);
-            let dmin = h2f(x.dmin) * y.d;
+            let dmin = h2f(x.dmin()) * y.d;
             acc_min[r] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
         }
@@ -599,7 +581,7 @@ unsafe fn tile_q6k<const R: usize>(
 }
 
 macro_rules! kquant_gemm {
-    ($name:ident, $block:ty, $tile:ident) => {
+    ($name:ident, $block:ty, $tile:ident $(::<$generic:ty>)?) => {
         /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok`
         /// tokens of `a`: `out[r * n_tok + t]`, in `quarter_tiles` order.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
@@ -616,9 +598,9 @@ macro_rules! kquant_gemm {
                     // SAFETY: the features are enabled here; the tiles assert bounds.
                     unsafe {
                         if four {
-                            $tile::<4>(wr, stride, a, nb, t, n_tok, o);
+                            $tile::<$($generic,)? 4>(wr, stride, a, nb, t, n_tok, o);
                         } else {
-                            $tile::<1>(wr, 0, a, nb, t, n_tok, o);
+                            $tile::<$($generic,)? 1>(wr, 0, a, nb, t, n_tok, o);
                         }
                     }
                 }
@@ -627,8 +609,8 @@ macro_rules! kquant_gemm {
     };
 }
 
-kquant_gemm!(gemm_q4k, BlockQ4K, tile_q4k);
-kquant_gemm!(gemm_q5k, BlockQ5K, tile_q5k);
+kquant_gemm!(gemm_q4k, BlockQ4K, tile_q4k::<BlockQ4K>);
+kquant_gemm!(gemm_q5k, BlockQ5K, tile_q4k::<BlockQ5K>);
 kquant_gemm!(gemm_q6k, BlockQ6K, tile_q6k);
 kquant_gemm!(gemm_iq4xs, BlockIQ4XS, tile_iq4xs);
 kquant_gemm!(gemm_q3k, BlockQ3K, tile_q3k);
