@@ -161,6 +161,22 @@ impl Bf16Matrix {
         );
     }
 
+    /// Tasks per run of tokens when there are `token_tasks` runs: short batches split the
+    /// weight pairs (32 rows) too, so every thread has about two tasks.
+    #[cfg(target_arch = "x86_64")]
+    fn pair_splits(&self, token_tasks: usize) -> usize {
+        (2 * crate::pool::threads())
+            .div_ceil(token_tasks)
+            .clamp(1, self.groups / 2)
+    }
+
+    /// The weight pairs of split `split` of `splits`.
+    #[cfg(target_arch = "x86_64")]
+    fn pair_range(&self, splits: usize, split: usize) -> std::ops::Range<usize> {
+        let (n_pairs, per_split) = (self.groups / 2, (self.groups / 2).div_ceil(splits));
+        split * per_split..((split + 1) * per_split).min(n_pairs)
+    }
+
     /// The activations as tiles too: groups of 16 tokens × blocks of 32 columns, 512 values
     /// each (padding as zeros), `2 * n_tok.div_ceil(32)` groups of `k_blocks` tiles.
     #[cfg(target_arch = "x86_64")]
@@ -217,18 +233,14 @@ impl Bf16Matrix {
         let a_tiles = self.activation_tiles(x, n_tok, scratch);
         let group_len = k_blocks * TILE;
         let runs = n_tok.div_ceil(16 * RUN_GROUPS);
-        let n_pairs = self.groups / 2;
-        // Short batches split the weight pairs too, so every thread has work.
-        let want = 2 * crate::pool::threads();
-        let splits = want.div_ceil(runs).clamp(1, n_pairs);
-        let per_split = n_pairs.div_ceil(splits);
+        let (n_pairs, splits) = (self.groups / 2, self.pair_splits(runs));
         let init = &crate::padded_bias(bias, n_pairs * 32)[..];
         let out = crate::pool::SendPtr(y.as_mut_ptr());
         crate::pool::run(runs * splits, |task| {
             let (run, split) = (task / splits, task % splits);
             let out = &out;
             let t_end = ((run + 1) * 16 * RUN_GROUPS).min(n_tok);
-            for np in split * per_split..((split + 1) * per_split).min(n_pairs) {
+            for np in self.pair_range(splits, split) {
                 let r0 = np * 32;
                 let valid = (rows - r0).min(32);
                 for t0 in (run * 16 * RUN_GROUPS..t_end).step_by(BF16_DOT_TOKENS) {
@@ -280,10 +292,7 @@ impl Bf16Matrix {
         // (2 × K/32 KiB) stay in L1 while the weight tiles stream past from L2; measured
         // here, this beats reusing each weight pair over several token pairs (whose tiles
         // then no longer fit L1 together) by up to 2× at MiniLM's shapes.
-        let n_pairs = self.groups / 2;
-        let want = 2 * crate::pool::threads();
-        let splits = want.div_ceil(m_pairs).clamp(1, n_pairs);
-        let per_split = n_pairs.div_ceil(splits);
+        let (n_pairs, splits) = (self.groups / 2, self.pair_splits(m_pairs));
         let init = &crate::padded_bias(bias, n_pairs * 32)[..];
         let out = crate::pool::SendPtr(y.as_mut_ptr());
         crate::pool::run(m_pairs * splits, |task| {
@@ -303,7 +312,7 @@ impl Bf16Matrix {
                 let m_valid = (n_tok - m0).min(32);
                 let a0 = (a_tiles.as_ptr() as *const u16).add(2 * mp * group_len);
                 let a1 = a0.add(group_len);
-                for np in split * per_split..((split + 1) * per_split).min(n_pairs) {
+                for np in self.pair_range(splits, split) {
                     let r0 = np * 32;
                     let b0 = (self.data.as_ptr() as *const u16).add(2 * np * group_len);
                     let b1 = b0.add(group_len);

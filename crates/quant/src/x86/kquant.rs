@@ -94,7 +94,6 @@ const Q4K_PAIRS: [[u8; 64]; 4] = [
 
 /// Q4_K and Q5_K: the same scales, mins and value order; Q5_K adds a fifth bit per value.
 trait Q4KLike {
-    const BYTES: usize;
     fn d(&self) -> half::f16;
     fn dmin(&self) -> half::f16;
     fn scales(&self) -> &[u8; K_SCALE_SIZE];
@@ -124,7 +123,6 @@ unsafe fn nibbles(qs: &[u8; QK_K / 2]) -> [__m512i; 4] {
 }
 
 impl Q4KLike for BlockQ4K {
-    const BYTES: usize = 144;
     fn d(&self) -> half::f16 {
         self.d
     }
@@ -160,7 +158,6 @@ const Q5K_BITS: [[u8; 64]; 4] = [
 ];
 
 impl Q4KLike for BlockQ5K {
-    const BYTES: usize = 176;
     fn d(&self) -> half::f16 {
         self.d
     }
@@ -230,7 +227,10 @@ unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
         ];
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch((x as *const B as *const u8).wrapping_add(ahead), B::BYTES);
+            prefetch(
+                (x as *const B as *const u8).wrapping_add(ahead),
+                size_of::<B>(),
+            );
             let (scales, mins) = q4k_scales_mins(x.scales());
             let sc = _mm512_set1_epi64(scales as i64);
             // SAFETY: the features are enabled here.

@@ -413,32 +413,21 @@ vnni_gemm!(vnni_q8_0, BlockQ8_0, BlockQ8_0);
 vnni_gemm!(vnni_q5_1, BlockQ5_1, BlockQ8_1);
 vnni_gemm!(vnni_iq4_nl, BlockIQ4NL, BlockQ8_0);
 
-fn kquant_q4_k(w: &[BlockQ4K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
-    // SAFETY: installed by `kernels` only at the Avx512 level (AVX-512 F/BW/VL detected).
-    unsafe { kquant::gemm_q4k(w, a.blocks, nb, n_tok, out) }
+/// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
+/// the Avx512 level (AVX-512 F/BW/VL detected).
+macro_rules! kquant_entry {
+    ($name:ident, $w:ty, $gemm:ident) => {
+        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { kquant::$gemm(w, a.blocks, nb, n_tok, out) }
+        }
+    };
 }
-fn kquant_q5_k(w: &[BlockQ5K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { kquant::gemm_q5k(w, a.blocks, nb, n_tok, out) }
-}
-fn kquant_iq4_xs(
-    w: &[BlockIQ4XS],
-    a: &ActBlocks<BlockQ8K>,
-    nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: as above.
-    unsafe { kquant::gemm_iq4xs(w, a.blocks, nb, n_tok, out) }
-}
-fn kquant_q3_k(w: &[BlockQ3K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { kquant::gemm_q3k(w, a.blocks, nb, n_tok, out) }
-}
-fn kquant_q6_k(w: &[BlockQ6K], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { kquant::gemm_q6k(w, a.blocks, nb, n_tok, out) }
-}
+kquant_entry!(kquant_q3_k, BlockQ3K, gemm_q3k);
+kquant_entry!(kquant_q4_k, BlockQ4K, gemm_q4k);
+kquant_entry!(kquant_q5_k, BlockQ5K, gemm_q5k);
+kquant_entry!(kquant_q6_k, BlockQ6K, gemm_q6k);
+kquant_entry!(kquant_iq4_xs, BlockIQ4XS, gemm_iq4xs);
 
 /// Prompt tokens of the super-block types on interleaved 16-row panels. SAFETY (all):
 /// installed by `kernels` only when `detect()` found AVX-512 F/BW/VL/VNNI (with AVX2, FMA,
