@@ -158,10 +158,10 @@ pub fn hadamard(x: &mut [f32], n: usize) {
     }
 }
 
+/// `gate = SiLU(gate) · up` with the level's kernel (vector `exp`, see
+/// `hearth_quant::reference::swiglu`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    (hearth_quant::dispatch::kernels().swiglu)(gate, up)
 }
 
 fn gelu_exact(x: f32) -> f32 {

@@ -188,6 +188,10 @@ pub struct Kernels {
     pub attend_q4_0: fn(&crate::kvquant::AttendQuant<BlockQ4_0>, &mut [f32], &mut Vec<f32>),
     /// Exact-form GELU in place (encoders).
     pub gelu: fn(&mut [f32]),
+    /// `x = softmax(x)` (see `reference::softmax`).
+    pub softmax: fn(&mut [f32]),
+    /// `gate = SiLU(gate) · up` (see `reference::swiglu`).
+    pub swiglu: fn(&mut [f32], &[f32]),
     /// Encoder attention over a block of query rows (see [`crate::AttendRows`]).
     pub attend_rows: fn(&crate::AttendRows, &mut [f32]),
     /// Row-wise `x = LayerNorm(x + add) · w + b` (see `reference::add_layer_norm`).
@@ -305,6 +309,8 @@ impl Kernels {
             attend_q8_0: crate::kvquant::attend_q8_0,
             attend_q4_0: crate::kvquant::attend_q4_0,
             gelu: r::gelu_erf,
+            softmax: r::softmax,
+            swiglu: r::swiglu,
             attend_rows: r::attend_rows,
             add_layer_norm: r::add_layer_norm,
             float_tiles: None,

@@ -144,7 +144,7 @@ pub fn attend_by_rows<B: KvBlock>(
             let dot = B::dot(kern, &a.k[j * a.kv_stride..][..nb], &q8[..nb]);
             *s = crate::scaled_score(dot, a.scale, a.softcap);
         }
-        crate::reference::softmax(p);
+        (kern.softmax)(p);
         out[a.at[r]..][..hd].fill(0.0);
     }
     // out_r = Σ_j p[r][j] · v_j: each value row dequantized once for every row that sees it.

@@ -663,6 +663,7 @@ pub fn attend_f16_by_rows(
     scratch: &mut Vec<f32>,
     dot: fn(&[f16], &[f16]) -> f32,
     axpy: fn(&mut [f32], f32, &[f16]),
+    softmax: fn(&mut [f32]),
 ) {
     let hd = a.head_dim;
     let mut q16 = [f16::ZERO; 256];
@@ -703,7 +704,7 @@ pub fn attend_f16_by_rows(
 
 /// The definition of [`crate::AttendF16`].
 pub fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
-    attend_f16_by_rows(a, out, scratch, vec_dot_f16, axpy_f16)
+    attend_f16_by_rows(a, out, scratch, vec_dot_f16, axpy_f16, softmax)
 }
 
 /// `x = softmax(x)`: exponentials in f32 after subtracting the maximum, summed in f64.
@@ -717,6 +718,14 @@ pub fn softmax(x: &mut [f32]) {
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// `gate = SiLU(gate) · up = gate / (1 + e^-gate) · up` in place (SwiGLU's gated
+/// activation).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 

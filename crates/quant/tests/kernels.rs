@@ -465,6 +465,41 @@ proptest! {
         }
     }
 
+    /// SwiGLU and softmax with vector `exp` (ggml's, ≈1.5 ulp): within a few ulp of the
+    /// reference's `f32::exp`, every length (vector bodies and tails); the softmax with
+    /// masked (`-inf`) and far-below-maximum inputs, which must weigh (almost exactly) 0.
+    #[test]
+    fn activation_kernels_match_reference(
+        x in prop::collection::vec(-100.0f32..100.0, 1..200),
+        masked in prop::collection::vec(any::<bool>(), 1..200),
+    ) {
+        let up: Vec<f32> = x.iter().map(|v| (v * 0.37).sin() * 4.0).collect();
+        let scores: Vec<f32> = x
+            .iter()
+            .zip(masked.iter().cycle())
+            .enumerate()
+            .map(|(i, (&v, &m))| if m && i > 0 { f32::NEG_INFINITY } else { v * 0.3 })
+            .collect();
+        let mut want_glu = x.clone();
+        r::swiglu(&mut want_glu, &up);
+        let mut want_sm = scores.clone();
+        r::softmax(&mut want_sm);
+        for k in levels() {
+            let mut got = x.clone();
+            (k.swiglu)(&mut got, &up);
+            for (i, (g, w)) in got.iter().zip(&want_glu).enumerate() {
+                prop_assert!((g - w).abs() <= 2e-6 * w.abs() + 1e-30,
+                    "{:?} swiglu({}, {}) = {g}, reference {w}", k.isa, x[i], up[i]);
+            }
+            let mut got = scores.clone();
+            (k.softmax)(&mut got);
+            for (i, (g, w)) in got.iter().zip(&want_sm).enumerate() {
+                prop_assert!((g - w).abs() <= 2e-6 * w.abs() + 1e-37,
+                    "{:?} softmax[{i}] of {} = {g}, reference {w}", k.isa, scores[i]);
+            }
+        }
+    }
+
     /// The quantized KV cache's value rows: dequantization bit-equal to the reference
     /// (the same `q · d` products), `axpy_f32` within rounding (FMA against mul + add).
     #[test]

@@ -1,5 +1,6 @@
 //! NEON kernels for encoder models: exact-form GELU, LayerNorm and bidirectional attention
-//! over query rows (see `reference::gelu_erf`, `add_layer_norm`, `attend_rows`), with the
+//! over query rows (see `reference::gelu_erf`, `add_layer_norm`, `attend_rows`), and the
+//! decoders' softmax and SwiGLU, with the
 //! same approximations as the x86 ones (`x86/avx512.rs`): `exp` is ggml's range reduction +
 //! polynomial for `x ≤ 0` (clamped at -87), `erf` is Abramowitz & Stegun 7.1.26.
 
@@ -12,7 +13,7 @@ unsafe fn exp_ps(x: float32x4_t) -> float32x4_t {
     let c = |bits: u32| vdupq_n_f32(f32::from_bits(bits));
     // SAFETY: NEON register operations.
     unsafe {
-        let x = vmaxq_f32(x, vdupq_n_f32(-87.0));
+        let x = vmaxq_f32(x, vdupq_n_f32(-87.0)); // NaN stays NaN (FMAX)
         let r = c(0x4b40_0000); // 0x1.8p23
         let z = vfmaq_f32(r, x, c(0x3fb8_aa3b)); // log2(e)
         let n = vsubq_f32(z, r);
@@ -79,6 +80,67 @@ pub(crate) unsafe fn gelu(x: &mut [f32]) {
     unsafe { vst1q_f32(tail.as_mut_ptr(), gelu_ps(vld1q_f32(tail.as_ptr()))) };
     let n = rest.len();
     rest.copy_from_slice(&tail[..n]);
+}
+
+/// `gate = SiLU(gate) · up` in place (see `reference::swiglu`): the sigmoid from
+/// `e = e^-|x|` alone, so `exp` only sees `x ≤ 0` (`1 / (1 + e)` for `x ≥ 0`, `e / (1 + e)`
+/// below).
+///
+/// # Safety
+/// NEON only (every aarch64 CPU).
+pub(crate) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let full = n - n % 4;
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    // SAFETY: every access is at `i..i + 4 <= full <= n`.
+    unsafe {
+        let one = vdupq_n_f32(1.0);
+        for i in (0..full).step_by(4) {
+            let x = vld1q_f32(g.add(i));
+            let e = exp_ps(vnegq_f32(vabsq_f32(x)));
+            let num = vbslq_f32(vcltzq_f32(x), e, one);
+            let s = vdivq_f32(vmulq_f32(x, num), vaddq_f32(one, e));
+            vst1q_f32(g.add(i), vmulq_f32(s, vld1q_f32(u.add(i))));
+        }
+    }
+    crate::reference::swiglu(&mut gate[full..n], &up[full..n]);
+}
+
+/// `x = softmax(x)` (see `reference::softmax`): the exponentials in f32, summed in f64;
+/// inputs more than 87 below the maximum (masked keys' `-inf` among them) weigh exactly 0.
+///
+/// # Safety
+/// NEON only (every aarch64 CPU).
+pub(crate) unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    let full = n - n % 4;
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let p = x.as_mut_ptr();
+    let mut total = 0f64;
+    // SAFETY: every vector access is at `i..i + 4 <= full <= n`.
+    unsafe {
+        let (mx, floor) = (vdupq_n_f32(max), vdupq_n_f32(-87.0));
+        let mut sum = vdupq_n_f64(0.0);
+        for i in (0..full).step_by(4) {
+            let d = vsubq_f32(vld1q_f32(p.add(i)), mx);
+            // Not less than -87 (a NaN stays, to show).
+            let keep = vmvnq_u32(vcltq_f32(d, floor));
+            let e = vreinterpretq_f32_u32(vandq_u32(keep, vreinterpretq_u32_f32(exp_ps(d))));
+            vst1q_f32(p.add(i), e);
+            sum = vaddq_f64(
+                sum,
+                vaddq_f64(vcvt_f64_f32(vget_low_f32(e)), vcvt_high_f64_f32(e)),
+            );
+        }
+        total += vaddvq_f64(sum);
+    }
+    for v in &mut x[full..] {
+        let d = *v - max;
+        *v = if d < -87.0 { 0.0 } else { d.exp() };
+        total += *v as f64;
+    }
+    let inv = (1.0 / total) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Row-wise `x = LayerNorm(x + add) · w + b`; rows of `w.len()` values (a multiple of 4,

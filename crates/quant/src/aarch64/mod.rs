@@ -84,12 +84,20 @@ fn attend_q4_0(
     crate::kvquant::attend_by_rows(neon_table(), a, out, scratch)
 }
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
-    crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16)
+    crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16, softmax)
 }
 
 fn gelu(x: &mut [f32]) {
     // SAFETY: see above.
     unsafe { encoder::gelu(x) }
+}
+fn softmax(x: &mut [f32]) {
+    // SAFETY: see above.
+    unsafe { encoder::softmax(x) }
+}
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: see above.
+    unsafe { encoder::swiglu(gate, up) }
 }
 fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
     // SAFETY: see above.
@@ -252,6 +260,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         attend_q8_0,
         attend_q4_0,
         gelu,
+        softmax,
+        swiglu,
         add_layer_norm,
         attend_rows,
         dot_q4_0,

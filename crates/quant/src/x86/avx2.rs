@@ -1019,7 +1019,7 @@ unsafe fn attend_block<const R: usize>(
         }
         for r in 0..R {
             let p = &mut ps[r * n..][..n];
-            crate::reference::softmax(p);
+            super::encoder_avx2::softmax(p);
             super::round_through_f16(p);
         }
         // out_r = Σ_j w[r][j] · v_j, 8 columns at a time

@@ -1,8 +1,9 @@
 //! AVX-512F kernels for encoder models: exact-form GELU and bidirectional attention over a
-//! block of query rows (see `reference::gelu_erf` and `reference::attend_rows`).
+//! block of query rows (see `reference::gelu_erf` and `reference::attend_rows`); the
+//! decoders' softmax and SwiGLU; decoder attention over the f16 cache.
 //!
 //! `exp` is ggml's `ggml_v_expf` range reduction + polynomial (≈1.5 ulp) with its input
-//! clamped at -87 (both callers only need `exp(x ≤ 0)`, and below -87 the result is
+//! clamped at -87 (every caller only needs `exp(x ≤ 0)`, and below -87 the result is
 //! < 2⁻¹²⁵, which adds nothing to any sum here). `erf` is Abramowitz & Stegun 7.1.26
 //! (|error| ≤ 1.5e-7).
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX-512F
@@ -14,7 +15,8 @@ use std::arch::x86_64::*;
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp_ps(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    // This operand order keeps a NaN input NaN (`max` returns its second operand then).
+    let x = _mm512_max_ps(_mm512_set1_ps(-87.0), x);
     let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000)); // 0x1.8p23
     let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r); // log2(e)
     let n = _mm512_sub_ps(z, r);
@@ -102,6 +104,117 @@ pub unsafe fn gelu(x: &mut [f32]) {
     unsafe {
         let v = _mm512_maskz_loadu_ps(m, rest.as_ptr());
         _mm512_mask_storeu_ps(rest.as_mut_ptr(), m, gelu_ps(v));
+    }
+}
+
+/// `x / (1 + e^-x) · u` (SiLU(x)·u) from `e^-|x|` alone, so `exp` only sees `x ≤ 0`:
+/// the sigmoid is `1 / (1 + e)` for `x ≥ 0` and `e / (1 + e)` below.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn swiglu_ps(x: __m512, u: __m512) -> __m512 {
+    let neg_abs = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(x),
+        _mm512_set1_epi32(i32::MIN),
+    ));
+    let e = exp_ps(neg_abs);
+    let one = _mm512_set1_ps(1.0);
+    let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+    let num = _mm512_mask_mov_ps(one, below, e);
+    _mm512_mul_ps(
+        _mm512_div_ps(_mm512_mul_ps(x, num), _mm512_add_ps(one, e)),
+        u,
+    )
+}
+
+/// `gate = SiLU(gate) · up` in place (see `reference::swiglu`).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    // SAFETY: every access is at `i..i + 16 <= n`, or masked to the `n - i` values left.
+    unsafe {
+        while i + 16 <= n {
+            let v = swiglu_ps(_mm512_loadu_ps(g.add(i)), _mm512_loadu_ps(u.add(i)));
+            _mm512_storeu_ps(g.add(i), v);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let v = swiglu_ps(
+                _mm512_maskz_loadu_ps(m, g.add(i)),
+                _mm512_maskz_loadu_ps(m, u.add(i)),
+            );
+            _mm512_mask_storeu_ps(g.add(i), m, v);
+        }
+    }
+}
+
+/// `exp(v - mx)`, exactly 0 where `v - mx < -87` (a NaN stays, to show).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn shifted_exp(v: __m512, mx: __m512) -> __m512 {
+    let d = _mm512_sub_ps(v, mx);
+    let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(d, _mm512_set1_ps(-87.0));
+    _mm512_maskz_mov_ps(keep, exp_ps(d))
+}
+
+/// `sum + e`, the 16 f32 lanes widened (exactly) to f64 and folded into 8.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn add_f64(sum: __m512d, e: __m512) -> __m512d {
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(e));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+        _mm512_castps_pd(e),
+    )));
+    _mm512_add_pd(sum, _mm512_add_pd(lo, hi))
+}
+
+/// `x = softmax(x)` (see `reference::softmax`): the exponentials in f32, summed in f64;
+/// inputs more than 87 below the maximum (masked keys' `-inf` among them) weigh exactly 0.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let tail: __mmask16 = ((1u32 << (n % 16)) as u16).wrapping_sub(1);
+    let full = n - n % 16;
+    // SAFETY: every access is at `i..i + 16 <= full <= n`, or masked to the `n - full`
+    // values after `full`.
+    unsafe {
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < full {
+            mx = _mm512_max_ps(mx, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        if tail != 0 {
+            mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p.add(full)));
+        }
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_pd();
+        i = 0;
+        while i < full {
+            let e = shifted_exp(_mm512_loadu_ps(p.add(i)), mx);
+            _mm512_storeu_ps(p.add(i), e);
+            sum = add_f64(sum, e);
+            i += 16;
+        }
+        if tail != 0 {
+            let e = shifted_exp(_mm512_maskz_loadu_ps(tail, p.add(full)), mx);
+            let e = _mm512_maskz_mov_ps(tail, e);
+            _mm512_mask_storeu_ps(p.add(full), tail, e);
+            sum = add_f64(sum, e);
+        }
+        let inv = _mm512_set1_ps((1.0 / _mm512_reduce_add_pd(sum)) as f32);
+        i = 0;
+        while i < full {
+            _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+            i += 16;
+        }
+        if tail != 0 {
+            let v = _mm512_maskz_loadu_ps(tail, p.add(full));
+            _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(v, inv));
+        }
     }
 }
 
@@ -399,8 +512,7 @@ unsafe fn panel_block_at<const T: usize>(a: &PanelArgs, p: usize, t0: usize, out
 
 /// Decoder attention (see [`crate::AttendF16`]) for all the block's rows at once: each key
 /// and value is converted from f16 once for every row, scores of all rows come from one
-/// pass over the keys and outputs from one pass over the values per 16 columns. The
-/// softmax is the reference's (scalar, f64 sum). `head_dim` must be a multiple of 16.
+/// pass over the keys and outputs from one pass over the values per 16 columns. `head_dim` must be a multiple of 16.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (lo, n, qs, ps) = super::attend_setup(a, 16, out.len(), scratch);
@@ -444,7 +556,7 @@ unsafe fn block<const R: usize>(
         }
         for r in 0..R {
             let p = &mut ps[r * n..][..n];
-            crate::reference::softmax(p);
+            softmax(p);
             super::round_through_f16(p);
         }
         // out_r = Σ_j w[r][j] · v_j: as many 16-column chunks per pass over the values as

@@ -1,6 +1,6 @@
 //! AVX2 + FMA kernels for encoder models on CPUs without AVX-512: exact-form GELU,
 //! LayerNorm, bidirectional attention over blocks of query rows, and f32 products on
-//! 16-row panels (see `f32mat`). The same approximations as `avx512.rs`: ggml's `exp` for
+//! 16-row panels (see `f32mat`); the decoders' softmax and SwiGLU. The same approximations as `avx512.rs`: ggml's `exp` for
 //! `x ≤ 0` (clamped at -87) and Abramowitz & Stegun 7.1.26 for `erf`; without `vscalefps`,
 //! `2ⁿ` is built in the exponent bits.
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2 and FMA
@@ -20,7 +20,8 @@ fn splat(bits: u32) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn exp_ps(x: __m256) -> __m256 {
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    // This operand order keeps a NaN input NaN (`max` returns its second operand then).
+    let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
     let r = splat(0x4b40_0000); // 0x1.8p23
     let z = _mm256_fmadd_ps(x, splat(0x3fb8_aa3b), r); // log2(e)
     let n = _mm256_sub_ps(z, r);
@@ -98,6 +99,104 @@ pub unsafe fn gelu(x: &mut [f32]) {
         // SAFETY: `tail` has 8 values.
         unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), gelu_ps(_mm256_loadu_ps(tail.as_ptr()))) };
         rest.copy_from_slice(&tail[..rest.len()]);
+    }
+}
+
+/// `x / (1 + e^-x) · u` (SiLU(x)·u) from `e^-|x|` alone, so `exp` only sees `x ≤ 0`:
+/// the sigmoid is `1 / (1 + e)` for `x ≥ 0` and `e / (1 + e)` below.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn swiglu_ps(x: __m256, u: __m256) -> __m256 {
+    let neg_abs = _mm256_or_ps(x, _mm256_set1_ps(-0.0));
+    let e = exp_ps(neg_abs);
+    let one = _mm256_set1_ps(1.0);
+    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
+    let num = _mm256_blendv_ps(one, e, below);
+    _mm256_mul_ps(
+        _mm256_div_ps(_mm256_mul_ps(x, num), _mm256_add_ps(one, e)),
+        u,
+    )
+}
+
+/// `gate = SiLU(gate) · up` in place (see `reference::swiglu`).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    // SAFETY: every access is at `i..i + 8 <= n`.
+    unsafe {
+        while i + 8 <= n {
+            let v = swiglu_ps(_mm256_loadu_ps(g.add(i)), _mm256_loadu_ps(u.add(i)));
+            _mm256_storeu_ps(g.add(i), v);
+            i += 8;
+        }
+    }
+    crate::reference::swiglu(&mut gate[i..n], &up[i..n]);
+}
+
+/// `exp(v - mx)`, exactly 0 where `v - mx < -87` (a NaN stays, to show).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn shifted_exp(v: __m256, mx: __m256) -> __m256 {
+    let d = _mm256_sub_ps(v, mx);
+    let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(d, _mm256_set1_ps(-87.0));
+    _mm256_and_ps(keep, exp_ps(d))
+}
+
+/// `x = softmax(x)` (see `reference::softmax`): the exponentials in f32, summed in f64;
+/// inputs more than 87 below the maximum (masked keys' `-inf` among them) weigh exactly 0.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    let full = n - n % 8;
+    let p = x.as_mut_ptr();
+    // SAFETY: every vector access is at `i..i + 8 <= full <= n`; the rest are slice
+    // accesses.
+    unsafe {
+        let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < full {
+            mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+        let max = lanes
+            .iter()
+            .chain(&x[full..])
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mxv = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_pd();
+        i = 0;
+        while i < full {
+            let e = shifted_exp(_mm256_loadu_ps(p.add(i)), mxv);
+            _mm256_storeu_ps(p.add(i), e);
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(e));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e));
+            sum = _mm256_add_pd(sum, _mm256_add_pd(lo, hi));
+            i += 8;
+        }
+        let mut halves = [0f64; 4];
+        _mm256_storeu_pd(halves.as_mut_ptr(), sum);
+        let mut total: f64 = halves.iter().sum();
+        for v in &mut x[full..] {
+            let d = *v - max;
+            *v = if d < -87.0 { 0.0 } else { d.exp() };
+            total += *v as f64;
+        }
+        let inv = (1.0 / total) as f32;
+        let invv = _mm256_set1_ps(inv);
+        let p = x.as_mut_ptr();
+        i = 0;
+        while i < full {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), invv));
+            i += 8;
+        }
+        for v in &mut x[full..] {
+            *v *= inv;
+        }
     }
 }
 

@@ -167,7 +167,7 @@ unsafe fn rows_block<const R: usize, B: KvLoad>(
             }
         }
         for r in 0..R {
-            crate::reference::softmax(&mut ps[r * n..][..n]);
+            super::encoder_avx2::softmax(&mut ps[r * n..][..n]);
         }
         // out_r = Σ_j p[r][j] · d_j · q_j, a value block at a time: as many 8-column
         // chunks per pass over the keys as the rows' accumulators leave registers for.

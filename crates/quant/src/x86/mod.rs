@@ -264,7 +264,14 @@ fn attend_q4_0(a: &AttendQuant<BlockQ4_0>, out: &mut [f32], scratch: &mut Vec<f3
 
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     if !a.head_dim.is_multiple_of(8) {
-        return crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16);
+        return crate::reference::attend_f16_by_rows(
+            a,
+            out,
+            scratch,
+            dot_f16,
+            axpy_f16,
+            softmax_avx2,
+        );
     }
     // SAFETY: installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
     unsafe { avx2::attend_f16(a, out, scratch) }
@@ -321,6 +328,14 @@ fn gelu_avx512(x: &mut [f32]) {
     // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
     unsafe { avx512::gelu(x) }
 }
+fn softmax_avx512(x: &mut [f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
+    unsafe { avx512::softmax(x) }
+}
+fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
+    unsafe { avx512::swiglu(gate, up) }
+}
 
 fn add_layer_norm_avx512(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
     // SAFETY: installed by `kernels` only when `detect()` found AVX-512F.
@@ -357,6 +372,14 @@ fn widen_bf16(x: &[half::bf16], y: &mut [f32]) {
 fn gelu_avx2(x: &mut [f32]) {
     // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
     unsafe { encoder_avx2::gelu(x) }
+}
+fn softmax_avx2(x: &mut [f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
+    unsafe { encoder_avx2::softmax(x) }
+}
+fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: installed by `kernels` only when `detect()` found AVX2 and FMA.
+    unsafe { encoder_avx2::swiglu(gate, up) }
 }
 
 fn add_layer_norm_avx2(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
@@ -503,6 +526,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             prefill_iq4_xs: Some(kpanel_iq4_xs),
             attend_f16: attend_f16_avx512,
             gelu: gelu_avx512,
+            softmax: softmax_avx512,
+            swiglu: swiglu_avx512,
             attend_rows: attend_rows_avx512,
             add_layer_norm: add_layer_norm_avx512,
             float_tiles: Some(crate::dispatch::FloatTiles {
@@ -572,6 +597,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         prefill_q6_k: Some(prompt_q6_k),
         prefill_iq4_xs: Some(prompt_iq4_xs),
         gelu: gelu_avx2,
+        softmax: softmax_avx2,
+        swiglu: swiglu_avx2,
         attend_rows: attend_rows_avx2,
         add_layer_norm: add_layer_norm_avx2,
         float_tiles: Some(crate::dispatch::FloatTiles {
