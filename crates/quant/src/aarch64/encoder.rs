@@ -1,8 +1,8 @@
 //! NEON kernels for encoder models: exact-form GELU, LayerNorm and bidirectional attention
 //! over query rows (see `reference::gelu_erf`, `add_layer_norm`, `attend_rows`), and the
-//! decoders' softmax and SwiGLU, with the
-//! same approximations as the x86 ones (`x86/avx512.rs`): `exp` is ggml's range reduction +
-//! polynomial for `x ≤ 0` (clamped at -87), `erf` is Abramowitz & Stegun 7.1.26.
+//! decoders' softmax and SwiGLU, with the same approximations as the x86 ones
+//! (`x86/avx512.rs`): `exp` is ggml's range reduction + polynomial for `x ≤ 0` (clamped at
+//! -87), `erf` is Abramowitz & Stegun 7.1.26.
 
 use crate::AttendRows;
 use core::arch::aarch64::*;

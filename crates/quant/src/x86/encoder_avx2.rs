@@ -1,8 +1,8 @@
 //! AVX2 + FMA kernels for encoder models on CPUs without AVX-512: exact-form GELU,
 //! LayerNorm, bidirectional attention over blocks of query rows, and f32 products on
-//! 16-row panels (see `f32mat`); the decoders' softmax and SwiGLU. The same approximations as `avx512.rs`: ggml's `exp` for
-//! `x ≤ 0` (clamped at -87) and Abramowitz & Stegun 7.1.26 for `erf`; without `vscalefps`,
-//! `2ⁿ` is built in the exponent bits.
+//! 16-row panels (see `f32mat`); the decoders' softmax and SwiGLU. The same approximations
+//! as `avx512.rs`: ggml's `exp` for `x ≤ 0` (clamped at -87) and Abramowitz & Stegun 7.1.26
+//! for `erf`; without `vscalefps`, `2ⁿ` is built in the exponent bits.
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2 and FMA
 
 use super::avx2::hsum_ps;
