@@ -10,6 +10,7 @@ ranges): 100% must finish and validate. --free-form adds the `json_object` / `fo
 checks, whose output size no schema bounds (a base model such as Gemma3-270M may repeat
 itself inside a string until max_tokens). Run by tests/structured.rs.
 """
+import concurrent.futures
 import json, sys
 from typing import Annotated, List, Literal
 
@@ -92,21 +93,28 @@ SCHEMAS = [
 
 
 def schema_requests():
-    bad = []
-    for i in range(REQUESTS):
-        name, prompt, schema = SCHEMAS[i % len(SCHEMAS)]
-        r = oa.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=400, seed=i,
-            temperature=0.8 if i >= len(SCHEMAS) else 0,
-            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
-        c = r.choices[0]
-        try:
-            assert c.finish_reason == "stop", f"finish {c.finish_reason}"
-            jsonschema.validate(json.loads(c.message.content), schema)
-        except (AssertionError, ValueError, jsonschema.ValidationError) as e:
-            bad.append((name, i, str(e)[:200], c.message.content[:300]))
+    # Two at a time: the server decodes them in one batch (--parallel 2), each under its own
+    # grammar, as two users' requests would be.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad = [b for b in pool.map(schema_request, range(REQUESTS)) if b]
     assert not bad, f"{len(bad)}/{REQUESTS} invalid: {bad[:3]}"
     print(f"     {REQUESTS}/{REQUESTS} outputs valid over {len(SCHEMAS)} schemas")
+
+
+def schema_request(i):
+    """Request `i`; None when its output is valid, else what was wrong."""
+    name, prompt, schema = SCHEMAS[i % len(SCHEMAS)]
+    r = oa.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=400, seed=i,
+        temperature=0.8 if i >= len(SCHEMAS) else 0,
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+    c = r.choices[0]
+    try:
+        assert c.finish_reason == "stop", f"finish {c.finish_reason}"
+        jsonschema.validate(json.loads(c.message.content), schema)
+    except (AssertionError, ValueError, jsonschema.ValidationError) as e:
+        return (name, i, str(e)[:200], c.message.content[:300])
+    return None
 
 
 def openai_parse():

@@ -151,7 +151,17 @@ pub fn in_child_per_level(test_name: &str) -> bool {
         );
         return true;
     }
-    let levels = hearth_quant::dispatch::available();
+    // Under emulation (.ci's aarch64 stage) `HEARTH_TEST_LEVELS=neon,dotprod,i8mm` leaves out
+    // the scalar level, which is the same Rust code the native run already tested.
+    let only = std::env::var("HEARTH_TEST_LEVELS").ok();
+    let levels: Vec<_> = hearth_quant::dispatch::available()
+        .into_iter()
+        .filter(|l| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == l.name()))
+        })
+        .collect();
+    assert!(!levels.is_empty(), "no kernel level left to test");
     for level in &levels {
         // Under emulation the child needs the emulator in front (qemu-user cannot start a
         // foreign binary itself): `HEARTH_CHILD_RUNNER="qemu-aarch64 -L … -cpu max"`.
@@ -193,4 +203,17 @@ pub fn in_child_per_level(test_name: &str) -> bool {
         writeln!(f, "{line}").expect("HEARTH_LEVELS_LOG is writable");
     }
     false
+}
+
+/// Whether the slow real model `name` runs at the current kernel level: at the scalar level
+/// only SmolLM2 does (Gemma3 at scalar costs minutes of CI per suite; the scalar reference
+/// of every block type it holds is checked by tests/quant_types.rs and the gguf-py goldens,
+/// and every SIMD level runs both real models).
+pub fn real_model_at_this_level(name: &str) -> bool {
+    let scalar = hearth_quant::dispatch::kernels().isa.name() == "scalar";
+    let run = !scalar || name == "smollm2";
+    if !run {
+        eprintln!("{name}: skipped at the scalar level (tests/common/kld.rs)");
+    }
+    run
 }
