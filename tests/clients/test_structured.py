@@ -11,7 +11,7 @@ checks, whose output size no schema bounds (a base model such as Gemma3-270M may
 itself inside a string until max_tokens). Run by tests/structured.rs.
 """
 import concurrent.futures
-import json, sys
+import json, re, sys
 from typing import Annotated, List, Literal
 
 import jsonschema
@@ -187,7 +187,23 @@ def ollama_bad_format():
     raise AssertionError("accepted")
 
 
-CHECKS = [("schema_requests", schema_requests), ("openai_parse", openai_parse),
+def bounded_numbers():
+    """Numbers with no bounds, sampled hot: llama.cpp's schema grammars end a number's parts
+    at 16 digits each; without that a model can write digits until max_tokens."""
+    schema = {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+              "required": ["x", "y"], "additionalProperties": False}
+    for seed in range(6):
+        r = oa.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Two long numbers."}], max_tokens=200,
+            seed=seed, temperature=1.5,
+            response_format={"type": "json_schema", "json_schema": {"name": "nums", "schema": schema}})
+        c = r.choices[0]
+        runs = [len(m) for m in re.findall(r"[0-9]+", c.message.content)]
+        assert c.finish_reason == "stop" and max(runs) <= 16, (c.finish_reason, c.message.content[:200])
+        jsonschema.validate(json.loads(c.message.content), schema)
+
+
+CHECKS = [("schema_requests", schema_requests), ("bounded_numbers", bounded_numbers), ("openai_parse", openai_parse),
           ("openai_parse_length", openai_parse_length), ("openai_stream_schema", openai_stream_schema),
           ("openai_bad_schema", openai_bad_schema), ("ollama_format_schema", ollama_format_schema),
           ("ollama_bad_format", ollama_bad_format)]

@@ -21,6 +21,12 @@ pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 /// but never loop on whitespace.
 const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
 
+/// Longest run of digits a JSON output may hold where the grammar leaves another way on:
+/// llama.cpp's schema grammars bound a number's integral and fractional parts to 16 digits
+/// each, while llguidance's allow any number of them, and a small model sampling at a
+/// temperature can write `14.0102010301…` until `max_tokens`.
+pub const MAX_JSON_DIGITS: usize = 16;
+
 /// What the output must match.
 #[derive(Debug, Clone)]
 pub enum GrammarSpec {
@@ -56,6 +62,11 @@ impl GrammarSpec {
             GrammarSpec::Lark(s) => format!("lark {s}"),
             GrammarSpec::Gbnf(s) => format!("gbnf {s}"),
         }
+    }
+
+    /// JSON outputs, whose numbers llama.cpp's grammars bound (see [`MAX_JSON_DIGITS`]).
+    fn is_json(&self) -> bool {
+        matches!(self, GrammarSpec::JsonObject | GrammarSpec::JsonSchema(_))
     }
 
     fn size(&self) -> usize {
@@ -148,6 +159,39 @@ pub struct Grammars {
     /// Recently compiled grammars, newest last: programs send the same schema with every
     /// request, and compiling it again would cost each request's first token milliseconds.
     compiled: std::sync::Mutex<Vec<(String, Matcher)>>,
+    /// Every token's leading and trailing ASCII digits (for [`MAX_JSON_DIGITS`]).
+    digits: Arc<[Digits]>,
+}
+
+/// A token's leading and trailing ASCII digits, and whether it is digits only.
+#[derive(Clone, Copy, Default)]
+struct Digits {
+    leading: u8,
+    trailing: u8,
+    all: bool,
+}
+
+impl Digits {
+    fn of(bytes: &[u8]) -> Self {
+        let count = |it: &mut dyn Iterator<Item = &u8>| {
+            it.take_while(|b| b.is_ascii_digit()).count().min(255) as u8
+        };
+        let leading = count(&mut bytes.iter());
+        Digits {
+            leading,
+            trailing: count(&mut bytes.iter().rev()),
+            all: !bytes.is_empty() && leading as usize == bytes.len(),
+        }
+    }
+
+    /// The digit run after this token, following a run of `run`.
+    fn after(self, run: usize) -> usize {
+        if self.all {
+            run + self.leading as usize
+        } else {
+            self.trailing as usize
+        }
+    }
 }
 
 /// Compiled grammars kept per model.
@@ -175,6 +219,7 @@ impl Grammars {
                 }
             })
             .collect();
+        let digits: Arc<[Digits]> = words.iter().map(|w| Digits::of(w)).collect();
         let eog: Arc<[TokenId]> = tokenizer.eog_tokens().into();
         let eos = tokenizer
             .eos
@@ -216,6 +261,7 @@ impl Grammars {
             factory,
             eog,
             compiled: std::sync::Mutex::new(Vec::new()),
+            digits,
         })
     }
 
@@ -255,6 +301,8 @@ impl Grammars {
             eog: self.eog.clone(),
             eos: self.factory.tok_env().tok_trie().eos_token(),
             trigger: None,
+            digits: spec.is_json().then(|| self.digits.clone()),
+            digit_run: 0,
         })
     }
 
@@ -308,6 +356,28 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("invalid grammar").to_string()
 }
 
+/// After a run of `run` digits, masks the tokens that would make it longer than
+/// [`MAX_JSON_DIGITS`] — unless nothing else is left (a pattern that asks for more digits
+/// still gets them).
+fn cap_digit_runs(digits: &[Digits], run: usize, logits: &mut [f32]) {
+    let too_long = |i: usize| {
+        digits
+            .get(i)
+            .is_some_and(|d| d.leading > 0 && run + d.leading as usize > MAX_JSON_DIGITS)
+    };
+    let other = logits
+        .iter()
+        .enumerate()
+        .any(|(i, &l)| l > f32::NEG_INFINITY && !too_long(i));
+    if other {
+        for (i, l) in logits.iter_mut().enumerate() {
+            if too_long(i) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// One request's grammar state.
 pub struct Constraint {
     /// Boxed: the matcher is large and requests move through queues.
@@ -315,6 +385,10 @@ pub struct Constraint {
     eog: Arc<[TokenId]>,
     eos: TokenId,
     trigger: Option<String>,
+    /// For JSON outputs: every token's digits, to cap runs at [`MAX_JSON_DIGITS`].
+    digits: Option<Arc<[Digits]>>,
+    /// ASCII digits at the end of the output so far.
+    digit_run: usize,
 }
 
 impl Constraint {
@@ -349,11 +423,27 @@ impl Constraint {
                 *l = f32::NEG_INFINITY;
             }
         }
+        if any {
+            self.cap_digits(logits);
+        }
         any
+    }
+
+    fn cap_digits(&self, logits: &mut [f32]) {
+        if let Some(digits) = &self.digits {
+            cap_digit_runs(digits, self.digit_run, logits);
+        }
+    }
+
+    fn count_digits(&mut self, token: TokenId) {
+        if let Some(d) = self.digits.as_ref().and_then(|d| d.get(token as usize)) {
+            self.digit_run = d.after(self.digit_run);
+        }
     }
 
     /// Advances past `token` (one the mask allowed). False if the grammar refused it.
     pub fn accept(&mut self, token: TokenId) -> bool {
+        self.count_digits(token);
         self.matcher.consume_token(token).is_ok()
     }
 
@@ -364,6 +454,9 @@ impl Constraint {
         tokens.truncate(max);
         if tokens.is_empty() || self.matcher.consume_tokens(&tokens).is_err() {
             return Vec::new();
+        }
+        for &t in &tokens {
+            self.count_digits(t);
         }
         tokens
     }
@@ -381,6 +474,39 @@ impl Constraint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digit_runs_are_counted_across_tokens() {
+        let d = |s: &str| Digits::of(s.as_bytes());
+        assert_eq!(d("123").after(5), 8);
+        assert_eq!(d("4.").after(10), 0);
+        assert_eq!(d(".25").after(10), 2);
+        assert_eq!(d("x").after(3), 0);
+        assert_eq!(d("").after(3), 0);
+        let (t, l) = (d("7,"), d("12"));
+        assert_eq!((t.leading, t.trailing, t.all), (1, 0, false));
+        assert_eq!((l.leading, l.trailing, l.all), (2, 2, true));
+    }
+
+    #[test]
+    fn digit_runs_past_the_cap_are_masked_while_another_token_is_allowed() {
+        let vocab: Vec<Digits> = ["1", "23", ",", "}"]
+            .iter()
+            .map(|s| Digits::of(s.as_bytes()))
+            .collect();
+        // 15 digits so far: one more digit is fine, two are not.
+        let mut logits = vec![0.5, 0.9, 0.1, 0.2];
+        cap_digit_runs(&vocab, 15, &mut logits);
+        assert_eq!(logits, [0.5, f32::NEG_INFINITY, 0.1, 0.2]);
+        let mut logits = vec![0.5, 0.9, 0.1, 0.2];
+        cap_digit_runs(&vocab, MAX_JSON_DIGITS, &mut logits);
+        assert_eq!(logits[..2], [f32::NEG_INFINITY; 2]);
+        // Only digits allowed (a pattern wants them): they stay.
+        let ninf = f32::NEG_INFINITY;
+        let mut logits = vec![0.5, 0.9, ninf, ninf];
+        cap_digit_runs(&vocab, 40, &mut logits);
+        assert_eq!(logits, [0.5, 0.9, ninf, ninf]);
+    }
 
     #[test]
     fn objects_without_additional_properties_are_closed() {
