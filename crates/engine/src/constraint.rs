@@ -161,10 +161,12 @@ pub struct Grammars {
     compiled: std::sync::Mutex<Vec<(String, Matcher)>>,
     /// Every token's leading and trailing ASCII digits (for [`MAX_JSON_DIGITS`]).
     digits: Arc<[Digits]>,
+    /// The most leading digits any token has.
+    longest_digits: usize,
 }
 
 /// A token's leading and trailing ASCII digits, and whether it is digits only.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Digits {
     leading: u8,
     trailing: u8,
@@ -261,6 +263,7 @@ impl Grammars {
             factory,
             eog,
             compiled: std::sync::Mutex::new(Vec::new()),
+            longest_digits: digits.iter().map(|d| d.leading as usize).max().unwrap_or(0),
             digits,
         })
     }
@@ -303,6 +306,7 @@ impl Grammars {
             trigger: None,
             digits: spec.is_json().then(|| self.digits.clone()),
             digit_run: 0,
+            longest_digits: self.longest_digits,
         })
     }
 
@@ -359,7 +363,13 @@ fn first_line(s: &str) -> String {
 /// After a run of `run` digits, masks the tokens that would make it longer than
 /// [`MAX_JSON_DIGITS`] — unless nothing else is left (a pattern that asks for more digits
 /// still gets them).
-fn cap_digit_runs(digits: &[Digits], run: usize, logits: &mut [f32]) {
+/// `longest` is the most leading digits any token has.
+fn cap_digit_runs(digits: &[Digits], longest: usize, run: usize, logits: &mut [f32]) {
+    // The common case (no digits just written): no token is long enough to matter, and the
+    // two passes over the vocabulary below are skipped.
+    if run + longest <= MAX_JSON_DIGITS {
+        return;
+    }
     let too_long = |i: usize| {
         digits
             .get(i)
@@ -389,6 +399,7 @@ pub struct Constraint {
     digits: Option<Arc<[Digits]>>,
     /// ASCII digits at the end of the output so far.
     digit_run: usize,
+    longest_digits: usize,
 }
 
 impl Constraint {
@@ -431,7 +442,7 @@ impl Constraint {
 
     fn cap_digits(&self, logits: &mut [f32]) {
         if let Some(digits) = &self.digits {
-            cap_digit_runs(digits, self.digit_run, logits);
+            cap_digit_runs(digits, self.longest_digits, self.digit_run, logits);
         }
     }
 
@@ -496,15 +507,15 @@ mod tests {
             .collect();
         // 15 digits so far: one more digit is fine, two are not.
         let mut logits = vec![0.5, 0.9, 0.1, 0.2];
-        cap_digit_runs(&vocab, 15, &mut logits);
+        cap_digit_runs(&vocab, 2, 15, &mut logits);
         assert_eq!(logits, [0.5, f32::NEG_INFINITY, 0.1, 0.2]);
         let mut logits = vec![0.5, 0.9, 0.1, 0.2];
-        cap_digit_runs(&vocab, MAX_JSON_DIGITS, &mut logits);
+        cap_digit_runs(&vocab, 2, MAX_JSON_DIGITS, &mut logits);
         assert_eq!(logits[..2], [f32::NEG_INFINITY; 2]);
         // Only digits allowed (a pattern wants them): they stay.
         let ninf = f32::NEG_INFINITY;
         let mut logits = vec![0.5, 0.9, ninf, ninf];
-        cap_digit_runs(&vocab, 40, &mut logits);
+        cap_digit_runs(&vocab, 2, 40, &mut logits);
         assert_eq!(logits, [0.5, 0.9, ninf, ninf]);
     }
 
