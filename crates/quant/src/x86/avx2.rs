@@ -329,10 +329,19 @@ pub(crate) fn q5k_chunk(q: __m256i, qh: __m256i, chunk: usize) -> (__m256i, __m2
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0.0f32;
+    let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
-        let mut sumi = _mm256_setzero_si256();
-        let mut offset = 0i32; // Σ scale · 32 · Σy, subtracted once per block
+        // SAFETY: 16-byte loads of the 16 scales and 32-byte loads of the 16 bsums.
+        let (scales, bsums) = unsafe {
+            (
+                _mm_loadu_si128(a.scales.as_ptr() as *const __m128i),
+                _mm256_loadu_si256(b.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // The values are stored as `value + 32`: Σ scale · 32 · Σy comes off once per block,
+        // as one i16 product of the bsums with the scales times 32 (|scale · 32| ≤ 4096).
+        let offset = _mm256_madd_epi16(bsums, _mm256_slli_epi16(_mm256_cvtepi8_epi16(scales), 5));
+        let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
         for half in 0..2 {
             let q = q6k_half(a, half);
             for (k, qk) in q.iter().enumerate() {
@@ -342,18 +351,32 @@ pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
                     _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i)
                 };
                 let p = _mm256_maddubs_epi16(*qk, yk);
-                let (s0, s1) = (a.scales[is] as i16, a.scales[is + 1] as i16);
-                let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
-                offset +=
-                    32 * (s0 as i32 * b.bsums[is] as i32 + s1 as i32 * b.bsums[is + 1] as i32);
+                // Scale `is` for the low 16 values, `is + 1` for the high 16.
+                let pair = _mm_shuffle_epi8(scales, Q6K_SCALE_PAIRS[is / 2]);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_cvtepi8_epi16(pair)));
             }
         }
-        let total = hsum_epi32(sumi) - offset;
-        sumf += h2f(a.d) * b.d * total as f32;
+        let d = _mm256_set1_ps(h2f(a.d) * b.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    sumf
+    hsum_ps(acc)
 }
+
+/// `pshufb` masks that put scale `2p` in bytes 0..8 and scale `2p + 1` in bytes 8..16.
+static Q6K_SCALE_PAIRS: [__m128i; 8] = {
+    let mut m = [[0u8; 16]; 8];
+    let mut p = 0;
+    while p < 8 {
+        let mut i = 0;
+        while i < 16 {
+            m[p][i] = (2 * p + i / 8) as u8;
+            i += 1;
+        }
+        p += 1;
+    }
+    // SAFETY: `[u8; 16]` and `__m128i` have the same size, and every bit pattern is valid.
+    unsafe { std::mem::transmute::<[[u8; 16]; 8], [__m128i; 8]>(m) }
+};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
