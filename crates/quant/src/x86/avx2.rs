@@ -59,6 +59,24 @@ fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// How far ahead of the block it reads a decoding dot product prefetches its weights: one
+/// row streamed alone leaves the loads waiting on memory (measured on Ice Lake: ~90% of
+/// the Q4_K dot product's samples on the instruction after each weight load).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Hints every cache line of the block `PREFETCH_BYTES` past `b` (the rest of the row, or
+/// the next rows, which follow it in memory).
+#[inline(always)]
+pub(crate) fn prefetch_ahead<B>(b: &B) {
+    let p = (b as *const B as *const u8).wrapping_add(PREFETCH_BYTES);
+    let mut off = 0;
+    while off < size_of::<B>() {
+        // SAFETY: a prefetch only hints; it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+}
+
 /// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -223,6 +241,7 @@ unsafe fn dot_k4<B>(
         let mut acc = _mm256_setzero_ps();
         let mut acc_m = _mm256_setzero_ps();
         for (a, b) in x.iter().zip(y) {
+            prefetch_ahead(a);
             let (d, dmin, packed) = fields(a);
             let (sc, m) = super::kquant::q4k_scales_mins(packed);
             // The 8 scales as i16 in both 128-bit lanes; run k's picked by bytes 2k, 2k + 1.
@@ -331,6 +350,7 @@ pub(crate) fn q5k_chunk(q: __m256i, qh: __m256i, chunk: usize) -> (__m256i, __m2
 pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
+        prefetch_ahead(a);
         // SAFETY: 16-byte loads of the 16 scales and 32-byte loads of the 16 bsums.
         let (scales, bsums) = unsafe {
             (
@@ -342,18 +362,16 @@ pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
         // as one i16 product of the bsums with the scales times 32 (|scale · 32| ≤ 4096).
         let offset = _mm256_madd_epi16(bsums, _mm256_slli_epi16(_mm256_cvtepi8_epi16(scales), 5));
         let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
-        for half in 0..2 {
+        let halves = scale_halves(scales);
+        for (half, &half_scales) in halves.iter().enumerate() {
             let q = q6k_half(a, half);
             for (k, qk) in q.iter().enumerate() {
-                let is = half * 8 + 2 * k;
                 // SAFETY: 32 activations at 128*half + 32*k.
                 let yk = unsafe {
                     _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i)
                 };
                 let p = _mm256_maddubs_epi16(*qk, yk);
-                // Scale `is` for the low 16 values, `is + 1` for the high 16.
-                let pair = _mm_shuffle_epi8(scales, Q6K_SCALE_PAIRS[is / 2]);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_cvtepi8_epi16(pair)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(half_scales, k)));
             }
         }
         let d = _mm256_set1_ps(h2f(a.d) * b.d);
@@ -361,22 +379,6 @@ pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     }
     hsum_ps(acc)
 }
-
-/// `pshufb` masks that put scale `2p` in bytes 0..8 and scale `2p + 1` in bytes 8..16.
-static Q6K_SCALE_PAIRS: [__m128i; 8] = {
-    let mut m = [[0u8; 16]; 8];
-    let mut p = 0;
-    while p < 8 {
-        let mut i = 0;
-        while i < 16 {
-            m[p][i] = (2 * p + i / 8) as u8;
-            i += 1;
-        }
-        p += 1;
-    }
-    // SAFETY: `[u8; 16]` and `__m128i` have the same size, and every bit pattern is valid.
-    unsafe { std::mem::transmute::<[[u8; 16]; 8], [__m128i; 8]>(m) }
-};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
@@ -745,6 +747,7 @@ pub unsafe fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
+        prefetch_ahead(a);
         // SAFETY: the 16 scale bytes and the 16 i16 sums of the activations.
         let (sc, bsums) = unsafe {
             (
@@ -806,6 +809,7 @@ pub unsafe fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
     let four = _mm256_set1_epi8(4);
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
+        prefetch_ahead(a);
         let halves = scale_halves(q3k_scales(&a.scales));
         // SAFETY: the 32 bytes of hmask.
         let hm = unsafe { _mm256_loadu_si256(a.hmask.as_ptr() as *const __m256i) };
@@ -863,6 +867,7 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
     let table = iq4nl_table();
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
+        prefetch_ahead(a);
         let scales = super::kunpack::iq4xs_scale_bytes(a).to_le_bytes();
         let mut sumi = _mm256_setzero_si256();
         for (ib, &sc) in scales.iter().enumerate() {
