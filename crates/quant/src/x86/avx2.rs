@@ -868,9 +868,13 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
         prefetch_ahead(a);
-        let scales = super::kunpack::iq4xs_scale_bytes(a).to_le_bytes();
+        // The 8 scales as i16 in both 128-bit lanes; sub-block ib's picked by bytes 2ib, 2ib + 1.
+        let sc16 = _mm_cvtepi8_epi16(_mm_cvtsi64_si128(
+            super::kunpack::iq4xs_scale_bytes(a) as i64
+        ));
+        let scales = _mm256_set_m128i(sc16, sc16);
         let mut sumi = _mm256_setzero_si256();
-        for (ib, &sc) in scales.iter().enumerate() {
+        for ib in 0..QK_K / 32 {
             // SAFETY: 16 bytes at 16·ib inside the 128-byte qs; 32 activations at 32·ib.
             let (idx, qy) = unsafe {
                 (
@@ -881,10 +885,9 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
             let w = _mm256_shuffle_epi8(table, idx);
             // |w · y| pairs stay below 2·127·127 < 2¹⁵.
             let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
-            sumi = _mm256_add_epi32(
-                sumi,
-                _mm256_madd_epi16(p, _mm256_set1_epi16(sc as i8 as i16)),
-            );
+            let pick = _mm256_set1_epi16(i16::from_le_bytes([2 * ib as u8, 2 * ib as u8 + 1]));
+            let sc = _mm256_shuffle_epi8(scales, pick);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc));
         }
         let d = _mm256_set1_ps(h2f(a.d) * b.d);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
