@@ -810,27 +810,41 @@ pub unsafe fn dot_q3_k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
         prefetch_ahead(a);
-        let halves = scale_halves(q3k_scales(&a.scales));
-        // SAFETY: the 32 bytes of hmask.
-        let hm = unsafe { _mm256_loadu_si256(a.hmask.as_ptr() as *const __m256i) };
-        let mut sumi = _mm256_setzero_si256();
+        let scales = q3k_scales(&a.scales);
+        let halves = scale_halves(scales);
+        // SAFETY: the 32 bytes of hmask and the 16 i16 sums of the activations.
+        let (hm, bsums) = unsafe {
+            (
+                _mm256_loadu_si256(a.hmask.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(b.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // Values held as `u = w + 4` (0..=7): Σ scale · 4 · Σy comes off once per block
+        // (|scale · 4| ≤ 128).
+        let offset = _mm256_madd_epi16(bsums, _mm256_slli_epi16(_mm256_cvtepi8_epi16(scales), 2));
+        let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
         for (half, &scales) in halves.iter().enumerate() {
             // SAFETY: 32 bytes at 32·half inside the 64-byte qs.
             let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * half) as *const __m256i) };
             for j in 0..4 {
-                let shift = _mm_cvtsi32_si128(2 * j as i32);
-                let low = _mm256_and_si256(_mm256_srl_epi16(q, shift), m3);
-                // 4 where the value's hmask bit is clear: w = low − 4·clear.
-                let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
-                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
-                let sub = _mm256_and_si256(clear, four);
+                let low = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j)), m3);
+                // hmask bit n = 4·half + j moved to bit 2 of its own byte (bits shifted in
+                // from the neighbouring byte are masked off): 4 where it is set.
+                let n = 4 * half as i32 + j;
+                let moved = if n >= 2 {
+                    _mm256_srl_epi16(hm, _mm_cvtsi32_si128(n - 2))
+                } else {
+                    _mm256_sll_epi16(hm, _mm_cvtsi32_si128(2 - n))
+                };
+                let u = _mm256_or_si256(low, _mm256_and_si256(moved, four));
                 // SAFETY: 32 activations at 128·half + 32·j inside 256.
                 let yj = unsafe {
-                    _mm256_loadu_si256(b.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i)
+                    _mm256_loadu_si256(
+                        b.qs.as_ptr().add(128 * half + 32 * j as usize) as *const __m256i
+                    )
                 };
-                let p =
-                    _mm256_sub_epi16(_mm256_maddubs_epi16(low, yj), _mm256_maddubs_epi16(sub, yj));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(scales, j)));
+                let p = _mm256_maddubs_epi16(u, yj);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(scales, j as usize)));
             }
         }
         let d = _mm256_set1_ps(h2f(a.d) * b.d);
