@@ -87,7 +87,6 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     // Offset 128: the bytes are the signed values shifted; take the sign trick.
     let signed = W::OFFSET == 128.0;
     let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(0x80u8 as i8);
     let ahead = PREFETCH_BYTES.max(nb * size_of::<W>());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut scale = [[[0f32; GROUP]; T]; R];
@@ -121,11 +120,11 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                 for r in 0..R {
                     let blk = w.as_ptr().add(r * stride * nb + b);
                     _mm_prefetch::<_MM_HINT_T0>((blk as *const i8).wrapping_add(ahead));
-                    let u = (*blk).bytes();
                     let (x, s) = if signed {
-                        let s = _mm256_xor_si256(u, flip);
+                        let s = (*blk).signed_bytes();
                         (_mm256_sign_epi8(s, s), s)
                     } else {
+                        let u = (*blk).bytes();
                         (u, u)
                     };
                     for t in 0..T {

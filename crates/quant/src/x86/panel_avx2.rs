@@ -84,7 +84,6 @@ unsafe fn pack<W: Unsigned32>(
     p: &mut Packed,
 ) {
     assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
-    let flip = _mm256_set1_epi8(if signed::<W>() { 0x80u8 as i8 } else { 0 });
     for k in 0..nc {
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
@@ -95,7 +94,12 @@ unsafe fn pack<W: Unsigned32>(
         unsafe {
             let row = |i: usize| {
                 if i < nr {
-                    _mm256_xor_si256(w[(r0 + i) * nb + c0 + k].bytes(), flip)
+                    let blk = &w[(r0 + i) * nb + c0 + k];
+                    if signed::<W>() {
+                        blk.signed_bytes()
+                    } else {
+                        blk.bytes()
+                    }
                 } else {
                     _mm256_setzero_si256()
                 }

@@ -35,6 +35,13 @@ pub trait Unsigned32: Copy {
     const BITS: u32;
     /// The 32 unsigned values (needs AVX2).
     unsafe fn bytes(&self) -> __m256i;
+    /// For the offset-128 types (Q8_0, IQ4_NL): the 32 signed values `u − 128`, which the
+    /// AVX2 sign trick takes (needs AVX2).
+    #[inline(always)]
+    unsafe fn signed_bytes(&self) -> __m256i {
+        // SAFETY: as `bytes`.
+        unsafe { _mm256_xor_si256(self.bytes(), _mm256_set1_epi8(0x80u8 as i8)) }
+    }
     /// The same where AVX-512 BW/VL are enabled too (the tiles here), if that is quicker.
     #[inline(always)]
     unsafe fn bytes_bw(&self) -> __m256i {
@@ -209,6 +216,14 @@ impl Unsigned32 for BlockIQ4NL {
         }
     }
     #[inline(always)]
+    unsafe fn signed_bytes(&self) -> __m256i {
+        // SAFETY: AVX2 is enabled by every caller; reads the 16 bytes of qs and the table.
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_32(&self.qs))
+        }
+    }
+    #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
         // SAFETY: the caller vouches for both blocks and the features.
         unsafe { _mm512_shuffle_epi8(iq4nl_table_u8(), nibble_pair(&(*w).qs, &(*w.add(1)).qs)) }
@@ -225,6 +240,11 @@ impl Unsigned32 for BlockQ8_0 {
             let q = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
             _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8)) // q + 128 as u8
         }
+    }
+    #[inline(always)]
+    unsafe fn signed_bytes(&self) -> __m256i {
+        // SAFETY: reads exactly the 32 bytes of qs; AVX2 is enabled by every caller.
+        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
     }
 }
 
