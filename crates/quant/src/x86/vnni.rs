@@ -241,11 +241,6 @@ impl Unsigned32 for BlockQ8_0 {
             _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8)) // q + 128 as u8
         }
     }
-    #[inline(always)]
-    unsafe fn signed_bytes(&self) -> __m256i {
-        // SAFETY: reads exactly the 32 bytes of qs; AVX2 is enabled by every caller.
-        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
-    }
 }
 
 /// How far ahead of the current block each row prefetches (at least one tile): decode
