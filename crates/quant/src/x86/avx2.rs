@@ -59,22 +59,33 @@ fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// How far ahead of the block it reads a decoding dot product prefetches its weights: one
-/// row streamed alone leaves the loads waiting on memory (measured on Ice Lake: ~90% of
-/// the Q4_K dot product's samples on the instruction after each weight load).
+/// How far ahead of the block it reads a decoding dot product prefetches its weights (see
+/// `vnni::PREFETCH_BYTES`): one row streamed alone leaves the loads waiting on memory
+/// (measured on Ice Lake: ~90% of the Q4_K dot product's samples on the instruction after
+/// each weight load).
 const PREFETCH_BYTES: usize = 4096;
 
-/// Hints every cache line of the block `PREFETCH_BYTES` past `b` (the rest of the row, or
-/// the next rows, which follow it in memory).
+/// Prefetches every cache line of the `size` bytes at `p` (hints only; any address).
 #[inline(always)]
-pub(crate) fn prefetch_ahead<B>(b: &B) {
-    let p = (b as *const B as *const u8).wrapping_add(PREFETCH_BYTES);
+pub(crate) fn prefetch(p: *const u8, size: usize) {
     let mut off = 0;
-    while off < size_of::<B>() {
+    while off < size {
         // SAFETY: a prefetch only hints; it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
         off += 64;
     }
+    // SAFETY: as above.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(size - 1) as *const i8) };
+}
+
+/// Prefetches the block `PREFETCH_BYTES` past `b` (the rest of the row, or the next rows,
+/// which follow it in memory).
+#[inline(always)]
+fn prefetch_ahead<B>(b: &B) {
+    prefetch(
+        (b as *const B as *const u8).wrapping_add(PREFETCH_BYTES),
+        size_of::<B>(),
+    );
 }
 
 /// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.

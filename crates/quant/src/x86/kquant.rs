@@ -14,25 +14,12 @@
 //! alone bit for bit.
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
-use super::avx2::{h2f, hsum_ps};
+use super::avx2::{h2f, hsum_ps, prefetch};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
 /// How far ahead each row prefetches (see `vnni::PREFETCH_BYTES`).
 const PREFETCH_BYTES: usize = 4096;
-
-/// Prefetches every cache line of the `size` bytes at `p` (hints only; any address).
-#[inline(always)]
-fn prefetch(p: *const u8, size: usize) {
-    let mut off = 0;
-    while off < size {
-        // SAFETY: a prefetch only hints; it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
-        off += 64;
-    }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(size - 1) as *const i8) };
-}
 
 /// Q4_K's 8 six-bit scales and 8 six-bit mins, unpacked from its 12 bytes (as
 /// `reference::scale_min_k4` for every sub-block at once).
