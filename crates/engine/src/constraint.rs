@@ -160,9 +160,23 @@ pub struct Grammars {
     /// request, and compiling it again would cost each request's first token milliseconds.
     compiled: std::sync::Mutex<Vec<(String, Matcher)>>,
     /// Every token's leading and trailing ASCII digits (for [`MAX_JSON_DIGITS`]).
-    digits: Arc<[Digits]>,
-    /// The most leading digits any token has.
-    longest_digits: usize,
+    digits: DigitTable,
+}
+
+/// Every token's [`Digits`], and the most leading digits any token has (so that a step
+/// after which no token could pass the cap skips the vocabulary).
+#[derive(Clone)]
+struct DigitTable {
+    tokens: Arc<[Digits]>,
+    longest: usize,
+}
+
+impl DigitTable {
+    fn new<W: AsRef<[u8]>>(words: &[W]) -> Self {
+        let tokens: Arc<[Digits]> = words.iter().map(|w| Digits::of(w.as_ref())).collect();
+        let longest = tokens.iter().map(|d| d.leading as usize).max().unwrap_or(0);
+        DigitTable { tokens, longest }
+    }
 }
 
 /// A token's leading and trailing ASCII digits, and whether it is digits only.
@@ -221,7 +235,7 @@ impl Grammars {
                 }
             })
             .collect();
-        let digits: Arc<[Digits]> = words.iter().map(|w| Digits::of(w)).collect();
+        let digits = DigitTable::new(&words);
         let eog: Arc<[TokenId]> = tokenizer.eog_tokens().into();
         let eos = tokenizer
             .eos
@@ -263,7 +277,6 @@ impl Grammars {
             factory,
             eog,
             compiled: std::sync::Mutex::new(Vec::new()),
-            longest_digits: digits.iter().map(|d| d.leading as usize).max().unwrap_or(0),
             digits,
         })
     }
@@ -306,7 +319,6 @@ impl Grammars {
             trigger: None,
             digits: spec.is_json().then(|| self.digits.clone()),
             digit_run: 0,
-            longest_digits: self.longest_digits,
         })
     }
 
@@ -363,15 +375,15 @@ fn first_line(s: &str) -> String {
 /// After a run of `run` digits, masks the tokens that would make it longer than
 /// [`MAX_JSON_DIGITS`] — unless nothing else is left (a pattern that asks for more digits
 /// still gets them).
-/// `longest` is the most leading digits any token has.
-fn cap_digit_runs(digits: &[Digits], longest: usize, run: usize, logits: &mut [f32]) {
+fn cap_digit_runs(digits: &DigitTable, run: usize, logits: &mut [f32]) {
     // The common case (no digits just written): no token is long enough to matter, and the
     // two passes over the vocabulary below are skipped.
-    if run + longest <= MAX_JSON_DIGITS {
+    if run + digits.longest <= MAX_JSON_DIGITS {
         return;
     }
     let too_long = |i: usize| {
         digits
+            .tokens
             .get(i)
             .is_some_and(|d| d.leading > 0 && run + d.leading as usize > MAX_JSON_DIGITS)
     };
@@ -396,10 +408,9 @@ pub struct Constraint {
     eos: TokenId,
     trigger: Option<String>,
     /// For JSON outputs: every token's digits, to cap runs at [`MAX_JSON_DIGITS`].
-    digits: Option<Arc<[Digits]>>,
+    digits: Option<DigitTable>,
     /// ASCII digits at the end of the output so far.
     digit_run: usize,
-    longest_digits: usize,
 }
 
 impl Constraint {
@@ -442,12 +453,16 @@ impl Constraint {
 
     fn cap_digits(&self, logits: &mut [f32]) {
         if let Some(digits) = &self.digits {
-            cap_digit_runs(digits, self.longest_digits, self.digit_run, logits);
+            cap_digit_runs(digits, self.digit_run, logits);
         }
     }
 
     fn count_digits(&mut self, token: TokenId) {
-        if let Some(d) = self.digits.as_ref().and_then(|d| d.get(token as usize)) {
+        if let Some(d) = self
+            .digits
+            .as_ref()
+            .and_then(|d| d.tokens.get(token as usize))
+        {
             self.digit_run = d.after(self.digit_run);
         }
     }
@@ -501,21 +516,18 @@ mod tests {
 
     #[test]
     fn digit_runs_past_the_cap_are_masked_while_another_token_is_allowed() {
-        let vocab: Vec<Digits> = ["1", "23", ",", "}"]
-            .iter()
-            .map(|s| Digits::of(s.as_bytes()))
-            .collect();
+        let vocab = DigitTable::new(&["1", "23", ",", "}"]);
         // 15 digits so far: one more digit is fine, two are not.
         let mut logits = vec![0.5, 0.9, 0.1, 0.2];
-        cap_digit_runs(&vocab, 2, 15, &mut logits);
+        cap_digit_runs(&vocab, 15, &mut logits);
         assert_eq!(logits, [0.5, f32::NEG_INFINITY, 0.1, 0.2]);
         let mut logits = vec![0.5, 0.9, 0.1, 0.2];
-        cap_digit_runs(&vocab, 2, MAX_JSON_DIGITS, &mut logits);
+        cap_digit_runs(&vocab, MAX_JSON_DIGITS, &mut logits);
         assert_eq!(logits[..2], [f32::NEG_INFINITY; 2]);
         // Only digits allowed (a pattern wants them): they stay.
         let ninf = f32::NEG_INFINITY;
         let mut logits = vec![0.5, 0.9, ninf, ninf];
-        cap_digit_runs(&vocab, 2, 40, &mut logits);
+        cap_digit_runs(&vocab, 40, &mut logits);
         assert_eq!(logits, [0.5, 0.9, ninf, ninf]);
     }
 
