@@ -1,4 +1,4 @@
-//! AVX-512 (F/BW/VL) products of Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights with Q8_K activations, for decoding
+//! AVX-512 (F/BW/VL) products of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights with Q8_K activations, for decoding
 //! and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
 //! of the product's rows so that one core streams the weights as 4 sequential reads
 //! (`quarter_tiles`, as `vnni::gemm`).
@@ -449,6 +449,84 @@ unsafe fn tile_q3k<const R: usize>(
     }
 }
 
+/// Q2_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`]. The
+/// 2-bit values sit in `qs` as Q3_K's do (value `32j + l` of a half in bits `2j` of byte
+/// `l`), so the activations and the scales' lanes are arranged as in [`tile_q3k`]; each
+/// 16-value sub-block has a 4-bit scale (low nibble) and a 4-bit min (high nibble), the
+/// mins meeting the activations' 16-value sums (`bsums`) in one `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_q2k<const R: usize>(
+    w: &[BlockQ2K],
+    stride: usize,
+    a: &[BlockQ8K],
+    nb: usize,
+    t: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
+    let three = _mm512_set1_epi8(3);
+    let low4 = _mm_set1_epi8(0x0F);
+    // SAFETY: the lane indices are 32 × 2 bytes.
+    let spread = unsafe { Q3K_SPREAD.map(|p| _mm512_loadu_si512(p.as_ptr() as *const _)) };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_min = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = &a[t * nb + b];
+        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+        let ([y0, y1, y2, y3], bsums) = unsafe {
+            let p = y.qs.as_ptr();
+            (
+                [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            )
+        };
+        // Values 32j..32j + 32 of the first half, then of the second.
+        let ya = [
+            _mm512_shuffle_i64x2::<0x44>(y0, y2),
+            _mm512_shuffle_i64x2::<0xEE>(y0, y2),
+            _mm512_shuffle_i64x2::<0x44>(y1, y3),
+            _mm512_shuffle_i64x2::<0xEE>(y1, y3),
+        ];
+        for r in 0..R {
+            let x = &w[r * stride * nb + b];
+            prefetch((x as *const BlockQ2K as *const u8).wrapping_add(ahead), 84);
+            // SAFETY: a 16-byte load of the scales and a 64-byte load of qs.
+            let (sc, q) = unsafe {
+                (
+                    _mm_loadu_si128(x.scales.as_ptr() as *const __m128i),
+                    _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                )
+            };
+            let scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(sc, low4)));
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), low4));
+            let mut sum = _mm512_setzero_si512();
+            for j in 0..4 {
+                let u = match j {
+                    0 => q,
+                    1 => _mm512_srli_epi16::<2>(q),
+                    2 => _mm512_srli_epi16::<4>(q),
+                    _ => _mm512_srli_epi16::<6>(q),
+                };
+                let u = _mm512_and_si512(u, three);
+                let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
+                let scale16 = _mm512_permutexvar_epi16(spread[j], scales);
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+            }
+            let d = h2f(x.d) * y.d;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
+            let msum = _mm256_madd_epi16(mins, bsums);
+            let dmin = h2f(x.dmin) * y.d;
+            acc_min[r] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc_min[r]);
+        }
+    }
+    for r in 0..R {
+        out[r * stride * n_tok + t] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_min[r]);
+    }
+}
+
 /// Q6_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[inline]
@@ -601,3 +679,4 @@ kquant_gemm!(gemm_q5k, BlockQ5K, tile_q4k::<BlockQ5K>);
 kquant_gemm!(gemm_q6k, BlockQ6K, tile_q6k);
 kquant_gemm!(gemm_iq4xs, BlockIQ4XS, tile_iq4xs);
 kquant_gemm!(gemm_q3k, BlockQ3K, tile_q3k);
+kquant_gemm!(gemm_q2k, BlockQ2K, tile_q2k);

@@ -446,6 +446,7 @@ macro_rules! kquant_entry {
         }
     };
 }
+kquant_entry!(kquant_q2_k, BlockQ2K, gemm_q2k);
 kquant_entry!(kquant_q3_k, BlockQ3K, gemm_q3k);
 kquant_entry!(kquant_q4_k, BlockQ4K, gemm_q4k);
 kquant_entry!(kquant_q5_k, BlockQ5K, gemm_q5k);
@@ -505,8 +506,7 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_iq4_nl: vnni_iq4_nl,
             gemm_q4_k: kquant_q4_k,
             gemm_q6_k: kquant_q6_k,
-            // Q2_K decodes faster on the AVX2 dot products (vector scales) than unpacked.
-            gemm_q2_k,
+            gemm_q2_k: kquant_q2_k,
             gemm_q3_k: kquant_q3_k,
             gemm_q5_k: kquant_q5_k,
             gemm_iq4_xs: kquant_iq4_xs,
