@@ -316,7 +316,36 @@ impl<W: Unsigned32> Picks<W> {
     const P: ScalePicks = ScalePicks::new(size_of::<W>());
 }
 
-/// `dw` and `mw` of the first `n` (≤ 16) blocks from `w` (lanes past `n` are 0).
+/// A run of `n` (≤ 16) blocks of `W` as `scales16` loads it, worked out once per run for
+/// all the rows that take it: the lanes its blocks fill, the masks of its 32-word chunks (words
+/// past the run neither read nor able to fault) and how many 64-word windows hold words of
+/// it (a short run at a row's end needs fewer than a full one).
+struct Run {
+    lanes: __mmask16,
+    chunks: [__mmask32; 2 * ScalePicks::WINDOWS],
+    windows: usize,
+}
+
+impl Run {
+    fn new<W: Unsigned32>(n: usize) -> Self {
+        let words = n * size_of::<W>() / 2;
+        let chunks = std::array::from_fn(|c| {
+            let valid = words.saturating_sub(32 * c).min(32);
+            if valid == 32 {
+                !0
+            } else {
+                (1u32 << valid) - 1
+            }
+        });
+        Run {
+            lanes: if n == 16 { !0 } else { (1u16 << n) - 1 },
+            chunks,
+            windows: words.div_ceil(64).min(Picks::<W>::P.windows),
+        }
+    }
+}
+
+/// `dw` and `mw` of the `run.n` (≤ 16) blocks from `w` (lanes past them are 0).
 ///
 /// A 16-lane gather costs AMD Zen 4/5 microcode; where a run of 16 blocks spans at most 3
 /// windows of 64 words (every type here but Q8_0) the run is instead loaded as 32-word
@@ -324,9 +353,9 @@ impl<W: Unsigned32> Picks<W> {
 /// gives its words with one two-source word permute: Q4_1 decoding of 576-column rows
 /// measured +15–25% on Zen 5. Q8_0's 5 windows cost more than the gather saves.
 #[inline(always)]
-unsafe fn scales16<W: Unsigned32>(w: *const W, n: usize) -> (__m512, __m512) {
+unsafe fn scales16<W: Unsigned32>(w: *const W, run: &Run) -> (__m512, __m512) {
     let picks = &Picks::<W>::P;
-    let lanes: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+    let lanes = run.lanes;
     // SAFETY: the gather reads 4 bytes at the start of each of the `n` blocks the caller
     // vouches for; the chunk loads are masked to the words of those `n` blocks
     // (masked-off words are neither read nor able to fault); AVX-512 F/BW are enabled in
@@ -345,15 +374,11 @@ unsafe fn scales16<W: Unsigned32>(w: *const W, n: usize) -> (__m512, __m512) {
             let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)));
             (dw, mw)
         } else {
-            let words = n * size_of::<W>() / 2;
             let src = w as *const u16;
-            let chunk = |c: usize| {
-                let valid = words.saturating_sub(32 * c).min(32);
-                let mask: __mmask32 = if valid == 32 { !0 } else { (1u32 << valid) - 1 };
-                _mm512_maskz_loadu_epi16(mask, src.add(32 * c) as *const _)
-            };
+            let chunk =
+                |c: usize| _mm512_maskz_loadu_epi16(run.chunks[c], src.add(32 * c) as *const _);
             let mut out = _mm512_setzero_si512();
-            for k in 0..picks.windows {
+            for k in 0..run.windows {
                 let idx = _mm512_loadu_si512(picks.idx[k].as_ptr() as *const _);
                 let window = _mm512_permutex2var_epi16(chunk(2 * k), idx, chunk(2 * k + 1));
                 out = _mm512_mask_mov_epi16(out, picks.take[k], window);
@@ -440,6 +465,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                 *da = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(i));
             }
             // Per-pair types take their scales in the pair loop below instead.
+            let run = Run::new::<W>(n);
             let mut dw = [_mm512_setzero_ps(); R];
             let group_scaled = if per_pair { 0 } else { R };
             for (r, (dw, acc)) in dw
@@ -448,7 +474,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                 .enumerate()
                 .take(group_scaled)
             {
-                let (d, mw) = scales16(w.as_ptr().add(r * stride * nb + g0), n);
+                let (d, mw) = scales16(w.as_ptr().add(r * stride * nb + g0), &run);
                 // One token: `dw·da` once per group rather than per pair (the same products
                 // in the same lanes, so the same bits as the general path below).
                 *dw = if T == 1 { _mm512_mul_ps(d, da[0]) } else { d };
