@@ -417,7 +417,7 @@ unsafe fn tile_q3k<const R: usize>(
             // a 32-byte load of hmask.
             let (scales, q, hm) = unsafe {
                 (
-                    _mm256_cvtepi8_epi16(super::avx2::q3k_scales(&x.scales)),
+                    _mm256_cvtepi8_epi16(super::avx2::q3k_scales(x)),
                     _mm512_loadu_si512(x.qs.as_ptr() as *const _),
                     _mm512_broadcast_i64x4(_mm256_loadu_si256(x.hmask.as_ptr() as *const __m256i)),
                 )

@@ -111,9 +111,9 @@ impl Unpack for BlockQ3K {
     }
     #[inline(always)]
     unsafe fn scales(&self) -> IntScales {
-        // SAFETY: register operations only (SSE2, baseline).
+        // SAFETY: AVX2 enabled by the caller.
         unsafe {
-            let scales = super::avx2::q3k_scales(&self.scales);
+            let scales = super::avx2::q3k_scales(self);
             let d = h2f(self.d);
             IntScales {
                 v: scales,
