@@ -341,6 +341,43 @@ unsafe fn tile_iq4xs<const R: usize>(
     }
 }
 
+/// Token `y`'s activations in the order of Q2_K's and Q3_K's 2-bit values (vector `j`:
+/// values `32j..32j + 32` of the first 128-value half, then of the second), and its
+/// 16-value sums.
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+fn two_bit_acts(y: &BlockQ8K) -> ([__m512i; 4], __m256i) {
+    // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
+    let ([y0, y1, y2, y3], bsums) = unsafe {
+        let p = y.qs.as_ptr();
+        (
+            [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
+            _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+        )
+    };
+    let ya = [
+        _mm512_shuffle_i64x2::<0x44>(y0, y2),
+        _mm512_shuffle_i64x2::<0xEE>(y0, y2),
+        _mm512_shuffle_i64x2::<0x44>(y1, y3),
+        _mm512_shuffle_i64x2::<0xEE>(y1, y3),
+    ];
+    (ya, bsums)
+}
+
+/// The 2-bit fields `j` (bits `2j..2j + 2`) of the 64 bytes of `qs`: values `32j..32j +
+/// 32` of each half (the order of [`two_bit_acts`]).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn two_bits(q: __m512i, j: usize) -> __m512i {
+    let shifted = match j {
+        0 => q,
+        1 => _mm512_srli_epi16::<2>(q),
+        2 => _mm512_srli_epi16::<4>(q),
+        _ => _mm512_srli_epi16::<6>(q),
+    };
+    _mm512_and_si512(shifted, _mm512_set1_epi8(3))
+}
+
 /// Per shift `j` of Q3_K's 2-bit values (values `32j..32j + 32` of each 128-value half):
 /// the `hmask` bit of each half's values (first 32 bytes: bit j; last 32: bit 4 + j).
 const fn q3k_bits(j: u8) -> [u8; 64] {
@@ -383,7 +420,6 @@ unsafe fn tile_q3k<const R: usize>(
     out: &mut [f32],
 ) {
     let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
-    let three = _mm512_set1_epi8(3);
     let four = _mm512_set1_epi8(4);
     // SAFETY: the bit selectors are 64 bytes, the lane indices 32 × 2 bytes.
     let (bits, spread) = unsafe {
@@ -395,21 +431,7 @@ unsafe fn tile_q3k<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let y = &a[t * nb + b];
-        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
-        let ([y0, y1, y2, y3], bsums) = unsafe {
-            let p = y.qs.as_ptr();
-            (
-                [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
-                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
-            )
-        };
-        // Values 32j..32j + 32 of the first half, then of the second.
-        let ya = [
-            _mm512_shuffle_i64x2::<0x44>(y0, y2),
-            _mm512_shuffle_i64x2::<0xEE>(y0, y2),
-            _mm512_shuffle_i64x2::<0x44>(y1, y3),
-            _mm512_shuffle_i64x2::<0xEE>(y1, y3),
-        ];
+        let (ya, bsums) = two_bit_acts(y);
         for r in 0..R {
             let x = &w[r * stride * nb + b];
             prefetch((x as *const BlockQ3K as *const u8).wrapping_add(ahead), 110);
@@ -425,13 +447,7 @@ unsafe fn tile_q3k<const R: usize>(
             let scales512 = _mm512_castsi256_si512(scales);
             let mut sum = _mm512_setzero_si512();
             for j in 0..4 {
-                let low = match j {
-                    0 => q,
-                    1 => _mm512_srli_epi16::<2>(q),
-                    2 => _mm512_srli_epi16::<4>(q),
-                    _ => _mm512_srli_epi16::<6>(q),
-                };
-                let low = _mm512_and_si512(low, three);
+                let low = two_bits(q, j);
                 let high = _mm512_test_epi8_mask(hm, bits[j]);
                 let u = _mm512_mask_add_epi8(low, high, low, four);
                 let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
@@ -466,7 +482,6 @@ unsafe fn tile_q2k<const R: usize>(
     out: &mut [f32],
 ) {
     let ahead = check_tile(R, w, stride, a, nb, t, n_tok, out);
-    let three = _mm512_set1_epi8(3);
     let low4 = _mm_set1_epi8(0x0F);
     // SAFETY: the lane indices are 32 × 2 bytes.
     let spread = unsafe { Q3K_SPREAD.map(|p| _mm512_loadu_si512(p.as_ptr() as *const _)) };
@@ -474,21 +489,7 @@ unsafe fn tile_q2k<const R: usize>(
     let mut acc_min = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let y = &a[t * nb + b];
-        // SAFETY: 64-byte loads inside the 256-byte qs, 32 bytes of bsums.
-        let ([y0, y1, y2, y3], bsums) = unsafe {
-            let p = y.qs.as_ptr();
-            (
-                [0, 64, 128, 192].map(|o| _mm512_loadu_si512(p.add(o) as *const _)),
-                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
-            )
-        };
-        // Values 32j..32j + 32 of the first half, then of the second.
-        let ya = [
-            _mm512_shuffle_i64x2::<0x44>(y0, y2),
-            _mm512_shuffle_i64x2::<0xEE>(y0, y2),
-            _mm512_shuffle_i64x2::<0x44>(y1, y3),
-            _mm512_shuffle_i64x2::<0xEE>(y1, y3),
-        ];
+        let (ya, bsums) = two_bit_acts(y);
         for r in 0..R {
             let x = &w[r * stride * nb + b];
             prefetch((x as *const BlockQ2K as *const u8).wrapping_add(ahead), 84);
@@ -503,13 +504,7 @@ unsafe fn tile_q2k<const R: usize>(
             let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), low4));
             let mut sum = _mm512_setzero_si512();
             for j in 0..4 {
-                let u = match j {
-                    0 => q,
-                    1 => _mm512_srli_epi16::<2>(q),
-                    2 => _mm512_srli_epi16::<4>(q),
-                    _ => _mm512_srli_epi16::<6>(q),
-                };
-                let u = _mm512_and_si512(u, three);
+                let u = two_bits(q, j);
                 let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
                 let scale16 = _mm512_permutexvar_epi16(spread[j], scales);
                 sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
