@@ -796,8 +796,8 @@ pub unsafe fn dot_q2_k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
 /// Q3_K's 16 six-bit scales (12 bytes) as i8 minus 32, as `reference::q3k_scales`: the
 /// low 4 bits of scales 0..8 and 8..16 are the low and high nibbles of bytes 0..8, the top
 /// 2 bits of scale `i` are bits `2·(i / 4)` of byte `8 + i % 4`. In vector registers from
-/// one 16-byte load (the last 2 bytes of `qs`, the scales, `d`) — the scalar unpacking and
-/// its four inserts took a fifth of a Q3_K tile's instructions.
+/// one 16-byte load (the last 2 bytes of `qs`, the scales, `d`), where scalar unpacking
+/// needed four inserts to reach a vector.
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn q3k_scales(b: &BlockQ3K) -> __m128i {

@@ -317,9 +317,9 @@ impl<W: Unsigned32> Picks<W> {
 }
 
 /// A run of `n` (≤ 16) blocks of `W` as `scales16` loads it, worked out once per run for
-/// all the rows that take it: the lanes its blocks fill, the masks of its 32-word chunks (words
-/// past the run neither read nor able to fault) and how many 64-word windows hold words of
-/// it (a short run at a row's end needs fewer than a full one).
+/// all the rows that take it: the lanes its blocks fill, the masks of its 32-word chunks
+/// (words past the run neither read nor able to fault) and how many 64-word windows hold
+/// words of it (a short run at a row's end needs fewer than a full one).
 struct Run {
     lanes: __mmask16,
     chunks: [__mmask32; 2 * ScalePicks::WINDOWS],
@@ -345,7 +345,7 @@ impl Run {
     }
 }
 
-/// `dw` and `mw` of the `run.n` (≤ 16) blocks from `w` (lanes past them are 0).
+/// `dw` and `mw` of the run's blocks from `w` (lanes past them are 0).
 ///
 /// A 16-lane gather costs AMD Zen 4/5 microcode; where a run of 16 blocks spans at most 3
 /// windows of 64 words (every type here but Q8_0) the run is instead loaded as 32-word
@@ -356,8 +356,8 @@ impl Run {
 unsafe fn scales16<W: Unsigned32>(w: *const W, run: &Run) -> (__m512, __m512) {
     let picks = &Picks::<W>::P;
     let lanes = run.lanes;
-    // SAFETY: the gather reads 4 bytes at the start of each of the `n` blocks the caller
-    // vouches for; the chunk loads are masked to the words of those `n` blocks
+    // SAFETY: the gather reads 4 bytes at the start of each of the run's blocks, which the
+    // caller vouches for; the chunk loads are masked to the words of those blocks
     // (masked-off words are neither read nor able to fault); AVX-512 F/BW are enabled in
     // every kernel that inlines this.
     unsafe {
