@@ -345,50 +345,34 @@ impl Run {
     }
 }
 
-/// `dw` and `mw` of the run's blocks from `w` (lanes past them are 0).
+/// `dw` and `mw` of the run's blocks from `w` (lanes past them are 0), for the types whose
+/// run of 16 blocks spans at most 3 windows of 64 words (every type here but Q8_0, which
+/// takes its scales per pair instead: `pair_scales`).
 ///
-/// A 16-lane gather costs AMD Zen 4/5 microcode; where a run of 16 blocks spans at most 3
-/// windows of 64 words (every type here but Q8_0) the run is instead loaded as 32-word
-/// chunks (masked at the run's end, so nothing past block `n - 1` is read) and each window
-/// gives its words with one two-source word permute: Q4_1 decoding of 576-column rows
-/// measured +15–25% on Zen 5. Q8_0's 5 windows cost more than the gather saves.
+/// A 16-lane gather costs AMD Zen 4/5 microcode, so the run is loaded as 32-word chunks
+/// (masked at the run's end, so nothing past its last block is read) and each window gives
+/// its words with one two-source word permute: Q4_1 decoding of 576-column rows measured
+/// +15–25% on Zen 5 against the gather.
 #[inline(always)]
 unsafe fn scales16<W: Unsigned32>(w: *const W, run: &Run) -> (__m512, __m512) {
     let picks = &Picks::<W>::P;
-    let lanes = run.lanes;
-    // SAFETY: the gather reads 4 bytes at the start of each of the run's blocks, which the
-    // caller vouches for; the chunk loads are masked to the words of those blocks
-    // (masked-off words are neither read nor able to fault); AVX-512 F/BW are enabled in
-    // every kernel that inlines this.
+    debug_assert!(picks.windows <= 3);
+    // SAFETY: the chunk loads are masked to the words of the run's blocks, which the caller
+    // vouches for (masked-off words are neither read nor able to fault); `run.windows` ≤
+    // `ScalePicks::WINDOWS` keeps the chunk and pick indices in their arrays; AVX-512 F/BW
+    // are enabled in every kernel that inlines this.
     unsafe {
-        let (dw, mw) = if picks.windows > 3 {
-            let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            let offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(size_of::<W>() as i32));
-            let words = _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                lanes,
-                offsets,
-                w as *const _,
-            );
-            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
-            let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)));
-            (dw, mw)
-        } else {
-            let src = w as *const u16;
-            let chunk =
-                |c: usize| _mm512_maskz_loadu_epi16(run.chunks[c], src.add(32 * c) as *const _);
-            let mut out = _mm512_setzero_si512();
-            for k in 0..run.windows {
-                let idx = _mm512_loadu_si512(picks.idx[k].as_ptr() as *const _);
-                let window = _mm512_permutex2var_epi16(chunk(2 * k), idx, chunk(2 * k + 1));
-                out = _mm512_mask_mov_epi16(out, picks.take[k], window);
-            }
-            let dw = _mm512_maskz_cvtph_ps(lanes, _mm512_castsi512_si256(out));
-            let mw = _mm512_maskz_cvtph_ps(lanes, _mm512_extracti64x4_epi64::<1>(out));
-            (dw, mw)
-        };
+        let src = w as *const u16;
+        let chunk = |c: usize| _mm512_maskz_loadu_epi16(run.chunks[c], src.add(32 * c) as *const _);
+        let mut out = _mm512_setzero_si512();
+        for k in 0..run.windows {
+            let idx = _mm512_loadu_si512(picks.idx[k].as_ptr() as *const _);
+            let window = _mm512_permutex2var_epi16(chunk(2 * k), idx, chunk(2 * k + 1));
+            out = _mm512_mask_mov_epi16(out, picks.take[k], window);
+        }
+        let dw = _mm512_maskz_cvtph_ps(run.lanes, _mm512_castsi512_si256(out));
         let mw = if W::HAS_M {
-            mw
+            _mm512_maskz_cvtph_ps(run.lanes, _mm512_extracti64x4_epi64::<1>(out))
         } else {
             _mm512_mul_ps(dw, _mm512_set1_ps(-W::OFFSET))
         };
