@@ -6,6 +6,7 @@
 
 use hearth_quant::bf16mat::{Bf16Matrix, Bf16Scratch};
 use hearth_quant::f32mat::F32Panels;
+use hearth_quant::i16mat::I16Panels;
 use hearth_quant::pool::OutRows;
 use hearth_quant::{Activations, AttendRows, Blocks, GgmlType, QMatrix};
 
@@ -40,9 +41,11 @@ struct Scratch {
 }
 
 /// bf16 products where the CPU runs them fast (AMX tiles; AVX512-BF16 dot products on
-/// AMD), else f32 panels where it has AVX2, else f32 with the tiles of `QMatrix`.
+/// AMD), else 16-bit integer panels at the AVX-512 level (VNNI), else f32 panels where it
+/// has AVX2, else f32 with the tiles of `QMatrix`.
 enum Weights {
     Bf16(Bf16Matrix),
+    I16(I16Panels),
     Panels(F32Panels),
     F32(Vec<f32>),
 }
@@ -51,6 +54,8 @@ impl Linear {
     fn new(w: Vec<f32>, b: Vec<f32>, rows: usize, cols: usize) -> Self {
         let w = if let Some(packed) = Bf16Matrix::pack(&w, rows, cols) {
             Weights::Bf16(packed)
+        } else if let Some(panels) = I16Panels::pack(&w, rows, cols) {
+            Weights::I16(panels)
         } else if let Some(panels) = F32Panels::pack(&w, rows, cols) {
             Weights::Panels(panels)
         } else {
@@ -63,6 +68,7 @@ impl Linear {
         let Scratch { acts, mm, bf16 } = s;
         match &self.w {
             Weights::Bf16(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y, bf16),
+            Weights::I16(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y),
             Weights::Panels(w) => w.matmul(x, x.len() / self.cols, Some(&self.b), y),
             Weights::F32(w) => {
                 let m = QMatrix {

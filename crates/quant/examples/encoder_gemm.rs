@@ -4,6 +4,7 @@
 //! `cargo run --release -p hearth-quant --example encoder_gemm [THREADS]`.
 use hearth_quant::bf16mat::{Bf16Kernel, Bf16Matrix, Bf16Scratch};
 use hearth_quant::f32mat::F32Panels;
+use hearth_quant::i16mat::I16Panels;
 
 fn main() {
     let threads: usize = std::env::args()
@@ -36,6 +37,10 @@ fn main() {
         if let Some(m) = F32Panels::pack(&w, rows, cols) {
             let g = gmacs(macs, || m.matmul(&x, n_tok, None, &mut y));
             println!("{n_tok} × {cols} → {rows}: f32 panels {g:.0} GMAC/s");
+        }
+        if let Some(m) = I16Panels::pack(&w, rows, cols) {
+            let g = gmacs(macs, || m.matmul(&x, n_tok, None, &mut y));
+            println!("{n_tok} × {cols} → {rows}: i16 panels {g:.0} GMAC/s");
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod bf16mat;
 pub mod blocks;
 pub mod dispatch;
 pub mod f32mat;
+pub mod i16mat;
 pub mod i8mat;
 pub mod kvquant;
 pub mod pool;

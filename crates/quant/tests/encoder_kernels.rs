@@ -3,6 +3,11 @@
 //! - bf16 products: both operands are rounded to bf16 in kernel and reference alike, so
 //!   only the f32 summation order differs: 1e-5 of Σ|xᵢ·wᵢ| plus 1e-6. The f32 panels
 //!   against an f64 sum, the same tolerance.
+//! - 16-bit integer panels: the kernel equals its scalar reference bit for bit (exact
+//!   integer sums, the same float operations in the same order); the reference against an
+//!   f64 sum within the quantization bound: per chunk of 64, each value moves by at most
+//!   half a step d = max/8190, so Σ|x|·dw + Σ|w|·dx + n·dx·dw, plus 1e-5 of Σ|xᵢ·wᵢ| for
+//!   the f32 sums.
 //! - GELU: the kernel's erf is a polynomial with |error| ≤ 1.5e-7 and its exp ≈ 1.5 ulp:
 //!   1e-6 · max(1, |x|).
 //! - attention and LayerNorm: float order and exp approximation: 1e-5 relative to the
@@ -13,6 +18,7 @@ mod common;
 use hearth_quant::bf16mat::{reference_matmul, Bf16Kernel, Bf16Matrix, Bf16Scratch};
 use hearth_quant::dispatch::{Isa, Kernels};
 use hearth_quant::f32mat::F32Panels;
+use hearth_quant::i16mat::{I16Panels, CHUNK, QMAX};
 use hearth_quant::reference as r;
 use hearth_quant::AttendRows;
 use proptest::prelude::*;
@@ -97,6 +103,56 @@ proptest! {
             }
         }
         prop_assert!(packed > 0 || !hearth_quant::dispatch::detect().includes(Isa::Avx2));
+    }
+
+    #[test]
+    fn i16_panels_match_reference(
+        rows in 1usize..80,
+        cols in 1usize..200,
+        n_tok in 1usize..120,
+        seed in prop::collection::vec(-3.0f32..3.0, 1..40),
+        with_bias in any::<bool>(),
+    ) {
+        let w = values(rows * cols, &seed);
+        let x = values(n_tok * cols, &seed[seed.len() / 2..]);
+        let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let bias = with_bias.then_some(&bias[..]);
+        let mut packed = 0;
+        for k in levels() {
+            let Some(m) = I16Panels::pack_at(k.isa, &w, rows, cols) else {
+                prop_assert!(!k.isa.includes(Isa::Avx512));
+                continue;
+            };
+            packed += 1;
+            let mut got = vec![f32::NAN; n_tok * rows];
+            let mut want = vec![f32::NAN; n_tok * rows];
+            m.matmul(&x, n_tok, bias, &mut got);
+            m.matmul_reference(&x, n_tok, bias, &mut want);
+            for t in 0..n_tok {
+                for rr in 0..rows {
+                    let (g, r) = (got[t * rows + rr], want[t * rows + rr]);
+                    prop_assert!(g.to_bits() == r.to_bits(), "{:?} token {t} row {rr}: kernel {g}, reference {r}", k.isa);
+                    // The reference against exact arithmetic, chunk by chunk.
+                    let (mut exact, mut mag, mut bound) = (0f64, 0f64, 0f64);
+                    for c0 in (0..cols).step_by(CHUNK) {
+                        let xs = &x[t * cols + c0..t * cols + (c0 + CHUNK).min(cols)];
+                        let ws = &w[rr * cols + c0..rr * cols + (c0 + CHUNK).min(cols)];
+                        let step = |v: &[f32]| v.iter().fold(0f64, |m, a| m.max(a.abs() as f64)) / (2.0 * QMAX as f64);
+                        let (dx, dw) = (step(xs), step(ws));
+                        for (a, b) in xs.iter().zip(ws) {
+                            let (a, b) = (*a as f64, *b as f64);
+                            exact += a * b;
+                            mag += (a * b).abs();
+                            bound += a.abs() * dw + b.abs() * dx + dx * dw;
+                        }
+                    }
+                    let exact = exact + bias.map_or(0.0, |b| b[rr] as f64);
+                    prop_assert!((r as f64 - exact).abs() <= bound * 1.0001 + 1e-5 * mag + 1e-6 + 1e-6 * exact.abs(),
+                        "reference token {t} row {rr}: {r} vs {exact} (bound {bound})");
+                }
+            }
+        }
+        prop_assert!(packed > 0 || !hearth_quant::dispatch::detect().includes(Isa::Avx512));
     }
 
     #[test]
