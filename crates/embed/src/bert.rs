@@ -41,8 +41,8 @@ struct Scratch {
 }
 
 /// bf16 products where the CPU runs them fast (AMX tiles; AVX512-BF16 dot products on
-/// AMD), else 16-bit integer panels at the AVX-512 level (VNNI), else f32 panels where it
-/// has AVX2, else f32 with the tiles of `QMatrix`.
+/// AMD), else 16-bit integer panels at the AVX-512 (VNNI) and AVX2 levels, else f32
+/// panels, else (the scalar level) f32 with the tiles of `QMatrix`.
 enum Weights {
     Bf16(Bf16Matrix),
     I16(I16Panels),

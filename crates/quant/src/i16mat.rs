@@ -1,7 +1,9 @@
-//! 16-bit integer matrix products for encoder models on AVX-512 CPUs without a fast bf16
-//! unit (Intel Ice Lake and Cascade Lake servers, Zen 4 without AVX512-BF16 in force):
-//! `vpdpwssd` (AVX512-VNNI) does 32 multiply-adds of 16-bit integers per instruction at the
-//! rate of a 16-lane f32 FMA, so twice the arithmetic per cycle of the f32 panels.
+//! 16-bit integer matrix products for encoder models on x86 CPUs without a fast bf16 unit
+//! (Intel Ice Lake and Cascade Lake servers at the AVX-512 level, and the AVX2 level
+//! everywhere): `vpdpwssd` (AVX512-VNNI) does 32 multiply-adds of 16-bit integers per
+//! instruction at the rate of a 16-lane f32 FMA, and at AVX2 `vpmaddwd` does 16 per 256-bit
+//! instruction with its `vpaddd` on another port, so twice the arithmetic per cycle of the
+//! f32 panels either way.
 //!
 //! Weights and activations are quantized per chunk of [`CHUNK`] values of a row to integers
 //! within ±[`QMAX`] (13 bits) with an f32 scale each. 64 products of two such integers sum
@@ -69,6 +71,8 @@ pub struct I16Panels {
     cols: usize,
     chunks: usize,
     panels: usize,
+    /// The kernel level packed for: AVX-512 (VNNI) or AVX2.
+    isa: Isa,
     data: Vec<Pairs>,
     scales: Vec<Line>,
 }
@@ -105,22 +109,28 @@ pub(crate) struct I16Args<'a> {
 }
 
 impl I16Panels {
-    /// Packs `w` (`rows * cols`, row-major) if the 16-bit kernel is in force (the
-    /// dispatch level is AVX-512), else `None`.
+    /// Packs `w` (`rows * cols`, row-major) if a 16-bit kernel is in force (the dispatch
+    /// level is AVX-512 or AVX2), else `None`.
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
         let isa = crate::dispatch::kernels().isa;
-        if isa != Isa::Avx512 {
+        if !matches!(isa, Isa::Avx512 | Isa::Avx2) {
             return None;
         }
         Self::pack_at(isa, w, rows, cols)
     }
 
     /// Packs `w` for the kernel of dispatch level `isa` (tests run every level): `None`
-    /// below AVX-512, when the CPU lacks `isa`, or for an empty matrix.
+    /// below AVX2, when the CPU lacks `isa`, or for an empty matrix. Levels from AVX-512 up
+    /// take the VNNI kernel, AVX2 its own; both read the same layout.
     pub fn pack_at(isa: Isa, w: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        if !isa.includes(Isa::Avx512) || !crate::dispatch::detect().includes(isa) {
+        if !isa.includes(Isa::Avx2) || !crate::dispatch::detect().includes(isa) {
             return None;
         }
+        let isa = if isa.includes(Isa::Avx512) {
+            Isa::Avx512
+        } else {
+            Isa::Avx2
+        };
         if rows == 0 || cols == 0 {
             return None;
         }
@@ -147,6 +157,7 @@ impl I16Panels {
             cols,
             chunks,
             panels,
+            isa,
             data,
             scales,
         })
@@ -239,16 +250,27 @@ impl I16Panels {
         }
     }
 
-    /// The tokens of one task with the AVX-512 kernels.
+    /// The tokens of one task with the kernels of the level packed for.
     #[cfg(target_arch = "x86_64")]
     fn run(&self, x: &[f32], tokens: usize, q: &mut QuantizedRows, init: &[f32], out: &mut [f32]) {
-        use crate::x86::encoder_vnni;
+        use crate::x86::{encoder_i16_avx2, encoder_vnni};
         let (rows, cols, chunks) = (self.rows, self.cols, self.chunks);
+        let avx512 = self.isa == Isa::Avx512;
         q.pairs.resize(tokens * chunks * 32, 0);
         q.scales.resize(tokens * chunks, 0.0);
-        // SAFETY: panels are packed only where the CPU has the AVX-512 level.
-        unsafe { encoder_vnni::quantize_rows(x, cols, chunks, &mut q.pairs, &mut q.scales) };
-        let block = encoder_vnni::I16_TOKENS;
+        // SAFETY: panels are packed only where the CPU has their level (`pack_at`).
+        unsafe {
+            if avx512 {
+                encoder_vnni::quantize_rows(x, cols, chunks, &mut q.pairs, &mut q.scales)
+            } else {
+                encoder_i16_avx2::quantize_rows(x, cols, chunks, &mut q.pairs, &mut q.scales)
+            }
+        };
+        let block = if avx512 {
+            encoder_vnni::I16_TOKENS
+        } else {
+            encoder_i16_avx2::I16_TOKENS
+        };
         for p in 0..self.panels {
             let panel = &self.data[p * chunks * 64..(p + 1) * chunks * 64];
             let panel_scales = &self.scales[p * chunks * 2..(p + 1) * chunks * 2];
@@ -265,8 +287,15 @@ impl I16Panels {
                     out_stride: rows,
                     out_offset: p * 32,
                 };
+                let out = &mut out[t * rows..(t + n) * rows];
                 // SAFETY: as above.
-                unsafe { encoder_vnni::panel_matmul(&args, &mut out[t * rows..(t + n) * rows]) }
+                unsafe {
+                    if avx512 {
+                        encoder_vnni::panel_matmul(&args, out)
+                    } else {
+                        encoder_i16_avx2::panel_matmul(&args, out)
+                    }
+                }
             }
         }
     }

@@ -25,6 +25,7 @@ pub mod avx2;
 pub mod avx2_tiles;
 pub mod avx512;
 pub mod encoder_avx2;
+pub mod encoder_i16_avx2;
 pub mod encoder_vnni;
 pub mod float_tiles;
 pub mod kpanel;
