@@ -11,7 +11,9 @@
 //!
 //! Per 8 blocks and (row, token), one vector product of the rows' and tokens' scales; per
 //! block and (row, token), the integer product, one conversion and one FMA into an 8-lane
-//! accumulator. Each (row, token) goes through the same operations whatever the tile's
+//! accumulator; Q4_0 and Q4_1 take two blocks per integer product (`Unsigned32::duo`: one
+//! load of both blocks' nibbles, the low and high halves' pair sums added in i16), ~10%
+//! quicker decoding on Zen 4 at this level. Each (row, token) goes through the same operations whatever the tile's
 //! shape, so a token's result does not depend on the batch it is in (batched decoding
 //! equals decoding alone, bit for bit).
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
@@ -90,6 +92,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
     let ahead = PREFETCH_BYTES.max(nb * size_of::<W>());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut scale = [[[0f32; GROUP]; T]; R];
+    let duo_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     // SAFETY (whole loop): every block index below is `< nb` within its row (rows
     // `r * stride` for `r < R`, tokens `t0 + t < t0 + T`), which the asserts above keep
     // inside `w`, `a.blocks`, `a.d`, `a.s`; masked loads read only the first `n` lanes;
@@ -110,7 +113,46 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                     _mm256_storeu_ps(scale[r][t].as_mut_ptr(), _mm256_mul_ps(dw, da));
                 }
             }
-            for k in 0..n {
+            let mut k = 0;
+            // Q4_0 and Q4_1 go two blocks at a time while two are left (`duo`: both blocks'
+            // nibbles from one load, split by one shift and two ANDs). IQ4_NL, on the sign
+            // trick, measured slower that way (its halves must widen apart).
+            while W::QUAD && !signed && k + 1 < n {
+                let b = g0 + k;
+                let mut y = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+                for (t, y) in y.iter_mut().enumerate() {
+                    let i = (t0 + t) * nb + b;
+                    let (q0, q1) = (
+                        a.blocks.get_unchecked(i).qs(),
+                        a.blocks.get_unchecked(i + 1).qs(),
+                    );
+                    let half = |q: &[i8; 32], h: usize| {
+                        _mm_loadu_si128(q.as_ptr().add(16 * h) as *const __m128i)
+                    };
+                    *y = (
+                        _mm256_set_m128i(half(q1, 0), half(q0, 0)),
+                        _mm256_set_m128i(half(q1, 1), half(q0, 1)),
+                    );
+                }
+                for r in 0..R {
+                    let blk = w.as_ptr().add(r * stride * nb + b);
+                    _mm_prefetch::<_MM_HINT_T0>((blk as *const i8).wrapping_add(ahead));
+                    let (lo, hi) = W::duo(blk);
+                    for t in 0..T {
+                        // u ≤ 15: the two halves' pair sums add in i16 (≤ 4·15·128).
+                        let p0 = _mm256_maddubs_epi16(lo, y[t].0);
+                        let p1 = _mm256_maddubs_epi16(hi, y[t].1);
+                        let dot = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
+                        // Lanes 0..4 take block k's scale, 4..8 block k + 1's.
+                        let two =
+                            _mm_castpd_ps(_mm_load_sd(scale[r][t].as_ptr().add(k) as *const f64));
+                        let sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), duo_lanes);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r][t]);
+                    }
+                }
+                k += 2;
+            }
+            while k < n {
                 let b = g0 + k;
                 let mut y = [_mm256_setzero_si256(); T];
                 for (t, y) in y.iter_mut().enumerate() {
@@ -138,6 +180,7 @@ unsafe fn tile<W: Unsigned32, A: Signed32, const R: usize, const T: usize>(
                         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r][t]);
                     }
                 }
+                k += 1;
             }
         }
     }

@@ -75,6 +75,21 @@ pub trait Unsigned32: Copy {
             (lo, hi)
         }
     }
+    /// Blocks `w` and `w + 1` as two 256-bit vectors, `quad_bw`'s layout at half the
+    /// width: lane `k` (128 bits) of the first holds block `w + k`'s values 0..16, of the
+    /// second its values 16..32 (needs AVX2; quick for Q4_0 and Q4_1, which the AVX2 tiles
+    /// take two blocks at a time).
+    #[inline(always)]
+    unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe {
+            let (a, b) = ((*w).bytes(), (*w.add(1)).bytes());
+            (
+                _mm256_permute2x128_si256::<0x20>(a, b),
+                _mm256_permute2x128_si256::<0x31>(a, b),
+            )
+        }
+    }
     /// Blocks `w` and `w + 1` as one vector (AVX-512 BW/VL enabled).
     #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
@@ -121,6 +136,23 @@ unsafe fn nibble_quad(qs: [&[u8; 16]; 4]) -> (__m512i, __m512i) {
     }
 }
 
+/// Two blocks' 16-byte `qs` as `duo`'s two vectors (AVX2 enabled by every caller).
+#[inline(always)]
+unsafe fn nibble_duo(a: &[u8; 16], b: &[u8; 16]) -> (__m256i, __m256i) {
+    // SAFETY: reads the 16 bytes of each.
+    unsafe {
+        let q = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a.as_ptr() as *const __m128i)),
+            _mm_loadu_si128(b.as_ptr() as *const __m128i),
+        );
+        let low4 = _mm256_set1_epi8(0x0F);
+        (
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+        )
+    }
+}
+
 /// An activation block type: 32 signed bytes.
 pub trait Signed32: Copy {
     fn qs(&self) -> &[i8; 32];
@@ -153,6 +185,11 @@ impl Unsigned32 for BlockQ4_0 {
     }
     const QUAD: bool = true;
     #[inline(always)]
+    unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { nibble_duo(&(*w).qs, &(*w.add(1)).qs) }
+    }
+    #[inline(always)]
     unsafe fn quad_bw(w: *const Self) -> (__m512i, __m512i) {
         // SAFETY: the caller vouches for the four blocks and the features.
         unsafe { nibble_quad(std::array::from_fn(|k| &(*w.add(k)).qs)) }
@@ -174,6 +211,11 @@ impl Unsigned32 for BlockQ4_1 {
         unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
     }
     const QUAD: bool = true;
+    #[inline(always)]
+    unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
+        // SAFETY: the caller vouches for both blocks and the features.
+        unsafe { nibble_duo(&(*w).qs, &(*w.add(1)).qs) }
+    }
     #[inline(always)]
     unsafe fn quad_bw(w: *const Self) -> (__m512i, __m512i) {
         // SAFETY: the caller vouches for the four blocks and the features.
