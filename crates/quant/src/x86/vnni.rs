@@ -170,57 +170,45 @@ impl Signed32 for BlockQ8_1 {
     }
 }
 
+/// The value methods of the types whose 32 values are the nibbles of a 16-byte `qs` (value
+/// `j` low in byte `j`, value `16 + j` high): Q4_0 and Q4_1.
+macro_rules! nibble_methods {
+    () => {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            // SAFETY: reads the 16 bytes of qs; AVX2 is enabled wherever this is inlined.
+            unsafe { nibbles_32(&self.qs) }
+        }
+        #[inline(always)]
+        unsafe fn pair_bw(w: *const Self) -> __m512i {
+            // SAFETY: the caller vouches for both blocks and the features.
+            unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
+        }
+        const QUAD: bool = true;
+        #[inline(always)]
+        unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
+            // SAFETY: the caller vouches for both blocks and the features.
+            unsafe { nibble_duo(&(*w).qs, &(*w.add(1)).qs) }
+        }
+        #[inline(always)]
+        unsafe fn quad_bw(w: *const Self) -> (__m512i, __m512i) {
+            // SAFETY: the caller vouches for the four blocks and the features.
+            unsafe { nibble_quad(std::array::from_fn(|k| &(*w.add(k)).qs)) }
+        }
+    };
+}
+
 impl Unsigned32 for BlockQ4_0 {
     const OFFSET: f32 = 8.0;
     const BITS: u32 = 4;
-    #[inline(always)]
-    unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
-        unsafe { nibbles_32(&self.qs) }
-    }
-    #[inline(always)]
-    unsafe fn pair_bw(w: *const Self) -> __m512i {
-        // SAFETY: the caller vouches for both blocks and the features.
-        unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
-    }
-    const QUAD: bool = true;
-    #[inline(always)]
-    unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
-        // SAFETY: the caller vouches for both blocks and the features.
-        unsafe { nibble_duo(&(*w).qs, &(*w.add(1)).qs) }
-    }
-    #[inline(always)]
-    unsafe fn quad_bw(w: *const Self) -> (__m512i, __m512i) {
-        // SAFETY: the caller vouches for the four blocks and the features.
-        unsafe { nibble_quad(std::array::from_fn(|k| &(*w.add(k)).qs)) }
-    }
+    nibble_methods!();
 }
 
 impl Unsigned32 for BlockQ4_1 {
     const OFFSET: f32 = 0.0;
     const BITS: u32 = 4;
     const HAS_M: bool = true;
-    #[inline(always)]
-    unsafe fn bytes(&self) -> __m256i {
-        // SAFETY: reads the 16 bytes of qs; AVX2 is enabled in every kernel that inlines this.
-        unsafe { nibbles_32(&self.qs) }
-    }
-    #[inline(always)]
-    unsafe fn pair_bw(w: *const Self) -> __m512i {
-        // SAFETY: the caller vouches for both blocks and the features.
-        unsafe { nibble_pair(&(*w).qs, &(*w.add(1)).qs) }
-    }
-    const QUAD: bool = true;
-    #[inline(always)]
-    unsafe fn duo(w: *const Self) -> (__m256i, __m256i) {
-        // SAFETY: the caller vouches for both blocks and the features.
-        unsafe { nibble_duo(&(*w).qs, &(*w.add(1)).qs) }
-    }
-    #[inline(always)]
-    unsafe fn quad_bw(w: *const Self) -> (__m512i, __m512i) {
-        // SAFETY: the caller vouches for the four blocks and the features.
-        unsafe { nibble_quad(std::array::from_fn(|k| &(*w.add(k)).qs)) }
-    }
+    nibble_methods!();
 }
 
 /// 32 five-bit values: the nibbles of `qs` plus 16 where the value's bit of `qh` is set.
