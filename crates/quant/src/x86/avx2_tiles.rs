@@ -13,9 +13,9 @@
 //! block and (row, token), the integer product, one conversion and one FMA into an 8-lane
 //! accumulator; Q4_0 and Q4_1 take two blocks per integer product (`Unsigned32::duo`: one
 //! load of both blocks' nibbles, the low and high halves' pair sums added in i16), ~10%
-//! quicker decoding on Zen 4 at this level. Each (row, token) goes through the same operations whatever the tile's
-//! shape, so a token's result does not depend on the batch it is in (batched decoding
-//! equals decoding alone, bit for bit).
+//! quicker decoding on Zen 4 at this level. Each (row, token) goes through the same
+//! operations whatever the tile's shape, so a token's result does not depend on the batch
+//! it is in (batched decoding equals decoding alone, bit for bit).
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
 #![allow(clippy::needless_range_loop)] // (row, token, block) indices address several arrays
 

@@ -54,7 +54,8 @@ pub trait Unsigned32: Copy {
         unsafe { self.bytes() }
     }
     /// Whether `quad_bw` is quicker than two `pair_bw` (the 4-bit types, whose nibbles
-    /// split into the quad's two vectors with one shift and two ANDs).
+    /// split into the quad's two vectors with one shift and two ANDs); the AVX2 tiles take
+    /// the same types two at a time (`duo`), except those on the sign trick (IQ4_NL).
     const QUAD: bool = false;
     /// Blocks `w .. w + 4` as two vectors: lane `k` (128 bits) of the first holds block
     /// `w + k`'s values 0..16, of the second its values 16..32 (AVX-512 BW/VL enabled).
