@@ -27,7 +27,10 @@ const STEPS: usize = 4;
 const CHUNK: usize = 5;
 
 fn check(name: &str) {
-    let g = common::open(name);
+    check_model(name, common::open(name));
+}
+
+fn check_model(name: &str, g: std::sync::Arc<hearth_gguf::Gguf>) {
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let model = Model::load(g).unwrap();
     let vocab = model.config.n_vocab;
@@ -36,8 +39,12 @@ fn check(name: &str) {
         "def fibonacci(n):\n    \"\"\"Returns the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return",
         "Hi! The weather today is",
     ];
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true, true)).collect();
+    let mut ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true, true)).collect();
     let min = hearth_quant::i8mat::MIN_TOKENS;
+    // A vocabulary of short tokens (the synthetic models') makes the prompts long: the
+    // chunked one must end by the batch after the others' last, the third stay short.
+    ids[1].truncate((STEPS + 2) * CHUNK);
+    ids[2].truncate(min - 1);
     assert!(
         ids[0].len() >= min && ids[1].len() >= 2 * CHUNK + min,
         "{name}"
@@ -122,4 +129,26 @@ fn smollm2_batch_equals_alone() {
 #[test]
 fn gemma3_batch_equals_alone() {
     check("gemma3");
+}
+
+/// Q4_0 and IQ4_NL rows regrouped eight at a time at load (the `avx2`/`avx512` decoding
+/// kernels' layout): batched equals alone on those kernels too, at every level (each in a
+/// child process), on the committed llama.cpp quantizations of the synthetic model.
+#[test]
+fn grouped_rows_batch_equals_alone() {
+    if !common::kld::in_child_per_level("grouped_rows_batch_equals_alone") {
+        return;
+    }
+    let level = hearth_quant::dispatch::kernels();
+    for ty in ["Q4_0", "IQ4_NL"] {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/golden/quants/models/quant-base.{ty}.gguf"));
+        let g = std::sync::Arc::new(hearth_gguf::Gguf::open(&path).expect("model opens"));
+        let probe = g.tensor_position("blk.0.ffn_up.weight").unwrap();
+        check_model(ty, g.clone());
+        let grouped = g.replaced_layout(probe).is_some();
+        let expected = level.gemm_q4_0x8.is_some() && g.can_replace_layout();
+        eprintln!("{ty} at {}: rows grouped {grouped}", level.isa.name());
+        assert_eq!(grouped, expected, "{ty} at {}", level.isa.name());
+    }
 }

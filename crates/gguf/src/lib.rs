@@ -57,6 +57,9 @@ pub struct Gguf {
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
     bytes: Bytes,
+    /// Per tensor, its blocks reordered at load for this CPU's kernels, where they were
+    /// (see [`Gguf::replace_layout`]).
+    layouts: Vec<std::sync::OnceLock<Vec<u16>>>,
 }
 
 impl std::fmt::Debug for Gguf {
@@ -302,6 +305,7 @@ impl Gguf {
             data_offset,
             metadata,
             metadata_index,
+            layouts: tensors.iter().map(|_| std::sync::OnceLock::new()).collect(),
             tensors,
             tensor_index,
             bytes,
@@ -437,6 +441,35 @@ impl Gguf {
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;
         &self.bytes[start..start + info.n_bytes as usize]
+    }
+
+    /// Keeps `layout` — tensor `index`'s bytes reordered (the same size) for this CPU's
+    /// kernels — in place of the file's bytes of it from now on, and gives the file's pages
+    /// that hold only this tensor back to the system, so the tensor is in memory once.
+    /// False (and nothing changes) if the tensor's layout was replaced already, the size
+    /// differs or the file was read into memory rather than mapped (its bytes cannot be
+    /// given back one tensor at a time, so the copy would double them).
+    pub fn replace_layout(&self, index: usize, layout: Vec<u16>) -> bool {
+        let info = &self.tensors[index];
+        if !self.can_replace_layout()
+            || std::mem::size_of_val(&layout[..]) as u64 != info.n_bytes
+            || self.layouts[index].set(layout).is_err()
+        {
+            return false;
+        }
+        let start = (self.data_offset + info.offset) as usize;
+        self.bytes.release(start..start + info.n_bytes as usize);
+        true
+    }
+
+    /// Whether [`Gguf::replace_layout`] can take a tensor's place (a mapped file).
+    pub fn can_replace_layout(&self) -> bool {
+        self.bytes.is_mapped()
+    }
+
+    /// Tensor `index`'s bytes as [`Gguf::replace_layout`] kept them, if it did.
+    pub fn replaced_layout(&self, index: usize) -> Option<&[u16]> {
+        self.layouts[index].get().map(|v| &v[..])
     }
 
     /// Looks a tensor up and checks its shape (`ne0` first).

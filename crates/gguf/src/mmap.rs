@@ -91,6 +91,39 @@ impl Bytes {
         }
     }
 
+    /// Gives back the pages wholly inside `range` (bytes nothing will read again: a tensor
+    /// kept in another layout), so they no longer count towards this process's memory.
+    /// Owned bytes and other systems keep theirs.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(target_os = "linux")]
+        if let Bytes::Mapped(m) = self {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+            let base = m.map.as_ptr() as usize;
+            let (start, end) = (
+                (base + range.start).next_multiple_of(page),
+                (base + range.end.min(m.map.len())) / page * page,
+            );
+            if start >= end {
+                return;
+            }
+            // Not while the lease watcher copies the mapping (it reads every page).
+            let _guard = WATCHER
+                .get()
+                .and_then(|w| w.as_ref().ok())
+                .map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
+            // SAFETY: the span lies inside our mapping (clamped to its length above, page
+            // aligned inward). Its pages are file-backed and read-only, so a later read
+            // faults the file's bytes back in; after a lease break they are our private
+            // copy and read back as zeros — the caller vouches that nothing reads them.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = range;
+    }
+
     pub fn is_mapped(&self) -> bool {
         matches!(self, Bytes::Mapped(_))
     }
@@ -283,6 +316,28 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
         assert!(map[..] == bytes[..], "the mapping kept its bytes");
         drop(map);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Pages given back (a tensor kept in another layout) read the file's bytes again if
+    /// touched, and the bytes around them are untouched (the span is page-aligned inward).
+    #[test]
+    fn released_pages_keep_the_files_bytes() {
+        let path = std::env::temp_dir().join(format!("hearth-release-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 13 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        for map in [
+            Bytes::map_guarded(&path).unwrap(),
+            Bytes::map(&std::fs::File::open(&path).unwrap()).unwrap(),
+        ] {
+            assert!(map[..] == bytes[..]);
+            map.release(10_000..700_001);
+            map.release(1_000_000..2_000_000); // past the end: clamped
+            assert!(
+                map[..] == bytes[..],
+                "released pages read back the file's bytes"
+            );
+        }
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -20,10 +20,19 @@ impl Mat {
     /// are usable.
     pub fn load(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Mat> {
         let (info, bytes) = g.tensor_with_shape(name, &[cols as u64, rows as u64])?;
-        QMatrix::new(name, info.ty, cols, rows, bytes)?;
+        let m = QMatrix::new(name, info.ty, cols, rows, bytes)?;
+        let index = g.tensor_position(name).expect("found above");
+        // Rows regrouped for this CPU's decoding kernels where it has them (Q4_0, IQ4_NL):
+        // the regrouped copy replaces the file's bytes in memory (loaded twice, as a tied
+        // embedding and output, it is regrouped once).
+        if g.can_replace_layout() && g.replaced_layout(index).is_none() {
+            if let Some(groups) = m.interleave() {
+                g.replace_layout(index, groups);
+            }
+        }
         Ok(Mat {
             name: name.to_string(),
-            index: g.tensor_position(name).expect("found above"),
+            index,
             ty: info.ty,
             rows,
             cols,
@@ -33,13 +42,18 @@ impl Mat {
     /// The matrix's blocks inside `g` (the file it was loaded from).
     pub fn view<'a>(&self, g: &'a Gguf) -> QMatrix<'a> {
         let info = &g.tensors[self.index];
-        QMatrix::new(
-            &self.name,
-            self.ty,
-            self.cols,
-            self.rows,
-            g.tensor_bytes(info),
-        )
+        match g.replaced_layout(self.index) {
+            Some(groups) => {
+                QMatrix::from_interleaved(&self.name, self.ty, self.cols, self.rows, groups)
+            }
+            None => QMatrix::new(
+                &self.name,
+                self.ty,
+                self.cols,
+                self.rows,
+                g.tensor_bytes(info),
+            ),
+        }
         .expect("checked at load")
     }
 }

@@ -35,10 +35,25 @@ fn main() {
                 .map(|i| (i * 7 % 64) as u8 + 0x20)
                 .collect();
             let all: Vec<Vec<u8>> = (0..copies).map(|_| bytes.clone()).collect();
-            let ms: Vec<QMatrix> = all
+            let file: Vec<QMatrix> = all
                 .iter()
                 .map(|b| QMatrix::new("w", ty, cols, rows, b).expect("matrix"))
                 .collect();
+            // As a model loads them: grouped where the level decodes the type so
+            // (`HEARTH_FILE_LAYOUT=1` keeps the file's layout, to compare).
+            let keep = std::env::var_os("HEARTH_FILE_LAYOUT").is_some();
+            let grouped: Vec<_> = file
+                .iter()
+                .filter_map(|m| m.interleave().filter(|_| !keep))
+                .collect();
+            let ms: Vec<QMatrix> = if grouped.len() == copies {
+                grouped
+                    .iter()
+                    .map(|g| QMatrix::from_interleaved("w", ty, cols, rows, g).expect("groups"))
+                    .collect()
+            } else {
+                file
+            };
             let m = &ms[0];
             let x: Vec<f32> = (0..n_tok * cols)
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)

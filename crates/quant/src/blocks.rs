@@ -132,6 +132,46 @@ pub struct BlockIQ4XS {
     pub qs: [u8; QK_K / 2],
 }
 
+/// Eight rows' blocks of one 4-bit type whose blocks are an f16 `d` and a 16-byte `qs`
+/// (Q4_0, IQ4_NL), side by side: the eight scales, then each row's `qs`. A matrix in this
+/// layout holds its rows in groups of eight, a group's blocks in column order, so decoding
+/// reads four rows' nibbles with one 64-byte load and eight scales with one 16-byte load
+/// (the idea of ggml-cpu's repacked `block_q4_0x8`; see `QMatrix::interleave`).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Nibbles8 {
+    pub d: [f16; 8],
+    pub qs: [[u8; QK / 2]; 8],
+}
+
+/// A block type whose rows `QMatrix::interleave` groups eight at a time, and its group.
+pub trait Groupable: Pod + Sync {
+    type Group: Pod + Sync;
+    /// Puts this block in row `r` (< 8) of `g`.
+    fn put(&self, g: &mut Self::Group, r: usize);
+    /// Row `r`'s block of `g`.
+    fn take(g: &Self::Group, r: usize) -> Self;
+}
+
+macro_rules! nibble_groupable {
+    ($block:ty) => {
+        impl Groupable for $block {
+            type Group = Nibbles8;
+            fn put(&self, g: &mut Nibbles8, r: usize) {
+                (g.d[r], g.qs[r]) = (self.d, self.qs);
+            }
+            fn take(g: &Nibbles8, r: usize) -> Self {
+                Self {
+                    d: g.d[r],
+                    qs: g.qs[r],
+                }
+            }
+        }
+    };
+}
+nibble_groupable!(BlockQ4_0);
+nibble_groupable!(BlockIQ4NL);
+
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -160,3 +200,4 @@ const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
 const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
+const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);

@@ -166,6 +166,11 @@ pub struct Kernels {
     pub gemm_q2_k: Gemm<BlockQ2K, BlockQ8K>,
     pub gemm_q3_k: Gemm<BlockQ3K, BlockQ8K>,
     pub gemm_iq4_xs: Gemm<BlockIQ4XS, BlockQ8K>,
+    /// Q4_0 and IQ4_NL rows grouped eight at a time ([`Nibbles8`]), where the level decodes
+    /// them faster so: a matrix is grouped at load only when these are set (see
+    /// `QMatrix::interleave`); otherwise its rows stay as the file has them.
+    pub gemm_q4_0x8: Option<Gemm<Nibbles8, BlockQ8_0>>,
+    pub gemm_iq4_nlx8: Option<Gemm<Nibbles8, BlockQ8_0>>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
     /// `gemm_*` (see `Activations::quantize_split`).
     pub prefill_q4_0: Option<Prefill<BlockQ4_0, BlockQ8_0>>,
@@ -293,6 +298,8 @@ impl Kernels {
             gemm_q2_k,
             gemm_q3_k,
             gemm_iq4_xs,
+            gemm_q4_0x8: None,
+            gemm_iq4_nlx8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

@@ -159,6 +159,10 @@ pub enum Blocks<'a> {
     Q3K(&'a [BlockQ3K]),
     IQ4NL(&'a [BlockIQ4NL]),
     IQ4XS(&'a [BlockIQ4XS]),
+    /// Q4_0 rows in groups of eight (see [`QMatrix::interleave`]).
+    Q4_0x8(&'a [Nibbles8]),
+    /// IQ4_NL rows in groups of eight.
+    IQ4NLx8(&'a [Nibbles8]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -234,13 +238,86 @@ impl<'a> QMatrix<'a> {
         })
     }
 
+    /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
+    /// the level has one for the type (Q4_0 and IQ4_NL at `avx2`/`avx512`: eight rows side
+    /// by side, [`Nibbles8`]) and the rows come in whole groups of eight; `None` otherwise.
+    /// The same bytes, reordered, as 16-bit words (every group is 2-byte aligned);
+    /// [`QMatrix::from_interleaved`] reads them.
+    pub fn interleave(&self) -> Option<Vec<u16>> {
+        let k = dispatch::kernels();
+        if !self.rows.is_multiple_of(8) {
+            return None;
+        }
+        let nb = self.cols / QK;
+        match self.blocks {
+            Blocks::Q4_0(w) if k.gemm_q4_0x8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, nb)))
+            }
+            Blocks::IQ4NL(w) if k.gemm_iq4_nlx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, nb)))
+            }
+            _ => None,
+        }
+    }
+
+    /// A `ty` (Q4_0 or IQ4_NL) matrix from its blocks as [`QMatrix::interleave`] made
+    /// them.
+    pub fn from_interleaved(
+        name: &str,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        words: &'a [u16],
+    ) -> Result<Self, QuantError> {
+        let groups = rows / 8 * (cols / QK);
+        let fits = |group: usize| {
+            cols.is_multiple_of(QK)
+                && rows.is_multiple_of(8)
+                && std::mem::size_of_val(words) == groups * group
+        };
+        let blocks = match ty {
+            GgmlType::Q4_0 if fits(size_of::<Nibbles8>()) => {
+                Blocks::Q4_0x8(bytemuck::cast_slice(words))
+            }
+            GgmlType::IQ4_NL if fits(size_of::<Nibbles8>()) => {
+                Blocks::IQ4NLx8(bytemuck::cast_slice(words))
+            }
+            GgmlType::Q4_0 | GgmlType::IQ4_NL => {
+                return Err(QuantError::BadLength {
+                    name: name.into(),
+                    ty,
+                    rows,
+                    cols,
+                    len: std::mem::size_of_val(words),
+                })
+            }
+            _ => {
+                return Err(QuantError::Unsupported {
+                    name: name.into(),
+                    ty,
+                })
+            }
+        };
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            blocks,
+        })
+    }
+
     /// The activation format this weight type multiplies with.
     pub fn act_type(&self) -> ActType {
         match self.blocks {
             Blocks::F32(_) => ActType::F32,
             Blocks::F16(_) => ActType::F16,
             Blocks::BF16(_) => ActType::BF16,
-            Blocks::Q4_0(_) | Blocks::Q5_0(_) | Blocks::Q8_0(_) | Blocks::IQ4NL(_) => ActType::Q8_0,
+            Blocks::Q4_0(_)
+            | Blocks::Q5_0(_)
+            | Blocks::Q8_0(_)
+            | Blocks::IQ4NL(_)
+            | Blocks::Q4_0x8(_)
+            | Blocks::IQ4NLx8(_) => ActType::Q8_0,
             Blocks::Q4_1(_) | Blocks::Q5_1(_) => ActType::Q8_1,
             Blocks::Q4K(_)
             | Blocks::Q5K(_)
@@ -272,6 +349,12 @@ impl<'a> QMatrix<'a> {
             Blocks::Q3K(x) => reference::dequantize_row_q3_k(&x[rng], out),
             Blocks::IQ4NL(x) => reference::dequantize_row_iq4_nl(&x[rng], out),
             Blocks::IQ4XS(x) => reference::dequantize_row_iq4_xs(&x[rng], out),
+            Blocks::Q4_0x8(x) => {
+                grouped_row::<BlockQ4_0>(x, n, r, out, reference::dequantize_row_q4_0)
+            }
+            Blocks::IQ4NLx8(x) => {
+                grouped_row::<BlockIQ4NL>(x, n, r, out, reference::dequantize_row_iq4_nl)
+            }
         }
     }
 
@@ -365,6 +448,14 @@ impl<'a> QMatrix<'a> {
             Blocks::IQ4XS(w) => {
                 rows_tiled(w, acts.q8k_blocks(t0), n_tok, k.gemm_iq4_xs, out, scratch)
             }
+            Blocks::Q4_0x8(w) => {
+                let a = acts.q8_0_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q4_0x8, k.gemm_q4_0, out, scratch)
+            }
+            Blocks::IQ4NLx8(w) => {
+                let a = acts.q8_0_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_iq4_nlx8, k.gemm_iq4_nl, out, scratch)
+            }
         }
     }
 }
@@ -432,6 +523,14 @@ impl QMatrix<'_> {
                 Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
+            Blocks::Q4_0x8(w) => match k.prefill_q4_0 {
+                Some(g) => groups_panels::<BlockQ4_0, _>(w, acts.q8_0_first(p), p, g, out),
+                None => return false,
+            },
+            Blocks::IQ4NLx8(w) => match k.prefill_iq4_nl {
+                Some(g) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
+                None => return false,
+            },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -476,7 +575,9 @@ impl QMatrix<'_> {
             | Blocks::Q2K(_)
             | Blocks::Q3K(_)
             | Blocks::IQ4NL(_)
-            | Blocks::IQ4XS(_) => return false,
+            | Blocks::IQ4XS(_)
+            | Blocks::Q4_0x8(_)
+            | Blocks::IQ4NLx8(_) => return false,
         }
         true
     }
@@ -533,6 +634,143 @@ fn rows_panels<W: Sync, A: Sync>(
         let r0 = c * chunk;
         let n = (rows - r0).min(chunk);
         columns.with(r0, n, |o| prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o));
+    });
+}
+
+/// `w` (`nb` blocks per row) in groups of eight rows: group `g`'s block `b` holds block `b`
+/// of rows `8g .. 8g + 8`.
+pub fn interleave8<B: Groupable>(w: &[B], nb: usize) -> Vec<B::Group> {
+    let groups = w.len() / nb / 8;
+    let mut out = vec![B::Group::zeroed(); groups * nb];
+    for (g, group) in out.chunks_exact_mut(nb).enumerate() {
+        for r in 0..8 {
+            let row = &w[(8 * g + r) * nb..(8 * g + r + 1) * nb];
+            for (blk, n) in row.iter().zip(group.iter_mut()) {
+                blk.put(n, r);
+            }
+        }
+    }
+    out
+}
+
+/// The rows of groups `w` (`nb` blocks per row) back in the file's layout.
+pub fn ungroup<B: Groupable>(w: &[B::Group], nb: usize) -> Vec<B> {
+    let mut out = vec![B::zeroed(); w.len() * 8];
+    ungroup_into(w, nb, &mut out);
+    out
+}
+
+/// [`ungroup`] into `out` (`8 · w.len()` blocks).
+fn ungroup_into<B: Groupable>(w: &[B::Group], nb: usize, out: &mut [B]) {
+    for (g, rows) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8 * nb)) {
+        for (r, row) in rows.chunks_exact_mut(nb).enumerate() {
+            for (n, o) in g.iter().zip(row) {
+                *o = B::take(n, r);
+            }
+        }
+    }
+}
+
+/// Row `r` of grouped blocks `w` (`nb` per row) dequantized block by block into `out`.
+fn grouped_row<B: Groupable>(
+    w: &[B::Group],
+    nb: usize,
+    r: usize,
+    out: &mut [f32],
+    dequantize: fn(&[B], &mut [f32]),
+) {
+    let group = &w[r / 8 * nb..(r / 8 + 1) * nb];
+    for (n, o) in group.iter().zip(out.chunks_exact_mut(QK)) {
+        dequantize(&[B::take(n, r % 8)], o);
+    }
+}
+
+/// The product of grouped rows: on the level's kernel for them, else (a level without one:
+/// only reached when a matrix grouped at another level is used here) each task's rows back
+/// in the file's layout on the level's kernel for that.
+#[allow(clippy::too_many_arguments)]
+fn grouped_products<B: Groupable, A: Sync>(
+    w: &[B::Group],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    grouped: Option<dispatch::Gemm<B::Group, A>>,
+    file: dispatch::Gemm<B, A>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    match grouped {
+        Some(g) => groups_tiled(
+            w,
+            a,
+            n_tok,
+            |w, a, nb, o| g(w, a, nb, n_tok, o),
+            out,
+            scratch,
+        ),
+        None => groups_tiled(
+            w,
+            a,
+            n_tok,
+            |w, a, nb, o| file(&ungroup::<B>(w, nb), a, nb, n_tok, o),
+            out,
+            scratch,
+        ),
+    }
+}
+
+/// A product over grouped rows in parallel blocks of whole groups: `gemm(groups, acts, nb,
+/// results)` fills its rows' results row-major (`n_tok` per row).
+fn groups_tiled<G: Sync, A: Sync>(
+    w: &[G],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    gemm: impl Fn(&[G], &ActBlocks<A>, usize, &mut [f32]) + Sync,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let nb = a.blocks.len() / n_tok;
+    let rows = w.len() / nb * 8;
+    let chunk = rows_per_task(rows).next_multiple_of(8);
+    let block = |r0: usize, o: &mut [f32]| {
+        let n = o.len() / n_tok;
+        gemm(&w[r0 / 8 * nb..(r0 + n) / 8 * nb], &a, nb, o)
+    };
+    if n_tok == 1 {
+        pool::for_each_chunk(out, chunk, |c, o| block(c * chunk, o));
+        return;
+    }
+    by_row_blocks(rows, n_tok, chunk, out, scratch, block);
+}
+
+/// [`rows_panels`] over grouped rows: each task puts its groups back in the file's layout
+/// (once per product, shared by all its tokens) for the prompt kernels.
+fn groups_panels<B: Groupable, A: Sync>(
+    w: &[B::Group],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    prefill: dispatch::Prefill<B, A>,
+    out: &mut [f32],
+) {
+    thread_local! {
+        /// Each worker's rows in the file's layout, kept between products (a fresh buffer
+        /// of this size would be new pages, faulted in, on every call). 16-bit words: every
+        /// block type is 2-byte aligned.
+        static UNGROUPED: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let nb = a.blocks.len() / n_tok;
+    let rows = w.len() / nb * 8;
+    let chunk = rows_per_task(rows).next_multiple_of(16);
+    let columns = pool::OutColumns::new(out, n_tok, rows);
+    pool::run(rows.div_ceil(chunk), |c| {
+        let r0 = c * chunk;
+        let n = (rows - r0).min(chunk);
+        let groups = &w[r0 / 8 * nb..(r0 + n) / 8 * nb];
+        UNGROUPED.with_borrow_mut(|buf| {
+            let words = std::mem::size_of_val(groups) / 2;
+            let unpacked: &mut [B] = bytemuck::cast_slice_mut(grown(buf, words));
+            ungroup_into(groups, nb, unpacked);
+            columns.with(r0, n, |o| prefill(unpacked, &a, nb, o));
+        });
     });
 }
 

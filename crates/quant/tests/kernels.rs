@@ -61,6 +61,84 @@ fn prefill_rows<W, A>(
     }
 }
 
+/// A level's kernel for grouped rows of `B`, if it has one.
+type GroupedKernel<B> =
+    fn(&Kernels) -> Option<hearth_quant::dispatch::Gemm<<B as Groupable>::Group, BlockQ8_0>>;
+
+/// See `grouped_rows_match_reference`: `file` (`nb` blocks per row, whole groups of eight
+/// rows) grouped, against activations `y` (`nb` blocks per token), at every level.
+fn check_grouped<B: Groupable>(
+    ty: hearth_quant::GgmlType,
+    file: &[B],
+    nb: usize,
+    y: &[BlockQ8_0],
+    kernel: GroupedKernel<B>,
+    dot: fn(&[B], &[BlockQ8_0]) -> f32,
+) -> Result<(), TestCaseError> {
+    use hearth_quant::{interleave8, ungroup, QMatrix};
+    let (rows, n, n_tok) = (file.len() / nb, nb * QK, y.len() / nb);
+    let grouped = interleave8(file, nb);
+    let back = ungroup::<B>(&grouped, nb);
+    prop_assert!(bytemuck::cast_slice::<_, u8>(&back) == bytemuck::cast_slice::<_, u8>(file));
+    let d: Vec<f32> = y.iter().map(|b| b.d.to_f32()).collect();
+    let s: Vec<f32> = y
+        .iter()
+        .map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32)
+        .collect();
+    let mut yf = vec![0.0; n_tok * n];
+    r::dequantize_row_q8_0(y, &mut yf);
+    let m = QMatrix::from_interleaved("w", ty, n, rows, bytemuck::cast_slice(&grouped)).unwrap();
+    let plain = QMatrix::new("w", ty, n, rows, bytemuck::cast_slice(file)).unwrap();
+    let (mut wf, mut row) = (vec![0.0; rows * n], vec![0.0; n]);
+    for r0 in 0..rows {
+        plain.dequantize_row(r0, &mut wf[r0 * n..(r0 + 1) * n]);
+        m.dequantize_row(r0, &mut row);
+        prop_assert!(
+            row == wf[r0 * n..(r0 + 1) * n],
+            "{:?} grouped row {}",
+            ty,
+            r0
+        );
+    }
+    for k in levels() {
+        let Some(gemm) = kernel(&k) else { continue };
+        let a = ActBlocks {
+            blocks: y,
+            d: &d,
+            s: &s,
+        };
+        let mut got = vec![f32::NAN; rows * n_tok];
+        gemm(&grouped, &a, nb, n_tok, &mut got);
+        for r0 in 0..rows {
+            for t in 0..n_tok {
+                let (wr, at) = (&file[r0 * nb..(r0 + 1) * nb], &y[t * nb..(t + 1) * nb]);
+                let mag = magnitude(&wf[r0 * n..(r0 + 1) * n], &yf[t * n..(t + 1) * n]);
+                let what = format!("{:?} {ty:?} grouped", k.isa);
+                close(got[r0 * n_tok + t], dot(wr, at), mag, &what);
+            }
+        }
+        for t in 0..n_tok {
+            let one = ActBlocks {
+                blocks: &y[t * nb..],
+                d: &d[t * nb..],
+                s: &s[t * nb..],
+            };
+            let mut alone = vec![f32::NAN; rows];
+            gemm(&grouped, &one, nb, 1, &mut alone);
+            for r0 in 0..rows {
+                let batched = got[r0 * n_tok + t];
+                prop_assert!(
+                    alone[r0].to_bits() == batched.to_bits(),
+                    "{:?} {ty:?} token {t} alone {} vs batched {batched}",
+                    k.isa,
+                    alone[r0]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn h(v: f32) -> f16 {
     f16::from_f32(v)
 }
@@ -121,6 +199,28 @@ proptest! {
             r::dequantize_row_q8_0(&q80, &mut w);
             close((k.dot_q8_0)(&q80, &y0), r::vec_dot_q8_0_q8_0(&q80, &y0), magnitude(&w, &yf), "q8_0");
         }
+    }
+
+    /// Q4_0 and IQ4_NL rows grouped eight at a time: every (row, token) against the
+    /// reference dot product, each token alone bit for bit what it got with the others
+    /// (batched decoding), and the grouping undone and dequantized exactly.
+    #[test]
+    fn grouped_rows_match_reference(
+        nb in 1usize..6,
+        groups in 1usize..4,
+        n_tok in 1usize..8,
+        raw in prop::collection::vec(any::<u8>(), 18 * 5 * 24),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        use hearth_quant::GgmlType;
+        let rows = 8 * groups;
+        let x = acts(n_tok * nb * QK, &seed);
+        let mut y = vec![BlockQ8_0::zeroed(); n_tok * nb];
+        r::quantize_row_q8_0(&x, &mut y);
+        let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * rows * nb], |b: &mut BlockQ4_0, d| b.d = h(d));
+        let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
+        check_grouped(GgmlType::Q4_0, &q40, nb, &y, |k| k.gemm_q4_0x8, r::vec_dot_q4_0_q8_0)?;
+        check_grouped(GgmlType::IQ4_NL, &nl4, nb, &y, |k| k.gemm_iq4_nlx8, r::vec_dot_iq4_nl_q8_0)?;
     }
 
     #[test]

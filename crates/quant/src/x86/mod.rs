@@ -28,6 +28,7 @@ pub mod encoder_avx2;
 pub mod encoder_i16_avx2;
 pub mod encoder_vnni;
 pub mod float_tiles;
+pub mod grouped;
 pub mod kpanel;
 pub mod kpanel_avx2;
 pub mod kquant;
@@ -438,6 +439,37 @@ vnni_gemm!(vnni_q8_0, BlockQ8_0, BlockQ8_0);
 vnni_gemm!(vnni_q5_1, BlockQ5_1, BlockQ8_1);
 vnni_gemm!(vnni_iq4_nl, BlockIQ4NL, BlockQ8_0);
 
+/// Rows grouped eight at a time (`grouped`). SAFETY (all): installed by `kernels` only at
+/// the level whose features each one enables, after detection.
+fn grouped512_q4_0(w: &[Nibbles8], a: &ActBlocks<BlockQ8_0>, nb: usize, n: usize, out: &mut [f32]) {
+    // SAFETY: see above (Avx512 level).
+    unsafe { grouped::gemm_avx512::<false>(w, a, nb, n, out) }
+}
+fn grouped512_iq4_nl(
+    w: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: see above (Avx512 level).
+    unsafe { grouped::gemm_avx512::<true>(w, a, nb, n, out) }
+}
+fn grouped256_q4_0(w: &[Nibbles8], a: &ActBlocks<BlockQ8_0>, nb: usize, n: usize, out: &mut [f32]) {
+    // SAFETY: see above (Avx2 level).
+    unsafe { grouped::gemm_avx2::<false>(w, a, nb, n, out) }
+}
+fn grouped256_iq4_nl(
+    w: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: see above (Avx2 level).
+    unsafe { grouped::gemm_avx2::<true>(w, a, nb, n, out) }
+}
+
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL detected).
 macro_rules! kquant_entry {
@@ -512,6 +544,10 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q3_k: kquant_q3_k,
             gemm_q5_k: kquant_q5_k,
             gemm_iq4_xs: kquant_iq4_xs,
+            // AMX machines keep the file's rows: their prompt products read them on the
+            // tiles from staged activations, which grouped rows would first have to undo.
+            gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
+            gemm_iq4_nlx8: (isa == Isa::Avx512).then_some(grouped512_iq4_nl as _),
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
@@ -584,6 +620,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q3_k,
         gemm_iq4_nl,
         gemm_iq4_xs,
+        gemm_q4_0x8: Some(grouped256_q4_0),
+        gemm_iq4_nlx8: Some(grouped256_iq4_nl),
         // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
         // products above).
         prefill_q4_0: Some(panel8_q4_0),

@@ -1,0 +1,285 @@
+//! Decoding Q4_0 and IQ4_NL rows grouped eight at a time ([`Nibbles8`], made at load by
+//! `QMatrix::interleave`): each block column of a group is the eight rows' scales (one
+//! 16-byte load, converted once for all eight) followed by their nibbles, so one 64-byte
+//! load (AVX-512) or 32-byte load (AVX2) brings four or two rows' values. The file's layout
+//! instead takes a load, an insert and a scale pick per row and block (`vnni`,
+//! `avx2_tiles`). ggml-cpu's `repack.cpp` interleaves Q4_0/IQ4_NL rows the same way.
+//!
+//! Weights are unsigned bytes `u` (Q4_0: the nibble `q`, value `q − 8`; IQ4_NL at AVX-512:
+//! its table plus 128), so a product is `d·da·Σ u·a − offset·d·s` with `s = da·Σa` the
+//! activation block's sum: the integer sums go four rows to a 512-bit vector (four lanes
+//! per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its
+//! signed table values directly (`maddubs` takes `|w|` against `a` with `w`'s sign).
+//!
+//! Each token's arithmetic is the same whichever tokens it is decoded with, so a batch of
+//! sequences gets, bit for bit, what each would alone.
+
+use crate::blocks::{BlockQ8_0, Nibbles8, KVALUES_IQ4NL};
+use crate::ActBlocks;
+use std::arch::x86_64::*;
+
+/// How many blocks ahead in a group's column the loop prefetches (a group's blocks are one
+/// sequential stream: 2.3 KB ahead).
+const PREFETCH_BLOCKS: usize = 16;
+
+/// Checks the shapes every kernel here relies on: whole groups of `nb` blocks, `n_tok`
+/// tokens of `nb` activation blocks each, and room for `8 · groups · n_tok` results.
+fn check<G>(w: &[G], a: &ActBlocks<BlockQ8_0>, nb: usize, n_tok: usize, out: &[f32]) {
+    assert!(nb > 0 && w.len().is_multiple_of(nb));
+    assert!(out.len() >= w.len() / nb * 8 * n_tok);
+    let acts = n_tok * nb;
+    assert!(a.blocks.len() >= acts && a.d.len() >= acts && a.s.len() >= acts);
+}
+
+/// The rows of groups `w` (`nb` blocks per row) × `n_tok` tokens at AVX-512 VNNI:
+/// `out[r * n_tok + t]`. `NL`: IQ4_NL (else Q4_0).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_avx512<const NL: bool>(
+    w: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check(w, a, nb, n_tok, out);
+    for (g, group) in w.chunks_exact(nb).enumerate() {
+        let out = &mut out[g * 8 * n_tok..(g + 1) * 8 * n_tok];
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let n = (n_tok - t0).min(4);
+            // SAFETY: the features are enabled here; `check` bounds every index below.
+            unsafe {
+                match n {
+                    1 => tile512::<NL, 1>(group, a, nb, t0, n_tok, out),
+                    2 => tile512::<NL, 2>(group, a, nb, t0, n_tok, out),
+                    3 => tile512::<NL, 3>(group, a, nb, t0, n_tok, out),
+                    _ => tile512::<NL, 4>(group, a, nb, t0, n_tok, out),
+                }
+            }
+            t0 += n;
+        }
+    }
+}
+
+/// One group × tokens `t0 .. t0 + T`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tile512<const NL: bool, const T: usize>(
+    group: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    let offset = if NL { -128.0f32 } else { -8.0 };
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let mut acc_offset = [_mm256_setzero_ps(); T];
+    let low4 = _mm512_set1_epi8(0x0F);
+    // IQ4_NL's table plus 128 (unsigned) in every 128-bit lane.
+    // SAFETY: reads the table's 16 bytes.
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    let table = _mm512_xor_si512(
+        _mm512_broadcast_i32x4(table),
+        _mm512_set1_epi8(0x80u8 as i8),
+    );
+    // Lane `4i + j` of a dot vector belongs to its `i`-th row: rows 0..4, then 4..8.
+    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4));
+    for b in 0..nb {
+        // SAFETY (block): `b < nb == group.len()`, and `check` keeps `(t0 + t) * nb + b`
+        // inside the activations; the prefetch only hints.
+        unsafe {
+            let blk = group.as_ptr().add(b);
+            let ahead = blk.wrapping_add(PREFETCH_BLOCKS) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d.as_ptr() as *const __m128i));
+            let qs = (*blk).qs.as_ptr() as *const u8;
+            let v0 = _mm512_loadu_si512(qs as *const _);
+            let v1 = _mm512_loadu_si512(qs.add(64) as *const _);
+            let mut lo0 = _mm512_and_si512(v0, low4);
+            let mut hi0 = _mm512_and_si512(_mm512_srli_epi16::<4>(v0), low4);
+            let mut lo1 = _mm512_and_si512(v1, low4);
+            let mut hi1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v1), low4);
+            if NL {
+                lo0 = _mm512_shuffle_epi8(table, lo0);
+                hi0 = _mm512_shuffle_epi8(table, hi0);
+                lo1 = _mm512_shuffle_epi8(table, lo1);
+                hi1 = _mm512_shuffle_epi8(table, hi1);
+            }
+            for t in 0..T {
+                let i = (t0 + t) * nb + b;
+                let qa = (*a.blocks.as_ptr().add(i)).qs.as_ptr();
+                let alo = _mm512_broadcast_i32x4(_mm_loadu_si128(qa as *const __m128i));
+                let ahi = _mm512_broadcast_i32x4(_mm_loadu_si128(qa.add(16) as *const __m128i));
+                let zero = _mm512_setzero_si512();
+                let dot0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo0, alo), hi0, ahi);
+                let dot1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo1, alo), hi1, ahi);
+                let scale =
+                    _mm512_castps256_ps512(_mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i))));
+                let s0 = _mm512_permutexvar_ps(rows_lo, scale);
+                let s1 = _mm512_permutexvar_ps(rows_hi, scale);
+                acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot0), s0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), s1, acc[t][1]);
+                let sum = _mm256_set1_ps(offset * *a.s.as_ptr().add(i));
+                acc_offset[t] = _mm256_fmadd_ps(d8, sum, acc_offset[t]);
+            }
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 32];
+        let mut offsets = [0f32; 8];
+        // SAFETY: the stores write exactly the 32 and 8 floats of the arrays.
+        unsafe {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[t][1]);
+            _mm256_storeu_ps(offsets.as_mut_ptr(), acc_offset[t]);
+        }
+        for r in 0..8 {
+            let l = &lanes[4 * r..4 * r + 4];
+            out[r * n_tok + t0 + t] = (l[0] + l[1]) + (l[2] + l[3]) + offsets[r];
+        }
+    }
+}
+
+/// [`gemm_avx512`] at AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_avx2<const NL: bool>(
+    w: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check(w, a, nb, n_tok, out);
+    for (g, group) in w.chunks_exact(nb).enumerate() {
+        let out = &mut out[g * 8 * n_tok..(g + 1) * 8 * n_tok];
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let n = (n_tok - t0).min(2);
+            // SAFETY: the features are enabled here; `check` bounds every index below.
+            unsafe {
+                match n {
+                    1 => tile256::<NL, 1>(group, a, nb, t0, n_tok, out),
+                    _ => tile256::<NL, 2>(group, a, nb, t0, n_tok, out),
+                }
+            }
+            t0 += n;
+        }
+    }
+}
+
+/// One group × tokens `t0 .. t0 + T` (AVX2: two rows per 256-bit vector, four lanes each).
+// `k` picks a pair of rows in the weights, their scales and every token's accumulators.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile256<const NL: bool, const T: usize>(
+    group: &[Nibbles8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let mut acc_offset = [_mm256_setzero_ps(); T];
+    let low4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: reads the table's 16 bytes.
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    let table = _mm256_set_m128i(table, table);
+    for b in 0..nb {
+        // SAFETY (block): as in `tile512`.
+        unsafe {
+            let blk = group.as_ptr().add(b);
+            let ahead = blk.wrapping_add(PREFETCH_BLOCKS) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d.as_ptr() as *const __m128i));
+            let qs = (*blk).qs.as_ptr() as *const u8;
+            let mut scale = [_mm256_setzero_ps(); T];
+            let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+            for t in 0..T {
+                let i = (t0 + t) * nb + b;
+                let qa = (*a.blocks.as_ptr().add(i)).qs.as_ptr();
+                act[t] = (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(qa as *const __m128i)),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16) as *const __m128i)),
+                );
+                scale[t] = _mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i)));
+                if !NL {
+                    let sum = _mm256_set1_ps(-8.0 * *a.s.as_ptr().add(i));
+                    acc_offset[t] = _mm256_fmadd_ps(d8, sum, acc_offset[t]);
+                }
+            }
+            for k in 0..4 {
+                // Rows 2k (low 128 bits) and 2k + 1 (high).
+                let v = _mm256_loadu_si256(qs.add(32 * k) as *const __m256i);
+                let lo = _mm256_and_si256(v, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                let pick = _mm256_setr_epi32(
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                );
+                for t in 0..T {
+                    let (alo, ahi) = act[t];
+                    let dot = if NL {
+                        let wl = _mm256_shuffle_epi8(table, lo);
+                        let wh = _mm256_shuffle_epi8(table, hi);
+                        let pl = _mm256_maddubs_epi16(
+                            _mm256_sign_epi8(wl, wl),
+                            _mm256_sign_epi8(alo, wl),
+                        );
+                        let ph = _mm256_maddubs_epi16(
+                            _mm256_sign_epi8(wh, wh),
+                            _mm256_sign_epi8(ahi, wh),
+                        );
+                        _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones))
+                    } else {
+                        // Pairs of at most 15·127 twice, then the halves: no i16 overflow.
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, alo),
+                            _mm256_maddubs_epi16(hi, ahi),
+                        );
+                        _mm256_madd_epi16(p, ones)
+                    };
+                    let s = _mm256_permutevar8x32_ps(scale[t], pick);
+                    acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][k]);
+                }
+            }
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 32];
+        let mut offsets = [0f32; 8];
+        // SAFETY: the stores write exactly the 32 and 8 floats of the arrays.
+        unsafe {
+            for (k, acc) in acc[t].iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *acc);
+            }
+            _mm256_storeu_ps(offsets.as_mut_ptr(), acc_offset[t]);
+        }
+        for r in 0..8 {
+            let l = &lanes[4 * r..4 * r + 4];
+            out[r * n_tok + t0 + t] = (l[0] + l[1]) + (l[2] + l[3]) + offsets[r];
+        }
+    }
+}
