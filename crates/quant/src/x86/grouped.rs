@@ -31,6 +31,29 @@ fn check<G>(w: &[G], a: &ActBlocks<BlockQ8_0>, nb: usize, n_tok: usize, out: &[f
     assert!(a.blocks.len() >= acts && a.d.len() >= acts && a.s.len() >= acts);
 }
 
+/// `tile(group, t0, n, out)` for each group of `nb` blocks in `w` and each run of at most
+/// `tokens` tokens `t0 .. t0 + n`, `out` the group's `8 · n_tok` results.
+fn by_group(
+    w: &[Nibbles8],
+    nb: usize,
+    n_tok: usize,
+    tokens: usize,
+    out: &mut [f32],
+    mut tile: impl FnMut(&[Nibbles8], usize, usize, &mut [f32]),
+) {
+    if n_tok == 0 {
+        return;
+    }
+    for (group, out) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8 * n_tok)) {
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let n = (n_tok - t0).min(tokens);
+            tile(group, t0, n, out);
+            t0 += n;
+        }
+    }
+}
+
 /// The rows of groups `w` (`nb` blocks per row) × `n_tok` tokens at AVX-512 VNNI:
 /// `out[r * n_tok + t]`. `NL`: IQ4_NL (else Q4_0).
 ///
@@ -45,23 +68,17 @@ pub unsafe fn gemm_avx512<const NL: bool>(
     out: &mut [f32],
 ) {
     check(w, a, nb, n_tok, out);
-    for (g, group) in w.chunks_exact(nb).enumerate() {
-        let out = &mut out[g * 8 * n_tok..(g + 1) * 8 * n_tok];
-        let mut t0 = 0;
-        while t0 < n_tok {
-            let n = (n_tok - t0).min(4);
-            // SAFETY: the features are enabled here; `check` bounds every index below.
-            unsafe {
-                match n {
-                    1 => tile512::<NL, 1>(group, a, nb, t0, n_tok, out),
-                    2 => tile512::<NL, 2>(group, a, nb, t0, n_tok, out),
-                    3 => tile512::<NL, 3>(group, a, nb, t0, n_tok, out),
-                    _ => tile512::<NL, 4>(group, a, nb, t0, n_tok, out),
-                }
+    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check` bounds every index below.
+        unsafe {
+            match n {
+                1 => tile512::<NL, 1>(group, a, nb, t0, n_tok, out),
+                2 => tile512::<NL, 2>(group, a, nb, t0, n_tok, out),
+                3 => tile512::<NL, 3>(group, a, nb, t0, n_tok, out),
+                _ => tile512::<NL, 4>(group, a, nb, t0, n_tok, out),
             }
-            t0 += n;
         }
-    }
+    });
 }
 
 /// One group × tokens `t0 .. t0 + T`.
@@ -161,21 +178,15 @@ pub unsafe fn gemm_avx2<const NL: bool>(
     out: &mut [f32],
 ) {
     check(w, a, nb, n_tok, out);
-    for (g, group) in w.chunks_exact(nb).enumerate() {
-        let out = &mut out[g * 8 * n_tok..(g + 1) * 8 * n_tok];
-        let mut t0 = 0;
-        while t0 < n_tok {
-            let n = (n_tok - t0).min(2);
-            // SAFETY: the features are enabled here; `check` bounds every index below.
-            unsafe {
-                match n {
-                    1 => tile256::<NL, 1>(group, a, nb, t0, n_tok, out),
-                    _ => tile256::<NL, 2>(group, a, nb, t0, n_tok, out),
-                }
+    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check` bounds every index below.
+        unsafe {
+            match n {
+                1 => tile256::<NL, 1>(group, a, nb, t0, n_tok, out),
+                _ => tile256::<NL, 2>(group, a, nb, t0, n_tok, out),
             }
-            t0 += n;
         }
-    }
+    });
 }
 
 /// One group × tokens `t0 .. t0 + T` (AVX2: two rows per 256-bit vector, four lanes each).
