@@ -438,6 +438,9 @@ impl Gguf {
     }
 
     /// The bytes of a tensor (validated to lie inside the file when the header was parsed).
+    /// For a tensor whose layout was replaced ([`Gguf::replace_layout`]) read
+    /// [`Gguf::replaced_layout`] instead: these pages were given back, and after a lease
+    /// break (see `mmap`) they read as zeros.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;
         &self.bytes[start..start + info.n_bytes as usize]

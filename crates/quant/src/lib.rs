@@ -688,7 +688,6 @@ fn grouped_row<B: Groupable>(
 /// The product of grouped rows: on the level's kernel for them, else (a level without one:
 /// only reached when a matrix grouped at another level is used here) each task's rows back
 /// in the file's layout on the level's kernel for that.
-#[allow(clippy::too_many_arguments)]
 fn grouped_products<B: Groupable, A: Sync>(
     w: &[B::Group],
     a: ActBlocks<A>,
