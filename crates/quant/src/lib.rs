@@ -626,14 +626,26 @@ fn rows_panels<W: Sync, A: Sync>(
     out: &mut [f32],
 ) {
     let nb = a.blocks.len() / n_tok;
-    let rows = w.len() / nb;
+    by_panel_tasks(w.len() / nb, n_tok, out, |r0, n, o| {
+        prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o)
+    });
+}
+
+/// The tasks of a prompt product over `rows` rows: whole panels of 16 rows each (the last
+/// may be shorter), `task(r0, n, columns)` writing rows `r0 .. r0 + n` straight into their
+/// columns of the token-major result `out`.
+fn by_panel_tasks(
+    rows: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    task: impl Fn(usize, usize, &mut pool::Columns) + Sync,
+) {
     let chunk = rows_per_task(rows).next_multiple_of(16);
-    // Each task's rows go straight into their columns of the token-major result.
     let columns = pool::OutColumns::new(out, n_tok, rows);
     pool::run(rows.div_ceil(chunk), |c| {
         let r0 = c * chunk;
         let n = (rows - r0).min(chunk);
-        columns.with(r0, n, |o| prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o));
+        columns.with(r0, n, |o| task(r0, n, o));
     });
 }
 
@@ -730,15 +742,10 @@ fn groups_tiled<G: Sync, A: Sync>(
     let nb = a.blocks.len() / n_tok;
     let rows = w.len() / nb * 8;
     let chunk = rows_per_task(rows).next_multiple_of(8);
-    let block = |r0: usize, o: &mut [f32]| {
+    by_row_tasks(rows, n_tok, chunk, out, scratch, |r0, o| {
         let n = o.len() / n_tok;
         gemm(&w[r0 / 8 * nb..(r0 + n) / 8 * nb], &a, nb, o)
-    };
-    if n_tok == 1 {
-        pool::for_each_chunk(out, chunk, |c, o| block(c * chunk, o));
-        return;
-    }
-    by_row_blocks(rows, n_tok, chunk, out, scratch, block);
+    });
 }
 
 /// [`rows_panels`] over grouped rows: each task puts its groups back in the file's layout
@@ -757,18 +764,13 @@ fn groups_panels<B: Groupable, A: Sync>(
         static UNGROUPED: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let nb = a.blocks.len() / n_tok;
-    let rows = w.len() / nb * 8;
-    let chunk = rows_per_task(rows).next_multiple_of(16);
-    let columns = pool::OutColumns::new(out, n_tok, rows);
-    pool::run(rows.div_ceil(chunk), |c| {
-        let r0 = c * chunk;
-        let n = (rows - r0).min(chunk);
+    by_panel_tasks(w.len() / nb * 8, n_tok, out, |r0, n, o| {
         let groups = &w[r0 / 8 * nb..(r0 + n) / 8 * nb];
         UNGROUPED.with_borrow_mut(|buf| {
             let words = std::mem::size_of_val(groups) / 2;
             let unpacked: &mut [B] = bytemuck::cast_slice_mut(grown(buf, words));
             ungroup_into(groups, nb, unpacked);
-            columns.with(r0, n, |o| prefill(unpacked, &a, nb, o));
+            prefill(unpacked, &a, nb, o);
         });
     });
 }
@@ -797,11 +799,22 @@ fn rows_gemm_by<W: Sync>(
     scratch: &mut Vec<f32>,
     gemm: impl Fn(&[W], &mut [f32]) + Sync,
 ) {
-    let rows = w.len() / per_row;
-    let block = |r0: usize, o: &mut [f32]| {
+    by_row_tasks(w.len() / per_row, n_tok, chunk, out, scratch, |r0, o| {
         let n_rows = o.len() / n_tok;
         gemm(&w[r0 * per_row..(r0 + n_rows) * per_row], o)
-    };
+    });
+}
+
+/// The tasks of a product over `rows` rows, `chunk` rows each: `block(r0, results)` fills
+/// the results of rows `r0 ..` row-major (`n_tok` per row); `out` gets them token-major.
+fn by_row_tasks(
+    rows: usize,
+    n_tok: usize,
+    chunk: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    block: impl Fn(usize, &mut [f32]) + Sync,
+) {
     if n_tok == 1 {
         // One token: row-major is token-major.
         pool::for_each_chunk(out, chunk, |c, o| block(c * chunk, o));

@@ -151,17 +151,26 @@ unsafe fn tile512<const NL: bool, const T: usize>(
     }
     for t in 0..T {
         let mut lanes = [0f32; 32];
-        let mut offsets = [0f32; 8];
-        // SAFETY: the stores write exactly the 32 and 8 floats of the arrays.
+        // SAFETY: the stores write exactly the 32 floats of the array.
         unsafe {
             _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
             _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[t][1]);
-            _mm256_storeu_ps(offsets.as_mut_ptr(), acc_offset[t]);
         }
-        for r in 0..8 {
-            let l = &lanes[4 * r..4 * r + 4];
-            out[r * n_tok + t0 + t] = (l[0] + l[1]) + (l[2] + l[3]) + offsets[r];
-        }
+        store_rows(&lanes, acc_offset[t], out, n_tok, t0 + t);
+    }
+}
+
+/// Token `t`'s results of a group: row `r`'s is the sum of `lanes[4r .. 4r + 4]` plus lane
+/// `r` of `offsets`, into `out[r * n_tok + t]`.
+#[target_feature(enable = "avx")]
+#[inline]
+fn store_rows(lanes: &[f32; 32], offsets: __m256, out: &mut [f32], n_tok: usize, t: usize) {
+    let mut offset = [0f32; 8];
+    // SAFETY: the store writes exactly the 8 floats of the array.
+    unsafe { _mm256_storeu_ps(offset.as_mut_ptr(), offsets) };
+    for r in 0..8 {
+        let l = &lanes[4 * r..4 * r + 4];
+        out[r * n_tok + t] = (l[0] + l[1]) + (l[2] + l[3]) + offset[r];
     }
 }
 
@@ -238,8 +247,18 @@ unsafe fn tile256<const NL: bool, const T: usize>(
             for k in 0..4 {
                 // Rows 2k (low 128 bits) and 2k + 1 (high).
                 let v = _mm256_loadu_si256(qs.add(32 * k) as *const __m256i);
-                let lo = _mm256_and_si256(v, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                let mut lo = _mm256_and_si256(v, low4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                // IQ4_NL: the signed values, and their magnitudes for `maddubs` (the weights'
+                // part of the sign trick, shared by the tokens).
+                let (mut wl, mut wh) = (lo, hi);
+                if NL {
+                    (wl, wh) = (
+                        _mm256_shuffle_epi8(table, lo),
+                        _mm256_shuffle_epi8(table, hi),
+                    );
+                    (lo, hi) = (_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(wh, wh));
+                }
                 let pick = _mm256_setr_epi32(
                     2 * k as i32,
                     2 * k as i32,
@@ -253,16 +272,8 @@ unsafe fn tile256<const NL: bool, const T: usize>(
                 for t in 0..T {
                     let (alo, ahi) = act[t];
                     let dot = if NL {
-                        let wl = _mm256_shuffle_epi8(table, lo);
-                        let wh = _mm256_shuffle_epi8(table, hi);
-                        let pl = _mm256_maddubs_epi16(
-                            _mm256_sign_epi8(wl, wl),
-                            _mm256_sign_epi8(alo, wl),
-                        );
-                        let ph = _mm256_maddubs_epi16(
-                            _mm256_sign_epi8(wh, wh),
-                            _mm256_sign_epi8(ahi, wh),
-                        );
+                        let pl = _mm256_maddubs_epi16(lo, _mm256_sign_epi8(alo, wl));
+                        let ph = _mm256_maddubs_epi16(hi, _mm256_sign_epi8(ahi, wh));
                         _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones))
                     } else {
                         // Pairs of at most 15·127 twice, then the halves: no i16 overflow.
@@ -280,17 +291,12 @@ unsafe fn tile256<const NL: bool, const T: usize>(
     }
     for t in 0..T {
         let mut lanes = [0f32; 32];
-        let mut offsets = [0f32; 8];
-        // SAFETY: the stores write exactly the 32 and 8 floats of the arrays.
+        // SAFETY: the stores write exactly the 32 floats of the array.
         unsafe {
             for (k, acc) in acc[t].iter().enumerate() {
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *acc);
             }
-            _mm256_storeu_ps(offsets.as_mut_ptr(), acc_offset[t]);
         }
-        for r in 0..8 {
-            let l = &lanes[4 * r..4 * r + 4];
-            out[r * n_tok + t0 + t] = (l[0] + l[1]) + (l[2] + l[3]) + offsets[r];
-        }
+        store_rows(&lanes, acc_offset[t], out, n_tok, t0 + t);
     }
 }
