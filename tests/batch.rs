@@ -131,23 +131,29 @@ fn gemma3_batch_equals_alone() {
     check("gemma3");
 }
 
-/// Q4_0 and IQ4_NL rows regrouped eight at a time at load (the `avx2`/`avx512` decoding
-/// kernels' layout): batched equals alone on those kernels too, at every level (each in a
-/// child process), on the committed llama.cpp quantizations of the synthetic model.
+/// Q4_0, IQ4_NL and Q4_K rows regrouped eight at a time at load (the `avx2`/`avx512`
+/// decoding kernels' layout): batched equals alone on those kernels too, at every level
+/// (each in a child process), on the committed llama.cpp quantizations of the synthetic
+/// model.
 #[test]
 fn grouped_rows_batch_equals_alone() {
     if !common::kld::in_child_per_level("grouped_rows_batch_equals_alone") {
         return;
     }
     let level = hearth_quant::dispatch::kernels();
-    for ty in ["Q4_0", "IQ4_NL"] {
+    let kernels = [
+        ("Q4_0", level.gemm_q4_0x8.is_some()),
+        ("IQ4_NL", level.gemm_iq4_nlx8.is_some()),
+        ("Q4_K", level.gemm_q4_kx8.is_some()),
+    ];
+    for (ty, has_kernel) in kernels {
         let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join(format!("tests/golden/quants/models/quant-base.{ty}.gguf"));
         let g = std::sync::Arc::new(hearth_gguf::Gguf::open(&path).expect("model opens"));
         let probe = g.tensor_position("blk.0.ffn_up.weight").unwrap();
         check_model(ty, g.clone());
         let grouped = g.replaced_layout(probe).is_some();
-        let expected = level.gemm_q4_0x8.is_some() && g.can_replace_layout();
+        let expected = has_kernel && g.can_replace_layout();
         eprintln!("{ty} at {}: rows grouped {grouped}", level.isa.name());
         assert_eq!(grouped, expected, "{ty} at {}", level.isa.name());
     }

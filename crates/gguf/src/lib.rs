@@ -446,16 +446,19 @@ impl Gguf {
         &self.bytes[start..start + info.n_bytes as usize]
     }
 
-    /// Keeps `layout` — tensor `index`'s bytes reordered (the same size) for this CPU's
-    /// kernels — in place of the file's bytes of it from now on, and gives the file's pages
-    /// that hold only this tensor back to the system, so the tensor is in memory once.
-    /// False (and nothing changes) if the tensor's layout was replaced already, the size
-    /// differs or the file was read into memory rather than mapped (its bytes cannot be
-    /// given back one tensor at a time, so the copy would double them).
+    /// Keeps `layout` — tensor `index`'s bytes reordered for this CPU's kernels, at most
+    /// 1/32 larger (Q4_K's scales unpacked to bytes) — in place of the file's bytes of it
+    /// from now on, and gives the file's pages that hold only this tensor back to the
+    /// system, so the tensor is in memory once. False (and nothing changes) if the tensor's
+    /// layout was replaced already, the size is out of bounds or the file was read into
+    /// memory rather than mapped (its bytes cannot be given back one tensor at a time, so
+    /// the copy would double them).
     pub fn replace_layout(&self, index: usize, layout: Vec<u16>) -> bool {
         let info = &self.tensors[index];
+        let size = std::mem::size_of_val(&layout[..]) as u64;
         if !self.can_replace_layout()
-            || std::mem::size_of_val(&layout[..]) as u64 != info.n_bytes
+            || size < info.n_bytes
+            || size > info.n_bytes + info.n_bytes / 32
             || self.layouts[index].set(layout).is_err()
         {
             return false;

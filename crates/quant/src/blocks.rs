@@ -147,6 +147,8 @@ pub struct Nibbles8 {
 /// A block type whose rows `QMatrix::interleave` groups eight at a time, and its group.
 pub trait Groupable: Pod + Sync {
     type Group: Pod + Sync;
+    /// Values per block.
+    const LEN: usize;
     /// Puts this block in row `r` (< 8) of `g`.
     fn put(&self, g: &mut Self::Group, r: usize);
     /// Row `r`'s block of `g`.
@@ -157,6 +159,7 @@ macro_rules! nibble_groupable {
     ($block:ty) => {
         impl Groupable for $block {
             type Group = Nibbles8;
+            const LEN: usize = QK;
             fn put(&self, g: &mut Nibbles8, r: usize) {
                 (g.d[r], g.qs[r]) = (self.d, self.qs);
             }
@@ -171,6 +174,78 @@ macro_rules! nibble_groupable {
 }
 nibble_groupable!(BlockQ4_0);
 nibble_groupable!(BlockIQ4NL);
+
+/// Eight Q4_K rows' super-blocks side by side, with the six-bit scales and mins unpacked
+/// to bytes: decoding reads four rows' 16-byte runs of nibbles with one 64-byte load (two
+/// with 32 bytes at AVX2) and every row's scales for a sub-block with one 8-byte load, with
+/// no bit-unpacking per row (ggml-cpu's repacked `block_q4_Kx8` keeps the packed scales).
+/// 1184 bytes against the eight blocks' 1152.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Q4K8 {
+    pub d: [f16; 8],
+    pub dmin: [f16; 8],
+    /// `scales[j][r]`: row `r`'s scale of sub-block `j`.
+    pub scales: [[u8; 8]; 8],
+    /// `mins[r][j]`: row `r`'s min of sub-block `j`.
+    pub mins: [[u8; 8]; 8],
+    /// `qs[c][r]`: row `r`'s `qs[16c .. 16c + 16]` (low nibbles: values of sub-block
+    /// `2·(c/2)`, high: of the next one).
+    pub qs: [[[u8; 16]; 8]; 8],
+}
+
+/// Q4_K's 12 bytes of scales and mins as eight six-bit scales and eight mins
+/// (`reference::scale_min_k4` for every sub-block).
+pub fn unpack_scales_mins(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        (sc[j], mn[j]) = (q[j] & 63, q[j + 4] & 63);
+        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
+        mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+/// The inverse of [`unpack_scales_mins`] (every bit of the 12 bytes holds one of the 16
+/// six-bit values, so packing gives back the file's bytes).
+pub fn pack_scales_mins(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
+    let mut q = [0u8; K_SCALE_SIZE];
+    for j in 0..4 {
+        q[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        q[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+        q[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
+    }
+    q
+}
+
+impl Groupable for BlockQ4K {
+    type Group = Q4K8;
+    const LEN: usize = QK_K;
+    fn put(&self, g: &mut Q4K8, r: usize) {
+        (g.d[r], g.dmin[r]) = (self.d, self.dmin);
+        let (sc, mn) = unpack_scales_mins(&self.scales);
+        for (column, s) in g.scales.iter_mut().zip(sc) {
+            column[r] = s;
+        }
+        g.mins[r] = mn;
+        for (c, run) in self.qs.chunks_exact(16).enumerate() {
+            g.qs[c][r].copy_from_slice(run);
+        }
+    }
+    fn take(g: &Q4K8, r: usize) -> Self {
+        let sc = std::array::from_fn(|j| g.scales[j][r]);
+        let mut qs = [0u8; QK_K / 2];
+        for (c, run) in qs.chunks_exact_mut(16).enumerate() {
+            run.copy_from_slice(&g.qs[c][r]);
+        }
+        Self {
+            d: g.d[r],
+            dmin: g.dmin[r],
+            scales: pack_scales_mins(&sc, &g.mins[r]),
+            qs,
+        }
+    }
+}
 
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
@@ -201,3 +276,4 @@ const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
 const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);
+const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);

@@ -171,6 +171,8 @@ pub struct Kernels {
     /// `QMatrix::interleave`); otherwise its rows stay as the file has them.
     pub gemm_q4_0x8: Option<Gemm<Nibbles8, BlockQ8_0>>,
     pub gemm_iq4_nlx8: Option<Gemm<Nibbles8, BlockQ8_0>>,
+    /// Q4_K rows grouped eight at a time ([`Q4K8`]).
+    pub gemm_q4_kx8: Option<Gemm<Q4K8, BlockQ8K>>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
     /// `gemm_*` (see `Activations::quantize_split`).
     pub prefill_q4_0: Option<Prefill<BlockQ4_0, BlockQ8_0>>,
@@ -300,6 +302,7 @@ impl Kernels {
             gemm_iq4_xs,
             gemm_q4_0x8: None,
             gemm_iq4_nlx8: None,
+            gemm_q4_kx8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

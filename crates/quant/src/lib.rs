@@ -163,6 +163,8 @@ pub enum Blocks<'a> {
     Q4_0x8(&'a [Nibbles8]),
     /// IQ4_NL rows in groups of eight.
     IQ4NLx8(&'a [Nibbles8]),
+    /// Q4_K rows in groups of eight.
+    Q4Kx8(&'a [Q4K8]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -239,10 +241,11 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0 and IQ4_NL at `avx2`/`avx512`: eight rows side
-    /// by side, [`Nibbles8`]) and the rows come in whole groups of eight; `None` otherwise.
-    /// The same bytes, reordered, as 16-bit words (every group is 2-byte aligned);
-    /// [`QMatrix::from_interleaved`] reads them.
+    /// the level has one for the type (Q4_0, IQ4_NL and Q4_K at `avx2`/`avx512`: eight rows
+    /// side by side, [`Nibbles8`] and [`Q4K8`]) and the rows come in whole groups of eight;
+    /// `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
+    /// as 16-bit words (every group is 2-byte aligned); [`QMatrix::from_interleaved`] reads
+    /// them.
     pub fn interleave(&self) -> Option<Vec<u16>> {
         let k = dispatch::kernels();
         if !self.rows.is_multiple_of(8) {
@@ -256,12 +259,15 @@ impl<'a> QMatrix<'a> {
             Blocks::IQ4NL(w) if k.gemm_iq4_nlx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, nb)))
             }
+            Blocks::Q4K(w) if k.gemm_q4_kx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
+            }
             _ => None,
         }
     }
 
-    /// A `ty` (Q4_0 or IQ4_NL) matrix from its blocks as [`QMatrix::interleave`] made
-    /// them.
+    /// A `ty` (Q4_0, IQ4_NL or Q4_K) matrix from its blocks as [`QMatrix::interleave`]
+    /// made them.
     pub fn from_interleaved(
         name: &str,
         ty: GgmlType,
@@ -269,20 +275,22 @@ impl<'a> QMatrix<'a> {
         rows: usize,
         words: &'a [u16],
     ) -> Result<Self, QuantError> {
-        let groups = rows / 8 * (cols / QK);
-        let fits = |group: usize| {
-            cols.is_multiple_of(QK)
+        let fits = |block_len: usize, group: usize| {
+            cols.is_multiple_of(block_len)
                 && rows.is_multiple_of(8)
-                && std::mem::size_of_val(words) == groups * group
+                && std::mem::size_of_val(words) == rows / 8 * (cols / block_len) * group
         };
         let blocks = match ty {
-            GgmlType::Q4_0 if fits(size_of::<Nibbles8>()) => {
+            GgmlType::Q4_0 if fits(QK, size_of::<Nibbles8>()) => {
                 Blocks::Q4_0x8(bytemuck::cast_slice(words))
             }
-            GgmlType::IQ4_NL if fits(size_of::<Nibbles8>()) => {
+            GgmlType::IQ4_NL if fits(QK, size_of::<Nibbles8>()) => {
                 Blocks::IQ4NLx8(bytemuck::cast_slice(words))
             }
-            GgmlType::Q4_0 | GgmlType::IQ4_NL => {
+            GgmlType::Q4_K if fits(QK_K, size_of::<Q4K8>()) => {
+                Blocks::Q4Kx8(bytemuck::cast_slice(words))
+            }
+            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -324,7 +332,8 @@ impl<'a> QMatrix<'a> {
             | Blocks::Q6K(_)
             | Blocks::Q2K(_)
             | Blocks::Q3K(_)
-            | Blocks::IQ4XS(_) => ActType::Q8K,
+            | Blocks::IQ4XS(_)
+            | Blocks::Q4Kx8(_) => ActType::Q8K,
         }
     }
 
@@ -354,6 +363,9 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::IQ4NLx8(x) => {
                 grouped_row::<BlockIQ4NL>(x, n, r, out, reference::dequantize_row_iq4_nl)
+            }
+            Blocks::Q4Kx8(x) => {
+                grouped_row::<BlockQ4K>(x, n, r, out, reference::dequantize_row_q4_k)
             }
         }
     }
@@ -456,6 +468,10 @@ impl<'a> QMatrix<'a> {
                 let a = acts.q8_0_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_iq4_nlx8, k.gemm_iq4_nl, out, scratch)
             }
+            Blocks::Q4Kx8(w) => {
+                let a = acts.q8k_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q4_kx8, k.gemm_q4_k, out, scratch)
+            }
         }
     }
 }
@@ -531,6 +547,10 @@ impl QMatrix<'_> {
                 Some(g) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
+            Blocks::Q4Kx8(w) => match k.prefill_q4_k {
+                Some(g) => groups_panels::<BlockQ4K, _>(w, acts.q8k_first(p), p, g, out),
+                None => return false,
+            },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -577,7 +597,8 @@ impl QMatrix<'_> {
             | Blocks::IQ4NL(_)
             | Blocks::IQ4XS(_)
             | Blocks::Q4_0x8(_)
-            | Blocks::IQ4NLx8(_) => return false,
+            | Blocks::IQ4NLx8(_)
+            | Blocks::Q4Kx8(_) => return false,
         }
         true
     }
@@ -692,7 +713,7 @@ fn grouped_row<B: Groupable>(
     dequantize: fn(&[B], &mut [f32]),
 ) {
     let group = &w[r / 8 * nb..(r / 8 + 1) * nb];
-    for (n, o) in group.iter().zip(out.chunks_exact_mut(QK)) {
+    for (n, o) in group.iter().zip(out.chunks_exact_mut(B::LEN)) {
         dequantize(&[B::take(n, r % 8)], o);
     }
 }
@@ -767,7 +788,7 @@ fn groups_panels<B: Groupable, A: Sync>(
     by_panel_tasks(w.len() / nb * 8, n_tok, out, |r0, n, o| {
         let groups = &w[r0 / 8 * nb..(r0 + n) / 8 * nb];
         UNGROUPED.with_borrow_mut(|buf| {
-            let words = std::mem::size_of_val(groups) / 2;
+            let words = groups.len() * 8 * size_of::<B>() / 2;
             let unpacked: &mut [B] = bytemuck::cast_slice_mut(grown(buf, words));
             ungroup_into(groups, nb, unpacked);
             prefill(unpacked, &a, nb, o);

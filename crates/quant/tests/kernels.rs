@@ -61,32 +61,45 @@ fn prefill_rows<W, A>(
     }
 }
 
-/// A level's kernel for grouped rows of `B`, if it has one.
-type GroupedKernel<B> =
-    fn(&Kernels) -> Option<hearth_quant::dispatch::Gemm<<B as Groupable>::Group, BlockQ8_0>>;
+/// A level's kernel for grouped rows of `B` against activations `A`, if it has one.
+type GroupedKernel<B, A> =
+    fn(&Kernels) -> Option<hearth_quant::dispatch::Gemm<<B as Groupable>::Group, A>>;
+
+/// Activations for `check_grouped`: the blocks (`nb` per token), their `d` and `s` where the
+/// kernels take them (Q8_0; empty for Q8_K), and their values.
+struct GroupedActs<'a, A> {
+    y: &'a [A],
+    d: &'a [f32],
+    s: &'a [f32],
+    values: &'a [f32],
+}
+
+impl<A> GroupedActs<'_, A> {
+    /// Tokens `t..` as the kernels take them.
+    fn from(&self, t: usize, nb: usize) -> ActBlocks<'_, A> {
+        ActBlocks {
+            blocks: &self.y[t * nb..],
+            d: self.d.get(t * nb..).unwrap_or(&[]),
+            s: self.s.get(t * nb..).unwrap_or(&[]),
+        }
+    }
+}
 
 /// See `grouped_rows_match_reference`: `file` (`nb` blocks per row, whole groups of eight
-/// rows) grouped, against activations `y` (`nb` blocks per token), at every level.
-fn check_grouped<B: Groupable>(
+/// rows) grouped, against activations `acts` (`nb` blocks per token), at every level.
+fn check_grouped<B: Groupable, A>(
     ty: hearth_quant::GgmlType,
     file: &[B],
     nb: usize,
-    y: &[BlockQ8_0],
-    kernel: GroupedKernel<B>,
-    dot: fn(&[B], &[BlockQ8_0]) -> f32,
+    acts: &GroupedActs<A>,
+    kernel: GroupedKernel<B, A>,
+    dot: fn(&[B], &[A]) -> f32,
 ) -> Result<(), TestCaseError> {
     use hearth_quant::{interleave8, ungroup, QMatrix};
-    let (rows, n, n_tok) = (file.len() / nb, nb * QK, y.len() / nb);
+    let (rows, n, n_tok) = (file.len() / nb, nb * B::LEN, acts.y.len() / nb);
     let grouped = interleave8(file, nb);
     let back = ungroup::<B>(&grouped, nb);
     prop_assert!(bytemuck::cast_slice::<_, u8>(&back) == bytemuck::cast_slice::<_, u8>(file));
-    let d: Vec<f32> = y.iter().map(|b| b.d.to_f32()).collect();
-    let s: Vec<f32> = y
-        .iter()
-        .map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32)
-        .collect();
-    let mut yf = vec![0.0; n_tok * n];
-    r::dequantize_row_q8_0(y, &mut yf);
     let m = QMatrix::from_interleaved("w", ty, n, rows, bytemuck::cast_slice(&grouped)).unwrap();
     let plain = QMatrix::new("w", ty, n, rows, bytemuck::cast_slice(file)).unwrap();
     let (mut wf, mut row) = (vec![0.0; rows * n], vec![0.0; n]);
@@ -102,29 +115,19 @@ fn check_grouped<B: Groupable>(
     }
     for k in levels() {
         let Some(gemm) = kernel(&k) else { continue };
-        let a = ActBlocks {
-            blocks: y,
-            d: &d,
-            s: &s,
-        };
         let mut got = vec![f32::NAN; rows * n_tok];
-        gemm(&grouped, &a, nb, n_tok, &mut got);
+        gemm(&grouped, &acts.from(0, nb), nb, n_tok, &mut got);
         for r0 in 0..rows {
             for t in 0..n_tok {
-                let (wr, at) = (&file[r0 * nb..(r0 + 1) * nb], &y[t * nb..(t + 1) * nb]);
-                let mag = magnitude(&wf[r0 * n..(r0 + 1) * n], &yf[t * n..(t + 1) * n]);
+                let (wr, at) = (&file[r0 * nb..(r0 + 1) * nb], &acts.y[t * nb..(t + 1) * nb]);
+                let mag = magnitude(&wf[r0 * n..(r0 + 1) * n], &acts.values[t * n..(t + 1) * n]);
                 let what = format!("{:?} {ty:?} grouped", k.isa);
                 close(got[r0 * n_tok + t], dot(wr, at), mag, &what);
             }
         }
         for t in 0..n_tok {
-            let one = ActBlocks {
-                blocks: &y[t * nb..],
-                d: &d[t * nb..],
-                s: &s[t * nb..],
-            };
             let mut alone = vec![f32::NAN; rows];
-            gemm(&grouped, &one, nb, 1, &mut alone);
+            gemm(&grouped, &acts.from(t, nb), nb, 1, &mut alone);
             for r0 in 0..rows {
                 let batched = got[r0 * n_tok + t];
                 prop_assert!(
@@ -201,7 +204,7 @@ proptest! {
         }
     }
 
-    /// Q4_0 and IQ4_NL rows grouped eight at a time: every (row, token) against the
+    /// Q4_0, IQ4_NL and Q4_K rows grouped eight at a time: every (row, token) against the
     /// reference dot product, each token alone bit for bit what it got with the others
     /// (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -209,7 +212,7 @@ proptest! {
         nb in 1usize..6,
         groups in 1usize..4,
         n_tok in 1usize..8,
-        raw in prop::collection::vec(any::<u8>(), 18 * 5 * 24),
+        raw in prop::collection::vec(any::<u8>(), 144 * 3 * 24),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         use hearth_quant::GgmlType;
@@ -217,10 +220,27 @@ proptest! {
         let x = acts(n_tok * nb * QK, &seed);
         let mut y = vec![BlockQ8_0::zeroed(); n_tok * nb];
         r::quantize_row_q8_0(&x, &mut y);
+        let d: Vec<f32> = y.iter().map(|b| b.d.to_f32()).collect();
+        let s: Vec<f32> = y
+            .iter()
+            .map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32)
+            .collect();
+        let mut values = vec![0.0; x.len()];
+        r::dequantize_row_q8_0(&y, &mut values);
+        let q8 = GroupedActs { y: &y, d: &d, s: &s, values: &values };
         let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * rows * nb], |b: &mut BlockQ4_0, d| b.d = h(d));
         let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
-        check_grouped(GgmlType::Q4_0, &q40, nb, &y, |k| k.gemm_q4_0x8, r::vec_dot_q4_0_q8_0)?;
-        check_grouped(GgmlType::IQ4_NL, &nl4, nb, &y, |k| k.gemm_iq4_nlx8, r::vec_dot_iq4_nl_q8_0)?;
+        check_grouped(GgmlType::Q4_0, &q40, nb, &q8, |k| k.gemm_q4_0x8, r::vec_dot_q4_0_q8_0)?;
+        check_grouped(GgmlType::IQ4_NL, &nl4, nb, &q8, |k| k.gemm_iq4_nlx8, r::vec_dot_iq4_nl_q8_0)?;
+        // Q4_K: up to 3 super-blocks a row against Q8_K (every scale and min bit random).
+        let nbk = nb.min(3);
+        let xk = acts(n_tok * nbk * QK_K, &seed);
+        let mut yk = vec![BlockQ8K::zeroed(); n_tok * nbk];
+        r::quantize_row_q8_k(&xk, &mut yk);
+        let values: Vec<f32> = yk.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
+        let q8k = GroupedActs { y: &yk, d: &[], s: &[], values: &values };
+        let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nbk], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        check_grouped(GgmlType::Q4_K, &q4k, nbk, &q8k, |k| k.gemm_q4_kx8, r::vec_dot_q4_k_q8_k)?;
     }
 
     #[test]

@@ -11,10 +11,16 @@
 //! per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its
 //! signed table values directly (`maddubs` takes `|w|` against `a` with `w`'s sign).
 //!
+//! Q4_K rows grouped the same way ([`Q4K8`]) keep the file's 16-byte runs of nibbles, four
+//! rows to a 64-byte load, with every row's six-bit scales and mins unpacked to bytes at
+//! load. A sub-block's sums (unsigned nibbles against Q8_K's signed bytes) are scaled in
+//! integers, and the mins come off with the activations' 16-value sums, eight rows at once.
+//!
 //! Each token's arithmetic is the same whichever tokens it is decoded with, so a batch of
 //! sequences gets, bit for bit, what each would alone.
 
-use crate::blocks::{BlockQ8_0, Nibbles8, KVALUES_IQ4NL};
+use super::avx2::prefetch;
+use crate::blocks::{BlockQ8K, BlockQ8_0, Nibbles8, KVALUES_IQ4NL, Q4K8};
 use crate::ActBlocks;
 use std::arch::x86_64::*;
 
@@ -33,13 +39,13 @@ fn check<G>(w: &[G], a: &ActBlocks<BlockQ8_0>, nb: usize, n_tok: usize, out: &[f
 
 /// `tile(group, t0, n, out)` for each group of `nb` blocks in `w` and each run of at most
 /// `tokens` tokens `t0 .. t0 + n`, `out` the group's `8 · n_tok` results.
-fn by_group(
-    w: &[Nibbles8],
+fn by_group<G>(
+    w: &[G],
     nb: usize,
     n_tok: usize,
     tokens: usize,
     out: &mut [f32],
-    mut tile: impl FnMut(&[Nibbles8], usize, usize, &mut [f32]),
+    mut tile: impl FnMut(&[G], usize, usize, &mut [f32]),
 ) {
     if n_tok == 0 {
         return;
@@ -298,5 +304,313 @@ unsafe fn tile256<const NL: bool, const T: usize>(
             }
         }
         store_rows(&lanes, acc_offset[t], out, n_tok, t0 + t);
+    }
+}
+
+/// [`check`] for Q4_K groups against Q8_K activations.
+fn check_k(w: &[Q4K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
+    assert!(nb > 0 && w.len().is_multiple_of(nb));
+    assert!(out.len() >= w.len() / nb * 8 * n_tok && a.len() >= n_tok * nb);
+}
+
+/// The activations' 32-value sums of a Q8_K block (one per sub-block, eight i16) in every
+/// 128-bit lane of the result's `lanes` (1 or 2 for 128/256 bits: see callers).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sub_block_sums(y: &BlockQ8K) -> __m128i {
+    // SAFETY: two 16-byte loads inside the 32 bytes of `bsums`.
+    let (lo, hi) = unsafe {
+        let p = y.bsums.as_ptr() as *const __m128i;
+        (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)))
+    };
+    _mm_hadd_epi16(lo, hi)
+}
+
+/// Grouped Q4_K rows `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512
+/// VNNI: `out[r * n_tok + t]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_q4k_avx512(
+    w: &[Q4K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile512_q4k::<1>(group, a, nb, t0, n_tok, out),
+                2 => tile512_q4k::<2>(group, a, nb, t0, n_tok, out),
+                3 => tile512_q4k::<3>(group, a, nb, t0, n_tok, out),
+                _ => tile512_q4k::<4>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// One Q4_K group × tokens `t0 .. t0 + T`: rows 0..4 in the first vector of each pair,
+/// 4..8 in the second, four i32 lanes per row.
+#[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tile512_q4k<const T: usize>(
+    group: &[Q4K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let low4 = _mm512_set1_epi8(0x0F);
+    // Lane `4i + j` belongs to row `i` of the half; of 16 values (two sub-blocks' eight
+    // rows), `rows[s][h]` picks sub-block `s`, half `h`.
+    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let rows =
+        [0, 1].map(|s| [0, 1].map(|h| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8 * s + 4 * h))));
+    for b in 0..nb {
+        let blk = &group[b];
+        let base = blk as *const Q4K8 as *const u8;
+        let mut isum = [[_mm512_setzero_si512(); 2]; T];
+        for m in 0..4 {
+            // The next group's block, a quarter at a time (the blocks are one stream).
+            prefetch(base.wrapping_add(size_of::<Q4K8>() * 4 + 320 * m), 320);
+            // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
+            let s16 = _mm512_cvtepu8_epi32(unsafe {
+                _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
+            });
+            let sc = rows.map(|s| s.map(|h| _mm512_permutexvar_epi32(h, s16)));
+            let mut lo = [[_mm512_setzero_si512(); 2]; 2];
+            let mut hi = lo;
+            for half in 0..2 {
+                for h in 0..2 {
+                    // SAFETY: 64 bytes: rows 4h..4h + 4 of run 2m + half.
+                    let v = unsafe {
+                        _mm512_loadu_si512(blk.qs[2 * m + half][4 * h].as_ptr() as *const _)
+                    };
+                    lo[half][h] = _mm512_and_si512(v, low4);
+                    hi[half][h] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                }
+            }
+            for t in 0..T {
+                let y = &a[(t0 + t) * nb + b];
+                // Values 64m + 16·half .. (sub-block 2m) and 64m + 32 + 16·half .. (2m + 1).
+                // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
+                let act = |o: usize| unsafe {
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(y.qs.as_ptr().add(o) as *const __m128i))
+                };
+                let (al, ah) = (
+                    [act(64 * m), act(64 * m + 16)],
+                    [act(64 * m + 32), act(64 * m + 48)],
+                );
+                let zero = _mm512_setzero_si512();
+                for h in 0..2 {
+                    let dl = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(zero, lo[0][h], al[0]),
+                        lo[1][h],
+                        al[1],
+                    );
+                    let dh = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(zero, hi[0][h], ah[0]),
+                        hi[1][h],
+                        ah[1],
+                    );
+                    let scaled = _mm512_add_epi32(
+                        _mm512_mullo_epi32(dl, sc[0][h]),
+                        _mm512_mullo_epi32(dh, sc[1][h]),
+                    );
+                    isum[t][h] = _mm512_add_epi32(isum[t][h], scaled);
+                }
+            }
+        }
+        // SAFETY: 16 bytes of `d`, 16 of `dmin`, 32 of each half's `mins`.
+        let (d8, dmin8, mins) = unsafe {
+            (
+                _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
+                    blk.d.as_ptr() as *const __m128i
+                ))),
+                _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
+                    blk.dmin.as_ptr() as *const __m128i
+                ))),
+                [0, 1].map(|h| {
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                        blk.mins[4 * h].as_ptr() as *const __m256i
+                    ))
+                }),
+            )
+        };
+        for t in 0..T {
+            let y = &a[(t0 + t) * nb + b];
+            let sums = _mm512_broadcast_i32x4(sub_block_sums(y));
+            let dy = _mm512_set1_ps(y.d);
+            for h in 0..2 {
+                // Lane 4i + k: row i's mins of sub-blocks 2k, 2k + 1 times their sums.
+                let msum = _mm512_madd_epi16(mins[h], sums);
+                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[0][h], d8), dy);
+                let dmin = _mm512_mul_ps(_mm512_permutexvar_ps(rows[0][h], dmin8), dy);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][h]), d, acc[t][h]);
+                acc[t][h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), dmin, acc[t][h]);
+            }
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 32];
+        // SAFETY: the stores write exactly the 32 floats of the array.
+        unsafe {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[t][1]);
+        }
+        store_rows(&lanes, _mm256_setzero_ps(), out, n_tok, t0 + t);
+    }
+}
+
+/// [`gemm_q4k_avx512`] at AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_q4k_avx2(w: &[Q4K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile256_q4k::<1>(group, a, nb, t0, n_tok, out),
+                _ => tile256_q4k::<2>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// Byte shuffle spreading, from 16 scale bytes (sub-block `2m` rows 0..8, then `2m + 1`),
+/// sub-block `2m + s`'s scale of row `2k` over the first 128-bit lane's i16 and of row
+/// `2k + 1` over the second's.
+const fn pair_scales(s: u8, k: u8) -> [u8; 32] {
+    let mut c = [0x80u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        c[i] = 8 * s + 2 * k + (i / 16) as u8;
+        i += 2;
+    }
+    c
+}
+
+/// One Q4_K group × tokens `t0 .. t0 + T` at AVX2: rows `2k`, `2k + 1` in vector `k`, four
+/// i32 lanes per row.
+#[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile256_q4k<const T: usize>(
+    group: &[Q4K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    const PAIRS: [[[u8; 32]; 4]; 2] = [
+        [
+            pair_scales(0, 0),
+            pair_scales(0, 1),
+            pair_scales(0, 2),
+            pair_scales(0, 3),
+        ],
+        [
+            pair_scales(1, 0),
+            pair_scales(1, 1),
+            pair_scales(1, 2),
+            pair_scales(1, 3),
+        ],
+    ];
+    // SAFETY: 32-byte loads of the shuffle patterns.
+    let pairs =
+        PAIRS.map(|s| s.map(|p| unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }));
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let low4 = _mm256_set1_epi8(0x0F);
+    for b in 0..nb {
+        let blk = &group[b];
+        let base = blk as *const Q4K8 as *const u8;
+        let mut isum = [[_mm256_setzero_si256(); 4]; T];
+        for m in 0..4 {
+            prefetch(base.wrapping_add(size_of::<Q4K8>() * 4 + 320 * m), 320);
+            // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
+            let s16 = _mm256_broadcastsi128_si256(unsafe {
+                _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
+            });
+            for k in 0..4 {
+                let sc = [0, 1].map(|s| _mm256_shuffle_epi8(s16, pairs[s][k]));
+                // SAFETY: 32 bytes: rows 2k, 2k + 1 of run 2m + half.
+                let v = [0, 1].map(|half| unsafe {
+                    _mm256_loadu_si256(blk.qs[2 * m + half][2 * k].as_ptr() as *const __m256i)
+                });
+                let lo = v.map(|v| _mm256_and_si256(v, low4));
+                let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4));
+                for t in 0..T {
+                    let y = &a[(t0 + t) * nb + b];
+                    // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
+                    let act = |o: usize| unsafe {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            y.qs.as_ptr().add(o) as *const __m128i
+                        ))
+                    };
+                    // At most 2 · 2 · 15 · 128 per i16: no saturation.
+                    let pl = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[0], act(64 * m)),
+                        _mm256_maddubs_epi16(lo[1], act(64 * m + 16)),
+                    );
+                    let ph = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(hi[0], act(64 * m + 32)),
+                        _mm256_maddubs_epi16(hi[1], act(64 * m + 48)),
+                    );
+                    let scaled = _mm256_add_epi32(
+                        _mm256_madd_epi16(pl, sc[0]),
+                        _mm256_madd_epi16(ph, sc[1]),
+                    );
+                    isum[t][k] = _mm256_add_epi32(isum[t][k], scaled);
+                }
+            }
+        }
+        // SAFETY: 16 bytes of `d` and of `dmin`.
+        let (d8, dmin8) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(blk.dmin.as_ptr() as *const __m128i)),
+            )
+        };
+        for t in 0..T {
+            let y = &a[(t0 + t) * nb + b];
+            let sums = _mm256_broadcastsi128_si256(sub_block_sums(y));
+            let dy = _mm256_set1_ps(y.d);
+            for k in 0..4 {
+                let i = 2 * k as i32;
+                let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
+                // SAFETY: 16 bytes: rows 2k, 2k + 1 of `mins`.
+                let mins = _mm256_cvtepu8_epi16(unsafe {
+                    _mm_loadu_si128(blk.mins[2 * k].as_ptr() as *const __m128i)
+                });
+                let msum = _mm256_madd_epi16(mins, sums);
+                let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
+                let dmin = _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin8, pick), dy);
+                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
+                acc[t][k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc[t][k]);
+            }
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 32];
+        // SAFETY: the stores write exactly the 32 floats of the array.
+        unsafe {
+            for (k, acc) in acc[t].iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *acc);
+            }
+        }
+        store_rows(&lanes, _mm256_setzero_ps(), out, n_tok, t0 + t);
     }
 }
