@@ -7,7 +7,8 @@
 //! into a buffer where each 64 bytes hold 4 consecutive values of the 16 rows, with the 16
 //! rows' `s_g` as vectors and `w_g` as i16 pairs. Then per token, super-block and group: 4
 //! `vpdpbusd` (the token's 4 activation bytes broadcast) into one i32 vector for 16 rows,
-//! one conversion and FMA by the rows' `s_g`; per super-block 8 `vpdpwssd` of the `w_g`
+//! one conversion and FMA by the rows' `s_g` (per two groups, 8 `vpdpbusd`, where the
+//! type's scales cover 32 values: Q4_K, Q5_K, IQ4_XS); per super-block 8 `vpdpwssd` of the `w_g`
 //! pairs with the token's pairs of group sums (exact in i32), one conversion and FMA by the
 //! rows' `e`, and one FMA by the token's `d`:
 //! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − e · Σ_g w_g · bsum_g)`.
@@ -97,7 +98,7 @@ unsafe fn pack<W: Unpack>(
 /// `acc[t]` (16 rows each).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tokens<const T: usize>(
+unsafe fn tokens<W: Unpack, const T: usize>(
     p: &Packed,
     a: &[BlockQ8K],
     nb: usize,
@@ -116,9 +117,12 @@ unsafe fn tokens<const T: usize>(
             let y: [&BlockQ8K; T] =
                 std::array::from_fn(|t| a.get_unchecked((t0 + t) * nb + c0 + k));
             let mut part = [_mm512_setzero_ps(); T];
-            for g in 0..GROUPS {
+            // Groups sharing a scale are summed before it is applied (one conversion and
+            // FMA per 32 values rather than 16).
+            let step = if W::SCALE_PER_32 { 2 } else { 1 };
+            for g in (0..GROUPS).step_by(step) {
                 let mut isum = [_mm512_setzero_si512(); T];
-                for j in 4 * g..4 * g + 4 {
+                for j in 4 * g..4 * (g + step) {
                     let u = _mm512_load_si512(p.u[k][j].as_ptr() as *const _);
                     for t in 0..T {
                         let q = (y[t].qs.as_ptr().add(4 * j) as *const i32).read_unaligned();
@@ -173,9 +177,9 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
         // SAFETY: as above; `tokens` asserts its bounds.
         unsafe {
             if one {
-                tokens::<1>(p, a, nb, t, c0, nc, acc)
+                tokens::<W, 1>(p, a, nb, t, c0, nc, acc)
             } else {
-                tokens::<TOKENS>(p, a, nb, t, c0, nc, acc)
+                tokens::<W, TOKENS>(p, a, nb, t, c0, nc, acc)
             }
         }
     }

@@ -135,7 +135,9 @@ unsafe fn tokens<W: Unpack, const T: usize>(
     // Groups of 4 values whose i16 pair sums add up before widening (each is at most
     // 2 · max · 127; signed values: 2 · 127 · 127).
     let max = if W::OFFSET_128 { 127 } else { W::MAX_VALUE };
-    let run = (32767 / (2 * max * 127)).clamp(1, 4) as usize;
+    // Groups sharing a scale (32 values) are one run where the sums allow it (Q4_K).
+    let step: usize = if W::SCALE_PER_32 { 2 } else { 1 };
+    let run = (32767 / (2 * max as usize * 127)).clamp(1, 4 * step);
     // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
     // are inside the activations (asserted); the packed loads are aligned and inside `p`;
     // `acc[t0 + t]` holds 8 floats.
@@ -145,9 +147,9 @@ unsafe fn tokens<W: Unpack, const T: usize>(
             let y: [&BlockQ8K; T] =
                 std::array::from_fn(|t| a.get_unchecked((t0 + t) * nb + c0 + k));
             let mut isum = [_mm256_setzero_si256(); T];
-            for g in 0..GROUPS {
+            for g in (0..GROUPS).step_by(step) {
                 let sv = _mm256_load_si256(p.v[k][g].as_ptr() as *const __m256i);
-                for j0 in (4 * g..4 * g + 4).step_by(run) {
+                for j0 in (4 * g..4 * (g + step)).step_by(run) {
                     let mut pairs = [_mm256_setzero_si256(); T];
                     for j in j0..j0 + run {
                         let u = _mm256_load_si256(p.u[k][j].as_ptr() as *const __m256i);

@@ -28,6 +28,9 @@ pub trait Unpack: Copy {
     const OFFSET_128: bool = false;
     /// The largest value `u` can hold.
     const MAX_VALUE: u32;
+    /// Whether each scale covers 32 values (two 16-value groups with the same `s_g`: Q4_K,
+    /// Q5_K, IQ4_XS), so a product can sum 32 values before scaling.
+    const SCALE_PER_32: bool = false;
     /// Writes the block's 256 values `u` (AVX2 enabled by every caller).
     unsafe fn values(&self, u: &mut [u8; QK_K]);
     /// The block's group scales and corrections (AVX2 enabled by every caller).
@@ -126,6 +129,7 @@ impl Unpack for BlockQ3K {
 }
 
 impl Unpack for BlockQ5K {
+    const SCALE_PER_32: bool = true;
     const MAX_VALUE: u32 = 31;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
@@ -181,6 +185,7 @@ pub(crate) fn iq4xs_scale_bytes(b: &BlockIQ4XS) -> u64 {
 }
 
 impl Unpack for BlockIQ4XS {
+    const SCALE_PER_32: bool = true;
     const MAX_VALUE: u32 = 255;
     const OFFSET_128: bool = true;
     #[inline(always)]
@@ -213,6 +218,7 @@ impl Unpack for BlockIQ4XS {
 }
 
 impl Unpack for BlockQ4K {
+    const SCALE_PER_32: bool = true;
     const MAX_VALUE: u32 = 15;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
