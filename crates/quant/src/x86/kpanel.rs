@@ -55,26 +55,38 @@ unsafe fn pack<W: Unpack>(
     assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
     // Rows past `nr` stay zero.
     let mut vals = [[0u8; QK_K]; PANEL];
+    // Lane `j`: the offset of column `j` of a `[[_; PANEL]; _]` array, in elements.
+    let columns = _mm512_setr_epi32(
+        0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240,
+    );
     for k in 0..nc {
         let mut s = [[0f32; PANEL]; GROUPS];
         let mut wp = [[0i32; PANEL]; GROUPS / 2];
         let mut e = [0f32; PANEL];
         for (i, vals) in vals.iter_mut().enumerate().take(nr) {
             let blk = &w[(r0 + i) * nb + c0 + k];
-            // SAFETY: AVX2 is enabled; `values` and `scales` read the block.
+            // SAFETY: AVX2 and AVX-512 F/VL are enabled; `values` and `scales` read the
+            // block. The scatters write lane `g` to `s[g][i]` (16 groups) and lane `gp`
+            // (groups 2gp and 2gp + 1 as two i16) to `wp[gp][i]` (8 pairs): column `i < 16`
+            // of each array, `PANEL` elements per row, inside it.
             unsafe {
                 blk.values(vals);
                 let sc = blk.scales();
-                let (mut v, mut wv) = ([0i8; 16], [0i8; 16]);
-                _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, sc.v);
-                _mm_storeu_si128(wv.as_mut_ptr() as *mut __m128i, sc.w);
-                for g in 0..GROUPS {
-                    s[g][i] = sc.d * v[g] as f32;
-                }
-                for (gp, wp) in wp.iter_mut().enumerate() {
-                    let (lo, hi) = (wv[2 * gp] as i16 as u16, wv[2 * gp + 1] as i16 as u16);
-                    wp[i] = (lo as u32 | (hi as u32) << 16) as i32;
-                }
+                let scales = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc.v)),
+                    _mm512_set1_ps(sc.d),
+                );
+                _mm512_i32scatter_ps::<4>(
+                    s.as_mut_ptr().cast::<f32>().add(i) as _,
+                    columns,
+                    scales,
+                );
+                let pairs = _mm256_cvtepi8_epi16(sc.w);
+                _mm256_i32scatter_epi32::<4>(
+                    wp.as_mut_ptr().cast::<i32>().add(i) as _,
+                    _mm512_castsi512_si256(columns),
+                    pairs,
+                );
                 e[i] = sc.e;
             }
         }
