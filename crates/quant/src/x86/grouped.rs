@@ -326,6 +326,16 @@ fn sub_block_sums(y: &BlockQ8K) -> __m128i {
     _mm_hadd_epi16(lo, hi)
 }
 
+/// Hints quarter `m` (of four) of the Q4_K group block four ahead of `blk` into cache: a
+/// group's blocks are one stream, read 4.7 KB ahead (two blocks ahead measured slower from
+/// memory on Zen 4).
+#[inline(always)]
+fn prefetch_ahead(blk: &Q4K8, m: usize) {
+    let quarter = size_of::<Q4K8>().div_ceil(4);
+    let ahead = (blk as *const Q4K8 as *const u8).wrapping_add(4 * size_of::<Q4K8>() + quarter * m);
+    prefetch(ahead, quarter);
+}
+
 /// Grouped Q4_K rows `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512
 /// VNNI: `out[r * n_tok + t]`.
 ///
@@ -376,11 +386,9 @@ unsafe fn tile512_q4k<const T: usize>(
         [0, 1].map(|s| [0, 1].map(|h| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8 * s + 4 * h))));
     for b in 0..nb {
         let blk = &group[b];
-        let base = blk as *const Q4K8 as *const u8;
         let mut isum = [[_mm512_setzero_si512(); 2]; T];
         for m in 0..4 {
-            // The next group's block, a quarter at a time (the blocks are one stream).
-            prefetch(base.wrapping_add(size_of::<Q4K8>() * 4 + 320 * m), 320);
+            prefetch_ahead(blk, m);
             // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
             let s16 = _mm512_cvtepu8_epi32(unsafe {
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
@@ -536,10 +544,9 @@ unsafe fn tile256_q4k<const T: usize>(
     let low4 = _mm256_set1_epi8(0x0F);
     for b in 0..nb {
         let blk = &group[b];
-        let base = blk as *const Q4K8 as *const u8;
         let mut isum = [[_mm256_setzero_si256(); 4]; T];
         for m in 0..4 {
-            prefetch(base.wrapping_add(size_of::<Q4K8>() * 4 + 320 * m), 320);
+            prefetch_ahead(blk, m);
             // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
             let s16 = _mm256_broadcastsi128_si256(unsafe {
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
