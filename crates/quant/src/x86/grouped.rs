@@ -156,28 +156,58 @@ unsafe fn tile512<const NL: bool, const T: usize>(
         }
     }
     for t in 0..T {
-        let mut lanes = [0f32; 32];
-        // SAFETY: the stores write exactly the 32 floats of the array.
-        unsafe {
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
-            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[t][1]);
-        }
-        store_rows(&lanes, acc_offset[t], out, n_tok, t0 + t);
+        let [a, b] = acc[t];
+        let halves = [
+            _mm512_castps512_ps256(a),
+            upper_half(a),
+            _mm512_castps512_ps256(b),
+            upper_half(b),
+        ];
+        store_rows(halves, acc_offset[t], out, n_tok, t0 + t);
     }
 }
 
-/// Token `t`'s results of a group: row `r`'s is the sum of `lanes[4r .. 4r + 4]` plus lane
-/// `r` of `offsets`, into `out[r * n_tok + t]`.
+/// Token `t`'s results of a group: `acc[k]` holds rows `2k` (lanes 0..4) and `2k + 1`
+/// (4..8); row `r`'s result is `(l0 + l1) + (l2 + l3)` of its lanes plus lane `r` of
+/// `offsets`, into `out[r * n_tok + t]` (the sums in that order at every level and batch).
 #[target_feature(enable = "avx")]
 #[inline]
-fn store_rows(lanes: &[f32; 32], offsets: __m256, out: &mut [f32], n_tok: usize, t: usize) {
-    let mut offset = [0f32; 8];
+fn store_rows(acc: [__m256; 4], offsets: __m256, out: &mut [f32], n_tok: usize, t: usize) {
+    // [r0 r0 r2 r2 | r1 r1 r3 r3] pair sums, then [r0 r2 r4 r6 | r1 r3 r5 r7] whole ones.
+    let pairs01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let pairs23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let rows = _mm256_hadd_ps(pairs01, pairs23);
+    let mut sums = [0f32; 8];
     // SAFETY: the store writes exactly the 8 floats of the array.
-    unsafe { _mm256_storeu_ps(offset.as_mut_ptr(), offsets) };
-    for r in 0..8 {
-        let l = &lanes[4 * r..4 * r + 4];
-        out[r * n_tok + t] = (l[0] + l[1]) + (l[2] + l[3]) + offset[r];
+    unsafe {
+        _mm256_storeu_ps(
+            sums.as_mut_ptr(),
+            _mm256_add_ps(rows, offsets_interleaved(offsets)),
+        )
+    };
+    for (i, sum) in sums.into_iter().enumerate() {
+        // Lane i holds row 2·(i % 4) + i / 4.
+        out[(2 * (i % 4) + i / 4) * n_tok + t] = sum;
     }
+}
+
+/// Lanes 8..16 of `v` (AVX-512 F; `vextractf32x8` would need DQ).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn upper_half(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}
+
+/// `offsets` (lane `r`: row `r`) in `store_rows`' order of rows.
+#[target_feature(enable = "avx")]
+#[inline]
+fn offsets_interleaved(offsets: __m256) -> __m256 {
+    let lo = _mm256_castps256_ps128(offsets);
+    let hi = _mm256_extractf128_ps::<1>(offsets);
+    // [o0 o2 o4 o6 | o1 o3 o5 o7]
+    let even = _mm_shuffle_ps::<0b10_00_10_00>(lo, hi);
+    let odd = _mm_shuffle_ps::<0b11_01_11_01>(lo, hi);
+    _mm256_set_m128(odd, even)
 }
 
 /// [`gemm_avx512`] at AVX2.
@@ -296,14 +326,7 @@ unsafe fn tile256<const NL: bool, const T: usize>(
         }
     }
     for t in 0..T {
-        let mut lanes = [0f32; 32];
-        // SAFETY: the stores write exactly the 32 floats of the array.
-        unsafe {
-            for (k, acc) in acc[t].iter().enumerate() {
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *acc);
-            }
-        }
-        store_rows(&lanes, acc_offset[t], out, n_tok, t0 + t);
+        store_rows(acc[t], acc_offset[t], out, n_tok, t0 + t);
     }
 }
 
@@ -468,13 +491,14 @@ unsafe fn tile512_q4k<const T: usize>(
         }
     }
     for t in 0..T {
-        let mut lanes = [0f32; 32];
-        // SAFETY: the stores write exactly the 32 floats of the array.
-        unsafe {
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
-            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[t][1]);
-        }
-        store_rows(&lanes, _mm256_setzero_ps(), out, n_tok, t0 + t);
+        let [a, b] = acc[t];
+        let halves = [
+            _mm512_castps512_ps256(a),
+            upper_half(a),
+            _mm512_castps512_ps256(b),
+            upper_half(b),
+        ];
+        store_rows(halves, _mm256_setzero_ps(), out, n_tok, t0 + t);
     }
 }
 
@@ -611,13 +635,6 @@ unsafe fn tile256_q4k<const T: usize>(
         }
     }
     for t in 0..T {
-        let mut lanes = [0f32; 32];
-        // SAFETY: the stores write exactly the 32 floats of the array.
-        unsafe {
-            for (k, acc) in acc[t].iter().enumerate() {
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *acc);
-            }
-        }
-        store_rows(&lanes, _mm256_setzero_ps(), out, n_tok, t0 + t);
+        store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
     }
 }
