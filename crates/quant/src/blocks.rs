@@ -247,56 +247,6 @@ impl Groupable for BlockQ4K {
     }
 }
 
-/// Eight IQ4_XS rows' super-blocks side by side, the six-bit scales unpacked to signed
-/// bytes (the stored value minus 32): decoding reads four rows' 16-byte runs (a sub-block's
-/// 32 nibbles each) with one 64-byte load, every row's scale of a sub-block with one 8-byte
-/// load. 1104 bytes against the eight blocks' 1088.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-pub struct IQ4XS8 {
-    pub d: [f16; 8],
-    /// `scales[j][r]`: row `r`'s scale of sub-block `j`.
-    pub scales: [[i8; 8]; 8],
-    /// `qs[j][r]`: row `r`'s `qs[16j .. 16j + 16]` (sub-block `j`: low nibbles its values
-    /// 0..16, high nibbles 16..32).
-    pub qs: [[[u8; 16]; 8]; 8],
-}
-
-impl Groupable for BlockIQ4XS {
-    type Group = IQ4XS8;
-    const LEN: usize = QK_K;
-    fn put(&self, g: &mut IQ4XS8, r: usize) {
-        g.d[r] = self.d;
-        let scales = crate::reference::iq4xs_scales(self);
-        for (column, s) in g.scales.iter_mut().zip(scales) {
-            column[r] = s;
-        }
-        for (j, run) in self.qs.chunks_exact(16).enumerate() {
-            g.qs[j][r].copy_from_slice(run);
-        }
-    }
-    fn take(g: &IQ4XS8, r: usize) -> Self {
-        // Each scale's six bits (value + 32) back: low four in `scales_l`, high two in
-        // `scales_h` (every bit of both holds one).
-        let (mut scales_l, mut scales_h) = ([0u8; QK_K / 64], 0u16);
-        for (j, column) in g.scales.iter().enumerate() {
-            let stored = (column[r] as i16 + 32) as u8;
-            scales_l[j / 2] |= (stored & 0xF) << (4 * (j % 2));
-            scales_h |= ((stored >> 4) as u16 & 3) << (2 * j);
-        }
-        let mut qs = [0u8; QK_K / 2];
-        for (j, run) in qs.chunks_exact_mut(16).enumerate() {
-            run.copy_from_slice(&g.qs[j][r]);
-        }
-        Self {
-            d: g.d[r],
-            scales_h,
-            scales_l,
-            qs,
-        }
-    }
-}
-
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -327,4 +277,3 @@ const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
 const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);
 const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);
-const _: () = assert!(std::mem::size_of::<IQ4XS8>() == 1104);

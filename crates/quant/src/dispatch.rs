@@ -173,8 +173,6 @@ pub struct Kernels {
     pub gemm_iq4_nlx8: Option<Gemm<Nibbles8, BlockQ8_0>>,
     /// Q4_K rows grouped eight at a time ([`Q4K8`]).
     pub gemm_q4_kx8: Option<Gemm<Q4K8, BlockQ8K>>,
-    /// IQ4_XS rows grouped eight at a time ([`IQ4XS8`]).
-    pub gemm_iq4_xsx8: Option<Gemm<IQ4XS8, BlockQ8K>>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
     /// `gemm_*` (see `Activations::quantize_split`).
     pub prefill_q4_0: Option<Prefill<BlockQ4_0, BlockQ8_0>>,
@@ -305,7 +303,6 @@ impl Kernels {
             gemm_q4_0x8: None,
             gemm_iq4_nlx8: None,
             gemm_q4_kx8: None,
-            gemm_iq4_xsx8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

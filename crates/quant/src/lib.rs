@@ -165,8 +165,6 @@ pub enum Blocks<'a> {
     IQ4NLx8(&'a [Nibbles8]),
     /// Q4_K rows in groups of eight.
     Q4Kx8(&'a [Q4K8]),
-    /// IQ4_XS rows in groups of eight.
-    IQ4XSx8(&'a [IQ4XS8]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -243,10 +241,9 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_K and IQ4_XS at `avx2`/`avx512`:
-    /// eight rows side by side, [`Nibbles8`], [`Q4K8`], [`IQ4XS8`]) and the rows come in
-    /// whole groups of eight; `None` otherwise. The file's bytes reordered (the super-block
-    /// types' scales also unpacked to bytes),
+    /// the level has one for the type (Q4_0, IQ4_NL and Q4_K at `avx2`/`avx512`: eight rows
+    /// side by side, [`Nibbles8`] and [`Q4K8`]) and the rows come in whole groups of eight;
+    /// `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
     /// as 16-bit words (every group is 2-byte aligned); [`QMatrix::from_interleaved`] reads
     /// them.
     pub fn interleave(&self) -> Option<Vec<u16>> {
@@ -265,15 +262,12 @@ impl<'a> QMatrix<'a> {
             Blocks::Q4K(w) if k.gemm_q4_kx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
-            Blocks::IQ4XS(w) if k.gemm_iq4_xsx8.is_some() => {
-                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
-            }
             _ => None,
         }
     }
 
-    /// A `ty` (Q4_0, IQ4_NL, Q4_K or IQ4_XS) matrix from its blocks as
-    /// [`QMatrix::interleave`] made them.
+    /// A `ty` (Q4_0, IQ4_NL or Q4_K) matrix from its blocks as [`QMatrix::interleave`]
+    /// made them.
     pub fn from_interleaved(
         name: &str,
         ty: GgmlType,
@@ -296,10 +290,7 @@ impl<'a> QMatrix<'a> {
             GgmlType::Q4_K if fits(QK_K, size_of::<Q4K8>()) => {
                 Blocks::Q4Kx8(bytemuck::cast_slice(words))
             }
-            GgmlType::IQ4_XS if fits(QK_K, size_of::<IQ4XS8>()) => {
-                Blocks::IQ4XSx8(bytemuck::cast_slice(words))
-            }
-            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_K | GgmlType::IQ4_XS => {
+            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -342,8 +333,7 @@ impl<'a> QMatrix<'a> {
             | Blocks::Q2K(_)
             | Blocks::Q3K(_)
             | Blocks::IQ4XS(_)
-            | Blocks::Q4Kx8(_)
-            | Blocks::IQ4XSx8(_) => ActType::Q8K,
+            | Blocks::Q4Kx8(_) => ActType::Q8K,
         }
     }
 
@@ -376,9 +366,6 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::Q4Kx8(x) => {
                 grouped_row::<BlockQ4K>(x, n, r, out, reference::dequantize_row_q4_k)
-            }
-            Blocks::IQ4XSx8(x) => {
-                grouped_row::<BlockIQ4XS>(x, n, r, out, reference::dequantize_row_iq4_xs)
             }
         }
     }
@@ -485,10 +472,6 @@ impl<'a> QMatrix<'a> {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q4_kx8, k.gemm_q4_k, out, scratch)
             }
-            Blocks::IQ4XSx8(w) => {
-                let a = acts.q8k_blocks(t0);
-                grouped_products(w, a, n_tok, k.gemm_iq4_xsx8, k.gemm_iq4_xs, out, scratch)
-            }
         }
     }
 }
@@ -568,10 +551,6 @@ impl QMatrix<'_> {
                 Some(g) => groups_panels::<BlockQ4K, _>(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
-            Blocks::IQ4XSx8(w) => match k.prefill_iq4_xs {
-                Some(g) => groups_panels::<BlockIQ4XS, _>(w, acts.q8k_first(p), p, g, out),
-                None => return false,
-            },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -619,8 +598,7 @@ impl QMatrix<'_> {
             | Blocks::IQ4XS(_)
             | Blocks::Q4_0x8(_)
             | Blocks::IQ4NLx8(_)
-            | Blocks::Q4Kx8(_)
-            | Blocks::IQ4XSx8(_) => return false,
+            | Blocks::Q4Kx8(_) => return false,
         }
         true
     }

@@ -204,7 +204,7 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL, Q4_K and IQ4_XS rows grouped eight at a time: every (row, token) against the
+    /// Q4_0, IQ4_NL and Q4_K rows grouped eight at a time: every (row, token) against the
     /// reference dot product, each token alone bit for bit what it got with the others
     /// (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -241,8 +241,6 @@ proptest! {
         let q8k = GroupedActs { y: &yk, d: &[], s: &[], values: &values };
         let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nbk], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         check_grouped(GgmlType::Q4_K, &q4k, nbk, &q8k, |k| k.gemm_q4_kx8, r::vec_dot_q4_k_q8_k)?;
-        let xs: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nbk], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
-        check_grouped(GgmlType::IQ4_XS, &xs, nbk, &q8k, |k| k.gemm_iq4_xsx8, r::vec_dot_iq4_xs_q8_k)?;
     }
 
     #[test]

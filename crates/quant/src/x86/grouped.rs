@@ -20,7 +20,7 @@
 //! sequences gets, bit for bit, what each would alone.
 
 use super::avx2::prefetch;
-use crate::blocks::{BlockQ8K, BlockQ8_0, Nibbles8, IQ4XS8, KVALUES_IQ4NL, Q4K8};
+use crate::blocks::{BlockQ8K, BlockQ8_0, Nibbles8, KVALUES_IQ4NL, Q4K8};
 use crate::ActBlocks;
 use std::arch::x86_64::*;
 
@@ -330,8 +330,8 @@ unsafe fn tile256<const NL: bool, const T: usize>(
     }
 }
 
-/// [`check`] for super-block groups against Q8_K activations.
-fn check_k<G>(w: &[G], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
+/// [`check`] for Q4_K groups against Q8_K activations.
+fn check_k(w: &[Q4K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
     assert!(nb > 0 && w.len().is_multiple_of(nb));
     assert!(out.len() >= w.len() / nb * 8 * n_tok && a.len() >= n_tok * nb);
 }
@@ -349,13 +349,13 @@ fn sub_block_sums(y: &BlockQ8K) -> __m128i {
     _mm_hadd_epi16(lo, hi)
 }
 
-/// Hints quarter `m` (of four) of the super-block group block four ahead of `blk` into
-/// cache: a group's blocks are one stream, read 4.4–4.7 KB ahead (two blocks ahead measured
-/// slower from memory on Zen 4).
+/// Hints quarter `m` (of four) of the Q4_K group block four ahead of `blk` into cache: a
+/// group's blocks are one stream, read 4.7 KB ahead (two blocks ahead measured slower from
+/// memory on Zen 4).
 #[inline(always)]
-fn prefetch_ahead<G>(blk: &G, m: usize) {
-    let quarter = size_of::<G>().div_ceil(4);
-    let ahead = (blk as *const G as *const u8).wrapping_add(4 * size_of::<G>() + quarter * m);
+fn prefetch_ahead(blk: &Q4K8, m: usize) {
+    let quarter = size_of::<Q4K8>().div_ceil(4);
+    let ahead = (blk as *const Q4K8 as *const u8).wrapping_add(4 * size_of::<Q4K8>() + quarter * m);
     prefetch(ahead, quarter);
 }
 
@@ -631,250 +631,6 @@ unsafe fn tile256_q4k<const T: usize>(
                 let dmin = _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin8, pick), dy);
                 acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
                 acc[t][k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc[t][k]);
-            }
-        }
-    }
-    for t in 0..T {
-        store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
-    }
-}
-
-/// Grouped IQ4_XS rows `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512
-/// VNNI: `out[r * n_tok + t]`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_iq4xs_avx512(
-    w: &[IQ4XS8],
-    a: &[BlockQ8K],
-    nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    check_k(w, a, nb, n_tok, out);
-    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
-        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
-        unsafe {
-            match n {
-                1 => tile512_iq4xs::<1>(group, a, nb, t0, n_tok, out),
-                2 => tile512_iq4xs::<2>(group, a, nb, t0, n_tok, out),
-                3 => tile512_iq4xs::<3>(group, a, nb, t0, n_tok, out),
-                _ => tile512_iq4xs::<4>(group, a, nb, t0, n_tok, out),
-            }
-        }
-    });
-}
-
-/// One IQ4_XS group × tokens `t0 .. t0 + T`: rows 0..4 in the first vector of each pair,
-/// 4..8 in the second, four i32 lanes per row. The weights are the table plus 128
-/// (unsigned, for `vpdpbusd`); each sub-block's sum starts at `−128 · Σa` in one lane per
-/// row, so the scale multiplies the signed sum.
-#[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn tile512_iq4xs<const T: usize>(
-    group: &[IQ4XS8],
-    a: &[BlockQ8K],
-    nb: usize,
-    t0: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    let mut acc = [[_mm512_setzero_ps(); 2]; T];
-    let low4 = _mm512_set1_epi8(0x0F);
-    // SAFETY: reads the table's 16 bytes.
-    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
-    let table = _mm512_xor_si512(
-        _mm512_broadcast_i32x4(table),
-        _mm512_set1_epi8(0x80u8 as i8),
-    );
-    // Lane `4i + j` belongs to row `i` of half `h` (rows 4h .. 4h + 4).
-    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    let rows = [0, 1].map(|h| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4 * h)));
-    for b in 0..nb {
-        let blk = &group[b];
-        // Per token, `−128 · Σa` of each sub-block (i32 lane j: sub-block j).
-        let offsets: [__m512i; T] = std::array::from_fn(|t| {
-            let sums = _mm256_cvtepi16_epi32(sub_block_sums(&a[(t0 + t) * nb + b]));
-            _mm512_castsi256_si512(_mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_slli_epi32::<7>(sums),
-            ))
-        });
-        let mut isum = [[_mm512_setzero_si512(); 2]; T];
-        for j in 0..8 {
-            if j % 2 == 0 {
-                prefetch_ahead(blk, j / 2);
-            }
-            // SAFETY: 8 bytes of `scales[j]`.
-            let s8 = _mm512_cvtepi8_epi32(unsafe {
-                _mm_loadl_epi64(blk.scales[j].as_ptr() as *const __m128i)
-            });
-            let sc = rows.map(|h| _mm512_permutexvar_epi32(h, s8));
-            let mut lo = [_mm512_setzero_si512(); 2];
-            let mut hi = lo;
-            for h in 0..2 {
-                // SAFETY: 64 bytes: rows 4h..4h + 4 of run j.
-                let v = unsafe { _mm512_loadu_si512(blk.qs[j][4 * h].as_ptr() as *const _) };
-                lo[h] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
-                hi[h] =
-                    _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4));
-            }
-            let pick = _mm512_set1_epi32(j as i32);
-            for t in 0..T {
-                let y = &a[(t0 + t) * nb + b];
-                // SAFETY: 16-byte loads inside the 256 bytes of `qs` (values 32j ..).
-                let (al, ah) = unsafe {
-                    let p = y.qs.as_ptr().add(32 * j);
-                    (
-                        _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)),
-                        _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(16) as *const __m128i)),
-                    )
-                };
-                // −128 · Σa in the first lane of each row.
-                let start = _mm512_maskz_permutexvar_epi32(0x1111, pick, offsets[t]);
-                for h in 0..2 {
-                    let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo[h], al), hi[h], ah);
-                    isum[t][h] = _mm512_add_epi32(isum[t][h], _mm512_mullo_epi32(dot, sc[h]));
-                }
-            }
-        }
-        // SAFETY: 16 bytes of `d`.
-        let d8 = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe {
-            _mm_loadu_si128(blk.d.as_ptr() as *const __m128i)
-        }));
-        for t in 0..T {
-            let dy = _mm512_set1_ps(a[(t0 + t) * nb + b].d);
-            for h in 0..2 {
-                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy);
-                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][h]), d, acc[t][h]);
-            }
-        }
-    }
-    for t in 0..T {
-        let [a, b] = acc[t];
-        let halves = [
-            _mm512_castps512_ps256(a),
-            upper_half(a),
-            _mm512_castps512_ps256(b),
-            upper_half(b),
-        ];
-        store_rows(halves, _mm256_setzero_ps(), out, n_tok, t0 + t);
-    }
-}
-
-/// [`gemm_iq4xs_avx512`] at AVX2.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_iq4xs_avx2(
-    w: &[IQ4XS8],
-    a: &[BlockQ8K],
-    nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    check_k(w, a, nb, n_tok, out);
-    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
-        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
-        unsafe {
-            match n {
-                1 => tile256_iq4xs::<1>(group, a, nb, t0, n_tok, out),
-                _ => tile256_iq4xs::<2>(group, a, nb, t0, n_tok, out),
-            }
-        }
-    });
-}
-
-/// Byte shuffle spreading, from eight i16 scales (rows 0..8, in both 128-bit lanes), row
-/// `2k`'s over the first lane's i16 and row `2k + 1`'s over the second's.
-const fn pair_words(k: u8) -> [u8; 32] {
-    let mut c = [0u8; 32];
-    let mut i = 0;
-    while i < 32 {
-        let word = 2 * k + (i / 16) as u8;
-        c[i] = 2 * word + (i % 2) as u8;
-        i += 1;
-    }
-    c
-}
-
-/// One IQ4_XS group × tokens `t0 .. t0 + T` at AVX2: rows `2k`, `2k + 1` in vector `k`, four
-/// i32 lanes per row. The signed table values take the sign trick (`maddubs` of `|w|` with
-/// `a` given `w`'s sign; Q8_K's activations are within ±127), and each half's i16 pair sums
-/// widen by the rows' scales.
-#[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile256_iq4xs<const T: usize>(
-    group: &[IQ4XS8],
-    a: &[BlockQ8K],
-    nb: usize,
-    t0: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    const PAIRS: [[u8; 32]; 4] = [pair_words(0), pair_words(1), pair_words(2), pair_words(3)];
-    // SAFETY: 32-byte loads of the shuffle patterns.
-    let pairs = PAIRS.map(|p| unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) });
-    // SAFETY: reads the table's 16 bytes.
-    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
-    let table = _mm256_set_m128i(table, table);
-    let mut acc = [[_mm256_setzero_ps(); 4]; T];
-    let low4 = _mm256_set1_epi8(0x0F);
-    for b in 0..nb {
-        let blk = &group[b];
-        let mut isum = [[_mm256_setzero_si256(); 4]; T];
-        for j in 0..8 {
-            if j % 2 == 0 {
-                prefetch_ahead(blk, j / 2);
-            }
-            // SAFETY: 8 bytes of `scales[j]`, as i16 in both 128-bit lanes.
-            let s16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(unsafe {
-                _mm_loadl_epi64(blk.scales[j].as_ptr() as *const __m128i)
-            }));
-            for k in 0..4 {
-                let sc = _mm256_shuffle_epi8(s16, pairs[k]);
-                // SAFETY: 32 bytes: rows 2k, 2k + 1 of run j.
-                let v = unsafe { _mm256_loadu_si256(blk.qs[j][2 * k].as_ptr() as *const __m256i) };
-                let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
-                let wh =
-                    _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4));
-                let (ul, uh) = (_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(wh, wh));
-                for t in 0..T {
-                    let y = &a[(t0 + t) * nb + b];
-                    // SAFETY: 16-byte loads inside the 256 bytes of `qs` (values 32j ..).
-                    let (al, ah) = unsafe {
-                        let p = y.qs.as_ptr().add(32 * j);
-                        (
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                p.add(16) as *const __m128i
-                            )),
-                        )
-                    };
-                    // Pairs of at most 2 · 127 · 127: no i16 saturation.
-                    let pl = _mm256_maddubs_epi16(ul, _mm256_sign_epi8(al, wl));
-                    let ph = _mm256_maddubs_epi16(uh, _mm256_sign_epi8(ah, wh));
-                    let scaled =
-                        _mm256_add_epi32(_mm256_madd_epi16(pl, sc), _mm256_madd_epi16(ph, sc));
-                    isum[t][k] = _mm256_add_epi32(isum[t][k], scaled);
-                }
-            }
-        }
-        // SAFETY: 16 bytes of `d`.
-        let d8 = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.d.as_ptr() as *const __m128i) });
-        for t in 0..T {
-            let dy = _mm256_set1_ps(a[(t0 + t) * nb + b].d);
-            for k in 0..4 {
-                let i = 2 * k as i32;
-                let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
-                let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
-                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
             }
         }
     }

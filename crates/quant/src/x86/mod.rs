@@ -479,15 +479,6 @@ fn grouped256_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out
     unsafe { grouped::gemm_q4k_avx2(w, a.blocks, nb, n, out) }
 }
 
-fn grouped512_iq4_xs(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_iq4xs_avx512(w, a.blocks, nb, n, out) }
-}
-fn grouped256_iq4_xs(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_iq4xs_avx2(w, a.blocks, nb, n, out) }
-}
-
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL detected).
 macro_rules! kquant_entry {
@@ -567,7 +558,6 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
             gemm_iq4_nlx8: (isa == Isa::Avx512).then_some(grouped512_iq4_nl as _),
             gemm_q4_kx8: (isa == Isa::Avx512).then_some(grouped512_q4_k as _),
-            gemm_iq4_xsx8: (isa == Isa::Avx512).then_some(grouped512_iq4_xs as _),
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
@@ -643,7 +633,6 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q4_0x8: Some(grouped256_q4_0),
         gemm_iq4_nlx8: Some(grouped256_iq4_nl),
         gemm_q4_kx8: Some(grouped256_q4_k),
-        gemm_iq4_xsx8: Some(grouped256_iq4_xs),
         // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
         // products above).
         prefill_q4_0: Some(panel8_q4_0),
