@@ -1,12 +1,13 @@
-//! AVX-512 (F/BW/VL) products of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights with Q8_K activations, for decoding
-//! and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
+//! AVX-512 (F/BW/VL/VNNI) products of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights with
+//! Q8_K activations, for decoding and small batches: 4 weight rows × 1 token per tile, the rows taken from the 4 quarters
 //! of the product's rows so that one core streams the weights as 4 sequential reads
 //! (`quarter_tiles`, as `vnni::gemm`).
 //!
 //! A super-block (256 values) is four 64-byte vectors of weights against four of
 //! activations. `vpmaddubsw` multiplies the unsigned weight values (Q4_K 0..=15, Q6_K
 //! 0..=63) by the signed activations into pairs of i16 (at most 2·63·128, no saturation),
-//! `vpmaddwd` multiplies the pairs by each lane's sub-block scale into i32, and the
+//! `vpdpwssd` multiplies the pairs by each lane's sub-block scale and adds them into i32
+//! (`vpmaddwd` and the add in one instruction), and the
 //! per-sub-block offsets (Q4_K's mins, Q6_K's −32) come from the activations' 16-value sums
 //! (`bsums`) in one more `vpmaddwd`. Integer sums are exact; each super-block's sum is
 //! scaled once into a 16-lane f32 accumulator, reduced at the end. Every (row, token) goes
@@ -175,7 +176,7 @@ impl Q4KLike for BlockQ5K {
 
 /// Rows `0, stride, 2·stride, 3·stride` (`R` of them) of `w` (`nb` super-blocks each)
 /// against token `t` of `a`; row `r`'s result goes to `out[r * stride * n_tok + t]`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
     w: &[B],
@@ -226,7 +227,7 @@ unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
             for k in 0..4 {
                 let pairs16 = _mm512_maddubs_epi16(u[k], ya[k]);
                 let scale16 = _mm512_shuffle_epi8(sc, pairs[k]);
-                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                sum = _mm512_dpwssd_epi32(sum, pairs16, scale16);
             }
             let d = h2f(x.d()) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
@@ -263,7 +264,7 @@ const IQ4XS_LANES: [[u8; 64]; 2] = [lane_scales(0), lane_scales(4)];
 /// activations' magnitudes (|q| ≤ 128 as u8) against the values with the activations'
 /// signs (|v| ≤ 127, so negating never overflows): pairs at most 2·128·127 in i16. Each
 /// 128-bit lane of a weight vector is one 32-value sub-block, scaled by `vpmaddwd`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile_iq4xs<const R: usize>(
     w: &[BlockIQ4XS],
@@ -330,7 +331,7 @@ unsafe fn tile_iq4xs<const R: usize>(
                 let signed = _mm512_mask_sub_epi8(v, neg[k], zero, v);
                 let pairs16 = _mm512_maddubs_epi16(mag[k], signed);
                 let scale16 = _mm512_shuffle_epi8(sc, lanes[k / 2]);
-                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                sum = _mm512_dpwssd_epi32(sum, pairs16, scale16);
             }
             let d = h2f(x.d) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
@@ -408,7 +409,7 @@ const Q3K_SPREAD: [[u16; 32]; 4] = [q3k_spread(0), q3k_spread(1), q3k_spread(2),
 /// value is held as `u = value + 4` (the 2-bit part plus 4 where its `hmask` bit is set,
 /// under a byte mask): 0..=7; `4 · Σ scale · bsum` is taken away at the end, as Q6_K does
 /// with its offset 32.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile_q3k<const R: usize>(
     w: &[BlockQ3K],
@@ -452,7 +453,7 @@ unsafe fn tile_q3k<const R: usize>(
                 let u = _mm512_mask_add_epi8(low, high, low, four);
                 let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
                 let scale16 = _mm512_permutexvar_epi16(spread[j], scales512);
-                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                sum = _mm512_dpwssd_epi32(sum, pairs16, scale16);
             }
             let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, bsums));
             let sum = _mm512_sub_epi32(sum, _mm512_zextsi256_si512(offset));
@@ -470,7 +471,7 @@ unsafe fn tile_q3k<const R: usize>(
 /// `l`), so the activations and the scales' lanes are arranged as in [`tile_q3k`]; each
 /// 16-value sub-block has a 4-bit scale (low nibble) and a 4-bit min (high nibble), the
 /// mins meeting the activations' 16-value sums (`bsums`) in one `vpmaddwd`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile_q2k<const R: usize>(
     w: &[BlockQ2K],
@@ -507,7 +508,7 @@ unsafe fn tile_q2k<const R: usize>(
                 let u = two_bits(q, j);
                 let pairs16 = _mm512_maddubs_epi16(u, ya[j]);
                 let scale16 = _mm512_permutexvar_epi16(spread[j], scales);
-                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                sum = _mm512_dpwssd_epi32(sum, pairs16, scale16);
             }
             let d = h2f(x.d) * y.d;
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d), acc[r]);
@@ -523,7 +524,7 @@ unsafe fn tile_q2k<const R: usize>(
 }
 
 /// Q6_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn tile_q6k<const R: usize>(
     w: &[BlockQ6K],
@@ -624,7 +625,7 @@ unsafe fn tile_q6k<const R: usize>(
                 for (k, u) in u.iter().enumerate() {
                     let pairs16 = _mm512_maddubs_epi16(*u, ys[2 * half + k]);
                     let scale16 = _mm512_permutexvar_epi16(spreads[2 * half + k], scales);
-                    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(pairs16, scale16));
+                    sum = _mm512_dpwssd_epi32(sum, pairs16, scale16);
                 }
             }
             // The stored values are q + 32: take 32 · Σ scale · bsum away.
@@ -644,7 +645,7 @@ macro_rules! kquant_gemm {
     ($name:ident, $block:ty, $tile:ident $(::<$generic:ty>)?) => {
         /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok`
         /// tokens of `a`: `out[r * n_tok + t]`, in `quarter_tiles` order.
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
         pub unsafe fn $name(
             w: &[$block],
             a: &[BlockQ8K],

@@ -480,7 +480,7 @@ fn grouped256_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out
 }
 
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
-/// the Avx512 level (AVX-512 F/BW/VL detected).
+/// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
 macro_rules! kquant_entry {
     ($name:ident, $w:ty, $gemm:ident) => {
         fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
