@@ -182,6 +182,9 @@ pub struct Kernels {
     pub prefill_q8_0: Option<Prefill<BlockQ8_0, BlockQ8_0>>,
     pub prefill_iq4_nl: Option<Prefill<BlockIQ4NL, BlockQ8_0>>,
     pub prefill_q4_k: Option<Prefill<BlockQ4K, BlockQ8K>>,
+    /// Prompt tokens on Q4_K rows grouped at load (`gemm_q4_kx8`), read in place; where a
+    /// level lacks it, the groups go back to the file's layout for `prefill_q4_k`.
+    pub prefill_q4_kx8: Option<Prefill<Q4K8, BlockQ8K>>,
     pub prefill_q6_k: Option<Prefill<BlockQ6K, BlockQ8K>>,
     pub prefill_q5_k: Option<Prefill<BlockQ5K, BlockQ8K>>,
     pub prefill_q2_k: Option<Prefill<BlockQ2K, BlockQ8K>>,
@@ -303,6 +306,7 @@ impl Kernels {
             gemm_q4_0x8: None,
             gemm_iq4_nlx8: None,
             gemm_q4_kx8: None,
+            prefill_q4_kx8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

@@ -547,9 +547,10 @@ impl QMatrix<'_> {
                 Some(g) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
                 None => return false,
             },
-            Blocks::Q4Kx8(w) => match k.prefill_q4_k {
-                Some(g) => groups_panels::<BlockQ4K, _>(w, acts.q8k_first(p), p, g, out),
-                None => return false,
+            Blocks::Q4Kx8(w) => match (k.prefill_q4_kx8, k.prefill_q4_k) {
+                (Some(g), _) => grouped_panels(w, acts.q8k_first(p), p, g, out),
+                (None, Some(g)) => groups_panels::<BlockQ4K, _>(w, acts.q8k_first(p), p, g, out),
+                (None, None) => return false,
             },
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
@@ -649,6 +650,21 @@ fn rows_panels<W: Sync, A: Sync>(
     let nb = a.blocks.len() / n_tok;
     by_panel_tasks(w.len() / nb, n_tok, out, |r0, n, o| {
         prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o)
+    });
+}
+
+/// [`rows_panels`] for a kernel that reads grouped rows in place: each task takes whole
+/// groups (panels of 16 rows start at multiples of 16).
+fn grouped_panels<G: Sync, A: Sync>(
+    w: &[G],
+    a: ActBlocks<A>,
+    n_tok: usize,
+    prefill: dispatch::Prefill<G, A>,
+    out: &mut [f32],
+) {
+    let nb = a.blocks.len() / n_tok;
+    by_panel_tasks(w.len() / nb * 8, n_tok, out, |r0, n, o| {
+        prefill(&w[r0 / 8 * nb..(r0 + n) / 8 * nb], &a, nb, o)
     });
 }
 

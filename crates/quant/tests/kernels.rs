@@ -243,6 +243,45 @@ proptest! {
         check_grouped(GgmlType::Q4_K, &q4k, nbk, &q8k, |k| k.gemm_q4_kx8, r::vec_dot_q4_k_q8_k)?;
     }
 
+    /// The prompt panels reading grouped Q4_K rows in place (`prefill_q4_kx8`) give, bit
+    /// for bit, what the file's rows give (`prefill_q4_k`), whose kernel is checked against
+    /// the reference in `k_quant_tiles_match_reference`.
+    #[test]
+    fn grouped_q4_k_prompts_equal_file_rows(
+        nb in 1usize..4,
+        groups in 1usize..4,
+        // Past 8 tokens (the panels' token tiles) and 16 (the AVX2 passes).
+        n_tok in prop_oneof![1usize..4, 15usize..19],
+        raw in prop::collection::vec(any::<u8>(), 144 * 3 * 24),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let rows = 8 * groups;
+        let x = acts(n_tok * nb * QK_K, &seed);
+        let mut yk = vec![BlockQ8K::zeroed(); n_tok * nb];
+        r::quantize_row_q8_k(&x, &mut yk);
+        let a = ActBlocks { blocks: &yk, d: &[], s: &[] };
+        let file: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nb], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let grouped = hearth_quant::interleave8(&file, nb);
+        for k in levels() {
+            // Where a level groups Q4_K rows, its prompts read them in place.
+            prop_assert_eq!(k.gemm_q4_kx8.is_some(), k.prefill_q4_kx8.is_some(), "{:?}", k.isa);
+            let (Some(in_place), Some(plain)) = (k.prefill_q4_kx8, k.prefill_q4_k) else { continue };
+            let mut want = vec![f32::NAN; rows * n_tok];
+            prefill_rows(plain, &file, &a, nb, n_tok, &mut want);
+            // As the model runs it: tasks of whole panels (16 rows, two groups).
+            let mut token_major = vec![f32::NAN; n_tok * rows];
+            let columns = OutColumns::new(&mut token_major, n_tok, rows);
+            for r0 in (0..rows).step_by(16) {
+                let n = (rows - r0).min(16);
+                columns.with(r0, n, |o| in_place(&grouped[r0 / 8 * nb..(r0 + n) / 8 * nb], &a, nb, o));
+            }
+            for (i, w) in want.iter().enumerate() {
+                let got = token_major[(i % n_tok) * rows + i / n_tok];
+                prop_assert!(got.to_bits() == w.to_bits(), "{:?} row {} token {}: {} vs {}", k.isa, i / n_tok, i % n_tok, got, w);
+            }
+        }
+    }
+
     #[test]
     fn q32_tiles_match_reference(
         // Past 8 blocks (the AVX2 tiles' scale groups) and 48 tokens (their token passes).

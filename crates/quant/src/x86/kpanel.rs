@@ -16,7 +16,7 @@
 //! Each (row, token) goes through the same operations whatever the batch's other tokens.
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
-use super::kunpack::Unpack;
+use super::kunpack::{Rows, Unpack};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
@@ -43,8 +43,8 @@ struct Packed {
 /// `p`; rows past `nr` are zero.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn pack<W: Unpack>(
-    w: &[W],
+unsafe fn pack<S: Rows>(
+    w: S,
     nb: usize,
     r0: usize,
     nr: usize,
@@ -52,7 +52,7 @@ unsafe fn pack<W: Unpack>(
     nc: usize,
     p: &mut Packed,
 ) {
-    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    assert!(nr <= PANEL && nc <= CHUNK && c0 + nc <= nb);
     // Rows past `nr` stay zero.
     let mut vals = [[0u8; QK_K]; PANEL];
     // Lane `j`: the offset of column `j` of a `[[_; PANEL]; _]` array, in elements.
@@ -64,7 +64,7 @@ unsafe fn pack<W: Unpack>(
         let mut wp = [[0i32; PANEL]; GROUPS / 2];
         let mut e = [0f32; PANEL];
         for (i, vals) in vals.iter_mut().enumerate().take(nr) {
-            let blk = &w[(r0 + i) * nb + c0 + k];
+            let blk = w.block(nb, r0 + i, c0 + k);
             // SAFETY: AVX2 and AVX-512 F/VL are enabled; `values` and `scales` read the
             // block. The scatters write lane `g` to `s[g][i]` (16 groups) and lane `gp`
             // (groups 2gp and 2gp + 1 as two i16) to `wp[gp][i]` (8 pairs): column `i < 16`
@@ -169,14 +169,14 @@ unsafe fn tokens<W: Unpack, const T: usize>(
 }
 
 /// The panel steps over one matrix and its activations.
-struct Steps<'a, W> {
-    w: &'a [W],
+struct Steps<'a, S> {
+    w: S,
     a: &'a [BlockQ8K],
     nb: usize,
     p: Box<Packed>,
 }
 
-impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
+impl<S: Rows> super::PanelSteps<PANEL> for Steps<'_, S> {
     const CHUNK: usize = CHUNK;
     const TOKENS: usize = TOKENS;
     fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize) {
@@ -189,9 +189,9 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
         // SAFETY: as above; `tokens` asserts its bounds.
         unsafe {
             if one {
-                tokens::<W, 1>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, 1>(p, a, nb, t, c0, nc, acc)
             } else {
-                tokens::<W, TOKENS>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, TOKENS>(p, a, nb, t, c0, nc, acc)
             }
         }
     }
@@ -200,7 +200,7 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
 /// All rows of `w` (`out.width()`, `nb` super-blocks each) against every token of `a`,
 /// into each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, out: &mut crate::pool::Columns) {
+pub unsafe fn gemm<S: Rows>(w: S, a: &[BlockQ8K], nb: usize, out: &mut crate::pool::Columns) {
     let p = Box::new(Packed {
         u: [[[0; 64]; QK_K / 4]; CHUNK],
         s: [[[0.0; PANEL]; GROUPS]; CHUNK],

@@ -16,7 +16,7 @@
 //! Each (row, token) goes through the same operations whatever the batch's other tokens.
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
 
-use super::kunpack::Unpack;
+use super::kunpack::{Rows, Unpack};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
@@ -43,8 +43,8 @@ struct Packed {
 /// `p`; rows past `nr` are zero.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn pack<W: Unpack>(
-    w: &[W],
+unsafe fn pack<S: Rows>(
+    w: S,
     nb: usize,
     r0: usize,
     nr: usize,
@@ -52,10 +52,14 @@ unsafe fn pack<W: Unpack>(
     nc: usize,
     p: &mut Packed,
 ) {
-    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    assert!(nr <= PANEL && nc <= CHUNK && c0 + nc <= nb);
     // Rows past `nr` stay zero.
     let mut vals = [[0u8; QK_K]; PANEL];
-    let flip = _mm256_set1_epi8(if W::OFFSET_128 { 0x80u8 as i8 } else { 0 });
+    let flip = _mm256_set1_epi8(if S::Block::OFFSET_128 {
+        0x80u8 as i8
+    } else {
+        0
+    });
     for k in 0..nc {
         for i in nr..PANEL {
             for g in 0..GROUPS {
@@ -70,7 +74,7 @@ unsafe fn pack<W: Unpack>(
             p.e[k][i] = 0.0;
         }
         for i in 0..nr {
-            let blk = &w[(r0 + i) * nb + c0 + k];
+            let blk = w.block(nb, r0 + i, c0 + k);
             // SAFETY: AVX2 is enabled; `values` and `scales` read the block.
             let sc = unsafe {
                 blk.values(&mut vals[i]);
@@ -87,7 +91,7 @@ unsafe fn pack<W: Unpack>(
                 pv[2 * i + 1] = v as i16;
             }
             for h in 0..GROUPS / 2 {
-                let (w0, w1) = if W::OFFSET_128 {
+                let (w0, w1) = if S::Block::OFFSET_128 {
                     (0, 0)
                 } else {
                     (wv[2 * h] as i16, wv[2 * h + 1] as i16)
@@ -96,7 +100,7 @@ unsafe fn pack<W: Unpack>(
                 p.w[k][h][2 * i + 1] = w1;
             }
             p.d[k][i] = sc.d;
-            p.e[k][i] = if W::OFFSET_128 { 0.0 } else { sc.e };
+            p.e[k][i] = if S::Block::OFFSET_128 { 0.0 } else { sc.e };
         }
         // SAFETY: AVX2 is enabled; 32-byte loads inside each row of `vals`; 8 groups of
         // 32 bytes per 32 values, inside `p.u[k]` (QK_K / 4 groups).
@@ -197,14 +201,14 @@ unsafe fn tokens<W: Unpack, const T: usize>(
 }
 
 /// The panel steps over one matrix and its activations.
-struct Steps<'a, W> {
-    w: &'a [W],
+struct Steps<'a, S> {
+    w: S,
     a: &'a [BlockQ8K],
     nb: usize,
     p: Box<Packed>,
 }
 
-impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
+impl<S: Rows> super::PanelSteps<PANEL> for Steps<'_, S> {
     const CHUNK: usize = CHUNK;
     const TOKENS: usize = TOKENS;
     fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize) {
@@ -217,9 +221,9 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
         // SAFETY: as above; `tokens` asserts its bounds.
         unsafe {
             if one {
-                tokens::<W, 1>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, 1>(p, a, nb, t, c0, nc, acc)
             } else {
-                tokens::<W, TOKENS>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, TOKENS>(p, a, nb, t, c0, nc, acc)
             }
         }
     }
@@ -228,7 +232,7 @@ impl<W: Unpack> super::PanelSteps<PANEL> for Steps<'_, W> {
 /// All rows of `w` (`out.width()`, `nb` super-blocks each) against every token of `a`,
 /// into each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm<W: Unpack>(w: &[W], a: &[BlockQ8K], nb: usize, out: &mut crate::pool::Columns) {
+pub unsafe fn gemm<S: Rows>(w: S, a: &[BlockQ8K], nb: usize, out: &mut crate::pool::Columns) {
     let p = Box::new(Packed {
         u: [[[0; 32]; QK_K / 4]; CHUNK],
         v: [[[0; 16]; GROUPS]; CHUNK],

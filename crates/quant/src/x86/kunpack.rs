@@ -37,6 +37,103 @@ pub trait Unpack: Copy {
     unsafe fn scales(&self) -> IntScales;
 }
 
+/// Where a prompt panel's super-blocks come from: rows in the file's layout (`&[W]`), or
+/// Q4_K rows grouped eight at a time at load ([`GroupedQ4K`]), read where they are (no
+/// copy back to the file's layout).
+pub trait Rows: Copy {
+    type Block: Unpack;
+    /// Super-block `c` of row `row` (`nb` per row); panics past the rows.
+    fn block(self, nb: usize, row: usize, c: usize) -> Self::Block;
+}
+
+impl<'a, W: Unpack> Rows for &'a [W] {
+    type Block = &'a W;
+    #[inline(always)]
+    fn block(self, nb: usize, row: usize, c: usize) -> &'a W {
+        &self[row * nb + c]
+    }
+}
+
+impl<W: Unpack> Unpack for &W {
+    const OFFSET_128: bool = W::OFFSET_128;
+    const MAX_VALUE: u32 = W::MAX_VALUE;
+    const SCALE_PER_32: bool = W::SCALE_PER_32;
+    #[inline(always)]
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        // SAFETY: the caller's features, passed on.
+        unsafe { (**self).values(u) }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: as above.
+        unsafe { (**self).scales() }
+    }
+}
+
+/// Q4_K rows grouped at load (`nb` [`Q4K8`] per group of eight rows).
+#[derive(Clone, Copy)]
+pub struct GroupedQ4K<'a>(pub &'a [Q4K8]);
+
+/// Row `r` (of eight) of one grouped Q4_K super-block.
+#[derive(Clone, Copy)]
+pub struct GroupRow<'a> {
+    g: &'a Q4K8,
+    r: usize,
+}
+
+impl<'a> Rows for GroupedQ4K<'a> {
+    type Block = GroupRow<'a>;
+    #[inline(always)]
+    fn block(self, nb: usize, row: usize, c: usize) -> GroupRow<'a> {
+        GroupRow {
+            g: &self.0[row / 8 * nb + c],
+            r: row % 8,
+        }
+    }
+}
+
+impl Unpack for GroupRow<'_> {
+    const SCALE_PER_32: bool = true;
+    const MAX_VALUE: u32 = 15;
+    /// As [`BlockQ4K`]'s: the row's 16-byte runs are the file's `qs` in order.
+    #[inline(always)]
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        let (g, r) = (self.g, self.r);
+        // SAFETY: 16-byte loads of runs `2·chunk` and `2·chunk + 1` of row `r < 8`; AVX2
+        // enabled by the caller.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            for chunk in 0..4 {
+                let q = _mm256_loadu2_m128i(
+                    g.qs[2 * chunk + 1][r].as_ptr() as *const __m128i,
+                    g.qs[2 * chunk][r].as_ptr() as *const __m128i,
+                );
+                store32(u, 64 * chunk, _mm256_and_si256(q, low));
+                store32(
+                    u,
+                    64 * chunk + 32,
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
+                );
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        let (g, r) = (self.g, self.r);
+        let sc = u64::from_le_bytes(std::array::from_fn(|j| g.scales[j][r]));
+        let mins = u64::from_le_bytes(g.mins[r]);
+        // SAFETY: register operations only (SSE2, baseline).
+        unsafe {
+            IntScales {
+                v: twice(sc),
+                d: h2f(g.d[r]),
+                w: twice(mins),
+                e: h2f(g.dmin[r]),
+            }
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn store32(out: &mut [u8; QK_K], at: usize, v: __m256i) {
     assert!(at + 32 <= QK_K);

@@ -513,6 +513,11 @@ kpanel_gemm!(kpanel_q4_k, BlockQ4K);
 kpanel_gemm!(kpanel_q5_k, BlockQ5K);
 kpanel_gemm!(kpanel_q6_k, BlockQ6K);
 kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
+/// Q4_K rows grouped at load, read in place by the panels (SAFETY: as above).
+fn kpanel_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel::gemm(kunpack::GroupedQ4K(w), a.blocks, nb, out) }
+}
 
 /// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
 /// SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
@@ -530,6 +535,11 @@ kpanel_avx2_gemm!(prompt_q4_k, BlockQ4K);
 kpanel_avx2_gemm!(prompt_q5_k, BlockQ5K);
 kpanel_avx2_gemm!(prompt_q6_k, BlockQ6K);
 kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
+/// Q4_K rows grouped at load, read in place by the panels (SAFETY: as above).
+fn prompt_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedQ4K(w), a.blocks, nb, out) }
+}
 
 /// Kernels for an x86 level (`isa >= Avx2`).
 ///
@@ -558,6 +568,7 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
             gemm_iq4_nlx8: (isa == Isa::Avx512).then_some(grouped512_iq4_nl as _),
             gemm_q4_kx8: (isa == Isa::Avx512).then_some(grouped512_q4_k as _),
+            prefill_q4_kx8: (isa == Isa::Avx512).then_some(kpanel_q4_kx8 as _),
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
@@ -633,6 +644,7 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q4_0x8: Some(grouped256_q4_0),
         gemm_iq4_nlx8: Some(grouped256_iq4_nl),
         gemm_q4_kx8: Some(grouped256_q4_k),
+        prefill_q4_kx8: Some(prompt_q4_kx8),
         // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
         // products above).
         prefill_q4_0: Some(panel8_q4_0),
