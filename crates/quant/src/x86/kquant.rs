@@ -22,6 +22,15 @@ use std::arch::x86_64::*;
 /// How far ahead each row prefetches (see `vnni::PREFETCH_BYTES`).
 const PREFETCH_BYTES: usize = 4096;
 
+/// Hints `n` bytes at `p` into cache where the tiles prefetch their weights (`PF`: chosen
+/// per CPU family by `x86::kernels`, see `prefetch_weights` there).
+#[inline(always)]
+fn prefetch_if<const PF: bool>(p: *const u8, n: usize) {
+    if PF {
+        prefetch(p, n)
+    }
+}
+
 /// Q4_K's 8 six-bit scales and 8 six-bit mins, unpacked from its 12 bytes (as
 /// `reference::scale_min_k4` for every sub-block at once).
 #[inline(always)]
@@ -178,7 +187,7 @@ impl Q4KLike for BlockQ5K {
 /// against token `t` of `a`; row `r`'s result goes to `out[r * stride * n_tok + t]`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
+unsafe fn tile_q4k<B: Q4KLike, const R: usize, const PF: bool>(
     w: &[B],
     stride: usize,
     a: &[BlockQ8K],
@@ -215,7 +224,7 @@ unsafe fn tile_q4k<B: Q4KLike, const R: usize>(
         ];
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch(
+            prefetch_if::<PF>(
                 (x as *const B as *const u8).wrapping_add(ahead),
                 size_of::<B>(),
             );
@@ -266,7 +275,7 @@ const IQ4XS_LANES: [[u8; 64]; 2] = [lane_scales(0), lane_scales(4)];
 /// 128-bit lane of a weight vector is one 32-value sub-block, scaled by `vpmaddwd`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile_iq4xs<const R: usize>(
+unsafe fn tile_iq4xs<const R: usize, const PF: bool>(
     w: &[BlockIQ4XS],
     stride: usize,
     a: &[BlockQ8K],
@@ -306,7 +315,7 @@ unsafe fn tile_iq4xs<const R: usize>(
         let neg = ya.map(|v| _mm512_movepi8_mask(v));
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch(
+            prefetch_if::<PF>(
                 (x as *const BlockIQ4XS as *const u8).wrapping_add(ahead),
                 136,
             );
@@ -411,7 +420,7 @@ const Q3K_SPREAD: [[u16; 32]; 4] = [q3k_spread(0), q3k_spread(1), q3k_spread(2),
 /// with its offset 32.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile_q3k<const R: usize>(
+unsafe fn tile_q3k<const R: usize, const PF: bool>(
     w: &[BlockQ3K],
     stride: usize,
     a: &[BlockQ8K],
@@ -435,7 +444,7 @@ unsafe fn tile_q3k<const R: usize>(
         let (ya, bsums) = two_bit_acts(y);
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch((x as *const BlockQ3K as *const u8).wrapping_add(ahead), 110);
+            prefetch_if::<PF>((x as *const BlockQ3K as *const u8).wrapping_add(ahead), 110);
             // SAFETY: register operations on the 12 scale bytes; a 64-byte load of qs and
             // a 32-byte load of hmask.
             let (scales, q, hm) = unsafe {
@@ -473,7 +482,7 @@ unsafe fn tile_q3k<const R: usize>(
 /// mins meeting the activations' 16-value sums (`bsums`) in one `vpmaddwd`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile_q2k<const R: usize>(
+unsafe fn tile_q2k<const R: usize, const PF: bool>(
     w: &[BlockQ2K],
     stride: usize,
     a: &[BlockQ8K],
@@ -493,7 +502,7 @@ unsafe fn tile_q2k<const R: usize>(
         let (ya, bsums) = two_bit_acts(y);
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch((x as *const BlockQ2K as *const u8).wrapping_add(ahead), 84);
+            prefetch_if::<PF>((x as *const BlockQ2K as *const u8).wrapping_add(ahead), 84);
             // SAFETY: a 16-byte load of the scales and a 64-byte load of qs.
             let (sc, q) = unsafe {
                 (
@@ -526,7 +535,7 @@ unsafe fn tile_q2k<const R: usize>(
 /// Q6_K: rows `0, stride, …` (`R`) of `w` against token `t` of `a`, as [`tile_q4k`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile_q6k<const R: usize>(
+unsafe fn tile_q6k<const R: usize, const PF: bool>(
     w: &[BlockQ6K],
     stride: usize,
     a: &[BlockQ8K],
@@ -595,7 +604,7 @@ unsafe fn tile_q6k<const R: usize>(
         };
         for r in 0..R {
             let x = &w[r * stride * nb + b];
-            prefetch((x as *const BlockQ6K as *const u8).wrapping_add(ahead), 210);
+            prefetch_if::<PF>((x as *const BlockQ6K as *const u8).wrapping_add(ahead), 210);
             // SAFETY: 16 scale bytes, two 64-byte loads of the 128-byte ql, two 32-byte
             // loads of the 64-byte qh.
             let (scales, ql, qh) = unsafe {
@@ -646,7 +655,7 @@ macro_rules! kquant_gemm {
         /// All rows of `w` (`out.len() / n_tok`, `nb` super-blocks each) against `n_tok`
         /// tokens of `a`: `out[r * n_tok + t]`, in `quarter_tiles` order.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub unsafe fn $name(
+        pub unsafe fn $name<const PF: bool>(
             w: &[$block],
             a: &[BlockQ8K],
             nb: usize,
@@ -659,9 +668,9 @@ macro_rules! kquant_gemm {
                     // SAFETY: the features are enabled here; the tiles assert bounds.
                     unsafe {
                         if four {
-                            $tile::<$($generic,)? 4>(wr, stride, a, nb, t, n_tok, o);
+                            $tile::<$($generic,)? 4, PF>(wr, stride, a, nb, t, n_tok, o);
                         } else {
-                            $tile::<$($generic,)? 1>(wr, 0, a, nb, t, n_tok, o);
+                            $tile::<$($generic,)? 1, PF>(wr, 0, a, nb, t, n_tok, o);
                         }
                     }
                 }

@@ -483,11 +483,34 @@ fn grouped256_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out
 /// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
 macro_rules! kquant_entry {
     ($name:ident, $w:ty, $gemm:ident) => {
-        fn $name(w: &[$w], a: &ActBlocks<BlockQ8K>, nb: usize, n_tok: usize, out: &mut [f32]) {
+        fn $name<const PF: bool>(
+            w: &[$w],
+            a: &ActBlocks<BlockQ8K>,
+            nb: usize,
+            n_tok: usize,
+            out: &mut [f32],
+        ) {
             // SAFETY: see above.
-            unsafe { kquant::$gemm(w, a.blocks, nb, n_tok, out) }
+            unsafe { kquant::$gemm::<PF>(w, a.blocks, nb, n_tok, out) }
         }
     };
+}
+
+/// Whether the `kquant` decode tiles prefetch their weights ahead in software. On Intel
+/// (the AMX Xeon) the hardware prefetcher alone left the tiles waiting on loads (+30–40%
+/// tokens/s with the prefetch, `vnni::PREFETCH_BYTES`). On AMD Zen 4 the prefetch made them
+/// slower from memory (`examples/qmatmul 1 Q6_K,Q5_K,IQ4_XS 1 2048x5632,5632x2048 16` at
+/// avx512, two interleaved runs: Q6_K 17–20 → 21–25 GB/s, Q5_K 16–19 → 20–22, IQ4_XS
+/// 16–19 → 19–21; Q3_K and Q2_K, bound by unpacking, unchanged), so it is off there.
+fn prefetch_weights() -> bool {
+    !amd()
+}
+
+/// Whether the CPU is AMD's (CPUID leaf 0's vendor string).
+fn amd() -> bool {
+    let leaf0 = std::arch::x86_64::__cpuid(0);
+    let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx].map(u32::to_le_bytes);
+    vendor.concat() == b"AuthenticAMD"
 }
 kquant_entry!(kquant_q2_k, BlockQ2K, gemm_q2k);
 kquant_entry!(kquant_q3_k, BlockQ3K, gemm_q3k);
@@ -549,6 +572,17 @@ fn prompt_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Colum
 /// after capping the level by detection.
 pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
     if isa.includes(Isa::Avx512) {
+        let pf = prefetch_weights();
+        // The K-quant tiles with or without the weights' software prefetch.
+        macro_rules! kq {
+            ($f:ident) => {
+                if pf {
+                    $f::<true>
+                } else {
+                    $f::<false>
+                }
+            };
+        }
         return Kernels {
             isa,
             gemm_q4_0: vnni_q4_0,
@@ -557,12 +591,12 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q8_0: vnni_q8_0,
             gemm_q5_1: vnni_q5_1,
             gemm_iq4_nl: vnni_iq4_nl,
-            gemm_q4_k: kquant_q4_k,
-            gemm_q6_k: kquant_q6_k,
-            gemm_q2_k: kquant_q2_k,
-            gemm_q3_k: kquant_q3_k,
-            gemm_q5_k: kquant_q5_k,
-            gemm_iq4_xs: kquant_iq4_xs,
+            gemm_q4_k: kq!(kquant_q4_k),
+            gemm_q6_k: kq!(kquant_q6_k),
+            gemm_q2_k: kq!(kquant_q2_k),
+            gemm_q3_k: kq!(kquant_q3_k),
+            gemm_q5_k: kq!(kquant_q5_k),
+            gemm_iq4_xs: kq!(kquant_iq4_xs),
             // AMX machines keep the file's rows: their prompt products read them on the
             // tiles from staged activations, which grouped rows would first have to undo.
             gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
@@ -681,12 +715,5 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
 /// FMA rate, and those cores have AMX tiles for bf16 anyway.
 pub fn fast_bf16_dot_products() -> bool {
     static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FAST.get_or_init(|| {
-        let leaf0 = std::arch::x86_64::__cpuid(0);
-        let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect();
-        vendor == b"AuthenticAMD" && std::arch::is_x86_feature_detected!("avx512bf16")
-    })
+    *FAST.get_or_init(|| amd() && std::arch::is_x86_feature_detected!("avx512bf16"))
 }
