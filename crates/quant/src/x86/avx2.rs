@@ -357,11 +357,14 @@ pub(crate) fn q5k_chunk(q: __m256i, qh: __m256i, chunk: usize) -> (__m256i, __m2
     )
 }
 
+/// `PF`: whether the weights are prefetched ahead in software (see `x86::prefetch_weights`).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+pub unsafe fn dot_q6_k<const PF: bool>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
-        prefetch_ahead(a);
+        if PF {
+            prefetch_ahead(a);
+        }
         // SAFETY: 16-byte loads of the 16 scales and 32-byte loads of the 16 bsums.
         let (scales, bsums) = unsafe {
             (
