@@ -44,6 +44,19 @@ pub trait Rows: Copy {
     type Block: Unpack;
     /// Super-block `c` of row `row` (`nb` per row); panics past the rows.
     fn block(self, nb: usize, row: usize, c: usize) -> Self::Block;
+    /// Asks the caches for super-block `c` of row `row` ahead of its use; nothing past the
+    /// rows.
+    fn prefetch(self, nb: usize, row: usize, c: usize);
+}
+
+/// Prefetches the cache lines of `x` into all levels.
+#[inline(always)]
+fn prefetch_object<T>(x: &T) {
+    let p = (x as *const T).cast::<i8>();
+    for at in (0..std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: a prefetch hint only (SSE, baseline on x86-64); `at` is inside `x`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) }
+    }
 }
 
 impl<'a, W: Unpack> Rows for &'a [W] {
@@ -51,6 +64,12 @@ impl<'a, W: Unpack> Rows for &'a [W] {
     #[inline(always)]
     fn block(self, nb: usize, row: usize, c: usize) -> &'a W {
         &self[row * nb + c]
+    }
+    #[inline(always)]
+    fn prefetch(self, nb: usize, row: usize, c: usize) {
+        if let Some(b) = self.get(row * nb + c) {
+            prefetch_object(b);
+        }
     }
 }
 
@@ -90,6 +109,10 @@ impl<'a> Rows for GroupedQ4K<'a> {
             r: row % 8,
         }
     }
+    /// Nothing: a group's super-blocks are one stream per eight rows, which the hardware
+    /// prefetcher follows (fetching them here measured no faster on Zen 4).
+    #[inline(always)]
+    fn prefetch(self, _nb: usize, _row: usize, _c: usize) {}
 }
 
 impl Unpack for GroupRow<'_> {
