@@ -25,10 +25,11 @@ use super::kunpack::{Rows, Unpack};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
-/// Rows per panel (one 16-lane vector), super-blocks per chunk (the buffer stays in L1),
+/// Rows per panel (one 16-lane vector), super-blocks per chunk (the buffer, 22 KB, stays in
+/// L1; 4 measured 2-5% faster than 2 and 1 slower),
 /// tokens per tile (their accumulators stay in registers).
 const PANEL: usize = 16;
-const CHUNK: usize = 2;
+const CHUNK: usize = 4;
 const TOKENS: usize = 8;
 const GROUPS: usize = QK_K / 16;
 
