@@ -114,10 +114,18 @@ unsafe fn pack<S: Rows>(
                 let y = _mm512_i32gather_epi32::<1>(rows, wb.as_ptr().cast::<u8>().add(4 * q) as _);
                 let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(y)); // bytes 0, 2
                 let odd = _mm512_srai_epi16::<8>(y); // bytes 1, 3
-                let first = _mm512_mask_blend_epi16(odd_words, even, _mm512_slli_epi32::<16>(odd));
-                let second = _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32::<16>(even), odd);
-                _mm512_storeu_si512(p.w[k][2 * q].as_mut_ptr() as *mut _, first);
-                _mm512_storeu_si512(p.w[k][2 * q + 1].as_mut_ptr() as *mut _, second);
+                if S::Block::SCALE_PER_32 {
+                    // Groups 4q + 1 and 4q + 3 repeat 4q and 4q + 2: one pair (w_4q,
+                    // w_4q+2), for the activations' 32-value sums (`sums32`).
+                    _mm512_storeu_si512(p.w[k][q].as_mut_ptr() as *mut _, even);
+                } else {
+                    let first =
+                        _mm512_mask_blend_epi16(odd_words, even, _mm512_slli_epi32::<16>(odd));
+                    let second =
+                        _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32::<16>(even), odd);
+                    _mm512_storeu_si512(p.w[k][2 * q].as_mut_ptr() as *mut _, first);
+                    _mm512_storeu_si512(p.w[k][2 * q + 1].as_mut_ptr() as *mut _, second);
+                }
             }
         }
         p.e[k] = e;
@@ -138,9 +146,11 @@ unsafe fn pack<S: Rows>(
 /// `acc[t]` (16 rows each).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tokens<W: Unpack, const T: usize>(
     p: &Packed,
     a: &[BlockQ8K],
+    sums32: &[[i32; 4]],
     nb: usize,
     t0: usize,
     c0: usize,
@@ -148,8 +158,9 @@ unsafe fn tokens<W: Unpack, const T: usize>(
     acc: &mut [[f32; PANEL]],
 ) {
     assert!(a.len() >= (t0 + T) * nb && acc.len() >= t0 + T && c0 + nc <= nb);
+    assert!(!W::SCALE_PER_32 || sums32.len() == a.len());
     // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
-    // are inside the activations (asserted); the packed loads are aligned and inside `p`;
+    // are inside the activations and `sums32` where it is read (asserted), `gp < 4`; the packed loads are aligned and inside `p`;
     // `acc[t0 + t]` holds 16 floats.
     unsafe {
         let mut sum: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(acc[t0 + t].as_ptr()));
@@ -176,11 +187,24 @@ unsafe fn tokens<W: Unpack, const T: usize>(
             }
             // Σ_g w_g · bsum_g, exact in i32 (|w| < 2⁷, |bsum| ≤ 16·127), two groups per
             // `vpdpwssd`: the activations' sums are consecutive i16, so one i32 holds a pair.
+            // Where the scales cover 32 values, two 32-value groups per `vpdpwssd` (the
+            // same sum: w_2j = w_2j+1), against `sums32`, half as many.
             let mut corr = [_mm512_setzero_si512(); T];
-            for gp in 0..GROUPS / 2 {
+            let pairs = if W::SCALE_PER_32 {
+                GROUPS / 4
+            } else {
+                GROUPS / 2
+            };
+            for gp in 0..pairs {
                 let w = _mm512_load_si512(p.w[k][gp].as_ptr() as *const _);
                 for t in 0..T {
-                    let b = (y[t].bsums.as_ptr().add(2 * gp) as *const i32).read_unaligned();
+                    let b = if W::SCALE_PER_32 {
+                        *sums32
+                            .get_unchecked((t0 + t) * nb + c0 + k)
+                            .get_unchecked(gp)
+                    } else {
+                        (y[t].bsums.as_ptr().add(2 * gp) as *const i32).read_unaligned()
+                    };
                     corr[t] = _mm512_dpwssd_epi32(corr[t], w, _mm512_set1_epi32(b));
                 }
             }
@@ -200,6 +224,9 @@ unsafe fn tokens<W: Unpack, const T: usize>(
 struct Steps<'a, S> {
     w: S,
     a: &'a [BlockQ8K],
+    /// Per activation block, pairs of 32-value sums as two i16 (empty unless the type's
+    /// scales cover 32 values).
+    sums32: Vec<[i32; 4]>,
     nb: usize,
     p: Box<Packed>,
 }
@@ -213,13 +240,13 @@ impl<S: Rows> super::PanelSteps<PANEL> for Steps<'_, S> {
         unsafe { pack(self.w, self.nb, r0, nr, c0, nc, &mut self.p) }
     }
     fn tokens(&mut self, t: usize, one: bool, c0: usize, nc: usize, acc: &mut [[f32; PANEL]]) {
-        let (p, a, nb) = (&*self.p, self.a, self.nb);
+        let (p, a, sums32, nb) = (&*self.p, self.a, &self.sums32[..], self.nb);
         // SAFETY: as above; `tokens` asserts its bounds.
         unsafe {
             if one {
-                tokens::<S::Block, 1>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, 1>(p, a, sums32, nb, t, c0, nc, acc)
             } else {
-                tokens::<S::Block, TOKENS>(p, a, nb, t, c0, nc, acc)
+                tokens::<S::Block, TOKENS>(p, a, sums32, nb, t, c0, nc, acc)
             }
         }
     }
@@ -235,5 +262,27 @@ pub unsafe fn gemm<S: Rows>(w: S, a: &[BlockQ8K], nb: usize, out: &mut crate::po
         w: [[[0; PANEL]; GROUPS / 2]; CHUNK],
         e: [[0.0; PANEL]; CHUNK],
     });
-    super::prompt_panels(&mut Steps { w, a, nb, p }, nb, out);
+    let sums32 = if S::Block::SCALE_PER_32 {
+        a.iter().map(sums32).collect()
+    } else {
+        Vec::new()
+    };
+    super::prompt_panels(
+        &mut Steps {
+            w,
+            a,
+            sums32,
+            nb,
+            p,
+        },
+        nb,
+        out,
+    );
+}
+
+/// A block's 32-value sums `B_j = bsum_2j + bsum_2j+1` in pairs `(B_2p, B_2p+1)`, two i16
+/// in one i32 (|B| ≤ 32·128 fits).
+fn sums32(b: &BlockQ8K) -> [i32; 4] {
+    let s = |j: usize| (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32) as i16 as u16 as u32;
+    std::array::from_fn(|p| (s(2 * p) | s(2 * p + 1) << 16) as i32)
 }
