@@ -8,9 +8,10 @@
 //! rows' `s_g` as vectors and `w_g` as i16 pairs. Then per token, super-block and group: 4
 //! `vpdpbusd` (the token's 4 activation bytes broadcast) into one i32 vector for 16 rows,
 //! one conversion and FMA by the rows' `s_g` (per two groups, 8 `vpdpbusd`, where the
-//! type's scales cover 32 values: Q4_K, Q5_K, IQ4_XS); per super-block 8 `vpdpwssd` of the `w_g`
-//! pairs with the token's pairs of group sums (exact in i32), one conversion and FMA by the
-//! rows' `e`, and one FMA by the token's `d`:
+//! type's scales cover 32 values: Q4_K, Q5_K, IQ4_XS); per super-block 8 `vpdpwssd` of the
+//! `w_g` pairs with the token's pairs of group sums (4 of 32-value pairs where the scales
+//! cover 32 values; exact in i32), one conversion and FMA by the rows' `e`, and one FMA by
+//! the token's `d`:
 //! `Σ w·a = d_a · (Σ_g s_g · Σ_{i∈g} u_i·q_i − e · Σ_g w_g · bsum_g)`.
 //!
 //! The 16 rows' group scales reach the panel's columns through four dword gathers per
@@ -36,7 +37,8 @@ const GROUPS: usize = QK_K / 16;
 /// One chunk of a panel: per super-block, 64 × 64 bytes (4 values of each of the 16 rows),
 /// per group the rows' scales, and the corrections as integers: per pair of groups the
 /// rows' `(w_g, w_g+1)` as two i16 in one i32 lane (for `vpdpwssd` with the activations'
-/// pair of 16-value sums) and per super-block the rows' factor `e`.
+/// pair of 16-value sums; where the scales cover 32 values, the first 4 entries hold
+/// `(w_4q, w_4q+2)` for pairs of 32-value sums) and per super-block the rows' factor `e`.
 #[repr(C, align(64))]
 struct Packed {
     u: [[[u8; 64]; QK_K / 4]; CHUNK],
@@ -160,8 +162,8 @@ unsafe fn tokens<W: Unpack, const T: usize>(
     assert!(a.len() >= (t0 + T) * nb && acc.len() >= t0 + T && c0 + nc <= nb);
     assert!(!W::SCALE_PER_32 || sums32.len() == a.len());
     // SAFETY (whole body): block indices `(t0 + t) * nb + c0 + k` with `t < T`, `k < nc`
-    // are inside the activations and `sums32` where it is read (asserted), `gp < 4`; the packed loads are aligned and inside `p`;
-    // `acc[t0 + t]` holds 16 floats.
+    // are inside the activations and `sums32` where it is read (asserted), `gp < 4`; the
+    // packed loads are aligned and inside `p`; `acc[t0 + t]` holds 16 floats.
     unsafe {
         let mut sum: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(acc[t0 + t].as_ptr()));
         for k in 0..nc {

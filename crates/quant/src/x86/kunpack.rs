@@ -49,16 +49,6 @@ pub trait Rows: Copy {
     fn prefetch(self, nb: usize, row: usize, c: usize);
 }
 
-/// Prefetches the cache lines of `x` into all levels.
-#[inline(always)]
-fn prefetch_object<T>(x: &T) {
-    let p = (x as *const T).cast::<i8>();
-    for at in (0..std::mem::size_of::<T>()).step_by(64) {
-        // SAFETY: a prefetch hint only (SSE, baseline on x86-64); `at` is inside `x`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) }
-    }
-}
-
 impl<'a, W: Unpack> Rows for &'a [W] {
     type Block = &'a W;
     #[inline(always)]
@@ -68,7 +58,7 @@ impl<'a, W: Unpack> Rows for &'a [W] {
     #[inline(always)]
     fn prefetch(self, nb: usize, row: usize, c: usize) {
         if let Some(b) = self.get(row * nb + c) {
-            prefetch_object(b);
+            super::avx2::prefetch((b as *const W).cast(), std::mem::size_of::<W>());
         }
     }
 }
