@@ -405,8 +405,10 @@ unsafe fn tile512_q4k<const T: usize>(
     // Lane `4i + j` belongs to row `i` of the half; of 16 values (two sub-blocks' eight
     // rows), `rows[s][h]` picks sub-block `s`, half `h`.
     let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    let rows =
-        [0, 1].map(|s| [0, 1].map(|h| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8 * s + 4 * h))));
+    // Arrays are built element by element, not with `array::map`: LLVM left `map` out of
+    // line here, passing every vector through memory (8x slower decoding, `perf`).
+    let pick = |s: i32, h: i32| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8 * s + 4 * h));
+    let rows = [[pick(0, 0), pick(0, 1)], [pick(1, 0), pick(1, 1)]];
     for b in 0..nb {
         let blk = &group[b];
         let mut isum = [[_mm512_setzero_si512(); 2]; T];
@@ -416,7 +418,11 @@ unsafe fn tile512_q4k<const T: usize>(
             let s16 = _mm512_cvtepu8_epi32(unsafe {
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
             });
-            let sc = rows.map(|s| s.map(|h| _mm512_permutexvar_epi32(h, s16)));
+            let scale = |i: __m512i| _mm512_permutexvar_epi32(i, s16);
+            let sc = [
+                [scale(rows[0][0]), scale(rows[0][1])],
+                [scale(rows[1][0]), scale(rows[1][1])],
+            ];
             let mut lo = [[_mm512_setzero_si512(); 2]; 2];
             let mut hi = lo;
             for half in 0..2 {
@@ -469,11 +475,14 @@ unsafe fn tile512_q4k<const T: usize>(
                 _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
                     blk.dmin.as_ptr() as *const __m128i
                 ))),
-                [0, 1].map(|h| {
-                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                        blk.mins[4 * h].as_ptr() as *const __m256i
-                    ))
-                }),
+                [
+                    _mm512_cvtepu8_epi16(
+                        _mm256_loadu_si256(blk.mins[0].as_ptr() as *const __m256i),
+                    ),
+                    _mm512_cvtepu8_epi16(
+                        _mm256_loadu_si256(blk.mins[4].as_ptr() as *const __m256i),
+                    ),
+                ],
             )
         };
         for t in 0..T {
@@ -561,9 +570,14 @@ unsafe fn tile256_q4k<const T: usize>(
             pair_scales(1, 3),
         ],
     ];
-    // SAFETY: 32-byte loads of the shuffle patterns.
-    let pairs =
-        PAIRS.map(|s| s.map(|p| unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }));
+    // Arrays element by element, not with `array::map` (see `tile512_q4k`).
+    let mut pairs = [[_mm256_setzero_si256(); 4]; 2];
+    for s in 0..2 {
+        for k in 0..4 {
+            // SAFETY: 32-byte loads of the shuffle patterns.
+            pairs[s][k] = unsafe { _mm256_loadu_si256(PAIRS[s][k].as_ptr() as *const __m256i) };
+        }
+    }
     let mut acc = [[_mm256_setzero_ps(); 4]; T];
     let low4 = _mm256_set1_epi8(0x0F);
     for b in 0..nb {
@@ -576,13 +590,20 @@ unsafe fn tile256_q4k<const T: usize>(
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
             });
             for k in 0..4 {
-                let sc = [0, 1].map(|s| _mm256_shuffle_epi8(s16, pairs[s][k]));
+                let sc = [
+                    _mm256_shuffle_epi8(s16, pairs[0][k]),
+                    _mm256_shuffle_epi8(s16, pairs[1][k]),
+                ];
                 // SAFETY: 32 bytes: rows 2k, 2k + 1 of run 2m + half.
-                let v = [0, 1].map(|half| unsafe {
+                let run = |half: usize| unsafe {
                     _mm256_loadu_si256(blk.qs[2 * m + half][2 * k].as_ptr() as *const __m256i)
-                });
-                let lo = v.map(|v| _mm256_and_si256(v, low4));
-                let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4));
+                };
+                let v = [run(0), run(1)];
+                let lo = [_mm256_and_si256(v[0], low4), _mm256_and_si256(v[1], low4)];
+                let hi = [
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low4),
+                ];
                 for t in 0..T {
                     let y = &a[(t0 + t) * nb + b];
                     // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
