@@ -175,6 +175,31 @@ macro_rules! nibble_groupable {
 nibble_groupable!(BlockQ4_0);
 nibble_groupable!(BlockIQ4NL);
 
+/// Eight Q4_1 rows' blocks side by side, as [`Nibbles8`] with each row's min: the same
+/// bytes as the eight blocks (160), reordered.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct NibblesMin8 {
+    pub d: [f16; 8],
+    pub m: [f16; 8],
+    pub qs: [[u8; QK / 2]; 8],
+}
+
+impl Groupable for BlockQ4_1 {
+    type Group = NibblesMin8;
+    const LEN: usize = QK;
+    fn put(&self, g: &mut NibblesMin8, r: usize) {
+        (g.d[r], g.m[r], g.qs[r]) = (self.d, self.m, self.qs);
+    }
+    fn take(g: &NibblesMin8, r: usize) -> Self {
+        Self {
+            d: g.d[r],
+            m: g.m[r],
+            qs: g.qs[r],
+        }
+    }
+}
+
 /// Eight Q4_K rows' super-blocks side by side, with the six-bit scales and mins unpacked
 /// to bytes: decoding reads four rows' 16-byte runs of nibbles with one 64-byte load (two
 /// with 32 bytes at AVX2) and every row's scales for a sub-block with one 8-byte load, with
@@ -276,4 +301,5 @@ const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
 const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);
+const _: () = assert!(std::mem::size_of::<NibblesMin8>() == 8 * 20);
 const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);

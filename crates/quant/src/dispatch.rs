@@ -171,6 +171,8 @@ pub struct Kernels {
     /// `QMatrix::interleave`); otherwise its rows stay as the file has them.
     pub gemm_q4_0x8: Option<Gemm<Nibbles8, BlockQ8_0>>,
     pub gemm_iq4_nlx8: Option<Gemm<Nibbles8, BlockQ8_0>>,
+    /// Q4_1 rows grouped eight at a time ([`NibblesMin8`]).
+    pub gemm_q4_1x8: Option<Gemm<NibblesMin8, BlockQ8_1>>,
     /// Q4_K rows grouped eight at a time ([`Q4K8`]).
     pub gemm_q4_kx8: Option<Gemm<Q4K8, BlockQ8K>>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
@@ -185,6 +187,10 @@ pub struct Kernels {
     /// Prompt tokens on Q4_K rows grouped at load (`gemm_q4_kx8`), read in place; where a
     /// level lacks it, the groups go back to the file's layout for `prefill_q4_k`.
     pub prefill_q4_kx8: Option<Prefill<Q4K8, BlockQ8K>>,
+    /// The same for Q4_0, IQ4_NL and Q4_1 rows grouped at load.
+    pub prefill_q4_0x8: Option<Prefill<Nibbles8, BlockQ8_0>>,
+    pub prefill_iq4_nlx8: Option<Prefill<Nibbles8, BlockQ8_0>>,
+    pub prefill_q4_1x8: Option<Prefill<NibblesMin8, BlockQ8_1>>,
     pub prefill_q6_k: Option<Prefill<BlockQ6K, BlockQ8K>>,
     pub prefill_q5_k: Option<Prefill<BlockQ5K, BlockQ8K>>,
     pub prefill_q2_k: Option<Prefill<BlockQ2K, BlockQ8K>>,
@@ -304,9 +310,13 @@ impl Kernels {
             gemm_q3_k,
             gemm_iq4_xs,
             gemm_q4_0x8: None,
+            gemm_q4_1x8: None,
             gemm_iq4_nlx8: None,
             gemm_q4_kx8: None,
             prefill_q4_kx8: None,
+            prefill_q4_0x8: None,
+            prefill_iq4_nlx8: None,
+            prefill_q4_1x8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

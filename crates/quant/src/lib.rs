@@ -163,6 +163,8 @@ pub enum Blocks<'a> {
     Q4_0x8(&'a [Nibbles8]),
     /// IQ4_NL rows in groups of eight.
     IQ4NLx8(&'a [Nibbles8]),
+    /// Q4_1 rows in groups of eight.
+    Q4_1x8(&'a [NibblesMin8]),
     /// Q4_K rows in groups of eight.
     Q4Kx8(&'a [Q4K8]),
 }
@@ -259,6 +261,9 @@ impl<'a> QMatrix<'a> {
             Blocks::IQ4NL(w) if k.gemm_iq4_nlx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, nb)))
             }
+            Blocks::Q4_1(w) if k.gemm_q4_1x8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, nb)))
+            }
             Blocks::Q4K(w) if k.gemm_q4_kx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
@@ -287,10 +292,13 @@ impl<'a> QMatrix<'a> {
             GgmlType::IQ4_NL if fits(QK, size_of::<Nibbles8>()) => {
                 Blocks::IQ4NLx8(bytemuck::cast_slice(words))
             }
+            GgmlType::Q4_1 if fits(QK, size_of::<NibblesMin8>()) => {
+                Blocks::Q4_1x8(bytemuck::cast_slice(words))
+            }
             GgmlType::Q4_K if fits(QK_K, size_of::<Q4K8>()) => {
                 Blocks::Q4Kx8(bytemuck::cast_slice(words))
             }
-            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_K => {
+            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_1 | GgmlType::Q4_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -326,7 +334,7 @@ impl<'a> QMatrix<'a> {
             | Blocks::IQ4NL(_)
             | Blocks::Q4_0x8(_)
             | Blocks::IQ4NLx8(_) => ActType::Q8_0,
-            Blocks::Q4_1(_) | Blocks::Q5_1(_) => ActType::Q8_1,
+            Blocks::Q4_1(_) | Blocks::Q5_1(_) | Blocks::Q4_1x8(_) => ActType::Q8_1,
             Blocks::Q4K(_)
             | Blocks::Q5K(_)
             | Blocks::Q6K(_)
@@ -363,6 +371,9 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::IQ4NLx8(x) => {
                 grouped_row::<BlockIQ4NL>(x, n, r, out, reference::dequantize_row_iq4_nl)
+            }
+            Blocks::Q4_1x8(x) => {
+                grouped_row::<BlockQ4_1>(x, n, r, out, reference::dequantize_row_q4_1)
             }
             Blocks::Q4Kx8(x) => {
                 grouped_row::<BlockQ4K>(x, n, r, out, reference::dequantize_row_q4_k)
@@ -468,6 +479,10 @@ impl<'a> QMatrix<'a> {
                 let a = acts.q8_0_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_iq4_nlx8, k.gemm_iq4_nl, out, scratch)
             }
+            Blocks::Q4_1x8(w) => {
+                let a = acts.q8_1_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q4_1x8, k.gemm_q4_1, out, scratch)
+            }
             Blocks::Q4Kx8(w) => {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q4_kx8, k.gemm_q4_k, out, scratch)
@@ -539,13 +554,20 @@ impl QMatrix<'_> {
                 Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
-            Blocks::Q4_0x8(w) => match k.prefill_q4_0 {
-                Some(g) => groups_panels::<BlockQ4_0, _>(w, acts.q8_0_first(p), p, g, out),
-                None => return false,
+            Blocks::Q4_0x8(w) => match (k.prefill_q4_0x8, k.prefill_q4_0) {
+                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
+                (None, Some(g)) => groups_panels::<BlockQ4_0, _>(w, acts.q8_0_first(p), p, g, out),
+                (None, None) => return false,
             },
-            Blocks::IQ4NLx8(w) => match k.prefill_iq4_nl {
-                Some(g) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
-                None => return false,
+            Blocks::IQ4NLx8(w) => match (k.prefill_iq4_nlx8, k.prefill_iq4_nl) {
+                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
+                (None, Some(g)) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
+                (None, None) => return false,
+            },
+            Blocks::Q4_1x8(w) => match (k.prefill_q4_1x8, k.prefill_q4_1) {
+                (Some(g), _) => grouped_panels(w, acts.q8_1_first(p), p, g, out),
+                (None, Some(g)) => groups_panels::<BlockQ4_1, _>(w, acts.q8_1_first(p), p, g, out),
+                (None, None) => return false,
             },
             Blocks::Q4Kx8(w) => match (k.prefill_q4_kx8, k.prefill_q4_k) {
                 (Some(g), _) => grouped_panels(w, acts.q8k_first(p), p, g, out),
@@ -599,6 +621,7 @@ impl QMatrix<'_> {
             | Blocks::IQ4XS(_)
             | Blocks::Q4_0x8(_)
             | Blocks::IQ4NLx8(_)
+            | Blocks::Q4_1x8(_)
             | Blocks::Q4Kx8(_) => return false,
         }
         true

@@ -61,6 +61,48 @@ fn prefill_rows<W, A>(
     }
 }
 
+/// `in_place` (the panels reading `file`'s rows grouped eight at a time) against `plain`
+/// (the file's rows), bit for bit, run as the model runs them: tasks of whole 16-row
+/// panels (two groups).
+fn grouped_prompt_equals_file<B: Groupable, A>(
+    k: &Kernels,
+    file: &[B],
+    a: &ActBlocks<A>,
+    nb: usize,
+    n_tok: usize,
+    in_place: Option<Prefill<B::Group, A>>,
+    plain: Option<Prefill<B, A>>,
+) -> Result<(), TestCaseError> {
+    let (Some(in_place), Some(plain)) = (in_place, plain) else {
+        return Ok(());
+    };
+    let rows = file.len() / nb;
+    let grouped = hearth_quant::interleave8(file, nb);
+    let mut want = vec![f32::NAN; rows * n_tok];
+    prefill_rows(plain, file, a, nb, n_tok, &mut want);
+    let mut token_major = vec![f32::NAN; n_tok * rows];
+    let columns = OutColumns::new(&mut token_major, n_tok, rows);
+    for r0 in (0..rows).step_by(16) {
+        let n = (rows - r0).min(16);
+        columns.with(r0, n, |o| {
+            in_place(&grouped[r0 / 8 * nb..(r0 + n) / 8 * nb], a, nb, o)
+        });
+    }
+    for (i, w) in want.iter().enumerate() {
+        let got = token_major[(i % n_tok) * rows + i / n_tok];
+        prop_assert!(
+            got.to_bits() == w.to_bits(),
+            "{:?} row {} token {}: {} vs {}",
+            k.isa,
+            i / n_tok,
+            i % n_tok,
+            got,
+            w
+        );
+    }
+    Ok(())
+}
+
 /// A level's kernel for grouped rows of `B` against activations `A`, if it has one.
 type GroupedKernel<B, A> =
     fn(&Kernels) -> Option<hearth_quant::dispatch::Gemm<<B as Groupable>::Group, A>>;
@@ -204,7 +246,7 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL and Q4_K rows grouped eight at a time: every (row, token) against the
+    /// Q4_0, IQ4_NL, Q4_1 and Q4_K rows grouped eight at a time: every (row, token) against the
     /// reference dot product, each token alone bit for bit what it got with the others
     /// (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -232,6 +274,16 @@ proptest! {
         let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
         check_grouped(GgmlType::Q4_0, &q40, nb, &q8, |k| k.gemm_q4_0x8, r::vec_dot_q4_0_q8_0)?;
         check_grouped(GgmlType::IQ4_NL, &nl4, nb, &q8, |k| k.gemm_iq4_nlx8, r::vec_dot_iq4_nl_q8_0)?;
+        // Q4_1 against Q8_1 (its `s` as the kernels take it: the block's f16 `s`), mins of
+        // either sign.
+        let mut y1 = vec![BlockQ8_1::zeroed(); n_tok * nb];
+        r::quantize_row_q8_1(&x, &mut y1);
+        let d1: Vec<f32> = y1.iter().map(|b| b.d.to_f32()).collect();
+        let s1: Vec<f32> = y1.iter().map(|b| b.s.to_f32()).collect();
+        let values1: Vec<f32> = y1.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d.to_f32())).collect();
+        let q81 = GroupedActs { y: &y1, d: &d1, s: &s1, values: &values1 };
+        let q41: Vec<BlockQ4_1> = blocks(&raw[..20 * rows * nb], |b: &mut BlockQ4_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        check_grouped(GgmlType::Q4_1, &q41, nb, &q81, |k| k.gemm_q4_1x8, r::vec_dot_q4_1_q8_1)?;
         // Q4_K: up to 3 super-blocks a row against Q8_K (every scale and min bit random).
         let nbk = nb.min(3);
         let xk = acts(n_tok * nbk * QK_K, &seed);
@@ -279,6 +331,45 @@ proptest! {
                 let got = token_major[(i % n_tok) * rows + i / n_tok];
                 prop_assert!(got.to_bits() == w.to_bits(), "{:?} row {} token {}: {} vs {}", k.isa, i / n_tok, i % n_tok, got, w);
             }
+        }
+    }
+
+    /// The prompt panels reading grouped Q4_0, IQ4_NL and Q4_1 rows in place
+    /// (`prefill_*x8`) give, bit for bit, what the file's rows give (`prefill_*`, checked
+    /// against the reference in `q32_tiles_match_reference`).
+    #[test]
+    fn grouped_q32_prompts_equal_file_rows(
+        // Past 16 blocks (the panels' chunks).
+        nb in prop_oneof![1usize..4, 16usize..19],
+        groups in 1usize..5,
+        // Past 8 tokens (the AVX-512 panels' token tiles; 4 at AVX2).
+        n_tok in prop_oneof![1usize..4, 7usize..10],
+        raw in prop::collection::vec(any::<u8>(), 20 * 18 * 32),
+        seed in prop::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let rows = 8 * groups;
+        let x = acts(n_tok * nb * QK, &seed);
+        let mut y0 = vec![BlockQ8_0::zeroed(); n_tok * nb];
+        r::quantize_row_q8_0(&x, &mut y0);
+        let d0: Vec<f32> = y0.iter().map(|b| b.d.to_f32()).collect();
+        let s0: Vec<f32> = y0.iter().map(|b| b.d.to_f32() * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32).collect();
+        let a0 = ActBlocks { blocks: &y0, d: &d0, s: &s0 };
+        let mut y1 = vec![BlockQ8_1::zeroed(); n_tok * nb];
+        r::quantize_row_q8_1(&x, &mut y1);
+        let d1: Vec<f32> = y1.iter().map(|b| b.d.to_f32()).collect();
+        let s1: Vec<f32> = y1.iter().map(|b| b.s.to_f32()).collect();
+        let a1 = ActBlocks { blocks: &y1, d: &d1, s: &s1 };
+        let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * rows * nb], |b: &mut BlockQ4_0, d| b.d = h(d));
+        let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
+        let q41: Vec<BlockQ4_1> = blocks(&raw[..20 * rows * nb], |b: &mut BlockQ4_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        for k in levels() {
+            // Where a level groups these rows, its prompts read them in place.
+            prop_assert_eq!(k.gemm_q4_0x8.is_some(), k.prefill_q4_0x8.is_some(), "{:?}", k.isa);
+            prop_assert_eq!(k.gemm_iq4_nlx8.is_some(), k.prefill_iq4_nlx8.is_some(), "{:?}", k.isa);
+            prop_assert_eq!(k.gemm_q4_1x8.is_some(), k.prefill_q4_1x8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &q40, &a0, nb, n_tok, k.prefill_q4_0x8, k.prefill_q4_0)?;
+            grouped_prompt_equals_file(&k, &nl4, &a0, nb, n_tok, k.prefill_iq4_nlx8, k.prefill_iq4_nl)?;
+            grouped_prompt_equals_file(&k, &q41, &a1, nb, n_tok, k.prefill_q4_1x8, k.prefill_q4_1)?;
         }
     }
 

@@ -20,9 +20,52 @@
 //! sequences gets, bit for bit, what each would alone.
 
 use super::avx2::prefetch;
-use crate::blocks::{BlockQ8K, BlockQ8_0, Nibbles8, KVALUES_IQ4NL, Q4K8};
+use super::vnni::Signed32;
+use crate::blocks::{BlockQ8K, Nibbles8, NibblesMin8, KVALUES_IQ4NL, Q4K8};
 use crate::ActBlocks;
+use half::f16;
 use std::arch::x86_64::*;
+
+/// A group of eight rows' 32-value blocks of nibbles: Q4_0 and IQ4_NL ([`Nibbles8`]), Q4_1
+/// ([`NibblesMin8`], whose rows also carry a min, added as `m·s`).
+pub trait NibbleGroup: Copy {
+    /// The rows' scales.
+    fn d(&self) -> &[f16; 8];
+    /// The rows' mins (Q4_1), else `None`.
+    fn m(&self) -> Option<&[f16; 8]>;
+    /// The rows' 16 bytes of nibbles.
+    fn qs(&self) -> &[[u8; 16]; 8];
+}
+
+impl NibbleGroup for Nibbles8 {
+    #[inline(always)]
+    fn d(&self) -> &[f16; 8] {
+        &self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> Option<&[f16; 8]> {
+        None
+    }
+    #[inline(always)]
+    fn qs(&self) -> &[[u8; 16]; 8] {
+        &self.qs
+    }
+}
+
+impl NibbleGroup for NibblesMin8 {
+    #[inline(always)]
+    fn d(&self) -> &[f16; 8] {
+        &self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> Option<&[f16; 8]> {
+        Some(&self.m)
+    }
+    #[inline(always)]
+    fn qs(&self) -> &[[u8; 16]; 8] {
+        &self.qs
+    }
+}
 
 /// How many blocks ahead in a group's column the loop prefetches (a group's blocks are one
 /// sequential stream: 2.3 KB ahead).
@@ -30,7 +73,7 @@ const PREFETCH_BLOCKS: usize = 16;
 
 /// Checks the shapes every kernel here relies on: whole groups of `nb` blocks, `n_tok`
 /// tokens of `nb` activation blocks each, and room for `8 · groups · n_tok` results.
-fn check<G>(w: &[G], a: &ActBlocks<BlockQ8_0>, nb: usize, n_tok: usize, out: &[f32]) {
+fn check<G, A>(w: &[G], a: &ActBlocks<A>, nb: usize, n_tok: usize, out: &[f32]) {
     assert!(nb > 0 && w.len().is_multiple_of(nb));
     assert!(out.len() >= w.len() / nb * 8 * n_tok);
     let acts = n_tok * nb;
@@ -61,14 +104,15 @@ fn by_group<G>(
 }
 
 /// The rows of groups `w` (`nb` blocks per row) × `n_tok` tokens at AVX-512 VNNI:
-/// `out[r * n_tok + t]`. `NL`: IQ4_NL (else Q4_0).
+/// `out[r * n_tok + t]`. `NL`: IQ4_NL (else Q4_0, or Q4_1 for [`NibblesMin8`] against
+/// Q8_1).
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_avx512<const NL: bool>(
-    w: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
+pub unsafe fn gemm_avx512<const NL: bool, G: NibbleGroup, A: Signed32>(
+    w: &[G],
+    a: &ActBlocks<A>,
     nb: usize,
     n_tok: usize,
     out: &mut [f32],
@@ -78,10 +122,10 @@ pub unsafe fn gemm_avx512<const NL: bool>(
         // SAFETY: our caller vouches for the features; `check` bounds every index below.
         unsafe {
             match n {
-                1 => tile512::<NL, 1>(group, a, nb, t0, n_tok, out),
-                2 => tile512::<NL, 2>(group, a, nb, t0, n_tok, out),
-                3 => tile512::<NL, 3>(group, a, nb, t0, n_tok, out),
-                _ => tile512::<NL, 4>(group, a, nb, t0, n_tok, out),
+                1 => tile512::<NL, 1, G, A>(group, a, nb, t0, n_tok, out),
+                2 => tile512::<NL, 2, G, A>(group, a, nb, t0, n_tok, out),
+                3 => tile512::<NL, 3, G, A>(group, a, nb, t0, n_tok, out),
+                _ => tile512::<NL, 4, G, A>(group, a, nb, t0, n_tok, out),
             }
         }
     });
@@ -90,9 +134,9 @@ pub unsafe fn gemm_avx512<const NL: bool>(
 /// One group × tokens `t0 .. t0 + T`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile512<const NL: bool, const T: usize>(
-    group: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
+unsafe fn tile512<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
+    group: &[G],
+    a: &ActBlocks<A>,
     nb: usize,
     t0: usize,
     n_tok: usize,
@@ -122,8 +166,16 @@ unsafe fn tile512<const NL: bool, const T: usize>(
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
-            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d.as_ptr() as *const __m128i));
-            let qs = (*blk).qs.as_ptr() as *const u8;
+            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d().as_ptr() as *const __m128i));
+            // The per-row term of `s`: Q4_1's `m`, else the offset times `d`.
+            let (offset8, offset) = match (*blk).m() {
+                Some(m) => (
+                    _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
+                    1.0,
+                ),
+                None => (d8, offset),
+            };
+            let qs = (*blk).qs().as_ptr() as *const u8;
             let v0 = _mm512_loadu_si512(qs as *const _);
             let v1 = _mm512_loadu_si512(qs.add(64) as *const _);
             let mut lo0 = _mm512_and_si512(v0, low4);
@@ -138,7 +190,7 @@ unsafe fn tile512<const NL: bool, const T: usize>(
             }
             for t in 0..T {
                 let i = (t0 + t) * nb + b;
-                let qa = (*a.blocks.as_ptr().add(i)).qs.as_ptr();
+                let qa = (*a.blocks.as_ptr().add(i)).qs().as_ptr();
                 let alo = _mm512_broadcast_i32x4(_mm_loadu_si128(qa as *const __m128i));
                 let ahi = _mm512_broadcast_i32x4(_mm_loadu_si128(qa.add(16) as *const __m128i));
                 let zero = _mm512_setzero_si512();
@@ -151,7 +203,7 @@ unsafe fn tile512<const NL: bool, const T: usize>(
                 acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot0), s0, acc[t][0]);
                 acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), s1, acc[t][1]);
                 let sum = _mm256_set1_ps(offset * *a.s.as_ptr().add(i));
-                acc_offset[t] = _mm256_fmadd_ps(d8, sum, acc_offset[t]);
+                acc_offset[t] = _mm256_fmadd_ps(offset8, sum, acc_offset[t]);
             }
         }
     }
@@ -215,9 +267,9 @@ fn offsets_interleaved(offsets: __m256) -> __m256 {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_avx2<const NL: bool>(
-    w: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
+pub unsafe fn gemm_avx2<const NL: bool, G: NibbleGroup, A: Signed32>(
+    w: &[G],
+    a: &ActBlocks<A>,
     nb: usize,
     n_tok: usize,
     out: &mut [f32],
@@ -227,8 +279,8 @@ pub unsafe fn gemm_avx2<const NL: bool>(
         // SAFETY: our caller vouches for the features; `check` bounds every index below.
         unsafe {
             match n {
-                1 => tile256::<NL, 1>(group, a, nb, t0, n_tok, out),
-                _ => tile256::<NL, 2>(group, a, nb, t0, n_tok, out),
+                1 => tile256::<NL, 1, G, A>(group, a, nb, t0, n_tok, out),
+                _ => tile256::<NL, 2, G, A>(group, a, nb, t0, n_tok, out),
             }
         }
     });
@@ -239,9 +291,9 @@ pub unsafe fn gemm_avx2<const NL: bool>(
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile256<const NL: bool, const T: usize>(
-    group: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
+unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
+    group: &[G],
+    a: &ActBlocks<A>,
     nb: usize,
     t0: usize,
     n_tok: usize,
@@ -263,21 +315,32 @@ unsafe fn tile256<const NL: bool, const T: usize>(
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
-            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d.as_ptr() as *const __m128i));
-            let qs = (*blk).qs.as_ptr() as *const u8;
+            let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d().as_ptr() as *const __m128i));
+            let m8 = (*blk)
+                .m()
+                .map(|m| _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)));
+            let qs = (*blk).qs().as_ptr() as *const u8;
             let mut scale = [_mm256_setzero_ps(); T];
             let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
             for t in 0..T {
                 let i = (t0 + t) * nb + b;
-                let qa = (*a.blocks.as_ptr().add(i)).qs.as_ptr();
+                let qa = (*a.blocks.as_ptr().add(i)).qs().as_ptr();
                 act[t] = (
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(qa as *const __m128i)),
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16) as *const __m128i)),
                 );
                 scale[t] = _mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i)));
-                if !NL {
-                    let sum = _mm256_set1_ps(-8.0 * *a.s.as_ptr().add(i));
-                    acc_offset[t] = _mm256_fmadd_ps(d8, sum, acc_offset[t]);
+                let s = *a.s.as_ptr().add(i);
+                match m8 {
+                    // Q4_1: `m·s`.
+                    Some(m8) => {
+                        acc_offset[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s), acc_offset[t])
+                    }
+                    // Q4_0: the offset, `−8·d·s`; IQ4_NL's values are signed (none).
+                    None if !NL => {
+                        acc_offset[t] = _mm256_fmadd_ps(d8, _mm256_set1_ps(-8.0 * s), acc_offset[t])
+                    }
+                    None => {}
                 }
             }
             for k in 0..4 {

@@ -10,8 +10,65 @@
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
 use super::vnni::{Signed32, Unsigned32};
+use crate::blocks::Groupable;
 use crate::ActBlocks;
 use std::arch::x86_64::*;
+
+/// Where a prompt panel's 32-value blocks come from: rows in the file's layout (`&[W]`),
+/// or rows grouped eight at a time at load ([`Grouped`]), read where they are (no copy
+/// back to the file's layout per product, which was a quarter of a 16-token prompt).
+pub trait BlockRows: Copy {
+    type Block: Unsigned32;
+    /// Block `c` of row `row` (`nb` per row); panics past the rows.
+    fn block(self, nb: usize, row: usize, c: usize) -> Self::Block;
+    /// Whether all of rows `0..rows` (`nb` blocks each) are here.
+    fn holds(self, nb: usize, rows: usize) -> bool;
+    /// Asks the caches for block `c` of the eight rows from `row` (a multiple of 8) ahead
+    /// of its use; nothing past the rows.
+    fn prefetch_group(self, _nb: usize, _row: usize, _c: usize) {}
+}
+
+impl<W: Unsigned32> BlockRows for &[W] {
+    type Block = W;
+    #[inline(always)]
+    fn block(self, nb: usize, row: usize, c: usize) -> W {
+        self[row * nb + c]
+    }
+    #[inline(always)]
+    fn holds(self, nb: usize, rows: usize) -> bool {
+        self.len() >= rows * nb
+    }
+}
+
+/// Rows of `B` grouped eight at a time at load (`nb` groups per eight rows).
+pub struct Grouped<'a, B: Groupable>(pub &'a [B::Group]);
+
+impl<B: Groupable> Clone for Grouped<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Groupable> Copy for Grouped<'_, B> {}
+
+impl<B: Groupable + Unsigned32> BlockRows for Grouped<'_, B> {
+    type Block = B;
+    #[inline(always)]
+    fn block(self, nb: usize, row: usize, c: usize) -> B {
+        B::take(&self.0[row / 8 * nb + c], row % 8)
+    }
+    #[inline(always)]
+    fn holds(self, nb: usize, rows: usize) -> bool {
+        self.0.len() * 8 >= rows * nb
+    }
+    /// A group's blocks are one stream per eight rows (the file's rows were eight), which
+    /// the hardware prefetcher alone left the packing waiting on (`perf`, Zen 5).
+    #[inline(always)]
+    fn prefetch_group(self, nb: usize, row: usize, c: usize) {
+        if let Some(g) = self.0.get(row / 8 * nb + c) {
+            super::avx2::prefetch((g as *const B::Group).cast(), size_of::<B::Group>());
+        }
+    }
+}
 
 /// Rows per panel (one 16-lane vector), blocks per chunk (the buffer stays in L1), tokens
 /// per tile (their accumulators stay in registers).
@@ -32,8 +89,8 @@ struct Packed {
 /// rows past `nr` are zero.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn pack<W: Unsigned32>(
-    w: &[W],
+unsafe fn pack<R: BlockRows>(
+    w: R,
     nb: usize,
     r0: usize,
     nr: usize,
@@ -41,8 +98,11 @@ unsafe fn pack<W: Unsigned32>(
     nc: usize,
     p: &mut Packed,
 ) {
-    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    assert!(nr <= PANEL && nc <= CHUNK && w.holds(nb, r0 + nr) && c0 + nc <= nb);
     for k in 0..nc {
+        for g in (0..nr).step_by(8) {
+            w.prefetch_group(nb, r0 + g, c0 + k + CHUNK);
+        }
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
         // SAFETY: AVX2 and AVX-512 F are enabled; `bytes` and the scale reads stay inside
@@ -52,16 +112,17 @@ unsafe fn pack<W: Unsigned32>(
         unsafe {
             let row = |i: usize| {
                 if i < nr {
-                    w[(r0 + i) * nb + c0 + k].bytes()
+                    w.block(nb, r0 + i, c0 + k).bytes()
                 } else {
                     _mm256_setzero_si256()
                 }
             };
             store_groups(p.u[k].as_mut_ptr() as *mut __m512i, row);
             for i in 0..nr {
-                let h = &w[(r0 + i) * nb + c0 + k] as *const W as *const u16;
+                let blk = w.block(nb, r0 + i, c0 + k);
+                let h = &blk as *const R::Block as *const u16;
                 d[i] = h.read_unaligned();
-                if W::HAS_M {
+                if R::Block::HAS_M {
                     m[i] = h.add(1).read_unaligned();
                 }
             }
@@ -69,10 +130,10 @@ unsafe fn pack<W: Unsigned32>(
         // SAFETY: 32-byte loads of the arrays, 64-byte stores into the aligned rows.
         unsafe {
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
-            let mw = if W::HAS_M {
+            let mw = if R::Block::HAS_M {
                 _mm512_cvtph_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i))
             } else {
-                _mm512_mul_ps(dw, _mm512_set1_ps(-W::OFFSET))
+                _mm512_mul_ps(dw, _mm512_set1_ps(-R::Block::OFFSET))
             };
             _mm512_store_ps(p.dw[k].as_mut_ptr(), dw);
             _mm512_store_ps(p.mw[k].as_mut_ptr(), mw);
@@ -169,14 +230,14 @@ unsafe fn tokens<A: Signed32, const T: usize>(
 }
 
 /// The panel steps over one matrix and its activations.
-struct Steps<'a, W, A> {
-    w: &'a [W],
+struct Steps<'a, R, A> {
+    w: R,
     a: &'a ActBlocks<'a, A>,
     nb: usize,
     p: Packed,
 }
 
-impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
+impl<R: BlockRows, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, R, A> {
     const CHUNK: usize = CHUNK;
     const TOKENS: usize = TOKENS;
     fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize) {
@@ -200,8 +261,8 @@ impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
 /// All rows of `w` (`out.width()`, `nb` blocks each) against every token of `a`, into
 /// each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
-    w: &[W],
+pub unsafe fn gemm<R: BlockRows, A: Signed32>(
+    w: R,
     a: &ActBlocks<A>,
     nb: usize,
     out: &mut crate::pool::Columns,

@@ -11,6 +11,7 @@
 //! Each (row, token) goes through the same operations whatever the batch's other tokens.
 #![allow(clippy::missing_safety_doc)] // callers must have detected AVX2, FMA and F16C
 
+use super::panel::BlockRows;
 use super::vnni::{Signed32, Unsigned32};
 use crate::ActBlocks;
 use std::arch::x86_64::*;
@@ -74,8 +75,8 @@ pub(super) unsafe fn store_groups(dst: *mut __m256i, row: impl Fn(usize) -> __m2
 /// rows past `nr` are zero.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn pack<W: Unsigned32>(
-    w: &[W],
+unsafe fn pack<R: BlockRows>(
+    w: R,
     nb: usize,
     r0: usize,
     nr: usize,
@@ -83,8 +84,9 @@ unsafe fn pack<W: Unsigned32>(
     nc: usize,
     p: &mut Packed,
 ) {
-    assert!(nr <= PANEL && nc <= CHUNK && w.len() >= (r0 + nr) * nb && c0 + nc <= nb);
+    assert!(nr <= PANEL && nc <= CHUNK && w.holds(nb, r0 + nr) && c0 + nc <= nb);
     for k in 0..nc {
+        w.prefetch_group(nb, r0, c0 + k + CHUNK);
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
         // SAFETY: AVX2 is enabled; `bytes` and the scale reads stay inside block
@@ -94,8 +96,8 @@ unsafe fn pack<W: Unsigned32>(
         unsafe {
             let row = |i: usize| {
                 if i < nr {
-                    let blk = &w[(r0 + i) * nb + c0 + k];
-                    if signed::<W>() {
+                    let blk = w.block(nb, r0 + i, c0 + k);
+                    if signed::<R::Block>() {
                         blk.signed_bytes()
                     } else {
                         blk.bytes()
@@ -106,9 +108,10 @@ unsafe fn pack<W: Unsigned32>(
             };
             store_groups(p.u[k].as_mut_ptr() as *mut __m256i, row);
             for i in 0..nr {
-                let h = &w[(r0 + i) * nb + c0 + k] as *const W as *const u16;
+                let blk = w.block(nb, r0 + i, c0 + k);
+                let h = &blk as *const R::Block as *const u16;
                 d[i] = h.read_unaligned();
-                if W::HAS_M {
+                if R::Block::HAS_M {
                     m[i] = h.add(1).read_unaligned();
                 }
             }
@@ -116,10 +119,10 @@ unsafe fn pack<W: Unsigned32>(
         // SAFETY: 16-byte loads of the arrays, 32-byte stores into the aligned rows.
         unsafe {
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
-            let mw = if W::HAS_M {
+            let mw = if R::Block::HAS_M {
                 _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i))
             } else {
-                _mm256_mul_ps(dw, _mm256_set1_ps(-W::OFFSET))
+                _mm256_mul_ps(dw, _mm256_set1_ps(-R::Block::OFFSET))
             };
             _mm256_store_ps(p.dw[k].as_mut_ptr(), dw);
             _mm256_store_ps(p.mw[k].as_mut_ptr(), mw);
@@ -195,14 +198,14 @@ unsafe fn tokens<W: Unsigned32, A: Signed32, const T: usize>(
 }
 
 /// The panel steps over one matrix and its activations.
-struct Steps<'a, W, A> {
-    w: &'a [W],
+struct Steps<'a, R, A> {
+    w: R,
     a: &'a ActBlocks<'a, A>,
     nb: usize,
     p: Packed,
 }
 
-impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
+impl<R: BlockRows, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, R, A> {
     const CHUNK: usize = CHUNK;
     const TOKENS: usize = TOKENS;
     fn pack(&mut self, r0: usize, nr: usize, c0: usize, nc: usize) {
@@ -215,9 +218,9 @@ impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
         // SAFETY: as above; `tokens` asserts its bounds.
         unsafe {
             if one {
-                tokens::<W, A, 1>(p, a, nb, t, c0, nc, acc)
+                tokens::<R::Block, A, 1>(p, a, nb, t, c0, nc, acc)
             } else {
-                tokens::<W, A, TOKENS>(p, a, nb, t, c0, nc, acc)
+                tokens::<R::Block, A, TOKENS>(p, a, nb, t, c0, nc, acc)
             }
         }
     }
@@ -226,8 +229,8 @@ impl<W: Unsigned32, A: Signed32> super::PanelSteps<PANEL> for Steps<'_, W, A> {
 /// All rows of `w` (`out.width()`, `nb` blocks each) against every token of `a`, into
 /// each token's columns of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm<W: Unsigned32, A: Signed32>(
-    w: &[W],
+pub unsafe fn gemm<R: BlockRows, A: Signed32>(
+    w: R,
     a: &ActBlocks<A>,
     nb: usize,
     out: &mut crate::pool::Columns,
