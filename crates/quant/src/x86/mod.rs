@@ -544,12 +544,16 @@ macro_rules! kquant_entry {
 
 /// Whether the `kquant` decode tiles prefetch their weights ahead in software. On Intel
 /// (the AMX Xeon) the hardware prefetcher alone left the tiles waiting on loads (+30–40%
-/// tokens/s with the prefetch, `vnni::PREFETCH_BYTES`). On AMD Zen 4 the prefetch made them
-/// slower from memory (`examples/qmatmul 1 Q6_K,Q5_K,IQ4_XS 1 2048x5632,5632x2048 16` at
-/// avx512, two interleaved runs: Q6_K 17–20 → 21–25 GB/s, Q5_K 16–19 → 20–22, IQ4_XS
-/// 16–19 → 19–21; Q3_K and Q2_K, bound by unpacking, unchanged), so it is off there.
+/// tokens/s with the prefetch, `vnni::PREFETCH_BYTES`). On AMD Zen 4 (family 25) the
+/// prefetch made them slower from memory (`examples/qmatmul 1 Q6_K,Q5_K,IQ4_XS 1
+/// 2048x5632,5632x2048 16` at avx512, two interleaved runs: Q6_K 17–20 → 21–25 GB/s, Q5_K
+/// 16–19 → 20–22, IQ4_XS 16–19 → 19–21; Q3_K and Q2_K, bound by unpacking, unchanged), so
+/// it is off there (and on Zen 3, the same family, not measured). On Zen 5 (family 26) it
+/// is what keeps them fed: the same command, two interleaved runs, 2026-12-05, with/without:
+/// avx512 Q5_K 29–34 against 10–12 GB/s, Q6_K 39–43 against 30–35, Q3_K 23–25 against
+/// 14–19, IQ4_XS 33–38 against 23–29; avx2 Q6_K 33–34 against 29–31.
 fn prefetch_weights() -> bool {
-    !amd()
+    !(amd() && cpu_family() == 25)
 }
 
 /// Whether the CPU is AMD's (CPUID leaf 0's vendor string).
@@ -557,6 +561,18 @@ fn amd() -> bool {
     let leaf0 = std::arch::x86_64::__cpuid(0);
     let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx].map(u32::to_le_bytes);
     vendor.concat() == b"AuthenticAMD"
+}
+
+/// The CPU's family (CPUID leaf 1: the base family, plus the extended family where the
+/// base is 15), as /proc/cpuinfo's `cpu family` shows it.
+fn cpu_family() -> u32 {
+    let eax = std::arch::x86_64::__cpuid(1).eax;
+    let base = (eax >> 8) & 0xF;
+    if base == 0xF {
+        base + ((eax >> 20) & 0xFF)
+    } else {
+        base
+    }
 }
 kquant_entry!(kquant_q2_k, BlockQ2K, gemm_q2k);
 kquant_entry!(kquant_q3_k, BlockQ3K, gemm_q3k);
@@ -776,4 +792,18 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
 pub fn fast_bf16_dot_products() -> bool {
     static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FAST.get_or_init(|| amd() && std::arch::is_x86_feature_detected!("avx512bf16"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The family `prefetch_weights` picks by is the one Linux reports.
+    #[test]
+    fn cpu_family_matches_proc_cpuinfo() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let line = info.lines().find(|l| l.starts_with("cpu family"));
+        let family = line.and_then(|l| l.split(':').nth(1)?.trim().parse::<u32>().ok());
+        assert_eq!(Some(super::cpu_family()), family, "{line:?}");
+    }
 }
