@@ -89,10 +89,9 @@ unsafe fn pack<R: BlockRows>(
         w.prefetch_group(nb, r0, c0 + k + CHUNK);
         let mut d = [0u16; PANEL];
         let mut m = [0u16; PANEL];
-        // SAFETY: AVX2 is enabled; `bytes` and the scale reads stay inside block
-        // `(r0 + i) * nb + c0 + k` of `w` (asserted above for i < nr); every block type here
-        // starts with its f16 `d` (Q4_1, Q5_1: then `m`). The stores are the 8 32-byte
-        // groups of `p.u[k]`.
+        // SAFETY: AVX2 is enabled; `bytes` and the scale reads are of the block copy
+        // `w.block` returns (bounds-checked), and every block type here starts with its f16
+        // `d` (Q4_1, Q5_1: then `m`). The stores are the 8 32-byte groups of `p.u[k]`.
         unsafe {
             let row = |i: usize| {
                 if i < nr {
