@@ -131,7 +131,7 @@ fn gemma3_batch_equals_alone() {
     check("gemma3");
 }
 
-/// Q4_0, IQ4_NL, Q4_1 and Q4_K rows regrouped eight at a time at load (the `avx2`/`avx512`
+/// Q4_0, IQ4_NL, Q4_1, Q5_0 and Q4_K rows regrouped eight at a time at load (the `avx2`/`avx512`
 /// decoding kernels' layout): batched equals alone on those kernels too, at every level
 /// (each in a child process), on the committed llama.cpp quantizations of the synthetic
 /// model.
@@ -145,6 +145,7 @@ fn grouped_rows_batch_equals_alone() {
         ("Q4_0", level.gemm_q4_0x8.is_some()),
         ("IQ4_NL", level.gemm_iq4_nlx8.is_some()),
         ("Q4_1", level.gemm_q4_1x8.is_some()),
+        ("Q5_0", level.gemm_q5_0x8.is_some()),
         ("Q4_K", level.gemm_q4_kx8.is_some()),
     ];
     for (ty, has_kernel) in kernels {

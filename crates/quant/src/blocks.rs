@@ -185,6 +185,31 @@ pub struct NibblesMin8 {
     pub qs: [[u8; QK / 2]; 8],
 }
 
+/// Eight Q5_0 rows' blocks side by side, as [`Nibbles8`] with each row's fifth bits (`qh`,
+/// bit `j` of value `j`): the same bytes as the eight blocks (176), reordered.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct NibblesQh8 {
+    pub d: [f16; 8],
+    pub qh: [[u8; 4]; 8],
+    pub qs: [[u8; QK / 2]; 8],
+}
+
+impl Groupable for BlockQ5_0 {
+    type Group = NibblesQh8;
+    const LEN: usize = QK;
+    fn put(&self, g: &mut NibblesQh8, r: usize) {
+        (g.d[r], g.qh[r], g.qs[r]) = (self.d, self.qh, self.qs);
+    }
+    fn take(g: &NibblesQh8, r: usize) -> Self {
+        Self {
+            d: g.d[r],
+            qh: g.qh[r],
+            qs: g.qs[r],
+        }
+    }
+}
+
 impl Groupable for BlockQ4_1 {
     type Group = NibblesMin8;
     const LEN: usize = QK;
@@ -302,4 +327,5 @@ const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
 const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);
 const _: () = assert!(std::mem::size_of::<NibblesMin8>() == 8 * 20);
+const _: () = assert!(std::mem::size_of::<NibblesQh8>() == 8 * 22);
 const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);

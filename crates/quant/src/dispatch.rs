@@ -173,6 +173,8 @@ pub struct Kernels {
     pub gemm_iq4_nlx8: Option<Gemm<Nibbles8, BlockQ8_0>>,
     /// Q4_1 rows grouped eight at a time ([`NibblesMin8`]).
     pub gemm_q4_1x8: Option<Gemm<NibblesMin8, BlockQ8_1>>,
+    /// Q5_0 rows grouped eight at a time ([`NibblesQh8`]).
+    pub gemm_q5_0x8: Option<Gemm<NibblesQh8, BlockQ8_0>>,
     /// Q4_K rows grouped eight at a time ([`Q4K8`]).
     pub gemm_q4_kx8: Option<Gemm<Q4K8, BlockQ8K>>,
     /// Products of prompt tokens where a level has a kernel for them that differs from
@@ -191,6 +193,7 @@ pub struct Kernels {
     pub prefill_q4_0x8: Option<Prefill<Nibbles8, BlockQ8_0>>,
     pub prefill_iq4_nlx8: Option<Prefill<Nibbles8, BlockQ8_0>>,
     pub prefill_q4_1x8: Option<Prefill<NibblesMin8, BlockQ8_1>>,
+    pub prefill_q5_0x8: Option<Prefill<NibblesQh8, BlockQ8_0>>,
     pub prefill_q6_k: Option<Prefill<BlockQ6K, BlockQ8K>>,
     pub prefill_q5_k: Option<Prefill<BlockQ5K, BlockQ8K>>,
     pub prefill_q2_k: Option<Prefill<BlockQ2K, BlockQ8K>>,
@@ -311,12 +314,14 @@ impl Kernels {
             gemm_iq4_xs,
             gemm_q4_0x8: None,
             gemm_q4_1x8: None,
+            gemm_q5_0x8: None,
             gemm_iq4_nlx8: None,
             gemm_q4_kx8: None,
             prefill_q4_kx8: None,
             prefill_q4_0x8: None,
             prefill_iq4_nlx8: None,
             prefill_q4_1x8: None,
+            prefill_q5_0x8: None,
             prefill_q4_0: None,
             prefill_q4_1: None,
             prefill_q5_0: None,

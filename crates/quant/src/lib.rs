@@ -165,6 +165,8 @@ pub enum Blocks<'a> {
     IQ4NLx8(&'a [Nibbles8]),
     /// Q4_1 rows in groups of eight.
     Q4_1x8(&'a [NibblesMin8]),
+    /// Q5_0 rows in groups of eight.
+    Q5_0x8(&'a [NibblesQh8]),
     /// Q4_K rows in groups of eight.
     Q4Kx8(&'a [Q4K8]),
 }
@@ -265,6 +267,9 @@ impl<'a> QMatrix<'a> {
             Blocks::Q4_1(w) if k.gemm_q4_1x8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, nb)))
             }
+            Blocks::Q5_0(w) if k.gemm_q5_0x8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, nb)))
+            }
             Blocks::Q4K(w) if k.gemm_q4_kx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
@@ -296,10 +301,17 @@ impl<'a> QMatrix<'a> {
             GgmlType::Q4_1 if fits(QK, size_of::<NibblesMin8>()) => {
                 Blocks::Q4_1x8(bytemuck::cast_slice(words))
             }
+            GgmlType::Q5_0 if fits(QK, size_of::<NibblesQh8>()) => {
+                Blocks::Q5_0x8(bytemuck::cast_slice(words))
+            }
             GgmlType::Q4_K if fits(QK_K, size_of::<Q4K8>()) => {
                 Blocks::Q4Kx8(bytemuck::cast_slice(words))
             }
-            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_1 | GgmlType::Q4_K => {
+            GgmlType::Q4_0
+            | GgmlType::IQ4_NL
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q4_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -334,7 +346,8 @@ impl<'a> QMatrix<'a> {
             | Blocks::Q8_0(_)
             | Blocks::IQ4NL(_)
             | Blocks::Q4_0x8(_)
-            | Blocks::IQ4NLx8(_) => ActType::Q8_0,
+            | Blocks::IQ4NLx8(_)
+            | Blocks::Q5_0x8(_) => ActType::Q8_0,
             Blocks::Q4_1(_) | Blocks::Q5_1(_) | Blocks::Q4_1x8(_) => ActType::Q8_1,
             Blocks::Q4K(_)
             | Blocks::Q5K(_)
@@ -375,6 +388,9 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::Q4_1x8(x) => {
                 grouped_row::<BlockQ4_1>(x, n, r, out, reference::dequantize_row_q4_1)
+            }
+            Blocks::Q5_0x8(x) => {
+                grouped_row::<BlockQ5_0>(x, n, r, out, reference::dequantize_row_q5_0)
             }
             Blocks::Q4Kx8(x) => {
                 grouped_row::<BlockQ4K>(x, n, r, out, reference::dequantize_row_q4_k)
@@ -484,6 +500,10 @@ impl<'a> QMatrix<'a> {
                 let a = acts.q8_1_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q4_1x8, k.gemm_q4_1, out, scratch)
             }
+            Blocks::Q5_0x8(w) => {
+                let a = acts.q8_0_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q5_0x8, k.gemm_q5_0, out, scratch)
+            }
             Blocks::Q4Kx8(w) => {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q4_kx8, k.gemm_q4_k, out, scratch)
@@ -565,6 +585,11 @@ impl QMatrix<'_> {
                 (None, Some(g)) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
                 (None, None) => return false,
             },
+            Blocks::Q5_0x8(w) => match (k.prefill_q5_0x8, k.prefill_q5_0) {
+                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
+                (None, Some(g)) => groups_panels::<BlockQ5_0, _>(w, acts.q8_0_first(p), p, g, out),
+                (None, None) => return false,
+            },
             Blocks::Q4_1x8(w) => match (k.prefill_q4_1x8, k.prefill_q4_1) {
                 (Some(g), _) => grouped_panels(w, acts.q8_1_first(p), p, g, out),
                 (None, Some(g)) => groups_panels::<BlockQ4_1, _>(w, acts.q8_1_first(p), p, g, out),
@@ -623,6 +648,7 @@ impl QMatrix<'_> {
             | Blocks::Q4_0x8(_)
             | Blocks::IQ4NLx8(_)
             | Blocks::Q4_1x8(_)
+            | Blocks::Q5_0x8(_)
             | Blocks::Q4Kx8(_) => return false,
         }
         true

@@ -246,7 +246,7 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL, Q4_1 and Q4_K rows grouped eight at a time: every (row, token) against the
+    /// Q4_0, IQ4_NL, Q4_1, Q5_0 and Q4_K rows grouped eight at a time: every (row, token) against the
     /// reference dot product, each token alone bit for bit what it got with the others
     /// (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -274,6 +274,8 @@ proptest! {
         let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
         check_grouped(GgmlType::Q4_0, &q40, nb, &q8, |k| k.gemm_q4_0x8, r::vec_dot_q4_0_q8_0)?;
         check_grouped(GgmlType::IQ4_NL, &nl4, nb, &q8, |k| k.gemm_iq4_nlx8, r::vec_dot_iq4_nl_q8_0)?;
+        let q50: Vec<BlockQ5_0> = blocks(&raw[..22 * rows * nb], |b: &mut BlockQ5_0, d| b.d = h(d));
+        check_grouped(GgmlType::Q5_0, &q50, nb, &q8, |k| k.gemm_q5_0x8, r::vec_dot_q5_0_q8_0)?;
         // Q4_1 against Q8_1 (its `s` as the kernels take it: the block's f16 `s`), mins of
         // either sign.
         let mut y1 = vec![BlockQ8_1::zeroed(); n_tok * nb];
@@ -334,7 +336,7 @@ proptest! {
         }
     }
 
-    /// The prompt panels reading grouped Q4_0, IQ4_NL and Q4_1 rows in place
+    /// The prompt panels reading grouped Q4_0, IQ4_NL, Q4_1 and Q5_0 rows in place
     /// (`prefill_*x8`) give, bit for bit, what the file's rows give (`prefill_*`, checked
     /// against the reference in `q32_tiles_match_reference`).
     #[test]
@@ -344,7 +346,7 @@ proptest! {
         groups in 1usize..5,
         // Past 8 tokens (the AVX-512 panels' token tiles; 4 at AVX2).
         n_tok in prop_oneof![1usize..4, 7usize..10],
-        raw in prop::collection::vec(any::<u8>(), 20 * 18 * 32),
+        raw in prop::collection::vec(any::<u8>(), 22 * 18 * 32),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let rows = 8 * groups;
@@ -362,6 +364,7 @@ proptest! {
         let q40: Vec<BlockQ4_0> = blocks(&raw[..18 * rows * nb], |b: &mut BlockQ4_0, d| b.d = h(d));
         let nl4: Vec<BlockIQ4NL> = blocks(&raw[..18 * rows * nb], |b: &mut BlockIQ4NL, d| b.d = h(d / 16.0));
         let q41: Vec<BlockQ4_1> = blocks(&raw[..20 * rows * nb], |b: &mut BlockQ4_1, d| { b.d = h(d); b.m = h(-d / 3.0) });
+        let q50: Vec<BlockQ5_0> = blocks(&raw[..22 * rows * nb], |b: &mut BlockQ5_0, d| b.d = h(d));
         for k in levels() {
             // Where a level groups these rows, its prompts read them in place.
             prop_assert_eq!(k.gemm_q4_0x8.is_some(), k.prefill_q4_0x8.is_some(), "{:?}", k.isa);
@@ -370,6 +373,8 @@ proptest! {
             grouped_prompt_equals_file(&k, &q40, &a0, nb, n_tok, k.prefill_q4_0x8, k.prefill_q4_0)?;
             grouped_prompt_equals_file(&k, &nl4, &a0, nb, n_tok, k.prefill_iq4_nlx8, k.prefill_iq4_nl)?;
             grouped_prompt_equals_file(&k, &q41, &a1, nb, n_tok, k.prefill_q4_1x8, k.prefill_q4_1)?;
+            prop_assert_eq!(k.gemm_q5_0x8.is_some(), k.prefill_q5_0x8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &q50, &a0, nb, n_tok, k.prefill_q5_0x8, k.prefill_q5_0)?;
         }
     }
 

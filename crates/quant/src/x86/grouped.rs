@@ -23,7 +23,7 @@
 
 use super::avx2::prefetch;
 use super::vnni::Signed32;
-use crate::blocks::{BlockQ8K, Nibbles8, NibblesMin8, KVALUES_IQ4NL, Q4K8};
+use crate::blocks::{BlockQ8K, Nibbles8, NibblesMin8, NibblesQh8, KVALUES_IQ4NL, Q4K8};
 use crate::ActBlocks;
 use half::f16;
 use std::arch::x86_64::*;
@@ -37,6 +37,11 @@ pub trait NibbleGroup: Copy {
     fn m(&self) -> Option<&[f16; 8]>;
     /// The rows' 16 bytes of nibbles.
     fn qs(&self) -> &[[u8; 16]; 8];
+    /// The rows' fifth bits (Q5_0: bit `j` of value `j`, values `q − 16`), else `None`.
+    #[inline(always)]
+    fn qh(&self) -> Option<&[[u8; 4]; 8]> {
+        None
+    }
 }
 
 impl NibbleGroup for Nibbles8 {
@@ -52,6 +57,39 @@ impl NibbleGroup for Nibbles8 {
     fn qs(&self) -> &[[u8; 16]; 8] {
         &self.qs
     }
+}
+
+impl NibbleGroup for NibblesQh8 {
+    #[inline(always)]
+    fn d(&self) -> &[f16; 8] {
+        &self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> Option<&[f16; 8]> {
+        None
+    }
+    #[inline(always)]
+    fn qs(&self) -> &[[u8; 16]; 8] {
+        &self.qs
+    }
+    #[inline(always)]
+    fn qh(&self) -> Option<&[[u8; 4]; 8]> {
+        Some(&self.qh)
+    }
+}
+
+/// Rows `4h .. 4h + 4` of `qh` as the masks of their low values (bits 0..16 of each row,
+/// one row per 16 mask bits, as the rows' bytes lie in a 64-byte load) and high values
+/// (bits 16..32).
+#[inline(always)]
+fn fifth_bit_masks(qh: &[[u8; 4]; 8], h: usize) -> (u64, u64) {
+    let (mut lo, mut hi) = (0u64, 0u64);
+    for i in 0..4 {
+        let q = u32::from_le_bytes(qh[4 * h + i]) as u64;
+        lo |= (q & 0xFFFF) << (16 * i);
+        hi |= (q >> 16) << (16 * i);
+    }
+    (lo, hi)
 }
 
 impl NibbleGroup for NibblesMin8 {
@@ -169,13 +207,14 @@ unsafe fn tile512<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
             let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d().as_ptr() as *const __m128i));
-            // The per-row term of `s`: Q4_1's `m`, else the offset times `d`.
-            let (offset8, offset) = match (*blk).m() {
-                Some(m) => (
+            // The per-row term of `s`: Q4_1's `m`, else the offset times `d` (Q5_0: 16).
+            let (offset8, offset) = match ((*blk).m(), (*blk).qh()) {
+                (Some(m), _) => (
                     _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
                     1.0,
                 ),
-                None => (d8, offset),
+                (None, Some(_)) => (d8, -16.0),
+                (None, None) => (d8, offset),
             };
             let qs = (*blk).qs().as_ptr() as *const u8;
             let v0 = _mm512_loadu_si512(qs as *const _);
@@ -189,6 +228,15 @@ unsafe fn tile512<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                 hi0 = _mm512_shuffle_epi8(table, hi0);
                 lo1 = _mm512_shuffle_epi8(table, lo1);
                 hi1 = _mm512_shuffle_epi8(table, hi1);
+            }
+            if let Some(qh) = (*blk).qh() {
+                // Q5_0: 16 added where a value's fifth bit is set (the nibble is below 16).
+                let bit4 = _mm512_set1_epi8(0x10);
+                let ((l0, h0), (l1, h1)) = (fifth_bit_masks(qh, 0), fifth_bit_masks(qh, 1));
+                lo0 = _mm512_mask_add_epi8(lo0, l0, lo0, bit4);
+                hi0 = _mm512_mask_add_epi8(hi0, h0, hi0, bit4);
+                lo1 = _mm512_mask_add_epi8(lo1, l1, lo1, bit4);
+                hi1 = _mm512_mask_add_epi8(hi1, h1, hi1, bit4);
             }
             for t in 0..T {
                 let i = (t0 + t) * nb + b;
@@ -262,6 +310,21 @@ fn offsets_interleaved(offsets: __m256) -> __m256 {
     let even = _mm_shuffle_ps::<0b10_00_10_00>(lo, hi);
     let odd = _mm_shuffle_ps::<0b11_01_11_01>(lo, hi);
     _mm256_set_m128(odd, even)
+}
+
+/// 0x10 in byte `j` of the result where bit `j` of `m` is set, else 0.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn fifth_bits_256(m: u32) -> __m256i {
+    // Byte j takes byte j / 8 of `m`, then its bit j % 8.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
 /// [`gemm_avx512`] at AVX2.
@@ -338,9 +401,11 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                     Some(m8) => {
                         acc_offset[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s), acc_offset[t])
                     }
-                    // Q4_0: the offset, `−8·d·s`; IQ4_NL's values are signed (none).
+                    // Q4_0 (Q5_0): the offset, `−8·d·s` (`−16·d·s`); IQ4_NL's values are
+                    // signed (none).
                     None if !NL => {
-                        acc_offset[t] = _mm256_fmadd_ps(d8, _mm256_set1_ps(-8.0 * s), acc_offset[t])
+                        let off = if (*blk).qh().is_some() { -16.0 } else { -8.0 };
+                        acc_offset[t] = _mm256_fmadd_ps(d8, _mm256_set1_ps(off * s), acc_offset[t])
                     }
                     None => {}
                 }
@@ -350,6 +415,16 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                 let v = _mm256_loadu_si256(qs.add(32 * k) as *const __m256i);
                 let mut lo = _mm256_and_si256(v, low4);
                 let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                if let Some(qh) = (*blk).qh() {
+                    // Q5_0: the fifth bits of rows 2k (low 128 bits) and 2k + 1 (high) as
+                    // 16 per value.
+                    let (q0, q1) = (
+                        u32::from_le_bytes(qh[2 * k]),
+                        u32::from_le_bytes(qh[2 * k + 1]),
+                    );
+                    lo = _mm256_or_si256(lo, fifth_bits_256((q0 & 0xFFFF) | (q1 << 16)));
+                    hi = _mm256_or_si256(hi, fifth_bits_256((q0 >> 16) | (q1 & 0xFFFF_0000)));
+                }
                 // IQ4_NL: the signed values, and their magnitudes for `maddubs` (the weights'
                 // part of the sign trick, shared by the tokens).
                 let (mut wl, mut wh) = (lo, hi);
@@ -377,7 +452,7 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                         let ph = _mm256_maddubs_epi16(hi, _mm256_sign_epi8(ahi, wh));
                         _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones))
                     } else {
-                        // Pairs of at most 15·127 twice, then the halves: no i16 overflow.
+                        // Pairs of at most 31·127 twice, then the halves: no i16 overflow.
                         let p = _mm256_add_epi16(
                             _mm256_maddubs_epi16(lo, alo),
                             _mm256_maddubs_epi16(hi, ahi),

@@ -435,6 +435,8 @@ panel_grouped_gemm!(panel_q4_1x8, panel, BlockQ4_1, BlockQ8_1);
 panel_grouped_gemm!(panel8_q4_0x8, panel_avx2, BlockQ4_0, BlockQ8_0);
 panel_grouped_gemm!(panel8_iq4_nlx8, panel_avx2, BlockIQ4NL, BlockQ8_0);
 panel_grouped_gemm!(panel8_q4_1x8, panel_avx2, BlockQ4_1, BlockQ8_1);
+panel_grouped_gemm!(panel_q5_0x8, panel, BlockQ5_0, BlockQ8_0);
+panel_grouped_gemm!(panel8_q5_0x8, panel_avx2, BlockQ5_0, BlockQ8_0);
 panel_gemm!(panel_q4_1, BlockQ4_1, BlockQ8_1);
 panel_gemm!(panel_q5_0, BlockQ5_0, BlockQ8_0);
 panel_gemm!(panel_q5_1, BlockQ5_1, BlockQ8_1);
@@ -480,6 +482,26 @@ fn grouped512_q4_1(
 ) {
     // SAFETY: see above (Avx512 level).
     unsafe { grouped::gemm_avx512::<false, _, _>(w, a, nb, n, out) }
+}
+fn grouped512_q5_0(
+    w: &[NibblesQh8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: see above (Avx512 level).
+    unsafe { grouped::gemm_avx512::<false, _, _>(w, a, nb, n, out) }
+}
+fn grouped256_q5_0(
+    w: &[NibblesQh8],
+    a: &ActBlocks<BlockQ8_0>,
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: see above (Avx2 level).
+    unsafe { grouped::gemm_avx2::<false, _, _>(w, a, nb, n, out) }
 }
 fn grouped512_iq4_nl(
     w: &[Nibbles8],
@@ -664,11 +686,13 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
             gemm_iq4_nlx8: (isa == Isa::Avx512).then_some(grouped512_iq4_nl as _),
             gemm_q4_1x8: (isa == Isa::Avx512).then_some(grouped512_q4_1 as _),
+            gemm_q5_0x8: (isa == Isa::Avx512).then_some(grouped512_q5_0 as _),
             gemm_q4_kx8: (isa == Isa::Avx512).then_some(grouped512_q4_k as _),
             prefill_q4_kx8: (isa == Isa::Avx512).then_some(kpanel_q4_kx8 as _),
             prefill_q4_0x8: (isa == Isa::Avx512).then_some(panel_q4_0x8 as _),
             prefill_iq4_nlx8: (isa == Isa::Avx512).then_some(panel_iq4_nlx8 as _),
             prefill_q4_1x8: (isa == Isa::Avx512).then_some(panel_q4_1x8 as _),
+            prefill_q5_0x8: (isa == Isa::Avx512).then_some(panel_q5_0x8 as _),
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
@@ -750,11 +774,13 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q4_0x8: Some(grouped256_q4_0),
         gemm_iq4_nlx8: Some(grouped256_iq4_nl),
         gemm_q4_1x8: Some(grouped256_q4_1),
+        gemm_q5_0x8: Some(grouped256_q5_0),
         gemm_q4_kx8: Some(grouped256_q4_k),
         prefill_q4_kx8: Some(prompt_q4_kx8),
         prefill_q4_0x8: Some(panel8_q4_0x8),
         prefill_iq4_nlx8: Some(panel8_iq4_nlx8),
         prefill_q4_1x8: Some(panel8_q4_1x8),
+        prefill_q5_0x8: Some(panel8_q5_0x8),
         // Prompt tokens reuse each unpacked row for many tokens (decoding keeps the dot
         // products above).
         prefill_q4_0: Some(panel8_q4_0),
