@@ -245,10 +245,9 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1 and Q4_K at `avx2`/`avx512`: eight
-    /// rows side by side, [`Nibbles8`], [`NibblesMin8`] and [`Q4K8`]) and the rows come in
-    /// whole groups of eight;
-    /// `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
+    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0 and Q4_K at `avx2`/`avx512`:
+    /// eight rows side by side, [`Nibbles8`], [`NibblesMin8`], [`NibblesQh8`] and [`Q4K8`])
+    /// and the rows come in whole groups of eight; `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
     /// as 16-bit words (every group is 2-byte aligned); [`QMatrix::from_interleaved`] reads
     /// them.
     pub fn interleave(&self) -> Option<Vec<u16>> {
@@ -277,7 +276,8 @@ impl<'a> QMatrix<'a> {
         }
     }
 
-    /// A `ty` (Q4_0, IQ4_NL, Q4_1 or Q4_K) matrix from its blocks as [`QMatrix::interleave`]
+    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0 or Q4_K) matrix from its blocks as
+    /// [`QMatrix::interleave`]
     /// made them.
     pub fn from_interleaved(
         name: &str,

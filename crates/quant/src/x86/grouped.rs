@@ -1,17 +1,18 @@
-//! Decoding Q4_0, IQ4_NL and Q4_1 rows grouped eight at a time ([`Nibbles8`],
-//! [`NibblesMin8`], made at load by `QMatrix::interleave`): each block column of a group is
-//! the eight rows' scales (one 16-byte load, converted once for all eight) followed by
-//! their nibbles, so one 64-byte load (AVX-512) or 32-byte load (AVX2) brings four or two
-//! rows' values. The file's layout instead takes a load, an insert and a scale pick per row
-//! and block (`vnni`, `avx2_tiles`). ggml-cpu's `repack.cpp` interleaves Q4_0/IQ4_NL rows
-//! the same way.
+//! Decoding Q4_0, IQ4_NL, Q4_1 and Q5_0 rows grouped eight at a time ([`Nibbles8`],
+//! [`NibblesMin8`], [`NibblesQh8`], made at load by `QMatrix::interleave`): each block
+//! column of a group is the eight rows' scales (one 16-byte load, converted once for all
+//! eight) followed by their nibbles, so one 64-byte load (AVX-512) or 32-byte load (AVX2)
+//! brings four or two rows' values. The file's layout instead takes a load, an insert and a
+//! scale pick per row and block (`vnni`, `avx2_tiles`). ggml-cpu's `repack.cpp` interleaves
+//! Q4_0/IQ4_NL rows the same way.
 //!
 //! Weights are unsigned bytes `u` (Q4_0: the nibble `q`, value `q − 8`; IQ4_NL at AVX-512:
 //! its table plus 128), so a product is `d·da·Σ u·a − offset·d·s` with `s = da·Σa` the
 //! activation block's sum (Q4_1: `+ m·s`, its eight mins loaded and converted like the
-//! scales): the integer sums go four rows to a 512-bit vector (four lanes per row), the
-//! offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table
-//! values directly (`maddubs` takes `|w|` against `a` with `w`'s sign).
+//! scales; Q5_0: offset 16, each value's fifth bit added as 16 under a byte mask): the
+//! integer sums go four rows to a 512-bit vector (four lanes per row), the offset term eight
+//! rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
+//! (`maddubs` takes `|w|` against `a` with `w`'s sign).
 //!
 //! Q4_K rows grouped the same way ([`Q4K8`]) keep the file's 16-byte runs of nibbles, four
 //! rows to a 64-byte load, with every row's six-bit scales and mins unpacked to bytes at
