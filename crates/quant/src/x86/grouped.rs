@@ -208,13 +208,14 @@ unsafe fn tile512<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
             let d8 = _mm256_cvtph_ps(_mm_loadu_si128((*blk).d().as_ptr() as *const __m128i));
-            // The per-row term of `s`: Q4_1's `m`, else the offset times `d` (Q5_0: 16).
+            // The per-row term of `s`: Q4_1's `m`, else the offset times `d` (Q5_0: none,
+            // its offset comes off in integers below).
             let (offset8, offset) = match ((*blk).m(), (*blk).qh()) {
                 (Some(m), _) => (
                     _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
                     1.0,
                 ),
-                (None, Some(_)) => (d8, -16.0),
+                (None, Some(_)) => (d8, 0.0),
                 (None, None) => (d8, offset),
             };
             let qs = (*blk).qs().as_ptr() as *const u8;
@@ -245,16 +246,29 @@ unsafe fn tile512<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                 let alo = _mm512_broadcast_i32x4(_mm_loadu_si128(qa as *const __m128i));
                 let ahi = _mm512_broadcast_i32x4(_mm_loadu_si128(qa.add(16) as *const __m128i));
                 let zero = _mm512_setzero_si512();
-                let dot0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo0, alo), hi0, ahi);
-                let dot1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo1, alo), hi1, ahi);
+                // Q5_0: the dots start from `−16·Σa` (the same in every row's lanes), so
+                // `Σ (u − 16)·a` is exact in integers, as llama.cpp computes it (an f32
+                // offset term would cancel against the sum and round).
+                let start = if (*blk).qh().is_some() {
+                    let sixteen = _mm512_set1_epi8(16);
+                    let sa =
+                        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, sixteen, alo), sixteen, ahi);
+                    _mm512_sub_epi32(zero, sa)
+                } else {
+                    zero
+                };
+                let dot0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo0, alo), hi0, ahi);
+                let dot1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo1, alo), hi1, ahi);
                 let scale =
                     _mm512_castps256_ps512(_mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i))));
                 let s0 = _mm512_permutexvar_ps(rows_lo, scale);
                 let s1 = _mm512_permutexvar_ps(rows_hi, scale);
                 acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot0), s0, acc[t][0]);
                 acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), s1, acc[t][1]);
-                let sum = _mm256_set1_ps(offset * *a.s.as_ptr().add(i));
-                acc_offset[t] = _mm256_fmadd_ps(offset8, sum, acc_offset[t]);
+                if offset != 0.0 {
+                    let sum = _mm256_set1_ps(offset * *a.s.as_ptr().add(i));
+                    acc_offset[t] = _mm256_fmadd_ps(offset8, sum, acc_offset[t]);
+                }
             }
         }
     }
@@ -388,6 +402,9 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
             let qs = (*blk).qs().as_ptr() as *const u8;
             let mut scale = [_mm256_setzero_ps(); T];
             let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+            // Q5_0: each token's `16·Σa` per lane (the same for both rows of a vector), taken
+            // off the dots in integers, exact as llama.cpp's.
+            let mut sa16 = [_mm256_setzero_si256(); T];
             for t in 0..T {
                 let i = (t0 + t) * nb + b;
                 let qa = (*a.blocks.as_ptr().add(i)).qs().as_ptr();
@@ -396,17 +413,24 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16) as *const __m128i)),
                 );
                 scale[t] = _mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i)));
+                if (*blk).qh().is_some() {
+                    let sixteen = _mm256_set1_epi8(16);
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(sixteen, act[t].0),
+                        _mm256_maddubs_epi16(sixteen, act[t].1),
+                    );
+                    sa16[t] = _mm256_madd_epi16(p, ones);
+                }
                 let s = *a.s.as_ptr().add(i);
                 match m8 {
                     // Q4_1: `m·s`.
                     Some(m8) => {
                         acc_offset[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s), acc_offset[t])
                     }
-                    // Q4_0 (Q5_0): the offset, `−8·d·s` (`−16·d·s`); IQ4_NL's values are
-                    // signed (none).
-                    None if !NL => {
-                        let off = if (*blk).qh().is_some() { -16.0 } else { -8.0 };
-                        acc_offset[t] = _mm256_fmadd_ps(d8, _mm256_set1_ps(off * s), acc_offset[t])
+                    // Q4_0: the offset, `−8·d·s`; Q5_0's comes off in integers below; IQ4_NL's
+                    // values are signed (none).
+                    None if !NL && (*blk).qh().is_none() => {
+                        acc_offset[t] = _mm256_fmadd_ps(d8, _mm256_set1_ps(-8.0 * s), acc_offset[t])
                     }
                     None => {}
                 }
@@ -458,7 +482,7 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                             _mm256_maddubs_epi16(lo, alo),
                             _mm256_maddubs_epi16(hi, ahi),
                         );
-                        _mm256_madd_epi16(p, ones)
+                        _mm256_sub_epi32(_mm256_madd_epi16(p, ones), sa16[t])
                     };
                     let s = _mm256_permutevar8x32_ps(scale[t], pick);
                     acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][k]);
