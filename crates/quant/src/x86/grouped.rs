@@ -9,9 +9,9 @@
 //! Weights are unsigned bytes `u` (Q4_0: the nibble `q`, value `q − 8`; IQ4_NL at AVX-512:
 //! its table plus 128), so a product is `d·da·Σ u·a − offset·d·s` with `s = da·Σa` the
 //! activation block's sum (Q4_1: `+ m·s`, its eight mins loaded and converted like the
-//! scales; Q5_0: offset 16, each value's fifth bit added as 16 under a byte mask): the
-//! integer sums go four rows to a 512-bit vector (four lanes per row), the offset term eight
-//! rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
+//! scales; Q5_0: each value's fifth bit added as 16 under a byte mask, and its offset 16
+//! taken off in integers, the dots starting from `−16·Σa`): the integer sums go four rows
+//! to a 512-bit vector (four lanes per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
 //! (`maddubs` takes `|w|` against `a` with `w`'s sign).
 //!
 //! Q4_K rows grouped the same way ([`Q4K8`]) keep the file's 16-byte runs of nibbles, four
