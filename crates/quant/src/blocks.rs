@@ -155,25 +155,26 @@ pub trait Groupable: Pod + Sync {
     fn take(g: &Self::Group, r: usize) -> Self;
 }
 
-macro_rules! nibble_groupable {
-    ($block:ty) => {
+/// `Groupable` for a 32-value block type whose group holds each of its fields as an array
+/// of the eight rows' values (row `r` at index `r`).
+macro_rules! groupable_by_fields {
+    ($block:ty, $group:ty, $($field:ident),+) => {
         impl Groupable for $block {
-            type Group = Nibbles8;
+            type Group = $group;
             const LEN: usize = QK;
-            fn put(&self, g: &mut Nibbles8, r: usize) {
-                (g.d[r], g.qs[r]) = (self.d, self.qs);
+            fn put(&self, g: &mut $group, r: usize) {
+                $(g.$field[r] = self.$field;)+
             }
-            fn take(g: &Nibbles8, r: usize) -> Self {
+            fn take(g: &$group, r: usize) -> Self {
                 Self {
-                    d: g.d[r],
-                    qs: g.qs[r],
+                    $($field: g.$field[r],)+
                 }
             }
         }
     };
 }
-nibble_groupable!(BlockQ4_0);
-nibble_groupable!(BlockIQ4NL);
+groupable_by_fields!(BlockQ4_0, Nibbles8, d, qs);
+groupable_by_fields!(BlockIQ4NL, Nibbles8, d, qs);
 
 /// Eight Q4_1 rows' blocks side by side, as [`Nibbles8`] with each row's min: the same
 /// bytes as the eight blocks (160), reordered.
@@ -195,35 +196,8 @@ pub struct NibblesQh8 {
     pub qs: [[u8; QK / 2]; 8],
 }
 
-impl Groupable for BlockQ5_0 {
-    type Group = NibblesQh8;
-    const LEN: usize = QK;
-    fn put(&self, g: &mut NibblesQh8, r: usize) {
-        (g.d[r], g.qh[r], g.qs[r]) = (self.d, self.qh, self.qs);
-    }
-    fn take(g: &NibblesQh8, r: usize) -> Self {
-        Self {
-            d: g.d[r],
-            qh: g.qh[r],
-            qs: g.qs[r],
-        }
-    }
-}
-
-impl Groupable for BlockQ4_1 {
-    type Group = NibblesMin8;
-    const LEN: usize = QK;
-    fn put(&self, g: &mut NibblesMin8, r: usize) {
-        (g.d[r], g.m[r], g.qs[r]) = (self.d, self.m, self.qs);
-    }
-    fn take(g: &NibblesMin8, r: usize) -> Self {
-        Self {
-            d: g.d[r],
-            m: g.m[r],
-            qs: g.qs[r],
-        }
-    }
-}
+groupable_by_fields!(BlockQ4_1, NibblesMin8, d, m, qs);
+groupable_by_fields!(BlockQ5_0, NibblesQh8, d, qh, qs);
 
 /// Eight Q4_K rows' super-blocks side by side, with the six-bit scales and mins unpacked
 /// to bytes: decoding reads four rows' 16-byte runs of nibbles with one 64-byte load (two

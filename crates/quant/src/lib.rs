@@ -575,31 +575,56 @@ impl QMatrix<'_> {
                 Some(g) => rows_panels(w, acts.q8k_first(p), p, g, out),
                 None => return false,
             },
-            Blocks::Q4_0x8(w) => match (k.prefill_q4_0x8, k.prefill_q4_0) {
-                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
-                (None, Some(g)) => groups_panels::<BlockQ4_0, _>(w, acts.q8_0_first(p), p, g, out),
-                (None, None) => return false,
-            },
-            Blocks::IQ4NLx8(w) => match (k.prefill_iq4_nlx8, k.prefill_iq4_nl) {
-                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
-                (None, Some(g)) => groups_panels::<BlockIQ4NL, _>(w, acts.q8_0_first(p), p, g, out),
-                (None, None) => return false,
-            },
-            Blocks::Q5_0x8(w) => match (k.prefill_q5_0x8, k.prefill_q5_0) {
-                (Some(g), _) => grouped_panels(w, acts.q8_0_first(p), p, g, out),
-                (None, Some(g)) => groups_panels::<BlockQ5_0, _>(w, acts.q8_0_first(p), p, g, out),
-                (None, None) => return false,
-            },
-            Blocks::Q4_1x8(w) => match (k.prefill_q4_1x8, k.prefill_q4_1) {
-                (Some(g), _) => grouped_panels(w, acts.q8_1_first(p), p, g, out),
-                (None, Some(g)) => groups_panels::<BlockQ4_1, _>(w, acts.q8_1_first(p), p, g, out),
-                (None, None) => return false,
-            },
-            Blocks::Q4Kx8(w) => match (k.prefill_q4_kx8, k.prefill_q4_k) {
-                (Some(g), _) => grouped_panels(w, acts.q8k_first(p), p, g, out),
-                (None, Some(g)) => groups_panels::<BlockQ4K, _>(w, acts.q8k_first(p), p, g, out),
-                (None, None) => return false,
-            },
+            Blocks::Q4_0x8(w) => {
+                return group_prompt::<BlockQ4_0, _>(
+                    w,
+                    acts.q8_0_first(p),
+                    p,
+                    k.prefill_q4_0x8,
+                    k.prefill_q4_0,
+                    out,
+                )
+            }
+            Blocks::IQ4NLx8(w) => {
+                return group_prompt::<BlockIQ4NL, _>(
+                    w,
+                    acts.q8_0_first(p),
+                    p,
+                    k.prefill_iq4_nlx8,
+                    k.prefill_iq4_nl,
+                    out,
+                )
+            }
+            Blocks::Q5_0x8(w) => {
+                return group_prompt::<BlockQ5_0, _>(
+                    w,
+                    acts.q8_0_first(p),
+                    p,
+                    k.prefill_q5_0x8,
+                    k.prefill_q5_0,
+                    out,
+                )
+            }
+            Blocks::Q4_1x8(w) => {
+                return group_prompt::<BlockQ4_1, _>(
+                    w,
+                    acts.q8_1_first(p),
+                    p,
+                    k.prefill_q4_1x8,
+                    k.prefill_q4_1,
+                    out,
+                )
+            }
+            Blocks::Q4Kx8(w) => {
+                return group_prompt::<BlockQ4K, _>(
+                    w,
+                    acts.q8k_first(p),
+                    p,
+                    k.prefill_q4_kx8,
+                    k.prefill_q4_k,
+                    out,
+                )
+            }
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -701,6 +726,25 @@ fn rows_panels<W: Sync, A: Sync>(
     by_panel_tasks(w.len() / nb, n_tok, out, |r0, n, o| {
         prefill(&w[r0 * nb..(r0 + n) * nb], &a, nb, o)
     });
+}
+
+/// A prompt product over grouped rows: on the level's panels that read the groups in place
+/// (`in_place`), else on its panels for the file's layout with each task's groups put back
+/// (`plain`); false where the level has neither.
+fn group_prompt<B: Groupable, A: Sync>(
+    w: &[B::Group],
+    a: ActBlocks<A>,
+    p: usize,
+    in_place: Option<dispatch::Prefill<B::Group, A>>,
+    plain: Option<dispatch::Prefill<B, A>>,
+    out: &mut [f32],
+) -> bool {
+    match (in_place, plain) {
+        (Some(g), _) => grouped_panels(w, a, p, g, out),
+        (None, Some(g)) => groups_panels::<B, _>(w, a, p, g, out),
+        (None, None) => return false,
+    }
+    true
 }
 
 /// [`rows_panels`] for a kernel that reads grouped rows in place: each task takes whole

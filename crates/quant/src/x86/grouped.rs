@@ -30,14 +30,18 @@ use half::f16;
 use std::arch::x86_64::*;
 
 /// A group of eight rows' 32-value blocks of nibbles: Q4_0 and IQ4_NL ([`Nibbles8`]), Q4_1
-/// ([`NibblesMin8`], whose rows also carry a min, added as `m·s`).
+/// ([`NibblesMin8`], whose rows also carry a min, added as `m·s`), Q5_0 ([`NibblesQh8`],
+/// whose rows also carry their values' fifth bits).
 pub trait NibbleGroup: Copy {
     /// The rows' scales.
     fn d(&self) -> &[f16; 8];
-    /// The rows' mins (Q4_1), else `None`.
-    fn m(&self) -> Option<&[f16; 8]>;
     /// The rows' 16 bytes of nibbles.
     fn qs(&self) -> &[[u8; 16]; 8];
+    /// The rows' mins (Q4_1), else `None`.
+    #[inline(always)]
+    fn m(&self) -> Option<&[f16; 8]> {
+        None
+    }
     /// The rows' fifth bits (Q5_0: bit `j` of value `j`, values `q − 16`), else `None`.
     #[inline(always)]
     fn qh(&self) -> Option<&[[u8; 4]; 8]> {
@@ -45,34 +49,34 @@ pub trait NibbleGroup: Copy {
     }
 }
 
+/// The two parts every group type has.
+macro_rules! scales_and_nibbles {
+    () => {
+        #[inline(always)]
+        fn d(&self) -> &[f16; 8] {
+            &self.d
+        }
+        #[inline(always)]
+        fn qs(&self) -> &[[u8; 16]; 8] {
+            &self.qs
+        }
+    };
+}
+
 impl NibbleGroup for Nibbles8 {
-    #[inline(always)]
-    fn d(&self) -> &[f16; 8] {
-        &self.d
-    }
+    scales_and_nibbles!();
+}
+
+impl NibbleGroup for NibblesMin8 {
+    scales_and_nibbles!();
     #[inline(always)]
     fn m(&self) -> Option<&[f16; 8]> {
-        None
-    }
-    #[inline(always)]
-    fn qs(&self) -> &[[u8; 16]; 8] {
-        &self.qs
+        Some(&self.m)
     }
 }
 
 impl NibbleGroup for NibblesQh8 {
-    #[inline(always)]
-    fn d(&self) -> &[f16; 8] {
-        &self.d
-    }
-    #[inline(always)]
-    fn m(&self) -> Option<&[f16; 8]> {
-        None
-    }
-    #[inline(always)]
-    fn qs(&self) -> &[[u8; 16]; 8] {
-        &self.qs
-    }
+    scales_and_nibbles!();
     #[inline(always)]
     fn qh(&self) -> Option<&[[u8; 4]; 8]> {
         Some(&self.qh)
@@ -91,21 +95,6 @@ fn fifth_bit_masks(qh: &[[u8; 4]; 8], h: usize) -> (u64, u64) {
         hi |= (q >> 16) << (16 * i);
     }
     (lo, hi)
-}
-
-impl NibbleGroup for NibblesMin8 {
-    #[inline(always)]
-    fn d(&self) -> &[f16; 8] {
-        &self.d
-    }
-    #[inline(always)]
-    fn m(&self) -> Option<&[f16; 8]> {
-        Some(&self.m)
-    }
-    #[inline(always)]
-    fn qs(&self) -> &[[u8; 16]; 8] {
-        &self.qs
-    }
 }
 
 /// How many blocks ahead in a group's column the loop prefetches (a group's blocks are one

@@ -469,75 +469,22 @@ vnni_gemm!(vnni_iq4_nl, BlockIQ4NL, BlockQ8_0);
 
 /// Rows grouped eight at a time (`grouped`). SAFETY (all): installed by `kernels` only at
 /// the level whose features each one enables, after detection.
-fn grouped512_q4_0(w: &[Nibbles8], a: &ActBlocks<BlockQ8_0>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_avx512::<false, _, _>(w, a, nb, n, out) }
+macro_rules! grouped_gemm {
+    ($name:ident, $kernel:ident, $nl:literal, $group:ty, $a:ty) => {
+        fn $name(w: &[$group], a: &ActBlocks<$a>, nb: usize, n: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { grouped::$kernel::<$nl, _, _>(w, a, nb, n, out) }
+        }
+    };
 }
-fn grouped512_q4_1(
-    w: &[NibblesMin8],
-    a: &ActBlocks<BlockQ8_1>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_avx512::<false, _, _>(w, a, nb, n, out) }
-}
-fn grouped512_q5_0(
-    w: &[NibblesQh8],
-    a: &ActBlocks<BlockQ8_0>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_avx512::<false, _, _>(w, a, nb, n, out) }
-}
-fn grouped256_q5_0(
-    w: &[NibblesQh8],
-    a: &ActBlocks<BlockQ8_0>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_avx2::<false, _, _>(w, a, nb, n, out) }
-}
-fn grouped512_iq4_nl(
-    w: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_avx512::<true, _, _>(w, a, nb, n, out) }
-}
-fn grouped256_q4_0(w: &[Nibbles8], a: &ActBlocks<BlockQ8_0>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_avx2::<false, _, _>(w, a, nb, n, out) }
-}
-fn grouped256_q4_1(
-    w: &[NibblesMin8],
-    a: &ActBlocks<BlockQ8_1>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_avx2::<false, _, _>(w, a, nb, n, out) }
-}
-fn grouped256_iq4_nl(
-    w: &[Nibbles8],
-    a: &ActBlocks<BlockQ8_0>,
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_avx2::<true, _, _>(w, a, nb, n, out) }
-}
-
+grouped_gemm!(grouped512_q4_0, gemm_avx512, false, Nibbles8, BlockQ8_0);
+grouped_gemm!(grouped512_iq4_nl, gemm_avx512, true, Nibbles8, BlockQ8_0);
+grouped_gemm!(grouped512_q4_1, gemm_avx512, false, NibblesMin8, BlockQ8_1);
+grouped_gemm!(grouped512_q5_0, gemm_avx512, false, NibblesQh8, BlockQ8_0);
+grouped_gemm!(grouped256_q4_0, gemm_avx2, false, Nibbles8, BlockQ8_0);
+grouped_gemm!(grouped256_iq4_nl, gemm_avx2, true, Nibbles8, BlockQ8_0);
+grouped_gemm!(grouped256_q4_1, gemm_avx2, false, NibblesMin8, BlockQ8_1);
+grouped_gemm!(grouped256_q5_0, gemm_avx2, false, NibblesQh8, BlockQ8_0);
 fn grouped512_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
     // SAFETY: see above (Avx512 level).
     unsafe { grouped::gemm_q4k_avx512(w, a.blocks, nb, n, out) }
