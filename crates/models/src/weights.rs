@@ -22,8 +22,8 @@ impl Mat {
         let (info, bytes) = g.tensor_with_shape(name, &[cols as u64, rows as u64])?;
         let m = QMatrix::new(name, info.ty, cols, rows, bytes)?;
         let index = g.tensor_position(name).expect("found above");
-        // Rows regrouped for this CPU's decoding kernels where it has them (Q4_0, IQ4_NL, Q4_K):
-        // the regrouped copy replaces the file's bytes in memory (loaded twice, as a tied
+        // Rows regrouped for this CPU's decoding kernels where it has them (Q4_0, IQ4_NL,
+        // Q4_1, Q5_0, Q4_K, Q5_K): the regrouped copy replaces the file's bytes in memory (loaded twice, as a tied
         // embedding and output, it is regrouped once).
         if g.can_replace_layout() && g.replaced_layout(index).is_none() {
             if let Some(groups) = m.interleave() {

@@ -271,6 +271,135 @@ impl Groupable for BlockQ4K {
     }
 }
 
+/// Eight Q5_K rows' super-blocks side by side: their scales, mins and low four bits as
+/// [`Q4K8`] holds Q4_K's, and each row's fifth bits (the file's `qh`) in two 16-byte halves,
+/// so a 64-byte load brings four rows' fifth bits for the runs of the same half. 1440 bytes
+/// against the eight blocks' 1408.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Q5K8 {
+    pub low: Q4K8,
+    /// `qh[h][r]`: row `r`'s `qh[16h .. 16h + 16]`. Bit `2j` of byte `i` is the fifth bit of
+    /// value `64j + 16h + i` (a low nibble of run `2j + h`), bit `2j + 1` of value
+    /// `64j + 32 + 16h + i` (a high nibble of the same run).
+    pub qh: [[[u8; 16]; 8]; 2],
+}
+
+/// A group of eight rows' super-blocks of four-bit values with six-bit scales and mins, as
+/// the grouped kernels read it: Q4_K ([`Q4K8`]) or Q5_K ([`Q5K8`], whose values also carry
+/// a fifth bit).
+pub trait KGroup: Copy {
+    /// The largest value (15, or 31 with the fifth bit).
+    const MAX_VALUE: u32;
+    /// The scales, mins and low four bits.
+    fn low(&self) -> &Q4K8;
+    /// The fifth bits (Q5_K), else `None`.
+    #[inline(always)]
+    fn qh(&self) -> Option<&[[[u8; 16]; 8]; 2]> {
+        None
+    }
+}
+
+impl KGroup for Q4K8 {
+    const MAX_VALUE: u32 = 15;
+    #[inline(always)]
+    fn low(&self) -> &Q4K8 {
+        self
+    }
+}
+
+impl KGroup for Q5K8 {
+    const MAX_VALUE: u32 = 31;
+    #[inline(always)]
+    fn low(&self) -> &Q4K8 {
+        &self.low
+    }
+    #[inline(always)]
+    fn qh(&self) -> Option<&[[[u8; 16]; 8]; 2]> {
+        Some(&self.qh)
+    }
+}
+
+impl Groupable for BlockQ5K {
+    type Group = Q5K8;
+    const LEN: usize = QK_K;
+    fn put(&self, g: &mut Q5K8, r: usize) {
+        let low = BlockQ4K {
+            d: self.d,
+            dmin: self.dmin,
+            scales: self.scales,
+            qs: self.qs,
+        };
+        low.put(&mut g.low, r);
+        for (h, half) in self.qh.chunks_exact(16).enumerate() {
+            g.qh[h][r].copy_from_slice(half);
+        }
+    }
+    fn take(g: &Q5K8, r: usize) -> Self {
+        let low = BlockQ4K::take(&g.low, r);
+        let mut qh = [0u8; QK_K / 8];
+        for (h, half) in qh.chunks_exact_mut(16).enumerate() {
+            half.copy_from_slice(&g.qh[h][r]);
+        }
+        Self {
+            d: low.d,
+            dmin: low.dmin,
+            scales: low.scales,
+            qh,
+            qs: low.qs,
+        }
+    }
+}
+
+/// Eight IQ4_XS rows' super-blocks side by side, with the six-bit scales unpacked to signed
+/// bytes (minus 32): decoding reads two rows' 16-byte runs with one 32-byte load (AVX2)
+/// and every row's scale of a sub-block with one 8-byte load. 1104 bytes against the eight
+/// blocks' 1088.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct IQ4XS8 {
+    pub d: [f16; 8],
+    /// `scales[j][r]`: row `r`'s scale of sub-block `j`, minus 32.
+    pub scales: [[i8; 8]; 8],
+    /// `qs[j][r]`: row `r`'s `qs[16j .. 16j + 16]` (sub-block `j`: low nibbles are its
+    /// values 0..16, high nibbles 16..32).
+    pub qs: [[[u8; 16]; 8]; 8],
+}
+
+impl Groupable for BlockIQ4XS {
+    type Group = IQ4XS8;
+    const LEN: usize = QK_K;
+    fn put(&self, g: &mut IQ4XS8, r: usize) {
+        g.d[r] = self.d;
+        for (j, s) in crate::reference::iq4xs_scales(self).into_iter().enumerate() {
+            g.scales[j][r] = s;
+        }
+        for (j, run) in self.qs.chunks_exact(16).enumerate() {
+            g.qs[j][r].copy_from_slice(run);
+        }
+    }
+    fn take(g: &IQ4XS8, r: usize) -> Self {
+        // Each scale plus 32 is six bits: the low four in `scales_l` (two per byte), the
+        // high two in `scales_h` (two bits per sub-block), as the file packs them.
+        let (mut scales_l, mut scales_h) = ([0u8; QK_K / 64], 0u16);
+        for j in 0..8 {
+            let ls = (g.scales[j][r] as i32 + 32) as u8 & 63;
+            scales_l[j / 2] |= (ls & 0xF) << (4 * (j % 2));
+            scales_h |= ((ls >> 4) as u16) << (2 * j);
+        }
+        let mut qs = [0u8; QK_K / 2];
+        for (j, run) in qs.chunks_exact_mut(16).enumerate() {
+            run.copy_from_slice(&g.qs[j][r]);
+        }
+        Self {
+            d: g.d[r],
+            scales_h,
+            scales_l,
+            qs,
+        }
+    }
+}
+
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -303,3 +432,5 @@ const _: () = assert!(std::mem::size_of::<Nibbles8>() == 8 * 18);
 const _: () = assert!(std::mem::size_of::<NibblesMin8>() == 8 * 20);
 const _: () = assert!(std::mem::size_of::<NibblesQh8>() == 8 * 22);
 const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);
+const _: () = assert!(std::mem::size_of::<Q5K8>() == 1440);
+const _: () = assert!(std::mem::size_of::<IQ4XS8>() == 1104);

@@ -189,6 +189,14 @@ pub struct Kernels {
     /// Prompt tokens on Q4_K rows grouped at load (`gemm_q4_kx8`), read in place; where a
     /// level lacks it, the groups go back to the file's layout for `prefill_q4_k`.
     pub prefill_q4_kx8: Option<Prefill<Q4K8, BlockQ8K>>,
+    /// Q5_K rows grouped eight at a time ([`Q5K8`]).
+    pub gemm_q5_kx8: Option<Gemm<Q5K8, BlockQ8K>>,
+    /// Prompt tokens on Q5_K rows grouped at load (`gemm_q5_kx8`), read in place.
+    pub prefill_q5_kx8: Option<Prefill<Q5K8, BlockQ8K>>,
+    /// IQ4_XS rows grouped eight at a time ([`IQ4XS8`]).
+    pub gemm_iq4_xsx8: Option<Gemm<IQ4XS8, BlockQ8K>>,
+    /// Prompt tokens on IQ4_XS rows grouped at load (`gemm_iq4_xsx8`), read in place.
+    pub prefill_iq4_xsx8: Option<Prefill<IQ4XS8, BlockQ8K>>,
     /// The same for Q4_0, IQ4_NL and Q4_1 rows grouped at load.
     pub prefill_q4_0x8: Option<Prefill<Nibbles8, BlockQ8_0>>,
     pub prefill_iq4_nlx8: Option<Prefill<Nibbles8, BlockQ8_0>>,
@@ -318,6 +326,10 @@ impl Kernels {
             gemm_iq4_nlx8: None,
             gemm_q4_kx8: None,
             prefill_q4_kx8: None,
+            gemm_q5_kx8: None,
+            prefill_q5_kx8: None,
+            gemm_iq4_xsx8: None,
+            prefill_iq4_xsx8: None,
             prefill_q4_0x8: None,
             prefill_iq4_nlx8: None,
             prefill_q4_1x8: None,

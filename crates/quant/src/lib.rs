@@ -169,6 +169,10 @@ pub enum Blocks<'a> {
     Q5_0x8(&'a [NibblesQh8]),
     /// Q4_K rows in groups of eight.
     Q4Kx8(&'a [Q4K8]),
+    /// Q5_K rows in groups of eight.
+    Q5Kx8(&'a [Q5K8]),
+    /// IQ4_XS rows in groups of eight.
+    IQ4XSx8(&'a [IQ4XS8]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -245,8 +249,9 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0 and Q4_K at `avx2`/`avx512`:
-    /// eight rows side by side, [`Nibbles8`], [`NibblesMin8`], [`NibblesQh8`] and [`Q4K8`])
+    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K and Q5_K at
+    /// `avx2`/`avx512`, IQ4_XS at `avx2`: eight rows side by side, [`Nibbles8`],
+    /// [`NibblesMin8`], [`NibblesQh8`], [`Q4K8`], [`Q5K8`] and [`IQ4XS8`])
     /// and the rows come in whole groups of eight; `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
     /// as 16-bit words (every group is 2-byte aligned); [`QMatrix::from_interleaved`] reads
     /// them.
@@ -272,11 +277,17 @@ impl<'a> QMatrix<'a> {
             Blocks::Q4K(w) if k.gemm_q4_kx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
+            Blocks::Q5K(w) if k.gemm_q5_kx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
+            }
+            Blocks::IQ4XS(w) if k.gemm_iq4_xsx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
+            }
             _ => None,
         }
     }
 
-    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0 or Q4_K) matrix from its blocks as
+    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K or IQ4_XS) matrix from its blocks as
     /// [`QMatrix::interleave`]
     /// made them.
     pub fn from_interleaved(
@@ -307,11 +318,19 @@ impl<'a> QMatrix<'a> {
             GgmlType::Q4_K if fits(QK_K, size_of::<Q4K8>()) => {
                 Blocks::Q4Kx8(bytemuck::cast_slice(words))
             }
+            GgmlType::Q5_K if fits(QK_K, size_of::<Q5K8>()) => {
+                Blocks::Q5Kx8(bytemuck::cast_slice(words))
+            }
+            GgmlType::IQ4_XS if fits(QK_K, size_of::<IQ4XS8>()) => {
+                Blocks::IQ4XSx8(bytemuck::cast_slice(words))
+            }
             GgmlType::Q4_0
             | GgmlType::IQ4_NL
             | GgmlType::Q4_1
             | GgmlType::Q5_0
-            | GgmlType::Q4_K => {
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::IQ4_XS => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -355,7 +374,9 @@ impl<'a> QMatrix<'a> {
             | Blocks::Q2K(_)
             | Blocks::Q3K(_)
             | Blocks::IQ4XS(_)
-            | Blocks::Q4Kx8(_) => ActType::Q8K,
+            | Blocks::Q4Kx8(_)
+            | Blocks::Q5Kx8(_)
+            | Blocks::IQ4XSx8(_) => ActType::Q8K,
         }
     }
 
@@ -394,6 +415,12 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::Q4Kx8(x) => {
                 grouped_row::<BlockQ4K>(x, n, r, out, reference::dequantize_row_q4_k)
+            }
+            Blocks::Q5Kx8(x) => {
+                grouped_row::<BlockQ5K>(x, n, r, out, reference::dequantize_row_q5_k)
+            }
+            Blocks::IQ4XSx8(x) => {
+                grouped_row::<BlockIQ4XS>(x, n, r, out, reference::dequantize_row_iq4_xs)
             }
         }
     }
@@ -507,6 +534,14 @@ impl<'a> QMatrix<'a> {
             Blocks::Q4Kx8(w) => {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q4_kx8, k.gemm_q4_k, out, scratch)
+            }
+            Blocks::Q5Kx8(w) => {
+                let a = acts.q8k_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q5_kx8, k.gemm_q5_k, out, scratch)
+            }
+            Blocks::IQ4XSx8(w) => {
+                let a = acts.q8k_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_iq4_xsx8, k.gemm_iq4_xs, out, scratch)
             }
         }
     }
@@ -625,6 +660,26 @@ impl QMatrix<'_> {
                     out,
                 )
             }
+            Blocks::Q5Kx8(w) => {
+                return group_prompt::<BlockQ5K, _>(
+                    w,
+                    acts.q8k_first(p),
+                    p,
+                    k.prefill_q5_kx8,
+                    k.prefill_q5_k,
+                    out,
+                )
+            }
+            Blocks::IQ4XSx8(w) => {
+                return group_prompt::<BlockIQ4XS, _>(
+                    w,
+                    acts.q8k_first(p),
+                    p,
+                    k.prefill_iq4_xsx8,
+                    k.prefill_iq4_xs,
+                    out,
+                )
+            }
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -674,7 +729,9 @@ impl QMatrix<'_> {
             | Blocks::IQ4NLx8(_)
             | Blocks::Q4_1x8(_)
             | Blocks::Q5_0x8(_)
-            | Blocks::Q4Kx8(_) => return false,
+            | Blocks::Q4Kx8(_)
+            | Blocks::Q5Kx8(_)
+            | Blocks::IQ4XSx8(_) => return false,
         }
         true
     }

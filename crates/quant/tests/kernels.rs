@@ -246,15 +246,15 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL, Q4_1, Q5_0 and Q4_K rows grouped eight at a time: every (row, token) against the
-    /// reference dot product, each token alone bit for bit what it got with the others
-    /// (batched decoding), and the grouping undone and dequantized exactly.
+    /// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K and IQ4_XS rows grouped eight at a time: every (row,
+    /// token) against the reference dot product, each token alone bit for bit what it got
+    /// with the others (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
     fn grouped_rows_match_reference(
         nb in 1usize..6,
         groups in 1usize..4,
         n_tok in 1usize..8,
-        raw in prop::collection::vec(any::<u8>(), 144 * 3 * 24),
+        raw in prop::collection::vec(any::<u8>(), 176 * 3 * 24),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         use hearth_quant::GgmlType;
@@ -295,18 +295,24 @@ proptest! {
         let q8k = GroupedActs { y: &yk, d: &[], s: &[], values: &values };
         let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nbk], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         check_grouped(GgmlType::Q4_K, &q4k, nbk, &q8k, |k| k.gemm_q4_kx8, r::vec_dot_q4_k_q8_k)?;
+        // Q5_K: every fifth bit random too.
+        let q5k: Vec<BlockQ5K> = blocks(&raw[..176 * rows * nbk], |b: &mut BlockQ5K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        check_grouped(GgmlType::Q5_K, &q5k, nbk, &q8k, |k| k.gemm_q5_kx8, r::vec_dot_q5_k_q8_k)?;
+        let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nbk], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
+        check_grouped(GgmlType::IQ4_XS, &xs4, nbk, &q8k, |k| k.gemm_iq4_xsx8, r::vec_dot_iq4_xs_q8_k)?;
     }
 
-    /// The prompt panels reading grouped Q4_K rows in place (`prefill_q4_kx8`) give, bit
-    /// for bit, what the file's rows give (`prefill_q4_k`), whose kernel is checked against
-    /// the reference in `k_quant_tiles_match_reference`.
+    /// The prompt panels reading grouped Q4_K, Q5_K and IQ4_XS rows in place
+    /// (`prefill_*x8`) give, bit for bit, what the file's rows give (`prefill_q4_k`,
+    /// `prefill_q5_k`, `prefill_iq4_xs`), whose kernels are checked against the reference
+    /// in `k_quant_tiles_match_reference`.
     #[test]
-    fn grouped_q4_k_prompts_equal_file_rows(
+    fn grouped_k_prompts_equal_file_rows(
         nb in 1usize..4,
         groups in 1usize..4,
         // Past 8 tokens (the panels' token tiles) and 16 (the AVX2 passes).
         n_tok in prop_oneof![1usize..4, 15usize..19],
-        raw in prop::collection::vec(any::<u8>(), 144 * 3 * 24),
+        raw in prop::collection::vec(any::<u8>(), 176 * 3 * 24),
         seed in prop::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let rows = 8 * groups;
@@ -314,25 +320,17 @@ proptest! {
         let mut yk = vec![BlockQ8K::zeroed(); n_tok * nb];
         r::quantize_row_q8_k(&x, &mut yk);
         let a = ActBlocks { blocks: &yk, d: &[], s: &[] };
-        let file: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nb], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
-        let grouped = hearth_quant::interleave8(&file, nb);
+        let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nb], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let q5k: Vec<BlockQ5K> = blocks(&raw[..176 * rows * nb], |b: &mut BlockQ5K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nb], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
         for k in levels() {
-            // Where a level groups Q4_K rows, its prompts read them in place.
+            // Where a level groups these rows, its prompts read them in place.
             prop_assert_eq!(k.gemm_q4_kx8.is_some(), k.prefill_q4_kx8.is_some(), "{:?}", k.isa);
-            let (Some(in_place), Some(plain)) = (k.prefill_q4_kx8, k.prefill_q4_k) else { continue };
-            let mut want = vec![f32::NAN; rows * n_tok];
-            prefill_rows(plain, &file, &a, nb, n_tok, &mut want);
-            // As the model runs it: tasks of whole panels (16 rows, two groups).
-            let mut token_major = vec![f32::NAN; n_tok * rows];
-            let columns = OutColumns::new(&mut token_major, n_tok, rows);
-            for r0 in (0..rows).step_by(16) {
-                let n = (rows - r0).min(16);
-                columns.with(r0, n, |o| in_place(&grouped[r0 / 8 * nb..(r0 + n) / 8 * nb], &a, nb, o));
-            }
-            for (i, w) in want.iter().enumerate() {
-                let got = token_major[(i % n_tok) * rows + i / n_tok];
-                prop_assert!(got.to_bits() == w.to_bits(), "{:?} row {} token {}: {} vs {}", k.isa, i / n_tok, i % n_tok, got, w);
-            }
+            prop_assert_eq!(k.gemm_q5_kx8.is_some(), k.prefill_q5_kx8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &q4k, &a, nb, n_tok, k.prefill_q4_kx8, k.prefill_q4_k)?;
+            grouped_prompt_equals_file(&k, &q5k, &a, nb, n_tok, k.prefill_q5_kx8, k.prefill_q5_k)?;
+            prop_assert_eq!(k.gemm_iq4_xsx8.is_some(), k.prefill_iq4_xsx8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &xs4, &a, nb, n_tok, k.prefill_iq4_xsx8, k.prefill_iq4_xs)?;
         }
     }
 

@@ -14,17 +14,26 @@
 //! to a 512-bit vector (four lanes per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
 //! (`maddubs` takes `|w|` against `a` with `w`'s sign).
 //!
-//! Q4_K rows grouped the same way ([`Q4K8`]) keep the file's 16-byte runs of nibbles, four
+//! Q4_K rows grouped the same way ([`crate::blocks::Q4K8`]) keep the file's 16-byte runs of nibbles, four
 //! rows to a 64-byte load, with every row's six-bit scales and mins unpacked to bytes at
 //! load. A sub-block's sums (unsigned nibbles against Q8_K's signed bytes) are scaled in
 //! integers, and the mins come off with the activations' 16-value sums, eight rows at once.
+//! Q5_K groups ([`crate::blocks::Q5K8`]) are Q4_K's plus each row's fifth bits in the file's bytes, 16 per
+//! run half, so the 64-byte load of four rows' runs has a 64-byte load of their fifth bits
+//! beside it; a shift and a mask make them 16 in the values (llama.cpp's AVX2 Q5_K does the
+//! same per row).
+//!
+//! IQ4_XS rows grouped the same way ([`IQ4XS8`], at AVX2 only: AVX-512's `kquant` tiles
+//! already decode the file's rows at Q4_0's speed per byte) keep the file's 16-byte runs,
+//! two rows to a 32-byte load, with the scales unpacked to signed bytes at load; the table
+//! values multiply the activations with `maddubs`' sign trick, as IQ4_NL's do.
 //!
 //! Each token's arithmetic is the same whichever tokens it is decoded with, so a batch of
 //! sequences gets, bit for bit, what each would alone.
 
 use super::avx2::prefetch;
 use super::vnni::Signed32;
-use crate::blocks::{BlockQ8K, Nibbles8, NibblesMin8, NibblesQh8, KVALUES_IQ4NL, Q4K8};
+use crate::blocks::{BlockQ8K, KGroup, Nibbles8, NibblesMin8, NibblesQh8, IQ4XS8, KVALUES_IQ4NL};
 use crate::ActBlocks;
 use half::f16;
 use std::arch::x86_64::*;
@@ -484,8 +493,8 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
     }
 }
 
-/// [`check`] for Q4_K groups against Q8_K activations.
-fn check_k(w: &[Q4K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
+/// [`check`] for Q4_K/Q5_K groups against Q8_K activations.
+fn check_k<G>(w: &[G], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
     assert!(nb > 0 && w.len().is_multiple_of(nb));
     assert!(out.len() >= w.len() / nb * 8 * n_tok && a.len() >= n_tok * nb);
 }
@@ -503,24 +512,24 @@ fn sub_block_sums(y: &BlockQ8K) -> __m128i {
     _mm_hadd_epi16(lo, hi)
 }
 
-/// Hints quarter `m` (of four) of the Q4_K group block four ahead of `blk` into cache: a
-/// group's blocks are one stream, read 4.7 KB ahead (two blocks ahead measured slower from
-/// memory on Zen 4).
+/// Hints quarter `m` (of four) of the Q4_K/Q5_K group block four ahead of `blk` into cache:
+/// a group's blocks are one stream, read 4.7 KB ahead (5.8 KB for Q5_K; two blocks ahead
+/// measured slower from memory on Zen 4).
 #[inline(always)]
-fn prefetch_ahead(blk: &Q4K8, m: usize) {
-    let quarter = size_of::<Q4K8>().div_ceil(4);
-    let ahead = (blk as *const Q4K8 as *const u8).wrapping_add(4 * size_of::<Q4K8>() + quarter * m);
+fn prefetch_ahead<G>(blk: &G, m: usize) {
+    let quarter = size_of::<G>().div_ceil(4);
+    let ahead = (blk as *const G as *const u8).wrapping_add(4 * size_of::<G>() + quarter * m);
     prefetch(ahead, quarter);
 }
 
-/// Grouped Q4_K rows `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512
-/// VNNI: `out[r * n_tok + t]`.
+/// Grouped Q4_K or Q5_K rows `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at
+/// AVX-512 VNNI: `out[r * n_tok + t]`.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_q4k_avx512(
-    w: &[Q4K8],
+pub unsafe fn gemm_k_avx512<G: KGroup>(
+    w: &[G],
     a: &[BlockQ8K],
     nb: usize,
     n_tok: usize,
@@ -531,22 +540,22 @@ pub unsafe fn gemm_q4k_avx512(
         // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
         unsafe {
             match n {
-                1 => tile512_q4k::<1>(group, a, nb, t0, n_tok, out),
-                2 => tile512_q4k::<2>(group, a, nb, t0, n_tok, out),
-                3 => tile512_q4k::<3>(group, a, nb, t0, n_tok, out),
-                _ => tile512_q4k::<4>(group, a, nb, t0, n_tok, out),
+                1 => tile512_k::<1, G>(group, a, nb, t0, n_tok, out),
+                2 => tile512_k::<2, G>(group, a, nb, t0, n_tok, out),
+                3 => tile512_k::<3, G>(group, a, nb, t0, n_tok, out),
+                _ => tile512_k::<4, G>(group, a, nb, t0, n_tok, out),
             }
         }
     });
 }
 
-/// One Q4_K group × tokens `t0 .. t0 + T`: rows 0..4 in the first vector of each pair,
+/// One Q4_K/Q5_K group × tokens `t0 .. t0 + T`: rows 0..4 in the first vector of each pair,
 /// 4..8 in the second, four i32 lanes per row.
 #[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile512_q4k<const T: usize>(
-    group: &[Q4K8],
+unsafe fn tile512_k<const T: usize, G: KGroup>(
+    group: &[G],
     a: &[BlockQ8K],
     nb: usize,
     t0: usize,
@@ -563,11 +572,23 @@ unsafe fn tile512_q4k<const T: usize>(
     // line here, passing every vector through memory (8x slower decoding, `perf`).
     let pick = |s: i32, h: i32| _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8 * s + 4 * h));
     let rows = [[pick(0, 0), pick(0, 1)], [pick(1, 0), pick(1, 1)]];
+    let bit4 = _mm512_set1_epi8(0x10);
     for b in 0..nb {
-        let blk = &group[b];
+        let blk = group[b].low();
+        // Q5_K: rows 4h .. 4h + 4's fifth bits of the runs of half `half`.
+        let mut qh = [[_mm512_setzero_si512(); 2]; 2];
+        if let Some(bits) = group[b].qh() {
+            for half in 0..2 {
+                for h in 0..2 {
+                    // SAFETY: 64 bytes: rows 4h .. 4h + 4 of half `half`.
+                    qh[half][h] =
+                        unsafe { _mm512_loadu_si512(bits[half][4 * h].as_ptr() as *const _) };
+                }
+            }
+        }
         let mut isum = [[_mm512_setzero_si512(); 2]; T];
         for m in 0..4 {
-            prefetch_ahead(blk, m);
+            prefetch_ahead(&group[b], m);
             // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
             let s16 = _mm512_cvtepu8_epi32(unsafe {
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
@@ -587,6 +608,21 @@ unsafe fn tile512_q4k<const T: usize>(
                     };
                     lo[half][h] = _mm512_and_si512(v, low4);
                     hi[half][h] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                    if group[b].qh().is_some() {
+                        // Q5_K: bit 2m of a byte of `qh` is 16 in a low value, bit 2m + 1
+                        // in a high one (`a | (b & c)`: 0xF8).
+                        let bits = _mm512_srl_epi16(qh[half][h], _mm_cvtsi32_si128(2 * m as i32));
+                        lo[half][h] = _mm512_ternarylogic_epi32::<0xF8>(
+                            lo[half][h],
+                            _mm512_slli_epi16::<4>(bits),
+                            bit4,
+                        );
+                        hi[half][h] = _mm512_ternarylogic_epi32::<0xF8>(
+                            hi[half][h],
+                            _mm512_slli_epi16::<3>(bits),
+                            bit4,
+                        );
+                    }
                 }
             }
             for t in 0..T {
@@ -665,19 +701,25 @@ unsafe fn tile512_q4k<const T: usize>(
     }
 }
 
-/// [`gemm_q4k_avx512`] at AVX2.
+/// [`gemm_k_avx512`] at AVX2.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_q4k_avx2(w: &[Q4K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+pub unsafe fn gemm_k_avx2<G: KGroup>(
+    w: &[G],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
     check_k(w, a, nb, n_tok, out);
     by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
         // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
         unsafe {
             match n {
-                1 => tile256_q4k::<1>(group, a, nb, t0, n_tok, out),
-                _ => tile256_q4k::<2>(group, a, nb, t0, n_tok, out),
+                1 => tile256_k::<1, G>(group, a, nb, t0, n_tok, out),
+                _ => tile256_k::<2, G>(group, a, nb, t0, n_tok, out),
             }
         }
     });
@@ -696,13 +738,13 @@ const fn pair_scales(s: u8, k: u8) -> [u8; 32] {
     c
 }
 
-/// One Q4_K group × tokens `t0 .. t0 + T` at AVX2: rows `2k`, `2k + 1` in vector `k`, four
-/// i32 lanes per row.
+/// One Q4_K/Q5_K group × tokens `t0 .. t0 + T` at AVX2: rows `2k`, `2k + 1` in vector `k`,
+/// four i32 lanes per row.
 #[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile256_q4k<const T: usize>(
-    group: &[Q4K8],
+unsafe fn tile256_k<const T: usize, G: KGroup>(
+    group: &[G],
     a: &[BlockQ8K],
     nb: usize,
     t0: usize,
@@ -724,7 +766,7 @@ unsafe fn tile256_q4k<const T: usize>(
             pair_scales(1, 3),
         ],
     ];
-    // Arrays element by element, not with `array::map` (see `tile512_q4k`).
+    // Arrays element by element, not with `array::map` (see `tile512_k`).
     let mut pairs = [[_mm256_setzero_si256(); 4]; 2];
     for s in 0..2 {
         for k in 0..4 {
@@ -734,11 +776,12 @@ unsafe fn tile256_q4k<const T: usize>(
     }
     let mut acc = [[_mm256_setzero_ps(); 4]; T];
     let low4 = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
     for b in 0..nb {
-        let blk = &group[b];
+        let blk = group[b].low();
         let mut isum = [[_mm256_setzero_si256(); 4]; T];
         for m in 0..4 {
-            prefetch_ahead(blk, m);
+            prefetch_ahead(&group[b], m);
             // SAFETY: 16 bytes of `scales[2m..2m + 2]`.
             let s16 = _mm256_broadcastsi128_si256(unsafe {
                 _mm_loadu_si128(blk.scales[2 * m].as_ptr() as *const __m128i)
@@ -753,11 +796,26 @@ unsafe fn tile256_q4k<const T: usize>(
                     _mm256_loadu_si256(blk.qs[2 * m + half][2 * k].as_ptr() as *const __m256i)
                 };
                 let v = [run(0), run(1)];
-                let lo = [_mm256_and_si256(v[0], low4), _mm256_and_si256(v[1], low4)];
-                let hi = [
+                let mut lo = [_mm256_and_si256(v[0], low4), _mm256_and_si256(v[1], low4)];
+                let mut hi = [
                     _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low4),
                     _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low4),
                 ];
+                if let Some(bits) = group[b].qh() {
+                    // Q5_K: bit 2m of a byte of `qh` is 16 in a low value, bit 2m + 1 in a
+                    // high one.
+                    let count = _mm_cvtsi32_si128(2 * m as i32);
+                    for half in 0..2 {
+                        // SAFETY: 32 bytes: rows 2k, 2k + 1 of half `half`.
+                        let q = unsafe {
+                            _mm256_loadu_si256(bits[half][2 * k].as_ptr() as *const __m256i)
+                        };
+                        let q = _mm256_srl_epi16(q, count);
+                        let (l, h) = (_mm256_slli_epi16::<4>(q), _mm256_slli_epi16::<3>(q));
+                        lo[half] = _mm256_or_si256(lo[half], _mm256_and_si256(l, bit4));
+                        hi[half] = _mm256_or_si256(hi[half], _mm256_and_si256(h, bit4));
+                    }
+                }
                 for t in 0..T {
                     let y = &a[(t0 + t) * nb + b];
                     // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
@@ -766,7 +824,7 @@ unsafe fn tile256_q4k<const T: usize>(
                             y.qs.as_ptr().add(o) as *const __m128i
                         ))
                     };
-                    // At most 2 · 2 · 15 · 128 per i16: no saturation.
+                    // At most 2 · 2 · 31 · 128 per i16: no saturation.
                     let pl = _mm256_add_epi16(
                         _mm256_maddubs_epi16(lo[0], act(64 * m)),
                         _mm256_maddubs_epi16(lo[1], act(64 * m + 16)),
@@ -806,6 +864,133 @@ unsafe fn tile256_q4k<const T: usize>(
                 let dmin = _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin8, pick), dy);
                 acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
                 acc[t][k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc[t][k]);
+            }
+        }
+    }
+    for t in 0..T {
+        store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
+    }
+}
+
+/// IQ4_XS groups `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX2:
+/// `out[r * n_tok + t]`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_iq4xs_avx2(
+    w: &[IQ4XS8],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile256_iq4xs::<1>(group, a, nb, t0, n_tok, out),
+                _ => tile256_iq4xs::<2>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// Byte shuffle spreading, from eight i16 scales (row `r` in bytes `2r`, `2r + 1`), row
+/// `2k`'s over the first 128-bit lane and row `2k + 1`'s over the second.
+const fn row_pair_i16(k: u8) -> [u8; 32] {
+    let mut c = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        c[i] = 4 * k + 2 * (i / 16) as u8 + (i % 2) as u8;
+        i += 1;
+    }
+    c
+}
+
+/// One IQ4_XS group × tokens `t0 .. t0 + T` at AVX2: rows `2k`, `2k + 1` in vector `k`,
+/// four i32 lanes per row.
+#[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile256_iq4xs<const T: usize>(
+    group: &[IQ4XS8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    const PAIRS: [[u8; 32]; 4] = [
+        row_pair_i16(0),
+        row_pair_i16(1),
+        row_pair_i16(2),
+        row_pair_i16(3),
+    ];
+    // Arrays element by element, not with `array::map` (see `tile512_k`).
+    let mut pairs = [_mm256_setzero_si256(); 4];
+    for k in 0..4 {
+        // SAFETY: 32-byte loads of the shuffle patterns.
+        pairs[k] = unsafe { _mm256_loadu_si256(PAIRS[k].as_ptr() as *const __m256i) };
+    }
+    // SAFETY: reads the table's 16 bytes.
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    let table = _mm256_set_m128i(table, table);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    for b in 0..nb {
+        let blk = &group[b];
+        let mut isum = [[_mm256_setzero_si256(); 4]; T];
+        for j in 0..8 {
+            if j % 2 == 0 {
+                prefetch_ahead(blk, j / 2);
+            }
+            // SAFETY: 8 bytes of `scales[j]`.
+            let s16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(unsafe {
+                _mm_loadl_epi64(blk.scales[j].as_ptr() as *const __m128i)
+            }));
+            let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+            for t in 0..T {
+                let y = &a[(t0 + t) * nb + b];
+                // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
+                act[t] = unsafe {
+                    let q = y.qs.as_ptr().add(32 * j);
+                    (
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q as *const __m128i)),
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(16) as *const __m128i)),
+                    )
+                };
+            }
+            for k in 0..4 {
+                let sc = _mm256_shuffle_epi8(s16, pairs[k]);
+                // SAFETY: 32 bytes: rows 2k, 2k + 1 of sub-block j.
+                let v = unsafe { _mm256_loadu_si256(blk.qs[j][2 * k].as_ptr() as *const __m256i) };
+                let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
+                let wh =
+                    _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4));
+                let (ul, uh) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
+                for t in 0..T {
+                    let (al, ah) = act[t];
+                    // |w·a| pairs stay below 2·127·127 < 2¹⁵; the halves are scaled apart.
+                    let pl = _mm256_maddubs_epi16(ul, _mm256_sign_epi8(al, wl));
+                    let ph = _mm256_maddubs_epi16(uh, _mm256_sign_epi8(ah, wh));
+                    let scaled =
+                        _mm256_add_epi32(_mm256_madd_epi16(pl, sc), _mm256_madd_epi16(ph, sc));
+                    isum[t][k] = _mm256_add_epi32(isum[t][k], scaled);
+                }
+            }
+        }
+        // SAFETY: 16 bytes of `d`.
+        let d8 = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.d.as_ptr() as *const __m128i) });
+        for t in 0..T {
+            let dy = _mm256_set1_ps(a[(t0 + t) * nb + b].d);
+            for k in 0..4 {
+                let i = 2 * k as i32;
+                let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
+                let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
+                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
             }
         }
     }

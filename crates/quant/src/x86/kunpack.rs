@@ -38,7 +38,7 @@ pub trait Unpack: Copy {
 }
 
 /// Where a prompt panel's super-blocks come from: rows in the file's layout (`&[W]`), or
-/// Q4_K rows grouped eight at a time at load ([`GroupedQ4K`]), read where they are (no
+/// Q4_K/Q5_K rows grouped eight at a time at load ([`GroupedK`]), read where they are (no
 /// copy back to the file's layout).
 pub trait Rows: Copy {
     type Block: Unpack;
@@ -79,21 +79,21 @@ impl<W: Unpack> Unpack for &W {
     }
 }
 
-/// Q4_K rows grouped at load (`nb` [`Q4K8`] per group of eight rows).
+/// Q4_K or Q5_K rows grouped at load (`nb` [`Q4K8`] or [`Q5K8`] per group of eight rows).
 #[derive(Clone, Copy)]
-pub struct GroupedQ4K<'a>(pub &'a [Q4K8]);
+pub struct GroupedK<'a, G: KGroup>(pub &'a [G]);
 
-/// Row `r` (of eight) of one grouped Q4_K super-block.
+/// Row `r` (of eight) of one grouped Q4_K/Q5_K super-block.
 #[derive(Clone, Copy)]
-pub struct GroupRow<'a> {
-    g: &'a Q4K8,
+pub struct GroupRow<'a, G: KGroup> {
+    g: &'a G,
     r: usize,
 }
 
-impl<'a> Rows for GroupedQ4K<'a> {
-    type Block = GroupRow<'a>;
+impl<'a, G: KGroup> Rows for GroupedK<'a, G> {
+    type Block = GroupRow<'a, G>;
     #[inline(always)]
-    fn block(self, nb: usize, row: usize, c: usize) -> GroupRow<'a> {
+    fn block(self, nb: usize, row: usize, c: usize) -> GroupRow<'a, G> {
         GroupRow {
             g: &self.0[row / 8 * nb + c],
             r: row % 8,
@@ -105,34 +105,47 @@ impl<'a> Rows for GroupedQ4K<'a> {
     fn prefetch(self, _nb: usize, _row: usize, _c: usize) {}
 }
 
-impl Unpack for GroupRow<'_> {
+impl<G: KGroup> Unpack for GroupRow<'_, G> {
     const SCALE_PER_32: bool = true;
-    const MAX_VALUE: u32 = 15;
-    /// As [`BlockQ4K`]'s: the row's 16-byte runs are the file's `qs` in order.
+    const MAX_VALUE: u32 = G::MAX_VALUE;
+    /// As [`BlockQ4K`]'s and [`BlockQ5K`]'s: the row's 16-byte runs are the file's `qs` in
+    /// order, its two halves of fifth bits the file's `qh`.
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
-        let (g, r) = (self.g, self.r);
-        // SAFETY: 16-byte loads of runs `2·chunk` and `2·chunk + 1` of row `r < 8`; AVX2
-        // enabled by the caller.
+        let (g, r) = (self.g.low(), self.r);
+        // SAFETY: 16-byte loads of runs `2·chunk` and `2·chunk + 1` of row `r < 8`, and of
+        // both halves of its fifth bits; AVX2 enabled by the caller.
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let qh = self.g.qh().map(|qh| {
+                _mm256_loadu2_m128i(
+                    qh[1][r].as_ptr() as *const __m128i,
+                    qh[0][r].as_ptr() as *const __m128i,
+                )
+            });
             for chunk in 0..4 {
                 let q = _mm256_loadu2_m128i(
                     g.qs[2 * chunk + 1][r].as_ptr() as *const __m128i,
                     g.qs[2 * chunk][r].as_ptr() as *const __m128i,
                 );
-                store32(u, 64 * chunk, _mm256_and_si256(q, low));
-                store32(
-                    u,
-                    64 * chunk + 32,
-                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
-                );
+                let mut lo = _mm256_and_si256(q, low);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                if let Some(qh) = qh {
+                    // Bit 2·chunk of a byte is 16 in a low value, the next bit in a high one.
+                    let bits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * chunk as i32));
+                    let (l, h) = (_mm256_slli_epi16(bits, 4), _mm256_slli_epi16(bits, 3));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(l, bit4));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(h, bit4));
+                }
+                store32(u, 64 * chunk, lo);
+                store32(u, 64 * chunk + 32, hi);
             }
         }
     }
     #[inline(always)]
     unsafe fn scales(&self) -> IntScales {
-        let (g, r) = (self.g, self.r);
+        let (g, r) = (self.g.low(), self.r);
         let sc = u64::from_le_bytes(std::array::from_fn(|j| g.scales[j][r]));
         let mins = u64::from_le_bytes(g.mins[r]);
         // SAFETY: register operations only (SSE2, baseline).
@@ -143,6 +156,66 @@ impl Unpack for GroupRow<'_> {
                 w: twice(mins),
                 e: h2f(g.dmin[r]),
             }
+        }
+    }
+}
+
+/// IQ4_XS rows grouped at load (`nb` [`IQ4XS8`] per group of eight rows).
+#[derive(Clone, Copy)]
+pub struct GroupedIQ4XS<'a>(pub &'a [IQ4XS8]);
+
+/// Row `r` (of eight) of one grouped IQ4_XS super-block.
+#[derive(Clone, Copy)]
+pub struct IQ4XSRow<'a> {
+    g: &'a IQ4XS8,
+    r: usize,
+}
+
+impl<'a> Rows for GroupedIQ4XS<'a> {
+    type Block = IQ4XSRow<'a>;
+    #[inline(always)]
+    fn block(self, nb: usize, row: usize, c: usize) -> IQ4XSRow<'a> {
+        IQ4XSRow {
+            g: &self.0[row / 8 * nb + c],
+            r: row % 8,
+        }
+    }
+    /// Nothing, as for [`GroupedK`].
+    #[inline(always)]
+    fn prefetch(self, _nb: usize, _row: usize, _c: usize) {}
+}
+
+impl Unpack for IQ4XSRow<'_> {
+    const SCALE_PER_32: bool = true;
+    const MAX_VALUE: u32 = 255;
+    const OFFSET_128: bool = true;
+    /// As [`BlockIQ4XS`]'s: the row's 16-byte runs are the file's `qs` in order.
+    #[inline(always)]
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        // SAFETY: 16-byte reads of the row's runs and of the table; AVX2 enabled by the
+        // caller.
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8)); // kv + 128
+            let table = _mm256_set_m128i(t, t);
+            for j in 0..8 {
+                let idx = nibbles_32(&self.g.qs[j][self.r]);
+                store32(u, 32 * j, _mm256_shuffle_epi8(table, idx));
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        let (g, r) = (self.g, self.r);
+        let sc = u64::from_le_bytes(std::array::from_fn(|j| g.scales[j][r] as u8));
+        let d = h2f(g.d[r]);
+        // SAFETY: register operations only (SSE2, baseline).
+        let sc = unsafe { twice(sc) };
+        IntScales {
+            v: sc,
+            d,
+            w: sc,
+            e: 128.0 * d,
         }
     }
 }

@@ -485,14 +485,20 @@ grouped_gemm!(grouped256_q4_0, gemm_avx2, false, Nibbles8, BlockQ8_0);
 grouped_gemm!(grouped256_iq4_nl, gemm_avx2, true, Nibbles8, BlockQ8_0);
 grouped_gemm!(grouped256_q4_1, gemm_avx2, false, NibblesMin8, BlockQ8_1);
 grouped_gemm!(grouped256_q5_0, gemm_avx2, false, NibblesQh8, BlockQ8_0);
-fn grouped512_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx512 level).
-    unsafe { grouped::gemm_q4k_avx512(w, a.blocks, nb, n, out) }
+/// Q4_K and Q5_K groups (SAFETY: as above).
+macro_rules! grouped_k_gemm {
+    ($name:ident, $kernel:ident, $group:ty) => {
+        fn $name(w: &[$group], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
+            // SAFETY: see above.
+            unsafe { grouped::$kernel(w, a.blocks, nb, n, out) }
+        }
+    };
 }
-fn grouped256_q4_k(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: see above (Avx2 level).
-    unsafe { grouped::gemm_q4k_avx2(w, a.blocks, nb, n, out) }
-}
+grouped_k_gemm!(grouped512_q4_k, gemm_k_avx512, Q4K8);
+grouped_k_gemm!(grouped512_q5_k, gemm_k_avx512, Q5K8);
+grouped_k_gemm!(grouped256_q4_k, gemm_k_avx2, Q4K8);
+grouped_k_gemm!(grouped256_q5_k, gemm_k_avx2, Q5K8);
+grouped_k_gemm!(grouped256_iq4_xs, gemm_iq4xs_avx2, IQ4XS8);
 
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
@@ -567,10 +573,14 @@ kpanel_gemm!(kpanel_q4_k, BlockQ4K);
 kpanel_gemm!(kpanel_q5_k, BlockQ5K);
 kpanel_gemm!(kpanel_q6_k, BlockQ6K);
 kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
-/// Q4_K rows grouped at load, read in place by the panels (SAFETY: as above).
+/// Q4_K and Q5_K rows grouped at load, read in place by the panels (SAFETY: as above).
 fn kpanel_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel::gemm(kunpack::GroupedQ4K(w), a.blocks, nb, out) }
+    unsafe { kpanel::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+}
+fn kpanel_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
 }
 
 /// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
@@ -589,10 +599,18 @@ kpanel_avx2_gemm!(prompt_q4_k, BlockQ4K);
 kpanel_avx2_gemm!(prompt_q5_k, BlockQ5K);
 kpanel_avx2_gemm!(prompt_q6_k, BlockQ6K);
 kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
-/// Q4_K rows grouped at load, read in place by the panels (SAFETY: as above).
+/// Q4_K and Q5_K rows grouped at load, read in place by the panels (SAFETY: as above).
 fn prompt_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel_avx2::gemm(kunpack::GroupedQ4K(w), a.blocks, nb, out) }
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+}
+fn prompt_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+}
+fn prompt_iq4_xsx8(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedIQ4XS(w), a.blocks, nb, out) }
 }
 
 /// Kernels for an x86 level (`isa >= Avx2`).
@@ -636,6 +654,11 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q5_0x8: (isa == Isa::Avx512).then_some(grouped512_q5_0 as _),
             gemm_q4_kx8: (isa == Isa::Avx512).then_some(grouped512_q4_k as _),
             prefill_q4_kx8: (isa == Isa::Avx512).then_some(kpanel_q4_kx8 as _),
+            gemm_q5_kx8: (isa == Isa::Avx512).then_some(grouped512_q5_k as _),
+            prefill_q5_kx8: (isa == Isa::Avx512).then_some(kpanel_q5_kx8 as _),
+            // IQ4_XS's tiles here decode the file's rows at Q4_0's speed per byte.
+            gemm_iq4_xsx8: None,
+            prefill_iq4_xsx8: None,
             prefill_q4_0x8: (isa == Isa::Avx512).then_some(panel_q4_0x8 as _),
             prefill_iq4_nlx8: (isa == Isa::Avx512).then_some(panel_iq4_nlx8 as _),
             prefill_q4_1x8: (isa == Isa::Avx512).then_some(panel_q4_1x8 as _),
@@ -724,6 +747,10 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         gemm_q5_0x8: Some(grouped256_q5_0),
         gemm_q4_kx8: Some(grouped256_q4_k),
         prefill_q4_kx8: Some(prompt_q4_kx8),
+        gemm_q5_kx8: Some(grouped256_q5_k),
+        prefill_q5_kx8: Some(prompt_q5_kx8),
+        gemm_iq4_xsx8: Some(grouped256_iq4_xs),
+        prefill_iq4_xsx8: Some(prompt_iq4_xsx8),
         prefill_q4_0x8: Some(panel8_q4_0x8),
         prefill_iq4_nlx8: Some(panel8_iq4_nlx8),
         prefill_q4_1x8: Some(panel8_q4_1x8),
