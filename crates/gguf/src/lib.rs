@@ -9,7 +9,7 @@ mod types;
 mod value;
 
 pub use error::{GgufError, Result};
-pub use mmap::Bytes;
+pub use mmap::{advise_huge_pages, Bytes};
 pub use types::{file_type_name, GgmlType};
 pub use value::{Array, Strings, Value};
 

@@ -341,3 +341,28 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+/// Asks the kernel to back `buf` with transparent huge pages (2 MiB) where it can: a large
+/// buffer about to be written in full (a matrix regrouped at load) then takes one page
+/// fault per 2 MiB instead of one per 4 KiB (64k faults for a 250 MB model). A hint only;
+/// nothing on other systems.
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let base = buf.as_mut_ptr() as usize;
+        let (start, end) = (
+            base.next_multiple_of(HUGE),
+            (base + buf.len()) / HUGE * HUGE,
+        );
+        if start < end {
+            // SAFETY: the span lies inside `buf` (aligned inward), which we hold mutably;
+            // MADV_HUGEPAGE changes only how its pages are backed, never their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}

@@ -23,8 +23,9 @@ impl Mat {
         let m = QMatrix::new(name, info.ty, cols, rows, bytes)?;
         let index = g.tensor_position(name).expect("found above");
         // Rows regrouped for this CPU's decoding kernels where it has them (Q4_0, IQ4_NL,
-        // Q4_1, Q5_0, Q4_K, Q5_K): the regrouped copy replaces the file's bytes in memory (loaded twice, as a tied
-        // embedding and output, it is regrouped once).
+        // Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS at AVX2): the regrouped copy replaces the file's
+        // bytes in memory (loaded twice, as a tied embedding and output, it is regrouped
+        // once).
         if g.can_replace_layout() && g.replaced_layout(index).is_none() {
             if let Some(groups) = m.interleave() {
                 g.replace_layout(index, groups);

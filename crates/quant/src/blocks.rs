@@ -146,7 +146,7 @@ pub struct Nibbles8 {
 
 /// A block type whose rows `QMatrix::interleave` groups eight at a time, and its group.
 pub trait Groupable: Pod + Sync {
-    type Group: Pod + Sync;
+    type Group: Pod + Send + Sync;
     /// Values per block.
     const LEN: usize;
     /// Puts this block in row `r` (< 8) of `g`.
