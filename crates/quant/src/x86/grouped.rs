@@ -14,17 +14,17 @@
 //! to a 512-bit vector (four lanes per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
 //! (`maddubs` takes `|w|` against `a` with `w`'s sign).
 //!
-//! Q4_K rows grouped the same way ([`crate::blocks::Q4K8`]) keep the file's 16-byte runs of nibbles, four
-//! rows to a 64-byte load, with every row's six-bit scales and mins unpacked to bytes at
-//! load. A sub-block's sums (unsigned nibbles against Q8_K's signed bytes) are scaled in
-//! integers, and the mins come off with the activations' 16-value sums, eight rows at once.
-//! Q5_K groups ([`crate::blocks::Q5K8`]) are Q4_K's plus each row's fifth bits in the file's bytes, 16 per
-//! run half, so the 64-byte load of four rows' runs has a 64-byte load of their fifth bits
-//! beside it; a shift and a mask make them 16 in the values (llama.cpp's AVX2 Q5_K does the
-//! same per row).
+//! Q4_K rows grouped the same way ([`crate::blocks::Q4K8`]) keep the file's 16-byte runs of
+//! nibbles, four rows to a 64-byte load, with every row's six-bit scales and mins unpacked
+//! to bytes at load. A sub-block's sums (unsigned nibbles against Q8_K's signed bytes) are
+//! scaled in integers, and the mins come off with the activations' 16-value sums, eight
+//! rows at once. Q5_K groups ([`crate::blocks::Q5K8`]) are Q4_K's plus each row's fifth
+//! bits in the file's bytes, 16 per run half, so the 64-byte load of four rows' runs has a
+//! 64-byte load of their fifth bits beside it; a shift and a mask make them 16 in the
+//! values (llama.cpp's AVX2 Q5_K does the same per row).
 //!
 //! IQ4_XS rows grouped the same way ([`IQ4XS8`], at AVX2 only: AVX-512's `kquant` tiles
-//! already decode the file's rows at Q4_0's speed per byte) keep the file's 16-byte runs,
+//! already decode the file's rows near Q4_0's speed per byte) keep the file's 16-byte runs,
 //! two rows to a 32-byte load, with the scales unpacked to signed bytes at load; the table
 //! values multiply the activations with `maddubs`' sign trick, as IQ4_NL's do.
 //!
@@ -493,7 +493,7 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
     }
 }
 
-/// [`check`] for Q4_K/Q5_K groups against Q8_K activations.
+/// [`check`] for Q4_K, Q5_K and IQ4_XS groups against Q8_K activations.
 fn check_k<G>(w: &[G], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &[f32]) {
     assert!(nb > 0 && w.len().is_multiple_of(nb));
     assert!(out.len() >= w.len() / nb * 8 * n_tok && a.len() >= n_tok * nb);

@@ -657,7 +657,7 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             prefill_q4_kx8: (isa == Isa::Avx512).then_some(kpanel_q4_kx8 as _),
             gemm_q5_kx8: (isa == Isa::Avx512).then_some(grouped512_q5_k as _),
             prefill_q5_kx8: (isa == Isa::Avx512).then_some(kpanel_q5_kx8 as _),
-            // IQ4_XS's tiles here decode the file's rows at Q4_0's speed per byte.
+            // IQ4_XS's tiles here decode the file's rows near Q4_0's speed per byte.
             gemm_iq4_xsx8: None,
             prefill_iq4_xsx8: None,
             prefill_q4_0x8: (isa == Isa::Avx512).then_some(panel_q4_0x8 as _),
