@@ -192,31 +192,44 @@ impl Unpack for IQ4XSRow<'_> {
     /// As [`BlockIQ4XS`]'s: the row's 16-byte runs are the file's `qs` in order.
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
-        // SAFETY: 16-byte reads of the row's runs and of the table; AVX2 enabled by the
-        // caller.
-        unsafe {
-            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
-            let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8)); // kv + 128
-            let table = _mm256_set_m128i(t, t);
-            for j in 0..8 {
-                let idx = nibbles_32(&self.g.qs[j][self.r]);
-                store32(u, 32 * j, _mm256_shuffle_epi8(table, idx));
-            }
-        }
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { iq4xs_values(|j| &self.g.qs[j][self.r], u) }
     }
     #[inline(always)]
     unsafe fn scales(&self) -> IntScales {
         let (g, r) = (self.g, self.r);
         let sc = u64::from_le_bytes(std::array::from_fn(|j| g.scales[j][r] as u8));
-        let d = h2f(g.d[r]);
-        // SAFETY: register operations only (SSE2, baseline).
-        let sc = unsafe { twice(sc) };
-        IntScales {
-            v: sc,
-            d,
-            w: sc,
-            e: 128.0 * d,
+        iq4xs_int_scales(sc, h2f(g.d[r]))
+    }
+}
+
+/// IQ4_XS's 256 values as `u` (table value plus 128) from its eight 16-byte runs of
+/// nibbles (`run(j)`: sub-block `j`'s, low nibbles its values 0..16, high 16..32).
+#[inline(always)]
+unsafe fn iq4xs_values<'r>(run: impl Fn(usize) -> &'r [u8; 16], u: &mut [u8; QK_K]) {
+    // SAFETY: a 16-byte read of the table; AVX2 enabled by the caller.
+    unsafe {
+        let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+        let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8)); // kv + 128
+        let table = _mm256_set_m128i(t, t);
+        for j in 0..8 {
+            let idx = nibbles_32(run(j));
+            store32(u, 32 * j, _mm256_shuffle_epi8(table, idx));
         }
+    }
+}
+
+/// IQ4_XS's scales (`sc`: one signed byte per 32 values, the scale minus 32) in the
+/// unpacked form, whose values carry the offset 128.
+#[inline(always)]
+fn iq4xs_int_scales(sc: u64, d: f32) -> IntScales {
+    // SAFETY: register operations only (SSE2, baseline).
+    let sc = unsafe { twice(sc) };
+    IntScales {
+        v: sc,
+        d,
+        w: sc,
+        e: 128.0 * d,
     }
 }
 
@@ -373,30 +386,13 @@ impl Unpack for BlockIQ4XS {
     const OFFSET_128: bool = true;
     #[inline(always)]
     unsafe fn values(&self, u: &mut [u8; QK_K]) {
-        // SAFETY: 16-byte reads inside the 128-byte qs and the table; AVX2 enabled by the
-        // caller.
-        unsafe {
-            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
-            let t = _mm_xor_si128(t, _mm_set1_epi8(0x80u8 as i8)); // kv + 128
-            let table = _mm256_set_m128i(t, t);
-            for ib in 0..8 {
-                let idx = nibbles_32(&*(self.qs.as_ptr().add(16 * ib) as *const [u8; 16]));
-                store32(u, 32 * ib, _mm256_shuffle_epi8(table, idx));
-            }
-        }
+        let run = |j: usize| -> &[u8; 16] { self.qs[16 * j..16 * j + 16].try_into().unwrap() };
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { iq4xs_values(run, u) }
     }
     #[inline(always)]
     unsafe fn scales(&self) -> IntScales {
-        let sc = iq4xs_scale_bytes(self);
-        let d = h2f(self.d);
-        // SAFETY: register operations only (SSE2, baseline).
-        let sc = unsafe { twice(sc) };
-        IntScales {
-            v: sc,
-            d,
-            w: sc,
-            e: 128.0 * d,
-        }
+        iq4xs_int_scales(iq4xs_scale_bytes(self), h2f(self.d))
     }
 }
 
