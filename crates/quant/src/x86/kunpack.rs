@@ -38,8 +38,8 @@ pub trait Unpack: Copy {
 }
 
 /// Where a prompt panel's super-blocks come from: rows in the file's layout (`&[W]`), or
-/// Q4_K/Q5_K rows grouped eight at a time at load ([`GroupedK`]), read where they are (no
-/// copy back to the file's layout).
+/// Q4_K/Q5_K/IQ4_XS rows grouped eight at a time at load ([`GroupedRows`]), read where
+/// they are (no copy back to the file's layout).
 pub trait Rows: Copy {
     type Block: Unpack;
     /// Super-block `c` of row `row` (`nb` per row); panics past the rows.
@@ -79,18 +79,22 @@ impl<W: Unpack> Unpack for &W {
     }
 }
 
-/// Q4_K or Q5_K rows grouped at load (`nb` [`Q4K8`] or [`Q5K8`] per group of eight rows).
+/// Q4_K, Q5_K or IQ4_XS rows grouped at load (`nb` [`Q4K8`], [`Q5K8`] or [`IQ4XS8`] per
+/// group of eight rows).
 #[derive(Clone, Copy)]
-pub struct GroupedK<'a, G: KGroup>(pub &'a [G]);
+pub struct GroupedRows<'a, G>(pub &'a [G]);
 
-/// Row `r` (of eight) of one grouped Q4_K/Q5_K super-block.
+/// Row `r` (of eight) of one grouped super-block.
 #[derive(Clone, Copy)]
-pub struct GroupRow<'a, G: KGroup> {
+pub struct GroupRow<'a, G> {
     g: &'a G,
     r: usize,
 }
 
-impl<'a, G: KGroup> Rows for GroupedK<'a, G> {
+impl<'a, G: Copy> Rows for GroupedRows<'a, G>
+where
+    GroupRow<'a, G>: Unpack,
+{
     type Block = GroupRow<'a, G>;
     #[inline(always)]
     fn block(self, nb: usize, row: usize, c: usize) -> GroupRow<'a, G> {
@@ -160,32 +164,7 @@ impl<G: KGroup> Unpack for GroupRow<'_, G> {
     }
 }
 
-/// IQ4_XS rows grouped at load (`nb` [`IQ4XS8`] per group of eight rows).
-#[derive(Clone, Copy)]
-pub struct GroupedIQ4XS<'a>(pub &'a [IQ4XS8]);
-
-/// Row `r` (of eight) of one grouped IQ4_XS super-block.
-#[derive(Clone, Copy)]
-pub struct IQ4XSRow<'a> {
-    g: &'a IQ4XS8,
-    r: usize,
-}
-
-impl<'a> Rows for GroupedIQ4XS<'a> {
-    type Block = IQ4XSRow<'a>;
-    #[inline(always)]
-    fn block(self, nb: usize, row: usize, c: usize) -> IQ4XSRow<'a> {
-        IQ4XSRow {
-            g: &self.0[row / 8 * nb + c],
-            r: row % 8,
-        }
-    }
-    /// Nothing, as for [`GroupedK`].
-    #[inline(always)]
-    fn prefetch(self, _nb: usize, _row: usize, _c: usize) {}
-}
-
-impl Unpack for IQ4XSRow<'_> {
+impl Unpack for GroupRow<'_, IQ4XS8> {
     const SCALE_PER_32: bool = true;
     const MAX_VALUE: u32 = 255;
     const OFFSET_128: bool = true;

@@ -576,11 +576,11 @@ kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
 /// Q4_K and Q5_K rows grouped at load, read in place by the panels (SAFETY: as above).
 fn kpanel_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+    unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn kpanel_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+    unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 
 /// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
@@ -603,15 +603,15 @@ kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
 /// above).
 fn prompt_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel_avx2::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn prompt_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel_avx2::gemm(kunpack::GroupedK(w), a.blocks, nb, out) }
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn prompt_iq4_xsx8(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
-    unsafe { kpanel_avx2::gemm(kunpack::GroupedIQ4XS(w), a.blocks, nb, out) }
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 
 /// Kernels for an x86 level (`isa >= Avx2`).
