@@ -131,7 +131,7 @@ fn gemma3_batch_equals_alone() {
     check("gemma3");
 }
 
-/// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K and IQ4_XS rows regrouped eight at a time at load
+/// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K rows regrouped eight at a time at load
 /// (the `avx2`/`avx512` decoding kernels' layout, IQ4_XS at `avx2` only): batched equals
 /// alone on those kernels too, at every level
 /// (each in a child process), on the committed llama.cpp quantizations of the synthetic
@@ -150,6 +150,7 @@ fn grouped_rows_batch_equals_alone() {
         ("Q4_K", level.gemm_q4_kx8.is_some()),
         ("Q5_K", level.gemm_q5_kx8.is_some()),
         ("IQ4_XS", level.gemm_iq4_xsx8.is_some()),
+        ("Q3_K", level.gemm_q3_kx8.is_some()),
     ];
     for (ty, has_kernel) in kernels {
         let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

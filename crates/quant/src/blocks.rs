@@ -400,6 +400,53 @@ impl Groupable for BlockIQ4XS {
     }
 }
 
+/// Eight Q3_K rows' super-blocks side by side: the same 880 bytes as the eight blocks,
+/// reordered so that one 64-byte load brings four rows' 16-byte runs of 2-bit values (or of
+/// high bits), two rows' with 32 bytes at AVX2, and one more load four rows' packed scales
+/// (one row per 128-bit lane after a dword permute), unpacked once for all four.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Q3K8 {
+    pub d: [f16; 8],
+    /// `scales[r]`: row `r`'s twelve bytes of packed six-bit scales, as in the file.
+    pub scales: [[u8; K_SCALE_SIZE]; 8],
+    /// `hmask[e][r]`: row `r`'s `hmask[16e .. 16e + 16]`. Bit `4h + j` of byte `i` is the
+    /// high bit of value `128h + 32j + 16e + i` (sub-block `8h + 2j + e`).
+    pub hmask: [[[u8; 16]; 8]; 2],
+    /// `qs[c][r]`: row `r`'s `qs[16c .. 16c + 16]`. Bits `2j, 2j + 1` of byte `i` are the
+    /// low bits of value `128h + 32j + 16e + i`, `c = 2h + e`.
+    pub qs: [[[u8; 16]; 8]; 4],
+}
+
+impl Groupable for BlockQ3K {
+    type Group = Q3K8;
+    const LEN: usize = QK_K;
+    fn put(&self, g: &mut Q3K8, r: usize) {
+        (g.d[r], g.scales[r]) = (self.d, self.scales);
+        for (e, run) in self.hmask.chunks_exact(16).enumerate() {
+            g.hmask[e][r].copy_from_slice(run);
+        }
+        for (c, run) in self.qs.chunks_exact(16).enumerate() {
+            g.qs[c][r].copy_from_slice(run);
+        }
+    }
+    fn take(g: &Q3K8, r: usize) -> Self {
+        let mut b = Self {
+            hmask: [0; QK_K / 8],
+            qs: [0; QK_K / 4],
+            scales: g.scales[r],
+            d: g.d[r],
+        };
+        for (e, run) in b.hmask.chunks_exact_mut(16).enumerate() {
+            run.copy_from_slice(&g.hmask[e][r]);
+        }
+        for (c, run) in b.qs.chunks_exact_mut(16).enumerate() {
+            run.copy_from_slice(&g.qs[c][r]);
+        }
+        b
+    }
+}
+
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -434,3 +481,4 @@ const _: () = assert!(std::mem::size_of::<NibblesQh8>() == 8 * 22);
 const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);
 const _: () = assert!(std::mem::size_of::<Q5K8>() == 1440);
 const _: () = assert!(std::mem::size_of::<IQ4XS8>() == 1104);
+const _: () = assert!(std::mem::size_of::<Q3K8>() == 8 * 110);

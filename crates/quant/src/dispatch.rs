@@ -197,6 +197,10 @@ pub struct Kernels {
     pub gemm_iq4_xsx8: Option<Gemm<IQ4XS8, BlockQ8K>>,
     /// Prompt tokens on IQ4_XS rows grouped at load (`gemm_iq4_xsx8`), read in place.
     pub prefill_iq4_xsx8: Option<Prefill<IQ4XS8, BlockQ8K>>,
+    /// Q3_K rows grouped eight at a time ([`Q3K8`]).
+    pub gemm_q3_kx8: Option<Gemm<Q3K8, BlockQ8K>>,
+    /// Prompt tokens on Q3_K rows grouped at load (`gemm_q3_kx8`), read in place.
+    pub prefill_q3_kx8: Option<Prefill<Q3K8, BlockQ8K>>,
     /// The same for Q4_0, IQ4_NL and Q4_1 rows grouped at load.
     pub prefill_q4_0x8: Option<Prefill<Nibbles8, BlockQ8_0>>,
     pub prefill_iq4_nlx8: Option<Prefill<Nibbles8, BlockQ8_0>>,
@@ -330,6 +334,8 @@ impl Kernels {
             prefill_q5_kx8: None,
             gemm_iq4_xsx8: None,
             prefill_iq4_xsx8: None,
+            gemm_q3_kx8: None,
+            prefill_q3_kx8: None,
             prefill_q4_0x8: None,
             prefill_iq4_nlx8: None,
             prefill_q4_1x8: None,

@@ -173,6 +173,8 @@ pub enum Blocks<'a> {
     Q5Kx8(&'a [Q5K8]),
     /// IQ4_XS rows in groups of eight.
     IQ4XSx8(&'a [IQ4XS8]),
+    /// Q3_K rows in groups of eight.
+    Q3Kx8(&'a [Q3K8]),
 }
 
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
@@ -249,12 +251,12 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K and Q5_K at
+    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K and Q3_K at
     /// `avx2`/`avx512`, IQ4_XS at `avx2`: eight rows side by side, [`Nibbles8`],
-    /// [`NibblesMin8`], [`NibblesQh8`], [`Q4K8`], [`Q5K8`] and [`IQ4XS8`])
-    /// and the rows come in whole groups of eight; `None` otherwise. The file's bytes reordered (Q4_K's scales also unpacked to bytes),
-    /// as 16-bit words (every group is 2-byte aligned); [`QMatrix::from_interleaved`] reads
-    /// them.
+    /// [`NibblesMin8`], [`NibblesQh8`], [`Q4K8`], [`Q5K8`], [`IQ4XS8`] and [`Q3K8`]) and the
+    /// rows come in whole groups of eight; `None` otherwise. The file's bytes reordered
+    /// (Q4_K's, Q5_K's and IQ4_XS's scales also unpacked to bytes), as 16-bit words (every
+    /// group is 2-byte aligned); [`QMatrix::from_interleaved`] reads them.
     pub fn interleave(&self) -> Option<Vec<u16>> {
         let k = dispatch::kernels();
         if !self.rows.is_multiple_of(8) {
@@ -283,13 +285,15 @@ impl<'a> QMatrix<'a> {
             Blocks::IQ4XS(w) if k.gemm_iq4_xsx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
+            Blocks::Q3K(w) if k.gemm_q3_kx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
+            }
             _ => None,
         }
     }
 
-    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K or IQ4_XS) matrix from its blocks as
-    /// [`QMatrix::interleave`]
-    /// made them.
+    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS or Q3_K) matrix from its
+    /// blocks as [`QMatrix::interleave`] made them.
     pub fn from_interleaved(
         name: &str,
         ty: GgmlType,
@@ -324,13 +328,17 @@ impl<'a> QMatrix<'a> {
             GgmlType::IQ4_XS if fits(QK_K, size_of::<IQ4XS8>()) => {
                 Blocks::IQ4XSx8(bytemuck::cast_slice(words))
             }
+            GgmlType::Q3_K if fits(QK_K, size_of::<Q3K8>()) => {
+                Blocks::Q3Kx8(bytemuck::cast_slice(words))
+            }
             GgmlType::Q4_0
             | GgmlType::IQ4_NL
             | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q4_K
             | GgmlType::Q5_K
-            | GgmlType::IQ4_XS => {
+            | GgmlType::IQ4_XS
+            | GgmlType::Q3_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -376,7 +384,8 @@ impl<'a> QMatrix<'a> {
             | Blocks::IQ4XS(_)
             | Blocks::Q4Kx8(_)
             | Blocks::Q5Kx8(_)
-            | Blocks::IQ4XSx8(_) => ActType::Q8K,
+            | Blocks::IQ4XSx8(_)
+            | Blocks::Q3Kx8(_) => ActType::Q8K,
         }
     }
 
@@ -421,6 +430,9 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::IQ4XSx8(x) => {
                 grouped_row::<BlockIQ4XS>(x, n, r, out, reference::dequantize_row_iq4_xs)
+            }
+            Blocks::Q3Kx8(x) => {
+                grouped_row::<BlockQ3K>(x, n, r, out, reference::dequantize_row_q3_k)
             }
         }
     }
@@ -542,6 +554,10 @@ impl<'a> QMatrix<'a> {
             Blocks::IQ4XSx8(w) => {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_iq4_xsx8, k.gemm_iq4_xs, out, scratch)
+            }
+            Blocks::Q3Kx8(w) => {
+                let a = acts.q8k_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q3_kx8, k.gemm_q3_k, out, scratch)
             }
         }
     }
@@ -680,6 +696,16 @@ impl QMatrix<'_> {
                     out,
                 )
             }
+            Blocks::Q3Kx8(w) => {
+                return group_prompt::<BlockQ3K, _>(
+                    w,
+                    acts.q8k_first(p),
+                    p,
+                    k.prefill_q3_kx8,
+                    k.prefill_q3_k,
+                    out,
+                )
+            }
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -731,7 +757,8 @@ impl QMatrix<'_> {
             | Blocks::Q5_0x8(_)
             | Blocks::Q4Kx8(_)
             | Blocks::Q5Kx8(_)
-            | Blocks::IQ4XSx8(_) => return false,
+            | Blocks::IQ4XSx8(_)
+            | Blocks::Q3Kx8(_) => return false,
         }
         true
     }

@@ -246,7 +246,7 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K and IQ4_XS rows grouped eight at a time: every (row,
+    /// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K rows grouped eight at a time: every (row,
     /// token) against the reference dot product, each token alone bit for bit what it got
     /// with the others (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -300,11 +300,14 @@ proptest! {
         check_grouped(GgmlType::Q5_K, &q5k, nbk, &q8k, |k| k.gemm_q5_kx8, r::vec_dot_q5_k_q8_k)?;
         let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nbk], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
         check_grouped(GgmlType::IQ4_XS, &xs4, nbk, &q8k, |k| k.gemm_iq4_xsx8, r::vec_dot_iq4_xs_q8_k)?;
+        // Q3_K: every scale, low and high bit random.
+        let q3k: Vec<BlockQ3K> = blocks(&raw[..110 * rows * nbk], |b: &mut BlockQ3K, d| b.d = h(d));
+        check_grouped(GgmlType::Q3_K, &q3k, nbk, &q8k, |k| k.gemm_q3_kx8, r::vec_dot_q3_k_q8_k)?;
     }
 
-    /// The prompt panels reading grouped Q4_K, Q5_K and IQ4_XS rows in place
+    /// The prompt panels reading grouped Q4_K, Q5_K, IQ4_XS and Q3_K rows in place
     /// (`prefill_*x8`) give, bit for bit, what the file's rows give (`prefill_q4_k`,
-    /// `prefill_q5_k`, `prefill_iq4_xs`), whose kernels are checked against the reference
+    /// `prefill_q5_k`, `prefill_iq4_xs`, `prefill_q3_k`), whose kernels are checked against the reference
     /// in `k_quant_tiles_match_reference`.
     #[test]
     fn grouped_k_prompts_equal_file_rows(
@@ -323,6 +326,7 @@ proptest! {
         let q4k: Vec<BlockQ4K> = blocks(&raw[..144 * rows * nb], |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         let q5k: Vec<BlockQ5K> = blocks(&raw[..176 * rows * nb], |b: &mut BlockQ5K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nb], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
+        let q3k: Vec<BlockQ3K> = blocks(&raw[..110 * rows * nb], |b: &mut BlockQ3K, d| b.d = h(d));
         for k in levels() {
             // Where a level groups these rows, its prompts read them in place.
             prop_assert_eq!(k.gemm_q4_kx8.is_some(), k.prefill_q4_kx8.is_some(), "{:?}", k.isa);
@@ -331,6 +335,8 @@ proptest! {
             grouped_prompt_equals_file(&k, &q5k, &a, nb, n_tok, k.prefill_q5_kx8, k.prefill_q5_k)?;
             prop_assert_eq!(k.gemm_iq4_xsx8.is_some(), k.prefill_iq4_xsx8.is_some(), "{:?}", k.isa);
             grouped_prompt_equals_file(&k, &xs4, &a, nb, n_tok, k.prefill_iq4_xsx8, k.prefill_iq4_xs)?;
+            prop_assert_eq!(k.gemm_q3_kx8.is_some(), k.prefill_q3_kx8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &q3k, &a, nb, n_tok, k.prefill_q3_kx8, k.prefill_q3_k)?;
         }
     }
 

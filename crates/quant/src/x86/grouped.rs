@@ -33,7 +33,9 @@
 
 use super::avx2::prefetch;
 use super::vnni::Signed32;
-use crate::blocks::{BlockQ8K, KGroup, Nibbles8, NibblesMin8, NibblesQh8, IQ4XS8, KVALUES_IQ4NL};
+use crate::blocks::{
+    BlockQ8K, KGroup, Nibbles8, NibblesMin8, NibblesQh8, IQ4XS8, KVALUES_IQ4NL, Q3K8,
+};
 use crate::ActBlocks;
 use half::f16;
 use std::arch::x86_64::*;
@@ -991,6 +993,380 @@ unsafe fn tile256_iq4xs<const T: usize>(
                 let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
                 let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
                 acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
+            }
+        }
+    }
+    for t in 0..T {
+        store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
+    }
+}
+
+/// Dword indices spreading four rows' twelve packed scale bytes (three dwords each, as
+/// [`Q3K8`] stores them one row after the other) one row per 128-bit lane.
+const Q3K_SCALE_LANES: [i32; 16] = [0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0];
+
+/// Per 128-bit lane holding a row's twelve packed bytes of Q3_K scales (bytes 0..12), that
+/// row's 16 scales as signed bytes minus 32 (byte `g`: sub-block `g`), as
+/// `reference::q3k_scales`: the low four bits of scales 0..8 and 8..16 are the low and high
+/// nibbles of bytes 0..8, the top two bits of scale `g` are bits `2·(g / 4)` of byte
+/// `8 + g % 4`.
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+fn q3k_scales_512(v: __m512i) -> __m512i {
+    let lanes = |p: [i8; 16]| {
+        // SAFETY: a 16-byte load of `p`.
+        _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) })
+    };
+    let twice = _mm512_shuffle_epi8(v, lanes([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]));
+    let low4 = _mm512_and_si512(
+        _mm512_srlv_epi64(twice, _mm512_set_epi64(4, 0, 4, 0, 4, 0, 4, 0)),
+        _mm512_set1_epi8(0x0F),
+    );
+    let top = _mm512_shuffle_epi8(
+        v,
+        lanes([8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11]),
+    );
+    let top = _mm512_and_si512(
+        _mm512_srlv_epi32(
+            top,
+            _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6),
+        ),
+        _mm512_set1_epi8(3),
+    );
+    let six = _mm512_or_si512(low4, _mm512_slli_epi16::<4>(top));
+    _mm512_sub_epi8(six, _mm512_set1_epi8(32))
+}
+
+/// [`q3k_scales_512`] at AVX2 (two rows, one per 128-bit lane).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn q3k_scales_256(v: __m256i) -> __m256i {
+    let twice = _mm256_shuffle_epi8(
+        v,
+        _mm256_setr_epi8(
+            0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4,
+            5, 6, 7,
+        ),
+    );
+    let low4 = _mm256_and_si256(
+        _mm256_srlv_epi64(twice, _mm256_set_epi64x(4, 0, 4, 0)),
+        _mm256_set1_epi8(0x0F),
+    );
+    let top = _mm256_shuffle_epi8(
+        v,
+        _mm256_setr_epi8(
+            8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8,
+            9, 10, 11, 8, 9, 10, 11,
+        ),
+    );
+    let top = _mm256_and_si256(
+        _mm256_srlv_epi32(top, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)),
+        _mm256_set1_epi8(3),
+    );
+    let six = _mm256_or_si256(low4, _mm256_slli_epi16::<4>(top));
+    _mm256_sub_epi8(six, _mm256_set1_epi8(32))
+}
+
+/// Bits `2j ..` of every byte of `q` (a shift by an immediate for each `j`).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn two_bit_field(q: __m512i, j: usize) -> __m512i {
+    match j {
+        0 => q,
+        1 => _mm512_srli_epi16::<2>(q),
+        2 => _mm512_srli_epi16::<4>(q),
+        _ => _mm512_srli_epi16::<6>(q),
+    }
+}
+
+/// A `pshufb` pattern putting scale byte `g` of each 128-bit lane in the high byte of every
+/// i16 (the low byte zero): the scale times 256, sign and all, with no widening.
+#[inline(always)]
+fn scale_times_256(g: usize) -> i16 {
+    ((g as i16) << 8) | 0x80
+}
+
+/// Q3_K groups `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512 VNNI:
+/// `out[r * n_tok + t]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_q3k_avx512(
+    w: &[Q3K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile512_q3k::<1>(group, a, nb, t0, n_tok, out),
+                2 => tile512_q3k::<2>(group, a, nb, t0, n_tok, out),
+                3 => tile512_q3k::<3>(group, a, nb, t0, n_tok, out),
+                _ => tile512_q3k::<4>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// One Q3_K group × tokens `t0 .. t0 + T`: rows `4h .. 4h + 4` in vector `h`, one row per
+/// 128-bit lane (four i32 lanes per row). Each value is held as `u = value + 4` (its two low
+/// bits, plus 4 under the byte mask of its high bit): 0..=7, as the `kquant` tile does; a
+/// sub-block's `vpmaddubsw` pairs are scaled in `vpdpwssd` by its scale times 256 (a byte
+/// shuffle, no widening), and `4 · Σ scale · bsum` comes off at the end of the super-block.
+/// The factor 256 is taken out of the float scale: exact, as a power of two.
+#[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tile512_q3k<const T: usize>(
+    group: &[Q3K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    // Four rows' scales (48 bytes) from each half's 64-byte load, and the last byte a load
+    // reads: inside the group.
+    const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
+    const _: () = assert!(SCALES + 48 + 64 <= size_of::<Q3K8>());
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let m3 = _mm512_set1_epi8(3);
+    let four = _mm512_set1_epi8(4);
+    // SAFETY: a 64-byte load of the lane indices.
+    let scale_lanes = unsafe { _mm512_loadu_si512(Q3K_SCALE_LANES.as_ptr() as *const _) };
+    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let rows = [rows_lo, _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4))];
+    for b in 0..nb {
+        let blk = &group[b];
+        let base = blk as *const Q3K8 as *const u8;
+        // Arrays element by element, not with `array::map` (see `tile512_k`).
+        let mut sc = [_mm512_setzero_si512(); 2];
+        let mut hm = [[_mm512_setzero_si512(); 2]; 2];
+        for h in 0..2 {
+            // SAFETY: 64 bytes at SCALES + 48h, inside the group (asserted above).
+            let v = unsafe { _mm512_loadu_si512(base.add(SCALES + 48 * h) as *const _) };
+            sc[h] = q3k_scales_512(_mm512_permutexvar_epi32(scale_lanes, v));
+            for e in 0..2 {
+                // SAFETY: 64 bytes: rows 4h .. 4h + 4 of hmask half e.
+                hm[e][h] = unsafe { _mm512_loadu_si512(blk.hmask[e][4 * h].as_ptr() as *const _) };
+            }
+        }
+        let mut isum = [[_mm512_setzero_si512(); 2]; T];
+        // Run `c` (values of half c / 2, bytes 16·(c % 2) ..): spelled out four times so that
+        // its shifts, bit selectors and scale patterns are constants (LLVM kept a loop over
+        // `c`, building them with scalar shifts and broadcasts).
+        macro_rules! run {
+            ($c:literal) => {{
+                let (half, e) = ($c / 2, $c % 2);
+                prefetch_ahead(blk, $c);
+                let mut q = [_mm512_setzero_si512(); 2];
+                for h in 0..2 {
+                    // SAFETY: 64 bytes: rows 4h .. 4h + 4 of run c.
+                    q[h] = unsafe { _mm512_loadu_si512(blk.qs[$c][4 * h].as_ptr() as *const _) };
+                }
+                for j in 0..4 {
+                    let g = 8 * half + 2 * j + e;
+                    let bit = _mm512_set1_epi8((1u8 << (4 * half + j)) as i8);
+                    let pick = _mm512_set1_epi16(scale_times_256(g));
+                    let mut u = [_mm512_setzero_si512(); 2];
+                    let mut s = [_mm512_setzero_si512(); 2];
+                    for h in 0..2 {
+                        let low = _mm512_and_si512(two_bit_field(q[h], j), m3);
+                        let high = _mm512_test_epi8_mask(hm[e][h], bit);
+                        u[h] = _mm512_mask_add_epi8(low, high, low, four);
+                        s[h] = _mm512_shuffle_epi8(sc[h], pick);
+                    }
+                    for t in 0..T {
+                        let y = &a[(t0 + t) * nb + b];
+                        // SAFETY: 16 bytes at 16g inside the 256 of `qs`.
+                        let act = _mm512_broadcast_i32x4(unsafe {
+                            _mm_loadu_si128(y.qs.as_ptr().add(16 * g) as *const __m128i)
+                        });
+                        for h in 0..2 {
+                            let pairs = _mm512_maddubs_epi16(u[h], act);
+                            isum[t][h] = _mm512_dpwssd_epi32(isum[t][h], pairs, s[h]);
+                        }
+                    }
+                }
+            }};
+        }
+        run!(0);
+        run!(1);
+        run!(2);
+        run!(3);
+        // SAFETY: 16 bytes of `d`.
+        let d8 = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe {
+            _mm_loadu_si128(blk.d.as_ptr() as *const __m128i)
+        }));
+        let zero = _mm512_setzero_si512();
+        // Each lane's scales times 256 as i16: sub-blocks 0..8, then 8..16.
+        let mut wide = [[zero; 2]; 2];
+        for h in 0..2 {
+            wide[h] = [
+                _mm512_unpacklo_epi8(zero, sc[h]),
+                _mm512_unpackhi_epi8(zero, sc[h]),
+            ];
+        }
+        for t in 0..T {
+            let y = &a[(t0 + t) * nb + b];
+            // SAFETY: two 16-byte loads inside the 32 bytes of `bsums`.
+            let sums = unsafe {
+                let p = y.bsums.as_ptr() as *const __m128i;
+                [
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(p)),
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(1))),
+                ]
+            };
+            let dy = _mm512_set1_ps(y.d / 256.0);
+            for h in 0..2 {
+                let offset = _mm512_add_epi32(
+                    _mm512_madd_epi16(wide[h][0], sums[0]),
+                    _mm512_madd_epi16(wide[h][1], sums[1]),
+                );
+                let sum = _mm512_sub_epi32(isum[t][h], _mm512_slli_epi32::<2>(offset));
+                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[t][h]);
+            }
+        }
+    }
+    for t in 0..T {
+        let [a, b] = acc[t];
+        let halves = [
+            _mm512_castps512_ps256(a),
+            upper_half(a),
+            _mm512_castps512_ps256(b),
+            upper_half(b),
+        ];
+        store_rows(halves, _mm256_setzero_ps(), out, n_tok, t0 + t);
+    }
+}
+
+/// [`gemm_q3k_avx512`] at AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_q3k_avx2(w: &[Q3K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile256_q3k::<1>(group, a, nb, t0, n_tok, out),
+                _ => tile256_q3k::<2>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// One Q3_K group × tokens `t0 .. t0 + T` at AVX2, as [`tile512_q3k`]: rows `2k`, `2k + 1`
+/// in vector `k`, one row per 128-bit lane. The high bit moves to bit 2 of its byte with a
+/// shift (bits shifted in from the neighbouring byte are masked off).
+#[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile256_q3k<const T: usize>(
+    group: &[Q3K8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    // Two rows' scales (24 bytes) from each pair's 32-byte load: inside the group.
+    const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
+    const _: () = assert!(SCALES + 72 + 32 <= size_of::<Q3K8>());
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let scale_lanes = _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0);
+    for b in 0..nb {
+        let blk = &group[b];
+        let base = blk as *const Q3K8 as *const u8;
+        let mut isum = [[_mm256_setzero_si256(); 4]; T];
+        let mut sc = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            if k % 2 == 0 {
+                prefetch_ahead(blk, k);
+                prefetch_ahead(blk, k + 1);
+            }
+            // SAFETY: 32 bytes at SCALES + 24k, inside the group (asserted above).
+            let v = unsafe { _mm256_loadu_si256(base.add(SCALES + 24 * k) as *const __m256i) };
+            sc[k] = q3k_scales_256(_mm256_permutevar8x32_epi32(v, scale_lanes));
+            // SAFETY: 32 bytes: rows 2k, 2k + 1 of each hmask half.
+            let hm = unsafe {
+                [
+                    _mm256_loadu_si256(blk.hmask[0][2 * k].as_ptr() as *const __m256i),
+                    _mm256_loadu_si256(blk.hmask[1][2 * k].as_ptr() as *const __m256i),
+                ]
+            };
+            // Run `c`, spelled out as in `tile512_q3k`.
+            macro_rules! run {
+                ($c:literal) => {{
+                    let (half, e) = ($c / 2, $c % 2);
+                    // SAFETY: 32 bytes: rows 2k, 2k + 1 of run c.
+                    let q =
+                        unsafe { _mm256_loadu_si256(blk.qs[$c][2 * k].as_ptr() as *const __m256i) };
+                    for j in 0..4 {
+                        let g = 8 * half + 2 * j + e;
+                        let shifted = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32));
+                        let low = _mm256_and_si256(shifted, m3);
+                        let n = (4 * half + j) as i32;
+                        let moved = if n >= 2 {
+                            _mm256_srl_epi16(hm[e], _mm_cvtsi32_si128(n - 2))
+                        } else {
+                            _mm256_sll_epi16(hm[e], _mm_cvtsi32_si128(2 - n))
+                        };
+                        let u = _mm256_or_si256(low, _mm256_and_si256(moved, four));
+                        let s = _mm256_shuffle_epi8(sc[k], _mm256_set1_epi16(scale_times_256(g)));
+                        for t in 0..T {
+                            let y = &a[(t0 + t) * nb + b];
+                            // SAFETY: 16 bytes at 16g inside the 256 of `qs`.
+                            let act = _mm256_broadcastsi128_si256(unsafe {
+                                _mm_loadu_si128(y.qs.as_ptr().add(16 * g) as *const __m128i)
+                            });
+                            let pairs = _mm256_maddubs_epi16(u, act);
+                            isum[t][k] = _mm256_add_epi32(isum[t][k], _mm256_madd_epi16(pairs, s));
+                        }
+                    }
+                }};
+            }
+            run!(0);
+            run!(1);
+            run!(2);
+            run!(3);
+        }
+        // SAFETY: 16 bytes of `d`.
+        let d8 = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.d.as_ptr() as *const __m128i) });
+        let zero = _mm256_setzero_si256();
+        for t in 0..T {
+            let y = &a[(t0 + t) * nb + b];
+            // SAFETY: two 16-byte loads inside the 32 bytes of `bsums`.
+            let sums = unsafe {
+                let p = y.bsums.as_ptr() as *const __m128i;
+                [
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p)),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1))),
+                ]
+            };
+            let dy = _mm256_set1_ps(y.d / 256.0);
+            for k in 0..4 {
+                let offset = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_unpacklo_epi8(zero, sc[k]), sums[0]),
+                    _mm256_madd_epi16(_mm256_unpackhi_epi8(zero, sc[k]), sums[1]),
+                );
+                let sum = _mm256_sub_epi32(isum[t][k], _mm256_slli_epi32::<2>(offset));
+                let i = 2 * k as i32;
+                let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
+                let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
+                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc[t][k]);
             }
         }
     }

@@ -79,8 +79,8 @@ impl<W: Unpack> Unpack for &W {
     }
 }
 
-/// Q4_K, Q5_K or IQ4_XS rows grouped at load (`nb` [`Q4K8`], [`Q5K8`] or [`IQ4XS8`] per
-/// group of eight rows).
+/// Q4_K, Q5_K, IQ4_XS or Q3_K rows grouped at load (`nb` [`Q4K8`], [`Q5K8`], [`IQ4XS8`] or
+/// [`Q3K8`] per group of eight rows).
 #[derive(Clone, Copy)]
 pub struct GroupedRows<'a, G>(pub &'a [G]);
 
@@ -179,6 +179,22 @@ impl Unpack for GroupRow<'_, IQ4XS8> {
         let (g, r) = (self.g, self.r);
         let sc = u64::from_le_bytes(std::array::from_fn(|j| g.scales[j][r] as u8));
         iq4xs_int_scales(sc, h2f(g.d[r]))
+    }
+}
+
+impl Unpack for GroupRow<'_, Q3K8> {
+    const MAX_VALUE: u32 = 7;
+    /// As [`BlockQ3K`]'s, from the row's block put back together (a 110-byte copy, small
+    /// against the unpacking).
+    #[inline(always)]
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { BlockQ3K::take(self.g, self.r).values(u) }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { BlockQ3K::take(self.g, self.r).scales() }
     }
 }
 

@@ -499,6 +499,8 @@ grouped_k_gemm!(grouped512_q5_k, gemm_k_avx512, Q5K8);
 grouped_k_gemm!(grouped256_q4_k, gemm_k_avx2, Q4K8);
 grouped_k_gemm!(grouped256_q5_k, gemm_k_avx2, Q5K8);
 grouped_k_gemm!(grouped256_iq4_xs, gemm_iq4xs_avx2, IQ4XS8);
+grouped_k_gemm!(grouped512_q3_k, gemm_q3k_avx512, Q3K8);
+grouped_k_gemm!(grouped256_q3_k, gemm_q3k_avx2, Q3K8);
 
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
@@ -582,6 +584,10 @@ fn kpanel_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Colum
     // SAFETY: see above.
     unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
+fn kpanel_q3_kx8(w: &[Q3K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
+}
 
 /// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
 /// SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
@@ -610,6 +616,10 @@ fn prompt_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Colum
     unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn prompt_iq4_xsx8(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
+}
+fn prompt_q3_kx8(w: &[Q3K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
@@ -660,6 +670,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             // IQ4_XS's tiles here decode the file's rows near Q4_0's speed per byte.
             gemm_iq4_xsx8: None,
             prefill_iq4_xsx8: None,
+            gemm_q3_kx8: (isa == Isa::Avx512).then_some(grouped512_q3_k as _),
+            prefill_q3_kx8: (isa == Isa::Avx512).then_some(kpanel_q3_kx8 as _),
             prefill_q4_0x8: (isa == Isa::Avx512).then_some(panel_q4_0x8 as _),
             prefill_iq4_nlx8: (isa == Isa::Avx512).then_some(panel_iq4_nlx8 as _),
             prefill_q4_1x8: (isa == Isa::Avx512).then_some(panel_q4_1x8 as _),
@@ -752,6 +764,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         prefill_q5_kx8: Some(prompt_q5_kx8),
         gemm_iq4_xsx8: Some(grouped256_iq4_xs),
         prefill_iq4_xsx8: Some(prompt_iq4_xsx8),
+        gemm_q3_kx8: Some(grouped256_q3_k),
+        prefill_q3_kx8: Some(prompt_q3_kx8),
         prefill_q4_0x8: Some(panel8_q4_0x8),
         prefill_iq4_nlx8: Some(panel8_iq4_nlx8),
         prefill_q4_1x8: Some(panel8_q4_1x8),
