@@ -28,6 +28,12 @@
 //! two rows to a 32-byte load, with the scales unpacked to signed bytes at load; the table
 //! values multiply the activations with `maddubs`' sign trick, as IQ4_NL's do.
 //!
+//! Q3_K rows grouped the same way ([`Q3K8`], the file's 880 bytes per eight rows reordered)
+//! keep the file's 16-byte runs of 2-bit values and of high bits, four rows to a 64-byte
+//! load (two to 32 bytes at AVX2); four rows' packed scales are unpacked once per
+//! super-block, one row per 128-bit lane, and a byte shuffle puts a sub-block's scale
+//! times 256 in each i16 lane for `vpdpwssd` (`vpmaddwd` at AVX2).
+//!
 //! Each token's arithmetic is the same whichever tokens it is decoded with, so a batch of
 //! sequences gets, bit for bit, what each would alone.
 

@@ -6,7 +6,7 @@
 //! Q2_K, Q4_K, Q5_K: `u` is the stored value and `c` the scaled mins. Q3_K, Q6_K, IQ4_XS
 //! store signed values, held as `u = value + offset` (offset 4, 32, 128), so
 //! `c_g = s_g · offset`. (Decoding reads the blocks directly: `kquant` tiles for Q3_K to
-//! Q6_K and IQ4_XS, the AVX2 dot products for Q2_K.)
+//! Q6_K and IQ4_XS, the AVX2 dot products for Q2_K, or the grouped rows of `grouped`.)
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
 use super::avx2::{h2f, nibbles_32};
