@@ -94,7 +94,7 @@ pub(crate) unsafe fn panel_matmul(a: &I16Args, out: &mut [f32]) {
 /// AVX512-VNNI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+pub(super) unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     let mut acc = acc;
     // SAFETY: registers only; the caller has AVX512-VNNI.
     unsafe {

@@ -38,6 +38,7 @@
 //! sequences gets, bit for bit, what each would alone.
 
 use super::avx2::prefetch;
+use super::encoder_vnni::dpwssd;
 use super::vnni::Signed32;
 use crate::blocks::{
     BlockQ8K, KGroup, Nibbles8, NibblesMin8, NibblesQh8, IQ4XS8, KVALUES_IQ4NL, Q3K8,
@@ -1085,27 +1086,6 @@ fn two_bit_field(q: __m512i, j: usize) -> __m512i {
     }
 }
 
-/// `acc + p·s` summed in pairs per i32 lane (`_mm512_dpwssd_epi32`), forced to one
-/// `vpdpwssd`: LLVM's generic x86 tuning splits the intrinsic into `vpmaddwd` and `vpaddd`,
-/// one more instruction in a loop bound by instructions.
-#[target_feature(enable = "avx512f,avx512vnni")]
-#[inline]
-fn dpwssd(acc: __m512i, p: __m512i, s: __m512i) -> __m512i {
-    let mut acc = acc;
-    // SAFETY: one instruction on registers (no memory, stack or flags), of the features this
-    // function enables.
-    unsafe {
-        std::arch::asm!(
-            "vpdpwssd {acc}, {p}, {s}",
-            acc = inout(zmm_reg) acc,
-            p = in(zmm_reg) p,
-            s = in(zmm_reg) s,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
-}
-
 /// A `pshufb` pattern putting scale byte `g` of each 128-bit lane in the high byte of every
 /// i16 (the low byte zero): the scale times 256, sign and all, with no widening.
 #[inline(always)]
@@ -1217,7 +1197,8 @@ unsafe fn tile512_q3k<const T: usize>(
                         });
                         for h in 0..2 {
                             let pairs = _mm512_maddubs_epi16(u[h], act);
-                            isum[t][h] = dpwssd(isum[t][h], pairs, s[h]);
+                            // SAFETY: AVX-512 VNNI is enabled here.
+                            isum[t][h] = unsafe { dpwssd(isum[t][h], pairs, s[h]) };
                         }
                     }
                 }
