@@ -764,10 +764,16 @@ impl QMatrix<'_> {
     }
 }
 
-/// Rows per parallel work item: enough to amortise scheduling, small enough to balance.
+/// Rows per parallel work item: two items per thread. Each item is a pool task (a shared
+/// counter bumped across cores) and a new weight stream for the prefetcher, and decoding
+/// is thousands of products a second: measured on 2 threads (Zen 5, avx512 and avx2), 8
+/// items per thread (at most 256 rows each) left ~20% of the time in the pool, and 2 with
+/// no cap decoded SmolLM2 1.2–1.4× and Gemma3 1.1–1.3× faster, prompts as fast or faster.
+/// Two rather than one: a thread the OS holds up leaves a quarter of the rows to the other,
+/// not half.
 fn rows_per_task(rows: usize) -> usize {
     let threads = pool::threads();
-    (rows / (threads * 8)).clamp(8, 256).next_multiple_of(4)
+    (rows / (threads * 2)).max(8).next_multiple_of(4)
 }
 
 /// Dot every weight row (`per_row` units of `W`) with every activation row (`per_row` units of `A`).
