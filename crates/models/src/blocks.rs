@@ -220,9 +220,17 @@ impl Model {
         mm: &mut Vec<f32>,
         tile_rows: usize,
     ) {
+        let mut views = outs.map(|(w, out)| (w.view(&self.gguf), out));
+        let first = views.first().map(|(m, _)| (m.act_type(), m.cols));
+        if let Some((ty, cols)) =
+            first.filter(|(ty, _)| views.iter().all(|(m, _)| m.act_type() == *ty))
+        {
+            acts.quantize_split(ty, x, cols, tile_rows);
+            hearth_quant::matmul_many(&mut views, acts, mm);
+            return;
+        }
         let mut current = None;
-        for (w, out) in outs {
-            let m = w.view(&self.gguf);
+        for (m, out) in views {
             if current != Some(m.act_type()) {
                 acts.quantize_split(m.act_type(), x, m.cols, tile_rows);
                 current = Some(m.act_type());

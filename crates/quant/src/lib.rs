@@ -177,6 +177,32 @@ pub enum Blocks<'a> {
     Q3Kx8(&'a [Q3K8]),
 }
 
+impl<'a> Blocks<'a> {
+    /// Rows `r0..r0 + n` of a matrix of `rows` rows: a row is `len / rows` elements, and a
+    /// group of eight rows (the `…x8` variants) is `8 · len / rows`, so `r0` and `r0 + n` must
+    /// be multiples of 8 there.
+    fn rows(self, rows: usize, r0: usize, n: usize) -> Blocks<'a> {
+        assert!(r0 + n <= rows, "rows out of range");
+        macro_rules! cut {
+            ($($plain:ident),* ; $($grouped:ident),*) => {
+                match self {
+                    $(Blocks::$plain(x) => {
+                        let per = x.len() / rows;
+                        Blocks::$plain(&x[r0 * per..(r0 + n) * per])
+                    })*
+                    $(Blocks::$grouped(x) => {
+                        assert!(r0 % 8 == 0 && n % 8 == 0, "grouped rows cut inside a group");
+                        let per = x.len() / (rows / 8);
+                        Blocks::$grouped(&x[r0 / 8 * per..(r0 + n) / 8 * per])
+                    })*
+                }
+            };
+        }
+        cut!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, Q2K, Q3K, IQ4NL, IQ4XS;
+             Q4_0x8, IQ4NLx8, Q4_1x8, Q5_0x8, Q4Kx8, Q5Kx8, IQ4XSx8, Q3Kx8)
+    }
+}
+
 /// A row-major matrix of `rows` rows of `cols` weights, borrowed from the model file.
 #[derive(Clone, Copy)]
 pub struct QMatrix<'a> {
@@ -434,6 +460,15 @@ impl<'a> QMatrix<'a> {
             Blocks::Q3Kx8(x) => {
                 grouped_row::<BlockQ3K>(x, n, r, out, reference::dequantize_row_q3_k)
             }
+        }
+    }
+
+    /// Rows `r0..r0 + n` as a matrix of their own (on grouped rows, whole groups).
+    pub fn row_range(&self, r0: usize, n: usize) -> QMatrix<'a> {
+        QMatrix {
+            rows: n,
+            blocks: self.blocks.rows(self.rows, r0, n),
+            ..*self
         }
     }
 
@@ -762,6 +797,77 @@ impl QMatrix<'_> {
         }
         true
     }
+}
+
+/// Several products of the same activations (Q, K and V of one input; gate and up) into
+/// their own results. Decoding one token, they run as one pool job whose tasks are ranges
+/// of rows of all the matrices: a small model's token is hundreds of products of a few
+/// microseconds each, and each job costs a hand-over to the workers and a wait for the
+/// last of them. Every row goes through the same kernel as in [`QMatrix::matmul`], so the
+/// results are the same bits. Otherwise (prompts, one thread, AMX tiles), one after another.
+pub fn matmul_many(mats: &mut [(QMatrix, &mut [f32])], acts: &Activations, scratch: &mut Vec<f32>) {
+    let one_job = mats.len() > 1
+        && pool::threads() > 1
+        && acts.n_tokens == 1
+        && acts.staged.n_tok() == 0
+        && acts.prefill_tokens == 0;
+    if !one_job {
+        for (m, out) in mats.iter_mut() {
+            m.matmul(acts, out, scratch);
+        }
+        return;
+    }
+    for (m, out) in mats.iter() {
+        assert_eq!(acts.cols, m.cols, "activation width must match the matrix");
+        assert_eq!(
+            acts.ty,
+            Some(m.act_type()),
+            "activations quantized for another type"
+        );
+        assert!(out.len() >= m.rows, "result smaller than the matrix's rows");
+    }
+    // At most `MAX_TASKS` tasks, kept on the stack: decoding allocates nothing per token.
+    const MAX_TASKS: usize = 32;
+    if mats.len() > MAX_TASKS / 2 {
+        for (m, out) in mats.iter_mut() {
+            m.matmul(acts, out, scratch);
+        }
+        return;
+    }
+    let total: usize = mats.iter().map(|(m, _)| m.rows).sum();
+    // Whole groups of eight rows (16: a panel) per task, about two tasks per thread
+    // overall; each matrix's last task may be short, so at most `total / chunk + len`.
+    let chunk = (total / (pool::threads() * 2))
+        .max(total.div_ceil(MAX_TASKS - mats.len()))
+        .max(16)
+        .next_multiple_of(16);
+    type Task<'m, 'o> = (Option<QMatrix<'m>>, std::sync::Mutex<Option<&'o mut [f32]>>);
+    let mut tasks: [Task; MAX_TASKS] = std::array::from_fn(|_| (None, std::sync::Mutex::new(None)));
+    let mut n_tasks = 0;
+    for (m, out) in mats.iter_mut() {
+        let mut rest: &mut [f32] = &mut out[..m.rows];
+        let mut r0 = 0;
+        while r0 < m.rows {
+            let n = chunk.min(m.rows - r0);
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            tasks[n_tasks] = (Some(m.row_range(r0, n)), std::sync::Mutex::new(Some(part)));
+            n_tasks += 1;
+            rest = tail;
+            r0 += n;
+        }
+    }
+    // Inside a task the product's own pool calls run inline (nested jobs do).
+    pool::run(n_tasks, |i| {
+        let (Some(m), out) = &tasks[i] else {
+            unreachable!("tasks 0..n_tasks are filled")
+        };
+        let out = out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each task runs once");
+        m.matmul(acts, out, &mut Vec::new());
+    });
 }
 
 /// Rows per parallel work item: two items per thread. Each item is a pool task (a shared
@@ -1429,6 +1535,91 @@ fn grown<T: Zeroable + Clone>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q, K and V (or gate and up) as one pool job give the bits they give one by one:
+    /// plain Q4_0 rows (a count not a multiple of the task size), grouped Q4_0 rows and
+    /// Q8_0 rows on the same activations, one token on 2 threads (one job) and 1 thread,
+    /// and 3 tokens (one after another).
+    #[test]
+    fn matmul_many_equals_products_one_by_one() {
+        let cols = 256;
+        let nb = cols / QK;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let q4 = |rows: usize, next: &mut dyn FnMut() -> u64| -> Vec<BlockQ4_0> {
+            (0..rows * nb)
+                .map(|_| BlockQ4_0 {
+                    d: f16::from_f32((next() % 1000) as f32 / 1e5 + 1e-4),
+                    qs: std::array::from_fn(|_| next() as u8),
+                })
+                .collect()
+        };
+        let plain = q4(200, &mut next);
+        let grouped_file = q4(264, &mut next);
+        let grouped = interleave8(&grouped_file, nb);
+        let q8: Vec<BlockQ8_0> = (0..72 * nb)
+            .map(|_| BlockQ8_0 {
+                d: f16::from_f32((next() % 1000) as f32 / 1e5 + 1e-4),
+                qs: std::array::from_fn(|_| next() as i8),
+            })
+            .collect();
+        let q4_0 =
+            QMatrix::new("a", GgmlType::Q4_0, cols, 200, bytemuck::cast_slice(&plain)).unwrap();
+        let q4_0x8 = QMatrix::from_interleaved(
+            "b",
+            GgmlType::Q4_0,
+            cols,
+            264,
+            bytemuck::cast_slice(&grouped),
+        )
+        .unwrap();
+        let q8_0 = QMatrix::new("c", GgmlType::Q8_0, cols, 72, bytemuck::cast_slice(&q8)).unwrap();
+        for (threads, n_tok) in [(2, 1), (1, 1), (2, 3)] {
+            pool::set_threads(threads);
+            let x: Vec<f32> = (0..n_tok * cols)
+                .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            for pair in [[q4_0, q4_0x8], [q4_0x8, q8_0]] {
+                let ty = pair[0].act_type();
+                if pair[1].act_type() != ty {
+                    continue;
+                }
+                let mut acts = Activations::default();
+                acts.quantize(ty, &x, cols);
+                let mut scratch = Vec::new();
+                let alone: Vec<Vec<f32>> = pair
+                    .iter()
+                    .map(|m| {
+                        let mut o = vec![f32::NAN; n_tok * m.rows];
+                        m.matmul(&acts, &mut o, &mut scratch);
+                        o
+                    })
+                    .collect();
+                let (mut a, mut b) = (
+                    vec![f32::NAN; n_tok * pair[0].rows],
+                    vec![f32::NAN; n_tok * pair[1].rows],
+                );
+                matmul_many(
+                    &mut [(pair[0], &mut a), (pair[1], &mut b)],
+                    &acts,
+                    &mut scratch,
+                );
+                for (got, want) in [(&a, &alone[0]), (&b, &alone[1])] {
+                    assert!(
+                        got.iter()
+                            .zip(want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{threads} threads, {n_tok} tokens"
+                    );
+                }
+            }
+        }
+    }
 
     /// Every shape of the multi-token products' last step, on 1 and 2 threads: runs of 8
     /// rows with a partial last run, blocks of tokens narrower than 16 and a single token.
