@@ -806,7 +806,9 @@ impl QMatrix<'_> {
 /// last of them. Every row goes through the same kernel as in [`QMatrix::matmul`], so the
 /// results are the same bits. Otherwise (prompts, one thread, AMX tiles), one after another.
 pub fn matmul_many(mats: &mut [(QMatrix, &mut [f32])], acts: &Activations, scratch: &mut Vec<f32>) {
-    let one_job = mats.len() > 1
+    // At most `MAX_TASKS` tasks, kept on the stack: decoding allocates nothing per token.
+    const MAX_TASKS: usize = 32;
+    let one_job = (2..=MAX_TASKS / 2).contains(&mats.len())
         && pool::threads() > 1
         && acts.n_tokens == 1
         && acts.staged.n_tok() == 0
@@ -825,14 +827,6 @@ pub fn matmul_many(mats: &mut [(QMatrix, &mut [f32])], acts: &Activations, scrat
             "activations quantized for another type"
         );
         assert!(out.len() >= m.rows, "result smaller than the matrix's rows");
-    }
-    // At most `MAX_TASKS` tasks, kept on the stack: decoding allocates nothing per token.
-    const MAX_TASKS: usize = 32;
-    if mats.len() > MAX_TASKS / 2 {
-        for (m, out) in mats.iter_mut() {
-            m.matmul(acts, out, scratch);
-        }
-        return;
     }
     let total: usize = mats.iter().map(|(m, _)| m.rows).sum();
     // Whole groups of eight rows (16: a panel) per task, about two tasks per thread
@@ -1586,9 +1580,7 @@ mod tests {
                 .collect();
             for pair in [[q4_0, q4_0x8], [q4_0x8, q8_0]] {
                 let ty = pair[0].act_type();
-                if pair[1].act_type() != ty {
-                    continue;
-                }
+                assert_eq!(pair[1].act_type(), ty, "one activation type per call");
                 let mut acts = Activations::default();
                 acts.quantize(ty, &x, cols);
                 let mut scratch = Vec::new();
