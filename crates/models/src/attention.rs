@@ -8,6 +8,7 @@
 use hearth_quant::blocks::QK;
 use hearth_quant::kvquant::{AttendQuant, KvBlock};
 use hearth_quant::AttendF16;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::kv::KvLayer;
@@ -32,6 +33,11 @@ pub struct AttnShape {
 #[derive(Default)]
 pub struct AttnScratch {
     bufs: Vec<Mutex<Vec<f32>>>,
+    /// A decoding token's attention split by keys and columns ([`attend_split`]): the
+    /// scores by key part, the weights by row and the outputs by column part.
+    split_scores: Vec<f32>,
+    split_weights: Vec<f32>,
+    split_out: Vec<f32>,
 }
 
 impl AttnScratch {
@@ -46,6 +52,24 @@ impl AttnScratch {
                 b.resize(len, 0.0);
             }
         }
+    }
+
+    /// Room for [`attend_split`] over `rows` cache rows (sized for the whole cache, so
+    /// decoding never grows it).
+    fn prepare_split(&mut self, s: &AttnShape, rows: usize) {
+        let grow = |b: &mut Vec<f32>, len: usize| {
+            if b.len() < len {
+                b.resize(len, 0.0);
+            }
+        };
+        // Key parts are padded to the same length (at most one key more per part), each
+        // followed by its rows' queries; column parts are multiples of 16 columns.
+        grow(
+            &mut self.split_scores,
+            s.n_head * (rows + MAX_PARTS * (1 + s.head_dim)),
+        );
+        grow(&mut self.split_weights, s.n_head * rows);
+        grow(&mut self.split_out, 2 * s.n_head * s.head_dim);
     }
 
     fn get(&self, i: usize) -> MutexGuard<'_, Vec<f32>> {
@@ -70,7 +94,8 @@ const ROWS: usize = 8;
 /// are already in `kv` (`[pos, n_kv_head*head_dim]`). Writes `out` like `q`.
 ///
 /// Work is split by tokens (a block of tokens per task, so the heads sharing a KV head go
-/// through the kernel together), or for a single token by KV head.
+/// through the kernel together), or for a single token by KV head, or when that leaves
+/// threads idle, by keys and columns ([`attend_split`]).
 pub fn attention(
     q: &[f32],
     kv: KvLayer,
@@ -89,8 +114,6 @@ pub fn attention(
     } else {
         hearth_quant::pool::threads()
     };
-    scratch.prepare(count.max(1), len);
-    let scratch = &*scratch;
     let group = s.n_head / s.n_kv_head;
     let kernels = hearth_quant::dispatch::kernels();
     // Keys position `pos` sees.
@@ -147,6 +170,17 @@ pub fn attention(
         }
     };
     if n_tok == 1 {
+        let (first, end) = keys(pos0);
+        if let KvLayer::F16 { k, v } = kv {
+            // Sized on every path, so a thread count that changes never allocates later.
+            scratch.prepare_split(s, kv.rows(kv_dim));
+            if split_pays(s, end - first) {
+                let ks = KeySpan { k, v, first, end };
+                return attend_split(q, ks, s, out, scratch);
+            }
+        }
+        scratch.prepare(count.max(1), len);
+        let scratch = &*scratch;
         // One task per KV head: its `group` heads are contiguous in q and out.
         hearth_quant::pool::for_each_chunk(out, group * hd, |kvh, out_c| {
             let q_c = &q[kvh * group * hd..][..group * hd];
@@ -155,6 +189,8 @@ pub fn attention(
         });
         return;
     }
+    scratch.prepare(count.max(1), len);
+    let scratch = &*scratch;
     let tokens_per_task = (ROWS / group).max(1);
     hearth_quant::pool::for_each_chunk(out, tokens_per_task * qd, |ci, out_c| {
         let t0 = ci * tokens_per_task;
@@ -169,6 +205,131 @@ pub fn attention(
         }
     });
 }
+
+/// Keys of a decoding token below which splitting them costs more (two more pool jobs and
+/// copies) than the threads it keeps busy gain: Gemma3's shape on Zen 5, 2 threads,
+/// `examples/decode_attention`: 1.00× at 512 keys, 1.02× at 1024, 1.10× at 2048, 1.44× at
+/// 8192.
+const MIN_SPLIT_KEYS: usize = 1024;
+
+static SPLIT: AtomicBool = AtomicBool::new(true);
+
+/// Turns the split of a decoding token's attention by keys and columns on or off (on by
+/// default; the same bits either way): for the tests and the benchmark that compare both.
+pub fn set_split_attention(on: bool) {
+    SPLIT.store(on, Ordering::Relaxed);
+}
+
+/// Whether a decoding token's attention over `n` keys is split by keys and columns: when
+/// its KV heads alone would leave threads idle, and the heads fit the kernel. (Where every
+/// thread has a KV head, splitting further did not pay: SmolLM2's 3 on 2 threads ran at
+/// 0.72–0.91× of 2:1 by head from 1024 to 8192 keys; its attention is bound by memory, not
+/// by the thread left waiting.)
+fn split_pays(s: &AttnShape, n: usize) -> bool {
+    let threads = hearth_quant::pool::threads();
+    s.n_kv_head < threads
+        && SPLIT.load(Ordering::Relaxed)
+        && n >= MIN_SPLIT_KEYS
+        && s.head_dim.is_multiple_of(16)
+        && s.n_head / s.n_kv_head <= ROWS
+}
+
+/// The f16 cache's keys and values and the keys a decoding token sees.
+struct KeySpan<'a> {
+    k: &'a [half::f16],
+    v: &'a [half::f16],
+    first: usize,
+    end: usize,
+}
+
+/// One decoding token's attention over an f16 cache in three pool jobs, with the bits of
+/// the whole kernel (`Kernels::attend_f16_steps`): each KV head's scores in parts of its
+/// keys, each row's softmax, each KV head's outputs in parts of its columns.
+fn attend_split(q: &[f32], ks: KeySpan, s: &AttnShape, out: &mut [f32], scratch: &mut AttnScratch) {
+    let AttnScratch {
+        split_scores,
+        split_weights,
+        split_out,
+        ..
+    } = scratch;
+    let steps = hearth_quant::dispatch::kernels().attend_f16_steps;
+    let (hd, group) = (s.head_dim, s.n_head / s.n_kv_head);
+    let n = ks.end - ks.first;
+    // Two tasks per thread in each job.
+    let per_head = (2 * hearth_quant::pool::threads()).div_ceil(s.n_kv_head);
+    // The kernel call for KV head `kvh`'s rows (queries at `q`), seeing keys `keys`.
+    let call = |kvh: usize, keys: (usize, usize)| AttendF16 {
+        q: &q[kvh * group * hd..][..group * hd],
+        at: std::array::from_fn(|r| r * hd),
+        rows: group,
+        keys: [keys; 8],
+        k: &ks.k[kvh * hd..],
+        v: &ks.v[kvh * hd..],
+        kv_stride: s.n_kv_head * hd,
+        head_dim: hd,
+        scale: s.scale,
+        softcap: s.softcap.unwrap_or(0.0),
+    };
+    // Scores: `parts` parts of `part` keys per KV head; a part's chunk holds its rows'
+    // scores, then room for their queries.
+    let parts = per_head.clamp(1, MAX_PARTS).min(n);
+    let part = n.div_ceil(parts);
+    let chunk_len = group * (part + hd);
+    let scores = &mut split_scores[..s.n_kv_head * parts * chunk_len];
+    hearth_quant::pool::for_each_chunk(scores, chunk_len, |i, chunk| {
+        let (kvh, p) = (i / parts, i % parts);
+        let k0 = ks.first + (p * part).min(n);
+        let k1 = (k0 + part).min(ks.end);
+        if k0 < k1 {
+            let (ps, qs) = chunk.split_at_mut(group * part);
+            (steps.scores)(&call(kvh, (k0, k1)), &mut ps[..group * (k1 - k0)], qs);
+        }
+    });
+    let scores = &*scores;
+    // Weights: each row's scores gathered from the parts, then its softmax.
+    let weights = &mut split_weights[..s.n_head * n];
+    hearth_quant::pool::for_each_chunk(weights, n, |row, w| {
+        let (kvh, r) = (row / group, row % group);
+        for p in 0..parts {
+            let k0 = (p * part).min(n);
+            let m = part.min(n - k0);
+            // Part `p`'s chunk holds its rows' `m` scores each.
+            let from = (kvh * parts + p) * chunk_len + r * m;
+            w[k0..k0 + m].copy_from_slice(&scores[from..from + m]);
+        }
+        (steps.weights)(&call(kvh, (ks.first, ks.end)), r, w);
+    });
+    let weights = &*weights;
+    // Outputs: `cols` parts of `width` columns (a multiple of 16) per KV head.
+    let width = (hd / 16).div_ceil(per_head.clamp(1, hd / 16)) * 16;
+    let cols = hd.div_ceil(width);
+    let outs = &mut split_out[..s.n_kv_head * cols * group * width];
+    hearth_quant::pool::for_each_chunk(outs, group * width, |i, o| {
+        let (kvh, c) = (i / cols, i % cols);
+        let c0 = c * width;
+        let w = width.min(hd - c0);
+        let a = call(kvh, (ks.first, ks.end));
+        (steps.values)(
+            &a,
+            &weights[kvh * group * n..][..group * n],
+            c0,
+            &mut o[..group * w],
+        );
+    });
+    for kvh in 0..s.n_kv_head {
+        for c in 0..cols {
+            let c0 = c * width;
+            let w = width.min(hd - c0);
+            let from = &outs[(kvh * cols + c) * group * width..][..group * w];
+            for r in 0..group {
+                out[(kvh * group + r) * hd + c0..][..w].copy_from_slice(&from[r * w..][..w]);
+            }
+        }
+    }
+}
+
+/// Parts of its keys one KV head's scores are split into at most.
+const MAX_PARTS: usize = 16;
 
 /// Up to `ROWS` query rows of one KV head: row `r` at `q[at[r]..]`, seeing keys `keys[r]`.
 struct RowBlock<'a> {

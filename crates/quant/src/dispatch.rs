@@ -214,6 +214,8 @@ pub struct Kernels {
     /// Decoder attention over the f16 KV cache (see [`crate::AttendF16`]); the last argument
     /// is scratch space.
     pub attend_f16: fn(&crate::AttendF16, &mut [f32], &mut Vec<f32>),
+    /// `attend_f16` in steps (same bits), to split one token's attention over threads.
+    pub attend_f16_steps: crate::AttendF16Steps,
     /// Decoder attention over a Q8_0/Q4_0 KV cache (see [`crate::kvquant`]).
     pub attend_q8_0: fn(&crate::kvquant::AttendQuant<BlockQ8_0>, &mut [f32], &mut Vec<f32>),
     pub attend_q4_0: fn(&crate::kvquant::AttendQuant<BlockQ4_0>, &mut [f32], &mut Vec<f32>),
@@ -353,6 +355,7 @@ impl Kernels {
             prefill_q3_k: None,
             prefill_iq4_xs: None,
             attend_f16: r::attend_f16,
+            attend_f16_steps: r::ATTEND_F16_STEPS,
             attend_q8_0: crate::kvquant::attend_q8_0,
             attend_q4_0: crate::kvquant::attend_q4_0,
             gelu: r::gelu_erf,

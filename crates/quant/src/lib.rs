@@ -113,6 +113,36 @@ pub struct AttendF16<'a> {
     pub softcap: f32,
 }
 
+impl AttendF16<'_> {
+    /// The span of the rows' keys, `lo..lo + n` (the union of `keys[..rows]`).
+    pub fn span(&self) -> (usize, usize) {
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for &(first, end) in &self.keys[..self.rows] {
+            (lo, hi) = (lo.min(first), hi.max(end));
+        }
+        (lo, hi.saturating_sub(lo))
+    }
+}
+
+/// [`AttendF16`] in three steps, so that one decoding token's attention can be split over
+/// threads by keys and by columns (a model with fewer KV heads than threads has nothing
+/// else to split): `scores` over any part of the keys, `weights` on each whole row,
+/// `values` for any part of the output columns. Together they give the bits of the whole
+/// kernel at the same level (`Kernels::attend_f16`).
+#[derive(Clone, Copy)]
+pub struct AttendF16Steps {
+    /// Scores of the rows over their span `lo..lo + n` ([`AttendF16::span`]) into
+    /// `ps[r * n + j]`, −∞ where row `r` does not see key `lo + j`; the last argument is
+    /// scratch space for the rows' queries (`rows × head_dim` values).
+    pub scores: fn(&AttendF16, &mut [f32], &mut [f32]),
+    /// Row `r`'s scores over the whole span become its weights (softmax, rounded to f16).
+    pub weights: fn(&AttendF16, usize, &mut [f32]),
+    /// Output columns `c0..c0 + w` of every row from the weights `ps` (as `weights` left
+    /// them), into `out[r * w + c - c0]`, `w = out.len() / rows`. `c0` and `w` are
+    /// multiples of 16, or the whole row (`c0 = 0`, `w = head_dim`).
+    pub values: fn(&AttendF16, &[f32], usize, &mut [f32]),
+}
+
 /// An attention score from its dot product: `dot · scale`, soft-capped when `softcap > 0`
 /// (the order every decoder attention kernel uses).
 #[inline]

@@ -656,7 +656,8 @@ pub fn gemm_by_dot<W, A>(
 }
 
 /// Decoder attention (see [`crate::AttendF16`]) one row at a time with the given f16 dot
-/// product and `out += w · v`; `scratch` holds the scores.
+/// product, softmax and `out += w · v`; `scratch` holds the scores. The three
+/// `attend_f16_*_by_rows` steps below, in turn.
 pub fn attend_f16_by_rows(
     a: &crate::AttendF16,
     out: &mut [f32],
@@ -665,18 +666,39 @@ pub fn attend_f16_by_rows(
     axpy: fn(&mut [f32], f32, &[f16]),
     softmax: fn(&mut [f32]),
 ) {
+    let (_, n) = a.span();
+    let need = a.rows * n;
+    if scratch.len() < need {
+        // The whole cache's length once, so decoding never grows this buffer.
+        let whole = 8 * (a.k.len() / a.kv_stride.max(1) + 1);
+        scratch.resize(need.max(whole), 0.0);
+    }
+    let ps = &mut scratch[..need];
+    attend_f16_scores_by_rows(a, ps, dot);
+    for r in 0..a.rows {
+        attend_f16_weights_by_rows(a, r, &mut ps[r * n..][..n], softmax);
+    }
+    values_by_rows(a, ps, 0, a.head_dim, out, |r| a.at[r], axpy);
+}
+
+/// [`crate::AttendF16Steps::scores`] a row at a time with the given f16 dot product: the
+/// query in f16, 256 values at a time; past 256, a key's dot product with the query is the
+/// sum of its pieces' dot products.
+pub fn attend_f16_scores_by_rows(
+    a: &crate::AttendF16,
+    ps: &mut [f32],
+    dot: fn(&[f16], &[f16]) -> f32,
+) {
     let hd = a.head_dim;
+    let (lo, n) = a.span();
     let mut q16 = [f16::ZERO; 256];
     for r in 0..a.rows {
         let (first, end) = a.keys[r];
         let q = &a.q[a.at[r]..][..hd];
-        let scores = &mut *scratch;
-        scores.clear();
-        // The whole cache's length once, so decoding never grows this buffer.
-        scores.reserve(a.k.len() / a.kv_stride.max(1) + 1);
-        // The query in f16, 256 values at a time (no allocation); past 256, the dot
-        // product of a key with the query is the sum of its pieces' dot products.
-        scores.resize(end - first, 0.0);
+        let row = &mut ps[r * n..][..n];
+        row.fill(f32::NEG_INFINITY);
+        let scores = &mut row[first - lo..end - lo];
+        scores.fill(0.0);
         for c0 in (0..hd).step_by(256) {
             let n = (hd - c0).min(256);
             for (h, &x) in q16.iter_mut().zip(&q[c0..c0 + n]) {
@@ -692,12 +714,67 @@ pub fn attend_f16_by_rows(
                 .iter_mut()
                 .for_each(|s| *s = crate::soft_cap(*s, a.softcap));
         }
-        softmax(scores);
-        let o = &mut out[a.at[r]..][..hd];
+    }
+}
+
+/// [`crate::AttendF16Steps::weights`] with the given softmax, over the keys row `r` sees.
+pub fn attend_f16_weights_by_rows(
+    a: &crate::AttendF16,
+    r: usize,
+    row: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    let (lo, _) = a.span();
+    let (first, end) = a.keys[r];
+    let p = &mut row[first - lo..end - lo];
+    softmax(p);
+    for w in p.iter_mut() {
+        *w = f16::from_f32(*w).to_f32();
+    }
+}
+
+/// [`crate::AttendF16Steps::values`] with the given `out += w · v`.
+pub fn attend_f16_values_by_rows(
+    a: &crate::AttendF16,
+    ps: &[f32],
+    c0: usize,
+    out: &mut [f32],
+    axpy: fn(&mut [f32], f32, &[f16]),
+) {
+    let w = out.len() / a.rows.max(1);
+    check_value_columns(a, c0, w);
+    values_by_rows(a, ps, c0, w, out, |r| r * w, axpy);
+}
+
+/// Checks the column part `c0..c0 + w` of a [`crate::AttendF16Steps::values`] call.
+pub(crate) fn check_value_columns(a: &crate::AttendF16, c0: usize, w: usize) {
+    let whole = c0 == 0 && w == a.head_dim;
+    assert!(
+        whole || (c0.is_multiple_of(16) && w.is_multiple_of(16) && c0 + w <= a.head_dim),
+        "value columns {c0}..{} of {}",
+        c0 + w,
+        a.head_dim
+    );
+}
+
+/// Columns `c0..c0 + w` of each row `r`, summed over its keys in order, into
+/// `out[at(r)..][..w]`.
+fn values_by_rows(
+    a: &crate::AttendF16,
+    ps: &[f32],
+    c0: usize,
+    w: usize,
+    out: &mut [f32],
+    at: impl Fn(usize) -> usize,
+    axpy: fn(&mut [f32], f32, &[f16]),
+) {
+    let (lo, n) = a.span();
+    for r in 0..a.rows {
+        let (first, end) = a.keys[r];
+        let o = &mut out[at(r)..][..w];
         o.fill(0.0);
-        for (j, &w) in (first..end).zip(scores.iter()) {
-            let w = f16::from_f32(w).to_f32();
-            axpy(o, w, &a.v[j * a.kv_stride..][..hd]);
+        for j in first..end {
+            axpy(o, ps[r * n + j - lo], &a.v[j * a.kv_stride + c0..][..w]);
         }
     }
 }
@@ -706,6 +783,13 @@ pub fn attend_f16_by_rows(
 pub fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     attend_f16_by_rows(a, out, scratch, vec_dot_f16, axpy_f16, softmax)
 }
+
+/// [`crate::AttendF16Steps`] of [`attend_f16`].
+pub const ATTEND_F16_STEPS: crate::AttendF16Steps = crate::AttendF16Steps {
+    scores: |a, ps, _| attend_f16_scores_by_rows(a, ps, vec_dot_f16),
+    weights: |a, r, row| attend_f16_weights_by_rows(a, r, row, softmax),
+    values: |a, ps, c0, out| attend_f16_values_by_rows(a, ps, c0, out, axpy_f16),
+};
 
 /// `x = softmax(x)`: exponentials in f32 after subtracting the maximum, summed in f64.
 pub fn softmax(x: &mut [f32]) {

@@ -239,3 +239,107 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// `Kernels::attend_f16_steps` of the scalar table and every level give the bits of that
+    /// table's whole kernel: the scores over the keys in parts (a decoding token's rows share
+    /// their keys), the weights on whole rows, the values in 16-column parts. Rows with keys
+    /// of their own (prompt shapes) take the keys in one part.
+    #[test]
+    fn attend_f16_steps_equal_whole_kernel(
+        head_dim in prop::sample::select(vec![16usize, 48, 64, 128, 256, 40, 8, 36]),
+        kv_heads in 1usize..3,
+        rows in 1usize..9,
+        n_pos in 1usize..90,
+        shared_keys in any::<bool>(),
+        window in prop::option::of(1usize..40),
+        softcap in prop::sample::select(vec![0.0f32, 0.0, 50.0]),
+        key_cuts in prop::collection::vec(0usize..90, 0..4),
+        column_cut in 0usize..16,
+        seed in prop::collection::vec(-3.0f32..3.0, 7..97),
+    ) {
+        let kv_stride = kv_heads * head_dim;
+        let val = |i: usize| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin());
+        let k: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(3 * i + 1))).collect();
+        let v: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(5 * i + 2))).collect();
+        let q: Vec<f32> = (0..rows * head_dim).map(|i| val(7 * i)).collect();
+        let kvh = kv_heads - 1;
+        let mut a = AttendF16 {
+            q: &q,
+            at: [0; 8],
+            rows,
+            keys: [(0, 0); 8],
+            k: &k[kvh * head_dim..],
+            v: &v[kvh * head_dim..],
+            kv_stride,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap,
+        };
+        for r in 0..rows {
+            a.at[r] = r * head_dim;
+            let pos = if shared_keys { n_pos - 1 } else { n_pos - 1 - (r * 3) % n_pos };
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            a.keys[r] = (first, pos + 1);
+        }
+        let (lo, n) = a.span();
+        // Key parts: the cuts inside the span, when the rows share their keys.
+        let mut cuts: Vec<usize> = if shared_keys {
+            key_cuts.iter().map(|c| lo + c % n).filter(|&c| c > lo).collect()
+        } else {
+            Vec::new()
+        };
+        cuts.extend([lo, lo + n]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        // Column parts: two at a multiple of 16 where the head allows it.
+        let columns: Vec<(usize, usize)> = if head_dim % 16 == 0 && head_dim > 16 {
+            let cut = 16 * (1 + column_cut % (head_dim / 16 - 1));
+            vec![(0, cut), (cut, head_dim)]
+        } else {
+            vec![(0, head_dim)]
+        };
+        let mut tables = vec![Kernels::scalar()];
+        tables.extend(levels());
+        for kern in tables {
+            let mut want = vec![0.0; q.len()];
+            (kern.attend_f16)(&a, &mut want, &mut Vec::new());
+            let steps = kern.attend_f16_steps;
+            let mut ps = vec![f32::NAN; rows * n];
+            let mut queries = vec![f32::NAN; rows * head_dim];
+            for part in cuts.windows(2) {
+                let mut b = AttendF16 { keys: a.keys, ..a };
+                for r in 0..rows {
+                    b.keys[r] = (part[0], part[1]);
+                }
+                if !shared_keys {
+                    b.keys = a.keys;
+                }
+                let m = part[1] - part[0];
+                let mut part_scores = vec![f32::NAN; rows * m];
+                (steps.scores)(&b, &mut part_scores, &mut queries);
+                for r in 0..rows {
+                    ps[r * n + part[0] - lo..][..m].copy_from_slice(&part_scores[r * m..][..m]);
+                }
+            }
+            for r in 0..rows {
+                (steps.weights)(&a, r, &mut ps[r * n..][..n]);
+            }
+            let mut got = vec![0.0; q.len()];
+            for &(c0, c1) in &columns {
+                let w = c1 - c0;
+                let mut part = vec![f32::NAN; rows * w];
+                (steps.values)(&a, &ps, c0, &mut part);
+                for r in 0..rows {
+                    got[a.at[r] + c0..a.at[r] + c1].copy_from_slice(&part[r * w..][..w]);
+                }
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                prop_assert!(g.to_bits() == w.to_bits(),
+                    "{:?} value {i}: steps {g} vs whole {w} (keys {cuts:?}, columns {columns:?})", kern.isa);
+            }
+        }
+    }
+}

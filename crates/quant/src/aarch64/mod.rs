@@ -86,6 +86,11 @@ fn attend_q4_0(
 fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
     crate::reference::attend_f16_by_rows(a, out, scratch, dot_f16, axpy_f16, softmax)
 }
+const ATTEND_F16_STEPS: crate::AttendF16Steps = crate::AttendF16Steps {
+    scores: |a, ps, _| crate::reference::attend_f16_scores_by_rows(a, ps, dot_f16),
+    weights: |a, r, row| crate::reference::attend_f16_weights_by_rows(a, r, row, softmax),
+    values: |a, ps, c0, out| crate::reference::attend_f16_values_by_rows(a, ps, c0, out, axpy_f16),
+};
 
 fn gelu(x: &mut [f32]) {
     // SAFETY: see above.
@@ -257,6 +262,7 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dequantize_q8_0,
         dequantize_q4_0,
         attend_f16,
+        attend_f16_steps: ATTEND_F16_STEPS,
         attend_q8_0,
         attend_q4_0,
         gelu,

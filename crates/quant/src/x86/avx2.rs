@@ -1018,6 +1018,8 @@ unsafe fn attend_scores<const G: usize>(
         let q = qs.as_ptr().add(r0 * hd);
         for j in 0..n {
             let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            let ahead = super::ATTEND_PREFETCH_KEYS * a.kv_stride;
+            super::prefetch_bytes(kp.wrapping_add(ahead), 2 * hd);
             let mut acc = [[_mm256_setzero_ps(); 4]; G];
             let mut c = 0;
             while c + 32 <= hd {
@@ -1062,6 +1064,27 @@ pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Ve
     unsafe { super::by_rows!(a.rows, attend_block(a, lo, n, qs, ps, out)) }
 }
 
+/// The scores step of [`attend_f16`] (see [`crate::AttendF16Steps::scores`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_f16_scores(a: &crate::AttendF16, ps: &mut [f32], qs: &mut [f32]) {
+    let (lo, n) = super::attend_scores_check(a, 8, ps);
+    super::round_queries(a, qs);
+    // SAFETY: as in `attend_f16`, with `ps` checked to hold the rows' scores and `qs` their
+    // queries.
+    unsafe { super::by_rows!(a.rows, attend_scores_rows(a, lo, n, qs, ps)) }
+}
+
+/// The values step of [`attend_f16`] (see [`crate::AttendF16Steps::values`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_f16_values(a: &crate::AttendF16, ps: &[f32], c0: usize, out: &mut [f32]) {
+    let (lo, n, w) = super::attend_values_check(a, 8, ps, c0, out);
+    let at = std::array::from_fn(|r| r * w);
+    let (keys, cols) = ((lo, n), (c0, c0 + w));
+    // SAFETY: the checks keep keys and values `lo..lo + n`, columns `c0..c0 + w` (multiples
+    // of 8 within `head_dim`), the weights and the output rows `r * w` inside their slices.
+    unsafe { super::by_rows!(a.rows, attend_values(a, keys, ps, cols, out, &at)) }
+}
+
 /// `R` rows over keys `lo..lo + n`: `qs` holds the rows' f16-rounded queries (`R × hd`),
 /// `ps` room for their scores (`R × n`).
 ///
@@ -1077,14 +1100,37 @@ unsafe fn attend_block<const R: usize>(
     ps: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = a.head_dim;
     // SAFETY (whole block): `attend_setup`'s checks bound every pointer: key/value rows
     // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
     // `n`, output rows `hd` values at `at[r]`.
     unsafe {
-        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j; rows in
-        // groups of 3, so that each row's 4 accumulators stay in the 16 registers.
-        let mut r0 = 0;
+        attend_scores_rows::<R>(a, lo, n, qs, ps);
+        for r in 0..R {
+            let p = &mut ps[r * n..][..n];
+            super::encoder_avx2::softmax(p);
+            super::round_through_f16(p);
+        }
+        attend_values::<R>(a, (lo, n), ps, (0, a.head_dim), out, &a.at);
+    }
+}
+
+/// scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j; rows in
+/// groups of 3, so that each row's 4 accumulators stay in the 16 registers.
+///
+/// # Safety
+/// As [`attend_block`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_scores_rows<const R: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    qs: &[f32],
+    ps: &mut [f32],
+) {
+    let mut r0 = 0;
+    // SAFETY: as the caller's.
+    unsafe {
         while r0 < R {
             match R - r0 {
                 1 => attend_scores::<1>(a, lo, n, qs, ps, r0),
@@ -1093,23 +1139,41 @@ unsafe fn attend_block<const R: usize>(
             }
             r0 += 3;
         }
-        for r in 0..R {
-            let p = &mut ps[r * n..][..n];
-            super::encoder_avx2::softmax(p);
-            super::round_through_f16(p);
-        }
-        // out_r = Σ_j w[r][j] · v_j, 8 columns at a time
-        for c in (0..hd).step_by(8) {
+    }
+}
+
+/// out[at[r] + c - c0] = Σ_j w[r][j] · v_j[c] for columns `c0..c1`, 8 at a time, over keys
+/// `lo..lo + n`.
+///
+/// # Safety
+/// As [`attend_block`]; `c0..c1` multiples of 8 within `head_dim`, `out` holds `c1 - c0`
+/// values at each `at[r]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_values<const R: usize>(
+    a: &crate::AttendF16,
+    (lo, n): (usize, usize),
+    ps: &[f32],
+    (c0, c1): (usize, usize),
+    out: &mut [f32],
+    at: &[usize; 8],
+) {
+    // SAFETY: as the caller's.
+    unsafe {
+        for c in (c0..c1).step_by(8) {
             let mut acc = [_mm256_setzero_ps(); R];
             let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
             for j in 0..n {
+                let ahead = (j + super::ATTEND_PREFETCH_KEYS) * a.kv_stride;
+                super::prefetch_bytes(vp.wrapping_add(ahead), 16);
                 let v = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(j * a.kv_stride) as *const __m128i));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(*ps.get_unchecked(r * n + j)), v, *acc);
+                    let w = *ps.get_unchecked(r * n + j);
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(w), v, *acc);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(a.at[r] + c), *acc);
+                _mm256_storeu_ps(out.as_mut_ptr().add(at[r] + c - c0), *acc);
             }
         }
     }

@@ -521,6 +521,27 @@ pub unsafe fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Ve
     unsafe { super::by_rows!(a.rows, block(a, lo, n, qs, ps, out)) }
 }
 
+/// The scores step of [`attend_f16`] (see [`crate::AttendF16Steps::scores`]).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn attend_f16_scores(a: &crate::AttendF16, ps: &mut [f32], qs: &mut [f32]) {
+    let (lo, n) = super::attend_scores_check(a, 16, ps);
+    super::round_queries(a, qs);
+    // SAFETY: as in `attend_f16`, with `ps` checked to hold the rows' scores and `qs` their
+    // queries.
+    unsafe { super::by_rows!(a.rows, scores_rows(a, lo, n, qs, ps)) }
+}
+
+/// The values step of [`attend_f16`] (see [`crate::AttendF16Steps::values`]).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn attend_f16_values(a: &crate::AttendF16, ps: &[f32], c0: usize, out: &mut [f32]) {
+    let (lo, n, w) = super::attend_values_check(a, 16, ps, c0, out);
+    let at = std::array::from_fn(|r| r * w);
+    let (keys, cols) = ((lo, n), (c0, c0 + w));
+    // SAFETY: the checks keep keys and values `lo..lo + n`, columns `c0..c0 + w` (multiples
+    // of 16 within `head_dim`), the weights and the output rows `r * w` inside their slices.
+    unsafe { super::by_rows!(a.rows, values_rows(a, keys, ps, cols, out, &at)) }
+}
+
 /// `R` rows over keys `lo..lo + n`: `qs` holds the rows' f16-rounded queries (`R × hd`),
 /// `ps` room for their scores (`R × n`).
 ///
@@ -541,10 +562,34 @@ unsafe fn block<const R: usize>(
     // `lo..lo + n` hold `hd` values at `j * kv_stride`, `qs` R rows of `hd`, `ps` R rows of
     // `n`, output rows `hd` values at `at[r]`.
     unsafe {
-        // scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j; rows in
-        // groups of 4, so that each row's 4 accumulators stay in registers (8 rows' 32 went
-        // to the stack: a load and a store around every FMA, a quarter of a Gemma3 prompt).
-        let mut r0 = 0;
+        scores_rows::<R>(a, lo, n, qs, ps);
+        for r in 0..R {
+            let p = &mut ps[r * n..][..n];
+            softmax(p);
+            super::round_through_f16(p);
+        }
+        values_rows::<R>(a, (lo, n), ps, (0, hd), out, &a.at);
+    }
+}
+
+/// scores[r][j] = scale · q_r · k_j, or -inf where row r does not see key j; rows in groups
+/// of 4, so that each row's 4 accumulators stay in registers (8 rows' 32 went to the stack:
+/// a load and a store around every FMA, a quarter of a Gemma3 prompt).
+///
+/// # Safety
+/// As [`block`].
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn scores_rows<const R: usize>(
+    a: &crate::AttendF16,
+    lo: usize,
+    n: usize,
+    qs: &[f32],
+    ps: &mut [f32],
+) {
+    let mut r0 = 0;
+    // SAFETY: as the caller's.
+    unsafe {
         while r0 < R {
             match R - r0 {
                 1 => scores::<1>(a, lo, n, qs, ps, r0),
@@ -554,26 +599,41 @@ unsafe fn block<const R: usize>(
             }
             r0 += 4;
         }
-        for r in 0..R {
-            let p = &mut ps[r * n..][..n];
-            softmax(p);
-            super::round_through_f16(p);
-        }
-        // out_r = Σ_j w[r][j] · v_j: as many 16-column chunks per pass over the values as
-        // the rows' accumulators leave registers for (each accumulator still adds its keys
-        // in order, so the sums are those of one chunk per pass).
-        let ch = if R <= 4 { 4 } else { 2 };
-        let mut c = 0;
-        while c + 16 * ch <= hd {
+    }
+}
+
+/// out[at[r] + c - c0] = Σ_j w[r][j] · v_j[c] for columns `c0..c1`: as many 16-column
+/// chunks per pass over the values as the rows' accumulators leave registers for (each
+/// accumulator still adds its keys in order, so the sums are those of one chunk per pass).
+///
+/// # Safety
+/// As [`block`]; `c0..c1` multiples of 16 within `head_dim`, `out` holds `c1 - c0` values
+/// at each `at[r]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn values_rows<const R: usize>(
+    a: &crate::AttendF16,
+    keys: (usize, usize),
+    ps: &[f32],
+    (c0, c1): (usize, usize),
+    out: &mut [f32],
+    at: &[usize; 8],
+) {
+    let ch = if R <= 4 { 4 } else { 2 };
+    let mut c = c0;
+    let cols = |c| (c, c0);
+    // SAFETY: as the caller's.
+    unsafe {
+        while c + 16 * ch <= c1 {
             if ch == 4 {
-                values_f16::<R, 4>(a, lo, n, c, ps, out);
+                values_f16::<R, 4>(a, keys, cols(c), ps, out, at);
             } else {
-                values_f16::<R, 2>(a, lo, n, c, ps, out);
+                values_f16::<R, 2>(a, keys, cols(c), ps, out, at);
             }
             c += 16 * ch;
         }
-        while c < hd {
-            values_f16::<R, 1>(a, lo, n, c, ps, out);
+        while c < c1 {
+            values_f16::<R, 1>(a, keys, cols(c), ps, out, at);
             c += 16;
         }
     }
@@ -621,6 +681,7 @@ unsafe fn scores<const G: usize>(
         let q = qs.as_ptr().add(r0 * hd);
         for j in 0..n {
             let kp = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            super::prefetch_bytes(kp.wrapping_add(PREFETCH_ROWS * a.kv_stride), 2 * hd);
             let mut acc = [[_mm512_setzero_ps(); 4]; G];
             let mut c = 0;
             while c + 64 <= hd {
@@ -654,7 +715,8 @@ unsafe fn scores<const G: usize>(
     }
 }
 
-/// Columns `c..c + 16·CH` of the `R` rows' weighted sums over values `lo..lo + n`.
+/// Columns `c..c + 16·CH` of the `R` rows' weighted sums over values `lo..lo + n`, into
+/// `out[at[r] + c - c0..]`.
 ///
 /// # Safety
 /// As [`block`]; `c + 16·CH ≤ head_dim`.
@@ -662,11 +724,11 @@ unsafe fn scores<const G: usize>(
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn values_f16<const R: usize, const CH: usize>(
     a: &crate::AttendF16,
-    lo: usize,
-    n: usize,
-    c: usize,
+    (lo, n): (usize, usize),
+    (c, c0): (usize, usize),
     ps: &[f32],
     out: &mut [f32],
+    at: &[usize; 8],
 ) {
     // SAFETY (whole body): as in `block`.
     unsafe {
@@ -674,6 +736,7 @@ unsafe fn values_f16<const R: usize, const CH: usize>(
         let vp = a.v.as_ptr().add(lo * a.kv_stride + c);
         for j in 0..n {
             let row = vp.add(j * a.kv_stride);
+            super::prefetch_bytes(row.wrapping_add(PREFETCH_ROWS * a.kv_stride), 32 * CH);
             let mut v = [_mm512_setzero_ps(); CH];
             for (k, v) in v.iter_mut().enumerate() {
                 *v = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * k) as *const __m256i));
@@ -687,11 +750,14 @@ unsafe fn values_f16<const R: usize, const CH: usize>(
         }
         for (r, acc) in acc.iter().enumerate() {
             for (k, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(a.at[r] + c + 16 * k), *acc);
+                _mm512_storeu_ps(out.as_mut_ptr().add(at[r] + c - c0 + 16 * k), *acc);
             }
         }
     }
 }
+
+/// Keys ahead that the attention kernels prefetch.
+const PREFETCH_ROWS: usize = super::ATTEND_PREFETCH_KEYS;
 
 /// Tokens per call of [`bf16_dot_block`] (8 tokens × 32 rows: 16 accumulators).
 pub const BF16_DOT_TOKENS: usize = 8;

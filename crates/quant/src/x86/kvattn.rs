@@ -144,8 +144,10 @@ unsafe fn rows_block<const R: usize, B: KvLoad>(
     // hold `nb` blocks at `(lo + j) * kv_stride`, `ps` `R × n` floats, output rows `hd`
     // floats at `at[r]`.
     unsafe {
+        let ahead = super::ATTEND_PREFETCH_KEYS * a.kv_stride;
         for j in 0..n {
             let key = a.k.as_ptr().add((lo + j) * a.kv_stride);
+            super::prefetch_bytes(key.wrapping_add(ahead), nb * std::mem::size_of::<B>());
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let kb = &*key.add(b);
@@ -201,6 +203,8 @@ unsafe fn values_pass<const R: usize, const CH: usize, B: KvLoad>(
         for c0 in (0..QK).step_by(8 * CH) {
             let mut acc = [[_mm256_setzero_ps(); CH]; R];
             for j in 0..n {
+                let ahead = (j + super::ATTEND_PREFETCH_KEYS) * a.kv_stride;
+                super::prefetch_bytes(vrow.wrapping_add(ahead), std::mem::size_of::<B>());
                 let vb = &*vrow.add(j * a.kv_stride);
                 let d = vb.scale();
                 let mut v = [_mm256_setzero_ps(); CH];
