@@ -172,8 +172,11 @@ pub fn attention(
     if n_tok == 1 {
         let (first, end) = keys(pos0);
         if let KvLayer::F16 { k, v } = kv {
-            // Sized on every path, so a thread count that changes never allocates later.
-            scratch.prepare_split(s, kv.rows(kv_dim));
+            // Sized whether this token splits or not, so that a token past the threshold
+            // (or a second thread on a model with one KV head) never allocates later.
+            if may_split(s) {
+                scratch.prepare_split(s, kv.rows(kv_dim));
+            }
             if split_pays(s, end - first) {
                 let ks = KeySpan { k, v, first, end };
                 return attend_split(q, ks, s, out, scratch);
@@ -226,10 +229,17 @@ pub fn set_split_attention(on: bool) {
 /// 0.72–0.91× of 2:1 by head from 1024 to 8192 keys; its attention is bound by memory, not
 /// by the thread left waiting.)
 fn split_pays(s: &AttnShape, n: usize) -> bool {
-    let threads = hearth_quant::pool::threads();
-    s.n_kv_head < threads
+    may_split(s)
+        && s.n_kv_head < hearth_quant::pool::threads()
         && SPLIT.load(Ordering::Relaxed)
         && n >= MIN_SPLIT_KEYS
+}
+
+/// Whether a model's attention can ever be split on this pool (at least 2 threads counted,
+/// so a model with one KV head keeps its buffers from the start): the split's buffers are
+/// only made for these.
+fn may_split(s: &AttnShape) -> bool {
+    s.n_kv_head < hearth_quant::pool::threads().max(2)
         && s.head_dim.is_multiple_of(16)
         && s.n_head / s.n_kv_head <= ROWS
 }
