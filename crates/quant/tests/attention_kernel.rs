@@ -17,6 +17,45 @@ fn levels() -> Vec<Kernels> {
     common::levels("attention_kernel")
 }
 
+/// Keys and values of `cache_len` values each and `q_len` query values, from `seed`.
+fn f16_case(seed: &[f32], cache_len: usize, q_len: usize) -> (Vec<f16>, Vec<f16>, Vec<f32>) {
+    let val = |i: usize| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin());
+    let k = (0..cache_len)
+        .map(|i| f16::from_f32(val(3 * i + 1)))
+        .collect();
+    let v = (0..cache_len)
+        .map(|i| f16::from_f32(val(5 * i + 2)))
+        .collect();
+    let q = (0..q_len).map(|i| val(7 * i)).collect();
+    (k, v, q)
+}
+
+/// A call for `rows` rows over the last of `kv_heads` KV heads; the caller sets the rows'
+/// places and keys.
+fn last_kv_head<'a>(
+    q: &'a [f32],
+    k: &'a [f16],
+    v: &'a [f16],
+    kv_heads: usize,
+    head_dim: usize,
+    rows: usize,
+    softcap: f32,
+) -> AttendF16<'a> {
+    let kvh = kv_heads - 1;
+    AttendF16 {
+        q,
+        at: [0; 8],
+        rows,
+        keys: [(0, 0); 8],
+        k: &k[kvh * head_dim..],
+        v: &v[kvh * head_dim..],
+        kv_stride: kv_heads * head_dim,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        softcap,
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -31,23 +70,9 @@ proptest! {
         seed in prop::collection::vec(-3.0f32..3.0, 7..97),
     ) {
         let kv_stride = kv_heads * head_dim;
-        let val = |i: usize| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin());
-        let k: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(3 * i + 1))).collect();
-        let v: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(5 * i + 2))).collect();
-        let q: Vec<f32> = (0..rows * head_dim * 2).map(|i| val(7 * i)).collect();
+        let (k, v, q) = f16_case(&seed, n_pos * kv_stride, rows * head_dim * 2);
         let kvh = kv_heads - 1;
-        let mut a = AttendF16 {
-            q: &q,
-            at: [0; 8],
-            rows,
-            keys: [(0, 0); 8],
-            k: &k[kvh * head_dim..],
-            v: &v[kvh * head_dim..],
-            kv_stride,
-            head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            softcap,
-        };
+        let mut a = last_kv_head(&q, &k, &v, kv_heads, head_dim, rows, softcap);
         for r in 0..rows {
             // Rows two head_dims apart, each at its own position near the end.
             a.at[r] = (r * head_dim * 2).min(q.len() - head_dim);
@@ -261,23 +286,8 @@ proptest! {
         seed in prop::collection::vec(-3.0f32..3.0, 7..97),
     ) {
         let kv_stride = kv_heads * head_dim;
-        let val = |i: usize| seed[i % seed.len()] * (1.0 + (i as f32 * 0.37).sin());
-        let k: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(3 * i + 1))).collect();
-        let v: Vec<f16> = (0..n_pos * kv_stride).map(|i| f16::from_f32(val(5 * i + 2))).collect();
-        let q: Vec<f32> = (0..rows * head_dim).map(|i| val(7 * i)).collect();
-        let kvh = kv_heads - 1;
-        let mut a = AttendF16 {
-            q: &q,
-            at: [0; 8],
-            rows,
-            keys: [(0, 0); 8],
-            k: &k[kvh * head_dim..],
-            v: &v[kvh * head_dim..],
-            kv_stride,
-            head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            softcap,
-        };
+        let (k, v, q) = f16_case(&seed, n_pos * kv_stride, rows * head_dim);
+        let mut a = last_kv_head(&q, &k, &v, kv_heads, head_dim, rows, softcap);
         for r in 0..rows {
             a.at[r] = r * head_dim;
             let pos = if shared_keys { n_pos - 1 } else { n_pos - 1 - (r * 3) % n_pos };
