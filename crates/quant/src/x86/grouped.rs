@@ -11,8 +11,9 @@
 //! activation block's sum (Q4_1: `+ m·s`, its eight mins loaded and converted like the
 //! scales; Q5_0: each value's fifth bit added as 16 under a byte mask, and its offset 16
 //! taken off in integers, the dots starting from `−16·Σa`): the integer sums go four rows
-//! to a 512-bit vector (four lanes per row), the offset term eight rows to a 256-bit one. IQ4_NL at AVX2 multiplies its signed table values directly
-//! (`maddubs` takes `|w|` against `a` with `w`'s sign).
+//! to a 512-bit vector (four lanes per row), the offset term eight rows to a 256-bit one.
+//! IQ4_NL at AVX2 multiplies its signed table values directly: `maddubs` takes `|a|`
+//! (once per token and block, for all eight rows) against `w` with `a`'s sign.
 //!
 //! Q4_K rows grouped the same way ([`crate::blocks::Q4K8`]) keep the file's 16-byte runs of
 //! nibbles, four rows to a 64-byte load, with every row's six-bit scales and mins unpacked
@@ -409,6 +410,7 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
             let qs = (*blk).qs().as_ptr() as *const u8;
             let mut scale = [_mm256_setzero_ps(); T];
             let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+            let mut act_abs = act;
             // Q5_0: each token's `16·Σa` per lane (the same for both rows of a vector), taken
             // off the dots in integers, exact as llama.cpp's.
             let mut sa16 = [_mm256_setzero_si256(); T];
@@ -419,6 +421,9 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(qa as *const __m128i)),
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16) as *const __m128i)),
                 );
+                if NL {
+                    act_abs[t] = (_mm256_abs_epi8(act[t].0), _mm256_abs_epi8(act[t].1));
+                }
                 scale[t] = _mm256_mul_ps(d8, _mm256_set1_ps(*a.d.as_ptr().add(i)));
                 if (*blk).qh().is_some() {
                     let sixteen = _mm256_set1_epi8(16);
@@ -457,15 +462,12 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                     lo = _mm256_or_si256(lo, fifth_bits_256((q0 & 0xFFFF) | (q1 << 16)));
                     hi = _mm256_or_si256(hi, fifth_bits_256((q0 >> 16) | (q1 & 0xFFFF_0000)));
                 }
-                // IQ4_NL: the signed values, and their magnitudes for `maddubs` (the weights'
-                // part of the sign trick, shared by the tokens).
-                let (mut wl, mut wh) = (lo, hi);
+                // IQ4_NL: the signed values (the activations' signs go onto them below).
                 if NL {
-                    (wl, wh) = (
+                    (lo, hi) = (
                         _mm256_shuffle_epi8(table, lo),
                         _mm256_shuffle_epi8(table, hi),
                     );
-                    (lo, hi) = (_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(wh, wh));
                 }
                 let pick = _mm256_setr_epi32(
                     2 * k as i32,
@@ -480,8 +482,11 @@ unsafe fn tile256<const NL: bool, const T: usize, G: NibbleGroup, A: Signed32>(
                 for t in 0..T {
                     let (alo, ahi) = act[t];
                     let dot = if NL {
-                        let pl = _mm256_maddubs_epi16(lo, _mm256_sign_epi8(alo, wl));
-                        let ph = _mm256_maddubs_epi16(hi, _mm256_sign_epi8(ahi, wh));
+                        // The sign trick with the activations' magnitudes as the unsigned
+                        // side: they are shared by the eight rows, the weights' would not be.
+                        let (ulo, uhi) = act_abs[t];
+                        let pl = _mm256_maddubs_epi16(ulo, _mm256_sign_epi8(lo, alo));
+                        let ph = _mm256_maddubs_epi16(uhi, _mm256_sign_epi8(hi, ahi));
                         _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones))
                     } else {
                         // Pairs of at most 31·127 twice, then the halves: no i16 overflow.
@@ -961,6 +966,7 @@ unsafe fn tile256_iq4xs<const T: usize>(
                 _mm_loadl_epi64(blk.scales[j].as_ptr() as *const __m128i)
             }));
             let mut act = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+            let mut act_abs = act;
             for t in 0..T {
                 let y = &a[(t0 + t) * nb + b];
                 // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
@@ -971,6 +977,7 @@ unsafe fn tile256_iq4xs<const T: usize>(
                         _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(16) as *const __m128i)),
                     )
                 };
+                act_abs[t] = (_mm256_abs_epi8(act[t].0), _mm256_abs_epi8(act[t].1));
             }
             for k in 0..4 {
                 let sc = _mm256_shuffle_epi8(s16, pairs[k]);
@@ -979,12 +986,13 @@ unsafe fn tile256_iq4xs<const T: usize>(
                 let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
                 let wh =
                     _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4));
-                let (ul, uh) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
                 for t in 0..T {
-                    let (al, ah) = act[t];
-                    // |w·a| pairs stay below 2·127·127 < 2¹⁵; the halves are scaled apart.
-                    let pl = _mm256_maddubs_epi16(ul, _mm256_sign_epi8(al, wl));
-                    let ph = _mm256_maddubs_epi16(uh, _mm256_sign_epi8(ah, wh));
+                    let ((al, ah), (ul, uh)) = (act[t], act_abs[t]);
+                    // The sign trick with the activations' magnitudes as the unsigned side
+                    // (shared by the eight rows). |w·a| pairs stay below 2·128·127 < 2¹⁵;
+                    // the halves are scaled apart.
+                    let pl = _mm256_maddubs_epi16(ul, _mm256_sign_epi8(wl, al));
+                    let ph = _mm256_maddubs_epi16(uh, _mm256_sign_epi8(wh, ah));
                     let scaled =
                         _mm256_add_epi32(_mm256_madd_epi16(pl, sc), _mm256_madd_epi16(ph, sc));
                     isum[t][k] = _mm256_add_epi32(isum[t][k], scaled);
