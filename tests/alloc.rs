@@ -6,12 +6,12 @@
 //! joins later), done on purpose, so a buffer that belongs to a thread rather than to the
 //! caller shows up as an allocation every time, not one run in four under load. The steps
 //! see more than 1024 keys, so on two threads Gemma3 (one KV head) splits each token's
-//! attention by keys and columns.
+//! attention by keys and columns (f16 cache) or by query rows (Q8_0 cache).
 
 mod common;
 
 use hearth_engine::sampling::{Sampler, SamplingParams};
-use hearth_models::{Model, Scratch};
+use hearth_models::{KvType, Model, Scratch};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -60,8 +60,9 @@ fn worker_has_started() {
     assert_eq!(joined.load(Ordering::SeqCst), 2, "the worker never ran");
 }
 
-fn decode_allocations(name: &str) -> usize {
-    let model = Model::load(common::open(name)).expect("model");
+fn decode_allocations(name: &str, kv: KvType) -> usize {
+    let mut model = Model::load(common::open(name)).expect("model");
+    model.set_kv_type(kv).expect("cache type");
     let mut cache = model.new_cache(1200);
     let (mut scratch, mut logits) = (Scratch::default(), Vec::new());
     let mut sampler = Sampler::new(SamplingParams {
@@ -103,8 +104,16 @@ fn decode_allocations(name: &str) -> usize {
 
 #[test]
 fn decoding_allocates_nothing_per_token() {
-    for name in ["smollm2", "gemma3"] {
-        let n = decode_allocations(name);
-        assert_eq!(n, 0, "{name}: {n} heap allocations in 64 decode steps");
+    for (name, kv) in [
+        ("smollm2", KvType::F16),
+        ("gemma3", KvType::F16),
+        ("gemma3", KvType::Q8_0),
+    ] {
+        let n = decode_allocations(name, kv);
+        let kv = kv.name();
+        assert_eq!(
+            n, 0,
+            "{name}, {kv} cache: {n} heap allocations in 64 decode steps"
+        );
     }
 }

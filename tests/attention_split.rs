@@ -1,12 +1,14 @@
 //! A decoding token's attention split by keys and columns (`attention::attend_split`, taken
-//! when there are fewer KV heads than threads and the token sees 1024 keys or more) gives
-//! the bits of the path by KV head: the logits of decode steps at 1030–1035 positions with
-//! the split on and off, on the same threads.
+//! over an f16 cache when there are fewer KV heads than threads and the token sees 1024 keys
+//! or more), or by parts of a KV head's query rows (over a Q8_0/Q4_0 cache from 512 keys),
+//! gives the bits of the path by KV head: the logits of decode steps at 1030–1035 positions
+//! with the split on and off, on the same threads.
 
 mod common;
 
 use hearth_engine::sampling::argmax;
 use hearth_models::attention::set_split_attention;
+use hearth_models::kv::KvType;
 use hearth_models::{Model, Scratch};
 
 /// Logits of `steps` greedy decode steps after a 1030-token prompt, on `threads` threads,
@@ -60,18 +62,22 @@ fn split_attention_equals_by_head_at_every_level() {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/quants/models/quant-base.Q4_0.gguf");
     let g = std::sync::Arc::new(hearth_gguf::Gguf::open(&path).expect("model opens"));
-    check("quant-base Q4_0", &Model::load(g).expect("model"), 3);
+    let mut model = Model::load(g).expect("model");
+    check("quant-base Q4_0", &model, 3);
+    for ty in [KvType::Q8_0, KvType::Q4_0] {
+        model.set_kv_type(ty).expect("cache type");
+        check(&format!("quant-base Q4_0, {} cache", ty.name()), &model, 3);
+    }
 }
 
-/// Gemma3 (1 KV head; windows of 512 keys, so only its full-attention layers split) on two
-/// threads, SmolLM2 (3 KV heads) on four.
+/// Gemma3 (1 KV head; windows of 512 keys, so only its full-attention layers split by keys)
+/// on two threads, with an f16 and a Q8_0 cache; SmolLM2 (3 KV heads) on four.
 #[test]
 fn split_attention_equals_by_head_on_real_models() {
-    check(
-        "gemma3",
-        &Model::load(common::open("gemma3")).expect("model"),
-        2,
-    );
+    let mut gemma3 = Model::load(common::open("gemma3")).expect("model");
+    check("gemma3", &gemma3, 2);
+    gemma3.set_kv_type(KvType::Q8_0).expect("cache type");
+    check("gemma3, q8_0 cache", &gemma3, 2);
     check(
         "smollm2",
         &Model::load(common::open("smollm2")).expect("model"),

@@ -95,7 +95,8 @@ const ROWS: usize = 8;
 ///
 /// Work is split by tokens (a block of tokens per task, so the heads sharing a KV head go
 /// through the kernel together), or for a single token by KV head, or when that leaves
-/// threads idle, by keys and columns ([`attend_split`]).
+/// threads idle, by keys and columns ([`attend_split`], f16 cache) or by parts of a KV
+/// head's query rows ([`row_parts`], quantized cache).
 pub fn attention(
     q: &[f32],
     kv: KvLayer,
@@ -109,7 +110,12 @@ pub fn attention(
     let n_tok = q.len() / qd;
     // What a kernel call can need: queries and scores of `ROWS` rows over the whole cache.
     let len = ROWS * (hd + kv.rows(kv_dim) + 1);
-    let count = if n_tok == 1 {
+    let quantized = !matches!(kv, KvLayer::F16 { .. });
+    let count = if n_tok == 1 && quantized {
+        // As many as a second thread would take (as `may_split`): a model that can split
+        // has its buffers from the first token, on one thread or more.
+        s.n_kv_head * row_parts(s, hearth_quant::pool::threads().max(2))
+    } else if n_tok == 1 {
         s.n_kv_head
     } else {
         hearth_quant::pool::threads()
@@ -182,13 +188,23 @@ pub fn attention(
                 return attend_split(q, ks, s, out, scratch);
             }
         }
+        // Buffers for the most tasks this model's token can take (`count`), whether this
+        // token splits or not: decoding never allocates later.
         scratch.prepare(count.max(1), len);
         let scratch = &*scratch;
-        // One task per KV head: its `group` heads are contiguous in q and out.
-        hearth_quant::pool::for_each_chunk(out, group * hd, |kvh, out_c| {
-            let q_c = &q[kvh * group * hd..][..group * hd];
-            let mut rows = (0..group).map(|i| (i * hd, pos0));
-            run(q_c, out_c, kvh, &mut rows, &mut scratch.get(kvh));
+        // One task per KV head (its `group` heads are contiguous in q and out), or over a
+        // quantized cache with idle threads and enough keys, per part of its heads.
+        let parts =
+            if quantized && SPLIT.load(Ordering::Relaxed) && end - first >= MIN_ROW_SPLIT_KEYS {
+                row_parts(s, hearth_quant::pool::threads())
+            } else {
+                1
+            };
+        let per = group / parts;
+        hearth_quant::pool::for_each_chunk(out, per * hd, |i, out_c| {
+            let q_c = &q[i * per * hd..][..per * hd];
+            let mut rows = (0..per).map(|r| (r * hd, pos0));
+            run(q_c, out_c, i / parts, &mut rows, &mut scratch.get(i));
         });
         return;
     }
@@ -217,8 +233,9 @@ const MIN_SPLIT_KEYS: usize = 1024;
 
 static SPLIT: AtomicBool = AtomicBool::new(true);
 
-/// Turns the split of a decoding token's attention by keys and columns on or off (on by
-/// default; the same bits either way): for the tests and the benchmark that compare both.
+/// Turns the split of a decoding token's attention on or off — by keys and columns over an
+/// f16 cache, by query rows over a quantized one (on by default; the same bits either
+/// way): for the tests and the benchmarks that compare both.
 pub fn set_split_attention(on: bool) {
     SPLIT.store(on, Ordering::Relaxed);
 }
@@ -233,6 +250,31 @@ fn split_pays(s: &AttnShape, n: usize) -> bool {
         && s.n_kv_head < hearth_quant::pool::threads()
         && SPLIT.load(Ordering::Relaxed)
         && n >= MIN_SPLIT_KEYS
+}
+
+/// Keys of a decoding token from which a quantized cache's query rows split (see
+/// [`row_parts`]). Gemma3 with a Q8_0 cache on 2 threads, Zen 5, `hearth bench -p 0 -n 64`,
+/// old and new binary interleaved: avx512 +3–7% at 512 keys, +7–8% at 2048, +15–18% at
+/// 8192; avx2 +8–11% at 2048; at 0 keys the token has nothing to split.
+const MIN_ROW_SPLIT_KEYS: usize = 512;
+
+/// Into how many parts a decoding token's query rows of one KV head split over a quantized
+/// cache on `threads` threads, so that threads a KV head each would leave idle take some
+/// (Gemma3: one KV head, four query heads, two parts on 2 threads). Each part reads all the
+/// keys and values, and the kernel's arithmetic for a row does not depend on the other
+/// rows, so the bits are the same. The largest divisor of the heads per KV head up to the
+/// threads' share; 1 when every thread has a KV head. (The f16 cache splits by keys
+/// instead, [`attend_split`].)
+fn row_parts(s: &AttnShape, threads: usize) -> usize {
+    let group = s.n_head / s.n_kv_head;
+    if s.n_kv_head >= threads {
+        return 1;
+    }
+    let want = threads.div_ceil(s.n_kv_head);
+    (1..=want.min(group))
+        .rev()
+        .find(|p| group.is_multiple_of(*p))
+        .unwrap_or(1)
 }
 
 /// Whether a model's attention can ever be split on this pool (at least 2 threads counted,
