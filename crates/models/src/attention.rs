@@ -111,14 +111,16 @@ pub fn attention(
     // What a kernel call can need: queries and scores of `ROWS` rows over the whole cache.
     let len = ROWS * (hd + kv.rows(kv_dim) + 1);
     let quantized = !matches!(kv, KvLayer::F16 { .. });
+    // Read once: the buffers below and the parts a token splits into agree on it.
+    let threads = hearth_quant::pool::threads();
     let count = if n_tok == 1 && quantized {
         // As many as a second thread would take (as `may_split`): a model that can split
         // has its buffers from the first token, on one thread or more.
-        s.n_kv_head * row_parts(s, hearth_quant::pool::threads().max(2))
+        s.n_kv_head * row_parts(s, threads.max(2))
     } else if n_tok == 1 {
         s.n_kv_head
     } else {
-        hearth_quant::pool::threads()
+        threads
     };
     let group = s.n_head / s.n_kv_head;
     let kernels = hearth_quant::dispatch::kernels();
@@ -196,7 +198,7 @@ pub fn attention(
         // quantized cache with idle threads and enough keys, per part of its heads.
         let parts =
             if quantized && SPLIT.load(Ordering::Relaxed) && end - first >= MIN_ROW_SPLIT_KEYS {
-                row_parts(s, hearth_quant::pool::threads())
+                row_parts(s, threads)
             } else {
                 1
             };
