@@ -6,8 +6,14 @@ use crate::{Result, TokenizerError};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 
-/// Upper bound on template instructions per render.
-const FUEL: u64 = 5_000_000;
+/// Upper bound on template instructions per render: a base, plus a share per message and
+/// per byte of the extra variables (tools), so the work a template may do grows with the
+/// request, not with what a hostile template asks for. minijinja counts instructions, not
+/// bytes: one instruction can build a string of up to 100 MB (`*`) or join two (`~`), so a
+/// fixed 5M budget let a 100-byte template loop over 48 KB strings for tens of seconds
+/// (found by `fuzz/run-all`).
+const FUEL_BASE: u64 = 50_000;
+const FUEL_PER_MESSAGE: u64 = 5_000;
 /// Upper bound on rendered bytes beyond the messages' own text.
 const MAX_OVERHEAD_BYTES: usize = 1 << 20;
 
@@ -121,7 +127,9 @@ impl ChatTemplate {
         kwargs: &Kwargs,
     ) -> Result<String> {
         let mut env = Environment::new();
-        env.set_fuel(Some(FUEL));
+        let kwargs_bytes = serde_json::to_string(kwargs).map_or(0, |j| j.len()) as u64;
+        let fuel = FUEL_BASE + FUEL_PER_MESSAGE * messages.len() as u64 + kwargs_bytes;
+        env.set_fuel(Some(fuel));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
