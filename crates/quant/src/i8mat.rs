@@ -16,7 +16,9 @@
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
 
 use crate::blocks::*;
-use crate::reference::{q5_values, q6k_values, scale_min_k4};
+use crate::reference::{
+    iq4xs_scales, q2k_values, q3k_scales, q3k_values, q5_values, q6k_values, scale_min_k4,
+};
 
 /// Shortest prompt whose tokens run on the tiles (a tile holds 16 tokens); shorter prompts
 /// and generated tokens take the dot-product kernels. [`crate::Activations::quantize`] uses
@@ -264,9 +266,189 @@ impl Groups for BlockQ6K {
     }
 }
 
+impl Groups for BlockQ2K {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 16;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        for (q, v) in q.iter_mut().zip(q2k_values(self)) {
+            *q = v as i8;
+        }
+        q2k_scales(self, scales);
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2; each load reads 32 of the 64 bytes of qs.
+        unsafe {
+            let three = _mm256_set1_epi8(3);
+            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
+            for half in 0..2 {
+                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
+                let runs = [
+                    v,
+                    _mm256_srli_epi16::<2>(v),
+                    _mm256_srli_epi16::<4>(v),
+                    _mm256_srli_epi16::<6>(v),
+                ];
+                for (j, run) in runs.into_iter().enumerate() {
+                    // Values 128·half + 32·j ..: groups 8·half + 2·j and the next.
+                    let v = _mm256_and_si256(run, three);
+                    let g = 8 * half + 2 * j;
+                    q[g] = _mm256_and_si256(v, first);
+                    q[g + 1] = _mm256_andnot_si256(first, v);
+                }
+            }
+        }
+        q2k_scales(self, scales);
+    }
+}
+
+/// Q2_K's 16 groups' `(dw, mw)`: `d·scale`, `-dmin·min`.
+fn q2k_scales(b: &BlockQ2K, out: &mut [(f32, f32)]) {
+    let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+    for (s, &sc) in out.iter_mut().zip(&b.scales) {
+        *s = (d * (sc & 0xF) as f32, -dmin * (sc >> 4) as f32);
+    }
+}
+
+impl Groups for BlockQ3K {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 16;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        q[..QK_K].copy_from_slice(&q3k_values(self));
+        q3k_group_scales(self, scales);
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 bytes
+        // inside qs (64) and hmask (32).
+        unsafe {
+            let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
+            let hmask = _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i);
+            for half in 0..2 {
+                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
+                let runs = [
+                    v,
+                    _mm256_srli_epi16::<2>(v),
+                    _mm256_srli_epi16::<4>(v),
+                    _mm256_srli_epi16::<6>(v),
+                ];
+                for (j, run) in runs.into_iter().enumerate() {
+                    let low = _mm256_and_si256(run, three);
+                    // Minus 4 where the value's hmask bit is clear.
+                    let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
+                    let set = _mm256_test_epi8_mask(hmask, bit);
+                    let v = _mm256_mask_mov_epi8(_mm256_sub_epi8(low, four), set, low);
+                    let g = 8 * half + 2 * j;
+                    q[g] = _mm256_and_si256(v, first);
+                    q[g + 1] = _mm256_andnot_si256(first, v);
+                }
+            }
+        }
+        q3k_group_scales(self, scales);
+    }
+}
+
+/// Q3_K's 16 groups' `(d·scale, 0)`.
+fn q3k_group_scales(b: &BlockQ3K, out: &mut [(f32, f32)]) {
+    let d = b.d.to_f32();
+    for (s, sc) in out.iter_mut().zip(q3k_scales(b)) {
+        *s = (d * sc as f32, 0.0);
+    }
+}
+
+/// The 32 values of an IQ4_NL-coded run (16 bytes of nibbles) as signed bytes.
+fn iq4_values(qs: &[u8], q: &mut [i8]) {
+    for l in 0..16 {
+        q[l] = KVALUES_IQ4NL[(qs[l] & 0xF) as usize];
+        q[l + 16] = KVALUES_IQ4NL[(qs[l] >> 4) as usize];
+    }
+}
+
+/// [`iq4_values`] with SIMD: the low nibbles to bytes 0..16, the high ones to 16..32, both
+/// looked up in the table.
+///
+/// # Safety
+/// AVX2 is present; `qs` points to 16 readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq4_values_simd(qs: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2 and the 16 bytes; the table holds 16.
+    unsafe {
+        let table =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+        let low = _mm_set1_epi8(0x0F);
+        let v = _mm_loadu_si128(qs as *const __m128i);
+        let idx = _mm256_setr_m128i(
+            _mm_and_si128(v, low),
+            _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+        );
+        _mm256_shuffle_epi8(table, idx)
+    }
+}
+
+impl Groups for BlockIQ4NL {
+    const BLOCK: usize = QK;
+    const LEN: usize = QK;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        iq4_values(&self.qs, q);
+        scales[0] = (self.d.to_f32(), 0.0);
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        // SAFETY: the caller vouches for AVX2; qs holds 16 bytes.
+        q[0] = unsafe { iq4_values_simd(self.qs.as_ptr()) };
+        scales[0] = (self.d.to_f32(), 0.0);
+    }
+}
+
+impl Groups for BlockIQ4XS {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        for ib in 0..8 {
+            iq4_values(&self.qs[16 * ib..], &mut q[32 * ib..]);
+        }
+        iq4xs_group_scales(self, scales);
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        for (ib, q) in q.iter_mut().take(8).enumerate() {
+            // SAFETY: the caller vouches for AVX2; 16 of qs's 128 bytes.
+            *q = unsafe { iq4_values_simd(self.qs.as_ptr().add(16 * ib)) };
+        }
+        iq4xs_group_scales(self, scales);
+    }
+}
+
+/// IQ4_XS's 8 groups' `(d·scale, 0)`.
+fn iq4xs_group_scales(b: &BlockIQ4XS, out: &mut [(f32, f32)]) {
+    let d = b.d.to_f32();
+    for (s, sc) in out.iter_mut().zip(iq4xs_scales(b)) {
+        *s = (d * sc as f32, 0.0);
+    }
+}
+
 /// Activations staged for the tiles: `n_pad` tokens (a multiple of 16, padding zeros) of
 /// `cols` signed bytes, and per 32-column window `w` and token `t` the scale
-/// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window.
+/// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window; for Q8_K
+/// activations also `s_half[(2w + h) * n_pad + t] = d · Σq` over half `h` of the window,
+/// for the 16-value groups with an offset (Q2_K).
 #[derive(Default)]
 pub struct Staged {
     n_tok: usize,
@@ -275,6 +457,7 @@ pub struct Staged {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    s_half: Vec<f32>,
 }
 
 impl Staged {
@@ -309,6 +492,7 @@ impl Staged {
         self.q[n_tok * cols..].fill(0);
         self.d.resize(windows * n_pad, 0.0);
         self.s.resize(windows * n_pad, 0.0);
+        self.s_half.clear();
         for t in 0..n_pad {
             for w in 0..windows {
                 let (d, s) = if t < n_tok {
@@ -352,6 +536,14 @@ impl Staged {
             let sum = b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32;
             (&b.qs[32 * j..][..32], b.d, b.d * sum as f32)
         });
+        let (n_pad, halves) = (self.n_pad, cols / 16);
+        self.s_half.resize(halves * n_pad, 0.0);
+        for t in 0..n_tok {
+            for h in 0..halves {
+                let b = &blocks[t * nb + h / 16];
+                self.s_half[h * n_pad + t] = b.d * b.bsums[h % 16] as f32;
+            }
+        }
     }
 }
 
@@ -367,6 +559,10 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
     );
     assert!(out.len() >= a.n_tok * rows);
     assert!(Staged::available(), "AMX tiles are not in force");
+    assert!(
+        !(W::HAS_MIN && W::LEN < 32) || a.s_half.len() == a.cols / 16 * a.n_pad,
+        "16-value groups with offsets need Q8_K activations"
+    );
     #[cfg(target_arch = "x86_64")]
     amx::matmul(w, rows, a, out);
 }
@@ -586,7 +782,13 @@ mod amx {
             {
                 let win = window(part) * a.n_pad + m0;
                 let da = &a.d[win..win + 16];
-                let sa = &a.s[win..win + 16];
+                let sa = if MIN && W::LEN < 32 {
+                    // This group's half of the window.
+                    let at = (part * W::LEN / 16) * a.n_pad + m0;
+                    &a.s_half[at..at + 16]
+                } else {
+                    &a.s[win..win + 16]
+                };
                 // SAFETY: 16 floats each.
                 let (dw, mw) = unsafe {
                     (
@@ -619,6 +821,70 @@ mod amx {
         {
             // SAFETY: token m0 + m < n_tok; columns r0..r0 + valid_rows of its row.
             unsafe { _mm512_mask_storeu_ps(out.add((m0 + m) * rows + r0), mask, *v) };
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use bytemuck::Pod;
+    use std::arch::x86_64::__m256i;
+
+    /// `Groups::simd` against `Groups::decode` (the scalar one) on random blocks: the same
+    /// bytes in each group's place of its window (zeros in the other half of a 16-value
+    /// group's window) and the same scales, bit for bit.
+    fn simd_equals_decode<W: Groups + Pod>(seed: u64) {
+        let mut state = seed;
+        let mut block = W::zeroed();
+        for b in bytemuck::bytes_of_mut(&mut block) {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (state >> 33) as u8;
+        }
+        let groups = W::BLOCK / W::LEN;
+        let mut q = vec![0i8; W::BLOCK];
+        let mut want_scales = vec![(0.0f32, 0.0f32); groups];
+        block.decode(&mut q, &mut want_scales);
+        let mut got: [__m256i; 16] = bytemuck::cast([[0u8; 32]; 16]);
+        let mut scales = vec![(0.0f32, 0.0f32); groups];
+        // SAFETY: the caller checked AVX2 and AVX-512 F/BW/VL.
+        unsafe { block.simd(&mut got, &mut scales) };
+        for g in 0..groups {
+            let bytes: [i8; 32] = bytemuck::cast(got[g]);
+            let mut want = [0i8; 32];
+            let at = g * W::LEN % 32;
+            want[at..at + W::LEN].copy_from_slice(&q[g * W::LEN..][..W::LEN]);
+            assert_eq!(bytes, want, "{} group {g}", std::any::type_name::<W>());
+        }
+        let bits = |v: &[(f32, f32)]| -> Vec<(u32, u32)> {
+            v.iter().map(|(a, b)| (a.to_bits(), b.to_bits())).collect()
+        };
+        assert_eq!(bits(&scales), bits(&want_scales));
+    }
+
+    #[test]
+    fn simd_decoding_equals_scalar() {
+        let has = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if !has {
+            eprintln!("i8mat SIMD decoding not tested: no AVX-512 BW/VL on this CPU");
+            return;
+        }
+        for seed in 0..64 {
+            simd_equals_decode::<BlockQ4_0>(seed);
+            simd_equals_decode::<BlockQ4_1>(seed);
+            simd_equals_decode::<BlockQ5_0>(seed);
+            simd_equals_decode::<BlockQ8_0>(seed);
+            simd_equals_decode::<BlockQ4K>(seed);
+            simd_equals_decode::<BlockQ6K>(seed);
+            simd_equals_decode::<BlockQ2K>(seed);
+            simd_equals_decode::<BlockQ3K>(seed);
+            simd_equals_decode::<BlockIQ4NL>(seed);
+            simd_equals_decode::<BlockIQ4XS>(seed);
         }
     }
 }

@@ -808,14 +808,15 @@ impl QMatrix<'_> {
             Blocks::Q4K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q5K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q6K(w) => i8mat::matmul(w, rows, a, out),
-            // No AMX tile layout for these yet: their tokens take the dot-product kernels.
+            Blocks::Q2K(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q3K(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::IQ4NL(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::IQ4XS(w) => i8mat::matmul(w, rows, a, out),
+            // Float weights take their own tiles; grouped rows exist only at the levels
+            // without AMX (a matrix grouped there is not staged for tiles).
             Blocks::F32(_)
             | Blocks::F16(_)
             | Blocks::BF16(_)
-            | Blocks::Q2K(_)
-            | Blocks::Q3K(_)
-            | Blocks::IQ4NL(_)
-            | Blocks::IQ4XS(_)
             | Blocks::Q4_0x8(_)
             | Blocks::IQ4NLx8(_)
             | Blocks::Q4_1x8(_)

@@ -152,6 +152,8 @@ proptest! {
             ActType::Q8_1, q8_1, r::vec_dot_q5_1_q8_1, r::dequantize_row_q5_1);
         case!("q8_0", GgmlType::Q8_0, BlockQ8_0, nb, |b: &mut BlockQ8_0, d| { b.d = h(d); for q in b.qs.iter_mut() { *q = (*q).max(-127) } },
             ActType::Q8_0, q8_0, r::vec_dot_q8_0_q8_0, r::dequantize_row_q8_0);
+        case!("iq4_nl", GgmlType::IQ4_NL, BlockIQ4NL, nb, |b: &mut BlockIQ4NL, d| b.d = h(d / 64.0),
+            ActType::Q8_0, q8_0, r::vec_dot_iq4_nl_q8_0, r::dequantize_row_iq4_nl);
         if !k_quants { return Ok(()); }
         case!("q4_K", GgmlType::Q4_K, BlockQ4K, nbk, |b: &mut BlockQ4K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) },
             ActType::Q8K, q8k, r::vec_dot_q4_k_q8_k, r::dequantize_row_q4_k);
@@ -159,5 +161,11 @@ proptest! {
             ActType::Q8K, q8k, r::vec_dot_q5_k_q8_k, r::dequantize_row_q5_k);
         case!("q6_K", GgmlType::Q6_K, BlockQ6K, nbk, |b: &mut BlockQ6K, d| b.d = h(d / 16.0),
             ActType::Q8K, q8k, r::vec_dot_q6_k_q8_k, r::dequantize_row_q6_k);
+        case!("q2_K", GgmlType::Q2_K, BlockQ2K, nbk, |b: &mut BlockQ2K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) },
+            ActType::Q8K, q8k, r::vec_dot_q2_k_q8_k, r::dequantize_row_q2_k);
+        case!("q3_K", GgmlType::Q3_K, BlockQ3K, nbk, |b: &mut BlockQ3K, d| b.d = h(d / 16.0),
+            ActType::Q8K, q8k, r::vec_dot_q3_k_q8_k, r::dequantize_row_q3_k);
+        case!("iq4_xs", GgmlType::IQ4_XS, BlockIQ4XS, nbk, |b: &mut BlockIQ4XS, d| b.d = h(d / 1024.0),
+            ActType::Q8K, q8k, r::vec_dot_iq4_xs_q8_k, r::dequantize_row_iq4_xs);
     }
 }
