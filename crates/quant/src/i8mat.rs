@@ -34,6 +34,13 @@ pub trait Groups: Copy + Sync {
     const LEN: usize;
     /// Whether any group has an offset (`mw ≠ 0`).
     const HAS_MIN: bool;
+    /// Whether the values come multiplied by their integer sub-block scales, one group per
+    /// block (`LEN == BLOCK`, a multiple of 32) and its windows summed in one tile: then
+    /// `decode` also writes, after the `BLOCK` values, `BLOCK` offset multipliers where
+    /// `HAS_MIN` (the offset is `mw · Σ a·multiplier`, a second tile product), and `simd`
+    /// writes the windows' values to `q[..BLOCK / 32]` and the multipliers after them.
+    /// Only with `SIMD`; the activations' scale must be one per block (Q8_K).
+    const FOLDED: bool = false;
     /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
     /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
@@ -266,25 +273,37 @@ impl Groups for BlockQ6K {
     }
 }
 
+/// The values of a Q2_K or Q3_K block times their sub-block's integer scale, and Q2_K's
+/// offsets as per-value multipliers (its `min` of each 16 values): both fit a signed byte
+/// (Q2_K: 0..=45 and 0..=15; Q3_K negated, `-(scale·q)` in -128..=124), so the tiles sum
+/// a whole super-block's integer products at once (`Groups::FOLDED`).
 impl Groups for BlockQ2K {
     const BLOCK: usize = QK_K;
-    const LEN: usize = 16;
+    const LEN: usize = QK_K;
     const HAS_MIN: bool = true;
+    const FOLDED: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        for (q, v) in q.iter_mut().zip(q2k_values(self)) {
-            *q = v as i8;
+        for (i, v) in q2k_values(self).into_iter().enumerate() {
+            let sc = self.scales[i / 16];
+            q[i] = ((sc & 0xF) * v) as i8;
+            q[QK_K + i] = (sc >> 4) as i8;
         }
-        q2k_scales(self, scales);
+        scales[0] = (self.d.to_f32(), -self.dmin.to_f32());
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
         use std::arch::x86_64::*;
-        // SAFETY: the caller vouches for AVX2; each load reads 32 of the 64 bytes of qs.
+        // SAFETY: the caller vouches for AVX2; the loads read 32 of the 64 bytes of qs and
+        // the 16 bytes of scales.
         unsafe {
-            let three = _mm256_set1_epi8(3);
-            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
+            let (three, low) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
+            // Sub-block k's scale byte in bytes 0..16 of window k/2 for even k, 16..32 odd.
+            let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                self.scales.as_ptr() as *const __m128i
+            ));
+            let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
             for half in 0..2 {
                 let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
                 let runs = [
@@ -294,45 +313,71 @@ impl Groups for BlockQ2K {
                     _mm256_srli_epi16::<6>(v),
                 ];
                 for (j, run) in runs.into_iter().enumerate() {
-                    // Values 128·half + 32·j ..: groups 8·half + 2·j and the next.
+                    let w = 4 * half + j;
+                    // Sub-blocks 2w (bytes 0..16) and 2w + 1 (16..32).
+                    let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
+                    let both = _mm256_shuffle_epi8(sc, idx);
+                    let scale = _mm256_and_si256(both, low);
+                    let min = _mm256_and_si256(_mm256_srli_epi16::<4>(both), low);
                     let v = _mm256_and_si256(run, three);
-                    let g = 8 * half + 2 * j;
-                    q[g] = _mm256_and_si256(v, first);
-                    q[g + 1] = _mm256_andnot_si256(first, v);
+                    // Products ≤ 45: the low byte of a 16-bit product is exact.
+                    q[w] = mul_small_bytes(v, scale);
+                    q[8 + w] = min;
                 }
             }
         }
-        q2k_scales(self, scales);
+        scales[0] = (self.d.to_f32(), -self.dmin.to_f32());
     }
 }
 
-/// Q2_K's 16 groups' `(dw, mw)`: `d·scale`, `-dmin·min`.
-fn q2k_scales(b: &BlockQ2K, out: &mut [(f32, f32)]) {
-    let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
-    for (s, &sc) in out.iter_mut().zip(&b.scales) {
-        *s = (d * (sc & 0xF) as f32, -dmin * (sc >> 4) as f32);
+/// Byte-wise `a · b` for products that fit a byte (each operand and product in 0..=127 or
+/// the product's low byte wanted).
+///
+/// # Safety
+/// AVX2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn mul_small_bytes(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2.
+    unsafe {
+        let even = _mm256_mullo_epi16(a, b);
+        let odd = _mm256_mullo_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(b));
+        _mm256_or_si256(
+            _mm256_and_si256(even, _mm256_set1_epi16(0xFF)),
+            _mm256_slli_epi16::<8>(odd),
+        )
     }
 }
 
 impl Groups for BlockQ3K {
     const BLOCK: usize = QK_K;
-    const LEN: usize = 16;
+    const LEN: usize = QK_K;
     const HAS_MIN: bool = false;
+    const FOLDED: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        q[..QK_K].copy_from_slice(&q3k_values(self));
-        q3k_group_scales(self, scales);
+        let scale = q3k_scales(self);
+        for (i, v) in q3k_values(self).into_iter().enumerate() {
+            q[i] = (-(scale[i / 16] as i32 * v as i32)) as i8;
+        }
+        scales[0] = (-self.d.to_f32(), 0.0);
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
         use std::arch::x86_64::*;
+        let scale = q3k_scales(self);
         // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 bytes
-        // inside qs (64) and hmask (32).
+        // inside qs (64) and hmask (32), and the 16 scales.
         unsafe {
             let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
-            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
             let hmask = _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i);
+            let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(scale.as_ptr() as *const __m128i));
+            let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
             for half in 0..2 {
                 let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
                 let runs = [
@@ -342,26 +387,20 @@ impl Groups for BlockQ3K {
                     _mm256_srli_epi16::<6>(v),
                 ];
                 for (j, run) in runs.into_iter().enumerate() {
+                    let w = 4 * half + j;
                     let low = _mm256_and_si256(run, three);
                     // Minus 4 where the value's hmask bit is clear.
-                    let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
+                    let bit = _mm256_set1_epi8((1u8 << w) as i8);
                     let set = _mm256_test_epi8_mask(hmask, bit);
                     let v = _mm256_mask_mov_epi8(_mm256_sub_epi8(low, four), set, low);
-                    let g = 8 * half + 2 * j;
-                    q[g] = _mm256_and_si256(v, first);
-                    q[g + 1] = _mm256_andnot_si256(first, v);
+                    let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
+                    let s = _mm256_shuffle_epi8(sc, idx);
+                    // -(s·v): |s·v| ≤ 128; as 16-bit products, the low bytes are exact.
+                    q[w] = _mm256_sub_epi8(_mm256_setzero_si256(), mul_small_bytes(v, s));
                 }
             }
         }
-        q3k_group_scales(self, scales);
-    }
-}
-
-/// Q3_K's 16 groups' `(d·scale, 0)`.
-fn q3k_group_scales(b: &BlockQ3K, out: &mut [(f32, f32)]) {
-    let d = b.d.to_f32();
-    for (s, sc) in out.iter_mut().zip(q3k_scales(b)) {
-        *s = (d * sc as f32, 0.0);
+        scales[0] = (-self.d.to_f32(), 0.0);
     }
 }
 
@@ -446,9 +485,7 @@ fn iq4xs_group_scales(b: &BlockIQ4XS, out: &mut [(f32, f32)]) {
 
 /// Activations staged for the tiles: `n_pad` tokens (a multiple of 16, padding zeros) of
 /// `cols` signed bytes, and per 32-column window `w` and token `t` the scale
-/// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window; for Q8_K
-/// activations also `s_half[(2w + h) * n_pad + t] = d · Σq` over half `h` of the window,
-/// for the 16-value groups with an offset (Q2_K).
+/// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window.
 #[derive(Default)]
 pub struct Staged {
     n_tok: usize,
@@ -457,7 +494,8 @@ pub struct Staged {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
-    s_half: Vec<f32>,
+    /// Staged from Q8_K blocks: `d` is the same for a block's 8 windows.
+    q8k: bool,
 }
 
 impl Staged {
@@ -492,7 +530,7 @@ impl Staged {
         self.q[n_tok * cols..].fill(0);
         self.d.resize(windows * n_pad, 0.0);
         self.s.resize(windows * n_pad, 0.0);
-        self.s_half.clear();
+        self.q8k = false;
         for t in 0..n_pad {
             for w in 0..windows {
                 let (d, s) = if t < n_tok {
@@ -536,14 +574,7 @@ impl Staged {
             let sum = b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32;
             (&b.qs[32 * j..][..32], b.d, b.d * sum as f32)
         });
-        let (n_pad, halves) = (self.n_pad, cols / 16);
-        self.s_half.resize(halves * n_pad, 0.0);
-        for t in 0..n_tok {
-            for h in 0..halves {
-                let b = &blocks[t * nb + h / 16];
-                self.s_half[h * n_pad + t] = b.d * b.bsums[h % 16] as f32;
-            }
-        }
+        self.q8k = true;
     }
 }
 
@@ -560,8 +591,12 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
     assert!(out.len() >= a.n_tok * rows);
     assert!(Staged::available(), "AMX tiles are not in force");
     assert!(
-        !(W::HAS_MIN && W::LEN < 32) || a.s_half.len() == a.cols / 16 * a.n_pad,
-        "16-value groups with offsets need Q8_K activations"
+        !(W::HAS_MIN && W::LEN < 32),
+        "16-value groups have no offsets here"
+    );
+    assert!(
+        !W::FOLDED || (W::BLOCK == QK_K && a.q8k),
+        "folded blocks need Q8_K activations"
     );
     #[cfg(target_arch = "x86_64")]
     amx::matmul(w, rows, a, out);
@@ -604,6 +639,7 @@ mod amx {
     impl Panel {
         /// Decodes rows `r0..r0 + 16` of `w` (rows past `rows` get zero scales).
         fn fill<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
+            assert!(W::SIMD || !W::FOLDED, "folded blocks decode with SIMD only");
             if W::SIMD {
                 // SAFETY: tiles run only at the Amx level, which implies AVX2 and
                 // AVX-512 F/BW/VL (`dispatch::detect`).
@@ -665,9 +701,16 @@ mod amx {
         #[allow(clippy::needless_range_loop)] // `n` indexes q's rows and every scale array
         unsafe fn fill_simd<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize) {
             let per_block = W::BLOCK / W::LEN;
-            assert!(per_block <= 16);
+            // B tiles per block: one per group, or a folded block's windows (and as many
+            // of offset multipliers).
+            let tiles = if W::FOLDED {
+                W::BLOCK / 32 * (1 + W::HAS_MIN as usize)
+            } else {
+                per_block
+            };
+            assert!(tiles <= 16);
             let parts = nb * per_block;
-            self.tiles.resize(parts, BTile([0; 128]));
+            self.tiles.resize(nb * tiles, BTile([0; 128]));
             self.dw.resize(parts, [0.0; 16]);
             self.mw.resize(parts, [0.0; 16]);
             self.scales.resize(per_block, (0.0, 0.0));
@@ -685,13 +728,15 @@ mod amx {
                         one = [_mm256_setzero_si256(); 16];
                         self.scales.fill((0.0, 0.0));
                     }
+                    for i in 0..tiles {
+                        q[i][n] = one[i];
+                    }
                     for g in 0..per_block {
-                        q[g][n] = one[g];
                         (self.dw[p0 + g][n], self.mw[p0 + g][n]) = self.scales[g];
                     }
                 }
-                for (g, rows16) in q.iter().enumerate().take(per_block) {
-                    self.tiles[p0 + g].0 = transpose_16x8(rows16);
+                for (i, rows16) in q.iter().enumerate().take(tiles) {
+                    self.tiles[b * tiles + i].0 = transpose_16x8(rows16);
                 }
             }
         }
@@ -738,6 +783,68 @@ mod amx {
         });
     }
 
+    /// `token_group` for folded blocks (`Groups::FOLDED`): per block, one tile sum over its
+    /// windows (and one of the offset multipliers), scaled once.
+    ///
+    /// # Safety
+    /// As `token_group`'s.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn token_group_folded<W: Groups, const MIN: bool>(
+        panel: &Panel,
+        a: &Staged,
+        m0: usize,
+        r0: usize,
+        rows: usize,
+        out: *mut f32,
+    ) {
+        let windows = W::BLOCK / 32;
+        let tiles = windows * (1 + MIN as usize);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let (mut c, mut c_min) = (CTile([0; 256]), CTile([0; 256]));
+        for b in 0..panel.dw.len() {
+            let first = &panel.tiles[b * tiles];
+            let min = MIN.then(|| panel.tiles[b * tiles + windows].0.as_ptr() as *const i8);
+            // SAFETY: A: 16 rows of the block's 32·windows bytes, `cols` apart from token
+            // m0 (inside `q`, `n_pad * cols` bytes); B: the block's `tiles` consecutive
+            // tiles; C: 256 i32 each.
+            unsafe {
+                tiles::dot_i8_run(
+                    a.q[m0 * a.cols + W::BLOCK * b..].as_ptr(),
+                    a.cols,
+                    first.0.as_ptr() as *const i8,
+                    min,
+                    windows,
+                    c.0.as_mut_ptr(),
+                    c_min.0.as_mut_ptr(),
+                );
+            }
+            // The activations' scale is the block's (Q8_K): its first window's.
+            let win = (W::BLOCK / 32 * b) * a.n_pad + m0;
+            let da = &a.d[win..win + 16];
+            // SAFETY: 16 floats each.
+            let (dw, mw) = unsafe {
+                (
+                    _mm512_loadu_ps(panel.dw[b].as_ptr()),
+                    _mm512_loadu_ps(panel.mw[b].as_ptr()),
+                )
+            };
+            for m in 0..16 {
+                let d = _mm512_set1_ps(da[m]);
+                // SAFETY: row m of the result tiles, 16 i32.
+                let sum = unsafe { _mm512_loadu_si512(c.0.as_ptr().add(16 * m) as *const _) };
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, d), acc[m]);
+                if MIN {
+                    // SAFETY: as above.
+                    let sum =
+                        unsafe { _mm512_loadu_si512(c_min.0.as_ptr().add(16 * m) as *const _) };
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(mw, d), acc[m]);
+                }
+            }
+        }
+        // SAFETY: as `token_group`'s stores.
+        unsafe { store_tokens(&acc, a, m0, r0, rows, out) };
+    }
+
     /// Tokens `m0..m0 + 16` × the panel's 16 rows, accumulated over every group.
     ///
     /// # Safety
@@ -752,6 +859,10 @@ mod amx {
         rows: usize,
         out: *mut f32,
     ) {
+        if W::FOLDED {
+            // SAFETY: as this function's.
+            return unsafe { token_group_folded::<W, MIN>(panel, a, m0, r0, rows, out) };
+        }
         let parts = panel.tiles.len();
         let mut acc = [_mm512_setzero_ps(); 16];
         let mut c = [CTile([0; 256]), CTile([0; 256])];
@@ -782,13 +893,7 @@ mod amx {
             {
                 let win = window(part) * a.n_pad + m0;
                 let da = &a.d[win..win + 16];
-                let sa = if MIN && W::LEN < 32 {
-                    // This group's half of the window.
-                    let at = (part * W::LEN / 16) * a.n_pad + m0;
-                    &a.s_half[at..at + 16]
-                } else {
-                    &a.s[win..win + 16]
-                };
+                let sa = &a.s[win..win + 16];
                 // SAFETY: 16 floats each.
                 let (dw, mw) = unsafe {
                     (
@@ -808,6 +913,23 @@ mod amx {
             }
             p += 2;
         }
+        // SAFETY: as this function's.
+        unsafe { store_tokens(&acc, a, m0, r0, rows, out) };
+    }
+
+    /// Stores tokens `m0..` (those staged) × rows `r0..r0 + 16` (those below `rows`).
+    ///
+    /// # Safety
+    /// AVX-512F is present; `out` holds `a.n_tok * rows` values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tokens(
+        acc: &[__m512; 16],
+        a: &Staged,
+        m0: usize,
+        r0: usize,
+        rows: usize,
+        out: *mut f32,
+    ) {
         let valid_rows = (rows - r0).min(16);
         let mask: __mmask16 = if valid_rows == 16 {
             0xffff
@@ -844,14 +966,23 @@ mod tests {
             *b = (state >> 33) as u8;
         }
         let groups = W::BLOCK / W::LEN;
-        let mut q = vec![0i8; W::BLOCK];
+        let mut q = vec![0i8; 2 * W::BLOCK];
         let mut want_scales = vec![(0.0f32, 0.0f32); groups];
         block.decode(&mut q, &mut want_scales);
         let mut got: [__m256i; 16] = bytemuck::cast([[0u8; 32]; 16]);
         let mut scales = vec![(0.0f32, 0.0f32); groups];
         // SAFETY: the caller checked AVX2 and AVX-512 F/BW/VL.
         unsafe { block.simd(&mut got, &mut scales) };
-        for g in 0..groups {
+        if W::FOLDED {
+            // Windows of values, then of offset multipliers: in decode's order.
+            let windows = W::BLOCK / 32 * (1 + W::HAS_MIN as usize);
+            for (w, got) in got.iter().enumerate().take(windows) {
+                let bytes: [i8; 32] = bytemuck::cast(*got);
+                let name = std::any::type_name::<W>();
+                assert_eq!(bytes[..], q[32 * w..][..32], "{name} window {w}");
+            }
+        }
+        for g in (0..groups).filter(|_| !W::FOLDED) {
             let bytes: [i8; 32] = bytemuck::cast(got[g]);
             let mut want = [0i8; 32];
             let at = g * W::LEN % 32;

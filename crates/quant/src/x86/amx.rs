@@ -153,6 +153,68 @@ static CONFIG_I8: TileConfig = {
     config(&[A, B, C, A, B, C])
 };
 
+/// 16 tokens × 16 weight rows int8 products summed over `windows` consecutive 32-column
+/// windows: `c[m][n] = Σ_w Σ_k a[m][32w + k] · b_w[k/4][4n + k%4]`; where `b_min` is
+/// given, `c_min` likewise from the same activations and `b_min`'s tiles.
+///
+/// `a`: 16 rows of `32 · windows` signed bytes, `a_stride` bytes apart; `b` (and `b_min`):
+/// `windows` tiles of 512 signed bytes one after another, as [`dot_i8_pair`] reads one;
+/// `c` (and `c_min`): 256 i32.
+///
+/// # Safety
+/// [`enable`] returned true and [`configure_i8`] ran on this thread; the pointers hold
+/// what is described above.
+pub unsafe fn dot_i8_run(
+    a: *const i8,
+    a_stride: usize,
+    b: *const i8,
+    b_min: Option<*const i8>,
+    windows: usize,
+    c: *mut i32,
+    c_min: *mut i32,
+) {
+    // SAFETY: as the caller vouches; every load reads inside the described memory, and
+    // the stores write 16 rows of 64 bytes to `c` (and `c_min`).
+    unsafe {
+        asm!("tilezero tmm2", "tilezero tmm5", options(nostack, nomem));
+        for w in 0..windows {
+            asm!(
+                "tileloadd tmm0, [{a} + {sa}*1]",
+                "tileloadd tmm1, [{b} + {sb}*1]",
+                "tdpbssd tmm2, tmm0, tmm1",
+                a = in(reg) a.add(32 * w),
+                sa = in(reg) a_stride,
+                b = in(reg) b.add(512 * w),
+                sb = in(reg) ROW_BYTES,
+                options(nostack, readonly),
+            );
+            if let Some(m) = b_min {
+                asm!(
+                    "tileloadd tmm4, [{b} + {sb}*1]",
+                    "tdpbssd tmm5, tmm0, tmm4",
+                    b = in(reg) m.add(512 * w),
+                    sb = in(reg) ROW_BYTES,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        asm!(
+            "tilestored [{c} + {sb}*1], tmm2",
+            c = in(reg) c,
+            sb = in(reg) ROW_BYTES,
+            options(nostack),
+        );
+        if b_min.is_some() {
+            asm!(
+                "tilestored [{c} + {sb}*1], tmm5",
+                c = in(reg) c_min,
+                sb = in(reg) ROW_BYTES,
+                options(nostack),
+            );
+        }
+    }
+}
+
 /// Two 16 tokens × 16 weight rows int8 products over a 32-column window each:
 /// `c0[m][n] = Σ_k a0[m][k] · b0[k/4][4n + k%4]`, likewise `c1` from `a1`, `b1`.
 ///
