@@ -39,6 +39,25 @@ fn every_type_matches_llama_cpp_by_kl_divergence_at_every_level() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// The same texts as prompts: the prompt kernels of every type (AMX tiles where the CPU
+/// has them, else the panels) within llama.cpp's noise too.
+#[test]
+fn every_type_matches_llama_cpp_as_a_prompt_at_every_level() {
+    if !kld::in_child_per_level("every_type_matches_llama_cpp_as_a_prompt_at_every_level") {
+        return;
+    }
+    eprintln!("{}", kld::TABLE_HEADER);
+    let mut failures = Vec::new();
+    for ty in TYPES {
+        let g = Arc::new(hearth_gguf::Gguf::open(model_path(ty)).expect("model opens"));
+        let model = Model::load(g).expect("model loads");
+        let lines = common::golden_lines(&format!("quants/models/quant-base.{ty}.logits.jsonl"));
+        let fidelity = kld::prompt_forced(&model, &lines);
+        failures.extend(fidelity.judge(ty));
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// `hearth show` names the file's mix (`general.file_type`) and counts its tensor types.
 #[test]
 fn show_names_the_quantization_mix() {

@@ -137,6 +137,34 @@ pub fn teacher_forced(model: &hearth_models::Model, lines: &[Value]) -> Fidelity
     fidelity
 }
 
+/// [`teacher_forced`] with each text run as one prompt (every position's logits from
+/// [`hearth_models::Model::forward_all`]), so the products take the prompt kernels (the
+/// AMX tiles, the panels) rather than the decoding ones.
+pub fn prompt_forced(model: &hearth_models::Model, lines: &[Value]) -> Fidelity {
+    let mut fidelity = Fidelity::default();
+    let v = model.config.n_vocab;
+    for l in lines {
+        let ids: Vec<u32> = serde_json::from_value(l["ids"].clone()).unwrap();
+        let (off, on) = (l["off"].as_array().unwrap(), l["on"].as_array().unwrap());
+        assert_eq!(off.len(), ids.len() - 1);
+        let mut cache = model.new_cache(ids.len() + 1);
+        let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
+        model
+            .forward_all(
+                &ids[..ids.len() - 1],
+                &mut cache,
+                &mut scratch,
+                0,
+                &mut logits,
+            )
+            .unwrap();
+        for (step, (off, on)) in off.iter().zip(on).enumerate() {
+            fidelity.add(off, on, &logits[step * v..(step + 1) * v]);
+        }
+    }
+    fidelity
+}
+
 pub const TABLE_HEADER: &str =
     "model    positions  KLD hearth  KLD llama.cpp fa on/off  same top hearth  same top llama.cpp";
 
