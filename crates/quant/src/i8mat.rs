@@ -137,6 +137,8 @@ impl Groups for BlockQ5_1 {
         fifth_bits(&self.qs, self.qh, 0, q);
         scales[0] = (self.d.to_f32(), self.m.to_f32());
     }
+    #[cfg(target_arch = "x86_64")]
+    simd_32!(|b: &Self| (b.d.to_f32(), b.m.to_f32()));
 }
 
 impl Groups for BlockQ8_0 {
@@ -205,6 +207,35 @@ impl Groups for BlockQ5K {
                 let h2 = if self.qh[l] & u2 != 0 { 16 } else { 0 };
                 q[64 * chunk + l] = ((src[l] & 0xF) + h1) as i8;
                 q[64 * chunk + 32 + l] = ((src[l] >> 4) + h2) as i8;
+            }
+        }
+        k_scales(self.d, self.dmin, &self.scales, scales);
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 of the
+        // 128 bytes of qs, and the 32 bytes of qh.
+        unsafe {
+            let (low, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(16));
+            let qh = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
+            for chunk in 0..4 {
+                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
+                // Value l of the chunk's two groups has its fifth bit in qh[l], bits 2·chunk
+                // and 2·chunk + 1: a byte mask each, and a masked add of 16.
+                let bit = _mm256_set1_epi8(1 << (2 * chunk));
+                let (h1, h2) = (
+                    _mm256_test_epi8_mask(qh, bit),
+                    _mm256_test_epi8_mask(qh, _mm256_add_epi8(bit, bit)),
+                );
+                let (l1, l2) = (
+                    _mm256_and_si256(v, low),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                );
+                q[2 * chunk] = _mm256_mask_add_epi8(l1, h1, l1, sixteen);
+                q[2 * chunk + 1] = _mm256_mask_add_epi8(l2, h2, l2, sixteen);
             }
         }
         k_scales(self.d, self.dmin, &self.scales, scales);
@@ -1031,8 +1062,10 @@ mod tests {
             simd_equals_decode::<BlockQ4_0>(seed);
             simd_equals_decode::<BlockQ4_1>(seed);
             simd_equals_decode::<BlockQ5_0>(seed);
+            simd_equals_decode::<BlockQ5_1>(seed);
             simd_equals_decode::<BlockQ8_0>(seed);
             simd_equals_decode::<BlockQ4K>(seed);
+            simd_equals_decode::<BlockQ5K>(seed);
             simd_equals_decode::<BlockQ6K>(seed);
             simd_equals_decode::<BlockQ2K>(seed);
             simd_equals_decode::<BlockQ3K>(seed);
