@@ -225,6 +225,17 @@ unsafe fn q5_bytes(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
     }
 }
 
+/// `q5_bytes` with AVX-512 BW/VL (enabled by every caller): bit j of qh is value j's fifth
+/// bit, so one masked add sets them all.
+#[inline(always)]
+unsafe fn q5_bytes_bw(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
+    // SAFETY: reads the 16 bytes of qs; the features are the caller's.
+    unsafe {
+        let low = nibbles_32(qs);
+        _mm256_mask_add_epi8(low, u32::from_le_bytes(qh), low, _mm256_set1_epi8(0x10))
+    }
+}
+
 /// Two blocks' five-bit values as one vector (AVX-512 BW/VL enabled by every caller): bit j
 /// of qh is value j's fifth bit, so one masked add sets them all.
 #[inline(always)]
@@ -247,13 +258,8 @@ impl Unsigned32 for BlockQ5_0 {
     }
     #[inline(always)]
     unsafe fn bytes_bw(&self) -> __m256i {
-        // SAFETY: AVX2 and AVX-512 BW/VL are enabled by every caller (the tiles); reads the
-        // 16 bytes of qs. Bit j of qh is value j's fifth bit: one masked add sets it.
-        unsafe {
-            let low = nibbles_32(&self.qs);
-            let qh = u32::from_le_bytes(self.qh);
-            _mm256_mask_add_epi8(low, qh, low, _mm256_set1_epi8(0x10))
-        }
+        // SAFETY: AVX2 and AVX-512 BW/VL are enabled by every caller (the tiles).
+        unsafe { q5_bytes_bw(&self.qs, self.qh) }
     }
     #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
@@ -275,11 +281,7 @@ impl Unsigned32 for BlockQ5_1 {
     #[inline(always)]
     unsafe fn bytes_bw(&self) -> __m256i {
         // SAFETY: as Q5_0's, on the same fields.
-        unsafe {
-            let low = nibbles_32(&self.qs);
-            let qh = u32::from_le_bytes(self.qh);
-            _mm256_mask_add_epi8(low, qh, low, _mm256_set1_epi8(0x10))
-        }
+        unsafe { q5_bytes_bw(&self.qs, self.qh) }
     }
     #[inline(always)]
     unsafe fn pair_bw(w: *const Self) -> __m512i {
