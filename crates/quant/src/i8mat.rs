@@ -1,6 +1,6 @@
 //! Quantized products for many tokens at once (prompt prefill) on AMX-INT8 tiles.
 //!
-//! Every weight type is read as groups of `LEN` values (32, or 16 for Q6_K) of signed bytes
+//! Every weight type is read as groups of `LEN` values (32, or a whole block) of signed bytes
 //! `q` with a scale `dw` and an offset `mw` per group and row: `w = dw·q + mw`. The
 //! activations, already quantized for the type (Q8_0, Q8_1 or Q8_K, as the dot-product
 //! kernels use them), are staged once per product as a token-major matrix of signed bytes
@@ -16,9 +16,7 @@
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
 
 use crate::blocks::*;
-use crate::reference::{
-    iq4xs_scales, q2k_values, q3k_scales, q3k_values, q5_values, q6k_values, scale_min_k4,
-};
+use crate::reference::{iq4xs_scales, q2k_values, q3k_scales, q3k_values, q5_values, scale_min_k4};
 
 /// Shortest prompt whose tokens run on the tiles (a tile holds 16 tokens); shorter prompts
 /// and generated tokens take the dot-product kernels. [`crate::Activations::quantize`] uses
@@ -30,7 +28,7 @@ pub const MIN_TOKENS: usize = 16;
 pub trait Groups: Copy + Sync {
     /// Values per block.
     const BLOCK: usize;
-    /// Values per group (32 or 16).
+    /// Values per group: 32, or the whole block when [`Groups::FOLDED`].
     const LEN: usize;
     /// Whether any group has an offset (`mw ≠ 0`).
     const HAS_MIN: bool;
@@ -46,9 +44,8 @@ pub trait Groups: Copy + Sync {
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
     /// Whether [`Groups::simd`] is implemented.
     const SIMD: bool = false;
-    /// Decodes with SIMD: group `g`'s 32-column window of signed bytes to `q[g]` (a
-    /// 16-value group in its half of the window, the other half zero), its `(dw, mw)` to
-    /// `scales[g]`.
+    /// Decodes with SIMD: group `g`'s 32-column window of signed bytes to `q[g]`, its
+    /// `(dw, mw)` to `scales[g]`.
     ///
     /// # Safety
     /// AVX2 and AVX-512 F/BW/VL are present.
@@ -239,68 +236,6 @@ impl Groups for BlockQ5K {
             }
         }
         k_scales(self.d, self.dmin, &self.scales, scales);
-    }
-}
-
-impl Groups for BlockQ6K {
-    const BLOCK: usize = QK_K;
-    const LEN: usize = 16;
-    const HAS_MIN: bool = false;
-    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        q[..QK_K].copy_from_slice(&q6k_values(self));
-        let d = self.d.to_f32();
-        for (s, &sc) in scales.iter_mut().zip(&self.scales) {
-            *s = (d * sc as f32, 0.0);
-        }
-    }
-    const SIMD: bool = true;
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller vouches for AVX2; the loads read 32 bytes inside ql (128) and
-        // qh (64).
-        unsafe {
-            let (low, two, off) = (
-                _mm256_set1_epi8(0x0F),
-                _mm256_set1_epi8(3),
-                _mm256_set1_epi8(32),
-            );
-            // Bytes 0..16 of a window, and 16..32.
-            let first = _mm256_setr_epi64x(-1, -1, 0, 0);
-            for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(self.ql.as_ptr().add(64 * half) as *const __m256i);
-                let ql1 =
-                    _mm256_loadu_si256(self.ql.as_ptr().add(64 * half + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(self.qh.as_ptr().add(32 * half) as *const __m256i);
-                let high = |shift: i32| {
-                    let bits = match shift {
-                        0 => qh,
-                        2 => _mm256_srli_epi16::<2>(qh),
-                        4 => _mm256_srli_epi16::<4>(qh),
-                        _ => _mm256_srli_epi16::<6>(qh),
-                    };
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(bits, two))
-                };
-                // Values 0..32, 32..64, 64..96, 96..128 of this half, as in `decode`.
-                let vals = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), high(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), high(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), high(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), high(6)),
-                ];
-                for (i, v) in vals.into_iter().enumerate() {
-                    let v = _mm256_sub_epi8(v, off);
-                    let g = 8 * half + 2 * i;
-                    q[g] = _mm256_and_si256(v, first);
-                    q[g + 1] = _mm256_andnot_si256(first, v);
-                }
-            }
-        }
-        let d = self.d.to_f32();
-        for (s, &sc) in scales.iter_mut().zip(&self.scales) {
-            *s = (d * sc as f32, 0.0);
-        }
     }
 }
 
@@ -622,8 +557,8 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
     assert!(out.len() >= a.n_tok * rows);
     assert!(Staged::available(), "AMX tiles are not in force");
     assert!(
-        !(W::HAS_MIN && W::LEN < 32),
-        "16-value groups have no offsets here"
+        W::LEN == 32 || (W::FOLDED && W::LEN == W::BLOCK),
+        "groups are 32-value windows or folded blocks"
     );
     assert!(
         !W::FOLDED || (W::BLOCK == QK_K && a.q8k),
@@ -683,10 +618,6 @@ mod amx {
             self.mw.resize(parts, [0.0; 16]);
             self.q.resize(W::BLOCK, 0);
             self.scales.resize(per_block, (0.0, 0.0));
-            if W::LEN < 32 {
-                // Each group fills half a window; the other half must multiply to zero.
-                self.tiles.iter_mut().for_each(|t| t.0.fill(0));
-            }
             let words = W::LEN / 4;
             for n in 0..16 {
                 let row = r0 + n;
@@ -702,9 +633,7 @@ mod amx {
                     for g in 0..per_block {
                         let p = b * per_block + g;
                         (self.dw[p][n], self.mw[p][n]) = self.scales[g];
-                        // Word j of the group's values: columns 4j..4j+4 of its window
-                        // (shifted by 16 for the second half of a window).
-                        let first_word = (g * W::LEN % 32) / 4;
+                        // Word j of the group's values: columns 4j..4j+4 of its window.
                         let vals = &self.q[g * W::LEN..][..W::LEN];
                         for j in 0..words {
                             let word = u32::from_le_bytes([
@@ -713,7 +642,7 @@ mod amx {
                                 vals[4 * j + 2] as u8,
                                 vals[4 * j + 3] as u8,
                             ]);
-                            self.tiles[p].0[(first_word + j) * 16 + n] = word;
+                            self.tiles[p].0[j * 16 + n] = word;
                         }
                     }
                 }
@@ -1007,8 +936,7 @@ mod tests {
     use std::arch::x86_64::__m256i;
 
     /// `Groups::simd` against `Groups::decode` (the scalar one) on random blocks: the same
-    /// bytes in each group's place of its window (zeros in the other half of a 16-value
-    /// group's window) and the same scales, bit for bit.
+    /// bytes in each group's window and the same scales, bit for bit.
     fn simd_equals_decode<W: Groups + Pod>(seed: u64) {
         let mut state = seed;
         let mut block = W::zeroed();
@@ -1037,10 +965,12 @@ mod tests {
         }
         for g in (0..groups).filter(|_| !W::FOLDED) {
             let bytes: [i8; 32] = bytemuck::cast(got[g]);
-            let mut want = [0i8; 32];
-            let at = g * W::LEN % 32;
-            want[at..at + W::LEN].copy_from_slice(&q[g * W::LEN..][..W::LEN]);
-            assert_eq!(bytes, want, "{} group {g}", std::any::type_name::<W>());
+            assert_eq!(
+                bytes[..],
+                q[32 * g..][..32],
+                "{} group {g}",
+                std::any::type_name::<W>()
+            );
         }
         let bits = |v: &[(f32, f32)]| -> Vec<(u32, u32)> {
             v.iter().map(|(a, b)| (a.to_bits(), b.to_bits())).collect()
@@ -1066,7 +996,6 @@ mod tests {
             simd_equals_decode::<BlockQ8_0>(seed);
             simd_equals_decode::<BlockQ4K>(seed);
             simd_equals_decode::<BlockQ5K>(seed);
-            simd_equals_decode::<BlockQ6K>(seed);
             simd_equals_decode::<BlockQ2K>(seed);
             simd_equals_decode::<BlockQ3K>(seed);
             simd_equals_decode::<BlockIQ4NL>(seed);

@@ -807,11 +807,17 @@ impl QMatrix<'_> {
             Blocks::Q8_0(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q4K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q5K(w) => i8mat::matmul(w, rows, a, out),
-            Blocks::Q6K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q2K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::Q3K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::IQ4NL(w) => i8mat::matmul(w, rows, a, out),
             Blocks::IQ4XS(w) => i8mat::matmul(w, rows, a, out),
+            // Q6_K's 16-value groups cannot fold their scales into the bytes (`q·scale`
+            // overflows), so its tiles scale every 16×16 result per group and trail the
+            // AVX-512 panels at every prompt length (Xeon family 6 model 207, `qmatmul 1
+            // Q6_K N 2048x5632`, GMAC/s tiles / panels: 16 tokens 80 / 118, 64 tokens 139 /
+            // 185, 256 tokens 170 / 212): Q6_K prompts take the panels (a type's choice, so
+            // a token's numbers still never depend on its batch).
+            Blocks::Q6K(_) => return false,
             // Float weights take their own tiles; grouped rows exist only at the levels
             // without AMX (a matrix grouped there is not staged for tiles).
             Blocks::F32(_)

@@ -1,6 +1,7 @@
 //! The AMX-INT8 tile products (prefill, batches of at least `i8mat::MIN_TOKENS` tokens) of
 //! every quantized weight type against the scalar dot products of the same quantized
-//! activations. Integer sums are exact in both; only float rounding differs (per-group
+//! activations (Q6_K's prompts take the AVX-512 panels at that level, so its case checks
+//! those). Integer sums are exact in both; only float rounding differs (per-group
 //! scaling in the tiles, per-block in the reference), so the tolerance is 1e-5 of
 //! Σ|wᵢ·xᵢ| plus 1e-6. Runs only where the tiles are in force (dispatch level `amx`):
 //! elsewhere the same product would run the level's own kernels (or, for types without
