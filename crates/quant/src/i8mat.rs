@@ -17,6 +17,8 @@
 
 use crate::blocks::*;
 use crate::reference::{iq4xs_scales, q2k_values, q3k_scales, q3k_values, q5_values, scale_min_k4};
+#[cfg(target_arch = "x86_64")]
+use crate::x86::avx2::h2f;
 
 /// Shortest prompt whose tokens run on the tiles (a tile holds 16 tokens); shorter prompts
 /// and generated tokens take the dot-product kernels. [`crate::Activations::quantize`] uses
@@ -48,7 +50,7 @@ pub trait Groups: Copy + Sync {
     /// `(dw, mw)` to `scales[g]`.
     ///
     /// # Safety
-    /// AVX2 and AVX-512 F/BW/VL are present.
+    /// AVX2, F16C and AVX-512 F/BW/VL are present.
     #[cfg(target_arch = "x86_64")]
     unsafe fn simd(&self, _q: &mut [std::arch::x86_64::__m256i], _scales: &mut [(f32, f32)]) {
         unreachable!("no SIMD decoding for this type")
@@ -59,19 +61,25 @@ pub trait Groups: Copy + Sync {
 /// `$scales` gives the block's `(dw, mw)`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_32 {
-    ($scales:expr) => {
+    ($d:ident) => {
+        simd_32!(@ |b: &Self| (h2f(b.$d), 0.0));
+    };
+    ($d:ident, $m:ident) => {
+        simd_32!(@ |b: &Self| (h2f(b.$d), h2f(b.$m)));
+    };
+    (@ $scales:expr) => {
         const SIMD: bool = true;
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
             use crate::x86::vnni::Unsigned32;
             use std::arch::x86_64::*;
-            // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
+            // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL.
             unsafe {
                 let off = _mm256_set1_epi8(<Self as Unsigned32>::OFFSET as i32 as i8);
                 q[0] = _mm256_sub_epi8(self.bytes_bw(), off);
+                scales[0] = $scales(self);
             }
-            scales[0] = $scales(self);
         }
     };
 }
@@ -99,7 +107,7 @@ impl Groups for BlockQ4_0 {
         scales[0] = (self.d.to_f32(), 0.0);
     }
     #[cfg(target_arch = "x86_64")]
-    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
+    simd_32!(d);
 }
 
 impl Groups for BlockQ4_1 {
@@ -111,7 +119,7 @@ impl Groups for BlockQ4_1 {
         scales[0] = (self.d.to_f32(), self.m.to_f32());
     }
     #[cfg(target_arch = "x86_64")]
-    simd_32!(|b: &Self| (b.d.to_f32(), b.m.to_f32()));
+    simd_32!(d, m);
 }
 
 impl Groups for BlockQ5_0 {
@@ -123,7 +131,7 @@ impl Groups for BlockQ5_0 {
         scales[0] = (self.d.to_f32(), 0.0);
     }
     #[cfg(target_arch = "x86_64")]
-    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
+    simd_32!(d);
 }
 
 impl Groups for BlockQ5_1 {
@@ -135,7 +143,7 @@ impl Groups for BlockQ5_1 {
         scales[0] = (self.d.to_f32(), self.m.to_f32());
     }
     #[cfg(target_arch = "x86_64")]
-    simd_32!(|b: &Self| (b.d.to_f32(), b.m.to_f32()));
+    simd_32!(d, m);
 }
 
 impl Groups for BlockQ8_0 {
@@ -147,12 +155,11 @@ impl Groups for BlockQ8_0 {
         scales[0] = (self.d.to_f32(), 0.0);
     }
     #[cfg(target_arch = "x86_64")]
-    simd_32!(|b: &Self| (b.d.to_f32(), 0.0));
+    simd_32!(d);
 }
 
 /// The 8 sub-blocks' `(dw, mw)` of a Q4_K/Q5_K block: `d·scale`, `-dmin·min`.
-fn k_scales(d: half::f16, dmin: half::f16, packed: &[u8; K_SCALE_SIZE], out: &mut [(f32, f32)]) {
-    let (d, dmin) = (d.to_f32(), dmin.to_f32());
+fn k_scales(d: f32, dmin: f32, packed: &[u8; K_SCALE_SIZE], out: &mut [(f32, f32)]) {
     for (g, s) in out.iter_mut().take(8).enumerate() {
         let (sc, m) = scale_min_k4(g, packed);
         *s = (d * sc as f32, -dmin * m as f32);
@@ -171,7 +178,7 @@ impl Groups for BlockQ4K {
                 q[64 * chunk + 32 + l] = (src[l] >> 4) as i8;
             }
         }
-        k_scales(self.d, self.dmin, &self.scales, scales);
+        k_scales(self.d.to_f32(), self.dmin.to_f32(), &self.scales, scales);
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
@@ -187,7 +194,8 @@ impl Groups for BlockQ4K {
                 q[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             }
         }
-        k_scales(self.d, self.dmin, &self.scales, scales);
+        // SAFETY: F16C is present (the caller vouches).
+        unsafe { k_scales(h2f(self.d), h2f(self.dmin), &self.scales, scales) };
     }
 }
 
@@ -206,7 +214,7 @@ impl Groups for BlockQ5K {
                 q[64 * chunk + 32 + l] = ((src[l] >> 4) + h2) as i8;
             }
         }
-        k_scales(self.d, self.dmin, &self.scales, scales);
+        k_scales(self.d.to_f32(), self.dmin.to_f32(), &self.scales, scales);
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
@@ -235,7 +243,8 @@ impl Groups for BlockQ5K {
                 q[2 * chunk + 1] = _mm256_mask_add_epi8(l2, h2, l2, sixteen);
             }
         }
-        k_scales(self.d, self.dmin, &self.scales, scales);
+        // SAFETY: F16C is present (the caller vouches).
+        unsafe { k_scales(h2f(self.d), h2f(self.dmin), &self.scales, scales) };
     }
 }
 
@@ -292,7 +301,8 @@ impl Groups for BlockQ2K {
                 }
             }
         }
-        scales[0] = (self.d.to_f32(), -self.dmin.to_f32());
+        // SAFETY: F16C is present (the caller vouches).
+        unsafe { scales[0] = (h2f(self.d), -h2f(self.dmin)) };
     }
 }
 
@@ -366,7 +376,8 @@ impl Groups for BlockQ3K {
                 }
             }
         }
-        scales[0] = (-self.d.to_f32(), 0.0);
+        // SAFETY: F16C is present (the caller vouches).
+        unsafe { scales[0] = (-h2f(self.d), 0.0) };
     }
 }
 
@@ -415,7 +426,8 @@ impl Groups for BlockIQ4NL {
     unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
         // SAFETY: the caller vouches for AVX2; qs holds 16 bytes.
         q[0] = unsafe { iq4_values_simd(self.qs.as_ptr()) };
-        scales[0] = (self.d.to_f32(), 0.0);
+        // SAFETY: F16C is present (the caller vouches).
+        unsafe { scales[0] = (h2f(self.d), 0.0) };
     }
 }
 
@@ -427,7 +439,7 @@ impl Groups for BlockIQ4XS {
         for ib in 0..8 {
             iq4_values(&self.qs[16 * ib..], &mut q[32 * ib..]);
         }
-        iq4xs_group_scales(self, scales);
+        iq4xs_group_scales(self, self.d.to_f32(), scales);
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
@@ -437,13 +449,13 @@ impl Groups for BlockIQ4XS {
             // SAFETY: the caller vouches for AVX2; 16 of qs's 128 bytes.
             *q = unsafe { iq4_values_simd(self.qs.as_ptr().add(16 * ib)) };
         }
-        iq4xs_group_scales(self, scales);
+        // SAFETY: F16C is present (the caller vouches).
+        iq4xs_group_scales(self, unsafe { h2f(self.d) }, scales);
     }
 }
 
 /// IQ4_XS's 8 groups' `(d·scale, 0)`.
-fn iq4xs_group_scales(b: &BlockIQ4XS, out: &mut [(f32, f32)]) {
-    let d = b.d.to_f32();
+fn iq4xs_group_scales(b: &BlockIQ4XS, d: f32, out: &mut [(f32, f32)]) {
     for (s, sc) in out.iter_mut().zip(iq4xs_scales(b)) {
         *s = (d * sc as f32, 0.0);
     }
@@ -548,12 +560,47 @@ impl Staged {
 /// rows of `cols / W::BLOCK` blocks, `a` was staged for `cols` columns, `out` is
 /// token-major. Only call when [`Staged::available`].
 pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
-    assert!(a.n_tok > 0 && a.cols.is_multiple_of(W::BLOCK) && a.cols.is_multiple_of(32));
-    assert_eq!(
-        w.len(),
-        rows * (a.cols / W::BLOCK),
-        "weights are not {rows} rows"
+    let nb = a.cols / W::BLOCK;
+    check::<W>(rows, a, out);
+    assert_eq!(w.len(), rows * nb, "weights are not {rows} rows");
+    #[cfg(target_arch = "x86_64")]
+    amx::matmul(rows, a, out, |row, b| {
+        let block = &w[row * nb + b];
+        (*block, block as *const W as *const i8)
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, nb);
+}
+
+/// [`matmul`] for rows grouped eight at a time at load (`QMatrix::interleave`): each block
+/// is taken back out of its group as it is decoded for the tiles, so a machine with AMX
+/// keeps the grouped rows its decoding kernels read fastest.
+pub fn matmul_grouped<W: Groups + Groupable>(
+    w: &[W::Group],
+    rows: usize,
+    a: &Staged,
+    out: &mut [f32],
+) {
+    let nb = a.cols / W::BLOCK;
+    check::<W>(rows, a, out);
+    assert!(
+        rows.is_multiple_of(8) && w.len() == rows / 8 * nb,
+        "weights are not {rows} rows in groups of eight"
     );
+    #[cfg(target_arch = "x86_64")]
+    amx::matmul(rows, a, out, |row, b| {
+        let group = &w[row / 8 * nb + b];
+        (
+            W::take(group, row % 8),
+            group as *const W::Group as *const i8,
+        )
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, nb);
+}
+
+fn check<W: Groups>(rows: usize, a: &Staged, out: &[f32]) {
+    assert!(a.n_tok > 0 && a.cols.is_multiple_of(W::BLOCK) && a.cols.is_multiple_of(32));
     assert!(out.len() >= a.n_tok * rows);
     assert!(Staged::available(), "AMX tiles are not in force");
     assert!(
@@ -564,13 +611,15 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
         !W::FOLDED || (W::BLOCK == QK_K && a.q8k),
         "folded blocks need Q8_K activations"
     );
-    #[cfg(target_arch = "x86_64")]
-    amx::matmul(w, rows, a, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{Groups, Staged};
+
+    /// Block `b` of row `row`, and an address in its bytes for prefetching.
+    pub(super) trait Source<W>: Fn(usize, usize) -> (W, *const i8) + Sync {}
+    impl<W, F: Fn(usize, usize) -> (W, *const i8) + Sync> Source<W> for F {}
     use crate::pool::SendPtr;
     use crate::x86::amx as tiles;
     use std::arch::x86_64::*;
@@ -604,10 +653,17 @@ mod amx {
 
     impl Panel {
         /// Decodes rows `r0..r0 + 16` of `w` (rows past `rows` get zero scales).
-        fn fill<W: Groups>(&mut self, w: &[W], rows: usize, nb: usize, r0: usize, few: bool) {
+        fn fill<W: Groups>(
+            &mut self,
+            w: &impl Source<W>,
+            rows: usize,
+            nb: usize,
+            r0: usize,
+            few: bool,
+        ) {
             assert!(W::SIMD || !W::FOLDED, "folded blocks decode with SIMD only");
             if W::SIMD {
-                // SAFETY: tiles run only at the Amx level, which implies AVX2 and
+                // SAFETY: tiles run only at the Amx level, which implies AVX2, F16C and
                 // AVX-512 F/BW/VL (`dispatch::detect`).
                 return unsafe { self.fill_simd(w, rows, nb, r0, few) };
             }
@@ -629,7 +685,7 @@ mod amx {
                     continue;
                 }
                 for b in 0..nb {
-                    w[row * nb + b].decode(&mut self.q, &mut self.scales);
+                    w(row, b).0.decode(&mut self.q, &mut self.scales);
                     for g in 0..per_block {
                         let p = b * per_block + g;
                         (self.dw[p][n], self.mw[p][n]) = self.scales[g];
@@ -656,12 +712,12 @@ mod amx {
         /// into its B tile.
         ///
         /// # Safety
-        /// AVX2 and AVX-512 F/BW/VL are present.
-        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+        /// AVX2, F16C and AVX-512 F/BW/VL are present.
+        #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
         #[allow(clippy::needless_range_loop)] // `n` indexes q's rows and every scale array
         unsafe fn fill_simd<W: Groups>(
             &mut self,
-            w: &[W],
+            w: &impl Source<W>,
             rows: usize,
             nb: usize,
             r0: usize,
@@ -689,18 +745,18 @@ mod amx {
                 for n in 0..16 {
                     let row = r0 + n;
                     if row < rows {
+                        let (block, at) = w(row, b);
                         if few {
                             // The 16 rows are 16 streams the hardware prefetcher does not
                             // keep ahead of: with few tokens to share the decoding, a prompt
                             // spent most of its time waiting on them. (With many, the
                             // prefetches measured slightly slower.)
-                            let ahead = (w.as_ptr().wrapping_add(row * nb + b) as *const i8)
-                                .wrapping_add(PREFETCH_BYTES);
+                            let ahead = at.wrapping_add(PREFETCH_BYTES);
                             // A prefetch is a hint: it never faults.
                             _mm_prefetch::<_MM_HINT_T0>(ahead);
                         }
-                        // SAFETY: AVX2 and AVX-512 BW/VL are enabled here.
-                        unsafe { w[row * nb + b].simd(&mut one, &mut self.scales) };
+                        // SAFETY: AVX2, F16C and AVX-512 BW/VL are enabled here.
+                        unsafe { block.simd(&mut one, &mut self.scales) };
                     } else {
                         one = [_mm256_setzero_si256(); 16];
                         self.scales.fill((0.0, 0.0));
@@ -734,7 +790,7 @@ mod amx {
         out
     }
 
-    pub(super) fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
+    pub(super) fn matmul<W: Groups>(rows: usize, a: &Staged, out: &mut [f32], w: impl Source<W>) {
         let nb = a.cols / W::BLOCK;
         let panels = rows.div_ceil(16);
         let out = SendPtr(out.as_mut_ptr());
@@ -743,7 +799,7 @@ mod amx {
             PANEL.with(|cell| {
                 let panel = &mut *cell.borrow_mut();
                 let r0 = p * 16;
-                panel.fill(w, rows, nb, r0, a.n_tok <= FEW_TOKENS);
+                panel.fill(&w, rows, nb, r0, a.n_tok <= FEW_TOKENS);
                 // SAFETY: `matmul` runs only where `Staged::available` (dispatch level Amx:
                 // tiles granted by `tiles::enable`, AVX-512F present); the int8 configuration
                 // is loaded on this thread first. Each task writes only the columns
@@ -952,7 +1008,7 @@ mod tests {
         block.decode(&mut q, &mut want_scales);
         let mut got: [__m256i; 16] = bytemuck::cast([[0u8; 32]; 16]);
         let mut scales = vec![(0.0f32, 0.0f32); groups];
-        // SAFETY: the caller checked AVX2 and AVX-512 F/BW/VL.
+        // SAFETY: the caller checked AVX2, F16C and AVX-512 F/BW/VL.
         unsafe { block.simd(&mut got, &mut scales) };
         if W::FOLDED {
             // Windows of values, then of offset multipliers: in decode's order.
@@ -981,6 +1037,7 @@ mod tests {
     #[test]
     fn simd_decoding_equals_scalar() {
         let has = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl");

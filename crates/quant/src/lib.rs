@@ -811,6 +811,14 @@ impl QMatrix<'_> {
             Blocks::Q3K(w) => i8mat::matmul(w, rows, a, out),
             Blocks::IQ4NL(w) => i8mat::matmul(w, rows, a, out),
             Blocks::IQ4XS(w) => i8mat::matmul(w, rows, a, out),
+            Blocks::Q4_0x8(w) => i8mat::matmul_grouped::<BlockQ4_0>(w, rows, a, out),
+            Blocks::IQ4NLx8(w) => i8mat::matmul_grouped::<BlockIQ4NL>(w, rows, a, out),
+            Blocks::Q4_1x8(w) => i8mat::matmul_grouped::<BlockQ4_1>(w, rows, a, out),
+            Blocks::Q5_0x8(w) => i8mat::matmul_grouped::<BlockQ5_0>(w, rows, a, out),
+            Blocks::Q4Kx8(w) => i8mat::matmul_grouped::<BlockQ4K>(w, rows, a, out),
+            Blocks::Q5Kx8(w) => i8mat::matmul_grouped::<BlockQ5K>(w, rows, a, out),
+            Blocks::IQ4XSx8(w) => i8mat::matmul_grouped::<BlockIQ4XS>(w, rows, a, out),
+            Blocks::Q3Kx8(w) => i8mat::matmul_grouped::<BlockQ3K>(w, rows, a, out),
             // Q6_K's 16-value groups cannot fold their scales into the bytes (`q·scale`
             // overflows), so its tiles scale every 16×16 result per group and trail the
             // AVX-512 panels at every prompt length (Xeon family 6 model 207, `qmatmul 1
@@ -818,19 +826,8 @@ impl QMatrix<'_> {
             // 185, 256 tokens 170 / 212): Q6_K prompts take the panels (a type's choice, so
             // a token's numbers still never depend on its batch).
             Blocks::Q6K(_) => return false,
-            // Float weights take their own tiles; grouped rows exist only at the levels
-            // without AMX (a matrix grouped there is not staged for tiles).
-            Blocks::F32(_)
-            | Blocks::F16(_)
-            | Blocks::BF16(_)
-            | Blocks::Q4_0x8(_)
-            | Blocks::IQ4NLx8(_)
-            | Blocks::Q4_1x8(_)
-            | Blocks::Q5_0x8(_)
-            | Blocks::Q4Kx8(_)
-            | Blocks::Q5Kx8(_)
-            | Blocks::IQ4XSx8(_)
-            | Blocks::Q3Kx8(_) => return false,
+            // Float weights take their own tiles.
+            Blocks::F32(_) | Blocks::F16(_) | Blocks::BF16(_) => return false,
         }
         true
     }

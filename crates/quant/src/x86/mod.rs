@@ -784,25 +784,26 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q3_k: kq!(kquant_q3_k),
             gemm_q5_k: kq!(kquant_q5_k),
             gemm_iq4_xs: kq!(kquant_iq4_xs),
-            // AMX machines keep the file's rows: their prompt products read them on the
-            // tiles from staged activations, which grouped rows would first have to undo.
-            gemm_q4_0x8: (isa == Isa::Avx512).then_some(grouped512_q4_0 as _),
-            gemm_iq4_nlx8: (isa == Isa::Avx512).then_some(grouped512_iq4_nl as _),
-            gemm_q4_1x8: (isa == Isa::Avx512).then_some(grouped512_q4_1 as _),
-            gemm_q5_0x8: (isa == Isa::Avx512).then_some(grouped512_q5_0 as _),
-            gemm_q4_kx8: (isa == Isa::Avx512).then_some(grouped512_q4_k as _),
-            prefill_q4_kx8: (isa == Isa::Avx512).then_some(kpanel_q4_kx8 as _),
-            gemm_q5_kx8: (isa == Isa::Avx512).then_some(grouped512_q5_k as _),
-            prefill_q5_kx8: (isa == Isa::Avx512).then_some(kpanel_q5_kx8 as _),
+            // Grouped rows at AMX too: the tiles take each block back out of its group as
+            // they decode it for a prompt (`i8mat::matmul_grouped`), and generated tokens
+            // decode on the grouped kernels.
+            gemm_q4_0x8: Some(grouped512_q4_0),
+            gemm_iq4_nlx8: Some(grouped512_iq4_nl),
+            gemm_q4_1x8: Some(grouped512_q4_1),
+            gemm_q5_0x8: Some(grouped512_q5_0),
+            gemm_q4_kx8: Some(grouped512_q4_k),
+            prefill_q4_kx8: Some(kpanel_q4_kx8),
+            gemm_q5_kx8: Some(grouped512_q5_k),
+            prefill_q5_kx8: Some(kpanel_q5_kx8),
             // IQ4_XS's tiles here decode the file's rows near Q4_0's speed per byte.
             gemm_iq4_xsx8: None,
             prefill_iq4_xsx8: None,
-            gemm_q3_kx8: (isa == Isa::Avx512).then_some(grouped512_q3_k as _),
-            prefill_q3_kx8: (isa == Isa::Avx512).then_some(kpanel_q3_kx8 as _),
-            prefill_q4_0x8: (isa == Isa::Avx512).then_some(panel_q4_0x8 as _),
-            prefill_iq4_nlx8: (isa == Isa::Avx512).then_some(panel_iq4_nlx8 as _),
-            prefill_q4_1x8: (isa == Isa::Avx512).then_some(panel_q4_1x8 as _),
-            prefill_q5_0x8: (isa == Isa::Avx512).then_some(panel_q5_0x8 as _),
+            gemm_q3_kx8: Some(grouped512_q3_k),
+            prefill_q3_kx8: Some(kpanel_q3_kx8),
+            prefill_q4_0x8: Some(panel_q4_0x8),
+            prefill_iq4_nlx8: Some(panel_iq4_nlx8),
+            prefill_q4_1x8: Some(panel_q4_1x8),
+            prefill_q5_0x8: Some(panel_q5_0x8),
             // Prompt tokens: the unpacked path reuses each row for many tokens (decoding
             // keeps the Q4_K/Q6_K tiles above).
             prefill_q4_0: Some(panel_q4_0),
