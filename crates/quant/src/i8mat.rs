@@ -10,7 +10,7 @@
 //!
 //! where `tdpbssd` gives the integer sums of 16 tokens × 16 rows per group exactly, and the
 //! float part runs in AVX-512 registers (16 tokens × 16 rows of f32 accumulators). Weights
-//! are decoded (SIMD where written) per 16-row panel once for all the tokens of the product
+//! are decoded with SIMD per 16-row panel once for all the tokens of the product
 //! (up to 256), so the decoding is shared; nothing is repacked at load and no memory is
 //! added.
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
@@ -616,14 +616,14 @@ fn check<W: Groups>(rows: usize, a: &Staged, out: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{Groups, Staged};
-
-    /// Block `b` of row `row`, and an address in its bytes for prefetching.
-    pub(super) trait Source<W>: Fn(usize, usize) -> (W, *const i8) + Sync {}
-    impl<W, F: Fn(usize, usize) -> (W, *const i8) + Sync> Source<W> for F {}
     use crate::pool::SendPtr;
     use crate::x86::amx as tiles;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
+
+    /// Block `b` of row `row`, and an address in its bytes for prefetching.
+    pub(super) trait Source<W>: Fn(usize, usize) -> (W, *const i8) + Sync {}
+    impl<W, F: Fn(usize, usize) -> (W, *const i8) + Sync> Source<W> for F {}
 
     /// One tile of weight bytes (16 rows × 32 columns in `tdpbssd`'s B order) on whole
     /// cache lines.
@@ -643,7 +643,6 @@ mod amx {
         tiles: Vec<BTile>,
         dw: Vec<[f32; 16]>,
         mw: Vec<[f32; 16]>,
-        q: Vec<i8>,
         scales: Vec<(f32, f32)>,
     }
 
@@ -661,55 +660,16 @@ mod amx {
             r0: usize,
             few: bool,
         ) {
-            assert!(W::SIMD || !W::FOLDED, "folded blocks decode with SIMD only");
-            if W::SIMD {
-                // SAFETY: tiles run only at the Amx level, which implies AVX2, F16C and
-                // AVX-512 F/BW/VL (`dispatch::detect`).
-                return unsafe { self.fill_simd(w, rows, nb, r0, few) };
-            }
-            let per_block = W::BLOCK / W::LEN;
-            let parts = nb * per_block;
-            self.tiles.resize(parts, BTile([0; 128]));
-            self.dw.resize(parts, [0.0; 16]);
-            self.mw.resize(parts, [0.0; 16]);
-            self.q.resize(W::BLOCK, 0);
-            self.scales.resize(per_block, (0.0, 0.0));
-            let words = W::LEN / 4;
-            for n in 0..16 {
-                let row = r0 + n;
-                if row >= rows {
-                    for p in 0..parts {
-                        self.dw[p][n] = 0.0;
-                        self.mw[p][n] = 0.0;
-                    }
-                    continue;
-                }
-                for b in 0..nb {
-                    w(row, b).0.decode(&mut self.q, &mut self.scales);
-                    for g in 0..per_block {
-                        let p = b * per_block + g;
-                        (self.dw[p][n], self.mw[p][n]) = self.scales[g];
-                        // Word j of the group's values: columns 4j..4j+4 of its window.
-                        let vals = &self.q[g * W::LEN..][..W::LEN];
-                        for j in 0..words {
-                            let word = u32::from_le_bytes([
-                                vals[4 * j] as u8,
-                                vals[4 * j + 1] as u8,
-                                vals[4 * j + 2] as u8,
-                                vals[4 * j + 3] as u8,
-                            ]);
-                            self.tiles[p].0[j * 16 + n] = word;
-                        }
-                    }
-                }
-            }
+            // Every type's tile decoding is SIMD (`simd_decoding_equals_scalar` checks it
+            // against its scalar `decode`).
+            assert!(W::SIMD, "no SIMD decoding for the tiles");
+            // SAFETY: tiles run only at the Amx level, which implies AVX2, F16C and
+            // AVX-512 F/BW/VL (`dispatch::detect`).
+            unsafe { self.fill_simd(w, rows, nb, r0, few) }
         }
-    }
 
-    impl Panel {
-        /// `fill` for the types that decode with SIMD (`Groups::SIMD`): a block column of
-        /// all 16 rows at a time, each group's 16 rows of 32 bytes transposed in registers
-        /// into its B tile.
+        /// `fill`'s work: a block column of all 16 rows at a time, each group's 16 rows of
+        /// 32 bytes transposed in registers into its B tile.
         ///
         /// # Safety
         /// AVX2, F16C and AVX-512 F/BW/VL are present.
