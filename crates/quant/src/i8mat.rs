@@ -187,15 +187,71 @@ impl Groups for BlockQ4K {
         use std::arch::x86_64::*;
         // SAFETY: the caller vouches for AVX2; each load reads 32 of the 128 bytes of qs.
         unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            for chunk in 0..4 {
-                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
-                q[2 * chunk] = _mm256_and_si256(v, low);
-                q[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-            }
+            k_nibbles(
+                |c| _mm256_loadu_si256(self.qs.as_ptr().add(32 * c) as *const __m256i),
+                q,
+            );
         }
         // SAFETY: F16C is present (the caller vouches).
         unsafe { k_scales(h2f(self.d), h2f(self.dmin), &self.scales, scales) };
+    }
+}
+
+/// Q4_K's (and Q5_K's low) nibbles: `chunk(c)` loads the 32 bytes of `qs[32c..]`, whose low
+/// nibbles are sub-block `2c`'s values and high nibbles sub-block `2c + 1`'s.
+///
+/// # Safety
+/// AVX2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn k_nibbles(
+    chunk: impl Fn(usize) -> std::arch::x86_64::__m256i,
+    q: &mut [std::arch::x86_64::__m256i],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2.
+    unsafe {
+        let low = _mm256_set1_epi8(0x0F);
+        for c in 0..4 {
+            let v = chunk(c);
+            q[2 * c] = _mm256_and_si256(v, low);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        }
+    }
+}
+
+/// Q5_K's values: [`k_nibbles`] plus 16 where `qh` (the block's 32 bytes) has the value's
+/// fifth bit.
+///
+/// # Safety
+/// AVX2 and AVX-512 BW/VL are present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn k_fifth_bits(
+    chunk: impl Fn(usize) -> std::arch::x86_64::__m256i,
+    qh: std::arch::x86_64::__m256i,
+    q: &mut [std::arch::x86_64::__m256i],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
+    unsafe {
+        let (low, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(16));
+        for c in 0..4 {
+            let v = chunk(c);
+            // Value l of the chunk's two groups has its fifth bit in qh[l], bits 2c and
+            // 2c + 1: a byte mask each, and a masked add of 16.
+            let bit = _mm256_set1_epi8(1 << (2 * c));
+            let (h1, h2) = (
+                _mm256_test_epi8_mask(qh, bit),
+                _mm256_test_epi8_mask(qh, _mm256_add_epi8(bit, bit)),
+            );
+            let (l1, l2) = (
+                _mm256_and_si256(v, low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+            );
+            q[2 * c] = _mm256_mask_add_epi8(l1, h1, l1, sixteen);
+            q[2 * c + 1] = _mm256_mask_add_epi8(l2, h2, l2, sixteen);
+        }
     }
 }
 
@@ -224,24 +280,12 @@ impl Groups for BlockQ5K {
         // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 of the
         // 128 bytes of qs, and the 32 bytes of qh.
         unsafe {
-            let (low, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(16));
             let qh = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
-            for chunk in 0..4 {
-                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * chunk) as *const __m256i);
-                // Value l of the chunk's two groups has its fifth bit in qh[l], bits 2·chunk
-                // and 2·chunk + 1: a byte mask each, and a masked add of 16.
-                let bit = _mm256_set1_epi8(1 << (2 * chunk));
-                let (h1, h2) = (
-                    _mm256_test_epi8_mask(qh, bit),
-                    _mm256_test_epi8_mask(qh, _mm256_add_epi8(bit, bit)),
-                );
-                let (l1, l2) = (
-                    _mm256_and_si256(v, low),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
-                );
-                q[2 * chunk] = _mm256_mask_add_epi8(l1, h1, l1, sixteen);
-                q[2 * chunk + 1] = _mm256_mask_add_epi8(l2, h2, l2, sixteen);
-            }
+            k_fifth_bits(
+                |c| _mm256_loadu_si256(self.qs.as_ptr().add(32 * c) as *const __m256i),
+                qh,
+                q,
+            );
         }
         // SAFETY: F16C is present (the caller vouches).
         unsafe { k_scales(h2f(self.d), h2f(self.dmin), &self.scales, scales) };
@@ -461,6 +505,150 @@ fn iq4xs_group_scales(b: &BlockIQ4XS, d: f32, out: &mut [(f32, f32)]) {
     }
 }
 
+/// A grouped block type ([`Groupable`]) as the tiles read it: `row(g, r)` is row `r` of
+/// group `g`, something they decode ([`Groups`]). The 32-value blocks are taken out of
+/// their group (a copy of 18 to 24 bytes); the K-quants' rows are decoded in place, as
+/// taking a Q4_K block out repacks its scales only for the decoding to unpack them again
+/// (a quarter of a 16-token prompt's time at amx).
+pub trait TileRows: Groupable {
+    type Row<'a>: Groups
+    where
+        Self: 'a;
+    fn row(g: &Self::Group, r: usize) -> Self::Row<'_>;
+}
+
+macro_rules! tile_rows_by_take {
+    ($($block:ty),+) => {$(
+        impl TileRows for $block {
+            type Row<'a> = Self;
+            fn row(g: &Self::Group, r: usize) -> Self {
+                Self::take(g, r)
+            }
+        }
+    )+};
+}
+tile_rows_by_take!(BlockQ4_0, BlockIQ4NL, BlockQ4_1, BlockQ5_0, BlockQ3K);
+
+/// Row `r` of a group of eight rows, decoded for the tiles without leaving the group.
+#[derive(Clone, Copy)]
+pub struct GroupRow<'a, G> {
+    g: &'a G,
+    r: usize,
+}
+
+impl TileRows for BlockQ4K {
+    type Row<'a> = GroupRow<'a, Q4K8>;
+    fn row(g: &Q4K8, r: usize) -> GroupRow<'_, Q4K8> {
+        GroupRow { g, r }
+    }
+}
+
+impl TileRows for BlockQ5K {
+    type Row<'a> = GroupRow<'a, Q5K8>;
+    fn row(g: &Q5K8, r: usize) -> GroupRow<'_, Q5K8> {
+        GroupRow { g, r }
+    }
+}
+
+impl TileRows for BlockIQ4XS {
+    type Row<'a> = GroupRow<'a, IQ4XS8>;
+    fn row(g: &IQ4XS8, r: usize) -> GroupRow<'_, IQ4XS8> {
+        GroupRow { g, r }
+    }
+}
+
+/// The 8 sub-blocks' `(dw, mw)` of a grouped Q4_K/Q5_K row, from the group's unpacked
+/// scales and mins.
+#[cfg(target_arch = "x86_64")]
+fn k_group_scales(g: &Q4K8, r: usize, d: f32, dmin: f32, out: &mut [(f32, f32)]) {
+    for (j, s) in out.iter_mut().take(8).enumerate() {
+        *s = (d * g.scales[j][r] as f32, -dmin * g.mins[r][j] as f32);
+    }
+}
+
+/// Two 16-byte runs as one 32-byte vector (`lo` in bytes 0..16).
+///
+/// # Safety
+/// AVX2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn two_runs(lo: &[u8; 16], hi: &[u8; 16]) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2; each load reads one 16-byte array.
+    unsafe { _mm256_loadu2_m128i(hi.as_ptr() as *const __m128i, lo.as_ptr() as *const __m128i) }
+}
+
+impl Groups for GroupRow<'_, Q4K8> {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        BlockQ4K::take(self.g, self.r).decode(q, scales)
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        let (g, r) = (self.g, self.r);
+        // SAFETY: the caller vouches for AVX2 and F16C; `qs[2c][r]`, `qs[2c + 1][r]` are the
+        // file's `qs[32c..32c + 32]`.
+        unsafe {
+            k_nibbles(|c| two_runs(&g.qs[2 * c][r], &g.qs[2 * c + 1][r]), q);
+            k_group_scales(g, r, h2f(g.d[r]), h2f(g.dmin[r]), scales);
+        }
+    }
+}
+
+impl Groups for GroupRow<'_, Q5K8> {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        BlockQ5K::take(self.g, self.r).decode(q, scales)
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        let (g, r, low) = (self.g, self.r, &self.g.low);
+        // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `qh[0][r]`,
+        // `qh[1][r]` are the file's 32 bytes of qh, and the runs as for Q4_K.
+        unsafe {
+            let qh = two_runs(&g.qh[0][r], &g.qh[1][r]);
+            k_fifth_bits(
+                |c| two_runs(&low.qs[2 * c][r], &low.qs[2 * c + 1][r]),
+                qh,
+                q,
+            );
+            k_group_scales(low, r, h2f(low.d[r]), h2f(low.dmin[r]), scales);
+        }
+    }
+}
+
+impl Groups for GroupRow<'_, IQ4XS8> {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = 32;
+    const HAS_MIN: bool = false;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        BlockIQ4XS::take(self.g, self.r).decode(q, scales)
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        let (g, r) = (self.g, self.r);
+        for (ib, q) in q.iter_mut().take(8).enumerate() {
+            // SAFETY: the caller vouches for AVX2; sub-block ib's 16 bytes.
+            *q = unsafe { iq4_values_simd(g.qs[ib][r].as_ptr()) };
+        }
+        // SAFETY: F16C is present (the caller vouches).
+        let d = unsafe { h2f(g.d[r]) };
+        for (j, s) in scales.iter_mut().take(8).enumerate() {
+            *s = (d * g.scales[j][r] as f32, 0.0);
+        }
+    }
+}
+
 /// Activations staged for the tiles: `n_pad` tokens (a multiple of 16, padding zeros) of
 /// `cols` signed bytes, and per 32-column window `w` and token `t` the scale
 /// `d[w * n_pad + t]` and `s[w * n_pad + t] = d · Σq` over the window.
@@ -575,7 +763,7 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
 /// [`matmul`] for rows grouped eight at a time at load (`QMatrix::interleave`): each block
 /// is taken back out of its group as it is decoded for the tiles, so a machine with AMX
 /// keeps the grouped rows its decoding kernels read fastest.
-pub fn matmul_grouped<W: Groups + Groupable>(
+pub fn matmul_grouped<W: Groups + TileRows>(
     w: &[W::Group],
     rows: usize,
     a: &Staged,
@@ -591,7 +779,7 @@ pub fn matmul_grouped<W: Groups + Groupable>(
     amx::matmul(rows, a, out, |row, b| {
         let group = &w[row / 8 * nb + b];
         (
-            W::take(group, row % 8),
+            W::row(group, row % 8),
             group as *const W::Group as *const i8,
         )
     });
@@ -951,9 +1139,7 @@ mod tests {
     use bytemuck::Pod;
     use std::arch::x86_64::__m256i;
 
-    /// `Groups::simd` against `Groups::decode` (the scalar one) on random blocks: the same
-    /// bytes in each group's window and the same scales, bit for bit.
-    fn simd_equals_decode<W: Groups + Pod>(seed: u64) {
+    fn random<W: Pod>(seed: u64) -> W {
         let mut state = seed;
         let mut block = W::zeroed();
         for b in bytemuck::bytes_of_mut(&mut block) {
@@ -962,36 +1148,68 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             *b = (state >> 33) as u8;
         }
-        let groups = W::BLOCK / W::LEN;
+        block
+    }
+
+    /// `Groups::simd` against `Groups::decode` (the scalar one) on random blocks: the same
+    /// bytes in each group's window and the same scales, bit for bit.
+    fn simd_equals_decode<W: Groups + Pod>(seed: u64) {
+        let block: W = random(seed);
         let mut q = vec![0i8; 2 * W::BLOCK];
-        let mut want_scales = vec![(0.0f32, 0.0f32); groups];
+        let mut want_scales = vec![(0.0f32, 0.0f32); W::BLOCK / W::LEN];
         block.decode(&mut q, &mut want_scales);
+        simd_gives(&block, &q, &want_scales);
+    }
+
+    /// Each row of a group of eight random blocks, decoded in place (`TileRows::row`), with
+    /// SIMD and without, against its block's scalar decoding.
+    fn rows_equal_blocks<B: TileRows + Groups + Pod>(seed: u64) {
+        let blocks: [B; 8] = std::array::from_fn(|r| random(seed * 8 + r as u64));
+        let mut group = <B::Group as bytemuck::Zeroable>::zeroed();
+        for (r, b) in blocks.iter().enumerate() {
+            b.put(&mut group, r);
+        }
+        for (r, b) in blocks.iter().enumerate() {
+            let mut q = vec![0i8; 2 * B::BLOCK];
+            let mut want_scales = vec![(0.0f32, 0.0f32); B::BLOCK / <B as Groups>::LEN];
+            b.decode(&mut q, &mut want_scales);
+            let row = B::row(&group, r);
+            let mut got_q = vec![0i8; 2 * B::BLOCK];
+            let mut got_scales = want_scales.clone();
+            row.decode(&mut got_q, &mut got_scales);
+            assert_eq!(got_q, q, "{} row {r}", std::any::type_name::<B>());
+            // Random halves include NaNs: compared as bits.
+            let bits = |v: &[(f32, f32)]| -> Vec<(u32, u32)> {
+                v.iter().map(|(a, b)| (a.to_bits(), b.to_bits())).collect()
+            };
+            assert_eq!(bits(&got_scales), bits(&want_scales));
+            simd_gives(&row, &q, &want_scales);
+        }
+    }
+
+    /// `v.simd` gives `q` (decode's bytes) and `want_scales`, bit for bit.
+    fn simd_gives<V: Groups>(v: &V, q: &[i8], want_scales: &[(f32, f32)]) {
+        let name = std::any::type_name::<V>();
         let mut got: [__m256i; 16] = bytemuck::cast([[0u8; 32]; 16]);
-        let mut scales = vec![(0.0f32, 0.0f32); groups];
-        // SAFETY: the caller checked AVX2, F16C and AVX-512 F/BW/VL.
-        unsafe { block.simd(&mut got, &mut scales) };
-        if W::FOLDED {
+        let mut scales = vec![(0.0f32, 0.0f32); want_scales.len()];
+        // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
+        unsafe { v.simd(&mut got, &mut scales) };
+        if V::FOLDED {
             // Windows of values, then of offset multipliers: in decode's order.
-            let windows = W::BLOCK / 32 * (1 + W::HAS_MIN as usize);
+            let windows = V::BLOCK / 32 * (1 + V::HAS_MIN as usize);
             for (w, got) in got.iter().enumerate().take(windows) {
                 let bytes: [i8; 32] = bytemuck::cast(*got);
-                let name = std::any::type_name::<W>();
                 assert_eq!(bytes[..], q[32 * w..][..32], "{name} window {w}");
             }
         }
-        for g in (0..groups).filter(|_| !W::FOLDED) {
+        for g in (0..want_scales.len()).filter(|_| !V::FOLDED) {
             let bytes: [i8; 32] = bytemuck::cast(got[g]);
-            assert_eq!(
-                bytes[..],
-                q[32 * g..][..32],
-                "{} group {g}",
-                std::any::type_name::<W>()
-            );
+            assert_eq!(bytes[..], q[32 * g..][..32], "{name} group {g}");
         }
         let bits = |v: &[(f32, f32)]| -> Vec<(u32, u32)> {
             v.iter().map(|(a, b)| (a.to_bits(), b.to_bits())).collect()
         };
-        assert_eq!(bits(&scales), bits(&want_scales));
+        assert_eq!(bits(&scales), bits(want_scales), "{name} scales");
     }
 
     #[test]
@@ -1017,6 +1235,14 @@ mod tests {
             simd_equals_decode::<BlockQ3K>(seed);
             simd_equals_decode::<BlockIQ4NL>(seed);
             simd_equals_decode::<BlockIQ4XS>(seed);
+            rows_equal_blocks::<BlockQ4_0>(seed);
+            rows_equal_blocks::<BlockQ4_1>(seed);
+            rows_equal_blocks::<BlockQ5_0>(seed);
+            rows_equal_blocks::<BlockIQ4NL>(seed);
+            rows_equal_blocks::<BlockQ4K>(seed);
+            rows_equal_blocks::<BlockQ5K>(seed);
+            rows_equal_blocks::<BlockQ3K>(seed);
+            rows_equal_blocks::<BlockIQ4XS>(seed);
         }
     }
 }
