@@ -390,38 +390,62 @@ impl Groups for BlockQ3K {
     #[inline(always)]
     unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
         use std::arch::x86_64::*;
-        let scale = q3k_scales(self);
         // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 bytes
-        // inside qs (64) and hmask (32), and the 16 scales.
+        // inside qs (64) and hmask (32).
         unsafe {
-            let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
-            let hmask = _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i);
-            let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(scale.as_ptr() as *const __m128i));
-            let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
-            for half in 0..2 {
-                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
-                let runs = [
-                    v,
-                    _mm256_srli_epi16::<2>(v),
-                    _mm256_srli_epi16::<4>(v),
-                    _mm256_srli_epi16::<6>(v),
-                ];
-                for (j, run) in runs.into_iter().enumerate() {
-                    let w = 4 * half + j;
-                    let low = _mm256_and_si256(run, three);
-                    // Minus 4 where the value's hmask bit is clear.
-                    let bit = _mm256_set1_epi8((1u8 << w) as i8);
-                    let set = _mm256_test_epi8_mask(hmask, bit);
-                    let v = _mm256_mask_mov_epi8(_mm256_sub_epi8(low, four), set, low);
-                    let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
-                    let s = _mm256_shuffle_epi8(sc, idx);
-                    // -(s·v): |s·v| ≤ 128; as 16-bit products, the low bytes are exact.
-                    q[w] = _mm256_sub_epi8(_mm256_setzero_si256(), mul_small_bytes(v, s));
-                }
-            }
+            q3k_folded(
+                _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i),
+                |half| _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i),
+                q3k_scales(self),
+                q,
+            );
         }
         // SAFETY: F16C is present (the caller vouches).
         unsafe { scales[0] = (-h2f(self.d), 0.0) };
+    }
+}
+
+/// Q3_K's values times their sub-block's scale, negated (see [`BlockQ3K`]'s `Groups`):
+/// `hmask` holds the block's 32 bytes of high bits, `half(h)` loads `qs[32h..32h + 32]`.
+///
+/// # Safety
+/// AVX2 and AVX-512 BW/VL are present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q3k_folded(
+    hmask: std::arch::x86_64::__m256i,
+    half: impl Fn(usize) -> std::arch::x86_64::__m256i,
+    scale: [i8; 16],
+    q: &mut [std::arch::x86_64::__m256i],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the scale load reads the 16
+    // scales.
+    unsafe {
+        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+        let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(scale.as_ptr() as *const __m128i));
+        let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
+        for h in 0..2 {
+            let v = half(h);
+            let runs = [
+                v,
+                _mm256_srli_epi16::<2>(v),
+                _mm256_srli_epi16::<4>(v),
+                _mm256_srli_epi16::<6>(v),
+            ];
+            for (j, run) in runs.into_iter().enumerate() {
+                let w = 4 * h + j;
+                let low = _mm256_and_si256(run, three);
+                // Minus 4 where the value's hmask bit is clear.
+                let bit = _mm256_set1_epi8((1u8 << w) as i8);
+                let set = _mm256_test_epi8_mask(hmask, bit);
+                let v = _mm256_mask_mov_epi8(_mm256_sub_epi8(low, four), set, low);
+                let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
+                let s = _mm256_shuffle_epi8(sc, idx);
+                // -(s·v): |s·v| ≤ 128; as 16-bit products, the low bytes are exact.
+                q[w] = _mm256_sub_epi8(_mm256_setzero_si256(), mul_small_bytes(v, s));
+            }
+        }
     }
 }
 
@@ -527,7 +551,7 @@ macro_rules! tile_rows_by_take {
         }
     )+};
 }
-tile_rows_by_take!(BlockQ4_0, BlockIQ4NL, BlockQ4_1, BlockQ5_0, BlockQ3K);
+tile_rows_by_take!(BlockQ4_0, BlockIQ4NL, BlockQ4_1, BlockQ5_0);
 
 /// Row `r` of a group of eight rows, decoded for the tiles without leaving the group.
 #[derive(Clone, Copy)]
@@ -546,6 +570,13 @@ impl TileRows for BlockQ4K {
 impl TileRows for BlockQ5K {
     type Row<'a> = GroupRow<'a, Q5K8>;
     fn row(g: &Q5K8, r: usize) -> GroupRow<'_, Q5K8> {
+        GroupRow { g, r }
+    }
+}
+
+impl TileRows for BlockQ3K {
+    type Row<'a> = GroupRow<'a, Q3K8>;
+    fn row(g: &Q3K8, r: usize) -> GroupRow<'_, Q3K8> {
         GroupRow { g, r }
     }
 }
@@ -621,6 +652,34 @@ impl Groups for GroupRow<'_, Q5K8> {
                 q,
             );
             k_group_scales(low, r, h2f(low.d[r]), h2f(low.dmin[r]), scales);
+        }
+    }
+}
+
+impl Groups for GroupRow<'_, Q3K8> {
+    const BLOCK: usize = QK_K;
+    const LEN: usize = QK_K;
+    const HAS_MIN: bool = false;
+    const FOLDED: bool = true;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        BlockQ3K::take(self.g, self.r).decode(q, scales)
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        let (g, r) = (self.g, self.r);
+        // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `hmask[0][r]`,
+        // `hmask[1][r]` are the file's 32 bytes of hmask, `qs[2h][r]`, `qs[2h + 1][r]` its
+        // `qs[32h..32h + 32]`.
+        unsafe {
+            q3k_folded(
+                two_runs(&g.hmask[0][r], &g.hmask[1][r]),
+                |h| two_runs(&g.qs[2 * h][r], &g.qs[2 * h + 1][r]),
+                crate::reference::q3k_unpack_scales(&g.scales[r]),
+                q,
+            );
+            scales[0] = (-h2f(g.d[r]), 0.0);
         }
     }
 }

@@ -301,7 +301,11 @@ pub(crate) fn q3k_values(b: &BlockQ3K) -> [i8; QK_K] {
 
 /// Q3_K's 16 sub-block scales (6 bits, stored +32), unpacked from its 12 bytes.
 pub(crate) fn q3k_scales(b: &BlockQ3K) -> [i8; 16] {
-    let s = &b.scales;
+    q3k_unpack_scales(&b.scales)
+}
+
+/// Q3_K's twelve bytes of packed six-bit scales as sixteen signed scales.
+pub(crate) fn q3k_unpack_scales(s: &[u8; K_SCALE_SIZE]) -> [i8; 16] {
     let mut out = [0i8; 16];
     for (j, o) in out.iter_mut().enumerate() {
         let low = if j < 8 { s[j] & 0xF } else { s[j - 8] >> 4 };
