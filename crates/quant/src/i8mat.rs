@@ -890,7 +890,6 @@ mod amx {
         tiles: Vec<BTile>,
         dw: Vec<[f32; 16]>,
         mw: Vec<[f32; 16]>,
-        scales: Vec<(f32, f32)>,
     }
 
     thread_local! {
@@ -938,12 +937,16 @@ mod amx {
             } else {
                 per_block
             };
-            assert!(tiles <= 16);
+            assert!(tiles <= 16 && per_block <= 8);
             let parts = nb * per_block;
             self.tiles.resize(nb * tiles, BTile([0; 128]));
             self.dw.resize(parts, [0.0; 16]);
             self.mw.resize(parts, [0.0; 16]);
-            self.scales.resize(per_block, (0.0, 0.0));
+            // Borrowed once, with the block's scales on the stack: through `self`, each
+            // store made the compiler reload the vectors' pointers.
+            let (b_tiles, dw, mw) = (&mut self.tiles[..], &mut self.dw[..], &mut self.mw[..]);
+            let mut scales = [(0.0f32, 0.0f32); 8];
+            let scales = &mut scales[..per_block];
             // Row n's bytes of group g: q[g][n].
             let mut q = [[_mm256_setzero_si256(); 16]; 16];
             let mut one = [_mm256_setzero_si256(); 16];
@@ -963,20 +966,20 @@ mod amx {
                             _mm_prefetch::<_MM_HINT_T0>(ahead);
                         }
                         // SAFETY: AVX2, F16C and AVX-512 BW/VL are enabled here.
-                        unsafe { block.simd(&mut one, &mut self.scales) };
+                        unsafe { block.simd(&mut one, scales) };
                     } else {
                         one = [_mm256_setzero_si256(); 16];
-                        self.scales.fill((0.0, 0.0));
+                        scales.fill((0.0, 0.0));
                     }
                     for i in 0..tiles {
                         q[i][n] = one[i];
                     }
                     for g in 0..per_block {
-                        (self.dw[p0 + g][n], self.mw[p0 + g][n]) = self.scales[g];
+                        (dw[p0 + g][n], mw[p0 + g][n]) = scales[g];
                     }
                 }
                 for (i, rows16) in q.iter().enumerate().take(tiles) {
-                    self.tiles[b * tiles + i].0 = transpose_16x8(rows16);
+                    b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
                 }
             }
         }
