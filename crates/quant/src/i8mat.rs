@@ -11,8 +11,8 @@
 //! where `tdpbssd` gives the integer sums of 16 tokens × 16 rows per group exactly, and the
 //! float part runs in AVX-512 registers (16 tokens × 16 rows of f32 accumulators). Weights
 //! are decoded with SIMD per 16-row panel once for all the tokens of the product
-//! (up to 256), so the decoding is shared; nothing is repacked at load and no memory is
-//! added.
+//! (up to 256), so the decoding is shared; they are read in the layout the decoding kernels
+//! use (the file's, or rows grouped eight at a time at load), so no memory is added.
 //! Results equal the dot-product kernels' up to float rounding (the integer parts are exact).
 
 use crate::blocks::*;
@@ -531,7 +531,7 @@ fn iq4xs_group_scales(b: &BlockIQ4XS, d: f32, out: &mut [(f32, f32)]) {
 
 /// A grouped block type ([`Groupable`]) as the tiles read it: `row(g, r)` is row `r` of
 /// group `g`, something they decode ([`Groups`]). The 32-value blocks are taken out of
-/// their group (a copy of 18 to 24 bytes); the K-quants' rows are decoded in place, as
+/// their group (a copy of 18 to 22 bytes); the K-quants' rows are decoded in place, as
 /// taking a Q4_K block out repacks its scales only for the decoding to unpack them again
 /// (a quarter of a 16-token prompt's time at amx).
 pub trait TileRows: Groupable {
@@ -819,9 +819,9 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
     let _ = (w, nb);
 }
 
-/// [`matmul`] for rows grouped eight at a time at load (`QMatrix::interleave`): each block
-/// is taken back out of its group as it is decoded for the tiles, so a machine with AMX
-/// keeps the grouped rows its decoding kernels read fastest.
+/// [`matmul`] for rows grouped eight at a time at load (`QMatrix::interleave`): each row is
+/// decoded from its group ([`TileRows`]), so a machine with AMX keeps the grouped rows its
+/// decoding kernels read fastest.
 pub fn matmul_grouped<W: Groups + TileRows>(
     w: &[W::Group],
     rows: usize,
