@@ -553,40 +553,58 @@ macro_rules! tile_rows_by_take {
 }
 tile_rows_by_take!(BlockQ4_0, BlockIQ4NL, BlockQ4_1, BlockQ5_0);
 
-/// Row `r` of a group of eight rows, decoded for the tiles without leaving the group.
+/// Row `r` of a group of eight rows, decoded for the tiles without leaving the group: a
+/// [`Groups`] whose constants and scalar decoding are its block type's.
 #[derive(Clone, Copy)]
 pub struct GroupRow<'a, G> {
     g: &'a G,
     r: usize,
 }
 
-impl TileRows for BlockQ4K {
-    type Row<'a> = GroupRow<'a, Q4K8>;
-    fn row(g: &Q4K8, r: usize) -> GroupRow<'_, Q4K8> {
-        GroupRow { g, r }
+/// A group type whose rows the tiles decode where they lie ([`GroupRow`]).
+pub trait InPlaceRows: Copy + Sync {
+    type Block: Groups + Groupable<Group = Self>;
+    /// [`Groups::simd`] of row `r`'s block, read from the group.
+    ///
+    /// # Safety
+    /// As [`Groups::simd`]'s.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_row(
+        &self,
+        r: usize,
+        q: &mut [std::arch::x86_64::__m256i],
+        scales: &mut [(f32, f32)],
+    );
+}
+
+impl<G: InPlaceRows> Groups for GroupRow<'_, G> {
+    const BLOCK: usize = <G::Block as Groups>::BLOCK;
+    const LEN: usize = <G::Block as Groups>::LEN;
+    const HAS_MIN: bool = <G::Block as Groups>::HAS_MIN;
+    const FOLDED: bool = <G::Block as Groups>::FOLDED;
+    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
+        G::Block::take(self.g, self.r).decode(q, scales)
+    }
+    const SIMD: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+        // SAFETY: the caller vouches for what `simd_row` needs (as `simd`).
+        unsafe { self.g.simd_row(self.r, q, scales) }
     }
 }
 
-impl TileRows for BlockQ5K {
-    type Row<'a> = GroupRow<'a, Q5K8>;
-    fn row(g: &Q5K8, r: usize) -> GroupRow<'_, Q5K8> {
-        GroupRow { g, r }
-    }
+macro_rules! tile_rows_in_place {
+    ($($block:ty),+) => {$(
+        impl TileRows for $block {
+            type Row<'a> = GroupRow<'a, <Self as Groupable>::Group>;
+            fn row(g: &Self::Group, r: usize) -> Self::Row<'_> {
+                GroupRow { g, r }
+            }
+        }
+    )+};
 }
-
-impl TileRows for BlockQ3K {
-    type Row<'a> = GroupRow<'a, Q3K8>;
-    fn row(g: &Q3K8, r: usize) -> GroupRow<'_, Q3K8> {
-        GroupRow { g, r }
-    }
-}
-
-impl TileRows for BlockIQ4XS {
-    type Row<'a> = GroupRow<'a, IQ4XS8>;
-    fn row(g: &IQ4XS8, r: usize) -> GroupRow<'_, IQ4XS8> {
-        GroupRow { g, r }
-    }
-}
+tile_rows_in_place!(BlockQ4K, BlockQ5K, BlockQ3K, BlockIQ4XS);
 
 /// The 8 sub-blocks' `(dw, mw)` of a grouped Q4_K/Q5_K row, from the group's unpacked
 /// scales and mins.
@@ -609,43 +627,40 @@ unsafe fn two_runs(lo: &[u8; 16], hi: &[u8; 16]) -> std::arch::x86_64::__m256i {
     unsafe { _mm256_loadu2_m128i(hi.as_ptr() as *const __m128i, lo.as_ptr() as *const __m128i) }
 }
 
-impl Groups for GroupRow<'_, Q4K8> {
-    const BLOCK: usize = QK_K;
-    const LEN: usize = 32;
-    const HAS_MIN: bool = true;
-    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        BlockQ4K::take(self.g, self.r).decode(q, scales)
-    }
-    const SIMD: bool = true;
+impl InPlaceRows for Q4K8 {
+    type Block = BlockQ4K;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
-        let (g, r) = (self.g, self.r);
+    unsafe fn simd_row(
+        &self,
+        r: usize,
+        q: &mut [std::arch::x86_64::__m256i],
+        scales: &mut [(f32, f32)],
+    ) {
         // SAFETY: the caller vouches for AVX2 and F16C; `qs[2c][r]`, `qs[2c + 1][r]` are the
         // file's `qs[32c..32c + 32]`.
         unsafe {
-            k_nibbles(|c| two_runs(&g.qs[2 * c][r], &g.qs[2 * c + 1][r]), q);
-            k_group_scales(g, r, h2f(g.d[r]), h2f(g.dmin[r]), scales);
+            k_nibbles(|c| two_runs(&self.qs[2 * c][r], &self.qs[2 * c + 1][r]), q);
+            k_group_scales(self, r, h2f(self.d[r]), h2f(self.dmin[r]), scales);
         }
     }
 }
 
-impl Groups for GroupRow<'_, Q5K8> {
-    const BLOCK: usize = QK_K;
-    const LEN: usize = 32;
-    const HAS_MIN: bool = true;
-    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        BlockQ5K::take(self.g, self.r).decode(q, scales)
-    }
-    const SIMD: bool = true;
+impl InPlaceRows for Q5K8 {
+    type Block = BlockQ5K;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
-        let (g, r, low) = (self.g, self.r, &self.g.low);
+    unsafe fn simd_row(
+        &self,
+        r: usize,
+        q: &mut [std::arch::x86_64::__m256i],
+        scales: &mut [(f32, f32)],
+    ) {
+        let low = &self.low;
         // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `qh[0][r]`,
         // `qh[1][r]` are the file's 32 bytes of qh, and the runs as for Q4_K.
         unsafe {
-            let qh = two_runs(&g.qh[0][r], &g.qh[1][r]);
+            let qh = two_runs(&self.qh[0][r], &self.qh[1][r]);
             k_fifth_bits(
                 |c| two_runs(&low.qs[2 * c][r], &low.qs[2 * c + 1][r]),
                 qh,
@@ -656,54 +671,49 @@ impl Groups for GroupRow<'_, Q5K8> {
     }
 }
 
-impl Groups for GroupRow<'_, Q3K8> {
-    const BLOCK: usize = QK_K;
-    const LEN: usize = QK_K;
-    const HAS_MIN: bool = false;
-    const FOLDED: bool = true;
-    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        BlockQ3K::take(self.g, self.r).decode(q, scales)
-    }
-    const SIMD: bool = true;
+impl InPlaceRows for Q3K8 {
+    type Block = BlockQ3K;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
-        let (g, r) = (self.g, self.r);
+    unsafe fn simd_row(
+        &self,
+        r: usize,
+        q: &mut [std::arch::x86_64::__m256i],
+        scales: &mut [(f32, f32)],
+    ) {
         // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `hmask[0][r]`,
         // `hmask[1][r]` are the file's 32 bytes of hmask, `qs[2h][r]`, `qs[2h + 1][r]` its
         // `qs[32h..32h + 32]`.
         unsafe {
             q3k_folded(
-                two_runs(&g.hmask[0][r], &g.hmask[1][r]),
-                |h| two_runs(&g.qs[2 * h][r], &g.qs[2 * h + 1][r]),
-                crate::reference::q3k_unpack_scales(&g.scales[r]),
+                two_runs(&self.hmask[0][r], &self.hmask[1][r]),
+                |h| two_runs(&self.qs[2 * h][r], &self.qs[2 * h + 1][r]),
+                crate::reference::q3k_unpack_scales(&self.scales[r]),
                 q,
             );
-            scales[0] = (-h2f(g.d[r]), 0.0);
+            scales[0] = (-h2f(self.d[r]), 0.0);
         }
     }
 }
 
-impl Groups for GroupRow<'_, IQ4XS8> {
-    const BLOCK: usize = QK_K;
-    const LEN: usize = 32;
-    const HAS_MIN: bool = false;
-    fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        BlockIQ4XS::take(self.g, self.r).decode(q, scales)
-    }
-    const SIMD: bool = true;
+impl InPlaceRows for IQ4XS8 {
+    type Block = BlockIQ4XS;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
-        let (g, r) = (self.g, self.r);
+    unsafe fn simd_row(
+        &self,
+        r: usize,
+        q: &mut [std::arch::x86_64::__m256i],
+        scales: &mut [(f32, f32)],
+    ) {
         for (ib, q) in q.iter_mut().take(8).enumerate() {
             // SAFETY: the caller vouches for AVX2; sub-block ib's 16 bytes.
-            *q = unsafe { iq4_values_simd(g.qs[ib][r].as_ptr()) };
+            *q = unsafe { iq4_values_simd(self.qs[ib][r].as_ptr()) };
         }
         // SAFETY: F16C is present (the caller vouches).
-        let d = unsafe { h2f(g.d[r]) };
+        let d = unsafe { h2f(self.d[r]) };
         for (j, s) in scales.iter_mut().take(8).enumerate() {
-            *s = (d * g.scales[j][r] as f32, 0.0);
+            *s = (d * self.scales[j][r] as f32, 0.0);
         }
     }
 }

@@ -68,8 +68,8 @@ fn check(c: &Case, x: &[f32], n_tok: usize) {
             );
         }
     }
-    // Rows grouped eight at a time at load (where the level groups this type) are taken
-    // back out of their groups as the tiles decode them: the same bits.
+    // Rows grouped eight at a time at load (where the level groups this type) are decoded
+    // from their groups by the tiles: the same bits.
     if let Some(groups) = m.interleave() {
         let grouped = QMatrix::from_interleaved(c.what, c.ty, c.cols, c.rows, &groups).unwrap();
         let mut again = vec![f32::NAN; n_tok * c.rows];

@@ -784,9 +784,9 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             gemm_q3_k: kq!(kquant_q3_k),
             gemm_q5_k: kq!(kquant_q5_k),
             gemm_iq4_xs: kq!(kquant_iq4_xs),
-            // Grouped rows at AMX too: the tiles take each block back out of its group as
-            // they decode it for a prompt (`i8mat::matmul_grouped`), and generated tokens
-            // decode on the grouped kernels.
+            // Grouped rows at AMX too: the tiles decode each row from its group for a
+            // prompt (`i8mat::matmul_grouped`), and generated tokens decode on the grouped
+            // kernels.
             gemm_q4_0x8: Some(grouped512_q4_0),
             gemm_iq4_nlx8: Some(grouped512_iq4_nl),
             gemm_q4_1x8: Some(grouped512_q4_1),
