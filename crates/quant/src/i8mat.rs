@@ -55,6 +55,18 @@ pub trait Groups: Copy + Sync {
     unsafe fn simd(&self, _q: &mut [std::arch::x86_64::__m256i], _scales: &mut [(f32, f32)]) {
         unreachable!("no SIMD decoding for this type")
     }
+    /// Whether [`Groups::simd`] leaves the scales to [`Groups::simd_scales8`], which gives
+    /// eight rows' at once (rows grouped at load keep their scales side by side).
+    const GROUP_SCALES: bool = false;
+    /// For this row and the seven after it (this must be row 0 of a group of eight): each
+    /// group `g`'s `(dw, mw)` of row `r` to `dw[g][lane + r]`, `mw[g][lane + r]`.
+    ///
+    /// # Safety
+    /// As [`Groups::simd`]'s.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_scales8(&self, _dw: &mut [[f32; 16]], _mw: &mut [[f32; 16]], _lane: usize) {
+        unreachable!("no grouped scales for this type")
+    }
 }
 
 /// `simd` for the types the VNNI kernels decode: their unsigned bytes minus the offset;
@@ -159,6 +171,7 @@ impl Groups for BlockQ8_0 {
 }
 
 /// The 8 sub-blocks' `(dw, mw)` of a Q4_K/Q5_K block: `d·scale`, `-dmin·min`.
+#[inline(always)]
 fn k_scales(d: f32, dmin: f32, packed: &[u8; K_SCALE_SIZE], out: &mut [(f32, f32)]) {
     for (g, s) in out.iter_mut().take(8).enumerate() {
         let (sc, m) = scale_min_k4(g, packed);
@@ -523,95 +536,232 @@ impl Groups for BlockIQ4XS {
 }
 
 /// IQ4_XS's 8 groups' `(d·scale, 0)`.
+#[inline(always)]
 fn iq4xs_group_scales(b: &BlockIQ4XS, d: f32, out: &mut [(f32, f32)]) {
     for (s, sc) in out.iter_mut().zip(iq4xs_scales(b)) {
         *s = (d * sc as f32, 0.0);
     }
 }
 
-/// A grouped block type ([`Groupable`]) as the tiles read it: `row(g, r)` is row `r` of
-/// group `g`, something they decode ([`Groups`]). The 32-value blocks are taken out of
-/// their group (a copy of 18 to 22 bytes); the K-quants' rows are decoded in place, as
-/// taking a Q4_K block out repacks its scales only for the decoding to unpack them again
-/// (a quarter of a 16-token prompt's time at amx).
-pub trait TileRows: Groupable {
-    type Row<'a>: Groups
-    where
-        Self: 'a;
-    fn row(g: &Self::Group, r: usize) -> Self::Row<'_>;
-}
-
-macro_rules! tile_rows_by_take {
-    ($($block:ty),+) => {$(
-        impl TileRows for $block {
-            type Row<'a> = Self;
-            fn row(g: &Self::Group, r: usize) -> Self {
-                Self::take(g, r)
-            }
-        }
-    )+};
-}
-tile_rows_by_take!(BlockQ4_0, BlockIQ4NL, BlockQ4_1, BlockQ5_0);
-
-/// Row `r` of a group of eight rows, decoded for the tiles without leaving the group: a
-/// [`Groups`] whose constants and scalar decoding are its block type's.
-#[derive(Clone, Copy)]
-pub struct GroupRow<'a, G> {
-    g: &'a G,
+/// Row `r` of a group of eight rows of `B` blocks (grouped at load, `Groupable`), as the
+/// tiles decode it without leaving the group: a [`Groups`] whose constants and scalar
+/// decoding are `B`'s.
+pub struct GroupRow<'a, B: Groupable> {
+    g: &'a B::Group,
     r: usize,
 }
 
-/// A group type whose rows the tiles decode where they lie ([`GroupRow`]).
-pub trait InPlaceRows: Copy + Sync {
-    type Block: Groups + Groupable<Group = Self>;
-    /// [`Groups::simd`] of row `r`'s block, read from the group.
+impl<B: Groupable> Clone for GroupRow<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Groupable> Copy for GroupRow<'_, B> {}
+
+/// A block type whose grouped rows the tiles decode where they lie ([`GroupRow`]): each
+/// row's values, and the eight rows' scales at once, which the group keeps side by side
+/// (per row, gathering a row's scales from the group and scattering them to the panel was
+/// a third of a 16-token prompt's decoding).
+pub trait InPlaceRows: Groups + Groupable {
+    /// [`Groups::simd`]'s values of row `r` of `g`. By default its block taken out of the
+    /// group (18 to 22 bytes for the 32-value types, whose scales the compiler then drops);
+    /// the K-quants read their runs in place, as taking a Q4_K block out repacks its scales.
     ///
     /// # Safety
     /// As [`Groups::simd`]'s.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn simd_row(
-        &self,
-        r: usize,
-        q: &mut [std::arch::x86_64::__m256i],
-        scales: &mut [(f32, f32)],
+    #[inline(always)]
+    unsafe fn simd_row(g: &Self::Group, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
+        let mut unused = [(0.0f32, 0.0f32); 8];
+        // SAFETY: the caller vouches (as `Groups::simd`).
+        unsafe { Self::take(g, r).simd(q, &mut unused[..Self::BLOCK / <Self as Groups>::LEN]) }
+    }
+    /// [`Groups::simd_scales8`] of the group's eight rows.
+    ///
+    /// # Safety
+    /// As [`Groups::simd`]'s.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_scales8(
+        g: &Self::Group,
+        dw: &mut [[f32; 16]],
+        mw: &mut [[f32; 16]],
+        lane: usize,
     );
 }
 
-impl<G: InPlaceRows> Groups for GroupRow<'_, G> {
-    const BLOCK: usize = <G::Block as Groups>::BLOCK;
-    const LEN: usize = <G::Block as Groups>::LEN;
-    const HAS_MIN: bool = <G::Block as Groups>::HAS_MIN;
-    const FOLDED: bool = <G::Block as Groups>::FOLDED;
+impl<B: InPlaceRows> Groups for GroupRow<'_, B> {
+    const BLOCK: usize = <B as Groups>::BLOCK;
+    const LEN: usize = <B as Groups>::LEN;
+    const HAS_MIN: bool = <B as Groups>::HAS_MIN;
+    const FOLDED: bool = <B as Groups>::FOLDED;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
-        G::Block::take(self.g, self.r).decode(q, scales)
+        B::take(self.g, self.r).decode(q, scales)
     }
     const SIMD: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
+    unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], _scales: &mut [(f32, f32)]) {
         // SAFETY: the caller vouches for what `simd_row` needs (as `simd`).
-        unsafe { self.g.simd_row(self.r, q, scales) }
+        unsafe { B::simd_row(self.g, self.r, q) }
+    }
+    const GROUP_SCALES: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(&self, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        assert!(self.r == 0 && lane <= 8 && dw.len() >= Self::BLOCK / Self::LEN);
+        assert!(mw.len() >= dw.len());
+        // SAFETY: the caller vouches for what `simd_scales8` needs (as `simd`).
+        unsafe { <B as InPlaceRows>::simd_scales8(self.g, dw, mw, lane) }
     }
 }
 
-macro_rules! tile_rows_in_place {
-    ($($block:ty),+) => {$(
-        impl TileRows for $block {
-            type Row<'a> = GroupRow<'a, <Self as Groupable>::Group>;
-            fn row(g: &Self::Group, r: usize) -> Self::Row<'_> {
-                GroupRow { g, r }
+/// [`InPlaceRows`] for the 32-value types: `d` (and Q4_1's `m`) of the eight rows.
+macro_rules! in_place_32 {
+    ($($block:ty),+; $($with_m:ty),*) => {
+        $(impl InPlaceRows for $block {
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn simd_scales8(
+                g: &Self::Group,
+                dw: &mut [[f32; 16]],
+                mw: &mut [[f32; 16]],
+                lane: usize,
+            ) {
+                // SAFETY: the caller vouches for AVX2, F16C and the lanes.
+                unsafe {
+                    store8(&mut dw[0], lane, f16x8(&g.d));
+                    store8(&mut mw[0], lane, std::arch::x86_64::_mm256_setzero_ps());
+                }
             }
-        }
-    )+};
+        })+
+        $(impl InPlaceRows for $with_m {
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn simd_scales8(
+                g: &Self::Group,
+                dw: &mut [[f32; 16]],
+                mw: &mut [[f32; 16]],
+                lane: usize,
+            ) {
+                // SAFETY: the caller vouches for AVX2, F16C and the lanes.
+                unsafe {
+                    store8(&mut dw[0], lane, f16x8(&g.d));
+                    store8(&mut mw[0], lane, f16x8(&g.m));
+                }
+            }
+        })*
+    };
 }
-tile_rows_in_place!(BlockQ4K, BlockQ5K, BlockQ3K, BlockIQ4XS);
+in_place_32!(BlockQ4_0, BlockIQ4NL, BlockQ5_0; BlockQ4_1);
 
-/// The 8 sub-blocks' `(dw, mw)` of a grouped Q4_K/Q5_K row, from the group's unpacked
-/// scales and mins.
+/// Eight f16 scales as f32.
+///
+/// # Safety
+/// F16C is present.
 #[cfg(target_arch = "x86_64")]
-fn k_group_scales(g: &Q4K8, r: usize, d: f32, dmin: f32, out: &mut [(f32, f32)]) {
-    for (j, s) in out.iter_mut().take(8).enumerate() {
-        *s = (d * g.scales[j][r] as f32, -dmin * g.mins[r][j] as f32);
+#[inline(always)]
+unsafe fn f16x8(d: &[half::f16; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for F16C; the load reads the 16 bytes of `d`.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i)) }
+}
+
+/// `-v` as the scalar code negates (the sign bit flipped, also of zeros and NaNs).
+///
+/// # Safety
+/// AVX is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn neg(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX.
+    unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
+}
+
+/// The low eight bytes of `v`, unsigned (`signed`: signed), as f32.
+///
+/// # Safety
+/// AVX2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bytes8_f32(v: std::arch::x86_64::__m128i, signed: bool) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2.
+    unsafe {
+        _mm256_cvtepi32_ps(if signed {
+            _mm256_cvtepi8_epi32(v)
+        } else {
+            _mm256_cvtepu8_epi32(v)
+        })
+    }
+}
+
+/// Stores eight rows' f32 to lanes `lane..lane + 8` of a panel's scale vector.
+///
+/// # Safety
+/// AVX is present; `lane <= 8`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store8(to: &mut [f32; 16], lane: usize, v: std::arch::x86_64::__m256) {
+    debug_assert!(lane <= 8);
+    // SAFETY: the caller vouches for AVX and `lane <= 8`: 8 floats inside `to`.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(to.as_mut_ptr().add(lane), v) }
+}
+
+/// `scales[j]` (8 rows' bytes) for each `j`, from `rows[r][j]`: an 8 × 8 byte transpose;
+/// `j` even in bytes 0..8 of vector `j / 2`, odd in 8..16.
+///
+/// # Safety
+/// SSE2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose_8x8(rows: &[[u8; 8]; 8]) -> [std::arch::x86_64::__m128i; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for SSE2; each load reads one row's 8 bytes.
+    unsafe {
+        let r = |i: usize| _mm_loadl_epi64(rows[i].as_ptr() as *const __m128i);
+        let (s0, s1) = (_mm_unpacklo_epi8(r(0), r(1)), _mm_unpacklo_epi8(r(2), r(3)));
+        let (s2, s3) = (_mm_unpacklo_epi8(r(4), r(5)), _mm_unpacklo_epi8(r(6), r(7)));
+        // j0..4 of rows 0..4, j4..8 of rows 0..4, then of rows 4..8.
+        let (u0, u1) = (_mm_unpacklo_epi16(s0, s1), _mm_unpackhi_epi16(s0, s1));
+        let (u2, u3) = (_mm_unpacklo_epi16(s2, s3), _mm_unpackhi_epi16(s2, s3));
+        [
+            _mm_unpacklo_epi32(u0, u2),
+            _mm_unpackhi_epi32(u0, u2),
+            _mm_unpacklo_epi32(u1, u3),
+            _mm_unpackhi_epi32(u1, u3),
+        ]
+    }
+}
+
+/// [`Groups::simd_scales8`] of a Q4_K/Q5_K group: `d·scale`, `-dmin·min` per sub-block.
+///
+/// # Safety
+/// AVX2 and F16C are present; `lane <= 8`, 8 entries in `dw` and `mw`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn k_scales8(g: &Q4K8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2, F16C and the lanes; loads read 8 bytes of
+    // `scales[j]`.
+    unsafe {
+        let d = f16x8(&g.d);
+        let minus_dmin = neg(f16x8(&g.dmin));
+        let mins = transpose_8x8(&g.mins);
+        for j in 0..8 {
+            let sc = _mm_loadl_epi64(g.scales[j].as_ptr() as *const __m128i);
+            store8(&mut dw[j], lane, _mm256_mul_ps(d, bytes8_f32(sc, false)));
+            let m = if j % 2 == 0 {
+                mins[j / 2]
+            } else {
+                _mm_srli_si128::<8>(mins[j / 2])
+            };
+            store8(
+                &mut mw[j],
+                lane,
+                _mm256_mul_ps(minus_dmin, bytes8_f32(m, false)),
+            );
+        }
     }
 }
 
@@ -627,93 +777,97 @@ unsafe fn two_runs(lo: &[u8; 16], hi: &[u8; 16]) -> std::arch::x86_64::__m256i {
     unsafe { _mm256_loadu2_m128i(hi.as_ptr() as *const __m128i, lo.as_ptr() as *const __m128i) }
 }
 
-impl InPlaceRows for Q4K8 {
-    type Block = BlockQ4K;
+impl InPlaceRows for BlockQ4K {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd_row(
-        &self,
-        r: usize,
-        q: &mut [std::arch::x86_64::__m256i],
-        scales: &mut [(f32, f32)],
-    ) {
-        // SAFETY: the caller vouches for AVX2 and F16C; `qs[2c][r]`, `qs[2c + 1][r]` are the
-        // file's `qs[32c..32c + 32]`.
-        unsafe {
-            k_nibbles(|c| two_runs(&self.qs[2 * c][r], &self.qs[2 * c + 1][r]), q);
-            k_group_scales(self, r, h2f(self.d[r]), h2f(self.dmin[r]), scales);
-        }
+    unsafe fn simd_row(g: &Q4K8, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
+        // SAFETY: the caller vouches for AVX2; `qs[2c][r]`, `qs[2c + 1][r]` are the file's
+        // `qs[32c..32c + 32]`.
+        unsafe { k_nibbles(|c| two_runs(&g.qs[2 * c][r], &g.qs[2 * c + 1][r]), q) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(g: &Q4K8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        // SAFETY: the caller vouches (as `Groups::simd_scales8`).
+        unsafe { k_scales8(g, dw, mw, lane) }
     }
 }
 
-impl InPlaceRows for Q5K8 {
-    type Block = BlockQ5K;
+impl InPlaceRows for BlockQ5K {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd_row(
-        &self,
-        r: usize,
-        q: &mut [std::arch::x86_64::__m256i],
-        scales: &mut [(f32, f32)],
-    ) {
-        let low = &self.low;
-        // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `qh[0][r]`,
-        // `qh[1][r]` are the file's 32 bytes of qh, and the runs as for Q4_K.
+    unsafe fn simd_row(g: &Q5K8, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
+        let low = &g.low;
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; `qh[0][r]`, `qh[1][r]` are
+        // the file's 32 bytes of qh, and the runs as for Q4_K.
         unsafe {
-            let qh = two_runs(&self.qh[0][r], &self.qh[1][r]);
+            let qh = two_runs(&g.qh[0][r], &g.qh[1][r]);
             k_fifth_bits(
                 |c| two_runs(&low.qs[2 * c][r], &low.qs[2 * c + 1][r]),
                 qh,
                 q,
             );
-            k_group_scales(low, r, h2f(low.d[r]), h2f(low.dmin[r]), scales);
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(g: &Q5K8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        // SAFETY: the caller vouches (as `Groups::simd_scales8`).
+        unsafe { k_scales8(&g.low, dw, mw, lane) }
     }
 }
 
-impl InPlaceRows for Q3K8 {
-    type Block = BlockQ3K;
+impl InPlaceRows for BlockQ3K {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd_row(
-        &self,
-        r: usize,
-        q: &mut [std::arch::x86_64::__m256i],
-        scales: &mut [(f32, f32)],
-    ) {
-        // SAFETY: the caller vouches for AVX2, F16C and AVX-512 BW/VL; `hmask[0][r]`,
+    unsafe fn simd_row(g: &Q3K8, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; `hmask[0][r]`,
         // `hmask[1][r]` are the file's 32 bytes of hmask, `qs[2h][r]`, `qs[2h + 1][r]` its
         // `qs[32h..32h + 32]`.
         unsafe {
             q3k_folded(
-                two_runs(&self.hmask[0][r], &self.hmask[1][r]),
-                |h| two_runs(&self.qs[2 * h][r], &self.qs[2 * h + 1][r]),
-                crate::reference::q3k_unpack_scales(&self.scales[r]),
+                two_runs(&g.hmask[0][r], &g.hmask[1][r]),
+                |h| two_runs(&g.qs[2 * h][r], &g.qs[2 * h + 1][r]),
+                crate::reference::q3k_unpack_scales(&g.scales[r]),
                 q,
             );
-            scales[0] = (-h2f(self.d[r]), 0.0);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(g: &Q3K8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2, F16C and the lanes (one folded group).
+        unsafe {
+            let minus_d = neg(f16x8(&g.d));
+            store8(&mut dw[0], lane, minus_d);
+            store8(&mut mw[0], lane, _mm256_setzero_ps());
         }
     }
 }
 
-impl InPlaceRows for IQ4XS8 {
-    type Block = BlockIQ4XS;
+impl InPlaceRows for BlockIQ4XS {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn simd_row(
-        &self,
-        r: usize,
-        q: &mut [std::arch::x86_64::__m256i],
-        scales: &mut [(f32, f32)],
-    ) {
+    unsafe fn simd_row(g: &IQ4XS8, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
         for (ib, q) in q.iter_mut().take(8).enumerate() {
             // SAFETY: the caller vouches for AVX2; sub-block ib's 16 bytes.
-            *q = unsafe { iq4_values_simd(self.qs[ib][r].as_ptr()) };
+            *q = unsafe { iq4_values_simd(g.qs[ib][r].as_ptr()) };
         }
-        // SAFETY: F16C is present (the caller vouches).
-        let d = unsafe { h2f(self.d[r]) };
-        for (j, s) in scales.iter_mut().take(8).enumerate() {
-            *s = (d * self.scales[j][r] as f32, 0.0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(g: &IQ4XS8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2, F16C and the lanes; loads read 8 bytes of
+        // `scales[j]`.
+        unsafe {
+            let d = f16x8(&g.d);
+            for j in 0..8 {
+                let sc = _mm_loadl_epi64(g.scales[j].as_ptr() as *const __m128i);
+                store8(&mut dw[j], lane, _mm256_mul_ps(d, bytes8_f32(sc, true)));
+                store8(&mut mw[j], lane, _mm256_setzero_ps());
+            }
         }
     }
 }
@@ -830,14 +984,9 @@ pub fn matmul<W: Groups>(w: &[W], rows: usize, a: &Staged, out: &mut [f32]) {
 }
 
 /// [`matmul`] for rows grouped eight at a time at load (`QMatrix::interleave`): each row is
-/// decoded from its group ([`TileRows`]), so a machine with AMX keeps the grouped rows its
+/// decoded from its group ([`InPlaceRows`]), so a machine with AMX keeps the grouped rows its
 /// decoding kernels read fastest.
-pub fn matmul_grouped<W: Groups + TileRows>(
-    w: &[W::Group],
-    rows: usize,
-    a: &Staged,
-    out: &mut [f32],
-) {
+pub fn matmul_grouped<W: InPlaceRows>(w: &[W::Group], rows: usize, a: &Staged, out: &mut [f32]) {
     let nb = a.cols / W::BLOCK;
     check::<W>(rows, a, out);
     assert!(
@@ -848,7 +997,10 @@ pub fn matmul_grouped<W: Groups + TileRows>(
     amx::matmul(rows, a, out, |row, b| {
         let group = &w[row / 8 * nb + b];
         (
-            W::row(group, row % 8),
+            GroupRow::<W> {
+                g: group,
+                r: row % 8,
+            },
             group as *const W::Group as *const i8,
         )
     });
@@ -975,17 +1127,30 @@ mod amx {
                             // A prefetch is a hint: it never faults.
                             _mm_prefetch::<_MM_HINT_T0>(ahead);
                         }
+                        if W::GROUP_SCALES && n % 8 == 0 {
+                            let (dw, mw) = (&mut dw[p0..p0 + per_block], &mut mw[p0..]);
+                            // SAFETY: as `simd` below; rows grouped by eight start a group
+                            // every eight rows, and `n` is 0 or 8.
+                            unsafe { block.simd_scales8(dw, mw, n) };
+                        }
                         // SAFETY: AVX2, F16C and AVX-512 BW/VL are enabled here.
                         unsafe { block.simd(&mut one, scales) };
                     } else {
                         one = [_mm256_setzero_si256(); 16];
                         scales.fill((0.0, 0.0));
+                        if W::GROUP_SCALES {
+                            for g in p0..p0 + per_block {
+                                (dw[g][n], mw[g][n]) = (0.0, 0.0);
+                            }
+                        }
                     }
                     for i in 0..tiles {
                         q[i][n] = one[i];
                     }
-                    for g in 0..per_block {
-                        (dw[p0 + g][n], mw[p0 + g][n]) = scales[g];
+                    if !W::GROUP_SCALES {
+                        for g in 0..per_block {
+                            (dw[p0 + g][n], mw[p0 + g][n]) = scales[g];
+                        }
                     }
                 }
                 for (i, rows16) in q.iter().enumerate().take(tiles) {
@@ -1233,9 +1398,9 @@ mod tests {
         simd_gives(&block, &q, &want_scales);
     }
 
-    /// Each row of a group of eight random blocks, decoded in place (`TileRows::row`), with
+    /// Each row of a group of eight random blocks, decoded in place (`GroupRow`), with
     /// SIMD and without, against its block's scalar decoding.
-    fn rows_equal_blocks<B: TileRows + Groups + Pod>(seed: u64) {
+    fn rows_equal_blocks<B: InPlaceRows + Pod>(seed: u64) {
         let blocks: [B; 8] = std::array::from_fn(|r| random(seed * 8 + r as u64));
         let mut group = <B::Group as bytemuck::Zeroable>::zeroed();
         for (r, b) in blocks.iter().enumerate() {
@@ -1245,7 +1410,7 @@ mod tests {
             let mut q = vec![0i8; 2 * B::BLOCK];
             let mut want_scales = vec![(0.0f32, 0.0f32); B::BLOCK / <B as Groups>::LEN];
             b.decode(&mut q, &mut want_scales);
-            let row = B::row(&group, r);
+            let row = GroupRow::<B> { g: &group, r };
             let mut got_q = vec![0i8; 2 * B::BLOCK];
             let mut got_scales = want_scales.clone();
             row.decode(&mut got_q, &mut got_scales);
@@ -1256,6 +1421,21 @@ mod tests {
             };
             assert_eq!(bits(&got_scales), bits(&want_scales));
             simd_gives(&row, &q, &want_scales);
+            {
+                // The eight rows' scales, as the second half of a panel.
+                let parts = want_scales.len();
+                let (mut dw, mut mw) = (vec![[f32::NAN; 16]; parts], vec![[f32::NAN; 16]; parts]);
+                // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
+                unsafe { GroupRow::<B> { g: &group, r: 0 }.simd_scales8(&mut dw, &mut mw, 8) };
+                let got: Vec<(f32, f32)> =
+                    (0..parts).map(|g| (dw[g][8 + r], mw[g][8 + r])).collect();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want_scales),
+                    "{} row {r} scales",
+                    std::any::type_name::<B>()
+                );
+            }
         }
     }
 
@@ -1281,7 +1461,9 @@ mod tests {
         let bits = |v: &[(f32, f32)]| -> Vec<(u32, u32)> {
             v.iter().map(|(a, b)| (a.to_bits(), b.to_bits())).collect()
         };
-        assert_eq!(bits(&scales), bits(want_scales), "{name} scales");
+        if !V::GROUP_SCALES {
+            assert_eq!(bits(&scales), bits(want_scales), "{name} scales");
+        }
     }
 
     #[test]
