@@ -349,11 +349,13 @@ impl Groups for BlockQ2K {
                     // Sub-blocks 2w (bytes 0..16) and 2w + 1 (16..32).
                     let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
                     let both = _mm256_shuffle_epi8(sc, idx);
-                    let scale = _mm256_and_si256(both, low);
+                    // Both bytes of a 16-bit lane are in one sub-block: its scale in the
+                    // low byte.
+                    let scale = _mm256_and_si256(both, _mm256_set1_epi16(0x0F));
                     let min = _mm256_and_si256(_mm256_srli_epi16::<4>(both), low);
                     let v = _mm256_and_si256(run, three);
-                    // Products ≤ 45: the low byte of a 16-bit product is exact.
-                    q[w] = mul_small_bytes(v, scale);
+                    // Products ≤ 45.
+                    q[w] = mul_bytes_lane_scale(v, scale);
                     q[8 + w] = min;
                 }
             }
@@ -363,26 +365,26 @@ impl Groups for BlockQ2K {
     }
 }
 
-/// Byte-wise `a · b` for products that fit a byte (each operand and product in 0..=127 or
-/// the product's low byte wanted).
+/// Byte-wise `a · s` where each 16-bit lane of `s` holds the scale of both its bytes in
+/// its low byte (the high byte zero): the products' low bytes, exact for products that fit
+/// a byte, signed or not.
 ///
 /// # Safety
-/// AVX2 is present.
+/// AVX2 and AVX-512 BW/VL are present.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn mul_small_bytes(
+unsafe fn mul_bytes_lane_scale(
     a: std::arch::x86_64::__m256i,
-    b: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    // SAFETY: the caller vouches for AVX2.
+    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
     unsafe {
-        let even = _mm256_mullo_epi16(a, b);
-        let odd = _mm256_mullo_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(b));
-        _mm256_or_si256(
-            _mm256_and_si256(even, _mm256_set1_epi16(0xFF)),
-            _mm256_slli_epi16::<8>(odd),
-        )
+        // Low byte of `a·s`: the low byte's product (mod 256); high byte of
+        // `(a & 0xFF00)·s`: the high byte's.
+        let even = _mm256_mullo_epi16(a, s);
+        let odd = _mm256_mullo_epi16(_mm256_and_si256(a, _mm256_set1_epi16(0xFF00u16 as i16)), s);
+        _mm256_mask_blend_epi8(0xAAAA_AAAA, even, odd)
     }
 }
 
@@ -409,7 +411,7 @@ impl Groups for BlockQ3K {
             q3k_folded(
                 _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i),
                 |half| _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i),
-                q3k_scales(self),
+                crate::x86::avx2::q3k_scales(self),
                 q,
             );
         }
@@ -419,7 +421,8 @@ impl Groups for BlockQ3K {
 }
 
 /// Q3_K's values times their sub-block's scale, negated (see [`BlockQ3K`]'s `Groups`):
-/// `hmask` holds the block's 32 bytes of high bits, `half(h)` loads `qs[32h..32h + 32]`.
+/// `hmask` holds the block's 32 bytes of high bits, `half(h)` loads `qs[32h..32h + 32]`,
+/// `scale` holds the 16 sub-block scales (signed bytes).
 ///
 /// # Safety
 /// AVX2 and AVX-512 BW/VL are present.
@@ -428,16 +431,24 @@ impl Groups for BlockQ3K {
 unsafe fn q3k_folded(
     hmask: std::arch::x86_64::__m256i,
     half: impl Fn(usize) -> std::arch::x86_64::__m256i,
-    scale: [i8; 16],
+    scale: std::arch::x86_64::__m128i,
     q: &mut [std::arch::x86_64::__m256i],
 ) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the scale load reads the 16
-    // scales.
+    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
     unsafe {
         let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
-        let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(scale.as_ptr() as *const __m128i));
-        let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
+        // Negated once here rather than every product.
+        let minus = _mm_sub_epi8(_mm_setzero_si128(), scale);
+        let sc = _mm256_broadcastsi128_si256(minus);
+        // Sub-block 2w's scale in the low byte of bytes 0..16's lanes, 2w + 1's in 16..32;
+        // high bytes zero (index bit 7 set).
+        let pick_lo = _mm256_setr_epi64x(
+            0x8000_8000_8000_8000u64 as i64,
+            0x8000_8000_8000_8000u64 as i64,
+            0x8001_8001_8001_8001u64 as i64,
+            0x8001_8001_8001_8001u64 as i64,
+        );
         for h in 0..2 {
             let v = half(h);
             let runs = [
@@ -451,12 +462,12 @@ unsafe fn q3k_folded(
                 let low = _mm256_and_si256(run, three);
                 // Minus 4 where the value's hmask bit is clear.
                 let bit = _mm256_set1_epi8((1u8 << w) as i8);
-                let set = _mm256_test_epi8_mask(hmask, bit);
-                let v = _mm256_mask_mov_epi8(_mm256_sub_epi8(low, four), set, low);
+                let clear = _mm256_testn_epi8_mask(hmask, bit);
+                let v = _mm256_mask_sub_epi8(low, clear, low, four);
                 let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
-                let s = _mm256_shuffle_epi8(sc, idx);
-                // -(s·v): |s·v| ≤ 128; as 16-bit products, the low bytes are exact.
-                q[w] = _mm256_sub_epi8(_mm256_setzero_si256(), mul_small_bytes(v, s));
+                let minus_s = _mm256_shuffle_epi8(sc, idx);
+                // (-s)·v: |s·v| ≤ 128 and -(s·v) ≥ -128, so it fits a byte.
+                q[w] = mul_bytes_lane_scale(v, minus_s);
             }
         }
     }
@@ -817,6 +828,30 @@ impl InPlaceRows for BlockQ5K {
     }
 }
 
+/// Row `r`'s 16 Q3_K scales of a group (signed bytes), unpacked in registers: unpacked
+/// bit by bit and reloaded as a vector, they were a third of a 16-token prompt's decoding.
+///
+/// # Safety
+/// AVX2 is present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q3k_row_scales(g: &Q3K8, r: usize) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    const AT: usize = std::mem::offset_of!(Q3K8, scales);
+    // The last row's 12 bytes and the next 4 (hmask's) are inside the group.
+    const _: () = assert!(AT + 12 * 7 + 16 <= std::mem::size_of::<Q3K8>());
+    assert!(r < 8);
+    // SAFETY: the caller vouches for AVX2; bytes AT + 12r .. AT + 12r + 16 of the group
+    // (asserted above), read through a pointer to the whole group.
+    unsafe {
+        let at = (g as *const Q3K8 as *const u8).add(AT + 12 * r);
+        let v = _mm_loadu_si128(at as *const __m128i);
+        _mm256_castsi256_si128(crate::x86::grouped::q3k_scales_256(
+            _mm256_broadcastsi128_si256(v),
+        ))
+    }
+}
+
 impl InPlaceRows for BlockQ3K {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -828,7 +863,7 @@ impl InPlaceRows for BlockQ3K {
             q3k_folded(
                 two_runs(&g.hmask[0][r], &g.hmask[1][r]),
                 |h| two_runs(&g.qs[2 * h][r], &g.qs[2 * h + 1][r]),
-                crate::reference::q3k_unpack_scales(&g.scales[r]),
+                q3k_row_scales(g, r),
                 q,
             );
         }

@@ -1055,7 +1055,7 @@ fn q3k_scales_512(v: __m512i) -> __m512i {
 /// [`q3k_scales_512`] at AVX2 (two rows, one per 128-bit lane).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn q3k_scales_256(v: __m256i) -> __m256i {
+pub(crate) fn q3k_scales_256(v: __m256i) -> __m256i {
     let twice = _mm256_shuffle_epi8(
         v,
         _mm256_setr_epi8(
