@@ -626,44 +626,34 @@ impl<B: InPlaceRows> Groups for GroupRow<'_, B> {
     }
 }
 
-/// [`InPlaceRows`] for the 32-value types: `d` (and Q4_1's `m`) of the eight rows.
+/// [`InPlaceRows`] for the 32-value types: the eight rows' `d`, and `mw` from the group
+/// `$g` (zero, or Q4_1's `m`).
 macro_rules! in_place_32 {
-    ($($block:ty),+; $($with_m:ty),*) => {
-        $(impl InPlaceRows for $block {
+    ($($block:ty => |$g:ident| $mw:expr),+ $(,)?) => {$(
+        impl InPlaceRows for $block {
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             unsafe fn simd_scales8(
-                g: &Self::Group,
+                $g: &Self::Group,
                 dw: &mut [[f32; 16]],
                 mw: &mut [[f32; 16]],
                 lane: usize,
             ) {
                 // SAFETY: the caller vouches for AVX2, F16C and the lanes.
                 unsafe {
-                    store8(&mut dw[0], lane, f16x8(&g.d));
-                    store8(&mut mw[0], lane, std::arch::x86_64::_mm256_setzero_ps());
+                    store8(&mut dw[0], lane, f16x8(&$g.d));
+                    store8(&mut mw[0], lane, $mw);
                 }
             }
-        })+
-        $(impl InPlaceRows for $with_m {
-            #[cfg(target_arch = "x86_64")]
-            #[inline(always)]
-            unsafe fn simd_scales8(
-                g: &Self::Group,
-                dw: &mut [[f32; 16]],
-                mw: &mut [[f32; 16]],
-                lane: usize,
-            ) {
-                // SAFETY: the caller vouches for AVX2, F16C and the lanes.
-                unsafe {
-                    store8(&mut dw[0], lane, f16x8(&g.d));
-                    store8(&mut mw[0], lane, f16x8(&g.m));
-                }
-            }
-        })*
-    };
+        }
+    )+};
 }
-in_place_32!(BlockQ4_0, BlockIQ4NL, BlockQ5_0; BlockQ4_1);
+in_place_32!(
+    BlockQ4_0 => |g| std::arch::x86_64::_mm256_setzero_ps(),
+    BlockIQ4NL => |g| std::arch::x86_64::_mm256_setzero_ps(),
+    BlockQ5_0 => |g| std::arch::x86_64::_mm256_setzero_ps(),
+    BlockQ4_1 => |g| f16x8(&g.m),
+);
 
 /// Eight f16 scales as f32.
 ///
