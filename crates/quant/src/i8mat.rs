@@ -41,6 +41,11 @@ pub trait Groups: Copy + Sync {
     /// writes the windows' values to `q[..BLOCK / 32]` and the multipliers after them.
     /// Only with `SIMD`; the activations' scale must be one per block (Q8_K).
     const FOLDED: bool = false;
+    /// With `FOLDED` and `HAS_MIN`: each 16-value run has one offset multiplier, and
+    /// `simd` writes them after the windows of values as two vectors of eight words, run
+    /// `j`'s byte four times in word `j % 8` of vector `j / 8`: the tiles then repeat each
+    /// run's column of 16 rows instead of transposing a window of bytes per tile.
+    const MIN_RUNS: bool = false;
     /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
     /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
@@ -314,6 +319,7 @@ impl Groups for BlockQ2K {
     const LEN: usize = QK_K;
     const HAS_MIN: bool = true;
     const FOLDED: bool = true;
+    const MIN_RUNS: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
         for (i, v) in q2k_values(self).into_iter().enumerate() {
             let sc = self.scales[i / 16];
@@ -352,13 +358,22 @@ impl Groups for BlockQ2K {
                     // Both bytes of a 16-bit lane are in one sub-block: its scale in the
                     // low byte.
                     let scale = _mm256_and_si256(both, _mm256_set1_epi16(0x0F));
-                    let min = _mm256_and_si256(_mm256_srli_epi16::<4>(both), low);
                     let v = _mm256_and_si256(run, three);
                     // Products ≤ 45.
                     q[w] = mul_bytes_lane_scale(v, scale);
-                    q[8 + w] = min;
                 }
             }
+            // Each run's min (the scale byte's high nibble) four times per word
+            // (`Groups::MIN_RUNS`).
+            let mins = _mm256_and_si256(_mm256_srli_epi16::<4>(sc), low);
+            let runs = _mm256_setr_epi64x(
+                0x0101_0101_0000_0000,
+                0x0303_0303_0202_0202,
+                0x0505_0505_0404_0404,
+                0x0707_0707_0606_0606,
+            );
+            q[8] = _mm256_shuffle_epi8(mins, runs);
+            q[9] = _mm256_shuffle_epi8(mins, _mm256_add_epi8(runs, _mm256_set1_epi8(8)));
         }
         // SAFETY: F16C is present (the caller vouches).
         unsafe { scales[0] = (h2f(self.d), -h2f(self.dmin)) };
@@ -605,6 +620,7 @@ impl<B: InPlaceRows> Groups for GroupRow<'_, B> {
     const LEN: usize = <B as Groups>::LEN;
     const HAS_MIN: bool = <B as Groups>::HAS_MIN;
     const FOLDED: bool = <B as Groups>::FOLDED;
+    const MIN_RUNS: bool = <B as Groups>::MIN_RUNS;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
         B::take(self.g, self.r).decode(q, scales)
     }
@@ -1124,7 +1140,12 @@ mod amx {
             } else {
                 per_block
             };
-            assert!(tiles <= 16 && per_block <= 8);
+            // Vectors per row from `simd`: a tile's each, or the runs' offset multipliers
+            // as two (`Groups::MIN_RUNS`).
+            let windows = W::BLOCK / 32;
+            let vectors = if W::MIN_RUNS { windows + 2 } else { tiles };
+            assert!(tiles <= 16 && vectors <= 16 && per_block <= 8);
+            assert!(!W::MIN_RUNS || (W::FOLDED && W::HAS_MIN && W::BLOCK == 256));
             let parts = nb * per_block;
             self.tiles.resize(nb * tiles, BTile([0; 128]));
             self.dw.resize(parts, [0.0; 16]);
@@ -1169,7 +1190,7 @@ mod amx {
                             }
                         }
                     }
-                    for i in 0..tiles {
+                    for i in 0..vectors {
                         q[i][n] = one[i];
                     }
                     if !W::GROUP_SCALES {
@@ -1178,8 +1199,25 @@ mod amx {
                         }
                     }
                 }
-                for (i, rows16) in q.iter().enumerate().take(tiles) {
-                    b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
+                if W::MIN_RUNS {
+                    for (i, rows16) in q.iter().enumerate().take(windows) {
+                        b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
+                    }
+                    // Run j's multipliers of the 16 rows: word j % 8 of vector j / 8.
+                    let runs = [transpose_16x8(&q[windows]), transpose_16x8(&q[windows + 1])];
+                    for w in 0..windows {
+                        let tile = &mut b_tiles[b * tiles + windows + w].0;
+                        // Tile row k holds bytes 4k..4k + 4 of the window: run 2w + k / 4.
+                        for k in 0..8 {
+                            let j = 2 * w + k / 4;
+                            tile[16 * k..16 * k + 16]
+                                .copy_from_slice(&runs[j / 8][16 * (j % 8)..16 * (j % 8) + 16]);
+                        }
+                    }
+                } else {
+                    for (i, rows16) in q.iter().enumerate().take(tiles) {
+                        b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
+                    }
                 }
             }
         }
@@ -1471,7 +1509,20 @@ mod tests {
         let mut scales = vec![(0.0f32, 0.0f32); want_scales.len()];
         // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
         unsafe { v.simd(&mut got, &mut scales) };
-        if V::FOLDED {
+        if V::FOLDED && V::MIN_RUNS {
+            // Windows of values, then each run's multiplier four times per word.
+            let windows = V::BLOCK / 32;
+            for (w, got) in got.iter().enumerate().take(windows) {
+                let bytes: [i8; 32] = bytemuck::cast(*got);
+                assert_eq!(bytes[..], q[32 * w..][..32], "{name} window {w}");
+            }
+            for j in 0..V::BLOCK / 16 {
+                let bytes: [i8; 32] = bytemuck::cast(got[windows + j / 8]);
+                for (i, &m) in q[V::BLOCK + 16 * j..][..16].iter().enumerate() {
+                    assert_eq!(bytes[4 * (j % 8) + i % 4], m, "{name} run {j}");
+                }
+            }
+        } else if V::FOLDED {
             // Windows of values, then of offset multipliers: in decode's order.
             let windows = V::BLOCK / 32 * (1 + V::HAS_MIN as usize);
             for (w, got) in got.iter().enumerate().take(windows) {
