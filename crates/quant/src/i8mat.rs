@@ -333,8 +333,8 @@ impl Groups for BlockQ2K {
     #[inline(always)]
     unsafe fn simd(&self, q: &mut [std::arch::x86_64::__m256i], scales: &mut [(f32, f32)]) {
         use std::arch::x86_64::*;
-        // SAFETY: the caller vouches for AVX2; the loads read 32 of the 64 bytes of qs and
-        // the 16 bytes of scales.
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 of the 64
+        // bytes of qs and the 16 bytes of scales.
         unsafe {
             let (three, low) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
             // Sub-block k's scale byte in bytes 0..16 of window k/2 for even k, 16..32 odd.
@@ -586,8 +586,8 @@ impl<B: Groupable> Copy for GroupRow<'_, B> {}
 
 /// A block type whose grouped rows the tiles decode where they lie ([`GroupRow`]): each
 /// row's values, and the eight rows' scales at once, which the group keeps side by side
-/// (per row, gathering a row's scales from the group and scattering them to the panel was
-/// a third of a 16-token prompt's decoding).
+/// (gathering each row's scales from the group and scattering them to the panel one float
+/// at a time led `perf annotate` of a 16-token prompt's decoding).
 pub trait InPlaceRows: Groups + Groupable {
     /// [`Groups::simd`]'s values of row `r` of `g`. By default its block taken out of the
     /// group (18 to 22 bytes for the 32-value types, whose scales the compiler then drops);
@@ -1174,7 +1174,8 @@ mod amx {
                             _mm_prefetch::<_MM_HINT_T0>(ahead);
                         }
                         if W::GROUP_SCALES && n % 8 == 0 {
-                            let (dw, mw) = (&mut dw[p0..p0 + per_block], &mut mw[p0..]);
+                            let parts = p0..p0 + per_block;
+                            let (dw, mw) = (&mut dw[parts.clone()], &mut mw[parts]);
                             // SAFETY: as `simd` below; rows grouped by eight start a group
                             // every eight rows, and `n` is 0 or 8.
                             unsafe { block.simd_scales8(dw, mw, n) };
@@ -1484,21 +1485,14 @@ mod tests {
             };
             assert_eq!(bits(&got_scales), bits(&want_scales));
             simd_gives(&row, &q, &want_scales);
-            {
-                // The eight rows' scales, as the second half of a panel.
-                let parts = want_scales.len();
-                let (mut dw, mut mw) = (vec![[f32::NAN; 16]; parts], vec![[f32::NAN; 16]; parts]);
-                // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
-                unsafe { GroupRow::<B> { g: &group, r: 0 }.simd_scales8(&mut dw, &mut mw, 8) };
-                let got: Vec<(f32, f32)> =
-                    (0..parts).map(|g| (dw[g][8 + r], mw[g][8 + r])).collect();
-                assert_eq!(
-                    bits(&got),
-                    bits(&want_scales),
-                    "{} row {r} scales",
-                    std::any::type_name::<B>()
-                );
-            }
+            // The eight rows' scales, as the second half of a panel.
+            let parts = want_scales.len();
+            let (mut dw, mut mw) = (vec![[f32::NAN; 16]; parts], vec![[f32::NAN; 16]; parts]);
+            // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
+            unsafe { GroupRow::<B> { g: &group, r: 0 }.simd_scales8(&mut dw, &mut mw, 8) };
+            let got: Vec<(f32, f32)> = (0..parts).map(|g| (dw[g][8 + r], mw[g][8 + r])).collect();
+            let name = std::any::type_name::<B>();
+            assert_eq!(bits(&got), bits(&want_scales), "{name} row {r} scales");
         }
     }
 
