@@ -35,17 +35,15 @@ pub trait Groups: Copy + Sync {
     /// Whether any group has an offset (`mw ≠ 0`).
     const HAS_MIN: bool;
     /// Whether the values come multiplied by their integer sub-block scales, one group per
-    /// block (`LEN == BLOCK`, a multiple of 32) and its windows summed in one tile: then
-    /// `decode` also writes, after the `BLOCK` values, `BLOCK` offset multipliers where
-    /// `HAS_MIN` (the offset is `mw · Σ a·multiplier`, a second tile product), and `simd`
-    /// writes the windows' values to `q[..BLOCK / 32]` and the multipliers after them.
-    /// Only with `SIMD`; the activations' scale must be one per block (Q8_K).
+    /// block (`LEN == BLOCK == QK_K`) and its windows summed in one tile: then `decode`
+    /// also writes, after the `BLOCK` values, `BLOCK` offset multipliers where `HAS_MIN`
+    /// (the offset is `mw · Σ a·multiplier`, a second tile product), and `simd` writes the
+    /// windows' values to `q[..BLOCK / 32]`. The offset multipliers are one per 16-value
+    /// run: `simd` writes them after the windows as two vectors of eight words, run `j`'s
+    /// byte four times in word `j % 8` of vector `j / 8`, so the tiles repeat each run's
+    /// column of 16 rows instead of transposing a window of bytes per tile. Only with
+    /// `SIMD`; the activations' scale must be one per block (Q8_K).
     const FOLDED: bool = false;
-    /// With `FOLDED` and `HAS_MIN`: each 16-value run has one offset multiplier, and
-    /// `simd` writes them after the windows of values as two vectors of eight words, run
-    /// `j`'s byte four times in word `j % 8` of vector `j / 8`: the tiles then repeat each
-    /// run's column of 16 rows instead of transposing a window of bytes per tile.
-    const MIN_RUNS: bool = false;
     /// The block's values in element order (`BLOCK` bytes of `q`) and each group's
     /// `(dw, mw)` (`BLOCK / LEN` entries of `scales`).
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]);
@@ -319,7 +317,6 @@ impl Groups for BlockQ2K {
     const LEN: usize = QK_K;
     const HAS_MIN: bool = true;
     const FOLDED: bool = true;
-    const MIN_RUNS: bool = true;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
         for (i, v) in q2k_values(self).into_iter().enumerate() {
             let sc = self.scales[i / 16];
@@ -364,7 +361,7 @@ impl Groups for BlockQ2K {
                 }
             }
             // Each run's min (the scale byte's high nibble) four times per word
-            // (`Groups::MIN_RUNS`).
+            // (`Groups::FOLDED`).
             let mins = _mm256_and_si256(_mm256_srli_epi16::<4>(sc), low);
             let runs = _mm256_setr_epi64x(
                 0x0101_0101_0000_0000,
@@ -620,7 +617,6 @@ impl<B: InPlaceRows> Groups for GroupRow<'_, B> {
     const LEN: usize = <B as Groups>::LEN;
     const HAS_MIN: bool = <B as Groups>::HAS_MIN;
     const FOLDED: bool = <B as Groups>::FOLDED;
-    const MIN_RUNS: bool = <B as Groups>::MIN_RUNS;
     fn decode(&self, q: &mut [i8], scales: &mut [(f32, f32)]) {
         B::take(self.g, self.r).decode(q, scales)
     }
@@ -642,34 +638,31 @@ impl<B: InPlaceRows> Groups for GroupRow<'_, B> {
     }
 }
 
-/// [`InPlaceRows`] for the 32-value types: the eight rows' `d`, and `mw` from the group
-/// `$g` (zero, or Q4_1's `m`).
+/// [`InPlaceRows`] for the 32-value types: the eight rows' `d`, and Q4_1's `m` (the
+/// groups' parts as the grouped kernels read them, `NibbleGroup`).
 macro_rules! in_place_32 {
-    ($($block:ty => |$g:ident| $mw:expr),+ $(,)?) => {$(
+    ($($block:ty),+) => {$(
         impl InPlaceRows for $block {
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             unsafe fn simd_scales8(
-                $g: &Self::Group,
+                g: &Self::Group,
                 dw: &mut [[f32; 16]],
                 mw: &mut [[f32; 16]],
                 lane: usize,
             ) {
+                use crate::x86::grouped::NibbleGroup;
                 // SAFETY: the caller vouches for AVX2, F16C and the lanes.
                 unsafe {
-                    store8(&mut dw[0], lane, f16x8(&$g.d));
-                    store8(&mut mw[0], lane, $mw);
+                    store8(&mut dw[0], lane, f16x8(g.d()));
+                    let m = g.m().map_or(std::arch::x86_64::_mm256_setzero_ps(), |m| f16x8(m));
+                    store8(&mut mw[0], lane, m);
                 }
             }
         }
     )+};
 }
-in_place_32!(
-    BlockQ4_0 => |g| std::arch::x86_64::_mm256_setzero_ps(),
-    BlockIQ4NL => |g| std::arch::x86_64::_mm256_setzero_ps(),
-    BlockQ5_0 => |g| std::arch::x86_64::_mm256_setzero_ps(),
-    BlockQ4_1 => |g| f16x8(&g.m),
-);
+in_place_32!(BlockQ4_0, BlockIQ4NL, BlockQ5_0, BlockQ4_1);
 
 /// Eight f16 scales as f32.
 ///
@@ -1140,12 +1133,13 @@ mod amx {
             } else {
                 per_block
             };
-            // Vectors per row from `simd`: a tile's each, or the runs' offset multipliers
-            // as two (`Groups::MIN_RUNS`).
-            let windows = W::BLOCK / 32;
-            let vectors = if W::MIN_RUNS { windows + 2 } else { tiles };
+            // Tiles of values, each a vector per row from `simd`; a folded block's offset
+            // multipliers come as two vectors per row, one word per 16-value run
+            // (`Groups::FOLDED`).
+            let runs = W::FOLDED && W::HAS_MIN;
+            let values = if runs { W::BLOCK / 32 } else { tiles };
+            let vectors = values + if runs { 2 } else { 0 };
             assert!(tiles <= 16 && vectors <= 16 && per_block <= 8);
-            assert!(!W::MIN_RUNS || (W::FOLDED && W::HAS_MIN && W::BLOCK == 256));
             let parts = nb * per_block;
             self.tiles.resize(nb * tiles, BTile([0; 128]));
             self.dw.resize(parts, [0.0; 16]);
@@ -1200,24 +1194,20 @@ mod amx {
                         }
                     }
                 }
-                if W::MIN_RUNS {
-                    for (i, rows16) in q.iter().enumerate().take(windows) {
-                        b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
-                    }
+                for (i, rows16) in q.iter().enumerate().take(values) {
+                    b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
+                }
+                if runs {
                     // Run j's multipliers of the 16 rows: word j % 8 of vector j / 8.
-                    let runs = [transpose_16x8(&q[windows]), transpose_16x8(&q[windows + 1])];
-                    for w in 0..windows {
-                        let tile = &mut b_tiles[b * tiles + windows + w].0;
-                        // Tile row k holds bytes 4k..4k + 4 of the window: run 2w + k / 4.
+                    let run = [transpose_16x8(&q[values]), transpose_16x8(&q[values + 1])];
+                    for w in 0..values {
+                        let tile = &mut b_tiles[b * tiles + values + w].0;
+                        // Tile row k holds bytes 4k..4k + 4 of window w: run 2w + k / 4.
                         for k in 0..8 {
                             let j = 2 * w + k / 4;
                             tile[16 * k..16 * k + 16]
-                                .copy_from_slice(&runs[j / 8][16 * (j % 8)..16 * (j % 8) + 16]);
+                                .copy_from_slice(&run[j / 8][16 * (j % 8)..16 * (j % 8) + 16]);
                         }
-                    }
-                } else {
-                    for (i, rows16) in q.iter().enumerate().take(tiles) {
-                        b_tiles[b * tiles + i].0 = transpose_16x8(rows16);
                     }
                 }
             }
@@ -1503,25 +1493,18 @@ mod tests {
         let mut scales = vec![(0.0f32, 0.0f32); want_scales.len()];
         // SAFETY: the callers checked AVX2, F16C and AVX-512 F/BW/VL.
         unsafe { v.simd(&mut got, &mut scales) };
-        if V::FOLDED && V::MIN_RUNS {
-            // Windows of values, then each run's multiplier four times per word.
+        if V::FOLDED {
+            // Windows of values, then each run's offset multiplier four times per word.
             let windows = V::BLOCK / 32;
             for (w, got) in got.iter().enumerate().take(windows) {
                 let bytes: [i8; 32] = bytemuck::cast(*got);
                 assert_eq!(bytes[..], q[32 * w..][..32], "{name} window {w}");
             }
-            for j in 0..V::BLOCK / 16 {
+            for j in (0..V::BLOCK / 16).filter(|_| V::HAS_MIN) {
                 let bytes: [i8; 32] = bytemuck::cast(got[windows + j / 8]);
                 for (i, &m) in q[V::BLOCK + 16 * j..][..16].iter().enumerate() {
                     assert_eq!(bytes[4 * (j % 8) + i % 4], m, "{name} run {j}");
                 }
-            }
-        } else if V::FOLDED {
-            // Windows of values, then of offset multipliers: in decode's order.
-            let windows = V::BLOCK / 32 * (1 + V::HAS_MIN as usize);
-            for (w, got) in got.iter().enumerate().take(windows) {
-                let bytes: [i8; 32] = bytemuck::cast(*got);
-                assert_eq!(bytes[..], q[32 * w..][..32], "{name} window {w}");
             }
         }
         for g in (0..want_scales.len()).filter(|_| !V::FOLDED) {
