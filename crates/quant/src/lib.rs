@@ -307,8 +307,8 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K and Q3_K at
-    /// `avx2`/`avx512`/`amx`, IQ4_XS at `avx2`: eight rows side by side, [`Nibbles8`],
+    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K
+    /// at `avx2`/`avx512`/`amx`: eight rows side by side, [`Nibbles8`],
     /// [`NibblesMin8`], [`NibblesQh8`], [`Q4K8`], [`Q5K8`], [`IQ4XS8`] and [`Q3K8`]) and the
     /// rows come in whole groups of eight; `None` otherwise. The file's bytes reordered
     /// (Q4_K's, Q5_K's and IQ4_XS's scales also unpacked to bytes), as 16-bit words (every

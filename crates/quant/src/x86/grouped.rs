@@ -24,10 +24,13 @@
 //! 64-byte load of their fifth bits beside it; a shift and a mask make them 16 in the
 //! values (llama.cpp's AVX2 Q5_K does the same per row).
 //!
-//! IQ4_XS rows grouped the same way ([`IQ4XS8`], at AVX2 only: AVX-512's `kquant` tiles
-//! already decode the file's rows near Q4_0's speed per byte) keep the file's 16-byte runs,
-//! two rows to a 32-byte load, with the scales unpacked to signed bytes at load; the table
-//! values multiply the activations with `maddubs`' sign trick, as IQ4_NL's do.
+//! IQ4_XS rows grouped the same way ([`IQ4XS8`]) keep the file's 16-byte runs, two rows to
+//! a 32-byte load (four to 64 bytes at AVX-512), with the scales unpacked to signed bytes at
+//! load. At AVX2 the table values multiply the activations with `maddubs`' sign trick, as
+//! IQ4_NL's do; AVX-512 has no byte sign instruction, so there they carry 128 into
+//! `vpdpbusd` and each sub-block's sums start from `−128·Σa`. (Until 2026-12-07 AVX-512 kept
+//! the file's rows on the `kquant` tiles, measured near Q4_0's speed per byte on Zen 5; on
+//! the Xeon family 6 model 207 they ran at 0.66 of it, the groups at 0.97–1.0.)
 //!
 //! Q3_K rows grouped the same way ([`Q3K8`], the file's 880 bytes per eight rows reordered)
 //! keep the file's 16-byte runs of 2-bit values and of high bits, four rows to a 64-byte
@@ -1013,6 +1016,131 @@ unsafe fn tile256_iq4xs<const T: usize>(
     }
     for t in 0..T {
         store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
+    }
+}
+
+/// [`gemm_iq4xs_avx2`] at AVX-512 VNNI.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_iq4xs_avx512(
+    w: &[IQ4XS8],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    check_k(w, a, nb, n_tok, out);
+    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
+        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
+        unsafe {
+            match n {
+                1 => tile512_iq4xs::<1>(group, a, nb, t0, n_tok, out),
+                2 => tile512_iq4xs::<2>(group, a, nb, t0, n_tok, out),
+                3 => tile512_iq4xs::<3>(group, a, nb, t0, n_tok, out),
+                _ => tile512_iq4xs::<4>(group, a, nb, t0, n_tok, out),
+            }
+        }
+    });
+}
+
+/// One IQ4_XS group × tokens `t0 .. t0 + T` at AVX-512: rows `4h .. 4h + 4` in vector `h`,
+/// one row per 128-bit lane (four i32 lanes per row). AVX-512 has no `vpsignb` for the AVX2
+/// sign trick, so the table values carry 128 (unsigned, 1..=241) into `vpdpbusd`, whose
+/// sums start from `−32 · Σa` in each of a row's four lanes (`−128 · Σa` in all); each
+/// sub-block's sum is scaled by its integer scale in `vpmulld`.
+#[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tile512_iq4xs<const T: usize>(
+    group: &[IQ4XS8],
+    a: &[BlockQ8K],
+    nb: usize,
+    t0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
+    // SAFETY: reads the table's 16 bytes.
+    let table = _mm512_broadcast_i32x4(unsafe {
+        _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i)
+    });
+    // The table's signed values plus 128, as unsigned bytes.
+    let table = _mm512_xor_si512(table, _mm512_set1_epi8(0x80u8 as i8));
+    let low4 = _mm512_set1_epi8(0x0F);
+    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let rows = [rows_lo, _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4))];
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    for b in 0..nb {
+        let blk = &group[b];
+        // Per token, each sub-block's `−32 · Σa` (i32, lane j: sub-block j).
+        let mut offsets = [_mm512_setzero_si512(); T];
+        for t in 0..T {
+            let sums = _mm256_cvtepi16_epi32(sub_block_sums(&a[(t0 + t) * nb + b]));
+            let minus = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(sums));
+            offsets[t] = _mm512_castsi256_si512(minus);
+        }
+        let mut isum = [[_mm512_setzero_si512(); 2]; T];
+        for j in 0..8 {
+            if j % 2 == 0 {
+                prefetch_ahead(blk, j / 2);
+            }
+            // SAFETY: 8 bytes of `scales[j]`.
+            let s8 = _mm512_castsi256_si512(_mm256_cvtepi8_epi32(unsafe {
+                _mm_loadl_epi64(blk.scales[j].as_ptr() as *const __m128i)
+            }));
+            let sc = [
+                _mm512_permutexvar_epi32(rows[0], s8),
+                _mm512_permutexvar_epi32(rows[1], s8),
+            ];
+            let mut wl = [_mm512_setzero_si512(); 2];
+            let mut wh = wl;
+            for h in 0..2 {
+                // SAFETY: 64 bytes: rows 4h .. 4h + 4 of sub-block j.
+                let v = unsafe { _mm512_loadu_si512(blk.qs[j][4 * h].as_ptr() as *const _) };
+                wl[h] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
+                wh[h] =
+                    _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4));
+            }
+            for t in 0..T {
+                let y = &a[(t0 + t) * nb + b];
+                // SAFETY: 16-byte loads inside the 256 bytes of `qs`.
+                let (al, ah) = unsafe {
+                    let q = y.qs.as_ptr().add(32 * j);
+                    (
+                        _mm512_broadcast_i32x4(_mm_loadu_si128(q as *const __m128i)),
+                        _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(16) as *const __m128i)),
+                    )
+                };
+                let start = _mm512_permutexvar_epi32(_mm512_set1_epi32(j as i32), offsets[t]);
+                for h in 0..2 {
+                    let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, wl[h], al), wh[h], ah);
+                    isum[t][h] = _mm512_add_epi32(isum[t][h], _mm512_mullo_epi32(dot, sc[h]));
+                }
+            }
+        }
+        // SAFETY: 16 bytes of `d`.
+        let d8 = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe {
+            _mm_loadu_si128(blk.d.as_ptr() as *const __m128i)
+        }));
+        for t in 0..T {
+            let dy = _mm512_set1_ps(a[(t0 + t) * nb + b].d);
+            for h in 0..2 {
+                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][h]), d, acc[t][h]);
+            }
+        }
+    }
+    for t in 0..T {
+        let [a, b] = acc[t];
+        let halves = [
+            _mm512_castps512_ps256(a),
+            upper_half(a),
+            _mm512_castps512_ps256(b),
+            upper_half(b),
+        ];
+        store_rows(halves, _mm256_setzero_ps(), out, n_tok, t0 + t);
     }
 }
 

@@ -625,6 +625,7 @@ grouped_k_gemm!(grouped512_q4_k, gemm_k_avx512, Q4K8);
 grouped_k_gemm!(grouped512_q5_k, gemm_k_avx512, Q5K8);
 grouped_k_gemm!(grouped256_q4_k, gemm_k_avx2, Q4K8);
 grouped_k_gemm!(grouped256_q5_k, gemm_k_avx2, Q5K8);
+grouped_k_gemm!(grouped512_iq4_xs, gemm_iq4xs_avx512, IQ4XS8);
 grouped_k_gemm!(grouped256_iq4_xs, gemm_iq4xs_avx2, IQ4XS8);
 grouped_k_gemm!(grouped512_q3_k, gemm_q3k_avx512, Q3K8);
 grouped_k_gemm!(grouped256_q3_k, gemm_q3k_avx2, Q3K8);
@@ -702,12 +703,17 @@ kpanel_gemm!(kpanel_q4_k, BlockQ4K);
 kpanel_gemm!(kpanel_q5_k, BlockQ5K);
 kpanel_gemm!(kpanel_q6_k, BlockQ6K);
 kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
-/// Q4_K and Q5_K rows grouped at load, read in place by the panels (SAFETY: as above).
+/// Q4_K, Q5_K, IQ4_XS and Q3_K rows grouped at load, read in place by the panels (SAFETY: as
+/// above).
 fn kpanel_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn kpanel_q5_kx8(w: &[Q5K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
+}
+fn kpanel_iq4_xsx8(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
@@ -795,9 +801,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             prefill_q4_kx8: Some(kpanel_q4_kx8),
             gemm_q5_kx8: Some(grouped512_q5_k),
             prefill_q5_kx8: Some(kpanel_q5_kx8),
-            // IQ4_XS's tiles here decode the file's rows near Q4_0's speed per byte.
-            gemm_iq4_xsx8: None,
-            prefill_iq4_xsx8: None,
+            gemm_iq4_xsx8: Some(grouped512_iq4_xs),
+            prefill_iq4_xsx8: Some(kpanel_iq4_xsx8),
             gemm_q3_kx8: Some(grouped512_q3_k),
             prefill_q3_kx8: Some(kpanel_q3_kx8),
             prefill_q4_0x8: Some(panel_q4_0x8),
