@@ -447,6 +447,46 @@ impl Groupable for BlockQ3K {
     }
 }
 
+/// Eight Q2_K rows' super-blocks side by side: the same 672 bytes as the eight blocks,
+/// reordered as [`Q3K8`]'s 2-bit values are, so that one 64-byte load brings four rows'
+/// 16-byte runs (two rows' with 32 bytes at AVX2), and one more four rows' scale bytes (one
+/// row per 128-bit lane, as the file has them).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Q2K8 {
+    pub d: [f16; 8],
+    pub dmin: [f16; 8],
+    /// `scales[r]`: row `r`'s 16 bytes, as in the file (sub-block `g`'s scale in the low
+    /// nibble of byte `g`, its min in the high nibble).
+    pub scales: [[u8; QK_K / 16]; 8],
+    /// `qs[c][r]`: row `r`'s `qs[16c .. 16c + 16]`. Bits `2j, 2j + 1` of byte `i` are value
+    /// `128h + 32j + 16e + i` (sub-block `8h + 2j + e`), `c = 2h + e`.
+    pub qs: [[[u8; 16]; 8]; 4],
+}
+
+impl Groupable for BlockQ2K {
+    type Group = Q2K8;
+    const LEN: usize = QK_K;
+    fn put(&self, g: &mut Q2K8, r: usize) {
+        (g.d[r], g.dmin[r], g.scales[r]) = (self.d, self.dmin, self.scales);
+        for (c, run) in self.qs.chunks_exact(16).enumerate() {
+            g.qs[c][r].copy_from_slice(run);
+        }
+    }
+    fn take(g: &Q2K8, r: usize) -> Self {
+        let mut b = Self {
+            scales: g.scales[r],
+            qs: [0; QK_K / 4],
+            d: g.d[r],
+            dmin: g.dmin[r],
+        };
+        for (c, run) in b.qs.chunks_exact_mut(16).enumerate() {
+            run.copy_from_slice(&g.qs[c][r]);
+        }
+        b
+    }
+}
+
 /// IQ4_NL's and IQ4_XS's 16 values (ggml's `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -482,3 +522,4 @@ const _: () = assert!(std::mem::size_of::<Q4K8>() == 1184);
 const _: () = assert!(std::mem::size_of::<Q5K8>() == 1440);
 const _: () = assert!(std::mem::size_of::<IQ4XS8>() == 1104);
 const _: () = assert!(std::mem::size_of::<Q3K8>() == 8 * 110);
+const _: () = assert!(std::mem::size_of::<Q2K8>() == 8 * 84);

@@ -201,6 +201,10 @@ pub struct Kernels {
     pub gemm_q3_kx8: Option<Gemm<Q3K8, BlockQ8K>>,
     /// Prompt tokens on Q3_K rows grouped at load (`gemm_q3_kx8`), read in place.
     pub prefill_q3_kx8: Option<Prefill<Q3K8, BlockQ8K>>,
+    /// Q2_K rows grouped eight at a time ([`Q2K8`]).
+    pub gemm_q2_kx8: Option<Gemm<Q2K8, BlockQ8K>>,
+    /// Prompt tokens on Q2_K rows grouped at load (`gemm_q2_kx8`), read in place.
+    pub prefill_q2_kx8: Option<Prefill<Q2K8, BlockQ8K>>,
     /// The same for Q4_0, IQ4_NL and Q4_1 rows grouped at load.
     pub prefill_q4_0x8: Option<Prefill<Nibbles8, BlockQ8_0>>,
     pub prefill_iq4_nlx8: Option<Prefill<Nibbles8, BlockQ8_0>>,
@@ -338,6 +342,8 @@ impl Kernels {
             prefill_iq4_xsx8: None,
             gemm_q3_kx8: None,
             prefill_q3_kx8: None,
+            gemm_q2_kx8: None,
+            prefill_q2_kx8: None,
             prefill_q4_0x8: None,
             prefill_iq4_nlx8: None,
             prefill_q4_1x8: None,

@@ -333,47 +333,69 @@ impl Groups for BlockQ2K {
         // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; the loads read 32 of the 64
         // bytes of qs and the 16 bytes of scales.
         unsafe {
-            let (three, low) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
-            // Sub-block k's scale byte in bytes 0..16 of window k/2 for even k, 16..32 odd.
-            let sc = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                self.scales.as_ptr() as *const __m128i
-            ));
-            let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
-            for half in 0..2 {
-                let v = _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i);
-                let runs = [
-                    v,
-                    _mm256_srli_epi16::<2>(v),
-                    _mm256_srli_epi16::<4>(v),
-                    _mm256_srli_epi16::<6>(v),
-                ];
-                for (j, run) in runs.into_iter().enumerate() {
-                    let w = 4 * half + j;
-                    // Sub-blocks 2w (bytes 0..16) and 2w + 1 (16..32).
-                    let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
-                    let both = _mm256_shuffle_epi8(sc, idx);
-                    // Both bytes of a 16-bit lane are in one sub-block: its scale in the
-                    // low byte.
-                    let scale = _mm256_and_si256(both, _mm256_set1_epi16(0x0F));
-                    let v = _mm256_and_si256(run, three);
-                    // Products ≤ 45.
-                    q[w] = mul_bytes_lane_scale(v, scale);
-                }
-            }
-            // Each run's min (the scale byte's high nibble) four times per word
-            // (`Groups::FOLDED`).
-            let mins = _mm256_and_si256(_mm256_srli_epi16::<4>(sc), low);
-            let runs = _mm256_setr_epi64x(
-                0x0101_0101_0000_0000,
-                0x0303_0303_0202_0202,
-                0x0505_0505_0404_0404,
-                0x0707_0707_0606_0606,
+            q2k_folded(
+                |half| _mm256_loadu_si256(self.qs.as_ptr().add(32 * half) as *const __m256i),
+                _mm_loadu_si128(self.scales.as_ptr() as *const __m128i),
+                q,
             );
-            q[8] = _mm256_shuffle_epi8(mins, runs);
-            q[9] = _mm256_shuffle_epi8(mins, _mm256_add_epi8(runs, _mm256_set1_epi8(8)));
         }
         // SAFETY: F16C is present (the caller vouches).
         unsafe { scales[0] = (h2f(self.d), -h2f(self.dmin)) };
+    }
+}
+
+/// Q2_K's values times their sub-block's scale, and its offset multipliers (see
+/// [`BlockQ2K`]'s `Groups`): `half(h)` loads `qs[32h..32h + 32]`, `scales` holds the 16
+/// scale bytes (scale in the low nibble, min in the high one).
+///
+/// # Safety
+/// AVX2 and AVX-512 BW/VL are present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q2k_folded(
+    half: impl Fn(usize) -> std::arch::x86_64::__m256i,
+    scales: std::arch::x86_64::__m128i,
+    q: &mut [std::arch::x86_64::__m256i],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL.
+    unsafe {
+        let (three, low) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
+        // Sub-block k's scale byte in bytes 0..16 of window k/2 for even k, 16..32 odd.
+        let sc = _mm256_broadcastsi128_si256(scales);
+        let pick_lo = _mm256_setr_epi64x(0, 0, 0x0101_0101_0101_0101, 0x0101_0101_0101_0101);
+        for h in 0..2 {
+            let v = half(h);
+            let runs = [
+                v,
+                _mm256_srli_epi16::<2>(v),
+                _mm256_srli_epi16::<4>(v),
+                _mm256_srli_epi16::<6>(v),
+            ];
+            for (j, run) in runs.into_iter().enumerate() {
+                let w = 4 * h + j;
+                // Sub-blocks 2w (bytes 0..16) and 2w + 1 (16..32).
+                let idx = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2 * w as i8));
+                let both = _mm256_shuffle_epi8(sc, idx);
+                // Both bytes of a 16-bit lane are in one sub-block: its scale in the
+                // low byte.
+                let scale = _mm256_and_si256(both, _mm256_set1_epi16(0x0F));
+                let v = _mm256_and_si256(run, three);
+                // Products ≤ 45.
+                q[w] = mul_bytes_lane_scale(v, scale);
+            }
+        }
+        // Each run's min (the scale byte's high nibble) four times per word
+        // (`Groups::FOLDED`).
+        let mins = _mm256_and_si256(_mm256_srli_epi16::<4>(sc), low);
+        let runs = _mm256_setr_epi64x(
+            0x0101_0101_0000_0000,
+            0x0303_0303_0202_0202,
+            0x0505_0505_0404_0404,
+            0x0707_0707_0606_0606,
+        );
+        q[8] = _mm256_shuffle_epi8(mins, runs);
+        q[9] = _mm256_shuffle_epi8(mins, _mm256_add_epi8(runs, _mm256_set1_epi8(8)));
     }
 }
 
@@ -876,6 +898,32 @@ impl InPlaceRows for BlockQ3K {
             let minus_d = neg(f16x8(&g.d));
             store8(&mut dw[0], lane, minus_d);
             store8(&mut mw[0], lane, _mm256_setzero_ps());
+        }
+    }
+}
+
+impl InPlaceRows for BlockQ2K {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_row(g: &Q2K8, r: usize, q: &mut [std::arch::x86_64::__m256i]) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller vouches for AVX2 and AVX-512 BW/VL; `qs[2h][r]`,
+        // `qs[2h + 1][r]` are the file's `qs[32h..32h + 32]`, `scales[r]` its 16 bytes.
+        unsafe {
+            q2k_folded(
+                |h| two_runs(&g.qs[2 * h][r], &g.qs[2 * h + 1][r]),
+                _mm_loadu_si128(g.scales[r].as_ptr() as *const __m128i),
+                q,
+            );
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_scales8(g: &Q2K8, dw: &mut [[f32; 16]], mw: &mut [[f32; 16]], lane: usize) {
+        // SAFETY: the caller vouches for AVX2, F16C and the lanes (one folded group).
+        unsafe {
+            store8(&mut dw[0], lane, f16x8(&g.d));
+            store8(&mut mw[0], lane, neg(f16x8(&g.dmin)));
         }
     }
 }
@@ -1549,6 +1597,7 @@ mod tests {
             rows_equal_blocks::<BlockQ4K>(seed);
             rows_equal_blocks::<BlockQ5K>(seed);
             rows_equal_blocks::<BlockQ3K>(seed);
+            rows_equal_blocks::<BlockQ2K>(seed);
             rows_equal_blocks::<BlockIQ4XS>(seed);
         }
     }

@@ -205,6 +205,8 @@ pub enum Blocks<'a> {
     IQ4XSx8(&'a [IQ4XS8]),
     /// Q3_K rows in groups of eight.
     Q3Kx8(&'a [Q3K8]),
+    /// Q2_K rows in groups of eight.
+    Q2Kx8(&'a [Q2K8]),
 }
 
 impl<'a> Blocks<'a> {
@@ -229,7 +231,7 @@ impl<'a> Blocks<'a> {
             };
         }
         cut!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, Q2K, Q3K, IQ4NL, IQ4XS;
-             Q4_0x8, IQ4NLx8, Q4_1x8, Q5_0x8, Q4Kx8, Q5Kx8, IQ4XSx8, Q3Kx8)
+             Q4_0x8, IQ4NLx8, Q4_1x8, Q5_0x8, Q4Kx8, Q5Kx8, IQ4XSx8, Q3Kx8, Q2Kx8)
     }
 }
 
@@ -307,9 +309,9 @@ impl<'a> QMatrix<'a> {
     }
 
     /// This matrix's blocks in the layout the level's decoding kernels read fastest, where
-    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K
-    /// at `avx2`/`avx512`/`amx`: eight rows side by side, [`Nibbles8`],
-    /// [`NibblesMin8`], [`NibblesQh8`], [`Q4K8`], [`Q5K8`], [`IQ4XS8`] and [`Q3K8`]) and the
+    /// the level has one for the type (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS, Q3_K and
+    /// Q2_K at `avx2`/`avx512`/`amx`: eight rows side by side, [`Nibbles8`], [`NibblesMin8`],
+    /// [`NibblesQh8`], [`Q4K8`], [`Q5K8`], [`IQ4XS8`], [`Q3K8`] and [`Q2K8`]) and the
     /// rows come in whole groups of eight; `None` otherwise. The file's bytes reordered
     /// (Q4_K's, Q5_K's and IQ4_XS's scales also unpacked to bytes), as 16-bit words (every
     /// group is 2-byte aligned); [`QMatrix::from_interleaved`] reads them.
@@ -344,11 +346,14 @@ impl<'a> QMatrix<'a> {
             Blocks::Q3K(w) if k.gemm_q3_kx8.is_some() => {
                 Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
             }
+            Blocks::Q2K(w) if k.gemm_q2_kx8.is_some() => {
+                Some(bytemuck::cast_vec(interleave8(w, self.cols / QK_K)))
+            }
             _ => None,
         }
     }
 
-    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS or Q3_K) matrix from its
+    /// A `ty` (Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS, Q3_K or Q2_K) matrix from its
     /// blocks as [`QMatrix::interleave`] made them.
     pub fn from_interleaved(
         name: &str,
@@ -387,6 +392,9 @@ impl<'a> QMatrix<'a> {
             GgmlType::Q3_K if fits(QK_K, size_of::<Q3K8>()) => {
                 Blocks::Q3Kx8(bytemuck::cast_slice(words))
             }
+            GgmlType::Q2_K if fits(QK_K, size_of::<Q2K8>()) => {
+                Blocks::Q2Kx8(bytemuck::cast_slice(words))
+            }
             GgmlType::Q4_0
             | GgmlType::IQ4_NL
             | GgmlType::Q4_1
@@ -394,7 +402,8 @@ impl<'a> QMatrix<'a> {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::IQ4_XS
-            | GgmlType::Q3_K => {
+            | GgmlType::Q3_K
+            | GgmlType::Q2_K => {
                 return Err(QuantError::BadLength {
                     name: name.into(),
                     ty,
@@ -441,7 +450,8 @@ impl<'a> QMatrix<'a> {
             | Blocks::Q4Kx8(_)
             | Blocks::Q5Kx8(_)
             | Blocks::IQ4XSx8(_)
-            | Blocks::Q3Kx8(_) => ActType::Q8K,
+            | Blocks::Q3Kx8(_)
+            | Blocks::Q2Kx8(_) => ActType::Q8K,
         }
     }
 
@@ -489,6 +499,9 @@ impl<'a> QMatrix<'a> {
             }
             Blocks::Q3Kx8(x) => {
                 grouped_row::<BlockQ3K>(x, n, r, out, reference::dequantize_row_q3_k)
+            }
+            Blocks::Q2Kx8(x) => {
+                grouped_row::<BlockQ2K>(x, n, r, out, reference::dequantize_row_q2_k)
             }
         }
     }
@@ -623,6 +636,10 @@ impl<'a> QMatrix<'a> {
             Blocks::Q3Kx8(w) => {
                 let a = acts.q8k_blocks(t0);
                 grouped_products(w, a, n_tok, k.gemm_q3_kx8, k.gemm_q3_k, out, scratch)
+            }
+            Blocks::Q2Kx8(w) => {
+                let a = acts.q8k_blocks(t0);
+                grouped_products(w, a, n_tok, k.gemm_q2_kx8, k.gemm_q2_k, out, scratch)
             }
         }
     }
@@ -771,6 +788,16 @@ impl QMatrix<'_> {
                     out,
                 )
             }
+            Blocks::Q2Kx8(w) => {
+                return group_prompt::<BlockQ2K, _>(
+                    w,
+                    acts.q8k_first(p),
+                    p,
+                    k.prefill_q2_kx8,
+                    k.prefill_q2_k,
+                    out,
+                )
+            }
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
@@ -819,6 +846,7 @@ impl QMatrix<'_> {
             Blocks::Q5Kx8(w) => i8mat::matmul_grouped::<BlockQ5K>(w, rows, a, out),
             Blocks::IQ4XSx8(w) => i8mat::matmul_grouped::<BlockIQ4XS>(w, rows, a, out),
             Blocks::Q3Kx8(w) => i8mat::matmul_grouped::<BlockQ3K>(w, rows, a, out),
+            Blocks::Q2Kx8(w) => i8mat::matmul_grouped::<BlockQ2K>(w, rows, a, out),
             // Q6_K's 16-value groups cannot fold their scales into the bytes (`q·scale`
             // overflows), so its tiles scale every 16×16 result per group and trail the
             // AVX-512 panels at every prompt length (Xeon family 6 model 207, `qmatmul 1

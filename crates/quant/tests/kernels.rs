@@ -246,7 +246,7 @@ proptest! {
         }
     }
 
-    /// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K rows grouped eight at a time: every (row,
+    /// Q4_0, IQ4_NL, Q4_1, Q5_0, Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K rows grouped eight at a time: every (row,
     /// token) against the reference dot product, each token alone bit for bit what it got
     /// with the others (batched decoding), and the grouping undone and dequantized exactly.
     #[test]
@@ -303,11 +303,14 @@ proptest! {
         // Q3_K: every scale, low and high bit random.
         let q3k: Vec<BlockQ3K> = blocks(&raw[..110 * rows * nbk], |b: &mut BlockQ3K, d| b.d = h(d));
         check_grouped(GgmlType::Q3_K, &q3k, nbk, &q8k, |k| k.gemm_q3_kx8, r::vec_dot_q3_k_q8_k)?;
+        // Q2_K: every scale, min and value random.
+        let q2k: Vec<BlockQ2K> = blocks(&raw[..84 * rows * nbk], |b: &mut BlockQ2K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
+        check_grouped(GgmlType::Q2_K, &q2k, nbk, &q8k, |k| k.gemm_q2_kx8, r::vec_dot_q2_k_q8_k)?;
     }
 
-    /// The prompt panels reading grouped Q4_K, Q5_K, IQ4_XS and Q3_K rows in place
+    /// The prompt panels reading grouped Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K rows in place
     /// (`prefill_*x8`) give, bit for bit, what the file's rows give (`prefill_q4_k`,
-    /// `prefill_q5_k`, `prefill_iq4_xs`, `prefill_q3_k`), whose kernels are checked against the reference
+    /// `prefill_q5_k`, `prefill_iq4_xs`, `prefill_q3_k`, `prefill_q2_k`), whose kernels are checked against the reference
     /// in `k_quant_tiles_match_reference`.
     #[test]
     fn grouped_k_prompts_equal_file_rows(
@@ -327,6 +330,7 @@ proptest! {
         let q5k: Vec<BlockQ5K> = blocks(&raw[..176 * rows * nb], |b: &mut BlockQ5K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         let xs4: Vec<BlockIQ4XS> = blocks(&raw[..136 * rows * nb], |b: &mut BlockIQ4XS, d| b.d = h(d / 16.0));
         let q3k: Vec<BlockQ3K> = blocks(&raw[..110 * rows * nb], |b: &mut BlockQ3K, d| b.d = h(d));
+        let q2k: Vec<BlockQ2K> = blocks(&raw[..84 * rows * nb], |b: &mut BlockQ2K, d| { b.d = h(d); b.dmin = h(d.abs() / 4.0) });
         for k in levels() {
             // Where a level groups these rows, its prompts read them in place.
             prop_assert_eq!(k.gemm_q4_kx8.is_some(), k.prefill_q4_kx8.is_some(), "{:?}", k.isa);
@@ -337,6 +341,8 @@ proptest! {
             grouped_prompt_equals_file(&k, &xs4, &a, nb, n_tok, k.prefill_iq4_xsx8, k.prefill_iq4_xs)?;
             prop_assert_eq!(k.gemm_q3_kx8.is_some(), k.prefill_q3_kx8.is_some(), "{:?}", k.isa);
             grouped_prompt_equals_file(&k, &q3k, &a, nb, n_tok, k.prefill_q3_kx8, k.prefill_q3_k)?;
+            prop_assert_eq!(k.gemm_q2_kx8.is_some(), k.prefill_q2_kx8.is_some(), "{:?}", k.isa);
+            grouped_prompt_equals_file(&k, &q2k, &a, nb, n_tok, k.prefill_q2_kx8, k.prefill_q2_k)?;
         }
     }
 

@@ -79,8 +79,8 @@ impl<W: Unpack> Unpack for &W {
     }
 }
 
-/// Q4_K, Q5_K, IQ4_XS or Q3_K rows grouped at load (`nb` [`Q4K8`], [`Q5K8`], [`IQ4XS8`] or
-/// [`Q3K8`] per group of eight rows).
+/// Q4_K, Q5_K, IQ4_XS, Q3_K or Q2_K rows grouped at load (`nb` [`Q4K8`], [`Q5K8`],
+/// [`IQ4XS8`], [`Q3K8`] or [`Q2K8`] per group of eight rows).
 #[derive(Clone, Copy)]
 pub struct GroupedRows<'a, G>(pub &'a [G]);
 
@@ -195,6 +195,22 @@ impl Unpack for GroupRow<'_, Q3K8> {
     unsafe fn scales(&self) -> IntScales {
         // SAFETY: AVX2 enabled by the caller.
         unsafe { BlockQ3K::take(self.g, self.r).scales() }
+    }
+}
+
+impl Unpack for GroupRow<'_, Q2K8> {
+    const MAX_VALUE: u32 = 3;
+    /// As [`BlockQ2K`]'s, from the row's block put back together (an 84-byte copy, small
+    /// against the unpacking).
+    #[inline(always)]
+    unsafe fn values(&self, u: &mut [u8; QK_K]) {
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { BlockQ2K::take(self.g, self.r).values(u) }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> IntScales {
+        // SAFETY: AVX2 enabled by the caller.
+        unsafe { BlockQ2K::take(self.g, self.r).scales() }
     }
 }
 

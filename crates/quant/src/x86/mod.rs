@@ -629,6 +629,8 @@ grouped_k_gemm!(grouped512_iq4_xs, gemm_iq4xs_avx512, IQ4XS8);
 grouped_k_gemm!(grouped256_iq4_xs, gemm_iq4xs_avx2, IQ4XS8);
 grouped_k_gemm!(grouped512_q3_k, gemm_q3k_avx512, Q3K8);
 grouped_k_gemm!(grouped256_q3_k, gemm_q3k_avx2, Q3K8);
+grouped_k_gemm!(grouped512_q2_k, gemm_q2k_avx512, Q2K8);
+grouped_k_gemm!(grouped256_q2_k, gemm_q2k_avx2, Q2K8);
 
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
@@ -721,6 +723,10 @@ fn kpanel_q3_kx8(w: &[Q3K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Colum
     // SAFETY: see above.
     unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
+fn kpanel_q2_kx8(w: &[Q2K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
+}
 
 /// Prompt tokens of the super-block types on interleaved 8-row panels at the AVX2 level.
 /// SAFETY (all): installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
@@ -753,6 +759,10 @@ fn prompt_iq4_xsx8(w: &[IQ4XS8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut C
     unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
 fn prompt_q3_kx8(w: &[Q3K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
+    // SAFETY: see above.
+    unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
+}
+fn prompt_q2_kx8(w: &[Q2K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
 }
@@ -805,6 +815,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
             prefill_iq4_xsx8: Some(kpanel_iq4_xsx8),
             gemm_q3_kx8: Some(grouped512_q3_k),
             prefill_q3_kx8: Some(kpanel_q3_kx8),
+            gemm_q2_kx8: Some(grouped512_q2_k),
+            prefill_q2_kx8: Some(kpanel_q2_kx8),
             prefill_q4_0x8: Some(panel_q4_0x8),
             prefill_iq4_nlx8: Some(panel_iq4_nlx8),
             prefill_q4_1x8: Some(panel_q4_1x8),
@@ -901,6 +913,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         prefill_iq4_xsx8: Some(prompt_iq4_xsx8),
         gemm_q3_kx8: Some(grouped256_q3_k),
         prefill_q3_kx8: Some(prompt_q3_kx8),
+        gemm_q2_kx8: Some(grouped256_q2_k),
+        prefill_q2_kx8: Some(prompt_q2_kx8),
         prefill_q4_0x8: Some(panel8_q4_0x8),
         prefill_iq4_nlx8: Some(panel8_iq4_nlx8),
         prefill_q4_1x8: Some(panel8_q4_1x8),
