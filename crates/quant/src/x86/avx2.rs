@@ -394,27 +394,52 @@ pub unsafe fn dot_q6_k<const PF: bool>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     hsum_ps(acc)
 }
 
+/// `Σ x·y` of two rows of 16-bit floats, `widen(p)` giving the 8 values at `p` as f32: in
+/// ggml's AVX2 order (`ggml_vec_dot_f16`), four 8-lane accumulators over steps of 32
+/// columns, added as (0 + 2) + (1 + 3) then across lanes; a leftover of 8..24 columns adds
+/// to the first accumulators in turn, the last few in scalar (`scalar(i)`: column `i`'s
+/// product). Four accumulators rather than one keep the FMAs from waiting on each other
+/// (one chain of 4-cycle FMAs held F16 rows to 7 GB/s on the Xeon family 6 model 207).
+#[inline(always)]
+unsafe fn dot_widened<T>(
+    x: &[T],
+    y: &[T],
+    widen: impl Fn(*const T) -> __m256,
+    scalar: impl Fn(usize) -> f32,
+) -> f32 {
+    let n = x.len().min(y.len());
+    // SAFETY (whole body): the caller vouches for AVX2 and FMA; every `widen` reads 8 values
+    // at `i + 8k`, with `i + 8k + 8 <= n` by the loop bounds.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(widen(xp.add(i + 8 * k)), widen(yp.add(i + 8 * k)), *acc);
+            }
+            i += 32;
+        }
+        let mut k = 0;
+        while i + 8 <= n {
+            acc[k] = _mm256_fmadd_ps(widen(xp.add(i)), widen(yp.add(i)), acc[k]);
+            (i, k) = (i + 8, k + 1);
+        }
+        let [a0, a1, a2, a3] = acc;
+        let mut sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+        for j in i..n {
+            sum += scalar(j);
+        }
+        sum
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
-    let n = x.len().min(y.len());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: 8 halves (16 bytes) at i, inside both slices.
-        let (a, b) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(y.as_ptr().add(i) as *const __m128i)),
-            )
-        };
-        acc = _mm256_fmadd_ps(a, b, acc);
-        i += 8;
-    }
-    let mut sum = hsum_ps(acc);
-    for j in i..n {
-        sum += x[j].to_f32() * y[j].to_f32();
-    }
-    sum
+    // SAFETY: `dot_widened` reads 8 halves (16 bytes) at each pointer it passes.
+    let widen = |p: *const f16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+    // SAFETY: the features are enabled here.
+    unsafe { dot_widened(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
 }
 
 /// 4 weight rows × 3 activation rows at once: each loaded vector feeds 3 or 4 FMAs instead
@@ -942,39 +967,14 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
-    let n = x.len().min(y.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // bf16 → f32 is the 16 bits moved to the top of the word.
     let widen = |p: *const half::bf16| {
-        // SAFETY: the caller keeps 8 values (16 bytes) at `p` inside its slice.
+        // SAFETY: `dot_widened` reads 8 values (16 bytes) at each pointer it passes.
         let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
     };
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: 16 values at i inside both slices.
-        unsafe {
-            acc0 = _mm256_fmadd_ps(widen(x.as_ptr().add(i)), widen(y.as_ptr().add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                widen(x.as_ptr().add(i + 8)),
-                widen(y.as_ptr().add(i + 8)),
-                acc1,
-            );
-        }
-        i += 16;
-    }
-    while i + 8 <= n {
-        // SAFETY: 8 values at i inside both slices.
-        unsafe {
-            acc0 = _mm256_fmadd_ps(widen(x.as_ptr().add(i)), widen(y.as_ptr().add(i)), acc0);
-        }
-        i += 8;
-    }
-    let mut sum = hsum_ps(_mm256_add_ps(acc0, acc1));
-    for j in i..n {
-        sum += x[j].to_f32() * y[j].to_f32();
-    }
-    sum
+    // SAFETY: the features are enabled here.
+    unsafe { dot_widened(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
 }
 
 /// Scores of rows `r0..r0 + G` (see [`attend_block`]) over keys `lo..lo + n`: four 8-lane

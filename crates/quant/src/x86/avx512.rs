@@ -402,6 +402,69 @@ pub unsafe fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &
 
 /// `f32 → bf16` rounding to nearest even, 16 at a time (`vcvtneps2bf16`; as
 /// `bf16mat::to_bf16` except that denormal inputs become zero).
+/// `Σ x·y` of two rows of 16-bit floats, `widen(p)` giving the 16 values at `p` as f32: in
+/// ggml's AVX-512 order (`ggml_vec_dot_f16`), four 16-lane accumulators over steps of 64
+/// columns, added as (0 + 2) + (1 + 3) then across lanes; a leftover of 16..48 columns adds
+/// to the first accumulators in turn, the rest goes to `rest(i)`, the dot product of
+/// columns `i..` (the AVX2 kernel).
+#[inline(always)]
+unsafe fn dot_widened<T>(
+    x: &[T],
+    y: &[T],
+    widen: impl Fn(*const T) -> __m512,
+    rest: impl Fn(usize) -> f32,
+) -> f32 {
+    let n = x.len().min(y.len());
+    // SAFETY (whole body): the caller vouches for AVX-512 F; every `widen` reads 16 values
+    // at `i + 16k`, with `i + 16k + 16 <= n` by the loop bounds.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let mut i = 0;
+        while i + 64 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(widen(xp.add(i + 16 * k)), widen(yp.add(i + 16 * k)), *acc);
+            }
+            i += 64;
+        }
+        let mut k = 0;
+        while i + 16 <= n {
+            acc[k] = _mm512_fmadd_ps(widen(xp.add(i)), widen(yp.add(i)), acc[k]);
+            (i, k) = (i + 16, k + 1);
+        }
+        let [a0, a1, a2, a3] = acc;
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+        if i < n {
+            sum + rest(i)
+        } else {
+            sum
+        }
+    }
+}
+
+/// F16 rows' dot product (see [`dot_widened`]).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn dot_f16(x: &[half::f16], y: &[half::f16]) -> f32 {
+    // SAFETY: `dot_widened` reads 16 halves (32 bytes) at each pointer it passes.
+    let widen =
+        |p: *const half::f16| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) };
+    // SAFETY: the features are enabled here (AVX2 for the rest).
+    unsafe { dot_widened(x, y, widen, |i| super::avx2::dot_f16(&x[i..], &y[i..])) }
+}
+
+/// BF16 rows' dot product (see [`dot_widened`]).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+    // bf16 → f32 is the 16 bits moved to the top of the word.
+    let widen = |p: *const half::bf16| {
+        // SAFETY: `dot_widened` reads 16 values (32 bytes) at each pointer it passes.
+        let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    };
+    // SAFETY: the features are enabled here (AVX2 for the rest).
+    unsafe { dot_widened(x, y, widen, |i| super::avx2::dot_bf16(&x[i..], &y[i..])) }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     let n = src.len().min(dst.len());

@@ -302,6 +302,16 @@ fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_f16(x, y) }
 }
+/// F16 and BF16 rows at the Avx512 level. SAFETY (both): installed by `kernels` only when
+/// `detect()` found AVX-512 F (with AVX2, FMA, F16C).
+fn dot_f16_avx512(x: &[f16], y: &[f16]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx512::dot_f16(x, y) }
+}
+fn dot_bf16_avx512(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+    // SAFETY: see above.
+    unsafe { avx512::dot_bf16(x, y) }
+}
 fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     // SAFETY: only installed by `kernels` for CPUs with AVX2, FMA and F16C.
     unsafe { avx2::tile_f32_4x3(w, a, cols, out) }
@@ -788,6 +798,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         }
         return Kernels {
             isa,
+            dot_f16: dot_f16_avx512,
+            dot_bf16: dot_bf16_avx512,
             gemm_q4_0: vnni_q4_0,
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
