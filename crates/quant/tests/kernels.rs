@@ -811,7 +811,7 @@ proptest! {
     #[test]
     fn float_tiles_match_reference(
         cols in 1usize..100,
-        rows in 1usize..9,
+        rows in 1usize..17,
         valid in 1usize..33,
         seed in prop::collection::vec(-4.0f32..4.0, 1..50),
     ) {

@@ -3,8 +3,9 @@
 //! (column `k` of the block's tokens side by side). Each weight value is broadcast once and
 //! multiplied with a whole vector of tokens, so the rows stream from L1 and the tokens'
 //! block from L2, and every FMA adds a weight to many tokens' sums: up to 8 rows × 32
-//! tokens at AVX-512 (16 accumulators of the 32 registers), 6 rows × 16 tokens at AVX2
-//! (12 of 16).
+//! tokens at AVX-512 (16 accumulators of the 32 registers), or 16 rows × 16 tokens where at
+//! most 16 of the block's tokens are used (a 16-token prompt ran half its FMAs on padding),
+//! 6 rows × 16 tokens at AVX2 (12 of 16).
 #![allow(clippy::missing_safety_doc)] // callers must have detected the features listed
 
 use half::{bf16, f16};
@@ -12,7 +13,7 @@ use std::arch::x86_64::*;
 
 /// Tokens per transposed block and rows per call at each level.
 pub const TOKENS_512: usize = 32;
-pub const ROWS_512: usize = 8;
+pub const ROWS_512: usize = 16;
 pub const TOKENS_AVX2: usize = 16;
 pub const ROWS_AVX2: usize = 6;
 
@@ -29,7 +30,7 @@ fn check(w: &[f32], xt: &[f32], cols: usize, out: &[f32], stride: usize, valid: 
     rows
 }
 
-/// `out[r · stride + t] = Σ_k w[r][k] · xt[k · 32 + t]` for the rows of `w` (at most 8)
+/// `out[r · stride + t] = Σ_k w[r][k] · xt[k · 32 + t]` for the rows of `w` (at most 16)
 /// and the first `valid` of the block's 32 tokens.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn tile_avx512(
@@ -44,14 +45,32 @@ pub unsafe fn tile_avx512(
     assert!(rows <= ROWS_512 && valid <= TOKENS_512 && xt.len() >= cols * TOKENS_512);
     // SAFETY: the sizes were checked above; `block512` reads `R` rows of `cols` from `w`,
     // `cols × 32` values from `xt`, and writes `valid` values of each row of `out`.
-    unsafe { super::by_rows!(rows, block512(w, xt, cols, out, stride, valid)) }
+    unsafe {
+        macro_rules! rows {
+            ($h:literal, $w:expr, $out:expr, $($r:literal)+) => {
+                match $w.len() / cols {
+                    $($r => block512::<$r, $h>($w, xt, cols, $out, stride, valid),)+
+                    _ => unreachable!(),
+                }
+            };
+        }
+        if valid <= 16 {
+            // One accumulator per row: up to 16 rows in the 16 accumulators.
+            rows!(1, w, out, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+        } else {
+            // Two accumulators per row: 8 rows at a time.
+            for (i, w) in w.chunks(8 * cols).enumerate() {
+                rows!(2, w, &mut out[8 * i * stride..], 1 2 3 4 5 6 7 8)
+            }
+        }
+    }
 }
 
 /// # Safety
 /// AVX-512F; as checked by `tile_avx512` for `R` rows.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block512<const R: usize>(
+unsafe fn block512<const R: usize, const H: usize>(
     w: &[f32],
     xt: &[f32],
     cols: usize,
@@ -67,11 +86,17 @@ unsafe fn block512<const R: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for k in 0..cols {
             let x0 = _mm512_loadu_ps(xp.add(k * 32));
-            let x1 = _mm512_loadu_ps(xp.add(k * 32 + 16));
+            let x1 = if H == 2 {
+                _mm512_loadu_ps(xp.add(k * 32 + 16))
+            } else {
+                _mm512_setzero_ps()
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let wb = _mm512_set1_ps(*wp.add(r * cols + k));
                 acc[0] = _mm512_fmadd_ps(wb, x0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(wb, x1, acc[1]);
+                if H == 2 {
+                    acc[1] = _mm512_fmadd_ps(wb, x1, acc[1]);
+                }
             }
         }
         let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as u16 };
