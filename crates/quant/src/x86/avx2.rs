@@ -401,7 +401,7 @@ pub unsafe fn dot_q6_k<const PF: bool>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
 /// product). Four accumulators rather than one keep the FMAs from waiting on each other
 /// (one chain of 4-cycle FMAs held F16 rows to 7 GB/s on the Xeon family 6 model 207).
 #[inline(always)]
-unsafe fn dot_widened<T>(
+unsafe fn dot_widened<T, const PF: bool>(
     x: &[T],
     y: &[T],
     widen: impl Fn(*const T) -> __m256,
@@ -415,6 +415,10 @@ unsafe fn dot_widened<T>(
         let (xp, yp) = (x.as_ptr(), y.as_ptr());
         let mut i = 0;
         while i + 32 <= n {
+            // `x` 4 KiB ahead where the CPU wants it (`PF`, see `x86::prefetch_weights`).
+            if PF {
+                prefetch(xp.wrapping_add(i + 2048) as *const u8, 64);
+            }
             for (k, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(widen(xp.add(i + 8 * k)), widen(yp.add(i + 8 * k)), *acc);
             }
@@ -435,11 +439,11 @@ unsafe fn dot_widened<T>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+pub unsafe fn dot_f16<const PF: bool>(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: `dot_widened` reads 8 halves (16 bytes) at each pointer it passes.
     let widen = |p: *const f16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
     // SAFETY: the features are enabled here.
-    unsafe { dot_widened(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
+    unsafe { dot_widened::<_, PF>(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
 }
 
 /// 4 weight rows × 3 activation rows at once: each loaded vector feeds 3 or 4 FMAs instead
@@ -966,7 +970,7 @@ pub unsafe fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+pub unsafe fn dot_bf16<const PF: bool>(x: &[half::bf16], y: &[half::bf16]) -> f32 {
     // bf16 → f32 is the 16 bits moved to the top of the word.
     let widen = |p: *const half::bf16| {
         // SAFETY: `dot_widened` reads 8 values (16 bytes) at each pointer it passes.
@@ -974,7 +978,7 @@ pub unsafe fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
     };
     // SAFETY: the features are enabled here.
-    unsafe { dot_widened(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
+    unsafe { dot_widened::<_, PF>(x, y, widen, |j| x[j].to_f32() * y[j].to_f32()) }
 }
 
 /// Scores of rows `r0..r0 + G` (see [`attend_block`]) over keys `lo..lo + n`: four 8-lane

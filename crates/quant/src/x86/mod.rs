@@ -294,23 +294,23 @@ fn dot_iq4_xs(x: &[BlockIQ4XS], y: &[BlockQ8K]) -> f32 {
     // SAFETY: see above.
     unsafe { avx2::dot_iq4_xs(x, y) }
 }
-fn dot_bf16(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+fn dot_bf16<const PF: bool>(x: &[half::bf16], y: &[half::bf16]) -> f32 {
     // SAFETY: see above.
-    unsafe { avx2::dot_bf16(x, y) }
+    unsafe { avx2::dot_bf16::<PF>(x, y) }
 }
-fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+fn dot_f16<const PF: bool>(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: see above.
-    unsafe { avx2::dot_f16(x, y) }
+    unsafe { avx2::dot_f16::<PF>(x, y) }
 }
 /// F16 and BF16 rows at the Avx512 level. SAFETY (both): installed by `kernels` only when
 /// `detect()` found AVX-512 F (with AVX2, FMA, F16C).
-fn dot_f16_avx512(x: &[f16], y: &[f16]) -> f32 {
+fn dot_f16_avx512<const PF: bool>(x: &[f16], y: &[f16]) -> f32 {
     // SAFETY: see above.
-    unsafe { avx512::dot_f16(x, y) }
+    unsafe { avx512::dot_f16::<PF>(x, y) }
 }
-fn dot_bf16_avx512(x: &[half::bf16], y: &[half::bf16]) -> f32 {
+fn dot_bf16_avx512<const PF: bool>(x: &[half::bf16], y: &[half::bf16]) -> f32 {
     // SAFETY: see above.
-    unsafe { avx512::dot_bf16(x, y) }
+    unsafe { avx512::dot_bf16::<PF>(x, y) }
 }
 fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     // SAFETY: only installed by `kernels` for CPUs with AVX2, FMA and F16C.
@@ -363,7 +363,7 @@ fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
             a,
             out,
             scratch,
-            dot_f16,
+            dot_f16::<false>,
             axpy_f16,
             softmax_avx2,
         );
@@ -376,7 +376,7 @@ fn attend_f16(a: &crate::AttendF16, out: &mut [f32], scratch: &mut Vec<f32>) {
 const ATTEND_F16_STEPS: crate::AttendF16Steps = crate::AttendF16Steps {
     scores: |a, ps, qs| {
         if !a.head_dim.is_multiple_of(8) {
-            return crate::reference::attend_f16_scores_by_rows(a, ps, dot_f16);
+            return crate::reference::attend_f16_scores_by_rows(a, ps, dot_f16::<false>);
         }
         // SAFETY: installed by `kernels` only when `detect()` found AVX2, FMA and F16C.
         unsafe { avx2::attend_f16_scores(a, ps, qs) }
@@ -798,8 +798,8 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         }
         return Kernels {
             isa,
-            dot_f16: dot_f16_avx512,
-            dot_bf16: dot_bf16_avx512,
+            dot_f16: kq!(dot_f16_avx512),
+            dot_bf16: kq!(dot_bf16_avx512),
             gemm_q4_0: vnni_q4_0,
             gemm_q4_1: vnni_q4_1,
             gemm_q5_0: vnni_q5_0,
@@ -893,7 +893,11 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         isa,
         dot_f32,
         tile_f32_4x3,
-        dot_f16,
+        dot_f16: if prefetch_weights() {
+            dot_f16::<true>
+        } else {
+            dot_f16::<false>
+        },
         dot_q4_0,
         dot_q4_1,
         dot_q5_0,
@@ -906,7 +910,11 @@ pub(crate) unsafe fn kernels(isa: Isa) -> Kernels {
         dot_q3_k,
         dot_iq4_nl,
         dot_iq4_xs,
-        dot_bf16,
+        dot_bf16: if prefetch_weights() {
+            dot_bf16::<true>
+        } else {
+            dot_bf16::<false>
+        },
         gemm_q5_1,
         gemm_q5_k,
         gemm_q2_k,
