@@ -38,10 +38,10 @@
 //! super-block, one row per 128-bit lane, and a byte shuffle puts a sub-block's scale
 //! times 256 in each i16 lane for `vpdpwssd` (`vpmaddwd` at AVX2).
 //!
-//! Q2_K rows ([`Q2K8`]) are grouped as Q3_K's without the high bits; each row's 16 scale
-//! bytes are the file's, four rows to a 64-byte load (one row per 128-bit lane), so the
-//! scale nibbles go to `vpdpwssd` as Q3_K's do and the min nibbles meet the activations'
-//! 16-value sums once per super-block. (Until 2026-12-07 Q2_K decoded on the `kquant` tiles
+//! Q2_K rows ([`Q2K8`]) are grouped as Q3_K's without the high bits, and decoded by the
+//! same tiles ([`TwoBitGroup`]); each row's 16 scale bytes are the file's, four rows to a
+//! 64-byte load (one row per 128-bit lane), so the scale nibbles go to `vpdpwssd` as Q3_K's
+//! do and the min nibbles meet the activations' 16-value sums once per super-block. (Until 2026-12-07 Q2_K decoded on the `kquant` tiles
 //! at AVX-512 and per row at AVX2, at 0.35–0.45 of Q4_0's speed per byte on the Xeon family
 //! 6 model 207.)
 //!
@@ -1236,14 +1236,134 @@ fn scale_times_256(g: usize) -> i16 {
     ((g as i16) << 8) | 0x80
 }
 
-/// Q3_K groups `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512 VNNI:
-/// `out[r * n_tok + t]`.
+/// Eight Q3_K or Q2_K rows grouped at load ([`Q3K8`], [`Q2K8`]): the same 16-byte runs of
+/// 2-bit values, four rows to a 64-byte load; Q3_K adds each value's high bit, Q2_K a min
+/// per sub-block (against the activations' 16-value sums once per super-block).
+pub trait TwoBitGroup: Copy {
+    /// The rows' scales.
+    fn d(&self) -> &[f16; 8];
+    /// `qs[c][r]`: row `r`'s run `c`.
+    fn qs(&self) -> &[[[u8; 16]; 8]; 4];
+    /// Q3_K's high bits (`hmask[e][r]`), else `None`.
+    #[inline(always)]
+    fn hmask(&self) -> Option<&[[[u8; 16]; 8]; 2]> {
+        None
+    }
+    /// Q2_K's mins' scales, else `None`.
+    #[inline(always)]
+    fn dmin(&self) -> Option<&[f16; 8]> {
+        None
+    }
+    /// Rows `4h .. 4h + 4`'s 16 sub-block scales as bytes, one row per 128-bit lane (Q3_K:
+    /// signed, minus 32; Q2_K: 0..=15), and their mins (Q2_K; zeros for Q3_K).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW and AVX2 are present.
+    unsafe fn scales512(&self, h: usize) -> (__m512i, __m512i);
+    /// Rows `2k`, `2k + 1`'s, as [`TwoBitGroup::scales512`], at AVX2.
+    ///
+    /// # Safety
+    /// AVX2 is present.
+    unsafe fn scales256(&self, k: usize) -> (__m256i, __m256i);
+}
+
+impl TwoBitGroup for Q3K8 {
+    #[inline(always)]
+    fn d(&self) -> &[f16; 8] {
+        &self.d
+    }
+    #[inline(always)]
+    fn qs(&self) -> &[[[u8; 16]; 8]; 4] {
+        &self.qs
+    }
+    #[inline(always)]
+    fn hmask(&self) -> Option<&[[[u8; 16]; 8]; 2]> {
+        Some(&self.hmask)
+    }
+    /// Four rows' packed scales (48 bytes) from a 64-byte load, spread one row per lane.
+    #[inline(always)]
+    unsafe fn scales512(&self, h: usize) -> (__m512i, __m512i) {
+        const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
+        const _: () = assert!(SCALES + 48 + 64 <= size_of::<Q3K8>());
+        assert!(h < 2);
+        // SAFETY: 64 bytes at SCALES + 48h, inside the group (asserted above); the caller
+        // vouches for the features.
+        unsafe {
+            let base = self as *const Q3K8 as *const u8;
+            let v = _mm512_loadu_si512(base.add(SCALES + 48 * h) as *const _);
+            let lanes = _mm512_loadu_si512(Q3K_SCALE_LANES.as_ptr() as *const _);
+            let sc = q3k_scales_512(_mm512_permutexvar_epi32(lanes, v));
+            (sc, _mm512_setzero_si512())
+        }
+    }
+    /// Two rows' packed scales (24 bytes) from a 32-byte load, one row per lane.
+    #[inline(always)]
+    unsafe fn scales256(&self, k: usize) -> (__m256i, __m256i) {
+        const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
+        const _: () = assert!(SCALES + 72 + 32 <= size_of::<Q3K8>());
+        assert!(k < 4);
+        // SAFETY: 32 bytes at SCALES + 24k, inside the group (asserted above); the caller
+        // vouches for AVX2.
+        unsafe {
+            let base = self as *const Q3K8 as *const u8;
+            let v = _mm256_loadu_si256(base.add(SCALES + 24 * k) as *const __m256i);
+            let lanes = _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0);
+            let sc = q3k_scales_256(_mm256_permutevar8x32_epi32(v, lanes));
+            (sc, _mm256_setzero_si256())
+        }
+    }
+}
+
+impl TwoBitGroup for Q2K8 {
+    #[inline(always)]
+    fn d(&self) -> &[f16; 8] {
+        &self.d
+    }
+    #[inline(always)]
+    fn qs(&self) -> &[[[u8; 16]; 8]; 4] {
+        &self.qs
+    }
+    #[inline(always)]
+    fn dmin(&self) -> Option<&[f16; 8]> {
+        Some(&self.dmin)
+    }
+    /// Four rows' scale bytes (the file's, 16 each) in one 64-byte load: the low nibbles
+    /// are the scales, the high ones the mins.
+    #[inline(always)]
+    unsafe fn scales512(&self, h: usize) -> (__m512i, __m512i) {
+        // SAFETY: 64 bytes: rows 4h .. 4h + 4 of `scales`; the caller vouches for the
+        // features.
+        unsafe {
+            let v = _mm512_loadu_si512(self.scales[4 * h].as_ptr() as *const _);
+            let low4 = _mm512_set1_epi8(0x0F);
+            (
+                _mm512_and_si512(v, low4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales256(&self, k: usize) -> (__m256i, __m256i) {
+        // SAFETY: 32 bytes: rows 2k, 2k + 1 of `scales`; the caller vouches for AVX2.
+        unsafe {
+            let v = _mm256_loadu_si256(self.scales[2 * k].as_ptr() as *const __m256i);
+            let low4 = _mm256_set1_epi8(0x0F);
+            (
+                _mm256_and_si256(v, low4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
+            )
+        }
+    }
+}
+
+/// Q3_K or Q2_K groups `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512
+/// VNNI: `out[r * n_tok + t]`.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_q3k_avx512(
-    w: &[Q3K8],
+pub unsafe fn gemm_two_bit_avx512<G: TwoBitGroup>(
+    w: &[G],
     a: &[BlockQ8K],
     nb: usize,
     n_tok: usize,
@@ -1254,26 +1374,27 @@ pub unsafe fn gemm_q3k_avx512(
         // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
         unsafe {
             match n {
-                1 => tile512_q3k::<1>(group, a, nb, t0, n_tok, out),
-                2 => tile512_q3k::<2>(group, a, nb, t0, n_tok, out),
-                3 => tile512_q3k::<3>(group, a, nb, t0, n_tok, out),
-                _ => tile512_q3k::<4>(group, a, nb, t0, n_tok, out),
+                1 => tile512_two_bit::<1, G>(group, a, nb, t0, n_tok, out),
+                2 => tile512_two_bit::<2, G>(group, a, nb, t0, n_tok, out),
+                3 => tile512_two_bit::<3, G>(group, a, nb, t0, n_tok, out),
+                _ => tile512_two_bit::<4, G>(group, a, nb, t0, n_tok, out),
             }
         }
     });
 }
 
-/// One Q3_K group × tokens `t0 .. t0 + T`: rows `4h .. 4h + 4` in vector `h`, one row per
-/// 128-bit lane (four i32 lanes per row). Each value is held as `u = value + 4` (its two low
-/// bits, plus 4 under the byte mask of its high bit): 0..=7, as the `kquant` tile does; a
-/// sub-block's `vpmaddubsw` pairs are scaled in `vpdpwssd` by its scale times 256 (a byte
-/// shuffle, no widening), and `4 · Σ scale · bsum` comes off at the end of the super-block.
-/// The factor 256 is taken out of the float scale: exact, as a power of two.
+/// One Q3_K or Q2_K group × tokens `t0 .. t0 + T`: rows `4h .. 4h + 4` in vector `h`, one
+/// row per 128-bit lane (four i32 lanes per row). A Q3_K value is held as `u = value + 4`
+/// (its two low bits, plus 4 under the byte mask of its high bit): 0..=7, as the `kquant`
+/// tile does, and `4 · Σ scale · bsum` comes off at the end of the super-block; a Q2_K
+/// value is its two bits, and `Σ min · bsum` comes off with `dmin`. A sub-block's
+/// `vpmaddubsw` pairs are scaled in `vpdpwssd` by its scale times 256 (a byte shuffle, no
+/// widening); the factor 256 is taken out of the float scale: exact, as a power of two.
 #[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn tile512_q3k<const T: usize>(
-    group: &[Q3K8],
+unsafe fn tile512_two_bit<const T: usize, G: TwoBitGroup>(
+    group: &[G],
     a: &[BlockQ8K],
     nb: usize,
     t0: usize,
@@ -1281,30 +1402,25 @@ unsafe fn tile512_q3k<const T: usize>(
     out: &mut [f32],
 ) {
     assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    // Four rows' scales (48 bytes) from each half's 64-byte load, and the last byte a load
-    // reads: inside the group.
-    const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
-    const _: () = assert!(SCALES + 48 + 64 <= size_of::<Q3K8>());
     let mut acc = [[_mm512_setzero_ps(); 2]; T];
     let m3 = _mm512_set1_epi8(3);
     let four = _mm512_set1_epi8(4);
-    // SAFETY: a 64-byte load of the lane indices.
-    let scale_lanes = unsafe { _mm512_loadu_si512(Q3K_SCALE_LANES.as_ptr() as *const _) };
     let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     let rows = [rows_lo, _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4))];
     for b in 0..nb {
         let blk = &group[b];
-        let base = blk as *const Q3K8 as *const u8;
         // Arrays element by element, not with `array::map` (see `tile512_k`).
         let mut sc = [_mm512_setzero_si512(); 2];
+        let mut mins = sc;
         let mut hm = [[_mm512_setzero_si512(); 2]; 2];
         for h in 0..2 {
-            // SAFETY: 64 bytes at SCALES + 48h, inside the group (asserted above).
-            let v = unsafe { _mm512_loadu_si512(base.add(SCALES + 48 * h) as *const _) };
-            sc[h] = q3k_scales_512(_mm512_permutexvar_epi32(scale_lanes, v));
-            for e in 0..2 {
-                // SAFETY: 64 bytes: rows 4h .. 4h + 4 of hmask half e.
-                hm[e][h] = unsafe { _mm512_loadu_si512(blk.hmask[e][4 * h].as_ptr() as *const _) };
+            // SAFETY: the features are enabled here.
+            (sc[h], mins[h]) = unsafe { blk.scales512(h) };
+            if let Some(hmask) = blk.hmask() {
+                for e in 0..2 {
+                    // SAFETY: 64 bytes: rows 4h .. 4h + 4 of hmask half e.
+                    hm[e][h] = unsafe { _mm512_loadu_si512(hmask[e][4 * h].as_ptr() as *const _) };
+                }
             }
         }
         let mut isum = [[_mm512_setzero_si512(); 2]; T];
@@ -1318,7 +1434,7 @@ unsafe fn tile512_q3k<const T: usize>(
                 let mut q = [_mm512_setzero_si512(); 2];
                 for h in 0..2 {
                     // SAFETY: 64 bytes: rows 4h .. 4h + 4 of run c.
-                    q[h] = unsafe { _mm512_loadu_si512(blk.qs[$c][4 * h].as_ptr() as *const _) };
+                    q[h] = unsafe { _mm512_loadu_si512(blk.qs()[$c][4 * h].as_ptr() as *const _) };
                 }
                 for j in 0..4 {
                     let g = 8 * half + 2 * j + e;
@@ -1327,9 +1443,11 @@ unsafe fn tile512_q3k<const T: usize>(
                     let mut u = [_mm512_setzero_si512(); 2];
                     let mut s = [_mm512_setzero_si512(); 2];
                     for h in 0..2 {
-                        let low = _mm512_and_si512(two_bit_field(q[h], j), m3);
-                        let high = _mm512_test_epi8_mask(hm[e][h], bit);
-                        u[h] = _mm512_mask_add_epi8(low, high, low, four);
+                        u[h] = _mm512_and_si512(two_bit_field(q[h], j), m3);
+                        if blk.hmask().is_some() {
+                            let high = _mm512_test_epi8_mask(hm[e][h], bit);
+                            u[h] = _mm512_mask_add_epi8(u[h], high, u[h], four);
+                        }
                         s[h] = _mm512_shuffle_epi8(sc[h], pick);
                     }
                     for t in 0..T {
@@ -1339,6 +1457,7 @@ unsafe fn tile512_q3k<const T: usize>(
                             _mm_loadu_si128(y.qs.as_ptr().add(16 * g) as *const __m128i)
                         });
                         for h in 0..2 {
+                            // At most 2 · 7 · 128 per pair, times 32 · 256.
                             let pairs = _mm512_maddubs_epi16(u[h], act);
                             // SAFETY: AVX-512 VNNI is enabled here.
                             isum[t][h] = unsafe { dpwssd(isum[t][h], pairs, s[h]) };
@@ -1351,18 +1470,29 @@ unsafe fn tile512_q3k<const T: usize>(
         run!(1);
         run!(2);
         run!(3);
-        // SAFETY: 16 bytes of `d`.
-        let d8 = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe {
-            _mm_loadu_si128(blk.d.as_ptr() as *const __m128i)
-        }));
+        let f16x8 = |v: &[f16; 8]| {
+            // SAFETY: the 16 bytes of `v`.
+            _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe {
+                _mm_loadu_si128(v.as_ptr() as *const __m128i)
+            }))
+        };
+        let (d8, dmin8) = (f16x8(blk.d()), blk.dmin().map(f16x8));
         let zero = _mm512_setzero_si512();
-        // Each lane's scales times 256 as i16: sub-blocks 0..8, then 8..16.
+        // Each lane's offset multipliers as i16, sub-blocks 0..8, then 8..16: Q3_K's scales
+        // times 256 (taken 4 times with `d`), Q2_K's mins (with `dmin`).
         let mut wide = [[zero; 2]; 2];
         for h in 0..2 {
-            wide[h] = [
-                _mm512_unpacklo_epi8(zero, sc[h]),
-                _mm512_unpackhi_epi8(zero, sc[h]),
-            ];
+            wide[h] = if blk.hmask().is_some() {
+                [
+                    _mm512_unpacklo_epi8(zero, sc[h]),
+                    _mm512_unpackhi_epi8(zero, sc[h]),
+                ]
+            } else {
+                [
+                    _mm512_unpacklo_epi8(mins[h], zero),
+                    _mm512_unpackhi_epi8(mins[h], zero),
+                ]
+            };
         }
         for t in 0..T {
             let y = &a[(t0 + t) * nb + b];
@@ -1374,15 +1504,22 @@ unsafe fn tile512_q3k<const T: usize>(
                     _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(1))),
                 ]
             };
-            let dy = _mm512_set1_ps(y.d / 256.0);
+            let dy_256 = _mm512_set1_ps(y.d / 256.0);
             for h in 0..2 {
                 let offset = _mm512_add_epi32(
                     _mm512_madd_epi16(wide[h][0], sums[0]),
                     _mm512_madd_epi16(wide[h][1], sums[1]),
                 );
-                let sum = _mm512_sub_epi32(isum[t][h], _mm512_slli_epi32::<2>(offset));
-                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy);
-                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[t][h]);
+                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy_256);
+                if let Some(dmin8) = dmin8 {
+                    let dmin =
+                        _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], dmin8), _mm512_set1_ps(y.d));
+                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][h]), d, acc[t][h]);
+                    acc[t][h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offset), dmin, acc[t][h]);
+                } else {
+                    let sum = _mm512_sub_epi32(isum[t][h], _mm512_slli_epi32::<2>(offset));
+                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[t][h]);
+                }
             }
         }
     }
@@ -1398,32 +1535,38 @@ unsafe fn tile512_q3k<const T: usize>(
     }
 }
 
-/// [`gemm_q3k_avx512`] at AVX2.
+/// [`gemm_two_bit_avx512`] at AVX2.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_q3k_avx2(w: &[Q3K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
+pub unsafe fn gemm_two_bit_avx2<G: TwoBitGroup>(
+    w: &[G],
+    a: &[BlockQ8K],
+    nb: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
     check_k(w, a, nb, n_tok, out);
     by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
         // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
         unsafe {
             match n {
-                1 => tile256_q3k::<1>(group, a, nb, t0, n_tok, out),
-                _ => tile256_q3k::<2>(group, a, nb, t0, n_tok, out),
+                1 => tile256_two_bit::<1, G>(group, a, nb, t0, n_tok, out),
+                _ => tile256_two_bit::<2, G>(group, a, nb, t0, n_tok, out),
             }
         }
     });
 }
 
-/// One Q3_K group × tokens `t0 .. t0 + T` at AVX2, as [`tile512_q3k`]: rows `2k`, `2k + 1`
-/// in vector `k`, one row per 128-bit lane. The high bit moves to bit 2 of its byte with a
-/// shift (bits shifted in from the neighbouring byte are masked off).
+/// One Q3_K or Q2_K group × tokens `t0 .. t0 + T` at AVX2, as [`tile512_two_bit`]: rows
+/// `2k`, `2k + 1` in vector `k`, one row per 128-bit lane. Q3_K's high bit moves to bit 2 of
+/// its byte with a shift (bits shifted in from the neighbouring byte are masked off).
 #[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile256_q3k<const T: usize>(
-    group: &[Q3K8],
+unsafe fn tile256_two_bit<const T: usize, G: TwoBitGroup>(
+    group: &[G],
     a: &[BlockQ8K],
     nb: usize,
     t0: usize,
@@ -1431,51 +1574,47 @@ unsafe fn tile256_q3k<const T: usize>(
     out: &mut [f32],
 ) {
     assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    // Two rows' scales (24 bytes) from each pair's 32-byte load: inside the group.
-    const SCALES: usize = std::mem::offset_of!(Q3K8, scales);
-    const _: () = assert!(SCALES + 72 + 32 <= size_of::<Q3K8>());
     let mut acc = [[_mm256_setzero_ps(); 4]; T];
     let m3 = _mm256_set1_epi8(3);
     let four = _mm256_set1_epi8(4);
-    let scale_lanes = _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0);
     for b in 0..nb {
         let blk = &group[b];
-        let base = blk as *const Q3K8 as *const u8;
         let mut isum = [[_mm256_setzero_si256(); 4]; T];
         let mut sc = [_mm256_setzero_si256(); 4];
+        let mut mins = sc;
         for k in 0..4 {
-            if k % 2 == 0 {
-                prefetch_ahead(blk, k);
-                prefetch_ahead(blk, k + 1);
+            prefetch_ahead(blk, k);
+            // SAFETY: AVX2 is enabled here.
+            (sc[k], mins[k]) = unsafe { blk.scales256(k) };
+            let mut hm = [_mm256_setzero_si256(); 2];
+            if let Some(hmask) = blk.hmask() {
+                for e in 0..2 {
+                    // SAFETY: 32 bytes: rows 2k, 2k + 1 of hmask half e.
+                    hm[e] =
+                        unsafe { _mm256_loadu_si256(hmask[e][2 * k].as_ptr() as *const __m256i) };
+                }
             }
-            // SAFETY: 32 bytes at SCALES + 24k, inside the group (asserted above).
-            let v = unsafe { _mm256_loadu_si256(base.add(SCALES + 24 * k) as *const __m256i) };
-            sc[k] = q3k_scales_256(_mm256_permutevar8x32_epi32(v, scale_lanes));
-            // SAFETY: 32 bytes: rows 2k, 2k + 1 of each hmask half.
-            let hm = unsafe {
-                [
-                    _mm256_loadu_si256(blk.hmask[0][2 * k].as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(blk.hmask[1][2 * k].as_ptr() as *const __m256i),
-                ]
-            };
-            // Run `c`, spelled out as in `tile512_q3k`.
+            // Run `c`, spelled out as in `tile512_two_bit`.
             macro_rules! run {
                 ($c:literal) => {{
                     let (half, e) = ($c / 2, $c % 2);
                     // SAFETY: 32 bytes: rows 2k, 2k + 1 of run c.
-                    let q =
-                        unsafe { _mm256_loadu_si256(blk.qs[$c][2 * k].as_ptr() as *const __m256i) };
+                    let q = unsafe {
+                        _mm256_loadu_si256(blk.qs()[$c][2 * k].as_ptr() as *const __m256i)
+                    };
                     for j in 0..4 {
                         let g = 8 * half + 2 * j + e;
                         let shifted = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32));
-                        let low = _mm256_and_si256(shifted, m3);
-                        let n = (4 * half + j) as i32;
-                        let moved = if n >= 2 {
-                            _mm256_srl_epi16(hm[e], _mm_cvtsi32_si128(n - 2))
-                        } else {
-                            _mm256_sll_epi16(hm[e], _mm_cvtsi32_si128(2 - n))
-                        };
-                        let u = _mm256_or_si256(low, _mm256_and_si256(moved, four));
+                        let mut u = _mm256_and_si256(shifted, m3);
+                        if blk.hmask().is_some() {
+                            let n = (4 * half + j) as i32;
+                            let moved = if n >= 2 {
+                                _mm256_srl_epi16(hm[e], _mm_cvtsi32_si128(n - 2))
+                            } else {
+                                _mm256_sll_epi16(hm[e], _mm_cvtsi32_si128(2 - n))
+                            };
+                            u = _mm256_or_si256(u, _mm256_and_si256(moved, four));
+                        }
                         let s = _mm256_shuffle_epi8(sc[k], _mm256_set1_epi16(scale_times_256(g)));
                         for t in 0..T {
                             let y = &a[(t0 + t) * nb + b];
@@ -1494,8 +1633,11 @@ unsafe fn tile256_q3k<const T: usize>(
             run!(2);
             run!(3);
         }
-        // SAFETY: 16 bytes of `d`.
-        let d8 = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.d.as_ptr() as *const __m128i) });
+        let f16x8 = |v: &[f16; 8]| {
+            // SAFETY: the 16 bytes of `v`.
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr() as *const __m128i) })
+        };
+        let (d8, dmin8) = (f16x8(blk.d()), blk.dmin().map(f16x8));
         let zero = _mm256_setzero_si256();
         for t in 0..T {
             let y = &a[(t0 + t) * nb + b];
@@ -1507,282 +1649,37 @@ unsafe fn tile256_q3k<const T: usize>(
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1))),
                 ]
             };
-            let dy = _mm256_set1_ps(y.d / 256.0);
+            let dy_256 = _mm256_set1_ps(y.d / 256.0);
             for k in 0..4 {
+                // Q3_K's scales times 256 (taken 4 times with `d`), Q2_K's mins (with
+                // `dmin`), each against its sub-block's sum.
+                let wide = if blk.hmask().is_some() {
+                    [
+                        _mm256_unpacklo_epi8(zero, sc[k]),
+                        _mm256_unpackhi_epi8(zero, sc[k]),
+                    ]
+                } else {
+                    [
+                        _mm256_unpacklo_epi8(mins[k], zero),
+                        _mm256_unpackhi_epi8(mins[k], zero),
+                    ]
+                };
                 let offset = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_unpacklo_epi8(zero, sc[k]), sums[0]),
-                    _mm256_madd_epi16(_mm256_unpackhi_epi8(zero, sc[k]), sums[1]),
-                );
-                let sum = _mm256_sub_epi32(isum[t][k], _mm256_slli_epi32::<2>(offset));
-                let i = 2 * k as i32;
-                let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
-                let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy);
-                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc[t][k]);
-            }
-        }
-    }
-    for t in 0..T {
-        store_rows(acc[t], _mm256_setzero_ps(), out, n_tok, t0 + t);
-    }
-}
-
-/// Q2_K groups `w` (`nb` super-blocks per row) × `n_tok` tokens of Q8_K at AVX-512 VNNI:
-/// `out[r * n_tok + t]`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_q2k_avx512(
-    w: &[Q2K8],
-    a: &[BlockQ8K],
-    nb: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    check_k(w, a, nb, n_tok, out);
-    by_group(w, nb, n_tok, 4, out, |group, t0, n, out| {
-        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
-        unsafe {
-            match n {
-                1 => tile512_q2k::<1>(group, a, nb, t0, n_tok, out),
-                2 => tile512_q2k::<2>(group, a, nb, t0, n_tok, out),
-                3 => tile512_q2k::<3>(group, a, nb, t0, n_tok, out),
-                _ => tile512_q2k::<4>(group, a, nb, t0, n_tok, out),
-            }
-        }
-    });
-}
-
-/// One Q2_K group × tokens `t0 .. t0 + T`, as [`tile512_q3k`] without the high bits: the
-/// 2-bit values go into `vpmaddubsw` as they are, a sub-block's pairs are scaled in
-/// `vpdpwssd` by its scale times 256 (the scale nibble shuffled into each i16's high byte),
-/// and the mins meet the activations' 16-value sums at the end of the super-block.
-#[allow(clippy::needless_range_loop)] // `h` picks a row half in weights, scales and sums
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn tile512_q2k<const T: usize>(
-    group: &[Q2K8],
-    a: &[BlockQ8K],
-    nb: usize,
-    t0: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    let mut acc = [[_mm512_setzero_ps(); 2]; T];
-    let (m3, low4) = (_mm512_set1_epi8(3), _mm512_set1_epi8(0x0F));
-    let rows_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    let rows = [rows_lo, _mm512_add_epi32(rows_lo, _mm512_set1_epi32(4))];
-    for b in 0..nb {
-        let blk = &group[b];
-        // Rows 4h .. 4h + 4's scale bytes, one row per 128-bit lane: the scales (low
-        // nibbles) and mins (high nibbles).
-        let mut sc = [_mm512_setzero_si512(); 2];
-        let mut mins = sc;
-        for h in 0..2 {
-            // SAFETY: 64 bytes: rows 4h .. 4h + 4 of `scales`.
-            let v = unsafe { _mm512_loadu_si512(blk.scales[4 * h].as_ptr() as *const _) };
-            sc[h] = _mm512_and_si512(v, low4);
-            mins[h] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
-        }
-        let mut isum = [[_mm512_setzero_si512(); 2]; T];
-        // Run `c`, spelled out as in `tile512_q3k`.
-        macro_rules! run {
-            ($c:literal) => {{
-                let (half, e) = ($c / 2, $c % 2);
-                prefetch_ahead(blk, $c);
-                let mut q = [_mm512_setzero_si512(); 2];
-                for h in 0..2 {
-                    // SAFETY: 64 bytes: rows 4h .. 4h + 4 of run c.
-                    q[h] = unsafe { _mm512_loadu_si512(blk.qs[$c][4 * h].as_ptr() as *const _) };
-                }
-                for j in 0..4 {
-                    let g = 8 * half + 2 * j + e;
-                    let pick = _mm512_set1_epi16(scale_times_256(g));
-                    let mut u = [_mm512_setzero_si512(); 2];
-                    let mut s = [_mm512_setzero_si512(); 2];
-                    for h in 0..2 {
-                        u[h] = _mm512_and_si512(two_bit_field(q[h], j), m3);
-                        s[h] = _mm512_shuffle_epi8(sc[h], pick);
-                    }
-                    for t in 0..T {
-                        let y = &a[(t0 + t) * nb + b];
-                        // SAFETY: 16 bytes at 16g inside the 256 of `qs`.
-                        let act = _mm512_broadcast_i32x4(unsafe {
-                            _mm_loadu_si128(y.qs.as_ptr().add(16 * g) as *const __m128i)
-                        });
-                        for h in 0..2 {
-                            // At most 2 · 3 · 128 per pair, times 15 · 256.
-                            let pairs = _mm512_maddubs_epi16(u[h], act);
-                            // SAFETY: AVX-512 VNNI is enabled here.
-                            isum[t][h] = unsafe { dpwssd(isum[t][h], pairs, s[h]) };
-                        }
-                    }
-                }
-            }};
-        }
-        run!(0);
-        run!(1);
-        run!(2);
-        run!(3);
-        // SAFETY: 16 bytes of `d` and of `dmin`.
-        let (d8, dmin8) = unsafe {
-            (
-                _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
-                    blk.d.as_ptr() as *const __m128i
-                ))),
-                _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
-                    blk.dmin.as_ptr() as *const __m128i
-                ))),
-            )
-        };
-        let zero = _mm512_setzero_si512();
-        // Each lane's mins as i16: sub-blocks 0..8, then 8..16.
-        let mut wide = [[zero; 2]; 2];
-        for h in 0..2 {
-            wide[h] = [
-                _mm512_unpacklo_epi8(mins[h], zero),
-                _mm512_unpackhi_epi8(mins[h], zero),
-            ];
-        }
-        for t in 0..T {
-            let y = &a[(t0 + t) * nb + b];
-            // SAFETY: two 16-byte loads inside the 32 bytes of `bsums`.
-            let sums = unsafe {
-                let p = y.bsums.as_ptr() as *const __m128i;
-                [
-                    _mm512_broadcast_i32x4(_mm_loadu_si128(p)),
-                    _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(1))),
-                ]
-            };
-            let (dy, dy_256) = (_mm512_set1_ps(y.d), _mm512_set1_ps(y.d / 256.0));
-            for h in 0..2 {
-                let msum = _mm512_add_epi32(
-                    _mm512_madd_epi16(wide[h][0], sums[0]),
-                    _mm512_madd_epi16(wide[h][1], sums[1]),
-                );
-                let d = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], d8), dy_256);
-                let dmin = _mm512_mul_ps(_mm512_permutexvar_ps(rows[h], dmin8), dy);
-                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][h]), d, acc[t][h]);
-                acc[t][h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), dmin, acc[t][h]);
-            }
-        }
-    }
-    for t in 0..T {
-        let [a, b] = acc[t];
-        let halves = [
-            _mm512_castps512_ps256(a),
-            upper_half(a),
-            _mm512_castps512_ps256(b),
-            upper_half(b),
-        ];
-        store_rows(halves, _mm256_setzero_ps(), out, n_tok, t0 + t);
-    }
-}
-
-/// [`gemm_q2k_avx512`] at AVX2.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_q2k_avx2(w: &[Q2K8], a: &[BlockQ8K], nb: usize, n_tok: usize, out: &mut [f32]) {
-    check_k(w, a, nb, n_tok, out);
-    by_group(w, nb, n_tok, 2, out, |group, t0, n, out| {
-        // SAFETY: our caller vouches for the features; `check_k` bounds the tokens.
-        unsafe {
-            match n {
-                1 => tile256_q2k::<1>(group, a, nb, t0, n_tok, out),
-                _ => tile256_q2k::<2>(group, a, nb, t0, n_tok, out),
-            }
-        }
-    });
-}
-
-/// One Q2_K group × tokens `t0 .. t0 + T` at AVX2, as [`tile512_q2k`]: rows `2k`, `2k + 1`
-/// in vector `k`, one row per 128-bit lane.
-#[allow(clippy::needless_range_loop)] // `k` picks a row pair in weights, scales and sums
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile256_q2k<const T: usize>(
-    group: &[Q2K8],
-    a: &[BlockQ8K],
-    nb: usize,
-    t0: usize,
-    n_tok: usize,
-    out: &mut [f32],
-) {
-    assert!(group.len() == nb && out.len() == 8 * n_tok && t0 + T <= n_tok);
-    let mut acc = [[_mm256_setzero_ps(); 4]; T];
-    let (m3, low4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
-    for b in 0..nb {
-        let blk = &group[b];
-        let mut isum = [[_mm256_setzero_si256(); 4]; T];
-        let mut mins = [_mm256_setzero_si256(); 4];
-        for k in 0..4 {
-            prefetch_ahead(blk, k);
-            // SAFETY: 32 bytes: rows 2k, 2k + 1 of `scales`.
-            let v = unsafe { _mm256_loadu_si256(blk.scales[2 * k].as_ptr() as *const __m256i) };
-            let sc = _mm256_and_si256(v, low4);
-            mins[k] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
-            // Run `c`, spelled out as in `tile512_q3k`.
-            macro_rules! run {
-                ($c:literal) => {{
-                    let (half, e) = ($c / 2, $c % 2);
-                    // SAFETY: 32 bytes: rows 2k, 2k + 1 of run c.
-                    let q =
-                        unsafe { _mm256_loadu_si256(blk.qs[$c][2 * k].as_ptr() as *const __m256i) };
-                    for j in 0..4 {
-                        let g = 8 * half + 2 * j + e;
-                        let shifted = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32));
-                        let u = _mm256_and_si256(shifted, m3);
-                        let s = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(scale_times_256(g)));
-                        for t in 0..T {
-                            let y = &a[(t0 + t) * nb + b];
-                            // SAFETY: 16 bytes at 16g inside the 256 of `qs`.
-                            let act = _mm256_broadcastsi128_si256(unsafe {
-                                _mm_loadu_si128(y.qs.as_ptr().add(16 * g) as *const __m128i)
-                            });
-                            let pairs = _mm256_maddubs_epi16(u, act);
-                            isum[t][k] = _mm256_add_epi32(isum[t][k], _mm256_madd_epi16(pairs, s));
-                        }
-                    }
-                }};
-            }
-            run!(0);
-            run!(1);
-            run!(2);
-            run!(3);
-        }
-        // SAFETY: 16 bytes of `d` and of `dmin`.
-        let (d8, dmin8) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(blk.dmin.as_ptr() as *const __m128i)),
-            )
-        };
-        let zero = _mm256_setzero_si256();
-        for t in 0..T {
-            let y = &a[(t0 + t) * nb + b];
-            // SAFETY: two 16-byte loads inside the 32 bytes of `bsums`.
-            let sums = unsafe {
-                let p = y.bsums.as_ptr() as *const __m128i;
-                [
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p)),
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1))),
-                ]
-            };
-            let (dy, dy_256) = (_mm256_set1_ps(y.d), _mm256_set1_ps(y.d / 256.0));
-            for k in 0..4 {
-                let msum = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_unpacklo_epi8(mins[k], zero), sums[0]),
-                    _mm256_madd_epi16(_mm256_unpackhi_epi8(mins[k], zero), sums[1]),
+                    _mm256_madd_epi16(wide[0], sums[0]),
+                    _mm256_madd_epi16(wide[1], sums[1]),
                 );
                 let i = 2 * k as i32;
                 let pick = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
                 let d = _mm256_mul_ps(_mm256_permutevar8x32_ps(d8, pick), dy_256);
-                let dmin = _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin8, pick), dy);
-                acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
-                acc[t][k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc[t][k]);
+                if let Some(dmin8) = dmin8 {
+                    let dmin =
+                        _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin8, pick), _mm256_set1_ps(y.d));
+                    acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][k]), d, acc[t][k]);
+                    acc[t][k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offset), dmin, acc[t][k]);
+                } else {
+                    let sum = _mm256_sub_epi32(isum[t][k], _mm256_slli_epi32::<2>(offset));
+                    acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc[t][k]);
+                }
             }
         }
     }

@@ -637,10 +637,10 @@ grouped_k_gemm!(grouped256_q4_k, gemm_k_avx2, Q4K8);
 grouped_k_gemm!(grouped256_q5_k, gemm_k_avx2, Q5K8);
 grouped_k_gemm!(grouped512_iq4_xs, gemm_iq4xs_avx512, IQ4XS8);
 grouped_k_gemm!(grouped256_iq4_xs, gemm_iq4xs_avx2, IQ4XS8);
-grouped_k_gemm!(grouped512_q3_k, gemm_q3k_avx512, Q3K8);
-grouped_k_gemm!(grouped256_q3_k, gemm_q3k_avx2, Q3K8);
-grouped_k_gemm!(grouped512_q2_k, gemm_q2k_avx512, Q2K8);
-grouped_k_gemm!(grouped256_q2_k, gemm_q2k_avx2, Q2K8);
+grouped_k_gemm!(grouped512_q3_k, gemm_two_bit_avx512, Q3K8);
+grouped_k_gemm!(grouped256_q3_k, gemm_two_bit_avx2, Q3K8);
+grouped_k_gemm!(grouped512_q2_k, gemm_two_bit_avx512, Q2K8);
+grouped_k_gemm!(grouped256_q2_k, gemm_two_bit_avx2, Q2K8);
 
 /// Super-block types on the `kquant` tiles. SAFETY (all): installed by `kernels` only at
 /// the Avx512 level (AVX-512 F/BW/VL/VNNI detected).
