@@ -622,7 +622,7 @@ grouped_gemm!(grouped256_q4_0, gemm_avx2, false, Nibbles8, BlockQ8_0);
 grouped_gemm!(grouped256_iq4_nl, gemm_avx2, true, Nibbles8, BlockQ8_0);
 grouped_gemm!(grouped256_q4_1, gemm_avx2, false, NibblesMin8, BlockQ8_1);
 grouped_gemm!(grouped256_q5_0, gemm_avx2, false, NibblesQh8, BlockQ8_0);
-/// Q4_K, Q5_K and IQ4_XS groups (SAFETY: as above).
+/// Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K groups (SAFETY: as above).
 macro_rules! grouped_k_gemm {
     ($name:ident, $kernel:ident, $group:ty) => {
         fn $name(w: &[$group], a: &ActBlocks<BlockQ8K>, nb: usize, n: usize, out: &mut [f32]) {
@@ -715,8 +715,8 @@ kpanel_gemm!(kpanel_q4_k, BlockQ4K);
 kpanel_gemm!(kpanel_q5_k, BlockQ5K);
 kpanel_gemm!(kpanel_q6_k, BlockQ6K);
 kpanel_gemm!(kpanel_iq4_xs, BlockIQ4XS);
-/// Q4_K, Q5_K, IQ4_XS and Q3_K rows grouped at load, read in place by the panels (SAFETY: as
-/// above).
+/// Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K rows grouped at load, read in place by the panels (SAFETY:
+/// as above).
 fn kpanel_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
@@ -754,8 +754,8 @@ kpanel_avx2_gemm!(prompt_q4_k, BlockQ4K);
 kpanel_avx2_gemm!(prompt_q5_k, BlockQ5K);
 kpanel_avx2_gemm!(prompt_q6_k, BlockQ6K);
 kpanel_avx2_gemm!(prompt_iq4_xs, BlockIQ4XS);
-/// Q4_K, Q5_K and IQ4_XS rows grouped at load, read in place by the panels (SAFETY: as
-/// above).
+/// Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K rows grouped at load, read in place by the panels (SAFETY:
+/// as above).
 fn prompt_q4_kx8(w: &[Q4K8], a: &ActBlocks<BlockQ8K>, nb: usize, out: &mut Columns) {
     // SAFETY: see above.
     unsafe { kpanel_avx2::gemm(kunpack::GroupedRows(w), a.blocks, nb, out) }
