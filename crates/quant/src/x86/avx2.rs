@@ -394,6 +394,10 @@ pub unsafe fn dot_q6_k<const PF: bool>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     hsum_ps(acc)
 }
 
+/// How far ahead (in 16-bit values, 4 KiB) the F16/BF16 dot products prefetch their first
+/// row, here and in `avx512`.
+pub(crate) const PREFETCH_VALUES: usize = 2048;
+
 /// `Σ x·y` of two rows of 16-bit floats, `widen(p)` giving the 8 values at `p` as f32: in
 /// ggml's AVX2 order (`ggml_vec_dot_f16`), four 8-lane accumulators over steps of 32
 /// columns, added as (0 + 2) + (1 + 3) then across lanes; a leftover of 8..24 columns adds
@@ -417,7 +421,7 @@ unsafe fn dot_widened<T, const PF: bool>(
         while i + 32 <= n {
             // `x` 4 KiB ahead where the CPU wants it (`PF`, see `x86::prefetch_weights`).
             if PF {
-                prefetch(xp.wrapping_add(i + 2048) as *const u8, 64);
+                prefetch(xp.wrapping_add(i + PREFETCH_VALUES) as *const u8, 64);
             }
             for (k, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(widen(xp.add(i + 8 * k)), widen(yp.add(i + 8 * k)), *acc);

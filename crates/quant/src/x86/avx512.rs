@@ -402,9 +402,6 @@ pub unsafe fn add_layer_norm(x: &mut [f32], add: Option<&[f32]>, w: &[f32], b: &
 
 /// `f32 → bf16` rounding to nearest even, 16 at a time (`vcvtneps2bf16`; as
 /// `bf16mat::to_bf16` except that denormal inputs become zero).
-/// How far ahead (in 16-bit values) [`dot_widened`] prefetches its first row.
-const PREFETCH_VALUES: usize = 2048;
-
 /// `Σ x·y` of two rows of 16-bit floats, `widen(p)` giving the 16 values at `p` as f32: in
 /// ggml's AVX-512 order (`ggml_vec_dot_f16`), four 16-lane accumulators over steps of 64
 /// columns, added as (0 + 2) + (1 + 3) then across lanes; a leftover of 16..48 columns adds
@@ -429,7 +426,10 @@ unsafe fn dot_widened<T, const PF: bool>(
             // hardware prefetcher alone left decoding at ~70% of the read bound (`PF`, see
             // `x86::prefetch_weights`).
             if PF {
-                super::avx2::prefetch(xp.wrapping_add(i + PREFETCH_VALUES) as *const u8, 128);
+                super::avx2::prefetch(
+                    xp.wrapping_add(i + super::avx2::PREFETCH_VALUES) as *const u8,
+                    128,
+                );
             }
             for (k, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm512_fmadd_ps(widen(xp.add(i + 16 * k)), widen(yp.add(i + 16 * k)), *acc);
