@@ -594,8 +594,6 @@ pub fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
     x.iter().zip(y).map(|(a, b)| a.to_f32() * b.to_f32()).sum()
 }
 
-/// A 4 × 3 tile of an F32 product: `out[r * 3 + t] = w[r] · a[t]` for the 4 rows of `w` and
-/// the 3 rows of `a` (each `cols` long), summed as [`vec_dot_f32`] does.
 /// The reference of `dispatch::FloatTiles::tile` for blocks of `tokens` tokens: `out[r *
 /// stride + t] = Σ_k w[r][k] · xt[k * tokens + t]` (k in order) for the rows of `w` (`cols`
 /// each) and the first `valid` tokens.
@@ -618,6 +616,8 @@ pub fn float_tile(
     }
 }
 
+/// A 4 × 3 tile of an F32 product: `out[r * 3 + t] = w[r] · a[t]` for the 4 rows of `w` and
+/// the 3 rows of `a` (each `cols` long), summed as [`vec_dot_f32`] does.
 pub fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {
     for r in 0..4 {
         for t in 0..3 {

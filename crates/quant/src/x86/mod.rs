@@ -665,12 +665,23 @@ macro_rules! kquant_entry {
 /// prefetch made them slower from memory (`examples/qmatmul 1 Q6_K,Q5_K,IQ4_XS 1
 /// 2048x5632,5632x2048 16` at avx512, two interleaved runs: Q6_K 17–20 → 21–25 GB/s, Q5_K
 /// 16–19 → 20–22, IQ4_XS 16–19 → 19–21; Q3_K and Q2_K, bound by unpacking, unchanged), so
-/// it is off there (and on Zen 3, the same family, not measured). On Zen 5 (family 26) it
-/// is what keeps them fed: the same command, two interleaved runs, 2026-12-05, with/without:
-/// avx512 Q5_K 29–34 against 10–12 GB/s, Q6_K 39–43 against 30–35, Q3_K 23–25 against
-/// 14–19, IQ4_XS 33–38 against 23–29; avx2 Q6_K 33–34 against 29–31.
+/// it is off there. On Zen 5 (family 26) it is what keeps them fed: the same command, two
+/// interleaved runs, 2026-12-05, with/without: avx512 Q5_K 29–34 against 10–12 GB/s, Q6_K
+/// 39–43 against 30–35, Q3_K 23–25 against 14–19, IQ4_XS 33–38 against 23–29; avx2 Q6_K
+/// 33–34 against 29–31. Zen 3 (family 25 too, model 1: an EPYC with AVX2 only) gains from
+/// it as well, 2026-12-07: `qmatmul T F16,BF16,Q6_K 1 2048x5632,5632x2048 16` at avx2, six
+/// interleaved runs each, with/without, 1 thread: F16 8.8–12.5 against 8.9–11.6 GB/s, BF16
+/// 8.7–12.5 against 8.0–10.0, Q6_K 9.1–11.9 against 8.1–9.5; 2 threads: F16 14.7–21.7
+/// against 13.2–17.1, BF16 16.4–20.6 against 13.5–16.8, Q6_K 14.5–19.9 against 11.7–16.3.
+/// So it is off on Zen 4 alone.
 fn prefetch_weights() -> bool {
-    !(amd() && cpu_family() == 25)
+    !zen4()
+}
+
+/// Whether the CPU is an AMD Zen 4 (family 25, whose other models are Zen 3): Genoa,
+/// Raphael, Phoenix, Bergamo/Siena.
+fn zen4() -> bool {
+    amd() && cpu_family() == 25 && matches!(cpu_model(), 0x10..=0x1F | 0x60..=0x7F | 0xA0..=0xAF)
 }
 
 /// Whether the CPU is AMD's (CPUID leaf 0's vendor string).
@@ -678,6 +689,18 @@ fn amd() -> bool {
     let leaf0 = std::arch::x86_64::__cpuid(0);
     let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx].map(u32::to_le_bytes);
     vendor.concat() == b"AuthenticAMD"
+}
+
+/// The CPU's model (CPUID leaf 1: the base model, with the extended model as its high
+/// nibble where the base family is 6 or 15), as /proc/cpuinfo's `model` shows it.
+fn cpu_model() -> u32 {
+    let eax = std::arch::x86_64::__cpuid(1).eax;
+    let (base, family) = ((eax >> 4) & 0xF, (eax >> 8) & 0xF);
+    if family == 0x6 || family == 0xF {
+        base | (((eax >> 16) & 0xF) << 4)
+    } else {
+        base
+    }
 }
 
 /// The CPU's family (CPUID leaf 1: the base family, plus the extended family where the
@@ -980,14 +1003,19 @@ pub fn fast_bf16_dot_products() -> bool {
 
 #[cfg(test)]
 mod tests {
-    /// The family `prefetch_weights` picks by is the one Linux reports.
+    /// The family and model `prefetch_weights` picks by are the ones Linux reports.
     #[test]
-    fn cpu_family_matches_proc_cpuinfo() {
+    fn cpu_family_and_model_match_proc_cpuinfo() {
         let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
             return;
         };
-        let line = info.lines().find(|l| l.starts_with("cpu family"));
-        let family = line.and_then(|l| l.split(':').nth(1)?.trim().parse::<u32>().ok());
-        assert_eq!(Some(super::cpu_family()), family, "{line:?}");
+        let field = |name: &str| {
+            let line = info
+                .lines()
+                .find(|l| l.split(':').next().map(str::trim) == Some(name));
+            line.and_then(|l| l.split(':').nth(1)?.trim().parse::<u32>().ok())
+        };
+        assert_eq!(Some(super::cpu_family()), field("cpu family"));
+        assert_eq!(Some(super::cpu_model()), field("model"));
     }
 }
