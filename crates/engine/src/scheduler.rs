@@ -132,6 +132,8 @@ pub struct SchedulerStats {
     pub prefix_shared: AtomicU64,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Requests that ran to their end (stop, length, a tool call) and got their summary.
+    pub completed: AtomicU64,
 }
 
 pub struct Scheduler {
@@ -762,6 +764,7 @@ impl Worker {
         let Some(mut a) = self.end(index) else {
             return;
         };
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
         if !text.is_empty() {
             a.job.sink.send(Event::Text(text));
         }

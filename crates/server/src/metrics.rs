@@ -22,6 +22,7 @@ pub struct Metrics {
     kv_used: IntGauge,
     kv_capacity: IntGauge,
     cancelled: IntGauge,
+    completed: IntGauge,
     steps: IntGauge,
     // Per model, under the names autoscalers and endpoint pickers read (as vLLM's).
     waiting: IntGaugeVec,
@@ -96,6 +97,10 @@ impl Metrics {
                 "hearth_cancelled_requests",
                 "Requests dropped because the client went away",
             ),
+            completed: gauge(
+                "hearth_completed_requests",
+                "Requests generated to their end (stop, length or a tool call)",
+            ),
             steps: gauge(
                 "hearth_forward_steps_total",
                 "Batched forward passes run by the schedulers",
@@ -154,6 +159,7 @@ impl Metrics {
             Box::new(m.kv_used.clone()),
             Box::new(m.kv_capacity.clone()),
             Box::new(m.cancelled.clone()),
+            Box::new(m.completed.clone()),
             Box::new(m.steps.clone()),
             Box::new(m.waiting.clone()),
             Box::new(m.running.clone()),
@@ -182,6 +188,8 @@ impl Metrics {
             .set(sum(&|s| stat(s).kv_capacity.load(Ordering::Relaxed)));
         self.cancelled
             .set(sum(&|s| stat(s).cancelled.load(Ordering::Relaxed) as usize));
+        self.completed
+            .set(sum(&|s| stat(s).completed.load(Ordering::Relaxed) as usize));
         self.steps
             .set(sum(&|s| stat(s).steps.load(Ordering::Relaxed) as usize));
         self.waiting.reset();
