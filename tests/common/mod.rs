@@ -76,6 +76,19 @@ pub fn golden_lines(file: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `hearth` binary cargo built for these tests.
+#[cfg(feature = "cli")]
+pub fn hearth_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hearth")
+}
+
+/// Built without the `cli` feature (as .ci's aarch64 stage builds the model tests, none of
+/// which runs the binary) there is no `hearth` binary.
+#[cfg(not(feature = "cli"))]
+pub fn hearth_bin() -> &'static str {
+    panic!("no hearth binary: build the tests with the default `cli` feature")
+}
+
 /// `hearth serve --port 0 ARGS` on the fetched models; returns the process, its
 /// `127.0.0.1:PORT` (from the first stderr line) and the rest of its stderr.
 pub fn spawn_server(
@@ -86,7 +99,7 @@ pub fn spawn_server(
     std::io::BufReader<std::process::ChildStderr>,
 ) {
     use std::io::BufRead;
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+    let mut server = std::process::Command::new(hearth_bin())
         .args(["serve", "--port", "0"])
         .args(args)
         .env("HEARTH_MODELS", models_dir())
@@ -112,7 +125,7 @@ pub fn hearth(args: &[&str]) -> std::process::Output {
 
 /// [`hearth`] with `HEARTH_ISA` set to `level` when given.
 pub fn hearth_at_level(args: &[&str], level: Option<&str>) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"));
+    let mut cmd = std::process::Command::new(hearth_bin());
     cmd.args(args).env("HEARTH_MODELS", models_dir());
     if let Some(level) = level {
         cmd.env("HEARTH_ISA", level);
