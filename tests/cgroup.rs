@@ -110,7 +110,7 @@ fn models_load_and_answer_in_a_cgroup_of_file_plus_kv_plus_100_mb() {
             .args(["-c", script])
             .arg(&procs)
             .arg(&file)
-            .arg(env!("CARGO_BIN_EXE_hearth"))
+            .arg(common::hearth_bin())
             .args([
                 "run",
                 name,

@@ -209,7 +209,7 @@ fn pull_list_run_rm_in_a_fresh_cache() {
     let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(&cache).unwrap();
     let in_cache = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hearth"))
+        Command::new(common::hearth_bin())
             .args(args)
             .env("HEARTH_MODELS", &cache)
             .env("HEARTH_OFFLINE", "1")
@@ -295,7 +295,7 @@ fn no_special_leaves_out_bos() {
 #[test]
 fn chat_takes_turns_from_stdin_and_reuses_the_cache() {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+    let mut child = Command::new(common::hearth_bin())
         .args(["chat", "smollm2", "-v", "-n", "6", "--temperature", "0"])
         .env("HEARTH_MODELS", common::models_dir())
         .stdin(std::process::Stdio::piped())
@@ -414,7 +414,7 @@ fn bench_prints_llama_bench_records() {
 #[test]
 fn kv_cache_type_from_flag_and_environment() {
     let run = |extra: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        let mut cmd = Command::new(common::hearth_bin());
         cmd.args([
             "--verbose",
             "run",

@@ -51,7 +51,7 @@ fn layout() -> (PathBuf, PathBuf) {
 }
 
 fn hearth(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
+    Command::new(common::hearth_bin())
         .args(args)
         .env("HEARTH_MODELS", dir)
         .output()
