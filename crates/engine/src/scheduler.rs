@@ -278,8 +278,11 @@ impl Worker {
                     self.pending = Some(next);
                     break;
                 }
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                // Counted as active before it leaves the queue's count, so /metrics never
+                // shows a request in flight as neither queued nor active.
                 self.admit(next.0, next.1);
+                self.publish();
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             }
             self.drop_cancelled();
             // Published before the step too: a client that has seen its first token must
@@ -296,7 +299,7 @@ impl Worker {
         let active = self.slots.iter().filter(|s| s.active.is_some());
         self.stats
             .active
-            .store(active.clone().count(), Ordering::Relaxed);
+            .store(active.clone().count(), Ordering::SeqCst);
         let used = active.filter_map(|s| s.cache.as_ref()).map(|c| c.len).sum();
         self.stats.kv_used.store(used, Ordering::Relaxed);
         if let Some(pool) = &self.pool {
@@ -600,8 +603,9 @@ impl Worker {
             .is_some_and(|(job, _)| job.sink.is_closed())
         {
             self.pending = None;
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            // Counted as cancelled before it leaves the queue's count (see `run`).
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
         }
     }
 

@@ -178,10 +178,12 @@ impl Metrics {
     pub fn render(&self, served: &[std::sync::Arc<Served>]) -> String {
         let sum = |f: &dyn Fn(&Served) -> usize| served.iter().map(|s| f(s)).sum::<usize>() as i64;
         let stat = |s: &Served| s.scheduler.stats.clone();
+        // The queue before the slots: a request moving between them is counted as active
+        // before it leaves the queue's count, so one scrape never misses it.
         self.queue_depth
-            .set(sum(&|s| stat(s).queued.load(Ordering::Relaxed)));
+            .set(sum(&|s| stat(s).queued.load(Ordering::SeqCst)));
         self.active
-            .set(sum(&|s| stat(s).active.load(Ordering::Relaxed)));
+            .set(sum(&|s| stat(s).active.load(Ordering::SeqCst)));
         self.kv_used
             .set(sum(&|s| stat(s).kv_used.load(Ordering::Relaxed)));
         self.kv_capacity

@@ -91,12 +91,22 @@ fn chat(content: &str, extra: Value) -> Value {
 
 /// The metric's value in the Prometheus text (0 when absent).
 async fn metric(s: &Server, name: &str) -> f64 {
+    metrics(s, &[name]).await[0]
+}
+
+/// Several metrics from one scrape (so they describe the same moment).
+async fn metrics(s: &Server, names: &[&str]) -> Vec<f64> {
     let (_, text) = get(s, "/metrics").await;
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    names
+        .iter()
+        .map(|name| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -973,8 +983,10 @@ async fn two_hundred_clients_leaving_mid_stream_free_everything() {
     drop(streams);
     let left = Instant::now();
     let deadline = left + Duration::from_secs(10);
-    while metric(&s, "hearth_active_sequences").await > 0.0
-        || metric(&s, "hearth_queue_depth").await > 0.0
+    while metrics(&s, &["hearth_active_sequences", "hearth_queue_depth"])
+        .await
+        .iter()
+        .any(|&n| n > 0.0)
     {
         assert!(
             Instant::now() < deadline,
