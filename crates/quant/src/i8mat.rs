@@ -735,7 +735,7 @@ unsafe fn bytes8_f32(v: std::arch::x86_64::__m128i, signed: bool) -> std::arch::
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn store8(to: &mut [f32; 16], lane: usize, v: std::arch::x86_64::__m256) {
-    debug_assert!(lane <= 8);
+    assert!(lane <= 8);
     // SAFETY: the caller vouches for AVX and `lane <= 8`: 8 floats inside `to`.
     unsafe { std::arch::x86_64::_mm256_storeu_ps(to.as_mut_ptr().add(lane), v) }
 }

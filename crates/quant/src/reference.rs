@@ -13,7 +13,7 @@ fn amax(xs: &[f32]) -> f32 {
 }
 
 pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
-    debug_assert_eq!(x.len(), y.len() * QK);
+    assert_eq!(x.len(), y.len() * QK);
     for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = amax(xs);
         let d = amax / 127.0;
@@ -48,7 +48,7 @@ pub fn quantize_row_q4_0(x: &[f32], y: &mut [BlockQ4_0]) {
 }
 
 pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
-    debug_assert_eq!(x.len(), y.len() * QK);
+    assert_eq!(x.len(), y.len() * QK);
     for (xs, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = amax(xs);
         let d = amax / 127.0;
@@ -77,7 +77,7 @@ pub(crate) fn largest_magnitude(xs: &[f32]) -> (f32, f32) {
 }
 
 pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
-    debug_assert_eq!(x.len(), y.len() * QK_K);
+    assert_eq!(x.len(), y.len() * QK_K);
     for (xs, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
         let (max, amax) = largest_magnitude(xs);
         if amax == 0.0 {

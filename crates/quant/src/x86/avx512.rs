@@ -869,7 +869,7 @@ pub(crate) unsafe fn bf16_dot_block(
     tokens: usize,
     valid: usize,
 ) {
-    debug_assert!(tokens <= BF16_DOT_TOKENS && valid <= 32);
+    assert!(tokens <= BF16_DOT_TOKENS && valid <= 32);
     let m0 = (((1u64 << valid.min(16)) - 1) & 0xffff) as __mmask16;
     let m1 = (((1u64 << valid.saturating_sub(16)) - 1) & 0xffff) as __mmask16;
     // SAFETY: the reads stay within the `k_blocks` tiles of `a`, `b0`, `b1` (column pair

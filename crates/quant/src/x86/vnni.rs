@@ -483,7 +483,7 @@ impl Run {
 #[inline(always)]
 unsafe fn scales16<W: Unsigned32>(w: *const W, run: &Run) -> (__m512, __m512) {
     let picks = &Picks::<W>::P;
-    debug_assert!(picks.windows <= 3);
+    assert!(picks.windows <= 3);
     // SAFETY: the chunk loads are masked to the words of the run's blocks, which the caller
     // vouches for (masked-off words are neither read nor able to fault); `run.windows` ≤
     // `ScalePicks::WINDOWS` keeps the chunk and pick indices in their arrays; AVX-512 F/BW
