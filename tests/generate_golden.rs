@@ -32,8 +32,10 @@ fn decode(tok: &Tokenizer, ids: &[u32]) -> String {
     text + &dec.finish()
 }
 
-/// hearth teacher-forced along llama.cpp's greedy path of every prompt.
-fn fidelity(model_name: &str) -> kld::Fidelity {
+/// hearth teacher-forced along llama.cpp's greedy path of every prompt: one decode step per
+/// token, or (`as_prompt`) the prompt and the path run as one prompt, so the products take
+/// the prompt kernels (panels, tiles) instead of the decoding ones.
+fn fidelity(model_name: &str, as_prompt: bool) -> kld::Fidelity {
     let g = common::open(model_name);
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let model = Model::load(g).unwrap();
@@ -63,6 +65,22 @@ fn fidelity(model_name: &str) -> kld::Fidelity {
             .map(|s| s["token"].as_u64().unwrap() as u32)
             .collect();
         assert_eq!(decode(&tok, &path), text["fa_off"].as_str().unwrap());
+        if as_prompt {
+            // llama.cpp's path ends at its first end-of-generation token, which is never fed.
+            let fed = &path[..path.len() - 1];
+            assert!(!fed.iter().any(|&t| tok.is_eog(t)), "{prompt:?}");
+            let all: Vec<u32> = ids.iter().chain(fed).copied().collect();
+            let mut cache = model.new_cache(all.len() + 1);
+            let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
+            model
+                .forward_all(&all, &mut cache, &mut scratch, ids.len() - 1, &mut logits)
+                .unwrap();
+            let v = model.config.n_vocab;
+            for (step, (off, on)) in off.iter().zip(on).enumerate() {
+                fidelity.add(off, on, &logits[step * v..(step + 1) * v]);
+            }
+            continue;
+        }
         let mut session = Session::new(&model, &tok, 512);
         session.prefill(&ids).unwrap();
         for ((off, on), &token) in off.iter().zip(on).zip(&path) {
@@ -80,6 +98,23 @@ fn real_models_match_llama_cpp_by_kl_divergence_at_every_level() {
     if !kld::in_child_per_level("real_models_match_llama_cpp_by_kl_divergence_at_every_level") {
         return;
     }
+    real_models_match(false);
+}
+
+/// The same goldens with each prompt and its path run as one prompt: the prompt kernels on
+/// the real models' weights within llama.cpp's noise too.
+#[test]
+fn real_models_match_llama_cpp_as_a_prompt_at_every_simd_level() {
+    // Not at the scalar level: its prompt products are its decoding dot products, token by
+    // token (`dispatch::Kernels::scalar`), which the decoding test above judges there.
+    if !kld::in_child_per_simd_level("real_models_match_llama_cpp_as_a_prompt_at_every_simd_level")
+    {
+        return;
+    }
+    real_models_match(true);
+}
+
+fn real_models_match(as_prompt: bool) {
     eprintln!("{}", kld::TABLE_HEADER);
     let mut failures = Vec::new();
     for name in ["smollm2", "gemma3"] {
@@ -93,7 +128,7 @@ fn real_models_match_llama_cpp_by_kl_divergence_at_every_level() {
         if !kld::real_model_at_this_level(name) {
             continue;
         }
-        failures.extend(fidelity(name).judge(name));
+        failures.extend(fidelity(name, as_prompt).judge(name));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -172,6 +172,17 @@ pub const TABLE_HEADER: &str =
 /// level is chosen once per process, by `HEARTH_ISA`). Returns true in the child, which
 /// then does the work; the parent checks every child and prints the levels covered.
 pub fn in_child_per_level(test_name: &str) -> bool {
+    in_child_at_levels(test_name, true)
+}
+
+/// [`in_child_per_level`] over the SIMD levels only (for tests whose scalar run would
+/// repeat another test's).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn in_child_per_simd_level(test_name: &str) -> bool {
+    in_child_at_levels(test_name, false)
+}
+
+fn in_child_at_levels(test_name: &str, with_scalar: bool) -> bool {
     if std::env::var_os("HEARTH_LEVEL_CHILD").is_some() {
         eprintln!(
             "kernel level {}",
@@ -188,6 +199,7 @@ pub fn in_child_per_level(test_name: &str) -> bool {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|n| n == l.name()))
         })
+        .filter(|l| with_scalar || l.name() != "scalar")
         .collect();
     assert!(!levels.is_empty(), "no kernel level left to test");
     for level in &levels {
