@@ -6,7 +6,8 @@
 //!   attention off (the reference) and, teacher-forced on the same tokens, on. hearth walks
 //!   the same tokens; its mean KL divergence from llama.cpp and its top-1 agreement must be
 //!   within llama.cpp's own flash-attention on/off noise (tests/common/kld.rs), at every
-//!   kernel level the CPU has.
+//!   kernel level the CPU has; and again with each prompt and its path run as one prompt
+//!   (the prompt kernels), at every SIMD level.
 //! - `NAME.generate.jsonl`: llama-completion's greedy texts. They only check that the logits
 //!   goldens walked the path llama-completion prints; greedy texts are not the criterion
 //!   (llama.cpp's two attention modes give different texts on half the prompts).
