@@ -71,15 +71,7 @@ fn fidelity(model_name: &str, as_prompt: bool) -> kld::Fidelity {
             let fed = &path[..path.len() - 1];
             assert!(!fed.iter().any(|&t| tok.is_eog(t)), "{prompt:?}");
             let all: Vec<u32> = ids.iter().chain(fed).copied().collect();
-            let mut cache = model.new_cache(all.len() + 1);
-            let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
-            model
-                .forward_all(&all, &mut cache, &mut scratch, ids.len() - 1, &mut logits)
-                .unwrap();
-            let v = model.config.n_vocab;
-            for (step, (off, on)) in off.iter().zip(on).enumerate() {
-                fidelity.add(off, on, &logits[step * v..(step + 1) * v]);
-            }
+            fidelity.add_prompt(&model, &all, ids.len() - 1, off, on);
             continue;
         }
         let mut session = Session::new(&model, &tok, 512);

@@ -84,6 +84,28 @@ impl Fidelity {
         self.own.positions += 1;
     }
 
+    /// Runs `tokens` as one prompt and adds the logits of its positions from `from` on,
+    /// one per step of `off` / `on`.
+    pub fn add_prompt(
+        &mut self,
+        model: &hearth_models::Model,
+        tokens: &[u32],
+        from: usize,
+        off: &[Value],
+        on: &[Value],
+    ) {
+        assert_eq!(off.len(), tokens.len() - from);
+        let v = model.config.n_vocab;
+        let mut cache = model.new_cache(tokens.len() + 1);
+        let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
+        model
+            .forward_all(tokens, &mut cache, &mut scratch, from, &mut logits)
+            .unwrap();
+        for (step, (off, on)) in off.iter().zip(on).enumerate() {
+            self.add(off, on, &logits[step * v..(step + 1) * v]);
+        }
+    }
+
     /// The targets: mean KLD ≤ max(2 × llama.cpp's own, 0.001); same top token ≥ llama.cpp's
     /// own − 2 points. Prints one table row; returns the failures.
     pub fn judge(&self, name: &str) -> Vec<String> {
@@ -142,25 +164,10 @@ pub fn teacher_forced(model: &hearth_models::Model, lines: &[Value]) -> Fidelity
 /// AMX tiles, the panels) rather than the decoding ones.
 pub fn prompt_forced(model: &hearth_models::Model, lines: &[Value]) -> Fidelity {
     let mut fidelity = Fidelity::default();
-    let v = model.config.n_vocab;
     for l in lines {
         let ids: Vec<u32> = serde_json::from_value(l["ids"].clone()).unwrap();
         let (off, on) = (l["off"].as_array().unwrap(), l["on"].as_array().unwrap());
-        assert_eq!(off.len(), ids.len() - 1);
-        let mut cache = model.new_cache(ids.len() + 1);
-        let (mut scratch, mut logits) = (hearth_models::Scratch::default(), Vec::new());
-        model
-            .forward_all(
-                &ids[..ids.len() - 1],
-                &mut cache,
-                &mut scratch,
-                0,
-                &mut logits,
-            )
-            .unwrap();
-        for (step, (off, on)) in off.iter().zip(on).enumerate() {
-            fidelity.add(off, on, &logits[step * v..(step + 1) * v]);
-        }
+        fidelity.add_prompt(model, &ids[..ids.len() - 1], 0, off, on);
     }
     fidelity
 }
