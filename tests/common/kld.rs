@@ -206,7 +206,7 @@ fn in_child_at_levels(test_name: &str, with_scalar: bool) -> bool {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|n| n == l.name()))
         })
-        .filter(|l| with_scalar || l.name() != "scalar")
+        .filter(|&l| with_scalar || l != hearth_quant::dispatch::Isa::Scalar)
         .collect();
     if levels.is_empty() && !with_scalar {
         eprintln!("{test_name}: this CPU has no SIMD level to test");
