@@ -6,7 +6,8 @@
 //!   pre-tokenizers: id-exact on the tricky-string corpus;
 //! - logits at every position of three texts, teacher-forced: mean KL divergence
 //!   KLD(llama.cpp ‖ hearth) and top-1 agreement against llama.cpp's own flash-attention
-//!   on/off noise on the same positions (tests/common/kld.rs), at every kernel level.
+//!   on/off noise on the same positions (tests/common/kld.rs), at every kernel level; and
+//!   the same texts each run as one prompt, at every SIMD level.
 
 mod common;
 
@@ -15,6 +16,9 @@ use common::kld;
 use std::sync::Arc;
 
 use hearth_models::Model;
+
+/// The synthetic models with llama.cpp logits goldens.
+const FAMILIES: [&str; 5] = ["qwen2", "qwen3", "llama3", "gemma2", "phi3"];
 
 fn open(name: &str) -> Arc<hearth_gguf::Gguf> {
     common::open_synthetic(name)
@@ -45,10 +49,32 @@ fn synthetic_models_match_llama_cpp_by_kl_divergence_at_every_level() {
     }
     let mut failures = Vec::new();
     eprintln!("{}", kld::TABLE_HEADER);
-    for name in ["qwen2", "qwen3", "llama3", "gemma2", "phi3"] {
+    for name in FAMILIES {
         let model = Model::load(open(name)).expect("model loads");
         let lines = common::golden_lines(&format!("families/{name}.logits.jsonl"));
         let fidelity = kld::teacher_forced(&model, &lines);
+        failures.extend(fidelity.judge(name));
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The same texts as prompts: each family's prompt path (batched attention, the prompt
+/// kernels) within llama.cpp's noise too. At the SIMD levels only: the forward pass is the
+/// same Rust code at every level, and the scalar level's prompt products are its decoding
+/// dot products, which the test above covers.
+#[test]
+fn synthetic_models_match_llama_cpp_as_a_prompt_at_every_simd_level() {
+    if !kld::in_child_per_simd_level(
+        "synthetic_models_match_llama_cpp_as_a_prompt_at_every_simd_level",
+    ) {
+        return;
+    }
+    let mut failures = Vec::new();
+    eprintln!("{}", kld::TABLE_HEADER);
+    for name in FAMILIES {
+        let model = Model::load(open(name)).expect("model loads");
+        let lines = common::golden_lines(&format!("families/{name}.logits.jsonl"));
+        let fidelity = kld::prompt_forced(&model, &lines);
         failures.extend(fidelity.judge(name));
     }
     assert!(failures.is_empty(), "{failures:#?}");
