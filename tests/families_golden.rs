@@ -47,21 +47,13 @@ fn synthetic_models_match_llama_cpp_by_kl_divergence_at_every_level() {
     {
         return;
     }
-    let mut failures = Vec::new();
-    eprintln!("{}", kld::TABLE_HEADER);
-    for name in FAMILIES {
-        let model = Model::load(open(name)).expect("model loads");
-        let lines = common::golden_lines(&format!("families/{name}.logits.jsonl"));
-        let fidelity = kld::teacher_forced(&model, &lines);
-        failures.extend(fidelity.judge(name));
-    }
-    assert!(failures.is_empty(), "{failures:#?}");
+    every_family_within_noise(kld::teacher_forced);
 }
 
 /// The same texts as prompts: each family's prompt path (batched attention, the prompt
 /// kernels) within llama.cpp's noise too. At the SIMD levels only: the forward pass is the
-/// same Rust code at every level, and the scalar level's prompt products are its decoding
-/// dot products, which the test above covers.
+/// same Rust code at every level, and the scalar level's products are the reference the
+/// kernel tests compare every level with.
 #[test]
 fn synthetic_models_match_llama_cpp_as_a_prompt_at_every_simd_level() {
     if !kld::in_child_per_simd_level(
@@ -69,13 +61,18 @@ fn synthetic_models_match_llama_cpp_as_a_prompt_at_every_simd_level() {
     ) {
         return;
     }
+    every_family_within_noise(kld::prompt_forced);
+}
+
+/// Each family's logits, as `run` computes them over the golden texts, within llama.cpp's
+/// own noise (`kld::Fidelity::judge`).
+fn every_family_within_noise(run: fn(&Model, &[serde_json::Value]) -> kld::Fidelity) {
     let mut failures = Vec::new();
     eprintln!("{}", kld::TABLE_HEADER);
     for name in FAMILIES {
         let model = Model::load(open(name)).expect("model loads");
         let lines = common::golden_lines(&format!("families/{name}.logits.jsonl"));
-        let fidelity = kld::prompt_forced(&model, &lines);
-        failures.extend(fidelity.judge(name));
+        failures.extend(run(&model, &lines).judge(name));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
