@@ -27,16 +27,7 @@ fn every_type_matches_llama_cpp_by_kl_divergence_at_every_level() {
     if !kld::in_child_per_level("every_type_matches_llama_cpp_by_kl_divergence_at_every_level") {
         return;
     }
-    eprintln!("{}", kld::TABLE_HEADER);
-    let mut failures = Vec::new();
-    for ty in TYPES {
-        let g = Arc::new(hearth_gguf::Gguf::open(model_path(ty)).expect("model opens"));
-        let model = Model::load(g).expect("model loads");
-        let lines = common::golden_lines(&format!("quants/models/quant-base.{ty}.logits.jsonl"));
-        let fidelity = kld::teacher_forced(&model, &lines);
-        failures.extend(fidelity.judge(ty));
-    }
-    assert!(failures.is_empty(), "{failures:#?}");
+    every_type_within_noise(kld::teacher_forced);
 }
 
 /// The same texts as prompts: the prompt kernels of every type (AMX tiles where the CPU
@@ -46,14 +37,19 @@ fn every_type_matches_llama_cpp_as_a_prompt_at_every_level() {
     if !kld::in_child_per_level("every_type_matches_llama_cpp_as_a_prompt_at_every_level") {
         return;
     }
+    every_type_within_noise(kld::prompt_forced);
+}
+
+/// Each type's logits, as `run` computes them over the golden texts, within llama.cpp's own
+/// noise (`kld::Fidelity::judge`).
+fn every_type_within_noise(run: fn(&Model, &[serde_json::Value]) -> kld::Fidelity) {
     eprintln!("{}", kld::TABLE_HEADER);
     let mut failures = Vec::new();
     for ty in TYPES {
         let g = Arc::new(hearth_gguf::Gguf::open(model_path(ty)).expect("model opens"));
         let model = Model::load(g).expect("model loads");
         let lines = common::golden_lines(&format!("quants/models/quant-base.{ty}.logits.jsonl"));
-        let fidelity = kld::prompt_forced(&model, &lines);
-        failures.extend(fidelity.judge(ty));
+        failures.extend(run(&model, &lines).judge(ty));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
