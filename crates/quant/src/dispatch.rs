@@ -256,6 +256,19 @@ pub struct FloatTiles {
     /// Exact widenings to f32.
     pub widen_f16: fn(&[f16], &mut [f32]),
     pub widen_bf16: fn(&[half::bf16], &mut [f32]),
+    /// F16 products on dot-product tiles instead, where the level runs them faster.
+    pub f16_dots: Option<FloatDots>,
+}
+
+/// Prompt products of F16 weights as tiles of dot products over rows read in place:
+/// `tile(w, a, cols, out, stride)` sets `out[r * stride + t] = w[r] · a[t]` for the (at
+/// most `rows`) rows of `w` and (at most `tokens`) rows of `a`, `cols` each, summed in
+/// any order (see `reference::float_dots`).
+#[derive(Clone, Copy)]
+pub struct FloatDots {
+    pub rows: usize,
+    pub tokens: usize,
+    pub tile: fn(&[f16], &[f16], usize, &mut [f32], usize),
 }
 
 /// `add_layer_norm(x, add, weight, bias, eps)`.

@@ -801,7 +801,10 @@ impl QMatrix<'_> {
             Blocks::F16(w) if p >= 3 => {
                 let a = &acts.f16[..p * cols];
                 match k.float_tiles {
-                    Some(ft) => rows_float_tiles(w, a, cols, ft, ft.widen_f16, out, scratch),
+                    Some(ft) => match ft.f16_dots {
+                        Some(dots) => rows_float_dots(w, a, cols, dots, out),
+                        None => rows_float_tiles(w, a, cols, ft, ft.widen_f16, out, scratch),
+                    },
                     None => {
                         let widen = reference::dequantize_row_f16;
                         rows_widened_tiled(w, a, cols, k, out, scratch, widen)
@@ -1331,6 +1334,57 @@ fn rows_float_tiles<W: Sync>(
                 let block = &xt[b * cols * tb..(b + 1) * cols * tb];
                 let o = &mut o[r * n_tok + t0..];
                 (ft.tile)(wf, block, cols, o, n_tok, valid);
+            }
+        }
+    });
+}
+
+/// An F16 product of prompt tokens on dot-product tiles (`dispatch::FloatDots`), rows and
+/// tokens read in place and results written straight into the token-major `out`: each
+/// task runs its rows, a tile's worth at a time, past a block of tokens, then the next
+/// block.
+fn rows_float_dots(w: &[f16], a: &[f16], cols: usize, dots: dispatch::FloatDots, out: &mut [f32]) {
+    let (tile_rows, tile_tokens) = (dots.rows, dots.tokens);
+    let (rows, n_tok) = (w.len() / cols, a.len() / cols);
+    // Tokens in blocks that stay in L2 (256 KiB of 16-bit values) while the task's rows
+    // stream past them, each a whole number of tiles; the last block in tiles of
+    // `tile_tokens` and then of one fewer where those add up (3s and 2s do for any
+    // length), so no tile is left with a token alone: its few FMAs would each wait on
+    // their own loads.
+    let block = (128 * 1024 / cols / tile_tokens).max(1) * tile_tokens;
+    let tiles = |t0: usize, n: usize| {
+        let count = n.div_ceil(tile_tokens);
+        let full = n
+            .checked_sub((tile_tokens - 1) * count)
+            .filter(|_| n >= tile_tokens)
+            .unwrap_or(count);
+        (0..count).map(move |i| {
+            let (t, nt) = match i < full {
+                true => (i * tile_tokens, tile_tokens),
+                false => (
+                    full * tile_tokens + (i - full) * (tile_tokens - 1),
+                    tile_tokens - 1,
+                ),
+            };
+            (t0 + t, nt.min(n - t))
+        })
+    };
+    by_panel_tasks(rows, n_tok, out, |r0, n_rows, o| {
+        let mut sums = vec![0f32; tile_rows * tile_tokens];
+        for t0 in (0..n_tok).step_by(block) {
+            let nb = (n_tok - t0).min(block);
+            for r in (0..n_rows).step_by(tile_rows) {
+                let nr = (n_rows - r).min(tile_rows);
+                let wr = &w[(r0 + r) * cols..(r0 + r + nr) * cols];
+                for (t, nt) in tiles(t0, nb) {
+                    (dots.tile)(wr, &a[t * cols..(t + nt) * cols], cols, &mut sums, nt);
+                    for j in 0..nt {
+                        let token = &mut o.token(t + j)[r..r + nr];
+                        for (i, v) in token.iter_mut().enumerate() {
+                            *v = sums[i * nt + j];
+                        }
+                    }
+                }
             }
         }
     });

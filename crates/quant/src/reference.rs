@@ -616,6 +616,16 @@ pub fn float_tile(
     }
 }
 
+/// The reference of `dispatch::FloatDots::tile`: `out[r * stride + t] = w[r] · a[t]`
+/// (summed as [`vec_dot_f16`] does) for the rows of `w` and of `a`, `cols` each.
+pub fn float_dots(w: &[f16], a: &[f16], cols: usize, out: &mut [f32], stride: usize) {
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        for (t, tok) in a.chunks_exact(cols).enumerate() {
+            out[r * stride + t] = vec_dot_f16(row, tok);
+        }
+    }
+}
+
 /// A 4 × 3 tile of an F32 product: `out[r * 3 + t] = w[r] · a[t]` for the 4 rows of `w` and
 /// the 3 rows of `a` (each `cols` long), summed as [`vec_dot_f32`] does.
 pub fn tile_f32_4x3(w: &[f32], a: &[f32], cols: usize, out: &mut [f32; 12]) {

@@ -843,6 +843,46 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The F16 dot tiles (AVX2) against the reference dot products, at every shape a
+    /// product hands them (partial tiles, columns past a multiple of 8).
+    #[test]
+    fn float_dots_match_reference(
+        cols in 1usize..100,
+        rows in 1usize..5,
+        toks in 1usize..4,
+        seed in prop::collection::vec(-4.0f32..4.0, 1..50),
+    ) {
+        for k in levels() {
+            let Some(dots) = k.float_tiles.and_then(|ft| ft.f16_dots) else { continue };
+            let (rows, toks) = (rows.min(dots.rows), toks.min(dots.tokens));
+            let w: Vec<f16> = acts(rows * cols, &seed).iter().map(|&v| f16::from_f32(v)).collect();
+            let a: Vec<f16> = acts(toks * cols + 3, &seed)[3..].iter().map(|&v| f16::from_f32(v)).collect();
+            let stride = toks + 2;
+            let mut want = vec![f32::NAN; rows * stride];
+            r::float_dots(&w, &a, cols, &mut want, stride);
+            let mut got = vec![f32::NAN; rows * stride];
+            (dots.tile)(&w, &a, cols, &mut got, stride);
+            let widen = |v: &[f16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            let (wf, af) = (widen(&w), widen(&a));
+            for r in 0..rows {
+                for t in 0..stride {
+                    let (g, x) = (got[r * stride + t], want[r * stride + t]);
+                    if t >= toks {
+                        // Past the tokens nothing is written.
+                        prop_assert!(g.is_nan(), "{:?}: wrote past the tokens", k.isa);
+                        continue;
+                    }
+                    let mag = magnitude(&wf[r * cols..][..cols], &af[t * cols..][..cols]);
+                    close(g, x, mag, &format!("{:?} f16 dots row {r} token {t}", k.isa));
+                }
+            }
+        }
+    }
+}
+
 /// The tiled F32 product (several tokens) equals one dot product per row and token, for
 /// shapes that leave partial tiles.
 #[test]
@@ -957,9 +997,17 @@ fn quantize_q8_rounds_like_ggml() {
 /// products as the dot-product kernels, up to float rounding.
 #[test]
 fn prompt_token_products_match_dot_products() {
+    // 37 tokens: a whole block of transposed tokens and a partial one (float tiles); 13
+    // rows: three whole tiles of F16 dots and one of a row; 37 tokens are 11 dot tiles of
+    // 3 and 2 of 2.
+    product_of_prompt_tokens_matches_dot_products(13, 512, 37);
+    // 4096 columns: F16 dots take 30 tokens at a time (whole tiles of 16-bit tokens in
+    // 256 KiB), so a block of ten tiles of 3, then one of 3 and two of 2.
+    product_of_prompt_tokens_matches_dot_products(6, 4096, 37);
+}
+
+fn product_of_prompt_tokens_matches_dot_products(rows: usize, cols: usize, n_tok: usize) {
     use hearth_quant::{Activations, GgmlType, QMatrix};
-    // 37 tokens: a whole block of transposed tokens and a partial one (float tiles).
-    let (rows, cols, n_tok) = (13, 512, 37);
     let x = acts(n_tok * cols, &[0.5, -1.25, 2.0, 0.75, -0.3]);
     for ty in [
         GgmlType::F16,
