@@ -1359,12 +1359,11 @@ fn rows_float_dots(w: &[f16], a: &[f16], cols: usize, dots: dispatch::FloatDots,
             .filter(|_| n >= tile_tokens)
             .unwrap_or(count);
         (0..count).map(move |i| {
-            let (t, nt) = match i < full {
-                true => (i * tile_tokens, tile_tokens),
-                false => (
-                    full * tile_tokens + (i - full) * (tile_tokens - 1),
-                    tile_tokens - 1,
-                ),
+            let (t, nt) = if i < full {
+                (i * tile_tokens, tile_tokens)
+            } else {
+                let short = tile_tokens - 1;
+                (full * tile_tokens + (i - full) * short, short)
             };
             (t0 + t, nt.min(n - t))
         })
